@@ -1,0 +1,119 @@
+"""lamina store verify|gc|du"""
+
+from __future__ import annotations
+
+import typer
+
+from lamina.cli.common import HomeOpt, JsonOpt, emit_json, err, human, open_home, out, progress
+from lamina.errors import CorruptObject
+from lamina.manager.services import images
+from lamina.manager.services.store import live_chunks
+
+app = typer.Typer(help="The content-addressed chunk store.", no_args_is_help=True)
+
+
+@app.command()
+def verify(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Re-hash every chunk; name each corrupt one (exit 7 when any is found)."""
+    h = open_home(home)
+    total = h.store.usage().pack_bytes
+    with progress("verify", total, enabled=not as_json) as advance:
+        report = h.store.verify(advance)
+    missing = _missing_references(h)
+    problems = report.corrupt + missing
+    if as_json:
+        emit_json(
+            {
+                "ok": not problems,
+                "packs": report.packs,
+                "chunks": report.chunks,
+                "bytes": report.bytes,
+                "corrupt": [{"id": c, "reason": r} for c, r in problems],
+            }
+        )
+    else:
+        for cid, reason in problems:
+            err.print(f"corrupt {cid}: {reason}")
+        out.print(
+            f"{report.chunks} chunks in {report.packs} packs ({human(report.bytes)}): "
+            + ("ok" if not problems else f"{len(problems)} problem(s)")
+        )
+    if problems:
+        raise CorruptObject(f"store verify found {len(problems)} problem(s)")
+
+
+def _missing_references(h: object) -> list[tuple[str, str]]:
+    from lamina.home import Home
+
+    assert isinstance(h, Home)
+    problems: list[tuple[str, str]] = []
+    with h.session() as session:
+        for version in images.list_all_versions(session):
+            mid = bytes.fromhex(version.manifest_id)
+            if not h.store.has(mid):
+                problems.append((version.manifest_id, f"manifest of {version.ref} is missing"))
+                continue
+            try:
+                manifest = images.load_manifest(h.store, version)
+            except CorruptObject as exc:
+                problems.append((version.manifest_id, f"manifest of {version.ref}: {exc}"))
+                continue
+            refs = manifest.referenced()
+            present = h.store.index.lookup_many(refs)
+            problems += [
+                (c.hex(), f"referenced by {version.ref}, missing") for c in refs if c not in present
+            ]
+    return problems
+
+
+@app.command()
+def gc(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Remove chunks no manifest references (waits for running imports)."""
+    h = open_home(home)
+
+    def live() -> set[bytes]:
+        with h.session() as session:
+            return live_chunks(session, store=h.store)
+
+    with progress("gc", h.store.usage().pack_bytes, enabled=not as_json) as advance:
+        report = h.store.gc(live, advance)
+    if as_json:
+        emit_json(
+            {
+                "chunks_removed": report.chunks_removed,
+                "packs_removed": report.packs_removed,
+                "packs_rewritten": report.packs_rewritten,
+                "bytes_freed": report.bytes_freed,
+            }
+        )
+    else:
+        out.print(
+            f"removed {report.chunks_removed} chunks, freed {human(report.bytes_freed)} "
+            f"({report.packs_removed} packs removed, {report.packs_rewritten} rewritten)"
+        )
+
+
+@app.command()
+def du(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Store usage: packs, chunks, stored bytes, logical bytes and dedup ratio."""
+    h = open_home(home)
+    usage = h.store.usage()
+    with h.session() as session:
+        versions = images.list_all_versions(session)
+        logical = sum(v.size for v in versions)
+    ratio = logical / usage.pack_bytes if usage.pack_bytes else 0.0
+    data = {
+        "packs": usage.packs,
+        "chunks": usage.chunks,
+        "stored_bytes": usage.pack_bytes,
+        "image_versions": len(versions),
+        "logical_bytes": logical,
+        "dedup_ratio": round(ratio, 2),
+    }
+    if as_json:
+        emit_json(data)
+    else:
+        out.print(
+            f"{usage.chunks} chunks in {usage.packs} packs: {human(usage.pack_bytes)} stored for "
+            f"{human(logical)} of {len(versions)} image version(s) ({ratio:.1f}x)"
+        )

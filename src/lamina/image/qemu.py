@@ -1,0 +1,52 @@
+"""qemu-img, the adapter for every disk format but raw; its failures become lamina errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from lamina.errors import InvalidInput, ToolError
+
+FORMATS = ("raw", "qcow2", "vmdk", "vhdx", "vpc")
+
+
+def _qemu_img() -> str:
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        raise ToolError("qemu-img is not installed (Debian package qemu-utils; `make install`)")
+    return exe
+
+
+def _run(args: list[str], what: str) -> str:
+    proc = subprocess.run([_qemu_img(), *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        detail = detail.removeprefix("qemu-img: ")
+        raise InvalidInput(f"{what}: {detail}")
+    return proc.stdout
+
+
+def info(path: Path, fmt: str | None = None) -> dict[str, Any]:
+    args = ["info", "--output=json"]
+    if fmt:
+        args += ["-f", fmt]
+    result: dict[str, Any] = json.loads(_run([*args, str(path)], str(path)))
+    return result
+
+
+def check(path: Path, fmt: str) -> None:
+    """Structural check of formats that have one (qcow2, vmdk, vhdx)."""
+    if fmt in ("qcow2", "vmdk", "vhdx"):
+        _run(["check", "-q", "-f", fmt, str(path)], f"{path} is not a valid {fmt} image")
+
+
+def convert(src: Path, dst: Path, *, src_fmt: str, dst_fmt: str) -> None:
+    """Convert keeping holes (-S 4k: runs of zeros become holes in the output)."""
+    opts = ["-o", "preallocation=off"] if dst_fmt == "qcow2" else []
+    _run(
+        ["convert", "-q", "-S", "4k", "-f", src_fmt, "-O", dst_fmt, *opts, str(src), str(dst)],
+        f"converting {src} from {src_fmt}",
+    )

@@ -1,0 +1,1 @@
+"""The manager: database models, services and (later) the HTTP API and console."""

@@ -1,0 +1,165 @@
+"""Images and their versions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from lamina.errors import Conflict, NotFound
+from lamina.image import Imported, Manifest, import_file
+from lamina.manager.models import Image, ImageVersion
+from lamina.names import Ref, check_name
+from lamina.store import ChunkStore
+
+
+def _image(session: Session, name: str, *, create: bool = False) -> Image:
+    image = session.scalars(select(Image).where(Image.name == name)).one_or_none()
+    if image is None:
+        if not create:
+            raise NotFound(f"no image named {name!r}")
+        image = Image(name=name)
+        session.add(image)
+        session.flush()
+    return image
+
+
+def add_version(session: Session, *, name: str, imported: Imported, source: str) -> ImageVersion:
+    """Record a new version NAME@N+1 for an imported manifest.
+
+    Two imports of one name may race for N+1: the unique (image, version) constraint
+    decides, and the loser retries with the next number.
+    """
+    check_name(name, "image name")
+    for _attempt in range(20):
+        try:
+            with session.begin_nested():
+                image = _image(session, name, create=True)
+                latest = session.scalar(
+                    select(func.max(ImageVersion.version)).where(ImageVersion.image_id == image.id)
+                )
+                version = ImageVersion(
+                    image=image,
+                    version=(latest or 0) + 1,
+                    size=imported.manifest.size,
+                    chunk_size=imported.manifest.chunk_size,
+                    manifest_id=imported.manifest_id.hex(),
+                    stored_bytes=imported.stats.stored_bytes,
+                    source=source,
+                )
+                session.add(version)
+                session.flush()
+            return version
+        except IntegrityError:
+            session.expire_all()
+    raise Conflict(f"could not allocate a version number for {name!r}")
+
+
+def import_image(
+    session: Session,
+    *,
+    store: ChunkStore,
+    name: str,
+    path: Path,
+    fmt: str | None = None,
+    tmp_dir: Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[ImageVersion, Imported]:
+    """Import a file as the next version of ``name``. The store's shared lock is held until
+    the version row is flushed, so a concurrent gc cannot take chunks this import reuses."""
+    check_name(name, "image name")
+    with store.writer() as writer:
+        imported = import_file(writer, path, fmt=fmt, tmp_dir=tmp_dir, progress=progress)
+        writer.flush()
+        version = add_version(session, name=name, imported=imported, source=str(path))
+        session.commit()
+    return version, imported
+
+
+def get_version(session: Session, ref: Ref) -> ImageVersion:
+    """``NAME@V``, or the latest version of ``NAME``."""
+    image = _image(session, ref.name)
+    query = select(ImageVersion).where(ImageVersion.image_id == image.id)
+    if ref.version is None:
+        query = query.order_by(ImageVersion.version.desc()).limit(1)
+    else:
+        query = query.where(ImageVersion.version == ref.version)
+    found = session.scalars(query).first()
+    if found is None:
+        raise NotFound(
+            f"no image version {ref}" if ref.version else f"image {ref.name!r} has no versions"
+        )
+    return found
+
+
+def list_images(session: Session) -> list[Image]:
+    return list(
+        session.scalars(select(Image).options(selectinload(Image.versions)).order_by(Image.name))
+    )
+
+
+def list_versions(session: Session, *, name: str) -> list[ImageVersion]:
+    return list(_image(session, name).versions)
+
+
+def remove(session: Session, *, ref: Ref) -> list[str]:
+    """Delete one version, or the image with all its versions; returns what went."""
+    image = _image(session, ref.name)
+    if ref.version is None:
+        gone = [v.ref for v in image.versions]
+        session.delete(image)
+        return gone
+    version = get_version(session, ref)
+    gone = [version.ref]
+    session.delete(version)
+    session.flush()
+    if not session.scalar(
+        select(func.count()).select_from(ImageVersion).where(ImageVersion.image_id == image.id)
+    ):
+        session.delete(image)
+    return gone
+
+
+def manifest_ids(session: Session) -> list[bytes]:
+    return [bytes.fromhex(h) for h in session.scalars(select(ImageVersion.manifest_id))]
+
+
+def load_manifest(store: ChunkStore, version: ImageVersion) -> Manifest:
+    return Manifest.from_bytes(store.get(bytes.fromhex(version.manifest_id)))
+
+
+@dataclass(frozen=True, slots=True)
+class VersionUsage:
+    ref: str
+    size: int
+    stored: int  # envelope bytes of every chunk this version references
+    unique: int  # of those, bytes no other image version references
+
+
+def usage(session: Session, *, store: ChunkStore, name: str) -> list[VersionUsage]:
+    """Per-version stored and unique bytes, counted against every image in the store."""
+    image = _image(session, name)
+    refs: dict[int, set[bytes]] = {}
+    counts: dict[bytes, int] = {}
+    for version in session.scalars(select(ImageVersion)):
+        ids = load_manifest(store, version).referenced()
+        if version.image_id == image.id:
+            refs[version.id] = ids
+        for cid in ids:
+            counts[cid] = counts.get(cid, 0) + 1
+    sizes = store.index.sizes(counts)
+    out = []
+    for version in image.versions:
+        ids = refs[version.id]
+        stored = sum(sizes.get(c, 0) for c in ids)
+        unique = sum(sizes.get(c, 0) for c in ids if counts[c] == 1)
+        out.append(VersionUsage(version.ref, version.size, stored, unique))
+    return out
+
+
+def list_all_versions(session: Session) -> list[ImageVersion]:
+    return list(session.scalars(select(ImageVersion)))

@@ -1,0 +1,7 @@
+"""Where the store's packs live: a local directory by default, memory for tests."""
+
+from lamina.store.backends.base import Backend
+from lamina.store.backends.local import LocalBackend
+from lamina.store.backends.memory import MemoryBackend
+
+__all__ = ["Backend", "LocalBackend", "MemoryBackend"]

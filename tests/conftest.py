@@ -1,0 +1,77 @@
+"""Shared fixtures: a fresh lamina home per test and the real CLI as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lamina.home import Home
+
+LAMINA = str(Path(sys.executable).with_name("lamina"))
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+class Cli:
+    """Runs ``lamina ... --home HOME`` as a real process."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 300) -> Result:
+        env = {**os.environ, "LAMINA_HOME": str(self.home)}
+        proc = subprocess.run(
+            [LAMINA, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
+        )
+        result = Result(proc.returncode, proc.stdout, proc.stderr)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"lamina {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+        return result
+
+    def json(self, *args: str) -> Any:
+        return self(*args, "--json").json()
+
+
+@pytest.fixture
+def home_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "home"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def home(home_dir: Path) -> Iterator[Home]:
+    h = Home(home_dir)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def cli(home_dir: Path) -> Cli:
+    return Cli(home_dir)
+
+
+def write_sparse(path: Path, size: int, extents: list[tuple[int, bytes]]) -> Path:
+    """A sparse file of ``size`` bytes with data only at the given extents."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in extents:
+            f.seek(offset)
+            f.write(data)
+    return path
