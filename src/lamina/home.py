@@ -1,27 +1,43 @@
-"""A lamina home: the embedded database, the chunk store, deltas and caches, in one folder."""
+"""A lamina home: the embedded database, the chunk store, deltas and caches, in one folder.
+
+Kept light to import (no SQLAlchemy, no pydantic until the database is first used), so a
+command starts working at once; ``warm_database`` opens and migrates the database on a
+background thread while, say, an import is chunking.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy.orm import Session, sessionmaker
-
-from lamina.settings import Settings
 from lamina.store import ChunkStore
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LAMINA_HOME") or Path.home() / ".local" / "share" / "lamina")
 
 
 class Home:
     def __init__(self, root: Path | None = None, database_url: str | None = None) -> None:
-        settings = Settings()
-        self.root = (root or settings.home).expanduser().absolute()
-        self.database_url = (
-            database_url or settings.database_url or f"sqlite:///{self.root / 'lamina.db'}"
-        )
-        self.settings = settings
+        self.root = (root or default_home()).expanduser().absolute()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.database_url = (
+            database_url
+            or os.environ.get("LAMINA_DATABASE_URL")
+            or f"sqlite:///{self.root / 'lamina.db'}"
+        )
+        self._db_lock = threading.Lock()
+        self._sessionmaker: sessionmaker[Session] | None = None
+        self._warming: threading.Thread | None = None
 
     @property
     def store_dir(self) -> Path:
@@ -48,11 +64,25 @@ class Home:
     def store(self) -> ChunkStore:
         return ChunkStore.open_local(self.store_dir)
 
-    @cached_property
+    @property
     def sessionmaker(self) -> sessionmaker[Session]:
-        from lamina.manager.db import connect
+        """The session factory on the migrated database (opened on first use)."""
+        with self._db_lock:
+            if self._sessionmaker is None:
+                from lamina.manager.db import connect
 
-        return connect(self.database_url)
+                self._sessionmaker = connect(self.database_url)
+            return self._sessionmaker
+
+    def warm_database(self) -> None:
+        """Open and migrate the database in the background; errors surface on first use."""
+
+        def warm() -> None:
+            with contextlib.suppress(Exception):  # the foreground's first use reports it
+                _ = self.sessionmaker
+
+        self._warming = threading.Thread(target=warm, name="db-warm", daemon=True)
+        self._warming.start()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -63,6 +93,5 @@ class Home:
     def close(self) -> None:
         if "store" in self.__dict__:
             self.store.close()
-        if "sessionmaker" in self.__dict__:
-            bind = self.sessionmaker.kw["bind"]
-            bind.dispose()
+        if self._sessionmaker is not None:
+            self._sessionmaker.kw["bind"].dispose()

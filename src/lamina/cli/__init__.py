@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from lamina._tuning import tune_process
 from lamina.cli import image, store
 from lamina.errors import LaminaError
 
@@ -27,6 +28,7 @@ def _fail(message: str, code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    tune_process()
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="lamina", standalone_mode=False)
@@ -50,4 +52,9 @@ def main(argv: list[str] | None = None) -> None:
         _fail(
             f"internal error: {type(exc).__name__}: {first} (LAMINA_DEBUG=1 shows a traceback)", 1
         )
-    sys.exit(result if isinstance(result, int) else 0)
+    code = result if isinstance(result, int) else 0
+    # Everything is committed and flushed by now; skipping interpreter teardown (freeing
+    # every module of SQLAlchemy, pydantic, rich) saves 0.1-0.2 s per command.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -11,15 +11,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
 from lamina.home import Home
 
@@ -55,6 +46,8 @@ def human(n: float) -> str:
 
 
 def table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
+    from rich.table import Table
+
     t = Table(*columns, title=title, box=None, header_style="bold")
     for row in rows:
         t.add_row(*(str(c) for c in row))
@@ -69,6 +62,15 @@ def progress(
     if not (enabled and sys.stdout.isatty()):
         yield lambda _n: None
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

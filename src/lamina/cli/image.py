@@ -9,9 +9,9 @@ from typing import Annotated, Any
 import typer
 
 from lamina.cli.common import HomeOpt, JsonOpt, emit_json, human, open_home, out, progress, table
-from lamina.image import export_image
-from lamina.manager.services import images
-from lamina.names import parse_ref
+from lamina.image import Imported, export_image
+from lamina.image.importer import import_and_commit
+from lamina.names import check_name, parse_ref
 
 app = typer.Typer(help="Block images and their versions.", no_args_is_help=True)
 
@@ -30,30 +30,29 @@ def import_(
     as_json: JsonOpt = False,
 ) -> None:
     """Import a disk image as a new version; prints NAME@VERSION."""
-    h = open_home(home)
-    size = file.stat().st_size if file.is_file() else None
     started = time.monotonic()
-    with (
-        progress(f"import {file.name}", size, enabled=not as_json) as advance,
-        h.sessionmaker() as session,
-    ):
-        version, imported = images.import_image(
-            session,
-            store=h.store,
-            name=name,
-            path=file,
-            fmt=fmt,
-            tmp_dir=h.tmp_dir,
-            progress=advance,
+    h = open_home(home)
+    h.warm_database()  # SQLAlchemy loads and migrates while the file is being chunked
+    check_name(name, "image name")
+
+    def commit(imported: Imported) -> str:
+        from lamina.manager.services import images
+
+        with h.session() as session:
+            return images.add_version(session, name=name, imported=imported, source=str(file)).ref
+
+    size = file.stat().st_size if file.is_file() else None
+    with progress(f"import {file.name}", size, enabled=not as_json) as advance:
+        ref, imported = import_and_commit(
+            h.store, file, commit, fmt=fmt, tmp_dir=h.tmp_dir, progress=advance
         )
-        ref = f"{name}@{version.version}"
     stats = imported.stats
     if as_json:
         emit_json(
             {
                 "ref": ref,
                 "name": name,
-                "version": version.version,
+                "version": int(ref.rpartition("@")[2]),
                 "size": stats.size,
                 "format": stats.source_format,
                 "bytes_read": stats.bytes_read,
@@ -78,6 +77,8 @@ def export(
 ) -> None:
     """Write an image version to a file."""
     h = open_home(home)
+    from lamina.manager.services import images
+
     with h.session() as session:
         version = images.get_version(session, parse_ref(ref, "image name"))
         manifest = images.load_manifest(h.store, version)
@@ -94,6 +95,8 @@ def export(
 def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Images with their latest version."""
     h = open_home(home)
+    from lamina.manager.services import images
+
     with h.session() as session:
         rows: list[dict[str, Any]] = [
             {
@@ -121,6 +124,8 @@ def log(
 ) -> None:
     """Versions of an image: logical size, stored bytes, bytes unique to each version."""
     h = open_home(home)
+    from lamina.manager.services import images
+
     with h.session() as session:
         versions = images.list_versions(session, name=name)
         usage = {u.ref: u for u in images.usage(session, store=h.store, name=name)}
@@ -164,6 +169,8 @@ def rm(
 ) -> None:
     """Remove an image or one version (chunks are freed by `lamina store gc`)."""
     h = open_home(home)
+    from lamina.manager.services import images
+
     with h.session() as session:
         gone = images.remove(session, ref=parse_ref(ref, "image name"))
     if as_json:

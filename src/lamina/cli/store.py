@@ -6,8 +6,7 @@ import typer
 
 from lamina.cli.common import HomeOpt, JsonOpt, emit_json, err, human, open_home, out, progress
 from lamina.errors import CorruptObject
-from lamina.manager.services import images
-from lamina.manager.services.store import live_chunks
+from lamina.home import Home
 
 app = typer.Typer(help="The content-addressed chunk store.", no_args_is_help=True)
 
@@ -42,10 +41,9 @@ def verify(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         raise CorruptObject(f"store verify found {len(problems)} problem(s)")
 
 
-def _missing_references(h: object) -> list[tuple[str, str]]:
-    from lamina.home import Home
+def _missing_references(h: Home) -> list[tuple[str, str]]:
+    from lamina.manager.services import images
 
-    assert isinstance(h, Home)
     problems: list[tuple[str, str]] = []
     with h.session() as session:
         for version in images.list_all_versions(session):
@@ -70,6 +68,7 @@ def _missing_references(h: object) -> list[tuple[str, str]]:
 def gc(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Remove chunks no manifest references (waits for running imports)."""
     h = open_home(home)
+    from lamina.manager.services.store import live_chunks
 
     def live() -> set[bytes]:
         with h.session() as session:
@@ -97,6 +96,8 @@ def gc(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 def du(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Store usage: packs, chunks, stored bytes, logical bytes and dedup ratio."""
     h = open_home(home)
+    from lamina.manager.services import images
+
     usage = h.store.usage()
     with h.session() as session:
         versions = images.list_all_versions(session)

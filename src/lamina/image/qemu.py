@@ -29,6 +29,35 @@ def _run(args: list[str], what: str) -> str:
     return proc.stdout
 
 
+# Signatures of the formats qemu-img would otherwise be asked about: offset -> magic.
+_MAGIC = {
+    "qcow2": (0, b"QFI\xfb"),
+    "vmdk": (0, b"KDMV"),
+    "vhdx": (0, b"vhdxfile"),
+}
+
+
+def sniff(path: Path) -> str | None:
+    """The format from a signature when it is certain, else None (ask qemu-img).
+
+    Saves a qemu-img process for the common raw case: a raw image is claimed only when
+    nothing in its first sector or its last 512 bytes (VHD footer) looks like a format.
+    """
+    with open(path, "rb") as f:
+        head = f.read(512)
+        size = f.seek(0, 2)
+        f.seek(max(0, size - 512))
+        tail = f.read(512)
+    for fmt, (offset, magic) in _MAGIC.items():
+        if head[offset : offset + len(magic)] == magic:
+            return fmt
+    if head.startswith(b"conectix") or tail.startswith(b"conectix"):
+        return "vpc"
+    if b"# Disk DescriptorFile" in head or head.startswith((b"COWD", b"QFI")):
+        return None  # descriptor-only vmdk, old formats: let qemu-img decide
+    return "raw"
+
+
 def info(path: Path, fmt: str | None = None) -> dict[str, Any]:
     args = ["info", "--output=json"]
     if fmt:

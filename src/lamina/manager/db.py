@@ -69,6 +69,11 @@ def _config() -> Any:
     return cfg
 
 
+# The newest migration. Checked against Alembic's own view by the tests; kept here so that
+# an up-to-date database is recognized without importing Alembic (100 ms per command).
+SCHEMA_HEAD = "0001"
+
+
 def head_revision() -> str | None:
     from alembic.script import ScriptDirectory
 
@@ -76,10 +81,11 @@ def head_revision() -> str | None:
 
 
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        try:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except SQLAlchemyError:
+            return None
 
 
 @contextmanager
@@ -108,10 +114,11 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
 
 
 def migrate(engine: Engine) -> None:
-    head = head_revision()
-    if current_revision(engine) == head:
+    if current_revision(engine) == SCHEMA_HEAD:
         return
     from alembic import command
+
+    head = head_revision()
 
     with _migration_lock(engine):
         if current_revision(engine) == head:

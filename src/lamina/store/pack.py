@@ -5,12 +5,14 @@
     4             1     pack version (1)
     5             3     reserved, zero
     8             ...   envelopes back to back (see codec)
+    ...           < 4K  zero padding, so that the pack's size is a multiple of 4096
     T             44*n  trailer: per envelope, chunk id (32), offset (u64), size (u32)
     end-48        48    footer: trailer offset (u64), count (u32), BLAKE3 of the trailer
                         (32), magic b"LMPE"
 
 Packs are written whole (the backend's put is atomic), so a crash leaves either a complete
-pack or none; the trailer lets the index be rebuilt from the packs alone.
+pack or none; the trailer lets the index be rebuilt from the packs alone. The padding lets
+a local backend write packs with O_DIRECT.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ PACK_HEADER: Final = PACK_MAGIC + bytes([PACK_VERSION, 0, 0, 0])
 ENTRY = struct.Struct("<32sQI")
 FOOTER = struct.Struct("<QI32s4s")
 FOOTER_MAGIC: Final = b"LMPE"
+PACK_ALIGN: Final = 4096
 
 ReadFn = Callable[[int, int], bytes]  # read(offset, length) -> bytes
+Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,40 +47,38 @@ class Entry:
 
 
 class PackBuilder:
-    """Accumulates envelopes in memory until the pack is sealed."""
+    """Collects envelopes (as header and payload parts, never concatenated) until the pack
+    is sealed and written with one gathered write."""
 
     def __init__(self) -> None:
-        self.buf = bytearray(PACK_HEADER)
+        self.parts: list[Buffer] = [PACK_HEADER]
+        self.size = len(PACK_HEADER)
         self.entries: list[Entry] = []
-        self._ids: set[bytes] = set()
+        self.ids: set[bytes] = set()
 
     def __len__(self) -> int:
-        return len(self.buf)
+        return self.size
 
     def __contains__(self, cid: bytes) -> bool:
-        return cid in self._ids
+        return cid in self.ids
 
-    def add(self, cid: bytes, envelope: bytes) -> Entry:
-        entry = Entry(cid, len(self.buf), len(envelope))
-        self.buf += envelope
+    def add(self, cid: bytes, *parts: Buffer) -> Entry:
+        n = sum(len(p) for p in parts)
+        entry = Entry(cid, self.size, n)
+        self.parts.extend(parts)
+        self.size += n
         self.entries.append(entry)
-        self._ids.add(cid)
+        self.ids.add(cid)
         return entry
 
-    def envelope(self, cid: bytes) -> bytes:
-        for e in self.entries:
-            if e.chunk_id == cid:
-                return bytes(self.buf[e.offset : e.offset + e.size])
-        raise KeyError(cid.hex())
-
-    def seal(self) -> bytearray:
-        trailer_at = len(self.buf)
+    def seal(self) -> list[Buffer]:
         trailer = b"".join(ENTRY.pack(e.chunk_id, e.offset, e.size) for e in self.entries)
-        self.buf += trailer
-        self.buf += FOOTER.pack(
-            trailer_at, len(self.entries), blake3.blake3(trailer).digest(), FOOTER_MAGIC
-        )
-        return self.buf
+        pad = -(self.size + len(trailer) + FOOTER.size) % PACK_ALIGN
+        digest = blake3.blake3(trailer).digest()
+        footer = FOOTER.pack(self.size + pad, len(self.entries), digest, FOOTER_MAGIC)
+        self.parts += [bytes(pad), trailer, footer]
+        self.size += pad + len(trailer) + len(footer)
+        return self.parts
 
 
 def read_trailer(read: ReadFn, size: int, name: str) -> list[Entry]:
@@ -118,5 +120,6 @@ def scan(data: bytes, name: str) -> Iterator[tuple[Entry, bytes | CorruptObject]
                 exc.chunk_id = entry.chunk_id
             yield entry, exc
     trailer_at = FOOTER.unpack(data[-FOOTER.size :])[0]
-    if expect != trailer_at:
+    padding = data[expect:trailer_at]
+    if not 0 <= trailer_at - expect < PACK_ALIGN or padding.count(0) != len(padding):
         raise CorruptObject(f"pack {name}: {trailer_at - expect} unaccounted bytes before trailer")

@@ -13,7 +13,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Final
 from lamina.errors import CorruptObject, NotFound, StoreError
 from lamina.store import codec
 from lamina.store.backends import Backend, LocalBackend
+from lamina.store.backends.base import Buffer
 from lamina.store.index import Index, Location
 from lamina.store.pack import Entry, PackBuilder, read_trailer, scan
 
@@ -74,71 +75,83 @@ class Usage:
 
 
 class Writer:
-    """Adds chunks through an in-memory pack; ``flush`` makes them durable and visible."""
+    """Adds chunks through in-memory packs; full packs are written and indexed by one
+    background thread while chunking goes on, and ``flush`` waits for all of them.
+
+    At most two packs are in memory (the one filling, the one being written): 64 MiB.
+    """
 
     def __init__(self, store: ChunkStore, level: int) -> None:
         self.store = store
         self.level = level
         self._pack = PackBuilder()
         self._lock = threading.Lock()
+        self._in_flight: set[bytes] = set()  # ids in packs being written
+        self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack")
+        self._pending: Future[None] | None = None
         self.added_bytes = 0
         self.added_chunks = 0
         self.sealed: list[tuple[str, list[Entry]]] = []
 
     def has(self, cid: bytes) -> bool:
-        return cid == codec.ZERO_ID or cid in self._pack or self.store.has(cid)
+        return (
+            cid == codec.ZERO_ID
+            or cid in self._pack
+            or cid in self._in_flight
+            or self.store.has(cid)
+        )
 
     def put(self, data: bytes | memoryview, cid: bytes | None = None) -> PutResult:
         """Store one chunk unless it is zero or already present."""
+        if codec.is_zero(data):
+            return PutResult(codec.ZERO_ID, False, 0)
         if cid is None:
             cid = codec.chunk_id(data)
-        if codec.is_zero(data) or self.has(cid):
-            return PutResult(codec.ZERO_ID if codec.is_zero(data) else cid, False, 0)
-        return self.put_envelope(cid, codec.encode(data, cid, self.level))
+        if self.has(cid):
+            return PutResult(cid, False, 0)
+        return self.put_envelope(cid, *codec.encode_parts(data, cid, self.level))
 
-    def put_envelope(self, cid: bytes, envelope: bytes) -> PutResult:
+    def put_envelope(self, cid: bytes, *parts: Buffer) -> PutResult:
+        """Add an already encoded envelope (given whole or as header and payload)."""
         with self._lock:
             if cid in self._pack:
                 return PutResult(cid, False, 0)
-            self._pack.add(cid, envelope)
-            self.added_bytes += len(envelope)
+            entry = self._pack.add(cid, *parts)
+            self.added_bytes += entry.size
             self.added_chunks += 1
             full = len(self._pack) >= PACK_TARGET
         if full:
-            self.flush()
-        return PutResult(cid, True, len(envelope))
+            self._rotate()
+        return PutResult(cid, True, entry.size)
 
-    def encode_many(
-        self, chunks: list[bytes | memoryview], pool: ThreadPoolExecutor
-    ) -> list[PutResult]:
-        """Hash, dedup and compress a batch on ``pool`` (BLAKE3 and zstd release the GIL)."""
-
-        def work(data: bytes | memoryview) -> tuple[bytes, bytes | None]:
-            if codec.is_zero(data):
-                return codec.ZERO_ID, None
-            cid = codec.chunk_id(data)
-            if self.has(cid):
-                return cid, None
-            return cid, codec.encode(data, cid, self.level)
-
-        results = []
-        for cid, env in pool.map(work, chunks):
-            if env is None:
-                results.append(PutResult(cid, False, 0))
-            else:
-                results.append(self.put_envelope(cid, env))
-        return results
-
-    def flush(self) -> None:
+    def _rotate(self) -> None:
+        """Hand the filled pack to the background writer (after the previous one is done)."""
         with self._lock:
             pack, self._pack = self._pack, PackBuilder()
         if not pack.entries:
             return
+        if self._pending is not None:
+            self._pending.result()
+        self._in_flight = set(pack.ids)
+        self._pending = self._sealer.submit(self._write, pack)
+
+    def _write(self, pack: PackBuilder) -> None:
         name = _pack_name()
-        sealed = pack.seal()
-        self.store.backend.put(name, sealed, durable=True)
-        self.store.index.add_pack(name, len(sealed), pack.entries)
+        parts = pack.seal()
+        self.store.backend.put(name, parts, durable=True)
+        self.store.index.add_pack(name, pack.size, pack.entries)
         self.sealed.append((name, pack.entries))
+
+    def flush(self) -> None:
+        """Write what is buffered; returns once every chunk put so far is durable and indexed."""
+        self._rotate()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+        self._in_flight = set()
+
+    def close(self) -> None:
+        self._sealer.shutdown(wait=True)
 
 
 def _pack_name() -> str:
@@ -206,8 +219,11 @@ class ChunkStore:
         with self.backend.lock(exclusive=False, timeout=LOCK_TIMEOUT):
             self.reconcile()
             w = Writer(self, level)
-            yield w
-            w.flush()
+            try:
+                yield w
+                w.flush()
+            finally:
+                w.close()
 
     def reconcile(self) -> int:
         """Index packs the index does not know (a crash between pack and index writes),
@@ -287,6 +303,7 @@ class ChunkStore:
                     report.bytes_freed += size
                 progress(size)
             rewriter.flush()
+            rewriter.close()
             # The rewriter's packs were indexed with INSERT OR IGNORE, which kept the old
             # locations; point the index at the new copies before the old packs go.
             for pack_name, entries in rewriter.sealed:

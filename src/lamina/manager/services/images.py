@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from lamina.errors import Conflict, NotFound
-from lamina.image import Imported, Manifest, import_file
+from lamina.image import Imported, Manifest
+from lamina.image.importer import import_and_commit
 from lamina.manager.models import Image, ImageVersion
 from lamina.names import Ref, check_name
 from lamina.store import ChunkStore
@@ -60,24 +62,23 @@ def add_version(session: Session, *, name: str, imported: Imported, source: str)
 
 
 def import_image(
-    session: Session,
     *,
     store: ChunkStore,
+    session: Callable[[], AbstractContextManager[Session]],
     name: str,
     path: Path,
     fmt: str | None = None,
     tmp_dir: Path | None = None,
     progress: Callable[[int], None] | None = None,
-) -> tuple[ImageVersion, Imported]:
-    """Import a file as the next version of ``name``. The store's shared lock is held until
-    the version row is flushed, so a concurrent gc cannot take chunks this import reuses."""
+) -> tuple[str, Imported]:
+    """Import a file as the next version of ``name``; returns ``NAME@N``."""
     check_name(name, "image name")
-    with store.writer() as writer:
-        imported = import_file(writer, path, fmt=fmt, tmp_dir=tmp_dir, progress=progress)
-        writer.flush()
-        version = add_version(session, name=name, imported=imported, source=str(path))
-        session.commit()
-    return version, imported
+
+    def commit(imported: Imported) -> str:
+        with session() as db:
+            return add_version(db, name=name, imported=imported, source=str(path)).ref
+
+    return import_and_commit(store, path, commit, fmt=fmt, tmp_dir=tmp_dir, progress=progress)
 
 
 def get_version(session: Session, ref: Ref) -> ImageVersion:

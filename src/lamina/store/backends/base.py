@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
+
+Buffer = bytes | bytearray | memoryview
 
 
 class Backend(Protocol):
@@ -15,9 +17,9 @@ class Backend(Protocol):
     Names are relative paths such as ``packs/3f/3f0a....pack``.
     """
 
-    def put(
-        self, name: str, data: bytes | bytearray | memoryview, *, durable: bool = True
-    ) -> None: ...
+    def put(self, name: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
+        """Write the concatenation of ``parts`` as one object."""
+        ...
 
     def read(self, name: str, offset: int = 0, length: int = -1) -> bytes:
         """Bytes ``[offset, offset+length)`` of an object (all of it when length < 0).

@@ -4,19 +4,44 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from lamina.errors import StoreBusy, StoreError
+from lamina.store.backends.base import Buffer
 
 # Open pack descriptors kept for pread; a store of 1 TiB at 64 MiB per pack has 16k packs,
 # the hot set of a served image is far smaller.
 _FD_CACHE = 256
+
+
+_IOV_MAX = 1024
+_DIRECT_ALIGN = 4096
+# Objects at least this large, and a multiple of 4 KiB, are written with O_DIRECT from a
+# reused aligned buffer: 384 MiB of packs took 0.27 s that way and 1.1-1.2 s through the
+# page cache on the VMs here (fresh page-cache pages are expensive to fault in).
+_DIRECT_FROM = 1 << 20
+
+
+def _write_all(fd: int, parts: Sequence[Buffer]) -> None:
+    """Gathered writes of every part, resuming after short writes."""
+    pending = [memoryview(p) for p in parts if len(p)]
+    i = 0
+    while i < len(pending):
+        written = os.writev(fd, pending[i : i + _IOV_MAX])
+        while written:
+            if written >= len(pending[i]):
+                written -= len(pending[i])
+                i += 1
+            else:
+                pending[i] = pending[i][written:]
+                written = 0
 
 
 class LocalBackend:
@@ -27,6 +52,9 @@ class LocalBackend:
         root.mkdir(parents=True, exist_ok=True)
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._fd_lock = threading.Lock()
+        self._direct = True
+        self._buffers: list[mmap.mmap] = []
+        self._buffers_lock = threading.Lock()
 
     def describe(self) -> str:
         return f"local:{self.root}"
@@ -36,22 +64,70 @@ class LocalBackend:
             raise StoreError(f"bad object name {name!r}")
         return self.root / name
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, durable: bool = True) -> None:
+    def put(self, name: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        total = sum(len(p) for p in parts)
+        if self._direct and total >= _DIRECT_FROM and total % _DIRECT_ALIGN == 0:
+            try:
+                self._put_direct(tmp, parts, total)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    tmp.unlink(missing_ok=True)
+                    raise
+                self._direct = False  # this filesystem has no O_DIRECT (tmpfs)
+            else:
+                self._publish(tmp, path, durable)
+                return
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, parts)
             if durable:
                 os.fsync(fd)
+                # Like borg's SyncFile: a pack just written is not read back soon, and
+                # dropping its pages lets the next pack reuse them instead of growing the
+                # page cache (fresh pages made pack writes 2-5x slower on VMs here).
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
+        self._publish(tmp, path, durable)
+
+    def _put_direct(self, tmp: Path, parts: Sequence[Buffer], total: int) -> None:
+        with self._buffers_lock:
+            buf = next((b for b in self._buffers if len(b) >= total), None)
+            if buf is not None:
+                self._buffers.remove(buf)
+        if buf is None:
+            buf = mmap.mmap(-1, total)  # page-aligned, reused for later packs
+        try:
+            pos = 0
+            for part in parts:
+                buf[pos : pos + len(part)] = part
+                pos += len(part)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+            try:
+                view = memoryview(buf)[:total]
+                try:
+                    done = 0
+                    while done < total:
+                        done += os.write(fd, view[done:])
+                finally:
+                    view.release()
+                os.fsync(fd)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            finally:
+                os.close(fd)
+        finally:
+            with self._buffers_lock:
+                self._buffers = sorted([*self._buffers, buf], key=len)[-2:]
+
+    def _publish(self, tmp: Path, path: Path, durable: bool) -> None:
         os.replace(tmp, path)
         if durable:
             dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)

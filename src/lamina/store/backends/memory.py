@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from lamina.errors import StoreBusy
+from lamina.store.backends.base import Buffer
 
 
 class MemoryBackend:
@@ -20,8 +21,8 @@ class MemoryBackend:
     def describe(self) -> str:
         return "memory"
 
-    def put(self, name: str, data: bytes | bytearray | memoryview, *, durable: bool = True) -> None:
-        self.objects[name] = bytes(data)
+    def put(self, name: str, parts: Sequence[Buffer], *, durable: bool = True) -> None:
+        self.objects[name] = b"".join(parts)
 
     def read(self, name: str, offset: int = 0, length: int = -1) -> bytes:
         try:
