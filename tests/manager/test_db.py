@@ -6,7 +6,7 @@ from lamina.manager import db
 
 
 def test_schema_head_constant_matches_alembic() -> None:
-    assert db.SCHEMA_HEAD == db.head_revision()
+    assert db.head_revision() == db.SCHEMA_HEAD
 
 
 def test_fresh_database_is_migrated_to_head(tmp_path: Path) -> None:

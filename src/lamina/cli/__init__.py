@@ -8,7 +8,7 @@ import sys
 import typer
 
 from lamina._tuning import tune_process
-from lamina.cli import image, store
+from lamina.cli import image, layer, mount, store
 from lamina.errors import LaminaError
 
 app = typer.Typer(
@@ -20,6 +20,8 @@ app = typer.Typer(
 )
 app.add_typer(image.app, name="image")
 app.add_typer(store.app, name="store")
+app.add_typer(layer.app, name="layer")
+mount.register(app)
 
 
 def _fail(message: str, code: int) -> None:

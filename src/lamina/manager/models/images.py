@@ -1,19 +1,13 @@
-"""Database models (SQLAlchemy 2). Schema changes go through Alembic migrations."""
+"""Images, their versions, and installation settings."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String, UniqueConstraint
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class Base(DeclarativeBase):
-    pass
+from lamina.manager.models.base import Base, utcnow
 
 
 class Image(Base):

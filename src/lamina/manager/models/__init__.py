@@ -1,0 +1,8 @@
+"""Database models (SQLAlchemy 2), one module per area; schema changes are Alembic
+migrations under ``lamina/manager/migrations/versions``."""
+
+from lamina.manager.models.base import Base, utcnow
+from lamina.manager.models.images import Image, ImageVersion, Setting
+from lamina.manager.models.machines import Machine
+
+__all__ = ["Base", "Image", "ImageVersion", "Machine", "Setting", "utcnow"]
