@@ -1,0 +1,132 @@
+"""The NoCloud seed of a machine: meta-data, user-data and network-config, as bytes.
+
+Pure rendering: an ``Identity`` in, three YAML files out, the same bytes every time for
+the same identity. This is the format stock cloud-init (Linux) and cloudbase-init
+(Windows) read from a disk labelled ``cidata``, so images need no lamina agent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from lamina.errors import UsageError
+
+if TYPE_CHECKING:
+    from lamina.identity.model import Identity
+
+SEED_LABEL = "cidata"
+SEED_FILES = ("meta-data", "user-data", "network-config")
+MACHINE_ID_PATH = "/etc/machine-id"
+
+# What the identity decides; extra config may not override it (use the identity's fields).
+RESERVED_KEYS = frozenset(
+    {
+        "hostname",
+        "fqdn",
+        "prefer_fqdn_over_hostname",
+        "preserve_hostname",
+        "ssh_keys",
+        "ssh_deletekeys",
+        "ssh_genkeytypes",
+    }
+)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings, so PEM keys read as they do in a key file."""
+
+
+def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def _yaml(data: Mapping[str, Any], header: str = "") -> bytes:
+    text = yaml.dump(dict(data), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    return (header + text).encode()
+
+
+def check_extra_config(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Extra cloud-config keys, merged into user-data; identity keys are refused."""
+    if not isinstance(extra, Mapping) or not all(isinstance(k, str) for k in extra):
+        raise UsageError("extra config must be a mapping of cloud-config keys")
+    taken = sorted(RESERVED_KEYS & set(extra))
+    if taken:
+        raise UsageError(
+            f"extra config cannot set {', '.join(taken)}: the machine's identity sets it "
+            "(use machine set --hostname/--domain)"
+        )
+    files = extra.get("write_files", [])
+    if not isinstance(files, list) or not all(isinstance(f, Mapping) for f in files):
+        raise UsageError("extra config write_files must be a list of mappings")
+    if any(f.get("path") == MACHINE_ID_PATH for f in files):
+        raise UsageError(f"extra config cannot write {MACHINE_ID_PATH}: the identity sets it")
+    try:
+        yaml.safe_dump(dict(extra))
+    except yaml.YAMLError as e:
+        raise UsageError(f"extra config cannot be written as YAML: {e}") from None
+    return dict(extra)
+
+
+def instance_id(identity: Identity) -> str:
+    """Unique per machine (its machine-id) and per identity revision.
+
+    A new instance-id makes cloud-init run its per-instance modules again, which is what
+    applies a changed hostname or new keys on a stateful machine's next boot.
+    """
+    return f"lamina-{identity.machine_id}-{identity.identity_rev}"
+
+
+def meta_data(identity: Identity) -> dict[str, Any]:
+    return {"instance-id": instance_id(identity), "local-hostname": identity.hostname}
+
+
+def user_data(identity: Identity) -> dict[str, Any]:
+    config: dict[str, Any] = {"hostname": identity.hostname}
+    if identity.domain:
+        # Debian's convention: the short name in /etc/hostname, the FQDN in /etc/hosts.
+        config |= {
+            "fqdn": identity.fqdn,
+            "prefer_fqdn_over_hostname": False,
+            "manage_etc_hosts": True,
+        }
+    config["preserve_hostname"] = False
+    keys: dict[str, str] = {}
+    for kind, pair in sorted(identity.ssh_host_keys.items()):
+        keys[f"{kind}_private"] = pair["private"]
+        keys[f"{kind}_public"] = pair["public"]
+    # Only the database's keys: no random extra key type that would change every boot.
+    config |= {"ssh_deletekeys": True, "ssh_genkeytypes": [], "ssh_keys": keys}
+    # cloud-init has no machine-id key; writing the file is the standard way (the golden
+    # image ships an empty /etc/machine-id, so systemd keeps this one from then on).
+    machine_id_file = {
+        "path": MACHINE_ID_PATH,
+        "content": identity.machine_id + "\n",
+        "owner": "root:root",
+        "permissions": "0444",
+    }
+    extra = dict(identity.extra_config or {})
+    config["write_files"] = [machine_id_file, *extra.pop("write_files", [])]
+    return config | extra
+
+
+def network_config(identity: Identity) -> dict[str, Any]:
+    """network-config v2: the NIC with the machine's MAC, DHCP unless settings are given."""
+    settings = dict(identity.network) if identity.network else {"dhcp4": True}
+    nic = {"match": {"macaddress": identity.mac}, **settings}
+    return {"version": 2, "ethernets": {"primary": nic}}
+
+
+def seed_files(identity: Identity) -> dict[str, bytes]:
+    """The seed disk's files, by name."""
+    return {
+        "meta-data": _yaml(meta_data(identity)),
+        "user-data": _yaml(user_data(identity), header="#cloud-config\n"),
+        "network-config": _yaml(network_config(identity)),
+    }
