@@ -59,8 +59,8 @@ poweroff -f
 def build_initramfs(busybox: bytes, modules: list[Path]) -> bytes:
     """The gzip'd cpio of busybox, the init and ``modules`` (in load order).
 
-    gzip -9 rather than xz or zstd: it halves the archive (2.4 -> 1.1 MiB) and is the
-    cheapest to unpack under TCG, where the kernel's decompressor runs emulated.
+    gzip -9 halves the archive (2.4 -> 1.1 MiB) and is the cheapest format to unpack
+    under TCG, where the kernel's decompressor runs emulated; xz would save 0.2 MiB more.
     """
     names = [m.name.removesuffix(".ko") for m in modules]
     entries = [

@@ -70,6 +70,7 @@ def load_order(wanted: list[str], modules_dir: Path) -> list[Path]:
     seen: set[str] = set()
 
     def visit(name: str) -> None:
+        name = name.replace("-", "_")
         if name in seen or name in built_in:
             return
         seen.add(name)
