@@ -8,7 +8,7 @@ import sys
 import typer
 
 from lamina._tuning import tune_process
-from lamina.cli import image, layer, mount, store
+from lamina.cli import image, layer, machine, mount, serve, store
 from lamina.errors import LaminaError
 
 app = typer.Typer(
@@ -21,7 +21,10 @@ app = typer.Typer(
 app.add_typer(image.app, name="image")
 app.add_typer(store.app, name="store")
 app.add_typer(layer.app, name="layer")
+app.add_typer(machine.app, name="machine")
+app.add_typer(machine.delta_app, name="delta")
 mount.register(app)
+serve.register(app)
 
 
 def _fail(message: str, code: int) -> None:

@@ -30,6 +30,9 @@ class ChunkCache:
     def used(self) -> int:
         return self._bytes
 
+    def contains(self, cid: bytes) -> bool:
+        return cid in self._items
+
     def get(self, cid: bytes, load: Callable[[bytes], bytes]) -> bytes:
         """The cached plaintext of ``cid``, loading (outside the lock) on a miss."""
         with self._lock:

@@ -164,3 +164,9 @@ def usage(session: Session, *, store: ChunkStore, name: str) -> list[VersionUsag
 
 def list_all_versions(session: Session) -> list[ImageVersion]:
     return list(session.scalars(select(ImageVersion)))
+
+
+def parse_ref_of(ref: str) -> Ref:
+    """The Ref of a ``NAME@N`` string this module produced."""
+    name, _, version = ref.partition("@")
+    return Ref(name, int(version))

@@ -1,0 +1,35 @@
+"""lamina serve: the manager and the block server."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from lamina.cli.common import HomeOpt, open_home
+
+
+def register(root: typer.Typer) -> None:
+    root.command("serve")(serve)
+
+
+def serve(
+    nbd: Annotated[str, typer.Option("--nbd", help="NBD listen address.")] = "127.0.0.1:10809",
+    http: Annotated[
+        str, typer.Option("--http", help="HTTP listen address (manager API).")
+    ] = "127.0.0.1:8480",
+    no_http: Annotated[bool, typer.Option("--no-http", help="Serve block devices only.")] = False,
+    cache: Annotated[
+        int, typer.Option("--cache-mib", help="Memory for decompressed chunks.")
+    ] = 512,
+    home: HomeOpt = None,
+) -> None:
+    """Serve image versions and machines over NBD, and the manager over HTTP."""
+    from lamina.serve.server import ServeOptions, parse_address, run
+
+    options = ServeOptions(
+        nbd=parse_address(nbd, "--nbd"),
+        http=None if no_http else parse_address(http, "--http"),
+        cache_bytes=cache << 20,
+    )
+    run(open_home(home), options)

@@ -1,0 +1,21 @@
+"""The manager's HTTP application (FastAPI), served by ``lamina serve --http``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from lamina import __version__
+from lamina.home import Home
+
+
+def create_app(home: Home) -> FastAPI:
+    app = FastAPI(title="lamina manager", version=__version__, openapi_url="/openapi.json")
+    app.state.home = home
+
+    @app.get("/api/v1/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__}
+
+    return app

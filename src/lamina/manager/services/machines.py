@@ -1,0 +1,142 @@
+"""Machines: add, show, change, re-pin, remove; their deltas live under the home."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, joinedload
+
+from lamina.errors import AlreadyExists, NotFound, UsageError
+from lamina.manager.models import ImageVersion, Machine
+from lamina.manager.services import images
+from lamina.names import Ref, check_name, parse_ref
+
+MODES = ("stateless", "stateful")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def delta_dir(deltas: Path, name: str) -> Path:
+    return deltas / name
+
+
+@dataclass(frozen=True, slots=True)
+class Added:
+    machine: Machine
+    token: str  # shown once; only its hash is stored
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UsageError(f"mode must be stateless or stateful, not {mode!r}")
+    return mode
+
+
+def add(
+    session: Session,
+    *,
+    name: str,
+    image: str,
+    mode: str = "stateless",
+    hostname: str | None = None,
+    mac: str | None = None,
+    domain: str | None = None,
+) -> Added:
+    """Create a machine pinned to ``image`` (NAME for its latest version, or NAME@V)."""
+    from lamina.identity import identity_columns, new_identity
+
+    check_name(name, "machine name")
+    version = images.get_version(session, parse_ref(image, "image name"))
+    identity = new_identity(name, hostname=hostname, mac=mac, domain=domain)
+    token = secrets.token_urlsafe(32)
+    machine = Machine(
+        name=name,
+        image_version=version,
+        mode=_check_mode(mode),
+        token_hash=hash_token(token),
+        **identity_columns(identity),
+    )
+    session.add(machine)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise AlreadyExists(f"a machine named {name!r} already exists") from None
+    return Added(machine, token)
+
+
+def get(session: Session, name: str) -> Machine:
+    machine = session.scalars(
+        select(Machine).where(Machine.name == name).options(joinedload(Machine.image_version))
+    ).one_or_none()
+    if machine is None:
+        raise NotFound(f"no machine named {name!r}")
+    return machine
+
+
+def by_token(session: Session, token: str) -> Machine | None:
+    return session.scalars(
+        select(Machine).where(Machine.token_hash == hash_token(token))
+    ).one_or_none()
+
+
+def list_all(session: Session) -> list[Machine]:
+    query = select(Machine).options(
+        joinedload(Machine.image_version).joinedload(ImageVersion.image)
+    )
+    return list(session.scalars(query.order_by(Machine.name)))
+
+
+def remove(session: Session, *, name: str) -> Machine:
+    machine = get(session, name)
+    session.delete(machine)
+    return machine
+
+
+def repin(session: Session, *, name: str, image: Ref) -> tuple[Machine, ImageVersion]:
+    """Pin a machine to another image version (its delta no longer applies: the caller
+    discards it)."""
+    machine = get(session, name)
+    version = images.get_version(session, image)
+    machine.image_version = version
+    return machine, version
+
+
+def set_mode(session: Session, *, name: str, mode: str) -> Machine:
+    machine = get(session, name)
+    machine.mode = _check_mode(mode)
+    return machine
+
+
+def set_identity(
+    session: Session,
+    *,
+    name: str,
+    changes: dict[str, Any],
+    new_machine_id: bool = False,
+    new_host_keys: bool = False,
+) -> Machine:
+    """Change identity fields (hostname, domain, mac, network, extra_config); the identity
+    revision goes up when anything changed, which rebuilds the seed disk."""
+    from lamina.identity import apply_identity, identity_from_machine
+    from lamina.identity.model import update_identity
+
+    machine = get(session, name)
+    current = identity_from_machine(machine)
+    updated = update_identity(
+        current, **changes, new_machine_id=new_machine_id, new_host_keys=new_host_keys
+    )
+    if updated is not current:
+        apply_identity(machine, updated)
+    return machine
+
+
+def pinned_versions(session: Session) -> set[int]:
+    return set(session.scalars(select(Machine.image_version_id)))

@@ -1,0 +1,189 @@
+"""What a server answers during the handshake and which requests it refuses: pure
+functions over an export catalogue, shared by every transport."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+from lamina.nbd.constants import (
+    BASE_ALLOCATION,
+    MAX_PAYLOAD,
+    Cmd,
+    CmdFlag,
+    Errno,
+    Info,
+    Opt,
+    Rep,
+    TransmissionFlag,
+)
+from lamina.nbd.events import (
+    Event,
+    ExportNameReply,
+    OptAbort,
+    OptExportName,
+    OptInfo,
+    OptInvalid,
+    OptionReply,
+    OptList,
+    OptMetaContext,
+    OptStructuredReply,
+    OptUnsupported,
+    Request,
+)
+from lamina.nbd.server import ServerConnection
+
+BASE_ALLOCATION_ID = 1
+_KNOWN_FLAGS = {
+    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.FLUSH: CmdFlag(0),
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.CACHE: CmdFlag(0),
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+}
+_WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    name: str
+    size: int
+    read_only: bool
+    description: str = ""
+    # Block size constraints: any alignment works, 4 KiB is what the delta tracks.
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = MAX_PAYLOAD
+
+    @property
+    def flags(self) -> int:
+        flags = (
+            TransmissionFlag.HAS_FLAGS
+            | TransmissionFlag.SEND_FLUSH
+            | TransmissionFlag.SEND_FUA
+            | TransmissionFlag.SEND_DF
+            | TransmissionFlag.SEND_CACHE
+            # Every connection to an export shares one device object (one cache, one
+            # delta) in the server, so a FLUSH on one covers writes made on another.
+            | TransmissionFlag.CAN_MULTI_CONN
+        )
+        if self.read_only:
+            return int(flags | TransmissionFlag.READ_ONLY)
+        return int(
+            flags
+            | TransmissionFlag.SEND_TRIM
+            | TransmissionFlag.SEND_WRITE_ZEROES
+            | TransmissionFlag.SEND_FAST_ZERO
+        )
+
+
+class Catalog(Protocol):
+    def lookup(self, name: str) -> ExportInfo | None: ...
+
+    def names(self) -> list[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    replies: list[Event]
+    export: ExportInfo | None = None  # set when transmission starts on this export
+    hang_up: bool = False
+
+
+def _u32str(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack(">I", len(raw)) + raw
+
+
+def _info_replies(option: int, info: ExportInfo, requests: tuple[int, ...]) -> list[Event]:
+    out: list[Event] = [
+        OptionReply(option, Rep.INFO, struct.pack(">HQH", Info.EXPORT, info.size, info.flags))
+    ]
+    if Info.NAME in requests:
+        out.append(OptionReply(option, Rep.INFO, struct.pack(">H", Info.NAME) + info.name.encode()))
+    if Info.DESCRIPTION in requests and info.description:
+        desc = struct.pack(">H", Info.DESCRIPTION) + info.description.encode()
+        out.append(OptionReply(option, Rep.INFO, desc))
+    sizes = struct.pack(
+        ">HIII", Info.BLOCK_SIZE, info.min_block, info.preferred_block, info.max_block
+    )
+    out.append(OptionReply(option, Rep.INFO, sizes))
+    return out
+
+
+def _meta_replies(event: OptMetaContext, catalog: Catalog) -> list[Event]:
+    option = Opt.LIST_META_CONTEXT if event.list_only else Opt.SET_META_CONTEXT
+    if catalog.lookup(event.export) is None:
+        return [OptionReply(option, Rep.ERR_UNKNOWN, f"no export {event.export!r}".encode())]
+    wanted = event.queries or ((BASE_ALLOCATION,) if event.list_only else ())
+    selected = any(q == BASE_ALLOCATION or (event.list_only and q == "base:") for q in wanted)
+    out: list[Event] = []
+    if selected:
+        context_id = 0 if event.list_only else BASE_ALLOCATION_ID
+        data = struct.pack(">I", context_id) + BASE_ALLOCATION.encode()
+        out.append(OptionReply(option, Rep.META_CONTEXT, data))
+    return [*out, OptionReply(option, Rep.ACK)]
+
+
+def negotiate(event: Event, catalog: Catalog, conn: ServerConnection) -> Decision:
+    """The replies to one handshake event."""
+    if isinstance(event, OptExportName):
+        info = catalog.lookup(event.name)
+        if info is None:  # this option cannot be refused politely: the spec says hang up
+            return Decision([], hang_up=True)
+        return Decision([ExportNameReply(info.size, info.flags)], export=info)
+    if isinstance(event, OptInfo):
+        option = Opt.GO if event.go else Opt.INFO
+        info = catalog.lookup(event.name)
+        if info is None:
+            msg = f"no export named {event.name!r}".encode()
+            return Decision([OptionReply(option, Rep.ERR_UNKNOWN, msg)])
+        replies = [*_info_replies(option, info, event.requests), OptionReply(option, Rep.ACK)]
+        return Decision(replies, export=info if event.go else None)
+    if isinstance(event, OptList):
+        servers: list[Event] = [
+            OptionReply(Opt.LIST, Rep.SERVER, _u32str(n)) for n in catalog.names()
+        ]
+        return Decision([*servers, OptionReply(Opt.LIST, Rep.ACK)])
+    if isinstance(event, OptStructuredReply):
+        if conn.structured:
+            return Decision([OptionReply(Opt.STRUCTURED_REPLY, Rep.ERR_INVALID, b"already on")])
+        return Decision([OptionReply(Opt.STRUCTURED_REPLY, Rep.ACK)])
+    if isinstance(event, OptMetaContext):
+        return Decision(_meta_replies(event, catalog))
+    if isinstance(event, OptAbort):
+        return Decision([OptionReply(Opt.ABORT, Rep.ACK)], hang_up=True)
+    if isinstance(event, OptInvalid):
+        return Decision([OptionReply(event.option, Rep.ERR_INVALID, event.reason.encode())])
+    if isinstance(event, OptUnsupported):
+        return Decision([OptionReply(event.option, Rep.ERR_UNSUP)])
+    return Decision([])
+
+
+def check_request(req: Request, info: ExportInfo, conn: ServerConnection) -> tuple[Errno, str]:
+    """``(Errno.OK, "")`` when the request may run, else the error to answer with."""
+    known = _KNOWN_FLAGS.get(req.cmd)  # type: ignore[call-overload]
+    if known is None:
+        return Errno.EINVAL, f"unknown command {req.cmd}"
+    if req.flags & ~int(known):
+        return Errno.EINVAL, f"flags {req.flags:#x} are not valid for this command"
+    if req.flags & CmdFlag.DF and not conn.structured:
+        return Errno.EINVAL, "DF needs structured replies"
+    if req.cmd in _WRITES and info.read_only:
+        return Errno.EPERM, f"export {info.name!r} is read-only"
+    if req.oversize or (req.cmd == Cmd.READ and req.length > info.max_block):
+        return Errno.EOVERFLOW if conn.structured else Errno.EINVAL, "request is too large"
+    if req.cmd == Cmd.FLUSH:
+        return (Errno.OK, "") if req.offset == 0 and req.length == 0 else (Errno.EINVAL, "")
+    if req.offset + req.length > info.size:
+        err = Errno.ENOSPC if req.cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
+        return err, f"range {req.offset}+{req.length} is beyond the end ({info.size})"
+    if req.cmd == Cmd.BLOCK_STATUS:
+        if BASE_ALLOCATION_ID not in conn.meta_contexts:
+            return Errno.EINVAL, "no metadata context was negotiated"
+        if req.length == 0:
+            return Errno.EINVAL, "empty block status request"
+    return Errno.OK, ""

@@ -1,0 +1,157 @@
+"""The exports a server offers, resolved against the database at each handshake:
+
+    IMAGE, IMAGE@VERSION      read-only image versions
+    machine/NAME              the machine's pinned version plus its delta, writable
+    machine/NAME/seed         its NoCloud identity seed, read-only
+
+Devices are opened on a client's first connection and shared by every connection to the
+same export (one delta, one chunk cache), then closed with the last one.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from lamina.errors import LaminaError
+from lamina.home import Home
+from lamina.image import ImageReader, Manifest
+from lamina.names import parse_ref
+from lamina.nbd import ExportInfo
+from lamina.nbd.device import BlockDevice
+from lamina.serve.delta import Delta
+from lamina.serve.devices import ImageDevice, MachineDevice, MemoryDevice
+from lamina.store import ChunkCache
+
+MACHINE_PREFIX = "machine/"
+SEED_SUFFIX = "/seed"
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    info: ExportInfo
+    kind: str  # image | machine | seed
+    manifest_id: bytes
+    machine: str | None = None
+    identity_rev: int = 0
+
+
+class ExportCatalog:
+    def __init__(self, home: Home, cache: ChunkCache) -> None:
+        self.home = home
+        self.cache = cache
+        self._manifests: dict[bytes, Manifest] = {}
+        self._open: dict[str, tuple[BlockDevice, int]] = {}
+        self._seeds: dict[tuple[str, int], bytes] = {}
+        self._lock = threading.Lock()
+
+    # -- Catalog protocol (negotiation) ----------------------------------------------
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        try:
+            resolved = self.resolve(name)
+        except LaminaError:
+            return None
+        return resolved.info if resolved else None
+
+    def names(self) -> list[str]:
+        from lamina.manager.services import images, machines
+
+        out: list[str] = []
+        with self.home.session() as session:
+            for image in images.list_images(session):
+                out.append(image.name)
+                out += [v.ref for v in image.versions]
+            for machine in machines.list_all(session):
+                out += [MACHINE_PREFIX + machine.name, MACHINE_PREFIX + machine.name + SEED_SUFFIX]
+        return out
+
+    def resolve(self, name: str) -> Resolved | None:
+        from lamina.manager.services import images, machines
+
+        with self.home.session() as session:
+            if name.startswith(MACHINE_PREFIX):
+                rest = name[len(MACHINE_PREFIX) :]
+                seed = rest.endswith(SEED_SUFFIX)
+                machine = machines.get(session, rest.removesuffix(SEED_SUFFIX))
+                version = machine.image_version
+                if seed:
+                    data = self._seed(machine)
+                    info = ExportInfo(name, len(data), read_only=True, description="identity seed")
+                    return Resolved(info, "seed", b"", machine.name, machine.identity_rev)
+                info = ExportInfo(
+                    name, version.size, read_only=False, description=f"{version.ref} + delta"
+                )
+                return Resolved(info, "machine", bytes.fromhex(version.manifest_id), machine.name)
+            version = images.get_version(session, parse_ref(name, "image name"))
+            info = ExportInfo(name, version.size, read_only=True, description=version.ref)
+            return Resolved(info, "image", bytes.fromhex(version.manifest_id))
+
+    def _seed(self, machine: object) -> bytes:
+        from lamina.identity import identity_from_machine, seed_image
+
+        identity = identity_from_machine(machine)  # type: ignore[arg-type]
+        key = (identity.name, identity.identity_rev)
+        data = self._seeds.get(key)
+        if data is None:
+            data = self._seeds[key] = seed_image(identity)
+        return data
+
+    # -- devices ----------------------------------------------------------------------
+
+    def _manifest(self, manifest_id: bytes) -> Manifest:
+        m = self._manifests.get(manifest_id)
+        if m is None:
+            m = self._manifests[manifest_id] = Manifest.from_bytes(self.home.store.get(manifest_id))
+        return m
+
+    def _image_device(self, info: ExportInfo, manifest_id: bytes) -> ImageDevice:
+        return ImageDevice(
+            info, ImageReader(self.home.store, self._manifest(manifest_id), self.cache)
+        )
+
+    def open(self, name: str) -> BlockDevice:
+        """The shared device behind export ``name`` (opened on first use)."""
+        with self._lock:
+            if name in self._open:
+                device, refs = self._open[name]
+                self._open[name] = (device, refs + 1)
+                return device
+        resolved = self.resolve(name)
+        if resolved is None:
+            raise LaminaError(f"no export {name!r}")
+        device = self._build(resolved)
+        with self._lock:
+            if name in self._open:  # another connection won the race
+                device.close()
+                device, refs = self._open[name]
+                self._open[name] = (device, refs + 1)
+                return device
+            self._open[name] = (device, 1)
+        return device
+
+    def _build(self, r: Resolved) -> BlockDevice:
+        if r.kind == "image":
+            return self._image_device(r.info, r.manifest_id)
+        assert r.machine is not None
+        if r.kind == "seed":
+            with self.home.session() as session:
+                from lamina.manager.services import machines
+
+                return MemoryDevice(r.info, self._seed(machines.get(session, r.machine)))
+        base = self._image_device(r.info, r.manifest_id)
+        delta = Delta(self.home.deltas_dir / r.machine, size=r.info.size, base_id=r.manifest_id)
+        return MachineDevice(r.info, base, delta)
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            device, refs = self._open[name]
+            if refs > 1:
+                self._open[name] = (device, refs - 1)
+                return
+            del self._open[name]
+        device.close()
+
+    def open_devices(self) -> list[BlockDevice]:
+        with self._lock:
+            return [d for d, _ in self._open.values()]

@@ -1,0 +1,86 @@
+"""``lamina delta commit``: a machine's delta becomes a new image version (the PVS merge).
+
+Only chunks the delta touches are rebuilt: each is read from the machine's view (image
+version + delta), stored (deduplicated like any import) and swapped into a copy of the
+manifest. The delta is locked for the duration, so a connected machine is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lamina.home import Home
+from lamina.image import ImageReader, Imported, ImportStats, Manifest
+from lamina.nbd import ExportInfo
+from lamina.serve.delta import BLOCK, Delta, discard
+from lamina.serve.devices import ImageDevice, MachineDevice
+from lamina.store import ChunkCache
+
+
+def commit_delta(
+    home: Home, *, machine: str, image: str | None = None, repin: bool = False
+) -> dict[str, Any]:
+    from lamina.manager.services import images, machines
+    from lamina.names import check_name
+
+    with home.session() as session:
+        m = machines.get(session, machine)
+        version = m.image_version
+        base_id = bytes.fromhex(version.manifest_id)
+        target = check_name(image, "image name") if image else version.image.name
+        base_ref = version.ref
+    manifest = Manifest.from_bytes(home.store.get(base_id))
+    info = ExportInfo(f"machine/{machine}", manifest.size, read_only=False)
+    reader = ImageReader(home.store, manifest, ChunkCache(16 << 20))
+    delta = Delta(home.deltas_dir / machine, size=manifest.size, base_id=base_id)
+    device = MachineDevice(info, ImageDevice(info, reader), delta)
+    per_chunk = manifest.chunk_size // BLOCK
+    try:
+
+        def commit(imported: Imported) -> str:
+            with home.session() as session:
+                ref = images.add_version(
+                    session,
+                    name=target,
+                    imported=imported,
+                    source=f"delta of {machine} on {base_ref}",
+                ).ref
+                if repin:
+                    machines.repin(session, name=machine, image=images.parse_ref_of(ref))
+                return ref
+
+        with home.store.writer() as writer:
+            changes: dict[int, bytes] = {}
+            stored = new = 0
+            for index in range(manifest.count):
+                if delta.untouched(index * per_chunk, per_chunk):
+                    continue
+                data = b"".join(device.read(index * manifest.chunk_size, manifest.chunk_len(index)))
+                put = writer.put(data)
+                changes[index] = put.chunk_id
+                stored += put.stored
+                new += put.new
+            result = manifest.replace(changes)
+            put = writer.put(result.to_bytes())
+            stats = ImportStats(
+                result.size,
+                len(changes) * manifest.chunk_size,
+                len(changes),
+                new,
+                stored + put.stored,
+                "delta",
+            )
+            writer.flush()
+            ref = commit(Imported(result, put.chunk_id, stats))
+    finally:
+        delta.close()
+    if repin:
+        discard(home.deltas_dir / machine)
+    return {
+        "ref": ref,
+        "machine": machine,
+        "base": base_ref,
+        "changed_chunks": len(changes),
+        "stored_bytes": stats.stored_bytes,
+        "repinned": repin,
+    }

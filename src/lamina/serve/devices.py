@@ -1,0 +1,185 @@
+"""Block devices behind NBD exports: an image version (read-only), a machine (its image
+version plus its delta), a small in-memory disk (the seed). All implement BlockDevice."""
+
+from __future__ import annotations
+
+from lamina.image import ImageReader
+from lamina.nbd import ExportInfo, State
+from lamina.nbd.device import Extent
+from lamina.nbd.events import Buffer
+from lamina.serve.delta import BLOCK, Delta
+from lamina.store import ZERO_ID
+
+_HOLE = int(State.HOLE | State.ZERO)
+
+
+def _merge(extents: list[Extent]) -> list[Extent]:
+    out: list[Extent] = []
+    for length, flags in extents:
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + length, flags)
+        else:
+            out.append((length, flags))
+    return out
+
+
+class ImageDevice:
+    """An image version: reads through the server-wide chunk cache."""
+
+    def __init__(self, info: ExportInfo, reader: ImageReader) -> None:
+        self.info = info
+        self.reader = reader
+
+    def read(self, offset: int, length: int) -> list[memoryview]:
+        return self.reader.segments(offset, length)
+
+    def would_block(self, offset: int, length: int) -> bool:
+        m = self.reader.manifest
+        cache = self.reader.cache
+        return any(
+            not (m.id_at(i) == ZERO_ID or cache.contains(m.id_at(i)))
+            for i, _, _ in m.spans(offset, length)
+        )
+
+    def prefetch(self, offset: int, length: int) -> None:
+        for index, _, _ in self.reader.manifest.spans(offset, length):
+            self.reader.chunk(index)
+
+    def write(self, offset: int, data: Buffer, fua: bool) -> None:
+        raise PermissionError("read-only export")
+
+    def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
+        raise PermissionError("read-only export")
+
+    def flush(self) -> None:
+        pass
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        m = self.reader.manifest
+        return _merge(
+            [(n, _HOLE if m.id_at(i) == ZERO_ID else 0) for i, _, n in m.spans(offset, length)]
+        )
+
+    def close(self) -> None:
+        pass
+
+
+class MachineDevice:
+    """A machine: its pinned image version with its delta on top."""
+
+    def __init__(self, info: ExportInfo, base: ImageDevice, delta: Delta) -> None:
+        self.info = info
+        self.base = base
+        self.delta = delta
+
+    def _blocks(self, offset: int, length: int) -> tuple[int, int]:
+        first = offset // BLOCK
+        return first, -(-(offset + length) // BLOCK) - first
+
+    def read(self, offset: int, length: int) -> list[memoryview]:
+        first, count = self._blocks(offset, length)
+        if self.delta.untouched(first, count):
+            return self.base.read(offset, length)
+        out: list[memoryview] = []
+        end = offset + length
+        for run in self.delta.runs(first, count):
+            start = max(offset, run.first * BLOCK)
+            stop = min(end, (run.first + run.count) * BLOCK, self.info.size)
+            if run.kind == "base":
+                out += self.base.read(start, stop - start)
+            elif run.kind == "zero":
+                out.append(memoryview(bytes(stop - start)))
+            else:
+                data = memoryview(self.delta.read_slots(run.slot, run.count))
+                out.append(data[start - run.first * BLOCK : stop - run.first * BLOCK])
+        return out
+
+    def would_block(self, offset: int, length: int) -> bool:
+        # Conservative: blocks covered by the delta never need the image, but asking the
+        # image alone is cheaper than walking the map on every read.
+        return self.base.would_block(offset, length)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        self.base.prefetch(offset, length)  # only the image part can block
+
+    def write(self, offset: int, data: Buffer, fua: bool) -> None:
+        first, count = self._blocks(offset, len(data))
+        head = offset - first * BLOCK
+        total = count * BLOCK
+        if head or len(data) != total:
+            # Partial blocks at either end: read the current blocks and patch them.
+            span = min(total, self.info.size - first * BLOCK)
+            merged = bytearray(b"".join(self.read(first * BLOCK, span)))
+            merged[head : head + len(data)] = data
+            data = merged
+        self.delta.write_blocks(first, data)
+        if fua:
+            self.delta.flush()
+
+    def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
+        first = -(-offset // BLOCK)
+        last = (offset + length) // BLOCK  # exclusive, whole blocks only
+        if offset + length == self.info.size:
+            last = -(-self.info.size // BLOCK)
+        if last > first:
+            self.delta.zero_blocks(first, last - first)
+        for start, stop in (
+            (offset, min(first * BLOCK, offset + length)),
+            (max(last * BLOCK, offset), offset + length),
+        ):
+            if stop > start:
+                self.write(start, bytes(stop - start), fua=False)
+        if fua:
+            self.delta.flush()
+
+    def flush(self) -> None:
+        self.delta.flush()
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        first, count = self._blocks(offset, length)
+        end = offset + length
+        out: list[Extent] = []
+        for run in self.delta.runs(first, count):
+            start = max(offset, run.first * BLOCK)
+            stop = min(end, (run.first + run.count) * BLOCK)
+            if run.kind == "base":
+                out += self.base.extents(start, stop - start)
+            else:
+                out.append((stop - start, _HOLE if run.kind == "zero" else 0))
+        return _merge(out)
+
+    def close(self) -> None:
+        self.delta.flush()
+        self.delta.close()
+
+
+class MemoryDevice:
+    """A small read-only disk held in memory (a machine's seed)."""
+
+    def __init__(self, info: ExportInfo, data: bytes) -> None:
+        self.info = info
+        self._data = memoryview(data)
+
+    def read(self, offset: int, length: int) -> list[memoryview]:
+        return [self._data[offset : offset + length]]
+
+    def would_block(self, offset: int, length: int) -> bool:
+        return False
+
+    def prefetch(self, offset: int, length: int) -> None:
+        pass
+
+    def write(self, offset: int, data: Buffer, fua: bool) -> None:
+        raise PermissionError("read-only export")
+
+    def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
+        raise PermissionError("read-only export")
+
+    def flush(self) -> None:
+        pass
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return [(length, 0)]
+
+    def close(self) -> None:
+        pass

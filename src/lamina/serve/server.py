@@ -1,0 +1,124 @@
+"""``lamina serve``: the block server (NBD) and the manager (HTTP) in one process.
+
+One event loop (uvloop when available) runs both; disk-bound work goes to a small thread
+pool. Stateless machines start from an empty delta every time the server starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lamina import logs
+from lamina.errors import Conflict, UsageError
+from lamina.home import Home
+from lamina.nbd.aio import NbdServerProtocol
+from lamina.serve.catalog import ExportCatalog
+from lamina.serve.delta import discard
+from lamina.store import ChunkCache
+
+DEFAULT_NBD = "127.0.0.1:10809"
+DEFAULT_HTTP = "127.0.0.1:8480"
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"bad {what} address {text!r}: expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass
+class ServeOptions:
+    nbd: tuple[str, int]
+    http: tuple[str, int] | None
+    cache_bytes: int = 512 << 20
+    workers: int = 8
+
+
+def reset_stateless(home: Home) -> list[str]:
+    """Discard the delta of every stateless machine; returns their names."""
+    from lamina.manager.services import machines
+
+    with home.session() as session:
+        names = [m.name for m in machines.list_all(session) if m.mode == "stateless"]
+    for name in names:
+        try:
+            discard(home.deltas_dir / name)
+        except Conflict as exc:
+            raise Conflict(f"{exc}; is another `lamina serve` running on this home?") from None
+    return names
+
+
+async def serve(home: Home, options: ServeOptions, ready: Any = None) -> None:
+    log = logs.setup()
+    reset = reset_stateless(home)
+    cache = ChunkCache(options.cache_bytes)
+    catalog = ExportCatalog(home, cache)
+    executor = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="io")
+    loop = asyncio.get_running_loop()
+    nbd = await loop.create_server(
+        lambda: NbdServerProtocol(catalog, executor, log), *options.nbd, reuse_address=True
+    )
+    http = _http_server(home, options.http) if options.http is not None else None
+    http_task = asyncio.create_task(http.serve()) if http is not None else None
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    logs.event(
+        log,
+        "serving",
+        nbd=f"{options.nbd[0]}:{options.nbd[1]}",
+        http=f"{options.http[0]}:{options.http[1]}" if options.http else None,
+        reset_stateless=reset,
+    )
+    if ready is not None:
+        ready()
+    try:
+        await stop.wait()
+    finally:
+        nbd.close()
+        for device in catalog.open_devices():
+            device.flush()
+        if http is not None and http_task is not None:
+            http.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await http_task
+        executor.shutdown(wait=True)
+        logs.event(log, "stopped")
+
+
+def _http_server(home: Home, address: tuple[str, int]) -> Any:
+    import uvicorn
+
+    from lamina.manager.app import create_app
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # the serve loop owns SIGINT/SIGTERM and stops both servers
+
+    config = uvicorn.Config(
+        create_app(home), host=address[0], port=address[1], log_level="warning", lifespan="off"
+    )
+    return Server(config)
+
+
+def run(home: Home, options: ServeOptions) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(serve(home, options))
+    except ImportError:
+        asyncio.run(serve(home, options))
+
+
+def pid_file(home: Home) -> Path:
+    return home.root / "serve.pid"

@@ -1,0 +1,80 @@
+"""A real `lamina serve` process per test, on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LAMINA, Cli
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"lamina serve exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+class Server:
+    def __init__(self, home: Path, log: Path) -> None:
+        self.home = home
+        self.log = log
+        self.port = free_port()
+        self.http_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, export: str) -> str:
+        return f"nbd://127.0.0.1:{self.port}/{export}"
+
+    def start(self) -> None:
+        env = {**os.environ, "LAMINA_HOME": str(self.home)}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    LAMINA,
+                    "serve",
+                    "--nbd",
+                    f"127.0.0.1:{self.port}",
+                    "--http",
+                    f"127.0.0.1:{self.http_port}",
+                ],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        wait_port(self.port, self.proc)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+
+@pytest.fixture
+def server(cli: Cli, tmp_path: Path) -> Iterator[Server]:
+    srv = Server(cli.home, tmp_path / "serve.log")
+    yield srv
+    srv.stop()

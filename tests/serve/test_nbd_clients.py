@@ -1,0 +1,238 @@
+"""`lamina serve` with real NBD clients: nbdinfo, qemu-img, qemu-io, fio, nbdcopy."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from lamina.nbd import Cmd, Errno
+from lamina.nbd.aio import NbdClient
+from tests.conftest import Cli, write_sparse
+from tests.serve.conftest import Server
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def image(cli: Cli, tmp_path: Path) -> Path:
+    src = write_sparse(
+        tmp_path / "base.raw",
+        16 * MiB,
+        [(0, os.urandom(2 * MiB)), (6 * MiB, b"lamina" * 50000), (12 * MiB, os.urandom(MiB))],
+    )
+    cli("image", "import", "base", str(src))
+    cli("machine", "add", "m1", "--image", "base", "--mode", "stateful")
+    cli("machine", "add", "m2", "--image", "base", "--mode", "stateless")
+    return src
+
+
+def qemu_io(url: str, *commands: str, read_only: bool = False) -> subprocess.CompletedProcess[str]:
+    args = ["qemu-io", "-f", "raw", *(["-r"] if read_only else [])]
+    for c in commands:
+        args += ["-c", c]
+    return subprocess.run([*args, url], capture_output=True, text=True, check=False)
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 0 and "failed" not in proc.stdout.lower(), proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_nbdinfo_lists_the_exports(server: Server, image: Path) -> None:
+    server.start()
+    out = subprocess.run(
+        ["nbdinfo", "--list", "--json", server.url("")], capture_output=True, text=True, check=True
+    ).stdout
+    exports = {e["export-name"]: e for e in json.loads(out)["exports"]}
+    assert {"base", "base@1", "machine/m1", "machine/m1/seed", "machine/m2"} <= exports.keys()
+    assert exports["base"]["is_read_only"] and not exports["machine/m1"]["is_read_only"]
+    assert exports["machine/m1"]["can_multi_conn"]
+    assert exports["base@1"]["export-size"] == 16 * MiB
+
+
+def test_qemu_img_convert_equals_the_imported_file(
+    server: Server, image: Path, tmp_path: Path
+) -> None:
+    server.start()
+    out = tmp_path / "copy.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", server.url("base"), str(out)], check=True)
+    assert out.read_bytes() == image.read_bytes()
+    # base:allocation tells the zero chunks apart, so the copy stays sparse
+    assert out.stat().st_blocks * 512 < 8 * MiB
+
+
+def nbdcopy(url: str, out: Path) -> bytes:
+    subprocess.run(["nbdcopy", url, str(out)], check=True, capture_output=True)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def test_writes_stay_in_their_machine(server: Server, image: Path, tmp_path: Path) -> None:
+    server.start()
+    ok(qemu_io(server.url("machine/m1"), "write -P 0xab 1000 70000", "flush"))
+    ok(qemu_io(server.url("machine/m1"), "read -P 0xab 1000 70000"))
+    original = image.read_bytes()[1000:71000]
+    assert len(set(original)) > 1
+    for other in ("machine/m2", "base"):
+        assert nbdcopy(server.url(other), tmp_path / "other.raw")[1000:71000] == original
+
+
+def test_read_only_exports_refuse_writes(server: Server, image: Path) -> None:
+    server.start()
+    proc = qemu_io(server.url("base"), "write -P 1 0 4096")
+    assert proc.returncode != 0  # qemu sees the read-only flag
+
+    async def raw_write() -> tuple[int, int]:
+        client = await NbdClient.connect("127.0.0.1", server.port, "machine/m1/seed")
+        error, _ = await client.request(Cmd.WRITE, 0, data=b"x" * 512)
+        again, data = await client.request(Cmd.READ, 0, 512)
+        await client.close()
+        return error, len(data) if not again else -1
+
+    assert asyncio.run(raw_write()) == (Errno.EPERM, 512)
+
+
+def test_out_of_range_and_malformed_requests_are_refused_and_serving_goes_on(
+    server: Server, image: Path
+) -> None:
+    server.start()
+
+    async def probe() -> list[int]:
+        client = await NbdClient.connect("127.0.0.1", server.port, "base")
+        results = [
+            (await client.request(Cmd.READ, 16 * MiB - 10, 20))[0],
+            (await client.request(Cmd.READ, 1 << 40, 4096))[0],
+            (await client.request(Cmd.WRITE, 0, data=b"no"))[0],
+            (await client.request(77, 0, 0))[0],
+            (await client.request(Cmd.READ, 0, 64 * MiB))[0],
+        ]
+        error, data = await client.request(Cmd.READ, 0, 4096)
+        results.append(error if error else len(data))
+        await client.close()
+        # a client that breaks framing is hung up on; the server stays up
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"garbage" * 100)
+        await writer.drain()
+        writer.close()
+        return results
+
+    assert asyncio.run(probe()) == [
+        Errno.EINVAL,
+        Errno.EINVAL,
+        Errno.EPERM,
+        Errno.EINVAL,
+        Errno.EOVERFLOW,
+        4096,
+    ]
+    subprocess.run(["nbdinfo", server.url("base")], check=True, capture_output=True)
+    logged = [json.loads(line) for line in server.log_lines() if line.startswith("{")]
+    assert any(e["event"] == "request-error" and e["error"] == "EINVAL" for e in logged)
+    assert any(e["event"] == "disconnect" and e["export"] == "base" for e in logged)
+
+
+def test_stateful_write_survives_kill_9_and_restart(server: Server, image: Path) -> None:
+    server.start()
+    ok(qemu_io(server.url("machine/m1"), "write -P 0x5a 0 12288", "flush"))
+    ok(qemu_io(server.url("machine/m2"), "write -P 0x5a 0 12288", "flush"))
+    server.stop(signal.SIGKILL)
+    server.start()
+    ok(qemu_io(server.url("machine/m1"), "read -P 0x5a 0 12288", read_only=True))
+    # a stateless machine starts from its image version again
+    assert qemu_io(server.url("machine/m2"), "read -P 0x5a 0 12288", read_only=True).stdout.count(
+        "Pattern verification failed"
+    )
+
+
+def test_machine_reset_discards_a_stateless_delta(server: Server, cli: Cli, image: Path) -> None:
+    server.start()
+    ok(qemu_io(server.url("machine/m2"), "write -P 0x77 4096 4096"))
+    assert cli.json("machine", "show", "m2")["delta_bytes"] == 4096
+    cli("machine", "reset", "m2")
+    assert cli.json("machine", "show", "m2")["delta_bytes"] == 0
+    out = ok(qemu_io(server.url("machine/m2"), "read -v 4096 16", read_only=True))
+    assert "77 77 77" not in out
+
+
+def test_32_concurrent_clients_read_the_same_image(
+    server: Server, image: Path, tmp_path: Path
+) -> None:
+    server.start()
+    expected = hashlib.sha256(image.read_bytes()).hexdigest()
+
+    def copy(i: int) -> str:
+        out = tmp_path / f"c{i}.raw"
+        subprocess.run(
+            ["nbdcopy", server.url("base@1" if i % 2 else "machine/m1"), str(out)],
+            check=True,
+            capture_output=True,
+        )
+        digest = hashlib.sha256(out.read_bytes()).hexdigest()
+        out.unlink()
+        return digest
+
+    with ThreadPoolExecutor(32) as pool:
+        digests = list(pool.map(copy, range(32)))
+    assert digests == [expected] * 32
+
+
+def test_fio_verifies_random_writes_through_the_nbd_engine(server: Server, image: Path) -> None:
+    server.start()
+    proc = subprocess.run(
+        [
+            "fio",
+            "--name=verify",
+            "--ioengine=nbd",
+            f"--uri={server.url('machine/m1')}",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=8M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--output-format=json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout[proc.stdout.index("{") :])
+    job = report["jobs"][0]
+    assert (
+        job["error"] == 0
+        and job["write"]["io_bytes"] == 8 * MiB
+        and job["read"]["io_bytes"] == 8 * MiB
+    )
+
+
+def test_delta_commit_makes_a_new_version(
+    server: Server, cli: Cli, image: Path, tmp_path: Path
+) -> None:
+    server.start()
+    ok(qemu_io(server.url("machine/m1"), "write -P 0x42 3000000 100000", "flush"))
+    view = tmp_path / "view.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", server.url("machine/m1"), str(view)], check=True
+    )
+    server.stop()
+    result = cli.json("delta", "commit", "m1", "--repin")
+    assert result["ref"] == "base@2" and result["changed_chunks"] == 1
+    assert cli.json("machine", "show", "m1")["image"] == "base@2"
+    out = tmp_path / "v2.raw"
+    cli("image", "export", "base@2", str(out))
+    assert out.read_bytes() == view.read_bytes()
+    server.start()
+    copy = tmp_path / "after.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", server.url("machine/m1"), str(copy)], check=True
+    )
+    assert copy.read_bytes() == view.read_bytes()
