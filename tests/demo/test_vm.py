@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from lamina.demo.vm import boot
+from lamina.demo.vm import BootReport, boot, boot_async
+from lamina.errors import ToolError
 from lamina.identity import Identity, new_identity, seed_image, update_identity
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
@@ -54,14 +55,43 @@ def test_two_machines_at_once_each_report_their_own_identity(
 ) -> None:
     identities = [new_identity("desk-001"), new_identity("desk-002")]
     jobs = [(disk_copy(i.name), write_seed(i, tmp_path)) for i in identities]
+
+    async def both() -> list[BootReport]:
+        return list(await asyncio.gather(*(boot_async(disk, seed) for disk, seed in jobs)))
+
     started = time.monotonic()
-    with ThreadPoolExecutor(2) as pool:
-        reports = list(pool.map(lambda job: boot(*job), jobs))
+    reports = asyncio.run(both())
     elapsed = time.monotonic() - started
     assert [(r.hostname, r.machine_id, r.marker) for r in reports] == [
         (i.hostname, i.machine_id, False) for i in identities
     ]
     print(f"two VMs at once: {elapsed:.1f} s ({', '.join(f'{r.seconds:.1f}' for r in reports)})")
+
+
+def qemu_processes(disk: Path) -> list[int]:
+    """Live qemu processes using ``disk``, from /proc."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args[0].endswith(b"qemu-system-x86_64") and any(str(disk).encode() in a for a in args):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def test_a_vm_that_overruns_its_timeout_is_killed(
+    disk_copy: Callable[[str], Path], tmp_path: Path
+) -> None:
+    identity = new_identity("desk-001")
+    disk, seed = disk_copy("slow"), write_seed(identity, tmp_path)
+    with pytest.raises(ToolError, match="did not power off within"):
+        boot(disk, seed, timeout=0.5)
+    assert qemu_processes(disk) == []
+    with pytest.raises(ToolError, match="did not power off within"):
+        asyncio.run(boot_async(disk, seed, timeout=0.5))
+    assert qemu_processes(disk) == []
 
 
 def test_boots_from_nbd_exports(

@@ -74,6 +74,8 @@ def test_given_values_are_checked_and_normalized() -> None:
         ({"network": {"addresses": ["10.0.0.5"]}}, "prefix length"),
         ({"network": {"addresses": ["10.0.0.300/24"]}}, "bad address"),
         ({"network": {"match": {"name": "eth0"}}}, "matched by the MAC"),
+        ({"network": {"version": 2, "ethernets": {}}}, "not a whole network-config"),
+        ({"network": {"routes": [{"to": "default"}]}}, "bad route"),
         ({"extra_config": {"hostname": "other"}}, "cannot set hostname"),
         ({"extra_config": {"write_files": [{"path": "/etc/machine-id"}]}}, "/etc/machine-id"),
     ],

@@ -19,11 +19,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lamina.demo import tools
 from lamina.demo.initramfs import MODULES, ROOT_LABEL, build_initramfs
 from lamina.demo.kmod import load_order
 from lamina.errors import ToolError
+
+if TYPE_CHECKING:
+    from lamina.home import Home
 
 # Bump when what goes into the image changes: older cached images are then rebuilt.
 RECIPE = 1
@@ -211,8 +215,6 @@ def demo_image(cache_dir: Path, *, rebuild: bool = False, log: Log | None = None
         return built
 
 
-def home_demo_image(home_root: Path, *, rebuild: bool = False, log: Log | None = None) -> DemoImage:
+def home_demo_image(home: Home, *, rebuild: bool = False, log: Log | None = None) -> DemoImage:
     """The demo image cached in a lamina home (``HOME/cache/demo``)."""
-    from lamina.home import Home
-
-    return demo_image(Home(home_root).cache_dir / "demo", rebuild=rebuild, log=log)
+    return demo_image(home.cache_dir / "demo", rebuild=rebuild, log=log)

@@ -117,6 +117,11 @@ def check_network(network: Mapping[str, Any]) -> dict[str, Any]:
         raise UsageError("bad network settings: expected a mapping like {'addresses': [...]}")
     if "match" in network or "set-name" in network:
         raise UsageError("network settings cannot choose the NIC: it is matched by the MAC")
+    if {"version", "ethernets", "bonds", "bridges", "vlans"} & set(network):
+        raise UsageError(
+            "give the NIC's settings (dhcp4, addresses, routes, nameservers), "
+            "not a whole network-config"
+        )
     settings = dict(network)
     if "addresses" in settings:
         settings["addresses"] = _check_addresses(settings["addresses"], "address", interface=True)
