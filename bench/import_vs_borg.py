@@ -57,13 +57,20 @@ def main() -> None:
             pass
     for _ in range(ROUNDS):
         times["lamina"].append(
-            timed(fresh_lamina, lambda: run(LAMINA, "image", "import", "mixed", str(image), env=env))
+            timed(
+                fresh_lamina, lambda: run(LAMINA, "image", "import", "mixed", str(image), env=env)
+            )
         )
         times["borg"].append(
             timed(
                 fresh_borg,
                 lambda: run(
-                    "borg", "create", "--chunker-params", "fixed,4194304", f"{repo}::a", str(image),
+                    "borg",
+                    "create",
+                    "--chunker-params",
+                    "fixed,4194304",
+                    f"{repo}::a",
+                    str(image),
                     env=env,
                 ),
             )
@@ -71,7 +78,9 @@ def main() -> None:
         times["casync"].append(
             timed(
                 fresh_casync,
-                lambda: run("casync", "make", f"--store={castore}", str(work / "image.caibx"), str(image)),
+                lambda: run(
+                    "casync", "make", f"--store={castore}", str(work / "image.caibx"), str(image)
+                ),
             )
         )
     t = {k: median(v) for k, v in times.items()}
@@ -82,7 +91,9 @@ def main() -> None:
     }
     for tool in times:
         runs = " ".join(f"{x:.2f}" for x in times[tool])
-        print(f"{tool:7s} median {t[tool]:.2f} s (runs {runs}), stored {stored[tool] / MiB:.1f} MiB")
+        print(
+            f"{tool:7s} median {t[tool]:.2f} s (runs {runs}), stored {stored[tool] / MiB:.1f} MiB"
+        )
     print(
         f"ratio time borg/lamina={t['borg'] / t['lamina']:.2f} casync/lamina={t['casync'] / t['lamina']:.2f} "
         f"stored/unique lamina={stored['lamina'] / unique:.3f} borg={stored['borg'] / unique:.3f} "
