@@ -89,8 +89,8 @@ def main() -> None:
         "borg": du(repo / "data"),
         "casync": du(castore),
     }
-    for tool in times:
-        runs = " ".join(f"{x:.2f}" for x in times[tool])
+    for tool, values in times.items():
+        runs = " ".join(f"{x:.2f}" for x in values)
         print(
             f"{tool:7s} median {t[tool]:.2f} s (runs {runs}), stored {stored[tool] / MiB:.1f} MiB"
         )

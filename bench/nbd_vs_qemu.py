@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 from common import LAMINA, MiB, need, run, scratch
 
