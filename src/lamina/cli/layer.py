@@ -2,8 +2,282 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from lamina.cli.common import (
+    HomeOpt,
+    JsonOpt,
+    emit_json,
+    err,
+    human,
+    open_home,
+    out,
+    progress,
+    table,
+)
+from lamina.names import parse_ref
 
 app = typer.Typer(
     help="File-tree layers: base OS, applications, writable layers.", no_args_is_help=True
 )
+
+AllowDevices = Annotated[
+    bool, typer.Option("--allow-devices", help="Accept device nodes from the source.")
+]
+AllowSetuid = Annotated[
+    bool, typer.Option("--allow-setuid", help="Accept setuid/setgid files from the source.")
+]
+
+
+@app.command("import")
+def import_(
+    name: Annotated[str, typer.Argument(help="Layer name; each import adds NAME@N+1.")],
+    src: Annotated[
+        Path, typer.Argument(help="Directory, tar (.gz/.zst/...), OCI layout or docker archive.")
+    ],
+    allow_devices: AllowDevices = False,
+    allow_setuid: AllowSetuid = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a file tree as a new layer version; prints NAME@VERSION."""
+    from lamina.layer.importer import import_layer
+
+    started = time.monotonic()
+    h = open_home(home)
+    h.warm_database()
+    with progress(f"import {src.name}", None, enabled=not as_json) as advance:
+        ref, imported = import_layer(
+            h,
+            name,
+            src,
+            allow_devices=allow_devices,
+            allow_setuid=allow_setuid,
+            progress=advance,
+        )
+    if as_json:
+        emit_json(
+            {
+                "ref": ref,
+                "name": name,
+                "version": int(ref.rpartition("@")[2]),
+                "files": imported.files,
+                "size": imported.size,
+                "new_chunks": imported.new_chunks,
+                "stored_bytes": imported.stored_bytes,
+                "manifest": imported.manifest_id.hex(),
+                "seconds": round(time.monotonic() - started, 3),
+            }
+        )
+    else:
+        out.print(ref)
+
+
+@app.command("capture", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def capture(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Layer to add the captured version to.")],
+    on: Annotated[list[str], typer.Option("--on", help="Layer to run on (repeat; first wins).")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run `-- COMMAND...` chrooted on the layers; keep only what it changed."""
+    from lamina.layer.capture import capture as run_capture
+
+    h = open_home(home)
+    result = run_capture(h, name, on, list(ctx.args))
+    if as_json:
+        emit_json(
+            {
+                "ref": result.ref,
+                "bases": result.bases,
+                "files": result.imported.files,
+                "size": result.imported.size,
+                "stored_bytes": result.imported.stored_bytes,
+                "prepared": result.prepared,
+            }
+        )
+    else:
+        out.print(result.ref)
+
+
+@app.command("list")
+def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Layers with their latest version."""
+    h = open_home(home)
+    from lamina.manager.services import layers as svc
+
+    with h.session() as session:
+        rows: list[dict[str, Any]] = [
+            {
+                "name": layer.name,
+                "kind": layer.kind,
+                "versions": len(layer.versions),
+                "latest": layer.versions[-1].version if layer.versions else None,
+                "files": layer.versions[-1].files if layer.versions else 0,
+                "size": layer.versions[-1].size if layer.versions else 0,
+            }
+            for layer in svc.list_layers(session)
+        ]
+    if as_json:
+        emit_json(rows)
+        return
+    table(
+        ["NAME", "KIND", "VERSIONS", "LATEST", "FILES", "SIZE"],
+        [
+            [
+                r["name"],
+                r["kind"],
+                r["versions"],
+                f"{r['name']}@{r['latest']}" if r["latest"] else "-",
+                r["files"],
+                human(r["size"]),
+            ]
+            for r in rows
+        ],
+    )
+
+
+@app.command("log")
+def log(
+    name: Annotated[str, typer.Argument(help="Layer name.")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Versions of a layer: files, size, bytes added, what each was made on."""
+    h = open_home(home)
+    from lamina.manager.services import layers as svc
+
+    with h.session() as session:
+        rows: list[dict[str, Any]] = [
+            {
+                "ref": v.ref,
+                "version": v.version,
+                "files": v.files,
+                "size": v.size,
+                "stored_bytes": v.stored_bytes,
+                "bases": [b.base_ref for b in v.bases],
+                "parent": f"{v.layer.name}@{_parent_version(session, v.parent_id)}"
+                if v.parent_id
+                else None,
+                "policy": v.policy,
+                "created": v.created_at.isoformat(timespec="seconds"),
+                "source": v.source,
+                "manifest": v.manifest_id,
+            }
+            for v in svc.list_versions(session, name=name)
+        ]
+    if as_json:
+        emit_json(rows)
+        return
+    table(
+        ["VERSION", "FILES", "SIZE", "ADDED", "BASES", "CREATED", "SOURCE"],
+        [
+            [
+                r["ref"],
+                r["files"],
+                human(r["size"]),
+                human(r["stored_bytes"]),
+                ",".join(r["bases"]) or "-",
+                r["created"],
+                r["source"],
+            ]
+            for r in rows
+        ],
+    )
+
+
+def _parent_version(session: Any, version_id: int) -> int:
+    from lamina.manager.models import LayerVersion
+
+    return int(session.get_one(LayerVersion, version_id).version)
+
+
+@app.command("export")
+def export(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (latest when omitted).")],
+    dest: Annotated[Path, typer.Argument(metavar="DIR", help="New or empty directory.")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a layer version out as files (whiteouts as 0/0 devices, as overlayfs reads)."""
+    h = open_home(home)
+    from lamina.layer.importer import load_tree
+    from lamina.layer.materialize import materialize
+    from lamina.manager.services import layers as svc
+
+    with h.session() as session:
+        version = svc.get_version(session, parse_ref(ref, "layer name"))
+        full, manifest = version.ref, version.manifest_id
+    tree = load_tree(h.store, bytes.fromhex(manifest))
+    dest.mkdir(parents=True, exist_ok=True)
+    with progress(f"export {full}", tree.data_bytes, enabled=not as_json) as advance:
+        materialize(h.store, tree, dest, progress=advance)
+    if as_json:
+        emit_json({"ref": full, "dir": str(dest), "files": len(tree), "size": tree.data_bytes})
+    else:
+        out.print(f"{full} -> {dest}")
+
+
+@app.command("diff")
+def diff(
+    a: Annotated[str, typer.Argument(help="NAME[@VERSION]")],
+    b: Annotated[str, typer.Argument(help="NAME[@VERSION]")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Paths added (A), removed (D) and changed (M) from the first version to the second."""
+    h = open_home(home)
+    from lamina.layer.compose import diff as tree_diff
+    from lamina.layer.importer import load_tree
+    from lamina.manager.services import layers as svc
+
+    with h.session() as session:
+        va = svc.get_version(session, parse_ref(a, "layer name"))
+        vb = svc.get_version(session, parse_ref(b, "layer name"))
+        refs, manifests = (va.ref, vb.ref), (va.manifest_id, vb.manifest_id)
+    ta, tb = (load_tree(h.store, bytes.fromhex(m)) for m in manifests)
+    d = tree_diff(ta, tb)
+    if as_json:
+        emit_json(
+            {
+                "from": refs[0],
+                "to": refs[1],
+                "added": d.added,
+                "removed": d.removed,
+                "changed": d.changed,
+            }
+        )
+        return
+    lines = (
+        [("A", p) for p in d.added] + [("D", p) for p in d.removed] + [("M", p) for p in d.changed]
+    )
+    for mark, path in sorted(lines, key=lambda x: x[1]):
+        out.print(f"{mark} /{path}", markup=False)
+    if not lines:
+        err.print(f"{refs[0]} and {refs[1]} have the same files")
+
+
+@app.command("rm")
+def rm(
+    ref: Annotated[str, typer.Argument(help="NAME (every version) or NAME@VERSION.")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove a layer or one version (chunks are freed by `lamina store gc`)."""
+    h = open_home(home)
+    from lamina.layer import prepare
+    from lamina.manager.services import layers as svc
+
+    with h.session() as session:
+        gone, unused = svc.remove(session, ref=parse_ref(ref, "layer name"))
+    for manifest in unused:
+        prepare.forget(h.root, manifest)
+    if as_json:
+        emit_json({"removed": gone})
+    else:
+        out.print("removed " + ", ".join(gone))

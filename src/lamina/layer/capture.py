@@ -1,0 +1,94 @@
+"""``layer capture``: run an installer on some layers, keep only what it changed.
+
+The packaging machine of App Volumes: the command runs chrooted into an overlay of the
+``--on`` layers (``lamina.layer.sandbox``), its writes go to a fresh upper directory, and
+that upper directory, read the way overlayfs wrote it (deleted paths as whiteouts,
+replaced directories as opaque), becomes the new layer version. The layers it ran on are
+recorded as its bases. A command that fails stores nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lamina.errors import ToolError, UsageError
+from lamina.home import Home
+from lamina.layer import runtime
+from lamina.layer.importer import Imported, import_tree, scan
+from lamina.layer.sources import DirSource
+from lamina.layer.writable import SESSION
+from lamina.names import check_name, parse_ref
+
+
+@dataclass(frozen=True, slots=True)
+class Captured:
+    ref: str
+    imported: Imported
+    bases: list[str]
+    prepared: dict[str, float]
+
+
+def capture(home: Home, name: str, on: Sequence[str], command: Sequence[str]) -> Captured:
+    """Run ``command`` on the ``on`` layers; store its changes as the next version of
+    ``name`` (an app layer)."""
+    from lamina.manager.models import LayerVersion
+    from lamina.manager.services import layers as svc
+
+    check_name(name, "layer name")
+    if not on:
+        raise UsageError("capture needs at least one --on LAYER")
+    if not command:
+        raise UsageError("capture needs a command after --")
+    with home.session() as session:
+        stack = [
+            runtime.version_info(svc.get_version(session, parse_ref(r, "layer name"))) for r in on
+        ]
+    timings: dict[str, float] = {}
+    lowers = [runtime.prepare_version(home, v, timings) for v in stack]
+    work = home.tmp_dir / f"capture-{uuid.uuid4().hex[:12]}"
+    try:
+        for sub in ("upper", "work", "root"):
+            (work / sub).mkdir(parents=True)
+        config = {
+            "lowers": [str(p) for p in lowers],
+            "upper": str(work / "upper"),
+            "work": str(work / "work"),
+            "root": str(work / "root"),
+            "command": list(command),
+        }
+        (work / "config.json").write_text(json.dumps(config))
+        sandbox = [sys.executable, "-m", "lamina.layer.sandbox", str(work / "config.json")]
+        code = subprocess.run(sandbox, check=False).returncode
+        if code != 0:
+            raise ToolError(f"{command[0]} exited with status {code}: nothing was stored")
+        source = DirSource(work / "upper", changes=True)
+        built = scan(source, SESSION, root=False)
+
+        def commit(imported: Imported) -> str:
+            with home.session() as session:
+                bases = [session.get_one(LayerVersion, v.id) for v in stack]
+                return svc.add_version(
+                    session,
+                    name=name,
+                    kind=svc.APP,
+                    new=svc.NewVersion(
+                        imported.manifest_id.hex(),
+                        imported.files,
+                        imported.size,
+                        imported.stored_bytes,
+                        "capture: " + " ".join(command),
+                    ),
+                    bases=bases,
+                ).ref
+
+        ref, imported = import_tree(home.store, source, commit, built=built)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        runtime.release(home)
+    return Captured(ref, imported, [v.ref for v in stack], timings)

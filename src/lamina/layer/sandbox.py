@@ -1,0 +1,81 @@
+"""The capture sandbox: ``python -m lamina.layer.sandbox CONFIG.json``.
+
+Runs a command chrooted into an overlay of the given layers, in its own mount and PID
+namespaces, so the host sees none of its mounts and nothing it starts outlives it (when
+the command, PID 1 of its namespace, exits, the kernel ends the rest; when the last
+process of the mount namespace is gone, the overlay goes with it).
+
+Inside, where the composed tree has the directory: ``/proc`` is a fresh proc, ``/dev`` a
+tmpfs with the host's null, zero, full, random, urandom and tty bound in, and ``/tmp``,
+``/run``, ``/var/tmp`` are tmpfs, so scratch files never end up in the captured layer.
+Network access is the host's: capture needs none, an installer may.
+
+Kept to the standard library and ``lamina.layer.mountapi``: it runs as a fresh process
+between ``unshare`` and ``exec``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from lamina.layer import mountapi
+from lamina.layer.mountapi import Param
+
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+SCRATCH = ("tmp", "run", "var/tmp")
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+OVERLAY = (Param("index", "off"), Param("redirect_dir", "off"), Param("metacopy", "off"))
+
+
+def _inside(root: Path) -> None:
+    """Mount what the command needs under ``root`` (in the new namespaces)."""
+    if (root / "proc").is_dir():
+        mountapi.mount("proc", root / "proc", "proc", mountapi.MS_NOSUID | mountapi.MS_NODEV)
+    dev = root / "dev"
+    if dev.is_dir():
+        mountapi.mount("tmpfs", dev, "tmpfs", mountapi.MS_NOSUID, "mode=0755")
+        for name in DEVICES:
+            if Path("/dev", name).exists():
+                (dev / name).touch()
+                mountapi.mount(f"/dev/{name}", dev / name, None, mountapi.MS_BIND)
+    for scratch in SCRATCH:
+        if (root / scratch).is_dir() and not (root / scratch).is_symlink():
+            mountapi.mount("tmpfs", root / scratch, "tmpfs", mountapi.MS_NOSUID | mountapi.MS_NODEV)
+
+
+def _child(config: dict[str, object]) -> None:
+    root = Path(str(config["root"]))
+    lowers = [str(p) for p in config["lowers"]]  # type: ignore[attr-defined]
+    params = [Param("lowerdir+", p) for p in lowers]
+    params += [Param("upperdir", str(config["upper"])), Param("workdir", str(config["work"]))]
+    fd = mountapi.new_mount("overlay", [*params, *OVERLAY])
+    mountapi.move_mount(fd, root)
+    os.close(fd)
+    _inside(root)
+    os.chroot(root)
+    os.chdir("/")
+    command = [str(c) for c in config["command"]]  # type: ignore[attr-defined]
+    env = {"PATH": PATH, "HOME": "/root", "TERM": os.environ.get("TERM", "dumb"), "LANG": "C"}
+    os.execvpe(command[0], command, env)
+
+
+def main(argv: list[str]) -> int:
+    config = json.loads(Path(argv[1]).read_text())
+    mountapi.unshare(mountapi.CLONE_NEWNS | mountapi.CLONE_NEWPID)
+    mountapi.mount("none", Path("/"), None, mountapi.MS_REC | mountapi.MS_PRIVATE)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _child(config)
+        except OSError as exc:
+            sys.stderr.write(f"lamina: capture: {exc}\n")
+            os._exit(127)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

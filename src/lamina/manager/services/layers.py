@@ -1,0 +1,284 @@
+"""Layers, their versions and bases, and the roots they are mounted on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from lamina.errors import Conflict, NotFound, UsageError
+from lamina.manager.models import (
+    Layer,
+    LayerMount,
+    LayerMountLayer,
+    LayerVersion,
+    LayerVersionBase,
+)
+from lamina.names import Ref, check_name
+
+APP = "app"
+WRITABLE = "writable"
+
+
+@dataclass(frozen=True, slots=True)
+class NewVersion:
+    """What an import, a capture or an umount made, to be recorded as a version."""
+
+    manifest_id: str
+    files: int
+    size: int
+    stored_bytes: int
+    source: str
+
+
+def get_layer(session: Session, name: str) -> Layer:
+    layer = session.scalars(select(Layer).where(Layer.name == name)).one_or_none()
+    if layer is None:
+        raise NotFound(f"no layer named {name!r}")
+    return layer
+
+
+def _layer(session: Session, name: str, kind: str) -> Layer:
+    check_name(name, "layer name")
+    layer = session.scalars(select(Layer).where(Layer.name == name)).one_or_none()
+    if layer is None:
+        layer = Layer(name=name, kind=kind)
+        session.add(layer)
+        session.flush()
+    elif layer.kind != kind:
+        raise UsageError(f"{name!r} is an {layer.kind} layer, not an {kind} layer")
+    return layer
+
+
+def ensure_writable(session: Session, name: str) -> Layer:
+    """The writable layer ``name``, created (with no versions) on first use."""
+    return _layer(session, name, WRITABLE)
+
+
+def add_version(
+    session: Session,
+    *,
+    name: str,
+    kind: str,
+    new: NewVersion,
+    bases: Sequence[LayerVersion] = (),
+    parent: LayerVersion | None = None,
+    policy: str | None = None,
+) -> LayerVersion:
+    """Record NAME@N+1 (the unique (layer, version) pair settles concurrent imports)."""
+    base_refs = [(b.id, b.ref) for b in bases]  # read before a pending version autoflushes
+    for _attempt in range(20):
+        try:
+            with session.begin_nested():
+                layer = _layer(session, name, kind)
+                latest = session.scalar(
+                    select(func.max(LayerVersion.version)).where(LayerVersion.layer_id == layer.id)
+                )
+                version = LayerVersion(
+                    layer=layer,
+                    version=(latest or 0) + 1,
+                    manifest_id=new.manifest_id,
+                    files=new.files,
+                    size=new.size,
+                    stored_bytes=new.stored_bytes,
+                    source=new.source[:1000],
+                    policy=policy,
+                    parent_id=parent.id if parent is not None else None,
+                )
+                version.bases = [
+                    LayerVersionBase(position=i, base_id=base_id, base_ref=base_ref)
+                    for i, (base_id, base_ref) in enumerate(base_refs)
+                ]
+                session.add(version)
+                session.flush()
+            return version
+        except IntegrityError:
+            session.expire_all()
+    raise Conflict(f"could not allocate a version number for {name!r}")
+
+
+def get_version(session: Session, ref: Ref) -> LayerVersion:
+    """``NAME@V``, or the latest version of ``NAME``."""
+    layer = get_layer(session, ref.name)
+    query = select(LayerVersion).where(LayerVersion.layer_id == layer.id)
+    if ref.version is None:
+        query = query.order_by(LayerVersion.version.desc()).limit(1)
+    else:
+        query = query.where(LayerVersion.version == ref.version)
+    found = session.scalars(query).first()
+    if found is None:
+        raise NotFound(
+            f"no layer version {ref}" if ref.version else f"layer {ref.name!r} has no versions"
+        )
+    return found
+
+
+def latest_version(session: Session, layer: Layer) -> LayerVersion | None:
+    return session.scalars(
+        select(LayerVersion)
+        .where(LayerVersion.layer_id == layer.id)
+        .order_by(LayerVersion.version.desc())
+        .limit(1)
+    ).first()
+
+
+def list_layers(session: Session) -> list[Layer]:
+    return list(
+        session.scalars(select(Layer).options(selectinload(Layer.versions)).order_by(Layer.name))
+    )
+
+
+def list_versions(session: Session, *, name: str) -> list[LayerVersion]:
+    return list(get_layer(session, name).versions)
+
+
+def list_all_versions(session: Session) -> list[LayerVersion]:
+    return list(session.scalars(select(LayerVersion)))
+
+
+def based_on(session: Session, *, version: LayerVersion) -> list[LayerVersion]:
+    """Versions made on ``version`` (what a bulk rebase from it would visit)."""
+    return list(
+        session.scalars(
+            select(LayerVersion)
+            .join(LayerVersionBase, LayerVersionBase.version_id == LayerVersion.id)
+            .where(LayerVersionBase.base_id == version.id)
+            .order_by(LayerVersion.id)
+        )
+    )
+
+
+def _in_use(session: Session, versions: Sequence[LayerVersion]) -> str | None:
+    ids = [v.id for v in versions]
+    mount = session.scalars(
+        select(LayerMount)
+        .outerjoin(LayerMountLayer)
+        .where(
+            LayerMountLayer.version_id.in_(ids)
+            | LayerMount.writable_version_id.in_(ids)
+            | LayerMount.writable_layer_id.in_({v.layer_id for v in versions})
+        )
+        .limit(1)
+    ).first()
+    return f"mounted on {mount.host}:{mount.root}" if mount is not None else None
+
+
+def remove(session: Session, *, ref: Ref) -> tuple[list[str], list[str]]:
+    """Delete one version or a whole layer: (refs removed, manifests no longer used).
+
+    Refused while a version is mounted, or while a writable layer's version was made on
+    it (a rebase of that writable layer needs its base)."""
+    layer = get_layer(session, ref.name)
+    versions = list(layer.versions) if ref.version is None else [get_version(session, ref)]
+    why = _in_use(session, versions)
+    if why is not None:
+        raise Conflict(f"{ref} is {why}")
+    doomed = {v.id for v in versions}
+    for v in versions:
+        for dependent in based_on(session, version=v):
+            if dependent.id not in doomed and dependent.layer.kind == WRITABLE:
+                raise Conflict(
+                    f"{v.ref} is the base of writable layer version {dependent.ref} "
+                    f"(remove or rebase that first)"
+                )
+    gone = [v.ref for v in versions]
+    manifests = {v.manifest_id for v in versions}
+    if ref.version is None:
+        session.delete(layer)
+    else:
+        session.delete(versions[0])
+    session.flush()
+    still = set(
+        session.scalars(
+            select(LayerVersion.manifest_id).where(LayerVersion.manifest_id.in_(manifests))
+        )
+    )
+    left = session.scalar(
+        select(func.count()).select_from(LayerVersion).where(LayerVersion.layer_id == layer.id)
+    )
+    if ref.version is not None and not left and layer.kind != WRITABLE:
+        session.delete(layer)
+    return gone, sorted(manifests - still)
+
+
+def manifest_ids(session: Session) -> list[str]:
+    return list(session.scalars(select(LayerVersion.manifest_id).distinct()))
+
+
+# -- mounts -----------------------------------------------------------------------------------
+
+
+def find_mount(session: Session, *, host: str, root: str) -> LayerMount | None:
+    return session.scalars(
+        select(LayerMount).where(LayerMount.host == host, LayerMount.root == root)
+    ).one_or_none()
+
+
+def get_mount(session: Session, *, host: str, root: str) -> LayerMount:
+    mount = find_mount(session, host=host, root=root)
+    if mount is None:
+        raise NotFound(f"{root} is not mounted by lamina")
+    return mount
+
+
+def writable_mount(session: Session, *, layer: Layer) -> LayerMount | None:
+    return session.scalars(
+        select(LayerMount).where(LayerMount.writable_layer_id == layer.id)
+    ).one_or_none()
+
+
+def add_mount(
+    session: Session,
+    *,
+    host: str,
+    root: str,
+    layers: Sequence[LayerVersion],
+    writable: Layer | None,
+    writable_version: LayerVersion | None,
+    policy: str,
+) -> LayerMount:
+    """Claim ``root`` (and the writable layer: one root at a time)."""
+    mount = LayerMount(
+        host=host,
+        root=root,
+        writable_layer_id=writable.id if writable is not None else None,
+        writable_version_id=writable_version.id if writable_version is not None else None,
+        policy=policy,
+        generation=1,
+    )
+    mount.layers = [LayerMountLayer(position=i, version_id=v.id) for i, v in enumerate(layers)]
+    try:
+        with session.begin_nested():
+            session.add(mount)
+            session.flush()
+    except IntegrityError:
+        holder = writable_mount(session, layer=writable) if writable is not None else None
+        if holder is not None and writable is not None:
+            raise Conflict(
+                f"writable layer {writable.name!r} is mounted on {holder.host}:{holder.root}"
+            ) from None
+        raise Conflict(f"{root} is already mounted") from None
+    return mount
+
+
+def set_mount_layers(
+    session: Session, *, mount: LayerMount, layers: Sequence[LayerVersion]
+) -> None:
+    """Replace a mount's read-only layers (attach/detach) and bump its generation."""
+    mount.layers.clear()
+    session.flush()
+    mount.layers = [LayerMountLayer(position=i, version_id=v.id) for i, v in enumerate(layers)]
+    mount.generation += 1
+    session.flush()
+
+
+def mounts_on(session: Session, *, host: str) -> list[LayerMount]:
+    return list(session.scalars(select(LayerMount).where(LayerMount.host == host)))
+
+
+def delete_mount(session: Session, *, mount: LayerMount) -> None:
+    session.delete(mount)
+    session.flush()
