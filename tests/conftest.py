@@ -9,11 +9,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from lamina.home import Home
+
+if TYPE_CHECKING:
+    from tests.servers import Server
 
 LAMINA = str(Path(sys.executable).with_name("lamina"))
 
@@ -75,3 +78,13 @@ def write_sparse(path: Path, size: int, extents: list[tuple[int, bytes]]) -> Pat
             f.seek(offset)
             f.write(data)
     return path
+
+
+@pytest.fixture
+def server(cli: Cli, tmp_path: Path) -> Iterator[Server]:
+    """A `lamina serve` on free loopback ports, over the test's home (started by the test)."""
+    from tests.servers import Server
+
+    srv = Server(cli.home, tmp_path / "serve.log")
+    yield srv
+    srv.stop()

@@ -16,7 +16,7 @@ import pytest
 from lamina.nbd import Cmd, Errno
 from lamina.nbd.aio import NbdClient
 from tests.conftest import Cli, write_sparse
-from tests.serve.conftest import Server
+from tests.servers import Server
 
 MiB = 1 << 20
 

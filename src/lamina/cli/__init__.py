@@ -8,7 +8,7 @@ import sys
 import typer
 
 from lamina._tuning import tune_process
-from lamina.cli import image, layer, machine, mount, serve, store
+from lamina.cli import admin, image, layer, machine, mount, serve, store
 from lamina.errors import LaminaError
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app.add_typer(store.app, name="store")
 app.add_typer(layer.app, name="layer")
 app.add_typer(machine.app, name="machine")
 app.add_typer(machine.delta_app, name="delta")
+app.add_typer(admin.app, name="admin")
 mount.register(app)
 serve.register(app)
 

@@ -1,4 +1,4 @@
-"""A real `lamina serve` process per test, on free loopback ports."""
+"""A real `lamina serve` process, on free loopback ports."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import LAMINA, Cli
+from tests.conftest import LAMINA
 
 
 def free_port() -> int:
@@ -62,6 +59,7 @@ class Server:
                 stderr=log,
             )
         wait_port(self.port, self.proc)
+        wait_port(self.http_port, self.proc)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -71,10 +69,3 @@ class Server:
 
     def log_lines(self) -> list[str]:
         return self.log.read_text().splitlines()
-
-
-@pytest.fixture
-def server(cli: Cli, tmp_path: Path) -> Iterator[Server]:
-    srv = Server(cli.home, tmp_path / "serve.log")
-    yield srv
-    srv.stop()

@@ -1,0 +1,132 @@
+"""Image data over HTTP: manifests and chunks, immutable and cacheable.
+
+    GET /api/v1/images/{name}/versions/{version}/manifest   the serialized manifest
+    GET /api/v1/chunks/{id}                                  a chunk's stored envelope
+
+Chunks travel as stored (compressed envelope, see ``lamina.store.codec``): the receiver
+checks the BLAKE3 id of the plaintext, so a corrupt transfer is never used. Both carry a
+strong ETag and ``Cache-Control: immutable`` so any HTTP cache can front several managers.
+A machine token may read what its pinned image version references; the admin anything.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Response, status
+
+from lamina.errors import NotFound
+from lamina.home import Home
+from lamina.image import Manifest
+from lamina.manager.deps import CallerDep, HomeDep, SessionDep
+from lamina.manager.services import images
+from lamina.names import Ref, check_name
+
+router = APIRouter(prefix="/api/v1", tags=["data"])
+IMMUTABLE = "public, max-age=31536000, immutable"
+CHUNK_TYPE = "application/vnd.lamina.chunk"
+MANIFEST_TYPE = "application/vnd.lamina.manifest"
+
+
+class _Referenced:
+    """Chunk ids referenced by recently used manifests, for access checks (bounded)."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self._sets: OrderedDict[bytes, frozenset[bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.capacity = capacity
+
+    def get(self, home: Home, manifest_id: bytes) -> frozenset[bytes]:
+        with self._lock:
+            found = self._sets.get(manifest_id)
+            if found is not None:
+                self._sets.move_to_end(manifest_id)
+                return found
+        refs = frozenset(
+            Manifest.from_bytes(home.store.get(manifest_id)).referenced() | {manifest_id}
+        )
+        with self._lock:
+            self._sets[manifest_id] = refs
+            while len(self._sets) > self.capacity:
+                self._sets.popitem(last=False)
+        return refs
+
+
+REFERENCED = _Referenced()
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    return if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}
+
+
+@router.get(
+    "/images/{name}/versions/{version}/manifest",
+    response_class=Response,
+    responses={200: {"content": {MANIFEST_TYPE: {}}}, 304: {}, 401: {}, 403: {}, 404: {}},
+)
+def get_manifest(
+    name: str,
+    version: int,
+    caller: CallerDep,
+    session: SessionDep,
+    home: HomeDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    try:
+        found = images.get_version(session, Ref(check_name(name, "image name"), version))
+    except (NotFound, ValueError) as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except Exception as exc:  # UsageError from a malformed name
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    if not caller.admin and (
+        caller.machine is None or caller.machine.image_version.image_id != found.image_id
+    ):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this machine is not pinned to that image")
+    etag = f'"{found.manifest_id}"'
+    headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
+    if _etag_matches(if_none_match, etag):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    body = home.store.get(bytes.fromhex(found.manifest_id))
+    return Response(body, media_type=MANIFEST_TYPE, headers=headers)
+
+
+@router.get(
+    "/chunks/{chunk_id}",
+    response_class=Response,
+    responses={200: {"content": {CHUNK_TYPE: {}}}, 304: {}, 401: {}, 403: {}, 404: {}},
+)
+def get_chunk(
+    chunk_id: str,
+    caller: CallerDep,
+    home: HomeDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    try:
+        cid = bytes.fromhex(chunk_id)
+    except ValueError:
+        cid = b""
+    if len(cid) != 32:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "chunk ids are 64 hex digits")
+    if not caller.admin:
+        machine = caller.machine
+        assert machine is not None
+        allowed = REFERENCED.get(home, bytes.fromhex(machine.image_version.manifest_id))
+        if cid not in allowed and not _layer_allows(machine, cid):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "chunk not referenced by this machine")
+    etag = f'"{chunk_id.lower()}"'
+    headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
+    if _etag_matches(if_none_match, etag):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    try:
+        body = home.store.get_envelope(cid)
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such chunk") from None
+    return Response(body, media_type=CHUNK_TYPE, headers=headers)
+
+
+def _layer_allows(machine: object, cid: bytes) -> bool:
+    """Whether one of the layers entitled to this machine (or its users) references
+    ``cid``; layers are delivered to agents through this same endpoint."""
+    return False
