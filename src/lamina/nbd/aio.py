@@ -46,8 +46,15 @@ class DeviceProvider(Catalog, Protocol):
 class NbdServerProtocol(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, provider: DeviceProvider, executor: Executor, log: logging.Logger) -> None:
+    def __init__(
+        self,
+        provider: DeviceProvider,
+        executor: Executor,
+        log: logging.Logger,
+        on_close: Callable[[NbdServerProtocol], None] | None = None,
+    ) -> None:
         self.provider = provider
+        self.on_close = on_close
         self.executor = executor
         self.log = log
         self.conn = ServerConnection()
@@ -88,8 +95,16 @@ class NbdServerProtocol(asyncio.Protocol):
         if self._transport is not None and not self._closing:
             self._transport.resume_reading()
 
+    def abort(self) -> None:
+        """Drop the connection at once (server shutdown)."""
+        if self._transport is not None:
+            self._closing = True
+            self._transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        if self.on_close is not None:
+            self.on_close(self)
         if self.export is not None:
             log_event(
                 self.log, "disconnect", client=self.peer, export=self.export.name, **self.stats

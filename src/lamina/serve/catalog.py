@@ -145,6 +145,8 @@ class ExportCatalog:
 
     def release(self, name: str) -> None:
         with self._lock:
+            if name not in self._open:  # already closed by close_all at shutdown
+                return
             device, refs = self._open[name]
             if refs > 1:
                 self._open[name] = (device, refs - 1)
@@ -155,3 +157,11 @@ class ExportCatalog:
     def open_devices(self) -> list[BlockDevice]:
         with self._lock:
             return [d for d, _ in self._open.values()]
+
+    def close_all(self) -> None:
+        """Close every open device (after their connections are gone)."""
+        with self._lock:
+            devices = [d for d, _ in self._open.values()]
+            self._open.clear()
+        for device in devices:
+            device.close()

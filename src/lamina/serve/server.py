@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ class ServeOptions:
     http: tuple[str, int] | None
     cache_bytes: int = 512 << 20
     workers: int = 8
+    log_level: str = "info"
 
 
 def reset_stateless(home: Home) -> list[str]:
@@ -56,19 +57,32 @@ def reset_stateless(home: Home) -> list[str]:
     return names
 
 
-async def serve(home: Home, options: ServeOptions, ready: Any = None) -> None:
-    log = logs.setup()
+async def serve(
+    home: Home,
+    options: ServeOptions,
+    *,
+    ready: Callable[[], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM or until ``stop`` is set; then close every connection,
+    flush and close every delta, so the home can be served again at once."""
+    log = logs.setup(options.log_level)
     reset = reset_stateless(home)
     cache = ChunkCache(options.cache_bytes)
     catalog = ExportCatalog(home, cache)
     executor = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="io")
     loop = asyncio.get_running_loop()
-    nbd = await loop.create_server(
-        lambda: NbdServerProtocol(catalog, executor, log), *options.nbd, reuse_address=True
-    )
+    connections: set[NbdServerProtocol] = set()
+
+    def connection() -> NbdServerProtocol:
+        proto = NbdServerProtocol(catalog, executor, log, on_close=connections.discard)
+        connections.add(proto)
+        return proto
+
+    nbd = await loop.create_server(connection, *options.nbd, reuse_address=True)
     http = _http_server(home, options.http) if options.http is not None else None
     http_task = asyncio.create_task(http.serve()) if http is not None else None
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -85,13 +99,21 @@ async def serve(home: Home, options: ServeOptions, ready: Any = None) -> None:
         await stop.wait()
     finally:
         nbd.close()
-        for device in catalog.open_devices():
-            device.flush()
+        for proto in list(connections):
+            proto.abort()
+        for _ in range(100):  # connection_lost callbacks run on the next loop turns
+            if not connections:
+                break
+            await asyncio.sleep(0.01)
         if http is not None and http_task is not None:
             http.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):
                 await http_task
         executor.shutdown(wait=True)
+        catalog.close_all()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
         logs.event(log, "stopped")
 
 
