@@ -45,37 +45,38 @@ def _port(preferred: int) -> int:
         return int(s.getsockname()[1])
 
 
-def prepare(home: Home, say: Say) -> str:
-    """Demo image imported, demo machines (re)created; returns the image version."""
+def _image_ref(home: Home, say: Say) -> str:
+    """The demo image's latest version, importing the demo disk on first use."""
+    from lamina.image import Imported
     from lamina.image.importer import import_and_commit
-    from lamina.manager.services import images, machines
-    from lamina.serve.delta import discard
+    from lamina.manager.services import images
 
     built = home_demo_image(home, log=say)
-    say(
-        f"demo disk {built.path} ({built.size >> 20} MiB, {'cached' if built.cached else f'built in {built.build_seconds:.1f} s'})"
-    )
+    state = "cached" if built.cached else f"built in {built.build_seconds:.1f} s"
+    say(f"demo disk {built.path} ({built.size >> 20} MiB, {state})")
     with home.session() as session:
-        existing = {i.name: i for i in images.list_images(session)}
-        ref = (
-            existing[IMAGE].versions[-1].ref
-            if IMAGE in existing and existing[IMAGE].versions
-            else None
-        )
-    if ref is None:
+        versions = {i.name: i.versions for i in images.list_images(session)}.get(IMAGE)
+        if versions:
+            say(f"reusing {versions[-1].ref}")
+            return versions[-1].ref
 
-        def commit(imported: Any) -> str:
-            with home.session() as session:
-                return str(
-                    images.add_version(
-                        session, name=IMAGE, imported=imported, source=str(built.path)
-                    ).ref
-                )
+    def commit(imported: Imported) -> str:
+        with home.session() as session:
+            return images.add_version(
+                session, name=IMAGE, imported=imported, source=str(built.path)
+            ).ref
 
-        ref, _ = import_and_commit(home.store, built.path, commit, fmt="raw")
-        say(f"imported {ref}")
-    else:
-        say(f"reusing {ref}")
+    ref, _ = import_and_commit(home.store, built.path, commit, fmt="raw")
+    say(f"imported {ref}")
+    return ref
+
+
+def prepare(home: Home, say: Say) -> str:
+    """Demo image imported, demo machines (re)created; returns the image version."""
+    from lamina.manager.services import machines
+    from lamina.serve.delta import discard
+
+    ref = _image_ref(home, say)
     with home.session() as session:
         present = {m.name for m in machines.list_all(session)}
         for name, mode in MACHINES:
