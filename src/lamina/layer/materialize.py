@@ -1,7 +1,7 @@
 """Write a tree out as real files (``layer export``, and the input of ``mkfs.erofs``).
 
 Everything a layer keeps is restored: kinds, modes (setuid included: chmod comes after
-chown, which clears it), owners, xattrs, mtimes (directories last, once their children are
+chown, which clears it), owners, xattrs (after chown too: it clears file capabilities), mtimes (directories last, once their children are
 written), hard links, and holes for zero chunks. Whiteouts become 0/0 character devices
 and opaque directories get ``trusted.overlay.opaque=y``: the exported tree is exactly what
 overlayfs reads as a layer.
@@ -93,16 +93,16 @@ def _write_chunks(store: ChunkStore, fd: int, e: Entry) -> None:
 
 
 def _metadata(full: bytes, e: Entry) -> None:
-    link = e.kind is Kind.SYMLINK
-    for name, value in e.xattrs:
-        os.setxattr(full, name, value, follow_symlinks=False)
-    if e.opaque:
-        os.setxattr(full, OPAQUE_XATTR, b"y", follow_symlinks=False)
+    """Owner, then mode, then xattrs: chown clears setuid bits and security.capability."""
     if os.geteuid() == 0:
         os.chown(full, e.uid, e.gid, follow_symlinks=False)
     else:  # an unprivileged export keeps the caller's ownership
         with contextlib.suppress(PermissionError):
             os.chown(full, e.uid, e.gid, follow_symlinks=False)
-    if not link:
+    if e.kind is not Kind.SYMLINK:
         os.chmod(full, e.mode)
+    for name, value in e.xattrs:
+        os.setxattr(full, name, value, follow_symlinks=False)
+    if e.opaque:
+        os.setxattr(full, OPAQUE_XATTR, b"y", follow_symlinks=False)
     os.utime(full, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)

@@ -240,8 +240,11 @@ def mount(
                 found = svc.writable_mount(session, layer=layer)
                 holder = (found.host, found.root) if found is not None else None
         if holder is not None and holder[0] == HOST and holder[1] != str(path):
-            with _root_lock(home, Path(holder[1])):
-                _recover_stale(home, Path(holder[1]))
+            try:
+                with _root_lock(home, Path(holder[1])):
+                    _recover_stale(home, Path(holder[1]))
+            except Conflict:
+                raise Conflict(f"writable layer {writable!r} is mounted on {holder[1]}") from None
         timings: dict[str, float] = {}
         top = [previous] if previous is not None else []
         lowers = [prepare_version(home, v, timings) for v in [*top, *stack]]

@@ -167,9 +167,13 @@ class Tree:
     @classmethod
     def from_bytes(cls, data: bytes) -> Tree:
         try:
-            return cls(tuple(_decode(data)))
+            entries = tuple(_decode(data))
         except (struct.error, ValueError, UnicodeDecodeError) as exc:
             raise CorruptObject(f"layer manifest: {exc}") from None
+        for a, b in itertools.pairwise(entries):
+            if a.path >= b.path:
+                raise CorruptObject(f"layer manifest: {b.path!r} out of order")
+        return cls(entries)
 
 
 def _decode(data: bytes) -> Iterator[Entry]:

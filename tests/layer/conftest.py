@@ -1,0 +1,138 @@
+"""Helpers for layer tests: file trees, tars, image archives, and mount cleanup."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from hashlib import sha256
+from pathlib import Path
+
+import pytest
+
+from lamina.layer.overlay import mountinfo
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+BUSYBOX = shutil.which("busybox")
+APPLETS = ("sh", "echo", "cat", "mkdir", "rm", "ls", "sleep", "touch", "mv")
+
+
+@pytest.fixture(autouse=True)
+def _unmount_leftovers(tmp_path: Path) -> Iterator[None]:
+    """Whatever a test mounted under its tmp_path goes, latest first, even on failure."""
+    yield
+    for _ in range(3):
+        mine = [m for m in mountinfo() if m.mountpoint.startswith(str(tmp_path))]
+        if not mine:
+            return
+        for m in reversed(mine):
+            subprocess.run(["umount", "-l", m.mountpoint], capture_output=True, check=False)
+
+
+def write_tree(root: Path, files: dict[str, str | bytes | None]) -> Path:
+    """Files (text or bytes) and directories (None) under ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for rel, data in files.items():
+        path = root / rel
+        if data is None:
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return root
+
+
+def busybox_root(root: Path, extra: dict[str, str | bytes | None] | None = None) -> Path:
+    """A minimal root filesystem: static busybox, a few applets, /etc, /home, /tmp."""
+    assert BUSYBOX is not None, "busybox-static is needed (make install)"
+    write_tree(
+        root, {"bin": None, "etc/motd": "welcome\n", "home/alice/notes": "hi\n", "tmp": None}
+    )
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    write_tree(root, extra or {})
+    return root
+
+
+def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def member(
+    name: str, data: bytes | None = None, **attrs: object
+) -> tuple[tarfile.TarInfo, bytes | None]:
+    info = tarfile.TarInfo(name)
+    info.mode = 0o644
+    info.mtime = 1_700_000_000
+    if data is None and "type" not in attrs:
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    return info, data
+
+
+def oci_layout(out: Path, layers: list[bytes]) -> Path:
+    """An OCI image layout directory with the given layer tars (stored as given)."""
+    blobs = out / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def blob(data: bytes) -> str:
+        digest = sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return f"sha256:{digest}"
+
+    config = blob(b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers"}}')
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": blob(data)}
+            for data in layers
+        ],
+    }
+    raw = json.dumps(manifest).encode()
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": blob(raw),
+                "size": len(raw),
+                "platform": {"architecture": "amd64", "os": "linux"},
+            }
+        ],
+    }
+    (out / "index.json").write_text(json.dumps(index))
+    (out / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    return out
+
+
+def docker_archive(out: Path, layers: list[bytes]) -> Path:
+    """A ``docker save`` archive (legacy layout: <id>/layer.tar + manifest.json)."""
+    members = []
+    names = []
+    for data in layers:
+        digest = sha256(data).hexdigest()
+        names.append(f"{digest}/layer.tar")
+        members += [member(digest), member(f"{digest}/layer.tar", data)]
+    manifest = json.dumps([{"Config": "c.json", "RepoTags": ["app:1"], "Layers": names}])
+    members += [member("c.json", b"{}"), member("manifest.json", manifest.encode())]
+    out.write_bytes(tar_bytes(members))
+    return out
+
+
+def mounted(path: Path) -> bool:
+    return any(m.mountpoint == str(path) for m in mountinfo())

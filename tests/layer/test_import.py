@@ -1,0 +1,297 @@
+"""layer import from directories, tars (plain, gz, zst) and image archives, through the CLI:
+what goes in comes back out by ``layer export``, bit for bit and attribute for attribute."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from lamina.home import Home
+from lamina.manager.services import layers
+from tests.conftest import Cli
+from tests.layer.conftest import (
+    docker_archive,
+    member,
+    needs_root,
+    oci_layout,
+    tar_bytes,
+    write_tree,
+)
+
+pytestmark = needs_root
+MiB = 1 << 20
+MTIME_NS = 1_600_000_000_123_456_789
+
+
+def _rich_tree(root: Path) -> Path:
+    """Every kind of thing a layer must keep."""
+    write_tree(
+        root,
+        {
+            "etc/app.conf": "key=value\n",
+            "etc/empty": b"",
+            "usr/bin/tool": b"\x7fELF" + os.urandom(3 * MiB) + bytes(12 * MiB),  # CDC + holes
+            "var/mail": None,
+            "srv/data/one": "1",
+        },
+    )
+    os.chown(root / "etc/app.conf", 1234, 5678)
+    os.chmod(root / "etc/app.conf", 0o640)
+    os.chmod(root / "usr/bin/tool", 0o755)
+    os.chmod(root / "var/mail", 0o2775)
+    os.link(root / "srv/data/one", root / "srv/data/two")
+    (root / "usr/bin/alias").symlink_to("tool")
+    (root / "etc/localtime").symlink_to("/usr/share/zoneinfo/UTC")
+    os.mkfifo(root / "srv/fifo")
+    os.setxattr(root / "etc/app.conf", "user.origin", b"lamina")
+    os.setxattr(root / "usr/bin/tool", "security.capability", bytes.fromhex("01000002" + "00" * 16))
+    for path in [root / "etc/app.conf", root / "usr/bin/tool", root / "srv/data"]:
+        os.utime(path, ns=(MTIME_NS, MTIME_NS))
+    os.utime(root / "etc/localtime", ns=(MTIME_NS, MTIME_NS), follow_symlinks=False)
+    return root
+
+
+def _snapshot(root: Path) -> dict[str, tuple[object, ...]]:
+    """What a reader can see of every path: kind, mode, owner, mtime, content, xattrs."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            rel = str(path.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                content: object = os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                content = path.read_bytes()
+            else:
+                content = None
+            xattrs = {
+                k: os.getxattr(path, k, follow_symlinks=False)
+                for k in os.listxattr(path, follow_symlinks=False)
+            }
+            mtime = (
+                st.st_mtime_ns if not stat.S_ISDIR(st.st_mode) else None
+            )  # dirs change as we write
+            out[rel] = (
+                stat.S_IFMT(st.st_mode),
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                mtime,
+                content,
+                xattrs,
+            )
+    return out
+
+
+def test_directory_round_trip_keeps_everything(cli: Cli, tmp_path: Path) -> None:
+    src = _rich_tree(tmp_path / "src")
+    info = cli.json("layer", "import", "rich", str(src))
+    assert info["ref"] == "rich@1" and info["files"] == 15
+    out = tmp_path / "out"
+    cli("layer", "export", "rich", str(out))
+    assert _snapshot(out) == _snapshot(src)
+    one, two = (out / "srv/data/one").stat(), (out / "srv/data/two").stat()
+    assert one.st_ino == two.st_ino and one.st_nlink == 2  # still one inode
+    assert (out / "usr/bin/tool").stat().st_blocks * 512 < 8 * MiB  # zero chunks: holes
+
+
+@pytest.mark.parametrize("compression", ["none", "gz", "zst"])
+def test_tar_import_matches_directory_import(cli: Cli, tmp_path: Path, compression: str) -> None:
+    src = _rich_tree(tmp_path / "src")
+    plain = tmp_path / "t.tar"
+    subprocess.run(
+        [
+            "tar",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--format=pax",
+            "-cf",
+            str(plain),
+            "-C",
+            str(src),
+            ".",
+        ],
+        check=True,
+    )
+    data = plain.read_bytes()
+    tar = {"none": plain, "gz": tmp_path / "t.tar.gz", "zst": tmp_path / "t.tar.zst"}[compression]
+    if compression == "gz":
+        tar.write_bytes(gzip.compress(data))
+    elif compression == "zst":
+        tar.write_bytes(zstandard.ZstdCompressor().compress(data))
+    cli("layer", "import", "from-dir", str(src))
+    info = cli.json("layer", "import", "from-tar", str(tar))
+    # identical file data: only the manifest is new (the store dedups across layers)
+    assert info["new_chunks"] <= 1 and info["stored_bytes"] < 4096
+    diff = cli.json("layer", "diff", "from-dir", "from-tar")
+    assert diff["added"] == diff["removed"] == []
+    assert diff["changed"] == []  # owners, modes, xattrs, link targets and data all agree
+    out = tmp_path / "out"
+    cli("layer", "export", "from-tar", str(out))
+    assert _snapshot(out) == _snapshot(src)
+
+
+def test_versions_diff_list_log_rm(cli: Cli, tmp_path: Path) -> None:
+    v1 = write_tree(tmp_path / "v1", {"a": "1", "b": "1", "d/c": "1"})
+    v2 = write_tree(tmp_path / "v2", {"a": "2", "b": "1", "e": "new"})
+    assert cli("layer", "import", "app", str(v1)).out.strip() == "app@1"
+    assert cli("layer", "import", "app", str(v2)).out.strip() == "app@2"
+    d = cli.json("layer", "diff", "app@1", "app@2")
+    assert (d["added"], d["removed"], d["changed"]) == (["e"], ["d", "d/c"], ["a"])
+    assert "M /a" in cli("layer", "diff", "app@1", "app@2").out
+    listed = cli.json("layer", "list")
+    assert [(r["name"], r["versions"], r["latest"]) for r in listed] == [("app", 2, 2)]
+    assert [r["ref"] for r in cli.json("layer", "log", "app")] == ["app@1", "app@2"]
+    cli("layer", "rm", "app@1")
+    assert [r["ref"] for r in cli.json("layer", "log", "app")] == ["app@2"]
+    missing = cli("layer", "export", "app@1", str(tmp_path / "x"), check=False)
+    assert missing.code == 3 and missing.err.count("\n") == 1
+
+
+def _hostile(name: str) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    good = [member("big", os.urandom(2 * MiB))]  # would be stored first if checks were late
+    bad = {
+        "dotdot": [member("../evil", b"x")],
+        "absolute": [member("/etc/evil", b"x")],
+        "symlink-escape": [member("l", type=tarfile.SYMTYPE, linkname="../../etc/shadow")],
+        "hardlink-escape": [member("h", type=tarfile.LNKTYPE, linkname="/etc/shadow")],
+        "through-symlink": [
+            member("etc", type=tarfile.SYMTYPE, linkname="/etc"),
+            member("etc/cron.d/evil", b"x"),
+        ],
+        "device": [member("dev/sda", type=tarfile.BLKTYPE, devmajor=8, devminor=0)],
+        "setuid": [member("bin/su", b"x", mode=0o4755)],
+    }[name]
+    return good + bad
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dotdot",
+        "absolute",
+        "symlink-escape",
+        "hardlink-escape",
+        "through-symlink",
+        "device",
+        "setuid",
+    ],
+)
+def test_hostile_tars_are_refused_before_anything_is_written(
+    cli: Cli, home: Home, tmp_path: Path, name: str
+) -> None:
+    tar = tmp_path / "hostile.tar"
+    tar.write_bytes(tar_bytes(_hostile(name)))
+    result = cli("layer", "import", "evil", str(tar), check=False)
+    assert result.code == 5, result.err
+    assert result.err.startswith("lamina: ") and result.err.count("\n") == 1
+    with home.session() as session:
+        assert layers.list_layers(session) == []
+    assert home.store.usage().chunks == 0  # not even the good member's data
+
+
+def test_devices_and_setuid_need_their_flags(cli: Cli, tmp_path: Path) -> None:
+    tar = tmp_path / "dev.tar"
+    tar.write_bytes(
+        tar_bytes(
+            [
+                member("dev/null", type=tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666),
+                member("bin/su", b"su", mode=0o4755),
+            ]
+        )
+    )
+    assert cli("layer", "import", "d", str(tar), "--allow-devices", check=False).code == 5
+    cli("layer", "import", "d", str(tar), "--allow-devices", "--allow-setuid")
+    out = tmp_path / "out"
+    cli("layer", "export", "d", str(out))
+    st = (out / "dev/null").lstat()
+    assert stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == 1 and os.minor(st.st_rdev) == 3
+    assert stat.S_IMODE((out / "bin/su").stat().st_mode) == 0o4755
+
+
+def _image_layers() -> list[bytes]:
+    base = tar_bytes(
+        [
+            member("etc"),
+            member("etc/motd", b"base motd\n"),
+            member("etc/old.conf", b"old\n"),
+            member("opt/app/lib/a.so", b"a"),
+            member("opt/app/lib/b.so", b"b"),
+        ]
+    )
+    top = tar_bytes(
+        [
+            member("etc/.wh.old.conf", b""),
+            member("opt/app/lib/.wh..wh..opq", b""),
+            member("opt/app/lib/c.so", b"c"),
+            member("etc/motd", b"top motd\n"),
+        ]
+    )
+    return [base, gzip.compress(top)]
+
+
+def _check_image(cli: Cli, tmp_path: Path, ref: str) -> None:
+    out = tmp_path / f"out-{ref}"
+    cli("layer", "export", ref, str(out))
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["etc/motd", "opt/app/lib/c.so"]  # whiteout and opaque directory applied
+    assert (out / "etc/motd").read_text() == "top motd\n"
+    assert not list(out.rglob(".wh.*"))
+
+
+def test_oci_layout_directory_and_tar(cli: Cli, tmp_path: Path) -> None:
+    layout = oci_layout(tmp_path / "oci", _image_layers())
+    cli("layer", "import", "img", str(layout))
+    _check_image(cli, tmp_path, "img@1")
+    archive = tmp_path / "oci.tar"
+    subprocess.run(["tar", "-cf", str(archive), "-C", str(layout), "."], check=True)
+    cli("layer", "import", "img", str(archive))
+    _check_image(cli, tmp_path, "img@2")
+
+
+def test_docker_save_archive_plain_and_gzipped(cli: Cli, tmp_path: Path) -> None:
+    archive = docker_archive(tmp_path / "docker.tar", _image_layers())
+    cli("layer", "import", "dock", str(archive))
+    _check_image(cli, tmp_path, "dock@1")
+    gz = tmp_path / "docker.tar.gz"
+    gz.write_bytes(gzip.compress(archive.read_bytes()))
+    cli("layer", "import", "dock", str(gz))
+    _check_image(cli, tmp_path, "dock@2")
+
+
+def test_oci_blob_with_wrong_digest_is_refused(cli: Cli, tmp_path: Path) -> None:
+    layout = oci_layout(tmp_path / "oci", _image_layers())
+    blob = next(
+        p for p in (layout / "blobs/sha256").iterdir() if p.read_bytes().startswith(b"\x1f\x8b")
+    )
+    blob.write_bytes(gzip.compress(tar_bytes([member("etc/motd", b"tampered\n")])))
+    result = cli("layer", "import", "img", str(layout), check=False)
+    assert result.code == 5 and "digest" in result.err
+
+
+def test_not_an_archive(cli: Cli, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(os.urandom(5000))
+    result = cli("layer", "import", "x", str(junk), check=False)
+    assert result.code == 5 and result.err.count("\n") == 1
+    assert cli("layer", "import", "x", str(tmp_path / "missing"), check=False).code == 3
+
+
+def test_gc_keeps_layer_chunks_and_frees_them_after_rm(cli: Cli, tmp_path: Path) -> None:
+    src = write_tree(tmp_path / "src", {"big": os.urandom(3 * MiB), "small": "s"})
+    cli("layer", "import", "keep", str(src))
+    cli("store", "gc")
+    out = tmp_path / "out"
+    cli("layer", "export", "keep", str(out))
+    assert (out / "big").read_bytes() == (src / "big").read_bytes()
+    cli("layer", "rm", "keep")
+    freed = cli.json("store", "gc")
+    assert freed["chunks_removed"] >= 3 and cli.json("store", "du")["chunks"] == 0
