@@ -198,6 +198,7 @@ def test_fio_verifies_random_writes_through_the_nbd_engine(server: Server, image
             "--size=8M",
             "--verify=crc32c",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--output-format=json",
         ],
         capture_output=True,
