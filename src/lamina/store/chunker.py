@@ -8,9 +8,11 @@ import os
 from collections.abc import Iterator
 from typing import Final
 
-# Fixed chunk size for block images. Measured on a 1 GiB mixed image and the demo system
-# image (see README, "Chunk size"): 256 KiB keeps import within 3% of 1 MiB chunks, while a
-# streamed boot fetches 4x less than with 1 MiB and the manifest stays at 128 KiB per GiB.
+# Fixed chunk size for block images, measured (README, "Chunk size"): importing the 1 GiB
+# mixed image took 0.81 / 0.74 / 0.67 / 0.63 s at 64 KiB / 128 KiB / 256 KiB / 1 MiB, and a
+# demo VM's boot touched 24.1 / 24.4 / 25.0 / 29.7 % of its image in chunks of those sizes
+# (37.5 % at 4 MiB). 256 KiB is within 7% of the fastest import and fetches 16% less than
+# 1 MiB chunks when streaming; its manifest is 128 KiB per GiB.
 IMAGE_CHUNK: Final = 256 << 10
 
 # Content-defined chunking of file data: files up to FILE_SMALL are one chunk.
