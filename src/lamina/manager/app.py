@@ -4,17 +4,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from lamina import __version__
+from lamina.errors import AlreadyExists, Conflict, InvalidInput, LaminaError, NotFound, UsageError
 from lamina.home import Home
-from lamina.manager.routers import data
+from lamina.manager.routers import admin, agent, data
+
+# Lamina's errors as HTTP statuses (anything else stays a 500).
+STATUS: list[tuple[type[LaminaError], int]] = [
+    (NotFound, 404),
+    (AlreadyExists, 409),
+    (Conflict, 409),
+    (UsageError, 422),
+    (InvalidInput, 422),
+]
 
 
 def create_app(home: Home) -> FastAPI:
     app = FastAPI(title="lamina manager", version=__version__, openapi_url="/openapi.json")
     app.state.home = home
     app.include_router(data.router)
+    app.include_router(agent.router)
+    app.include_router(admin.router)
+
+    @app.exception_handler(LaminaError)
+    def lamina_error(_request: Request, exc: LaminaError) -> JSONResponse:
+        code = next((c for kind, c in STATUS if isinstance(exc, kind)), 500)
+        return JSONResponse({"detail": str(exc)}, status_code=code)
 
     @app.get("/api/v1/health", tags=["meta"])
     def health() -> dict[str, Any]:

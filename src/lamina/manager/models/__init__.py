@@ -1,6 +1,15 @@
 """Database models (SQLAlchemy 2), one module per area; schema changes are Alembic
 migrations under ``lamina/manager/migrations/versions``."""
 
+from lamina.manager.models.access import (
+    Change,
+    Entitlement,
+    Group,
+    Membership,
+    User,
+    UserSession,
+    WritableLayer,
+)
 from lamina.manager.models.base import Base, utcnow
 from lamina.manager.models.images import Image, ImageVersion, Setting
 from lamina.manager.models.layers import (
@@ -14,6 +23,9 @@ from lamina.manager.models.machines import Machine
 
 __all__ = [
     "Base",
+    "Change",
+    "Entitlement",
+    "Group",
     "Image",
     "ImageVersion",
     "Layer",
@@ -22,6 +34,10 @@ __all__ = [
     "LayerVersion",
     "LayerVersionBase",
     "Machine",
+    "Membership",
     "Setting",
+    "User",
+    "UserSession",
+    "WritableLayer",
     "utcnow",
 ]

@@ -28,7 +28,7 @@ class Machine(Base):
     extra_config: Mapped[str | None] = mapped_column(Text, nullable=True)  # #cloud-config YAML
     identity_rev: Mapped[int] = mapped_column(Integer, default=1)  # bumped on every change
     # access and state
-    token_hash: Mapped[str] = mapped_column(String(64))  # SHA-256 of the agent token
+    token_hash: Mapped[str] = mapped_column(String(64), index=True)  # SHA-256 of agent token
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_boot_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 

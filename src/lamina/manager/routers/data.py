@@ -12,16 +12,20 @@ A machine token may read what its pinned image version references; the admin any
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Response, status
+from sqlalchemy.orm import Session
 
 from lamina.errors import NotFound
 from lamina.home import Home
 from lamina.image import Manifest
 from lamina.manager.deps import CallerDep, HomeDep, SessionDep
-from lamina.manager.services import images
+from lamina.manager.models import Machine
+from lamina.manager.services import agents, images
 from lamina.names import Ref, check_name
 
 router = APIRouter(prefix="/api/v1", tags=["data"])
@@ -33,8 +37,11 @@ MANIFEST_TYPE = "application/vnd.lamina.manifest"
 class _Referenced:
     """Chunk ids referenced by recently used manifests, for access checks (bounded)."""
 
-    def __init__(self, capacity: int = 64) -> None:
+    def __init__(
+        self, capacity: int = 64, load: Callable[[Home, bytes], frozenset[bytes]] | None = None
+    ) -> None:
         self._sets: OrderedDict[bytes, frozenset[bytes]] = OrderedDict()
+        self._load = load or _image_refs
         self._lock = threading.Lock()
         self.capacity = capacity
 
@@ -44,14 +51,22 @@ class _Referenced:
             if found is not None:
                 self._sets.move_to_end(manifest_id)
                 return found
-        refs = frozenset(
-            Manifest.from_bytes(home.store.get(manifest_id)).referenced() | {manifest_id}
-        )
+        refs = self._load(home, manifest_id)
         with self._lock:
             self._sets[manifest_id] = refs
             while len(self._sets) > self.capacity:
                 self._sets.popitem(last=False)
         return refs
+
+
+def _image_refs(home: Home, manifest_id: bytes) -> frozenset[bytes]:
+    return frozenset(Manifest.from_bytes(home.store.get(manifest_id)).referenced() | {manifest_id})
+
+
+def _tree_refs(home: Home, manifest_id: bytes) -> frozenset[bytes]:
+    from lamina.layer.importer import load_tree
+
+    return frozenset(load_tree(home.store, manifest_id).referenced() | {manifest_id})
 
 
 REFERENCED = _Referenced()
@@ -101,6 +116,7 @@ def get_chunk(
     chunk_id: str,
     caller: CallerDep,
     home: HomeDep,
+    session: SessionDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     try:
@@ -113,7 +129,7 @@ def get_chunk(
         machine = caller.machine
         assert machine is not None
         allowed = REFERENCED.get(home, bytes.fromhex(machine.image_version.manifest_id))
-        if cid not in allowed and not _layer_allows(machine, cid):
+        if cid not in allowed and not _layer_allows(session, home, machine, cid):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "chunk not referenced by this machine")
     etag = f'"{chunk_id.lower()}"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
@@ -126,7 +142,43 @@ def get_chunk(
     return Response(body, media_type=CHUNK_TYPE, headers=headers)
 
 
-def _layer_allows(machine: object, cid: bytes) -> bool:
-    """Whether one of the layers entitled to this machine (or its users) references
-    ``cid``; layers are delivered to agents through this same endpoint."""
+class _Allowed:
+    """Per machine, the layer manifests it may read, remembered for ``TTL`` seconds (a
+    cache of the database: a chunk not allowed by the cached set is checked afresh)."""
+
+    TTL = 2.0
+
+    def __init__(self) -> None:
+        self._sets: dict[int, tuple[float, frozenset[str]]] = {}
+        self._lock = threading.Lock()
+
+    def manifests(self, session: Session, machine_id: int, *, fresh: bool) -> frozenset[str]:
+        now = time.monotonic()
+        with self._lock:
+            found = self._sets.get(machine_id)
+        if found is not None and not fresh and now - found[0] < self.TTL:
+            return found[1]
+        conn = session.connection()
+        manifests = frozenset(agents.allowed_manifests(conn, machine_id=machine_id))
+        with self._lock:
+            if len(self._sets) > 10_000:
+                self._sets.clear()
+            self._sets[machine_id] = (now, manifests)
+        return manifests
+
+
+ALLOWED = _Allowed()
+TREES = _Referenced(capacity=256, load=_tree_refs)
+
+
+def _layer_allows(session: Session, home: Home, machine: Machine, cid: bytes) -> bool:
+    """Whether one of the layers entitled to this machine (or its logged-in users), or one
+    of those users' writable layers, references ``cid``; layers reach agents through this
+    same endpoint."""
+    for fresh in (False, True):
+        manifests = ALLOWED.manifests(session, machine.id, fresh=fresh)
+        if cid.hex() in manifests:
+            return True
+        if any(cid in TREES.get(home, bytes.fromhex(m)) for m in manifests):
+            return True
     return False

@@ -1,0 +1,408 @@
+"""What agents ask for: boot, login, logout, desired state, which layer data they may read.
+
+These are the hot paths of a login storm, so they are SQLAlchemy Core on a connection in
+one transaction each, a handful of indexed statements per call:
+
+    boot     1 UPDATE + 1 SELECT (after the token lookup)
+    login    user+writable SELECT, INSERT .. ON CONFLICT DO NOTHING, grants SELECT, change
+    logout   session SELECT, DELETE, change (+ the writable version, ORM, when one is saved)
+
+Writable layers are never attached twice: ``sessions.writable_id`` is unique, and a login
+claims it with an insert that does nothing on conflict (PostgreSQL waits for a concurrent
+claimer to commit or roll back before deciding), so of two racing logins exactly one wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Table, and_, delete, func, literal, select, union_all, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from lamina.errors import Conflict, InvalidInput, NotFound
+from lamina.manager.models import (
+    Base,
+    Change,
+    Entitlement,
+    ImageVersion,
+    Layer,
+    LayerVersion,
+    Machine,
+    Membership,
+    User,
+    UserSession,
+    WritableLayer,
+)
+from lamina.manager.resolve import Grant, layers_for
+from lamina.manager.services import layers as layer_svc
+from lamina.store import ChunkStore
+
+
+def _t(model: type[Base]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+M, U, S, W = _t(Machine), _t(User), _t(UserSession), _t(WritableLayer)
+E, L, LV = _t(Entitlement), _t(Layer), _t(LayerVersion)
+MS, C, IV = _t(Membership), _t(Change), _t(ImageVersion)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentMachine:
+    id: int
+    name: str
+    image_version_id: int
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def by_token(conn: Connection, token: str) -> AgentMachine | None:
+    row = conn.execute(
+        select(M.c.id, M.c.name, M.c.image_version_id).where(M.c.token_hash == hash_token(token))
+    ).first()
+    return AgentMachine(row[0], row[1], row[2]) if row is not None else None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _touch(conn: Connection, machine_id: int) -> None:
+    conn.execute(C.insert().values(machine_id=machine_id, at=_now()))
+
+
+# -- boot -------------------------------------------------------------------------------------
+
+
+def boot(conn: Connection, *, machine: AgentMachine) -> dict[str, Any]:
+    conn.execute(update(M).where(M.c.id == machine.id).values(last_boot_at=_now()))
+    row = conn.execute(
+        select(
+            M.c.name,
+            M.c.mode,
+            M.c.hostname,
+            M.c.domain,
+            M.c.machine_id,
+            M.c.mac,
+            M.c.ssh_host_keys,
+            M.c.network,
+            M.c.identity_rev,
+            IV.c.version,
+            IV.c.manifest_id,
+            ImageVersion.image_id,
+        )
+        .join(IV, IV.c.id == M.c.image_version_id)
+        .where(M.c.id == machine.id)
+    ).one()
+    from lamina.manager.models import Image
+
+    image = conn.execute(select(Image.name).where(Image.id == row.image_id)).scalar_one()
+    return {
+        "machine": row.name,
+        "mode": row.mode,
+        "image": f"{image}@{row.version}",
+        "image_manifest": row.manifest_id,
+        "identity": {
+            "hostname": row.hostname,
+            "domain": row.domain,
+            "fqdn": f"{row.hostname}.{row.domain}" if row.domain else row.hostname,
+            "machine_id": row.machine_id,
+            "mac": row.mac,
+            "identity_rev": row.identity_rev,
+            "ssh_host_keys": json.loads(row.ssh_host_keys or "{}"),
+            "network": json.loads(row.network) if row.network else None,
+        },
+    }
+
+
+# -- entitlements as they apply ---------------------------------------------------------------
+
+
+def _latest(layer_id: Any) -> Any:
+    newest = LV.alias("newest")
+    return (
+        select(func.max(newest.c.version))
+        .where(newest.c.layer_id == layer_id)
+        .correlate_except(newest)
+        .scalar_subquery()
+    )
+
+
+def grants(conn: Connection, *, machine_id: int, user_ids: list[int]) -> list[Grant]:
+    """Every entitlement that applies on this machine to these users (one round trip)."""
+
+    def part(uid: Any, via: str, src: Any, where: Any) -> Any:
+        version = func.coalesce(E.c.version, _latest(E.c.layer_id))
+        return (
+            select(
+                uid.label("uid"),
+                literal(via).label("via"),
+                L.c.name,
+                LV.c.version,
+                LV.c.manifest_id,
+                E.c.priority,
+            )
+            .select_from(src)
+            .join(L, L.c.id == E.c.layer_id)
+            .join(LV, and_(LV.c.layer_id == E.c.layer_id, LV.c.version == version))
+            .where(where)
+        )
+
+    parts = [
+        part(literal(None, type_=E.c.user_id.type), "machine", E, E.c.machine_id == machine_id)
+    ]
+    if user_ids:
+        parts.append(part(E.c.user_id, "user", E, E.c.user_id.in_(user_ids)))
+        joined = MS.join(E, E.c.group_id == MS.c.group_id)
+        parts.append(part(MS.c.user_id, "group", joined, MS.c.user_id.in_(user_ids)))
+    rows = conn.execute(union_all(*parts)).all()
+    return [Grant(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+
+def _layer_dicts(user_id: int, all_grants: list[Grant]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": g.layer,
+            "version": g.version,
+            "ref": f"{g.layer}@{g.version}",
+            "manifest": g.manifest,
+            "via": g.via,
+        }
+        for g in layers_for(user_id, all_grants)
+    ]
+
+
+def _writable(name: str | None, policy: str | None, version: Any, manifest: Any) -> Any:
+    if name is None:
+        return None
+    return {"name": name, "version": version, "manifest": manifest, "policy": policy}
+
+
+# -- login / logout ---------------------------------------------------------------------------
+
+
+def _user(conn: Connection, name: str) -> Any:
+    latest = _latest(W.c.layer_id)
+    row = conn.execute(
+        select(U.c.id, W.c.id, W.c.policy, L.c.name, L.c.id, latest)
+        .select_from(U.outerjoin(W, W.c.user_id == U.c.id).outerjoin(L, L.c.id == W.c.layer_id))
+        .where(U.c.name == name)
+    ).first()
+    if row is None:
+        raise NotFound(f"no user named {name!r}")
+    return row
+
+
+def _insert_ignore(conn: Connection) -> Any:
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(S)
+
+
+def login(conn: Connection, *, machine: AgentMachine, user: str) -> dict[str, Any]:
+    """Open ``user``'s session on the machine (again: the same session) and say what to
+    mount. Conflict when the user's writable layer is in use on another machine."""
+    uid, wid, policy, wname, wlayer, wversion = _user(conn, user)
+    stmt = _insert_ignore(conn).values(
+        user_id=uid,
+        machine_id=machine.id,
+        writable_id=wid,
+        base_version=wversion,
+        started_at=_now(),
+    )
+    created = conn.execute(stmt.on_conflict_do_nothing()).rowcount
+    base = wversion
+    if not created:
+        mine = conn.execute(
+            select(S.c.base_version).where(S.c.user_id == uid, S.c.machine_id == machine.id)
+        ).first()
+        if mine is None:
+            holder = conn.execute(
+                select(M.c.name).join(S, S.c.machine_id == M.c.id).where(S.c.writable_id == wid)
+            ).scalar()
+            # None: the holder logged out in between; the agent retries.
+            raise Conflict(f"{user}'s writable layer is in use on {holder or 'another machine'}")
+        base = mine[0]
+    else:
+        _touch(conn, machine.id)
+    manifest = None
+    if wlayer is not None and base is not None:
+        manifest = conn.execute(
+            select(LV.c.manifest_id).where(LV.c.layer_id == wlayer, LV.c.version == base)
+        ).scalar()
+    all_grants = grants(conn, machine_id=machine.id, user_ids=[uid])
+    return {
+        "user": user,
+        "layers": _layer_dicts(uid, all_grants),
+        "writable": _writable(wname, policy, base, manifest),
+    }
+
+
+def logout(
+    conn: Connection,
+    *,
+    store: ChunkStore,
+    machine: AgentMachine,
+    user: str,
+    saved: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """End the session; record the writable layer's new version first when one was saved.
+    Repeating a logout that went through answers the same (an agent retrying after a lost
+    response); a saved version for a session that does not exist is refused."""
+    uid, _wid, policy, wname, wlayer, wversion = _user(conn, user)
+    session = conn.execute(
+        select(S.c.id, S.c.base_version)
+        .where(S.c.user_id == uid, S.c.machine_id == machine.id)
+        .with_for_update()  # PostgreSQL; SQLite's BEGIN IMMEDIATE already serializes writers
+    ).first()
+    if session is None:
+        if saved is not None and wlayer is not None:
+            last = conn.execute(
+                select(LV.c.manifest_id).where(LV.c.layer_id == wlayer, LV.c.version == wversion)
+            ).scalar()
+            if last == saved["manifest"]:
+                return {"user": user, "ended": False, "saved": f"{wname}@{wversion}"}
+            raise Conflict(f"{user} has no session on {machine.name}: nothing to save into")
+        return {"user": user, "ended": False, "saved": None}
+    ref = None
+    if saved is not None and wname is not None:
+        ref = _save(
+            conn,
+            store=store,
+            machine=machine,
+            name=wname,
+            base=session[1],
+            saved=saved | {"policy": policy},
+        )
+    conn.execute(delete(S).where(S.c.id == session[0]))
+    _touch(conn, machine.id)
+    return {"user": user, "ended": True, "saved": ref}
+
+
+def _save(
+    conn: Connection,
+    *,
+    store: ChunkStore,
+    machine: AgentMachine,
+    name: str,
+    base: int | None,
+    saved: dict[str, Any],
+) -> str:
+    from lamina.layer.importer import load_tree
+    from lamina.names import parse_ref
+
+    manifest = saved["manifest"]
+    mid = bytes.fromhex(manifest)
+    if not store.has(mid):
+        raise InvalidInput(f"writable manifest {manifest[:16]} was not uploaded")
+    missing = [c for c in load_tree(store, mid).referenced() if not store.has(c)]
+    if missing:
+        raise InvalidInput(f"{len(missing)} chunks of the writable layer were not uploaded")
+    with Session(bind=conn) as orm:
+        layer = layer_svc.get_layer(orm, name)
+        parent = None
+        if base is not None:
+            parent = orm.scalars(
+                select(LayerVersion).where(
+                    LayerVersion.layer_id == layer.id, LayerVersion.version == base
+                )
+            ).first()
+        bases = []
+        for text in saved.get("bases", []):
+            try:
+                bases.append(layer_svc.get_version(orm, parse_ref(text, "layer name")))
+            except Exception:  # a base removed meanwhile: its ref is not recorded
+                continue
+        version = layer_svc.add_version(
+            orm,
+            name=name,
+            kind=layer_svc.WRITABLE,
+            new=layer_svc.NewVersion(
+                manifest,
+                saved["files"],
+                saved["size"],
+                saved.get("stored_bytes", 0),
+                f"session on {machine.name}",
+            ),
+            bases=bases,
+            parent=parent,
+            policy=saved.get("policy"),
+        )
+        orm.flush()
+        return version.ref
+
+
+# -- desired state ----------------------------------------------------------------------------
+
+
+def desired(conn: Connection, *, machine: AgentMachine) -> dict[str, Any]:
+    """What should be mounted on the machine now; ``rev`` changes when any of it does."""
+    identity_rev = conn.execute(select(M.c.identity_rev).where(M.c.id == machine.id)).scalar()
+    rows = conn.execute(
+        select(U.c.id, U.c.name, W.c.policy, L.c.name, S.c.base_version, LV.c.manifest_id)
+        .select_from(
+            S.join(U, U.c.id == S.c.user_id)
+            .outerjoin(W, W.c.id == S.c.writable_id)
+            .outerjoin(L, L.c.id == W.c.layer_id)
+            .outerjoin(LV, and_(LV.c.layer_id == L.c.id, LV.c.version == S.c.base_version))
+        )
+        .where(S.c.machine_id == machine.id)
+        .order_by(U.c.name)
+    ).all()
+    all_grants = grants(conn, machine_id=machine.id, user_ids=[r[0] for r in rows])
+    sessions = [
+        {
+            "user": name,
+            "layers": _layer_dicts(uid, all_grants),
+            "writable": _writable(wname, policy, base, manifest),
+        }
+        for uid, name, policy, wname, base, manifest in rows
+    ]
+    body = {"machine": machine.name, "identity_rev": identity_rev, "sessions": sessions}
+    rev = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+    return {"rev": rev, **body}
+
+
+def allowed_manifests(conn: Connection, *, machine_id: int) -> set[str]:
+    """Manifests of the layer versions this machine may read: what is entitled to it and
+    to its logged-in users, and those users' writable layers' versions."""
+    user_ids = list(conn.scalars(select(S.c.user_id).where(S.c.machine_id == machine_id)))
+    found = {g.manifest for g in grants(conn, machine_id=machine_id, user_ids=user_ids)}
+    if user_ids:
+        found |= set(
+            conn.scalars(
+                select(LV.c.manifest_id)
+                .join(W, W.c.layer_id == LV.c.layer_id)
+                .where(W.c.user_id.in_(user_ids))
+            )
+        )
+    return found
+
+
+def changes_since(conn: Connection, last: int | None) -> tuple[int, set[int] | None]:
+    """(highest change id, machines whose desired state changed since ``last``; None for
+    "maybe every machine"). Layer versions count as changes for everyone (an entitlement
+    may follow a layer's latest version)."""
+    top = conn.execute(select(func.max(C.c.id))).scalar() or 0
+    if last is None or top <= last:
+        return top, set()
+    ids = list(conn.scalars(select(C.c.machine_id).where(C.c.id > last).distinct()))
+    return top, (None if None in ids else set(ids))
+
+
+def layer_versions_mark(conn: Connection) -> tuple[int, int]:
+    top, count = conn.execute(select(func.max(LV.c.id), func.count()).select_from(LV)).one()
+    return int(top or 0), int(count)
+
+
+def prune_changes(conn: Connection, *, older_than: datetime) -> None:
+    conn.execute(delete(C).where(C.c.at < older_than))

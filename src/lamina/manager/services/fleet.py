@@ -1,0 +1,188 @@
+"""Paged, filtered views of the fleet for the admin API and the console: machines, images,
+layers and sessions (server-side pagination: a console at 10,000 machines reads a page)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session, joinedload, selectinload
+
+from lamina.errors import Conflict
+from lamina.manager.models import (
+    Entitlement,
+    Image,
+    ImageVersion,
+    Layer,
+    Machine,
+    User,
+    UserSession,
+    WritableLayer,
+)
+
+
+def _total(session: Session, query: Select[tuple[object]]) -> int:
+    return session.scalar(select(func.count()).select_from(query.subquery())) or 0
+
+
+def users_on(session: Session, machine_ids: list[int]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for mid, name in session.execute(
+        select(UserSession.machine_id, User.name)
+        .join(User, User.id == UserSession.user_id)
+        .where(UserSession.machine_id.in_(machine_ids))
+        .order_by(User.name)
+    ):
+        out.setdefault(mid, []).append(name)
+    return out
+
+
+def list_machines(
+    session: Session, *, offset: int = 0, limit: int = 100, q: str = "", image: str | None = None
+) -> tuple[list[Machine], int]:
+    query = select(Machine)
+    if q:
+        query = query.where(Machine.name.contains(q, autoescape=True))
+    if image is not None:
+        query = (
+            query.join(ImageVersion, ImageVersion.id == Machine.image_version_id)
+            .join(Image, Image.id == ImageVersion.image_id)
+            .where(Image.name == image)
+        )
+    total = _total(session, query)  # type: ignore[arg-type]
+    rows = session.scalars(
+        query.options(joinedload(Machine.image_version).joinedload(ImageVersion.image))
+        .order_by(Machine.name)
+        .offset(offset)
+        .limit(limit)
+    )
+    return list(rows), total
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRow:
+    version: ImageVersion
+    machines: int
+
+
+def list_images(
+    session: Session, *, offset: int = 0, limit: int = 100, q: str = ""
+) -> tuple[list[tuple[Image, list[VersionRow]]], int]:
+    query = select(Image)
+    if q:
+        query = query.where(Image.name.contains(q, autoescape=True))
+    total = _total(session, query)  # type: ignore[arg-type]
+    images = list(
+        session.scalars(
+            query.options(selectinload(Image.versions))
+            .order_by(Image.name)
+            .offset(offset)
+            .limit(limit)
+        )
+    )
+    ids = [v.id for i in images for v in i.versions]
+    pinned = dict(
+        session.execute(
+            select(Machine.image_version_id, func.count())
+            .where(Machine.image_version_id.in_(ids))
+            .group_by(Machine.image_version_id)
+        ).all()
+    )
+    return [(i, [VersionRow(v, pinned.get(v.id, 0)) for v in i.versions]) for i in images], total
+
+
+def check_image_unpinned(session: Session, *, name: str, version: int | None) -> None:
+    query = (
+        select(Machine.name)
+        .join(ImageVersion, ImageVersion.id == Machine.image_version_id)
+        .join(Image, Image.id == ImageVersion.image_id)
+        .where(Image.name == name)
+    )
+    if version is not None:
+        query = query.where(ImageVersion.version == version)
+    found = session.scalars(query.limit(1)).first()
+    if found is not None:
+        raise Conflict(f"machine {found} is pinned to {name}")
+
+
+def list_layers(
+    session: Session, *, offset: int = 0, limit: int = 100, q: str = "", kind: str | None = None
+) -> tuple[list[tuple[Layer, int]], int]:
+    query = select(Layer)
+    if q:
+        query = query.where(Layer.name.contains(q, autoescape=True))
+    if kind is not None:
+        query = query.where(Layer.kind == kind)
+    total = _total(session, query)  # type: ignore[arg-type]
+    layers = list(
+        session.scalars(
+            query.options(selectinload(Layer.versions))
+            .order_by(Layer.name)
+            .offset(offset)
+            .limit(limit)
+        )
+    )
+    counts = dict(
+        session.execute(
+            select(Entitlement.layer_id, func.count())
+            .where(Entitlement.layer_id.in_([la.id for la in layers]))
+            .group_by(Entitlement.layer_id)
+        ).all()
+    )
+    return [(la, counts.get(la.id, 0)) for la in layers], total
+
+
+def check_layer_unused(session: Session, *, layer: Layer) -> None:
+    """A writable layer held by a session is not removed under it."""
+    holder = session.scalars(
+        select(User.name)
+        .join(WritableLayer, WritableLayer.user_id == User.id)
+        .join(UserSession, UserSession.writable_id == WritableLayer.id)
+        .where(WritableLayer.layer_id == layer.id)
+    ).first()
+    if holder is not None:
+        raise Conflict(f"{layer.name} is in use by {holder}'s session")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    id: int
+    user: str
+    machine: str
+    writable: str | None
+    base_version: int | None
+    started_at: datetime
+
+
+def list_sessions(
+    session: Session,
+    *,
+    offset: int = 0,
+    limit: int = 100,
+    user: str | None = None,
+    machine: str | None = None,
+) -> tuple[list[SessionRow], int]:
+    query = (
+        select(
+            UserSession.id,
+            User.name,
+            Machine.name,
+            Layer.name,
+            UserSession.base_version,
+            UserSession.started_at,
+        )
+        .join(User, User.id == UserSession.user_id)
+        .join(Machine, Machine.id == UserSession.machine_id)
+        .outerjoin(WritableLayer, WritableLayer.id == UserSession.writable_id)
+        .outerjoin(Layer, Layer.id == WritableLayer.layer_id)
+    )
+    if user is not None:
+        query = query.where(User.name == user)
+    if machine is not None:
+        query = query.where(Machine.name == machine)
+    total = _total(session, query)  # type: ignore[arg-type]
+    rows = session.execute(
+        query.order_by(UserSession.started_at, UserSession.id).offset(offset).limit(limit)
+    ).all()
+    return [SessionRow(*r) for r in rows], total
