@@ -237,3 +237,11 @@ def test_delta_commit_makes_a_new_version(
         ["qemu-img", "convert", "-O", "raw", server.url("machine/m1"), str(copy)], check=True
     )
     assert copy.read_bytes() == view.read_bytes()
+
+
+def test_image_versions_in_use_cannot_be_removed(cli: Cli, image: Path) -> None:
+    result = cli("image", "rm", "base@1", check=False)
+    assert result.code == 9 and "m1" in result.err and len(result.err.splitlines()) == 1
+    cli("machine", "rm", "m1")
+    cli("machine", "rm", "m2")
+    assert cli.json("image", "rm", "base")["removed"] == ["base@1"]

@@ -108,13 +108,18 @@ def list_versions(session: Session, *, name: str) -> list[ImageVersion]:
 
 
 def remove(session: Session, *, ref: Ref) -> list[str]:
-    """Delete one version, or the image with all its versions; returns what went."""
+    """Delete one version, or the image with all its versions; returns what went.
+
+    Versions that machines are pinned to stay: re-pin or remove those machines first.
+    """
     image = _image(session, ref.name)
+    doomed = list(image.versions) if ref.version is None else [get_version(session, ref)]
+    _refuse_pinned(session, doomed)
     if ref.version is None:
         gone = [v.ref for v in image.versions]
         session.delete(image)
         return gone
-    version = get_version(session, ref)
+    version = doomed[0]
     gone = [version.ref]
     session.delete(version)
     session.flush()
@@ -123,6 +128,18 @@ def remove(session: Session, *, ref: Ref) -> list[str]:
     ):
         session.delete(image)
     return gone
+
+
+def _refuse_pinned(session: Session, versions: list[ImageVersion]) -> None:
+    from lamina.manager.models import Machine
+
+    ids = {v.id: v.ref for v in versions}
+    rows = session.execute(
+        select(Machine.name, Machine.image_version_id).where(Machine.image_version_id.in_(ids))
+    ).all()
+    if rows:
+        pinned = ", ".join(f"{name} ({ids[vid]})" for name, vid in rows)
+        raise Conflict(f"machines are pinned to what you want to remove: {pinned}")
 
 
 def manifest_ids(session: Session) -> list[bytes]:
