@@ -8,7 +8,7 @@ import sys
 import typer
 
 from lamina._tuning import tune_process
-from lamina.cli import admin, demo, image, layer, machine, mount, serve, store
+from lamina.cli import access, admin, demo, image, layer, machine, mount, serve, store
 from lamina.errors import LaminaError
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app.add_typer(admin.app, name="admin")
 mount.register(app)
 serve.register(app)
 demo.register(app)
+access.register(app)
 
 
 def _fail(message: str, code: int) -> None:

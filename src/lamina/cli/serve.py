@@ -19,6 +19,9 @@ def serve(
         str, typer.Option("--http", help="HTTP listen address (manager API).")
     ] = "127.0.0.1:8480",
     no_http: Annotated[bool, typer.Option("--no-http", help="Serve block devices only.")] = False,
+    no_nbd: Annotated[
+        bool, typer.Option("--no-nbd", help="Serve the manager only (extra managers).")
+    ] = False,
     cache: Annotated[
         int, typer.Option("--cache-mib", help="Memory for decompressed chunks.")
     ] = 512,
@@ -28,7 +31,7 @@ def serve(
     from lamina.serve.server import ServeOptions, parse_address, run
 
     options = ServeOptions(
-        nbd=parse_address(nbd, "--nbd"),
+        nbd=None if no_nbd else parse_address(nbd, "--nbd"),
         http=None if no_http else parse_address(http, "--http"),
         cache_bytes=cache << 20,
     )

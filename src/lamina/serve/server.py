@@ -36,7 +36,7 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
 
 @dataclass
 class ServeOptions:
-    nbd: tuple[str, int]
+    nbd: tuple[str, int] | None  # None: manager only (a second manager on one database)
     http: tuple[str, int] | None
     cache_bytes: int = 512 << 20
     workers: int = 8
@@ -67,7 +67,7 @@ async def serve(
     """Serve until SIGINT/SIGTERM or until ``stop`` is set; then close every connection,
     flush and close every delta, so the home can be served again at once."""
     log = logs.setup(options.log_level)
-    reset = reset_stateless(home)
+    reset = reset_stateless(home) if options.nbd is not None else []
     cache = ChunkCache(options.cache_bytes)
     catalog = ExportCatalog(home, cache)
     executor = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="io")
@@ -79,7 +79,9 @@ async def serve(
         connections.add(proto)
         return proto
 
-    nbd = await loop.create_server(connection, *options.nbd, reuse_address=True)
+    nbd = None
+    if options.nbd is not None:
+        nbd = await loop.create_server(connection, *options.nbd, reuse_address=True)
     http = _http_server(home, options.http) if options.http is not None else None
     http_task = asyncio.create_task(http.serve()) if http is not None else None
     stop = stop or asyncio.Event()
@@ -89,7 +91,7 @@ async def serve(
     logs.event(
         log,
         "serving",
-        nbd=f"{options.nbd[0]}:{options.nbd[1]}",
+        nbd=f"{options.nbd[0]}:{options.nbd[1]}" if options.nbd else None,
         http=f"{options.http[0]}:{options.http[1]}" if options.http else None,
         reset_stateless=reset,
     )
@@ -98,7 +100,8 @@ async def serve(
     try:
         await stop.wait()
     finally:
-        nbd.close()
+        if nbd is not None:
+            nbd.close()
         for proto in list(connections):
             proto.abort()
         for _ in range(100):  # connection_lost callbacks run on the next loop turns
@@ -127,8 +130,17 @@ def _http_server(home: Home, address: tuple[str, int]) -> Any:
         def capture_signals(self) -> Iterator[None]:
             yield  # the serve loop owns SIGINT/SIGTERM and stops both servers
 
+    # httptools parses requests in C (h11 is pure Python); a deep
+    # backlog absorbs a login storm's connection burst.
     config = uvicorn.Config(
-        create_app(home), host=address[0], port=address[1], log_level="warning", lifespan="off"
+        create_app(home),
+        host=address[0],
+        port=address[1],
+        log_level="warning",
+        lifespan="off",
+        http="httptools",
+        backlog=4096,
+        timeout_keep_alive=75,
     )
     return Server(config)
 

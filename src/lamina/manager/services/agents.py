@@ -21,7 +21,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Table, and_, delete, func, literal, select, union_all, update
+from sqlalchemy import (
+    Connection,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    literal,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -30,6 +41,7 @@ from lamina.manager.models import (
     Base,
     Change,
     Entitlement,
+    Image,
     ImageVersion,
     Layer,
     LayerVersion,
@@ -52,7 +64,7 @@ def _t(model: type[Base]) -> Table:
 
 M, U, S, W = _t(Machine), _t(User), _t(UserSession), _t(WritableLayer)
 E, L, LV = _t(Entitlement), _t(Layer), _t(LayerVersion)
-MS, C, IV = _t(Membership), _t(Change), _t(ImageVersion)
+MS, C, IV, IM = _t(Membership), _t(Change), _t(ImageVersion), _t(Image)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +78,36 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# Statements are built once: building a select costs more than running it on SQLite
+# (measured: a login spent 4.8 of its 6.4 ms constructing its union of three selects).
+_BY_TOKEN = select(M.c.id, M.c.name, M.c.image_version_id).where(
+    M.c.token_hash == bindparam("hash")
+)
+_TOUCH = C.insert().values(machine_id=bindparam("mid"), at=bindparam("at"))
+_BOOTED = update(M).where(M.c.id == bindparam("mid")).values(last_boot_at=bindparam("at"))
+_BOOT = (
+    select(
+        M.c.name,
+        M.c.mode,
+        M.c.hostname,
+        M.c.domain,
+        M.c.machine_id,
+        M.c.mac,
+        M.c.ssh_host_keys,
+        M.c.network,
+        M.c.identity_rev,
+        IV.c.version,
+        IV.c.manifest_id,
+        IM.c.name.label("image"),
+    )
+    .join(IV, IV.c.id == M.c.image_version_id)
+    .join(IM, IM.c.id == IV.c.image_id)
+    .where(M.c.id == bindparam("mid"))
+)
+
+
 def by_token(conn: Connection, token: str) -> AgentMachine | None:
-    row = conn.execute(
-        select(M.c.id, M.c.name, M.c.image_version_id).where(M.c.token_hash == hash_token(token))
-    ).first()
+    row = conn.execute(_BY_TOKEN, {"hash": hash_token(token)}).first()
     return AgentMachine(row[0], row[1], row[2]) if row is not None else None
 
 
@@ -78,39 +116,19 @@ def _now() -> datetime:
 
 
 def _touch(conn: Connection, machine_id: int) -> None:
-    conn.execute(C.insert().values(machine_id=machine_id, at=_now()))
+    conn.execute(_TOUCH, {"mid": machine_id, "at": _now()})
 
 
 # -- boot -------------------------------------------------------------------------------------
 
 
 def boot(conn: Connection, *, machine: AgentMachine) -> dict[str, Any]:
-    conn.execute(update(M).where(M.c.id == machine.id).values(last_boot_at=_now()))
-    row = conn.execute(
-        select(
-            M.c.name,
-            M.c.mode,
-            M.c.hostname,
-            M.c.domain,
-            M.c.machine_id,
-            M.c.mac,
-            M.c.ssh_host_keys,
-            M.c.network,
-            M.c.identity_rev,
-            IV.c.version,
-            IV.c.manifest_id,
-            ImageVersion.image_id,
-        )
-        .join(IV, IV.c.id == M.c.image_version_id)
-        .where(M.c.id == machine.id)
-    ).one()
-    from lamina.manager.models import Image
-
-    image = conn.execute(select(Image.name).where(Image.id == row.image_id)).scalar_one()
+    conn.execute(_BOOTED, {"mid": machine.id, "at": _now()})
+    row = conn.execute(_BOOT, {"mid": machine.id}).one()
     return {
         "machine": row.name,
         "mode": row.mode,
-        "image": f"{image}@{row.version}",
+        "image": f"{row.image}@{row.version}",
         "image_manifest": row.manifest_id,
         "identity": {
             "hostname": row.hostname,
@@ -138,34 +156,45 @@ def _latest(layer_id: Any) -> Any:
     )
 
 
+def _grant_part(uid: Any, via: str, src: Any, where: Any) -> Any:
+    version = func.coalesce(E.c.version, _latest(E.c.layer_id))
+    return (
+        select(
+            uid.label("uid"),
+            literal(via).label("via"),
+            L.c.name,
+            LV.c.version,
+            LV.c.manifest_id,
+            E.c.priority,
+        )
+        .select_from(src)
+        .join(L, L.c.id == E.c.layer_id)
+        .join(LV, and_(LV.c.layer_id == E.c.layer_id, LV.c.version == version))
+        .where(where)
+    )
+
+
+_GRANTS_MACHINE = _grant_part(
+    literal(None, type_=E.c.user_id.type), "machine", E, E.c.machine_id == bindparam("mid")
+)
+_GRANTS = union_all(
+    _GRANTS_MACHINE,
+    _grant_part(E.c.user_id, "user", E, E.c.user_id.in_(bindparam("uids", expanding=True))),
+    _grant_part(
+        MS.c.user_id,
+        "group",
+        MS.join(E, E.c.group_id == MS.c.group_id),
+        MS.c.user_id.in_(bindparam("uids", expanding=True)),
+    ),
+)
+
+
 def grants(conn: Connection, *, machine_id: int, user_ids: list[int]) -> list[Grant]:
     """Every entitlement that applies on this machine to these users (one round trip)."""
-
-    def part(uid: Any, via: str, src: Any, where: Any) -> Any:
-        version = func.coalesce(E.c.version, _latest(E.c.layer_id))
-        return (
-            select(
-                uid.label("uid"),
-                literal(via).label("via"),
-                L.c.name,
-                LV.c.version,
-                LV.c.manifest_id,
-                E.c.priority,
-            )
-            .select_from(src)
-            .join(L, L.c.id == E.c.layer_id)
-            .join(LV, and_(LV.c.layer_id == E.c.layer_id, LV.c.version == version))
-            .where(where)
-        )
-
-    parts = [
-        part(literal(None, type_=E.c.user_id.type), "machine", E, E.c.machine_id == machine_id)
-    ]
     if user_ids:
-        parts.append(part(E.c.user_id, "user", E, E.c.user_id.in_(user_ids)))
-        joined = MS.join(E, E.c.group_id == MS.c.group_id)
-        parts.append(part(MS.c.user_id, "group", joined, MS.c.user_id.in_(user_ids)))
-    rows = conn.execute(union_all(*parts)).all()
+        rows = conn.execute(_GRANTS, {"mid": machine_id, "uids": user_ids}).all()
+    else:
+        rows = conn.execute(_GRANTS_MACHINE, {"mid": machine_id}).all()
     return [Grant(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
 
@@ -191,60 +220,73 @@ def _writable(name: str | None, policy: str | None, version: Any, manifest: Any)
 # -- login / logout ---------------------------------------------------------------------------
 
 
+_USER = (
+    select(U.c.id, W.c.id, W.c.policy, L.c.name, L.c.id, LV.c.version, LV.c.manifest_id)
+    .select_from(
+        U.outerjoin(W, W.c.user_id == U.c.id)
+        .outerjoin(L, L.c.id == W.c.layer_id)
+        .outerjoin(LV, and_(LV.c.layer_id == L.c.id, LV.c.version == _latest(L.c.id)))
+    )
+    .where(U.c.name == bindparam("name"))
+)
+_INSERT = {
+    name: dialect.insert(S)
+    .values(
+        user_id=bindparam("uid"),
+        machine_id=bindparam("mid"),
+        writable_id=bindparam("wid"),
+        base_version=bindparam("base"),
+        started_at=bindparam("at"),
+    )
+    .on_conflict_do_nothing()
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+_MINE = select(S.c.id, S.c.base_version).where(
+    S.c.user_id == bindparam("uid"), S.c.machine_id == bindparam("mid")
+)
+_HOLDER = (
+    select(M.c.name).join(S, S.c.machine_id == M.c.id).where(S.c.writable_id == bindparam("wid"))
+)
+_VERSION = select(LV.c.manifest_id).where(
+    LV.c.layer_id == bindparam("lid"), LV.c.version == bindparam("v")
+)
+
+
 def _user(conn: Connection, name: str) -> Any:
-    latest = _latest(W.c.layer_id)
-    row = conn.execute(
-        select(U.c.id, W.c.id, W.c.policy, L.c.name, L.c.id, latest)
-        .select_from(U.outerjoin(W, W.c.user_id == U.c.id).outerjoin(L, L.c.id == W.c.layer_id))
-        .where(U.c.name == name)
-    ).first()
+    row = conn.execute(_USER, {"name": name}).first()
     if row is None:
         raise NotFound(f"no user named {name!r}")
     return row
 
 
-def _insert_ignore(conn: Connection) -> Any:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(S)
-
-
 def login(conn: Connection, *, machine: AgentMachine, user: str) -> dict[str, Any]:
     """Open ``user``'s session on the machine (again: the same session) and say what to
     mount. Conflict when the user's writable layer is in use on another machine."""
-    uid, wid, policy, wname, wlayer, wversion = _user(conn, user)
-    stmt = _insert_ignore(conn).values(
-        user_id=uid,
-        machine_id=machine.id,
-        writable_id=wid,
-        base_version=wversion,
-        started_at=_now(),
-    )
-    created = conn.execute(stmt.on_conflict_do_nothing()).rowcount
-    base = wversion
-    if not created:
-        mine = conn.execute(
-            select(S.c.base_version).where(S.c.user_id == uid, S.c.machine_id == machine.id)
-        ).first()
+    uid, wid, policy, wname, wlayer, base, manifest = _user(conn, user)
+    params = {"uid": uid, "mid": machine.id, "wid": wid, "base": base, "at": _now()}
+    if conn.execute(_INSERT[conn.dialect.name], params).rowcount:
+        _touch(conn, machine.id)
+    else:
+        mine = conn.execute(_MINE, params).first()
         if mine is None:
-            holder = conn.execute(
-                select(M.c.name).join(S, S.c.machine_id == M.c.id).where(S.c.writable_id == wid)
-            ).scalar()
+            holder = conn.execute(_HOLDER, params).scalar()
             # None: the holder logged out in between; the agent retries.
             raise Conflict(f"{user}'s writable layer is in use on {holder or 'another machine'}")
-        base = mine[0]
-    else:
-        _touch(conn, machine.id)
-    manifest = None
-    if wlayer is not None and base is not None:
-        manifest = conn.execute(
-            select(LV.c.manifest_id).where(LV.c.layer_id == wlayer, LV.c.version == base)
-        ).scalar()
+        if mine[1] != base:  # logged in already: the session goes on from where it began
+            base = mine[1]
+            manifest = None
+            if base is not None:
+                manifest = conn.execute(_VERSION, {"lid": wlayer, "v": base}).scalar()
     all_grants = grants(conn, machine_id=machine.id, user_ids=[uid])
     return {
         "user": user,
         "layers": _layer_dicts(uid, all_grants),
         "writable": _writable(wname, policy, base, manifest),
     }
+
+
+_MINE_LOCKED = _MINE.with_for_update()
+_END = delete(S).where(S.c.id == bindparam("sid"))
 
 
 def logout(
@@ -258,18 +300,12 @@ def logout(
     """End the session; record the writable layer's new version first when one was saved.
     Repeating a logout that went through answers the same (an agent retrying after a lost
     response); a saved version for a session that does not exist is refused."""
-    uid, _wid, policy, wname, wlayer, wversion = _user(conn, user)
-    session = conn.execute(
-        select(S.c.id, S.c.base_version)
-        .where(S.c.user_id == uid, S.c.machine_id == machine.id)
-        .with_for_update()  # PostgreSQL; SQLite's BEGIN IMMEDIATE already serializes writers
-    ).first()
+    uid, _wid, policy, wname, wlayer, wversion, wmanifest = _user(conn, user)
+    # FOR UPDATE on PostgreSQL; SQLite's BEGIN IMMEDIATE already serializes writers.
+    session = conn.execute(_MINE_LOCKED, {"uid": uid, "mid": machine.id}).first()
     if session is None:
         if saved is not None and wlayer is not None:
-            last = conn.execute(
-                select(LV.c.manifest_id).where(LV.c.layer_id == wlayer, LV.c.version == wversion)
-            ).scalar()
-            if last == saved["manifest"]:
+            if wmanifest == saved["manifest"]:
                 return {"user": user, "ended": False, "saved": f"{wname}@{wversion}"}
             raise Conflict(f"{user} has no session on {machine.name}: nothing to save into")
         return {"user": user, "ended": False, "saved": None}
@@ -283,7 +319,7 @@ def logout(
             base=session[1],
             saved=saved | {"policy": policy},
         )
-    conn.execute(delete(S).where(S.c.id == session[0]))
+    conn.execute(_END, {"sid": session[0]})
     _touch(conn, machine.id)
     return {"user": user, "ended": True, "saved": ref}
 
@@ -344,20 +380,24 @@ def _save(
 # -- desired state ----------------------------------------------------------------------------
 
 
+_IDENTITY_REV = select(M.c.identity_rev).where(M.c.id == bindparam("mid"))
+_SESSIONS = (
+    select(U.c.id, U.c.name, W.c.policy, L.c.name, S.c.base_version, LV.c.manifest_id)
+    .select_from(
+        S.join(U, U.c.id == S.c.user_id)
+        .outerjoin(W, W.c.id == S.c.writable_id)
+        .outerjoin(L, L.c.id == W.c.layer_id)
+        .outerjoin(LV, and_(LV.c.layer_id == L.c.id, LV.c.version == S.c.base_version))
+    )
+    .where(S.c.machine_id == bindparam("mid"))
+    .order_by(U.c.name)
+)
+
+
 def desired(conn: Connection, *, machine: AgentMachine) -> dict[str, Any]:
     """What should be mounted on the machine now; ``rev`` changes when any of it does."""
-    identity_rev = conn.execute(select(M.c.identity_rev).where(M.c.id == machine.id)).scalar()
-    rows = conn.execute(
-        select(U.c.id, U.c.name, W.c.policy, L.c.name, S.c.base_version, LV.c.manifest_id)
-        .select_from(
-            S.join(U, U.c.id == S.c.user_id)
-            .outerjoin(W, W.c.id == S.c.writable_id)
-            .outerjoin(L, L.c.id == W.c.layer_id)
-            .outerjoin(LV, and_(LV.c.layer_id == L.c.id, LV.c.version == S.c.base_version))
-        )
-        .where(S.c.machine_id == machine.id)
-        .order_by(U.c.name)
-    ).all()
+    identity_rev = conn.execute(_IDENTITY_REV, {"mid": machine.id}).scalar()
+    rows = conn.execute(_SESSIONS, {"mid": machine.id}).all()
     all_grants = grants(conn, machine_id=machine.id, user_ids=[r[0] for r in rows])
     sessions = [
         {
