@@ -6,6 +6,8 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
+
 from lamina.home import Home
 from lamina.layer import runtime
 from lamina.layer.importer import import_layer, load_tree
@@ -15,7 +17,7 @@ from lamina.names import parse_ref
 from tests.conftest import Cli
 from tests.layer.conftest import busybox_root, mounted, needs_root
 
-pytestmark = needs_root
+pytestmark = [needs_root, pytest.mark.peers]
 
 INSTALL = (
     "mkdir -p /opt/tool && echo 'tool 1.0' > /opt/tool/run && rm /etc/motd"

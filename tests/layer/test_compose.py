@@ -128,7 +128,8 @@ def test_diff_reports_added_removed_changed_not_mtime() -> None:
 
 def test_fingerprint_round_trip_and_corruption() -> None:
     fp = Fingerprint.of(Tree.of([_d(""), _d("a"), _f("a/b")]))
-    assert Fingerprint.from_bytes(fp.to_bytes()) == fp and len(fp.items) == 2  # no root
+    assert Fingerprint.from_bytes(fp.to_bytes()) == fp and len(fp) == 2  # no root
+    assert fp.get(path_hash("a/b")) == fp.as_dict()[path_hash("a/b")] and fp.get(1) is None
     with pytest.raises(CorruptObject):
         Fingerprint.from_bytes(fp.to_bytes()[:-1])
 
@@ -153,3 +154,16 @@ def test_identical_hard_links_do_not_clash() -> None:
 
 def test_path_hash_is_stable() -> None:
     assert path_hash("etc/passwd") == path_hash("etc/passwd") != path_hash("etc/passwe")
+
+
+def test_small_against_large_layers_uses_lookups_and_agrees() -> None:
+    large = Tree.of(
+        [_f(f"opt/big/{i}", str(i).encode()) for i in range(2000)] + [_f("etc/x", b"L")]
+    )
+    small = Tree.of([_f("etc/x", b"S"), _f("opt/big/7", b"7"), _f("opt/small")])
+    big_fp, small_fp = Fingerprint.of(large), Fingerprint.of(small)
+    assert len(small_fp) * 16 < len(big_fp)  # the lookup path is the one taken
+    found = clashes(
+        [Fingerprint.from_bytes(small_fp.to_bytes()), Fingerprint.from_bytes(big_fp.to_bytes())]
+    )
+    assert [(c.path_hash, c.first, c.second) for c in found] == [(path_hash("etc/x"), 0, 1)]

@@ -19,7 +19,7 @@ from lamina.names import parse_ref
 from tests.conftest import Cli
 from tests.layer.conftest import mounted, needs_root, write_tree
 
-pytestmark = needs_root
+pytestmark = [needs_root, pytest.mark.peers]
 
 
 def _layer(home: Home, tmp_path: Path, name: str, files: dict[str, str | bytes | None]) -> str:

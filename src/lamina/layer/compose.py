@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Final
@@ -123,8 +124,13 @@ def diff(a: Tree, b: Tree) -> Diff:
 
 FP_MAGIC: Final = b"LMFP"
 FP_VERSION: Final = 1
-_FP_HEAD = struct.Struct("<4sB3xI")
+# magic, version, entry count, padding to 16 bytes so the arrays that follow are aligned
+_FP_HEAD = struct.Struct("<4sB3xI4x")
 DIR_CONTENT: Final = 0  # the content hash of every directory: directories merge, never clash
+# Below this size ratio a pair of layers is compared by looking the smaller one's paths up
+# in the larger one's sorted array (bisect, no copy) instead of building two dicts: a
+# 100-file layer against a 50,000-file one then costs 100 lookups, not 50,100 inserts.
+_LOOKUP_RATIO: Final = 16
 
 
 def path_hash(path: str) -> int:
@@ -148,20 +154,43 @@ def _content_hash(e: Entry, tree: Tree) -> int:
     return int.from_bytes(h.digest(8), "little") | 1  # never DIR_CONTENT
 
 
-@dataclass(frozen=True, slots=True)
 class Fingerprint:
-    """Path hash -> content hash for every entry of a tree."""
+    """Path hash -> content hash for every entry of a tree, as two arrays sorted by path
+    hash (read from disk without a copy, searched with bisect)."""
 
-    items: dict[int, int]
+    def __init__(self, keys: Sequence[int], values: Sequence[int]) -> None:
+        self.keys = keys
+        self.values = values
 
     @classmethod
     def of(cls, tree: Tree) -> Fingerprint:
-        return cls({path_hash(e.path): _content_hash(e, tree) for e in tree if e.path})
+        pairs = sorted((path_hash(e.path), _content_hash(e, tree)) for e in tree if e.path)
+        return cls(array("Q", (k for k, _ in pairs)), array("Q", (v for _, v in pairs)))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Fingerprint) and self.to_bytes() == other.to_bytes()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def get(self, key: int) -> int | None:
+        i = bisect_left(self.keys, key)
+        return self.values[i] if i < len(self.keys) and self.keys[i] == key else None
+
+    def as_dict(self) -> dict[int, int]:
+        return dict(zip(self.keys, self.values, strict=True))
 
     def to_bytes(self) -> bytes:
-        keys = array("Q", self.items.keys())
-        values = array("Q", self.items.values())
-        return _FP_HEAD.pack(FP_MAGIC, FP_VERSION, len(keys)) + keys.tobytes() + values.tobytes()
+        n = len(self.keys)
+        return b"".join(
+            (
+                _FP_HEAD.pack(FP_MAGIC, FP_VERSION, n),
+                array("Q", self.keys).tobytes(),
+                array("Q", self.values).tobytes(),
+            )
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Fingerprint:
@@ -170,10 +199,8 @@ class Fingerprint:
         magic, version, n = _FP_HEAD.unpack_from(data)
         if magic != FP_MAGIC or version != FP_VERSION or len(data) != _FP_HEAD.size + 16 * n:
             raise CorruptObject("fingerprint: bad magic, version or length")
-        keys, values = array("Q"), array("Q")
-        keys.frombytes(data[_FP_HEAD.size : _FP_HEAD.size + 8 * n])
-        values.frombytes(data[_FP_HEAD.size + 8 * n :])
-        return cls(dict(zip(keys, values, strict=True)))
+        view = memoryview(data)[_FP_HEAD.size :]
+        return cls(view[: 8 * n].cast("Q"), view[8 * n :].cast("Q"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,18 +212,27 @@ class Clash:
     second: int
 
 
+def _pair(a: Fingerprint, b: Fingerprint) -> Iterator[int]:
+    """Path hashes ``a`` and ``b`` both have, with different content."""
+    if len(a) * _LOOKUP_RATIO < len(b) or len(b) * _LOOKUP_RATIO < len(a):
+        small, large = (a, b) if len(a) < len(b) else (b, a)
+        for key, value in zip(small.keys, small.values, strict=True):
+            other = large.get(key)
+            if other is not None and other != value:
+                yield key
+        return
+    da, db = a.as_dict(), b.as_dict()
+    yield from (key for key in da.keys() & db.keys() if da[key] != db[key])
+
+
 def clashes(apps: Sequence[Fingerprint], *, only: int | None = None) -> list[Clash]:
     """Paths two app layers provide with different content; with ``only``, just the pairs
     that include layer ``only`` (attaching one layer to a mount already checked)."""
     found = []
     for i, a in enumerate(apps):
         for j in range(i + 1, len(apps)):
-            if only is not None and only not in (i, j):
-                continue
-            b = apps[j].items
-            for key in a.items.keys() & b.keys():
-                if a.items[key] != b[key]:
-                    found.append(Clash(key, i, j))
+            if only is None or only in (i, j):
+                found += [Clash(key, i, j) for key in sorted(_pair(a, apps[j]))]
     return found
 
 

@@ -52,7 +52,7 @@ def _base_paths(home: Home, bases: Sequence[VersionInfo]) -> set[int]:
     hashes: set[int] = set()
     for b in bases:
         prepare.prepare_image(home.root, home.store, b.manifest, _loader(home, b.manifest))
-        hashes |= prepare.fingerprint(home.root, b.manifest).items.keys()
+        hashes.update(prepare.fingerprint(home.root, b.manifest).keys)
     return hashes
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -211,9 +212,22 @@ def manifest_ids(session: Session) -> list[str]:
 # -- mounts -----------------------------------------------------------------------------------
 
 
+def _mount_options() -> list[Any]:
+    """Load a mount with its layers and their names in 4 queries instead of one per row."""
+    return [
+        selectinload(LayerMount.layers)
+        .selectinload(LayerMountLayer.version)
+        .selectinload(LayerVersion.layer),
+        selectinload(LayerMount.writable_layer),
+        selectinload(LayerMount.writable_version).selectinload(LayerVersion.layer),
+    ]
+
+
 def find_mount(session: Session, *, host: str, root: str) -> LayerMount | None:
     return session.scalars(
-        select(LayerMount).where(LayerMount.host == host, LayerMount.root == root)
+        select(LayerMount)
+        .where(LayerMount.host == host, LayerMount.root == root)
+        .options(*_mount_options())
     ).one_or_none()
 
 
@@ -249,7 +263,7 @@ def add_mount(
         policy=policy,
         generation=1,
     )
-    mount.layers = [LayerMountLayer(position=i, version_id=v.id) for i, v in enumerate(layers)]
+    mount.layers = [LayerMountLayer(position=i, version=v) for i, v in enumerate(layers)]
     try:
         with session.begin_nested():
             session.add(mount)
@@ -270,13 +284,17 @@ def set_mount_layers(
     """Replace a mount's read-only layers (attach/detach) and bump its generation."""
     mount.layers.clear()
     session.flush()
-    mount.layers = [LayerMountLayer(position=i, version_id=v.id) for i, v in enumerate(layers)]
+    mount.layers = [LayerMountLayer(position=i, version=v) for i, v in enumerate(layers)]
     mount.generation += 1
     session.flush()
 
 
 def mounts_on(session: Session, *, host: str) -> list[LayerMount]:
-    return list(session.scalars(select(LayerMount).where(LayerMount.host == host)))
+    return list(
+        session.scalars(
+            select(LayerMount).where(LayerMount.host == host).options(*_mount_options())
+        )
+    )
 
 
 def delete_mount(session: Session, *, mount: LayerMount) -> None:
