@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from lamina import __version__
 from lamina.errors import AlreadyExists, Conflict, InvalidInput, LaminaError, NotFound, UsageError
 from lamina.home import Home
-from lamina.manager.routers import admin, agent, data
+from lamina.manager.routers import admin, agent, data, stream
 
 # Lamina's errors as HTTP statuses (anything else stays a 500).
 STATUS: list[tuple[type[LaminaError], int]] = [
@@ -28,6 +28,7 @@ def create_app(home: Home) -> FastAPI:
     app.include_router(data.router)
     app.include_router(agent.router)
     app.include_router(admin.router)
+    app.include_router(stream.router)
 
     @app.exception_handler(LaminaError)
     def lamina_error(_request: Request, exc: LaminaError) -> JSONResponse:

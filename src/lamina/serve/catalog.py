@@ -139,9 +139,14 @@ class ExportCatalog:
                 from lamina.manager.services import machines
 
                 return MemoryDevice(r.info, self._seed(machines.get(session, r.machine)))
+        from lamina.stream import profile, receive
+
+        receive.recover(self.home, r.machine)  # finish a synced upload a crash interrupted
         base = self._image_device(r.info, r.manifest_id)
         delta = Delta(self.home.deltas_dir / r.machine, size=r.info.size, base_id=r.manifest_id)
-        return MachineDevice(r.info, base, delta)
+        machine = MachineDevice(r.info, base, delta)
+        # A machine export opening is a boot: note the order of its first reads.
+        return profile.record_boot(self.home, machine, self._manifest(r.manifest_id))
 
     def release(self, name: str) -> None:
         with self._lock:

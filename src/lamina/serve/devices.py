@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from lamina.image import ImageReader
 from lamina.nbd import ExportInfo, State
-from lamina.nbd.device import Extent
+from lamina.nbd.device import BlockDevice, Extent
 from lamina.nbd.events import Buffer
 from lamina.serve.delta import BLOCK, Delta
 from lamina.store import ZERO_ID
@@ -67,7 +67,7 @@ class ImageDevice:
 class MachineDevice:
     """A machine: its pinned image version with its delta on top."""
 
-    def __init__(self, info: ExportInfo, base: ImageDevice, delta: Delta) -> None:
+    def __init__(self, info: ExportInfo, base: BlockDevice, delta: Delta) -> None:
         self.info = info
         self.base = base
         self.delta = delta

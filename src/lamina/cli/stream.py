@@ -1,0 +1,250 @@
+"""lamina stream IMAGE | stream status | stream sync"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from lamina.cli.common import HomeOpt, JsonOpt, emit_json, human, open_home, out
+from lamina.errors import LaminaError, UsageError
+
+
+class _DefaultRun(TyperGroup):
+    """``lamina stream IMAGE ...`` means ``lamina stream run IMAGE ...``."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=_DefaultRun,
+    help="Stream an image from a manager: a local NBD endpoint that fetches on demand.",
+    no_args_is_help=True,
+)
+
+CacheOpt = Annotated[
+    Path, typer.Option("--cache", help="The stream's cache directory.", show_default=False)
+]
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_rate(text: str | None) -> float | None:
+    """``10M``, ``512KiB``, ``1G``, ``2500000``: bytes per second (binary multiples)."""
+    if text is None or text in ("", "0", "none", "unlimited"):
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?)(?:i?B)?(?:/s)?", text.strip(), re.IGNORECASE)
+    if match is None:
+        raise UsageError(f"bad --rate {text!r}: expected bytes per second such as 20M or 512K")
+    return float(match[1]) * _UNITS[match[2].upper()]
+
+
+def _ask(cache: Path, op: str, timeout: float | None) -> dict[str, Any] | None:
+    """Ask the endpoint running on ``cache``; None when none answers."""
+    from lamina.stream.endpoint import control_address
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(control_address(cache))
+        except OSError:
+            return None
+        sock.sendall(json.dumps({"op": op}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            piece = sock.recv(1 << 16)
+            if not piece:
+                break
+            data += piece
+    answer: dict[str, Any] = json.loads(data or b"{}")
+    if not answer.get("ok"):
+        error = LaminaError(str(answer.get("error", "the endpoint gave no answer")))
+        error.exit_code = int(answer.get("code", 1))
+        raise error
+    return answer
+
+
+@app.command("run")
+def run(
+    image: Annotated[str, typer.Argument(help="IMAGE or IMAGE@VERSION (the export's name).")],
+    url: Annotated[
+        str | None, typer.Option("--from", help="Manager URL, e.g. http://manager:8480.")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="LAMINA_TOKEN", help="Admin or machine token."),
+    ] = None,
+    cache: Annotated[
+        Path | None, typer.Option("--cache", help="Cache directory [HOME/stream/NAME].")
+    ] = None,
+    nbd: Annotated[str, typer.Option("--nbd", help="NBD listen address.")] = "127.0.0.1:10810",
+    machine: Annotated[
+        str | None, typer.Option("--machine", help="Serve this machine, writable.")
+    ] = None,
+    rate: Annotated[
+        str | None, typer.Option("--rate", help="Bandwidth limit in bytes/s (20M, 512K).")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds a read waits for a missing chunk.")
+    ] = 30.0,
+    hydrate: Annotated[
+        bool, typer.Option("--hydrate/--no-hydrate", help="Fetch everything in the background.")
+    ] = True,
+    connections: Annotated[
+        int, typer.Option("--connections", help="Parallel HTTP connections.")
+    ] = 8,
+    home: HomeOpt = None,
+) -> None:
+    """Serve IMAGE as a local NBD export at once; fetch chunks as they are read."""
+    from lamina.serve.server import parse_address
+    from lamina.stream.endpoint import StreamOptions
+    from lamina.stream.endpoint import run as run_endpoint
+
+    if timeout <= 0 or connections < 1:
+        raise UsageError("--timeout must be positive and --connections at least 1")
+    if cache is None:
+        cache = open_home(home).root / "stream" / (machine or image.replace("@", "-"))
+    options = StreamOptions(
+        image=image,
+        cache=cache.expanduser().absolute(),
+        nbd=parse_address(nbd, "--nbd"),
+        url=url,
+        token=token,
+        machine=machine,
+        rate=parse_rate(rate),
+        timeout=timeout,
+        hydrate=hydrate,
+        connections=connections,
+    )
+    run_endpoint(options)
+
+
+def _status(cache: Path) -> dict[str, Any]:
+    from lamina.stream.cache import is_locked, offline_status
+
+    answer = _ask(cache, "status", 10.0) if is_locked(cache) else None
+    if answer is not None:
+        status: dict[str, Any] = answer["status"]
+        return status
+    return offline_status(cache) | {"running": False, "rate_bytes_per_s": 0}
+
+
+def _show(status: dict[str, Any]) -> None:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    state = "complete" if status["complete"] else "hydrating" if status["running"] else "stopped"
+    if status.get("online") is False:
+        state += ", manager unreachable"
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TextColumn("{task.fields[rate]}/s"),
+        console=out,
+        auto_refresh=False,
+    )
+    data, cached = status["data_bytes"], status["cached_data_bytes"]
+    bar.add_task(
+        status["image"], total=max(data, 1), completed=cached if data else 1,
+        rate=human(status.get("rate_bytes_per_s", 0)),
+    )  # fmt: skip
+    bar.refresh()
+    out.print(bar.get_renderable())
+    out.print(
+        f"{state}: {human(status['cached_bytes'])} of {human(status['size'])} readable locally"
+        + (f", machine {status['machine']}" if status.get("machine") else "")
+    )
+
+
+@app.command("status")
+def status(
+    cache: CacheOpt,
+    as_json: JsonOpt = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Follow until complete.")] = False,
+) -> None:
+    """Size, cached bytes, completeness and fetch rate of a stream's cache."""
+    import sys
+
+    while True:
+        current = _status(cache)
+        if as_json:
+            emit_json(current)
+        elif sys.stdout.isatty():
+            _show(current)
+        else:
+            rate = human(current.get("rate_bytes_per_s", 0))
+            out.print(
+                f"{current['image']}: {human(current['cached_bytes'])} of"
+                f" {human(current['size'])} cached, complete={current['complete']},"
+                f" rate {rate}/s, running={current['running']}"
+            )
+        if not watch or current["complete"]:
+            return
+        time.sleep(1.0)
+
+
+@app.command("sync")
+def sync(
+    cache: CacheOpt,
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="LAMINA_TOKEN", help="Overrides the cache's.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload a stateful machine's local writes to the manager as its delta."""
+    from lamina.stream.cache import is_locked
+
+    answer = _ask(cache, "sync", None) if is_locked(cache) else None
+    result = answer["result"] if answer is not None else _sync_here(cache, token)
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(
+            f"{result['machine']}: {result['status']}"
+            + (f", {result['blocks']} blocks" if result.get("blocks") else "")
+        )
+
+
+def _sync_here(cache: Path, token: str | None) -> dict[str, Any]:
+    """No endpoint is running: sync from the files."""
+    import asyncio
+    import os
+    from dataclasses import replace
+
+    from lamina.stream import cache as cachedir
+    from lamina.stream.remote import Remote
+    from lamina.stream.stack import DeltaStack
+    from lamina.stream.sync import check_syncable
+    from lamina.stream.sync import sync as run_sync
+
+    lock = cachedir.lock_dir(cache)
+    try:
+        config = cachedir.read_config(cache)
+        if token:
+            config = replace(config, token=token)
+        check_syncable(config)
+        stack = DeltaStack(
+            cache / "deltas", size=config.size, base_id=bytes.fromhex(config.manifest_id)
+        )
+
+        async def go() -> dict[str, Any]:
+            remote = Remote(config.url, config.token, connections=2)
+            try:
+                return await run_sync(stack, remote, config)
+            finally:
+                await remote.close()
+
+        try:
+            return asyncio.run(go())
+        finally:
+            stack.close()
+    finally:
+        os.close(lock)

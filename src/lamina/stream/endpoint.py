@@ -1,0 +1,358 @@
+"""``lamina stream``: the local endpoint (one event loop, uvloop when available).
+
+Start-up needs the manager only for a new cache (image info, manifest, a stateful
+machine's delta); a cache that exists starts from its files alone, so a restart with the
+manager unreachable serves at once. Then, side by side: the NBD server, background
+hydration (boot profile first), marks persisted every 200 ms, ``status.json`` refreshed
+every second, and a control socket for ``lamina stream status`` and ``sync``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from lamina import logs
+from lamina.errors import Conflict, LaminaError, UsageError
+from lamina.names import parse_ref
+from lamina.nbd import ExportInfo
+from lamina.nbd.aio import NbdServerProtocol
+from lamina.nbd.device import BlockDevice
+from lamina.stream import cache as cachedir
+from lamina.stream import transfer
+from lamina.stream.cache import ChunkFiles, StreamConfig
+from lamina.stream.deltas import apply_runs
+from lamina.stream.device import StreamCatalog, StreamImageDevice, StreamMachineDevice
+from lamina.stream.fetch import Fetcher
+from lamina.stream.rate import Backoff, TokenBucket
+from lamina.stream.remote import Remote, Unreachable
+from lamina.stream.schedule import Hydration
+from lamina.stream.stack import DeltaStack
+from lamina.stream.stack import write_json_atomic as write_json
+from lamina.stream.sync import sync
+
+DEFAULT_NBD = "127.0.0.1:10810"
+DEFAULT_TIMEOUT = 30.0
+
+
+@dataclass
+class StreamOptions:
+    image: str  # IMAGE or IMAGE@VERSION: also the export's name
+    cache: Path
+    nbd: tuple[str, int]
+    url: str | None = None
+    token: str | None = None
+    machine: str | None = None
+    rate: float | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    hydrate: bool = True
+    connections: int = 8
+
+
+def control_address(cache: Path) -> str:
+    """The endpoint's control socket: abstract (nothing to clean up after a kill -9)."""
+    key = hashlib.sha256(str(cache.resolve()).encode()).hexdigest()[:24]
+    return f"\0lamina-stream-{key}"
+
+
+# -- preparing the cache -------------------------------------------------------------------
+
+
+async def _new_config(options: StreamOptions, remote: Remote) -> tuple[StreamConfig, bytes]:
+    ref = parse_ref(options.image, "image name")
+    mode = None
+    if options.machine is not None:
+        info = await remote.machine_info(options.machine)
+        if info["image"] != ref.name or ref.version not in (None, info["version"]):
+            raise UsageError(
+                f"machine {options.machine} is pinned to {info['image']}@{info['version']},"
+                f" not {options.image}"
+            )
+        mode = str(info["mode"])
+    else:
+        info = await remote.image_info(ref.name, ref.version)
+    manifest = await remote.manifest(info["image"], int(info["version"]))
+    config = StreamConfig(
+        url=remote.url,
+        image=str(info["image"]),
+        version=int(info["version"]),
+        manifest_id=str(info["manifest_id"]),
+        size=int(info["size"]),
+        chunk_size=int(info["chunk_size"]),
+        token=options.token or "",
+        machine=options.machine,
+        mode=mode,
+    )
+    return config, manifest
+
+
+async def prepare(options: StreamOptions, log: logging.Logger) -> StreamConfig:
+    """Open the cache under ``options.cache`` (the caller holds its lock), laying it out
+    first when it is new."""
+    root = options.cache
+    if (root / "config.json").exists():
+        config = cachedir.read_config(root)
+        ref = parse_ref(options.image, "image name")
+        if ref.name != config.image or ref.version not in (None, config.version):
+            raise Conflict(f"{root} caches {config.image}@{config.version}, not {options.image}")
+        if options.machine != config.machine:
+            raise Conflict(f"{root} belongs to machine {config.machine}, not {options.machine}")
+        changes: dict[str, Any] = {}
+        if options.url and options.url.rstrip("/") != config.url:
+            changes["url"] = options.url.rstrip("/")
+        if options.token and options.token != config.token:
+            changes["token"] = options.token
+        if changes:
+            config = replace(config, **changes)
+            cachedir.update_config(root, config)
+        return config
+    if not options.url or not options.token:
+        raise UsageError("a new cache needs --from URL and --token T")
+    remote = Remote(options.url, options.token, connections=2)
+    try:
+        config, manifest = await _new_config(options, remote)
+    except Unreachable as exc:
+        raise Unreachable(f"cannot reach the manager to start a new cache: {exc}") from None
+    finally:
+        await remote.close()
+    cachedir.create(root, config, manifest)
+    logs.event(log, "cache-created", cache=str(root), image=f"{config.image}@{config.version}")
+    return config
+
+
+async def _refresh_mode(config: StreamConfig, remote: Remote, root: Path) -> StreamConfig:
+    """A machine's mode may have changed on the manager; keep the cached one offline."""
+    if config.machine is None:
+        return config
+    with contextlib.suppress(Unreachable):
+        info = await asyncio.wait_for(remote.machine_info(config.machine), 3.0)
+        if info.get("mode") != config.mode:
+            config = replace(config, mode=str(info["mode"]))
+            cachedir.update_config(root, config)
+    return config
+
+
+async def _fetch_machine_delta(
+    config: StreamConfig, remote: Remote, stack: DeltaStack, root: Path
+) -> StreamConfig:
+    """A stateful machine's delta as the manager holds it becomes the synced layer (once,
+    when the cache is new: later the synced layer follows from this endpoint's syncs)."""
+    assert config.machine is not None
+    blob = transfer.decode(await remote.machine_delta(config.machine))
+    if blob.base_id.hex() != config.manifest_id:
+        raise Conflict(f"machine {config.machine}'s delta belongs to another image version")
+    await asyncio.to_thread(apply_runs, stack.synced, blob.runs)
+    config = replace(config, delta_fetched=True)
+    cachedir.update_config(root, config)
+    return config
+
+
+# -- the endpoint ----------------------------------------------------------------------------
+
+
+class Endpoint:
+    def __init__(self, options: StreamOptions, config: StreamConfig, log: logging.Logger) -> None:
+        self.options = options
+        self.config = config
+        self.log = log
+        self.root = options.cache
+        self.files = ChunkFiles(self.root, config)
+        self.store_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
+        # Reads waiting for the network hold a thread each: room for many at once.
+        self.nbd_pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="io")
+        self.remote = Remote(config.url, config.token, connections=options.connections)
+        bucket = TokenBucket(options.rate, now=time.monotonic())
+        self.fetcher = Fetcher(self.remote, self.files, self.store_pool, log, bucket=bucket)
+        self.stack: DeltaStack | None = None
+        self.device: BlockDevice | None = None
+        self.started = time.monotonic()
+        self._sync_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def open_device(self) -> BlockDevice:
+        loop = asyncio.get_running_loop()
+        info = ExportInfo(
+            self.options.image,
+            self.config.size,
+            read_only=self.config.machine is None,
+            description=f"{self.config.image}@{self.config.version} (streamed)",
+        )
+        image = StreamImageDevice(info, self.files, self.fetcher, loop, self.options.timeout)
+        if self.config.machine is None:
+            self.device = image
+            return image
+        self.config = await _refresh_mode(self.config, self.remote, self.root)
+        stack = DeltaStack(
+            self.root / "deltas",
+            size=self.config.size,
+            base_id=bytes.fromhex(self.config.manifest_id),
+        )
+        self.stack = stack
+        if self.config.mode == "stateless":
+            stack.drop_local()
+        elif not self.config.delta_fetched:
+            self.config = await _fetch_machine_delta(self.config, self.remote, stack, self.root)
+        self.device = StreamMachineDevice(info, image, stack)
+        return self.device
+
+    async def _hydrate(self) -> None:
+        backoff = Backoff(cap=5.0)
+        profile: list[int] = []
+        while True:  # the profile first; an unreachable manager is waited for
+            try:
+                profile = await self.remote.profile(self.config.image, self.config.version)
+                break
+            except Unreachable as exc:
+                self.fetcher._state(False, str(exc))
+                await asyncio.sleep(backoff.next())
+            except LaminaError as exc:
+                logs.event(self.log, "no-profile", reason=str(exc))
+                break
+        hydration = Hydration(self.files.index, profile)
+        logs.event(
+            self.log, "hydrating", profile_chunks=hydration.profiled, chunks=len(hydration.order)
+        )
+        await self.fetcher.hydrate(hydration)
+        await self.fetcher.persist()
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        data = cachedir.summary(self.config, self.files.index)
+        data |= {
+            "running": True,
+            "pid": os.getpid(),
+            "export": self.options.image,
+            "nbd": f"nbd://{self.options.nbd[0]}:{self.options.nbd[1]}/{self.options.image}",
+            "online": self.fetcher.online,
+            "last_error": self.fetcher.last_error or None,
+            "rate_bytes_per_s": round(self.fetcher.meter.rate(now)),
+            "fetched_bytes": self.fetcher.meter.total,
+            "fetched_chunks": self.fetcher.counters.fetched_chunks,
+            "demand_chunks": self.fetcher.counters.demand_chunks,
+            "corrupt_refetched": self.fetcher.counters.corrupt,
+            "retries": self.fetcher.counters.retries,
+            "hydrating": self.options.hydrate and not self.files.index.complete,
+            "uptime_s": round(now - self.started, 1),
+        }
+        if self.stack is not None:
+            data["mode"] = self.config.mode
+            data["local_delta_blocks"] = self.stack.local_blocks()
+            data["sync"] = self.stack.state.next_step() if self.stack.state.sealed else None
+        return data
+
+    async def _status_loop(self) -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(write_json, self.root / "status.json", self.status())
+            await asyncio.sleep(1.0)
+
+    async def do_sync(self) -> dict[str, Any]:
+        async with self._sync_lock:
+            assert self.stack is not None
+            device = self.device
+            changed = device.rebuild if isinstance(device, StreamMachineDevice) else (lambda: None)
+            return await sync(self.stack, self.remote, self.config, changed=changed)
+
+    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = json.loads(await reader.readline() or b"{}")
+            op = request.get("op")
+            if op == "status":
+                answer: dict[str, Any] = {"ok": True, "status": self.status()}
+            elif op == "sync":
+                if self.stack is None:
+                    raise UsageError("this stream has no machine (start it with --machine NAME)")
+                answer = {"ok": True, "result": await self.do_sync()}
+            else:
+                answer = {"ok": False, "error": f"unknown request {op!r}", "code": 2}
+        except LaminaError as exc:
+            answer = {"ok": False, "error": str(exc), "code": exc.exit_code}
+        except (ValueError, OSError) as exc:
+            answer = {"ok": False, "error": str(exc), "code": 1}
+        with contextlib.suppress(OSError):
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+            writer.close()
+
+    async def run(self, ready: Any = None) -> None:
+        loop = asyncio.get_running_loop()
+        device = await self.open_device()
+        catalog = StreamCatalog(device)
+        nbd = await loop.create_server(
+            lambda: NbdServerProtocol(catalog, self.nbd_pool, self.log),
+            *self.options.nbd,
+            reuse_address=True,
+        )
+        control = await asyncio.start_unix_server(self._control, path=control_address(self.root))
+        self._tasks = [
+            asyncio.create_task(self.fetcher.persist_loop()),
+            asyncio.create_task(self._status_loop()),
+        ]
+        if self.options.hydrate and not self.files.index.complete:
+            self._tasks.append(asyncio.create_task(self._hydrate()))
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        logs.event(
+            self.log,
+            "streaming",
+            export=self.status()["nbd"],
+            image=f"{self.config.image}@{self.config.version}",
+            machine=self.config.machine,
+            mode=self.config.mode,
+            complete=self.files.index.complete,
+        )
+        if ready is not None:
+            ready()
+        try:
+            await stop.wait()
+        finally:
+            nbd.close()
+            control.close()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.fetcher.persist()
+            with contextlib.suppress(OSError):
+                write_json(self.root / "status.json", self.status() | {"running": False})
+            self.close()
+            await self.remote.close()
+            logs.event(self.log, "stopped")
+
+    def close(self) -> None:
+        if self.stack is not None:
+            self.stack.close()
+        self.nbd_pool.shutdown(wait=False, cancel_futures=True)
+        self.store_pool.shutdown(wait=True)
+        self.files.close()
+
+
+async def main(options: StreamOptions, ready: Any = None) -> None:
+    log = logs.setup()
+    lock_fd = cachedir.lock_dir(options.cache)
+    try:
+        config = await prepare(options, log)
+        endpoint = Endpoint(options, config, log)
+        await endpoint.run(ready)
+    finally:
+        os.close(lock_fd)
+
+
+def run(options: StreamOptions) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(main(options))
+    except ImportError:
+        asyncio.run(main(options))
