@@ -8,7 +8,19 @@ import sys
 import typer
 
 from lamina._tuning import tune_process
-from lamina.cli import access, admin, demo, image, layer, machine, mount, serve, store, stream
+from lamina.cli import (
+    access,
+    admin,
+    agent,
+    demo,
+    image,
+    layer,
+    machine,
+    mount,
+    serve,
+    store,
+    stream,
+)
 from lamina.errors import LaminaError
 
 app = typer.Typer(
@@ -24,6 +36,7 @@ app.add_typer(layer.app, name="layer")
 app.add_typer(machine.app, name="machine")
 app.add_typer(machine.delta_app, name="delta")
 app.add_typer(admin.app, name="admin")
+app.add_typer(agent.app, name="agent")
 app.add_typer(stream.app, name="stream")
 mount.register(app)
 serve.register(app)

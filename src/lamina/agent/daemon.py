@@ -1,0 +1,369 @@
+"""``lamina agent``: the process on each machine.
+
+- At start it reports the boot (``POST /agent/boot``) and applies the identity it gets.
+- ``lamina agent login USER`` / ``logout USER`` (a PAM session hook runs them) talk to the
+  running agent over a unix socket in its home (``run/agent.sock``, root only), so one
+  process owns the mounts and serializes them. Login claims the session at the manager,
+  fetches the entitled layers and the writable layer into the host's store, and composes
+  them at ``ROOT/USER``. Logout unmounts (the writable layer keeps what its policy keeps),
+  uploads the new writable version and ends the session at the manager.
+- A long-poll of ``/agent/desired`` brings entitlement changes: layers attach and detach
+  live in the sessions they concern.
+- When the manager is away, every call retries with capped exponential backoff. A logout
+  whose new writable version could not yet be handed over is kept in ``agent/pending/``
+  and retried until the manager records it; the user's next login here waits for it, and
+  the manager refuses a login elsewhere until then, so nothing a user wrote is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lamina import logs
+from lamina.agent import fetch
+from lamina.agent.reconcile import Attach, Detach, Have, Pending, Stale, Want, plan
+from lamina.errors import LaminaError, UsageError
+from lamina.home import Home
+from lamina.manager.client import ManagerClient, Unreachable
+
+T = TypeVar("T")
+# Backoff between retries: 0.2 s doubling to 5 s, +-25% jitter so that 10,000 agents
+# coming back after a manager restart do not arrive in one wave.
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 5.0
+WAIT = 30  # long-poll seconds
+
+
+def socket_path(home: Home) -> Path:
+    return home.root / "run" / "agent.sock"
+
+
+def backoff(attempt: int) -> float:
+    delay: float = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt)
+    return delay * random.uniform(0.75, 1.25)
+
+
+class Agent:
+    def __init__(
+        self,
+        home: Home,
+        client: ManagerClient,
+        root: Path,
+        *,
+        etc: Path | None = None,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.home = home
+        self.client = client
+        self.root = root.absolute()
+        self.etc = etc
+        self.log = log or logs.setup()
+        self.lock = threading.RLock()  # one mount operation at a time
+        self.stopping = threading.Event()
+        self.rev: str | None = None
+        self.pending_dir = home.root / "agent" / "pending"
+
+    # -- calls to the manager -----------------------------------------------------------------
+
+    def call(self, fn: Callable[[], T], *, timeout: float | None = None) -> T:
+        """``fn()``, retried with backoff while the manager is unreachable."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Unreachable as exc:
+                if self.stopping.is_set() or (deadline is not None and time.monotonic() > deadline):
+                    raise
+                delay = backoff(attempt)
+                logs.event(
+                    self.log, "manager unreachable", error=str(exc), retry_in=round(delay, 2)
+                )
+                attempt += 1
+                self.stopping.wait(delay)
+
+    # -- boot ---------------------------------------------------------------------------------
+
+    def boot(self) -> dict[str, Any]:
+        booted: dict[str, Any] = self.call(lambda: self.client.json("POST", "/agent/boot"))
+        self.apply_identity(booted)
+        logs.event(self.log, "booted", machine=booted["machine"], image=booted["image"])
+        return booted
+
+    def apply_identity(self, booted: dict[str, Any]) -> None:
+        state = self.home.root / "agent"
+        state.mkdir(parents=True, exist_ok=True)
+        _write(state / "identity.json", json.dumps(booted, indent=2) + "\n", 0o600)
+        if self.etc is None:
+            return
+        ident = booted["identity"]
+        _write(self.etc / "hostname", ident["hostname"] + "\n", 0o644)
+        _write(self.etc / "machine-id", ident["machine_id"] + "\n", 0o444)
+        for kind, pair in (ident.get("ssh_host_keys") or {}).items():
+            key = self.etc / "ssh" / f"ssh_host_{kind}_key"
+            _write(key, pair["private"], 0o600)
+            _write(key.with_name(key.name + ".pub"), pair["public"] + "\n", 0o644)
+
+    # -- login / logout -----------------------------------------------------------------------
+
+    def session_root(self, user: str) -> Path:
+        from lamina.manager.services.access import check_user_name
+
+        return self.root / check_user_name(user)
+
+    def login(self, user: str) -> dict[str, Any]:
+        from lamina.layer import runtime
+        from lamina.manager.services import replica
+
+        root = self.session_root(user)
+        with self.lock:
+            self._flush_pending(user)
+            state: dict[str, Any] = self.call(
+                lambda: self.client.json("POST", "/agent/login", json={"user": user}), timeout=60
+            )
+            try:
+                for layer in state["layers"]:
+                    fetch.ensure_version(self.home, self.client, layer, "app")
+                writable = state["writable"]
+                if writable is not None:
+                    if writable["version"] is not None:
+                        fetch.ensure_version(self.home, self.client, writable, "writable")
+                    with self.home.session() as session:
+                        replica.trim_after(
+                            session, name=writable["name"], version=writable["version"] or 0
+                        )
+                if not any(m.root == str(root) for m in runtime.mounts(self.home)):
+                    root.mkdir(parents=True, exist_ok=True)
+                    runtime.mount(
+                        self.home,
+                        root,
+                        [la["ref"] for la in state["layers"]],
+                        writable=writable["name"] if writable else None,
+                        policy=writable["policy"] if writable else "all",
+                    )
+            except BaseException:
+                # Nothing was mounted: give the session (and the writable layer) back.
+                with contextlib.suppress(LaminaError):
+                    self.client.json("POST", "/agent/logout", json={"user": user})
+                raise
+        logs.event(self.log, "login", user=user, layers=[la["ref"] for la in state["layers"]])
+        return {"user": user, "root": str(root), "layers": [la["ref"] for la in state["layers"]]}
+
+    def logout(self, user: str) -> dict[str, Any]:
+        from lamina.layer import runtime
+
+        root = self.session_root(user)
+        with self.lock:
+            saved = None
+            if any(m.root == str(root) for m in runtime.mounts(self.home)):
+                saved = runtime.umount(self.home, root).saved
+            self.pending_dir.mkdir(parents=True, exist_ok=True)
+            _write(self.pending_dir / f"{user}.json", json.dumps({"saved": saved}), 0o600)
+            result = self._flush_pending(user)
+        logs.event(self.log, "logout", user=user, saved=result.get("saved"))
+        return result
+
+    def _flush_pending(self, user: str) -> dict[str, Any]:
+        """Hand a finished session's writable version to the manager (retried until done)."""
+        from lamina.manager.services import replica
+
+        path = self.pending_dir / f"{user}.json"
+        if not path.exists():
+            return {"user": user, "ended": False, "saved": None}
+        saved = json.loads(path.read_text())["saved"]
+        body: dict[str, Any] = {"user": user}
+        if saved is not None:
+            body["writable"] = self.call(
+                lambda: fetch.upload_version(self.home, self.client, saved)
+            )
+        result: dict[str, Any] = self.call(
+            lambda: self.client.json("POST", "/agent/logout", json=body)
+        )
+        if saved is not None and result.get("saved") and result["saved"] != saved:
+            # The manager numbered it otherwise: keep the local copy under its number.
+            name, _, version = result["saved"].rpartition("@")
+            with self.home.session() as session:
+                manifest, files, size, _bases, policy = replica.version_facts(session, ref=saved)
+                replica.record(
+                    session,
+                    name=name,
+                    kind="writable",
+                    version=int(version),
+                    manifest=manifest,
+                    files=files,
+                    size=size,
+                    policy=policy,
+                )
+        path.unlink()
+        return result
+
+    def flush_all_pending(self) -> None:
+        if self.pending_dir.is_dir():
+            for path in sorted(self.pending_dir.glob("*.json")):
+                with self.lock:
+                    self._flush_pending(path.stem)
+
+    # -- desired state ------------------------------------------------------------------------
+
+    def reconcile(self, desired: dict[str, Any]) -> list[str]:
+        """Apply live what differs between the manager's sessions and the mounted ones."""
+        from lamina.layer import runtime
+
+        with self.lock:
+            wants = {
+                s["user"]: Want(
+                    s["user"],
+                    tuple(la["ref"] for la in s["layers"]),
+                    s["writable"]["name"] if s["writable"] else None,
+                )
+                for s in desired["sessions"]
+            }
+            layers = {la["ref"]: la for s in desired["sessions"] for la in s["layers"]}
+            haves = {}
+            for m in runtime.mounts(self.home):
+                path = Path(m.root)
+                if path.parent == self.root:
+                    haves[path.name] = Have(path.name, tuple(m.layers), m.writable)
+            done = []
+            for action in plan(wants, haves):
+                root = self.session_root(action.user)
+                try:
+                    if isinstance(action, Attach):
+                        fetch.ensure_version(self.home, self.client, layers[action.ref], "app")
+                        runtime.attach(self.home, root, action.ref)
+                        done.append(f"attach {action.user} {action.ref}")
+                    elif isinstance(action, Detach):
+                        runtime.detach(self.home, root, action.name)
+                        done.append(f"detach {action.user} {action.name}")
+                    elif isinstance(action, Pending):
+                        logs.event(self.log, "pending", user=action.user, why=action.why)
+                    elif isinstance(action, Stale):
+                        logs.event(self.log, "stale session", user=action.user)
+                except LaminaError as exc:
+                    logs.event(self.log, "reconcile failed", action=str(action), error=str(exc))
+            if done:
+                logs.event(self.log, "reconciled", actions=done)
+            return done
+
+    def poll_forever(self) -> None:
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                params: dict[str, Any] = {"wait": WAIT}
+                if self.rev is not None:
+                    params["rev"] = self.rev
+                desired = self.client.json(
+                    "GET", "/agent/desired", params=params, timeout=WAIT + 15
+                )
+                attempt = 0
+                if desired["rev"] != self.rev:
+                    self.reconcile(desired)
+                    self.rev = desired["rev"]
+            except Unreachable as exc:
+                delay = backoff(attempt)
+                attempt += 1
+                logs.event(
+                    self.log, "manager unreachable", error=str(exc), retry_in=round(delay, 2)
+                )
+                self.stopping.wait(delay)
+            except LaminaError as exc:
+                logs.event(self.log, "desired state failed", error=str(exc))
+                self.stopping.wait(BACKOFF_MAX)
+
+    # -- the control socket -------------------------------------------------------------------
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op, user = request.get("op"), request.get("user")
+        if not isinstance(user, str):
+            raise UsageError("a user name is needed")
+        if op == "login":
+            return self.login(user)
+        if op == "logout":
+            return self.logout(user)
+        raise UsageError(f"unknown operation {op!r}")
+
+    def run(self) -> None:
+        """Boot, then serve the control socket and long-poll until stopped."""
+        self.boot()
+        threading.Thread(target=self.flush_all_pending, name="pending", daemon=True).start()
+        server = _control_server(self)
+        threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
+        try:
+            self.poll_forever()
+        finally:
+            server.shutdown()
+            server.server_close()
+            socket_path(self.home).unlink(missing_ok=True)
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _control_server(agent: Agent) -> socketserver.ThreadingUnixStreamServer:
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            try:
+                request = json.loads(self.rfile.readline() or b"{}")
+                reply: dict[str, Any] = {"ok": True, "result": agent.handle(request)}
+            except LaminaError as exc:
+                reply = {"ok": False, "error": str(exc), "code": exc.exit_code}
+            except Exception as exc:
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "code": 1}
+            self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+    path = socket_path(agent.home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    old = os.umask(0o077)
+    try:
+        server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
+    finally:
+        os.umask(old)
+    server.daemon_threads = True
+    return server
+
+
+def request(home: Home, op: str, user: str, *, timeout: float = 600) -> dict[str, Any]:
+    """Ask the running agent to log ``user`` in or out (what ``lamina agent login`` does)."""
+    import socket
+
+    path = socket_path(home)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            raise LaminaError(f"no agent runs on {home.root} ({path}: {exc.strerror})") from None
+        sock.sendall(json.dumps({"op": op, "user": user}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            part = sock.recv(65536)
+            if not part:
+                break
+            data += part
+    reply = json.loads(data or b'{"ok": false, "error": "the agent hung up", "code": 1}')
+    if not reply["ok"]:
+        error = LaminaError(reply["error"])
+        error.exit_code = int(reply.get("code", 1))
+        raise error
+    result: dict[str, Any] = reply["result"]
+    return result

@@ -1,0 +1,80 @@
+"""lamina agent (the machine's agent), lamina agent login|logout USER (for a PAM hook)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lamina.cli.common import HomeOpt, JsonOpt, emit_json, open_home, out
+
+app = typer.Typer(
+    help="The machine agent: identity at boot, layers at login, live changes.",
+    invoke_without_command=True,
+)
+
+
+@app.callback()
+def agent(
+    ctx: typer.Context,
+    manager: Annotated[
+        str | None, typer.Option("--manager", envvar="LAMINA_MANAGER", help="Manager URL.")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="LAMINA_TOKEN", help="This machine's token.")
+    ] = None,
+    root: Annotated[
+        Path | None, typer.Option("--root", help="Where sessions are composed: ROOT/USER.")
+    ] = None,
+    etc: Annotated[
+        Path | None,
+        typer.Option("--etc", help="Write hostname, machine-id, SSH host keys here (e.g. /etc)."),
+    ] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Run the agent: report boot, apply identity, serve logins, follow the manager."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from lamina.agent.daemon import Agent
+    from lamina.errors import UsageError
+    from lamina.manager.client import ManagerClient
+
+    if not manager or not token or root is None:
+        raise UsageError("lamina agent needs --manager URL, --token T and --root DIR")
+    h = open_home(home)
+    root.mkdir(parents=True, exist_ok=True)
+    Agent(h, ManagerClient(manager, token), root, etc=etc).run()
+
+
+@app.command("login")
+def login(
+    user: Annotated[str, typer.Argument(help="The user logging in.")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Mount USER's layers and writable layer (asks the running agent)."""
+    from lamina.agent.daemon import request
+
+    result = request(open_home(home), "login", user)
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(f"{user}: {result['root']} ({', '.join(result['layers'])})", markup=False)
+
+
+@app.command("logout")
+def logout(
+    user: Annotated[str, typer.Argument(help="The user logging out.")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Unmount USER's session; the writable layer's new version goes to the manager."""
+    from lamina.agent.daemon import request
+
+    result = request(open_home(home), "logout", user)
+    if as_json:
+        emit_json(result)
+    else:
+        saved = f", saved {result['saved']}" if result.get("saved") else ""
+        out.print(f"{user}: logged out{saved}", markup=False)
