@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ import pytest
 
 from lamina.layer.overlay import mountinfo
 
+MiB = 1 << 20
+MTIME_NS = 1_600_000_000_123_456_789
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
 BUSYBOX = shutil.which("busybox")
 APPLETS = ("sh", "echo", "cat", "mkdir", "rm", "ls", "sleep", "touch", "mv")
@@ -44,6 +47,67 @@ def write_tree(root: Path, files: dict[str, str | bytes | None]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data if isinstance(data, bytes) else data.encode())
     return root
+
+
+def rich_tree(root: Path) -> Path:
+    """Every kind of thing a layer must keep."""
+    write_tree(
+        root,
+        {
+            "etc/app.conf": "key=value\n",
+            "etc/empty": b"",
+            "usr/bin/tool": b"\x7fELF" + os.urandom(3 * MiB) + bytes(12 * MiB),  # CDC + holes
+            "var/mail": None,
+            "srv/data/one": "1",
+        },
+    )
+    os.chown(root / "etc/app.conf", 1234, 5678)
+    os.chmod(root / "etc/app.conf", 0o640)
+    os.chmod(root / "usr/bin/tool", 0o755)
+    os.chmod(root / "var/mail", 0o2775)
+    os.link(root / "srv/data/one", root / "srv/data/two")
+    (root / "usr/bin/alias").symlink_to("tool")
+    (root / "etc/localtime").symlink_to("/usr/share/zoneinfo/UTC")
+    os.mkfifo(root / "srv/fifo")
+    os.setxattr(root / "etc/app.conf", "user.origin", b"lamina")
+    os.setxattr(root / "usr/bin/tool", "security.capability", bytes.fromhex("01000002" + "00" * 16))
+    for path in [root / "etc/app.conf", root / "usr/bin/tool", root / "srv/data"]:
+        os.utime(path, ns=(MTIME_NS, MTIME_NS))
+    os.utime(root / "etc/localtime", ns=(MTIME_NS, MTIME_NS), follow_symlinks=False)
+    return root
+
+
+def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
+    """What a reader can see of every path: kind, mode, owner, mtime, content, xattrs."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            rel = str(path.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                content: object = os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                content = path.read_bytes()
+            else:
+                content = None
+            xattrs = {
+                k: os.getxattr(path, k, follow_symlinks=False)
+                for k in os.listxattr(path, follow_symlinks=False)
+            }
+            mtime = (
+                st.st_mtime_ns if not stat.S_ISDIR(st.st_mode) else None
+            )  # dirs change as we write
+            out[rel] = (
+                stat.S_IFMT(st.st_mode),
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                mtime,
+                content,
+                xattrs,
+            )
+    return out
 
 
 def busybox_root(root: Path, extra: dict[str, str | bytes | None] | None = None) -> Path:

@@ -21,83 +21,23 @@ from tests.layer.conftest import (
     member,
     needs_root,
     oci_layout,
+    rich_tree,
+    snapshot,
     tar_bytes,
     write_tree,
 )
 
 pytestmark = needs_root
 MiB = 1 << 20
-MTIME_NS = 1_600_000_000_123_456_789
-
-
-def _rich_tree(root: Path) -> Path:
-    """Every kind of thing a layer must keep."""
-    write_tree(
-        root,
-        {
-            "etc/app.conf": "key=value\n",
-            "etc/empty": b"",
-            "usr/bin/tool": b"\x7fELF" + os.urandom(3 * MiB) + bytes(12 * MiB),  # CDC + holes
-            "var/mail": None,
-            "srv/data/one": "1",
-        },
-    )
-    os.chown(root / "etc/app.conf", 1234, 5678)
-    os.chmod(root / "etc/app.conf", 0o640)
-    os.chmod(root / "usr/bin/tool", 0o755)
-    os.chmod(root / "var/mail", 0o2775)
-    os.link(root / "srv/data/one", root / "srv/data/two")
-    (root / "usr/bin/alias").symlink_to("tool")
-    (root / "etc/localtime").symlink_to("/usr/share/zoneinfo/UTC")
-    os.mkfifo(root / "srv/fifo")
-    os.setxattr(root / "etc/app.conf", "user.origin", b"lamina")
-    os.setxattr(root / "usr/bin/tool", "security.capability", bytes.fromhex("01000002" + "00" * 16))
-    for path in [root / "etc/app.conf", root / "usr/bin/tool", root / "srv/data"]:
-        os.utime(path, ns=(MTIME_NS, MTIME_NS))
-    os.utime(root / "etc/localtime", ns=(MTIME_NS, MTIME_NS), follow_symlinks=False)
-    return root
-
-
-def _snapshot(root: Path) -> dict[str, tuple[object, ...]]:
-    """What a reader can see of every path: kind, mode, owner, mtime, content, xattrs."""
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(dirpath, name)
-            st = path.lstat()
-            rel = str(path.relative_to(root))
-            if stat.S_ISLNK(st.st_mode):
-                content: object = os.readlink(path)
-            elif stat.S_ISREG(st.st_mode):
-                content = path.read_bytes()
-            else:
-                content = None
-            xattrs = {
-                k: os.getxattr(path, k, follow_symlinks=False)
-                for k in os.listxattr(path, follow_symlinks=False)
-            }
-            mtime = (
-                st.st_mtime_ns if not stat.S_ISDIR(st.st_mode) else None
-            )  # dirs change as we write
-            out[rel] = (
-                stat.S_IFMT(st.st_mode),
-                stat.S_IMODE(st.st_mode),
-                st.st_uid,
-                st.st_gid,
-                mtime,
-                content,
-                xattrs,
-            )
-    return out
 
 
 def test_directory_round_trip_keeps_everything(cli: Cli, tmp_path: Path) -> None:
-    src = _rich_tree(tmp_path / "src")
+    src = rich_tree(tmp_path / "src")
     info = cli.json("layer", "import", "rich", str(src))
     assert info["ref"] == "rich@1" and info["files"] == 15
     out = tmp_path / "out"
     cli("layer", "export", "rich", str(out))
-    assert _snapshot(out) == _snapshot(src)
+    assert snapshot(out) == snapshot(src)
     one, two = (out / "srv/data/one").stat(), (out / "srv/data/two").stat()
     assert one.st_ino == two.st_ino and one.st_nlink == 2  # still one inode
     assert (out / "usr/bin/tool").stat().st_blocks * 512 < 8 * MiB  # zero chunks: holes
@@ -105,7 +45,7 @@ def test_directory_round_trip_keeps_everything(cli: Cli, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("compression", ["none", "gz", "zst"])
 def test_tar_import_matches_directory_import(cli: Cli, tmp_path: Path, compression: str) -> None:
-    src = _rich_tree(tmp_path / "src")
+    src = rich_tree(tmp_path / "src")
     plain = tmp_path / "t.tar"
     subprocess.run(
         [
@@ -136,7 +76,7 @@ def test_tar_import_matches_directory_import(cli: Cli, tmp_path: Path, compressi
     assert diff["changed"] == []  # owners, modes, xattrs, link targets and data all agree
     out = tmp_path / "out"
     cli("layer", "export", "from-tar", str(out))
-    assert _snapshot(out) == _snapshot(src)
+    assert snapshot(out) == snapshot(src)
 
 
 def test_versions_diff_list_log_rm(cli: Cli, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ writable layer, conflicts, live attach/detach under a process that stays inside.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ from lamina.layer.importer import import_layer
 from lamina.manager.services import layers
 from lamina.names import parse_ref
 from tests.conftest import Cli
-from tests.layer.conftest import mounted, needs_root, write_tree
+from tests.layer.conftest import mounted, needs_root, rich_tree, snapshot, write_tree
 
 pytestmark = [needs_root, pytest.mark.peers]
 
@@ -290,3 +291,18 @@ def test_cli_errors_are_one_line(cli: Cli, home: Home, tmp_path: Path, base: str
         result = cli(*args, check=False)
         assert (result.code, result.err.count("\n")) == (code, 1), (args, result.err)
         assert not mounted(root)
+
+
+def test_mounted_layer_shows_what_was_imported(home: Home, tmp_path: Path) -> None:
+    """Through EROFS and overlayfs: owners, modes, setuid, xattrs, mtimes, links, fifos."""
+    src = rich_tree(tmp_path / "rich")
+    os.chmod(src / "srv/data/one", 0o4755)
+    import_layer(home, "rich", src, allow_setuid=True)
+    root = tmp_path / "root"
+    root.mkdir()
+    runtime.mount(home, root, ["rich"])
+    try:
+        assert snapshot(root) == snapshot(src)
+        assert (root / "srv/data/one").stat().st_ino == (root / "srv/data/two").stat().st_ino
+    finally:
+        runtime.umount(home, root)

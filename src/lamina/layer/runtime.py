@@ -97,9 +97,8 @@ class _Layout:
         found = [
             m for m in (overlay.mountinfo() if mounts is None else mounts) if m.mountpoint == want
         ]
-        return (
-            bool(found) and found[-1].fstype == "overlay" and str(self.upper) in found[-1].options
-        )
+        mine = f"upperdir={self.upper},"
+        return bool(found) and found[-1].fstype == "overlay" and mine in found[-1].options + ","
 
 
 @contextmanager
@@ -198,8 +197,9 @@ def _conflicts(home: Home, stack: Sequence[VersionInfo], only: int | None) -> li
     return [LayerConflict(path, apps[a].ref, apps[b].ref) for path, a, b in named]
 
 
-def _refuse(conflicts: list[LayerConflict], strict: bool) -> None:
+def _refuse(home: Home, conflicts: list[LayerConflict], strict: bool) -> None:
     if strict and conflicts:
+        release(home)  # the images just mounted for the check
         c = conflicts[0]
         more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
         raise Conflict(f"layers conflict: /{c.path} differs in {c.first} and {c.second}{more}")
@@ -262,7 +262,7 @@ def mount(
         top = [previous] if previous is not None else []
         lowers = [prepare_version(home, v, timings) for v in [*top, *stack]]
         conflicts = _conflicts(home, stack, None)
-        _refuse(conflicts, strict)
+        _refuse(home, conflicts, strict)
         with home.session() as session:
             record = svc.add_mount(
                 session,
@@ -301,6 +301,7 @@ def _compose_first(
             if found is not None:
                 svc.delete_mount(session, mount=found)
         shutil.rmtree(layout.dir, ignore_errors=True)
+        release(home)
         raise
 
 
@@ -336,7 +337,7 @@ def attach(home: Home, root: Path | str, layer: str, *, strict: bool = False) ->
         timings: dict[str, float] = {}
         lowers = [prepare_version(home, v, timings, mounted) for v in _with_top(rec, stack)]
         conflicts = _conflicts(home, stack, 0)
-        _refuse(conflicts, strict)
+        _refuse(home, conflicts, strict)
         rec = _switch(home, path, rec, stack, lowers)
     return _mounted(
         path, rec, conflicts=conflicts, prepared=timings, seconds=time.monotonic() - started

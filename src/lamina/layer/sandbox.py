@@ -10,7 +10,7 @@ tmpfs with the host's null, zero, full, random, urandom and tty bound in, and ``
 ``/run``, ``/var/tmp`` are tmpfs, so scratch files never end up in the captured layer.
 Network access is the host's: capture needs none, an installer may.
 
-Kept to the standard library and ``lamina.layer.mountapi``: it runs as a fresh process
+Kept to the standard library, ``mountapi`` and ``overlay``: it runs as a fresh process
 between ``unshare`` and ``exec``.
 """
 
@@ -23,11 +23,11 @@ from pathlib import Path
 
 from lamina.layer import mountapi
 from lamina.layer.mountapi import Param
+from lamina.layer.overlay import OPTIONS
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 SCRATCH = ("tmp", "run", "var/tmp")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-OVERLAY = (Param("index", "off"), Param("redirect_dir", "off"), Param("metacopy", "off"))
 
 
 def _inside(root: Path) -> None:
@@ -51,7 +51,7 @@ def _child(config: dict[str, object]) -> None:
     lowers = [str(p) for p in config["lowers"]]  # type: ignore[attr-defined]
     params = [Param("lowerdir+", p) for p in lowers]
     params += [Param("upperdir", str(config["upper"])), Param("workdir", str(config["work"]))]
-    fd = mountapi.new_mount("overlay", [*params, *OVERLAY])
+    fd = mountapi.new_mount("overlay", [*params, *OPTIONS])
     mountapi.move_mount(fd, root)
     os.close(fd)
     _inside(root)

@@ -84,16 +84,22 @@ class DirSource:
         self.skipped: list[str] = []  # sockets
         self._files: list[str] = []
 
-    def _walk(self, rel: str) -> Iterator[tuple[str, os.stat_result]]:
-        full = os.path.join(self.root, rel) if rel else str(self.root)
-        with os.scandir(full) as it:
-            children = sorted(it, key=lambda d: d.name)
-        for child in children:
-            path = f"{rel}/{child.name}" if rel else child.name
-            st = child.stat(follow_symlinks=False)
-            yield path, st
-            if stat.S_ISDIR(st.st_mode):
-                yield from self._walk(path)
+    def _walk(self) -> Iterator[tuple[str, os.stat_result]]:
+        """Every path beneath the root, parents first (depth-first, names sorted; a stack,
+        not recursion, so depth is not limited by Python's)."""
+        pending = [""]
+        while pending:
+            rel = pending.pop()
+            with os.scandir(os.path.join(self.root, rel) if rel else self.root) as it:
+                children = sorted(it, key=lambda d: d.name)
+            subdirs = []
+            for child in children:
+                path = f"{rel}/{child.name}" if rel else child.name
+                st = child.stat(follow_symlinks=False)
+                yield path, st
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append(path)
+            pending += reversed(subdirs)
 
     def scan(self, builder: TreeBuilder) -> None:
         seen: dict[tuple[int, int], str] = {}
@@ -101,7 +107,7 @@ class DirSource:
             root = self._member("", os.lstat(self.root), seen)
             if root is not None:
                 builder.add(root)
-        for path, st in self._walk(""):
+        for path, st in self._walk():
             member = self._member(path, st, seen)
             if member is not None:
                 builder.add(member)
