@@ -95,9 +95,7 @@ def upgrade() -> None:
             primary_key=True,
         ),
         sa.Column("position", sa.Integer, primary_key=True),
-        sa.Column(
-            "version_id", sa.Integer, sa.ForeignKey("layer_versions.id"), nullable=False
-        ),
+        sa.Column("version_id", sa.Integer, sa.ForeignKey("layer_versions.id"), nullable=False),
     )
     op.create_index("ix_layer_mount_layers_version_id", "layer_mount_layers", ["version_id"])
 
