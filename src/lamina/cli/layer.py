@@ -77,7 +77,7 @@ def import_(
         out.print(ref)
 
 
-@app.command("capture", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("capture", context_settings={"allow_extra_args": True})
 def capture(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Layer to add the captured version to.")],

@@ -205,7 +205,13 @@ def _refuse(home: Home, conflicts: list[LayerConflict], strict: bool) -> None:
         raise Conflict(f"layers conflict: /{c.path} differs in {c.first} and {c.second}{more}")
 
 
-def _mounted(root: Path, rec: _Record, **extra: object) -> Mounted:
+def _mounted(
+    root: Path,
+    rec: _Record,
+    conflicts: list[LayerConflict] | None = None,
+    prepared: dict[str, float] | None = None,
+    started: float | None = None,
+) -> Mounted:
     return Mounted(
         str(root),
         [v.ref for v in rec.layers],
@@ -213,7 +219,9 @@ def _mounted(root: Path, rec: _Record, **extra: object) -> Mounted:
         rec.writable_version.ref if rec.writable_version else None,
         str(rec.policy),
         rec.generation,
-        **extra,  # type: ignore[arg-type]
+        conflicts or [],
+        prepared or {},
+        time.monotonic() - started if started is not None else 0.0,
     )
 
 
@@ -275,9 +283,7 @@ def mount(
             )
             rec = _record(record)
         _compose_first(home, path, rec, lowers, stack)
-    return _mounted(
-        path, rec, conflicts=conflicts, prepared=timings, seconds=time.monotonic() - started
-    )
+    return _mounted(path, rec, conflicts, timings, started)
 
 
 def _compose_first(
@@ -339,9 +345,7 @@ def attach(home: Home, root: Path | str, layer: str, *, strict: bool = False) ->
         conflicts = _conflicts(home, stack, 0)
         _refuse(home, conflicts, strict)
         rec = _switch(home, path, rec, stack, lowers)
-    return _mounted(
-        path, rec, conflicts=conflicts, prepared=timings, seconds=time.monotonic() - started
-    )
+    return _mounted(path, rec, conflicts, timings, started)
 
 
 def detach(home: Home, root: Path | str, layer: str) -> Mounted:
@@ -363,7 +367,7 @@ def detach(home: Home, root: Path | str, layer: str) -> Mounted:
             raise UsageError(f"{layer} is the only layer at {path}: umount instead")
         lowers = [prepare_version(home, v, {}, mounted) for v in _with_top(rec, stack)]
         rec = _switch(home, path, rec, stack, lowers)
-    return _mounted(path, rec, seconds=time.monotonic() - started)
+    return _mounted(path, rec, started=started)
 
 
 def _with_top(rec: _Record, stack: list[VersionInfo]) -> list[VersionInfo]:
