@@ -60,6 +60,10 @@ class Fetcher:
         self.log = log
         self.bucket = bucket or TokenBucket(None)
         self.workers = workers
+        # With a limit, requests of about a quarter second's worth keep the pace smooth.
+        chunk = files.manifest.chunk_size
+        rate = self.bucket.rate
+        self.batch = BATCH if rate is None else max(1, min(BATCH, int(rate / 4 / chunk)))
         self.inflight: dict[bytes, asyncio.Future[None]] = {}
         self.meter = RateMeter()
         self.counters = Counters()
@@ -120,9 +124,9 @@ class Fetcher:
                 event(self.log, "corrupt-chunk", logging.WARNING, chunk=cid.hex(), error=str(error))
         return results
 
-    def _received(self, nbytes: int) -> None:
+    def _received(self, nbytes: int, reserved: int = 0) -> None:
         now = time.monotonic()
-        self.bucket.charge(nbytes, now)
+        self.bucket.charge(nbytes - reserved, now)
         self.meter.add(nbytes, now)
 
     # -- reads that miss the cache ------------------------------------------------------
@@ -207,7 +211,8 @@ class Fetcher:
             wait = self.bucket.delay(time.monotonic())
             if wait > 0:
                 await asyncio.sleep(wait)
-            ids = hydration.take(BATCH, busy=self.inflight)
+                continue  # another worker may have taken the tokens meanwhile
+            ids = hydration.take(self.batch, busy=self.inflight)
             if not ids:
                 # What is left is on its way elsewhere: wait for news, then look again.
                 self._changed.clear()
@@ -216,14 +221,22 @@ class Fetcher:
                 continue
             for cid in ids:
                 self._register(cid)
+            # Reserve the plaintext size up front so that parallel workers pace each other;
+            # ``_received`` settles the difference with what actually came.
+            reserved = sum(self.files.manifest.chunk_len(self.index.positions[c][0]) for c in ids)
+            self.bucket.charge(reserved, time.monotonic())
             try:
-                failed = await self._fetch_batch(ids, fresh=bool(fresh & set(ids)))
+                failed = await self._fetch_batch(
+                    ids, fresh=bool(fresh & set(ids)), reserved=reserved
+                )
                 backoff.reset()
             except Unreachable as exc:
                 self._state(False, str(exc))
+                self.bucket.charge(-reserved, time.monotonic())
                 failed = {cid: exc for cid in ids}
             except LaminaError as exc:
                 event(self.log, "hydration-error", logging.WARNING, error=str(exc))
+                self.bucket.charge(-reserved, time.monotonic())
                 failed = {cid: exc for cid in ids}
             for cid in ids:
                 self._settle(cid, failed.get(cid))
@@ -234,13 +247,15 @@ class Fetcher:
                 self.counters.retries += 1
                 await asyncio.sleep(backoff.next())
 
-    async def _fetch_batch(self, ids: list[bytes], *, fresh: bool) -> dict[bytes, Exception]:
+    async def _fetch_batch(
+        self, ids: list[bytes], *, fresh: bool, reserved: int
+    ) -> dict[bytes, Exception]:
         """Fetch ``ids`` in one request; returns the ones that failed, with why."""
         if len(ids) == 1:
             body = await self.remote.chunk(ids[0], fresh=fresh)
         else:
             body = await self.remote.chunks(ids, fresh=fresh)
-        self._received(len(body))
+        self._received(len(body), reserved)
         self._state(True)
         view = memoryview(body)
         items: list[tuple[bytes, memoryview]] = []

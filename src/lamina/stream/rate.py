@@ -42,7 +42,7 @@ class TokenBucket:
         if self.rate is None:
             return
         self._refill(now)
-        self.tokens -= nbytes
+        self.tokens = min(self.burst, self.tokens - nbytes)  # refunds (< 0) stop at full
 
 
 @dataclass

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import mmap
 import os
 import re
 import time
@@ -85,15 +84,7 @@ def receive(home: Home, machine: str, upload_id: str, offset: int, data: bytes) 
 
 
 def _apply_blob(delta: Delta, blob_path: Path) -> int:
-    with open(blob_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        view = memoryview(mm)
-        try:
-            blob = transfer.decode(view)
-            blocks = apply_runs(delta, blob.runs)
-            del blob
-        finally:
-            view.release()
-    return blocks
+    return apply_runs(delta, transfer.decode(transfer.map_file(blob_path)).runs)
 
 
 def apply(
@@ -135,20 +126,15 @@ def apply(
 
 
 def _check(blob_path: Path, digest: str, base_id: bytes, image_size: int) -> None:
-    with open(blob_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        view = memoryview(mm)
-        try:
-            if transfer.digest(view).hex() != digest:
-                raise InvalidInput("upload does not end with the digest given")
-            try:
-                blob = transfer.decode(view)
-            except CorruptObject as exc:
-                raise InvalidInput(f"upload is not a valid delta blob: {exc}") from None
-            if blob.base_id != base_id or blob.size != image_size:
-                raise Conflict("upload was made for another image version of this machine")
-            del blob
-        finally:
-            view.release()
+    view = transfer.map_file(blob_path)
+    if transfer.digest(view).hex() != digest:
+        raise InvalidInput("upload does not end with the digest given")
+    try:
+        blob = transfer.decode(view)
+    except CorruptObject as exc:
+        raise InvalidInput(f"upload is not a valid delta blob: {exc}") from None
+    if blob.base_id != base_id or blob.size != image_size:
+        raise Conflict("upload was made for another image version of this machine")
 
 
 def recover(home: Home, machine: str) -> int:

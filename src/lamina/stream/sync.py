@@ -10,9 +10,9 @@ after a crash or an outage at any point finishes the same sync, never a differen
 from __future__ import annotations
 
 import asyncio
-import mmap
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lamina.errors import LaminaError, UsageError
@@ -82,7 +82,7 @@ async def sync(
 
 
 async def _upload(
-    remote: Remote, machine: str, upload_id: str, path: Any, stop_after: str | None
+    remote: Remote, machine: str, upload_id: str, path: Path, stop_after: str | None
 ) -> None:
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -104,13 +104,6 @@ async def _upload(
         raise LaminaError(f"the manager did not apply upload {upload_id}: {answer}")
 
 
-def _merge(stack: DeltaStack, path: Any) -> None:
+def _merge(stack: DeltaStack, path: Path) -> None:
     """Write the sealed blocks into the synced layer (from the blob: one read pass)."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        view = memoryview(mm)
-        try:
-            blob = transfer.decode(view)
-            apply_runs(stack.synced, blob.runs)
-            del blob
-        finally:
-            view.release()
+    apply_runs(stack.synced, transfer.decode(transfer.map_file(path)).runs)

@@ -1,4 +1,5 @@
-"""Delta blobs: a machine delta's blocks as one self-checking byte stream (pure, no I/O).
+"""Delta blobs: a machine delta's blocks as one self-checking byte stream (pure, but for
+``map_file``).
 
 A streamed machine's local writes travel to the manager (``lamina stream sync``) and a
 stateful machine's delta travels back (first start) in this form:
@@ -23,9 +24,12 @@ delta, which is what makes an interrupted sync safe to retry.
 
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 import blake3
@@ -139,6 +143,15 @@ def decode(data: bytes | memoryview) -> Blob:
     if pos != len(body):
         raise CorruptObject("delta blob: trailing bytes")
     return Blob(size, bytes(base_id), runs)
+
+
+def map_file(path: Path) -> memoryview:
+    """A blob file as a read-only view (mapped, not read: blobs may be large). The map
+    closes once the last view of it is gone, so views may outlive errors safely."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
 
 def split(runs: Iterable[Run], max_blocks: int) -> Iterator[Run]:
