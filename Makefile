@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 DEBS := qemu-utils libnbd-bin nbdkit fio erofs-utils fuse3 \
         borgbackup casync squashfs-tools e2fsprogs xorriso busybox-static \
         qemu-system-x86 extlinux syslinux-common dosfstools mtools cpio util-linux \
-        kmod zstd curl ca-certificates postgresql
+        kmod zstd curl ca-certificates postgresql chromium
 
 .PHONY: install deps demo test bench lint clean
 

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from lamina import __version__
 from lamina.errors import AlreadyExists, Conflict, InvalidInput, LaminaError, NotFound, UsageError
 from lamina.home import Home
+from lamina.manager.console import router as console_router
 from lamina.manager.routers import admin, agent, data, stream
 
 # Lamina's errors as HTTP statuses (anything else stays a 500).
@@ -28,6 +29,7 @@ def create_app(home: Home) -> FastAPI:
     app.include_router(data.router)
     app.include_router(agent.router)
     app.include_router(admin.router)
+    app.include_router(console_router)
     app.include_router(stream.router)
 
     @app.exception_handler(LaminaError)

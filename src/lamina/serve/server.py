@@ -95,6 +95,10 @@ async def serve(
         http=f"{options.http[0]}:{options.http[1]}" if options.http else None,
         reset_stateless=reset,
     )
+    if options.http is not None:  # the console's one-time login URL, as Jupyter prints it
+        from lamina.manager.console.auth import print_login_url
+
+        print_login_url(home, options.http)
     if ready is not None:
         ready()
     try:

@@ -1,0 +1,16 @@
+"""The web console, served by ``lamina serve`` at ``/`` beside the API: server-rendered
+pages (Jinja2, autoescaped), a small hand-written script that polls JSON fragments for
+live state, and every asset shipped in the package (it works offline)."""
+
+from fastapi import APIRouter
+
+from lamina.manager.console.actions import router as actions_router
+from lamina.manager.console.live import router as live_router
+from lamina.manager.console.pages import router as pages_router
+
+router = APIRouter(include_in_schema=False)
+router.include_router(pages_router)
+router.include_router(actions_router)
+router.include_router(live_router)
+
+__all__ = ["router"]

@@ -1,0 +1,223 @@
+"""Console sign-in: one-time login tokens, cookie sessions and CSRF tokens.
+
+``lamina serve`` prints a login URL with a one-time token (as Jupyter does); exchanging it
+starts a console session held by an HttpOnly, SameSite=Strict cookie. The admin token is
+accepted on the login form too, so an admin who lost the URL can get in again.
+
+Tokens and sessions live in the database (the ``settings`` table, under ``console.`` keys)
+rather than in memory, so every manager over one database honours them; only SHA-256
+hashes of the secrets are stored, and redeeming a login token deletes its row in the same
+statement that checks it, so of two managers racing for one token only one wins.
+
+Every state-changing request must carry the session's CSRF token, as a form field or an
+``X-CSRF-Token`` header; a request from another origin is refused as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from fastapi import Depends, HTTPException, Request, Response, status
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from lamina.home import Home
+from lamina.manager.deps import HomeDep
+from lamina.manager.models import Setting
+from lamina.manager.services import settings
+
+COOKIE = "lamina_console"
+LOGIN_PREFIX = "console.login."
+SESSION_PREFIX = "console.session."
+LOGIN_TTL = 24 * 3600.0  # an unused login URL expires after a day
+SESSION_TTL = 12 * 3600.0  # idle console sessions end after 12 hours
+MAX_FLASHES = 5
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _prune(db: Session, now: float) -> None:
+    """Forget expired login tokens and sessions (a few rows; done at each sign-in)."""
+    for row in db.scalars(select(Setting).where(Setting.key.startswith("console."))):
+        try:
+            expires = float(json.loads(row.value)["expires"])
+        except (ValueError, KeyError, TypeError):
+            expires = 0.0
+        if expires < now:
+            db.delete(row)
+
+
+def new_login_token(db: Session) -> str:
+    now = time.time()
+    _prune(db, now)
+    token = secrets.token_urlsafe(32)
+    db.add(Setting(key=LOGIN_PREFIX + _hash(token), value=json.dumps({"expires": now + LOGIN_TTL})))
+    db.flush()
+    return token
+
+
+def _start(db: Session) -> str:
+    sid = secrets.token_urlsafe(32)
+    value = {"csrf": secrets.token_urlsafe(32), "expires": time.time() + SESSION_TTL, "flash": []}
+    db.add(Setting(key=SESSION_PREFIX + _hash(sid), value=json.dumps(value)))
+    db.flush()
+    return sid
+
+
+def redeem(db: Session, token: str) -> str | None:
+    """A new session id for a valid one-time token (which is used up), or for the admin
+    token; None for anything else."""
+    if not token or len(token) > 200:
+        return None
+    now = time.time()
+    key = LOGIN_PREFIX + _hash(token)
+    row = db.get(Setting, key)
+    if row is not None:
+        expires = float(json.loads(row.value).get("expires", 0))
+        # The delete decides: a token another manager redeemed a moment ago is gone here.
+        gone = db.execute(delete(Setting).where(Setting.key == key)).rowcount  # type: ignore[attr-defined]
+        db.expunge(row)
+        if gone == 1 and expires >= now:
+            _prune(db, now)
+            return _start(db)
+        return None
+    if hmac.compare_digest(token.encode(), settings.admin_token(db).encode()):
+        _prune(db, now)
+        return _start(db)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSession:
+    key: str  # settings key of the session
+    csrf: str
+
+
+def lookup(db: Session, sid: str) -> ConsoleSession | None:
+    if not sid or len(sid) > 200:
+        return None
+    key = SESSION_PREFIX + _hash(sid)
+    row = db.get(Setting, key)
+    if row is None:
+        return None
+    value = json.loads(row.value)
+    now = time.time()
+    if float(value.get("expires", 0)) < now:
+        db.delete(row)
+        return None
+    if value["expires"] - now < SESSION_TTL / 2:  # sliding expiry, one write per half-life
+        value["expires"] = now + SESSION_TTL
+        row.value = json.dumps(value)
+    return ConsoleSession(key, str(value["csrf"]))
+
+
+def end(db: Session, console: ConsoleSession) -> None:
+    db.execute(delete(Setting).where(Setting.key == console.key))
+
+
+def flash(db: Session, console: ConsoleSession, kind: str, text: str) -> None:
+    """A message for the next page this session sees (``ok`` or ``error``)."""
+    row = db.get(Setting, console.key)
+    if row is None:
+        return
+    value = json.loads(row.value)
+    value["flash"] = [*value.get("flash", []), [kind, text[:500]]][-MAX_FLASHES:]
+    row.value = json.dumps(value)
+
+
+def take_flashes(db: Session, console: ConsoleSession) -> list[tuple[str, str]]:
+    row = db.get(Setting, console.key)
+    if row is None:
+        return []
+    value = json.loads(row.value)
+    found = [(str(k), str(t)) for k, t in value.get("flash", [])]
+    if found:
+        value["flash"] = []
+        row.value = json.dumps(value)
+    return found
+
+
+def set_cookie(request: Request, response: Response, sid: str) -> None:
+    response.set_cookie(
+        COOKIE,
+        sid,
+        max_age=int(SESSION_TTL),
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+
+
+# -- dependencies -----------------------------------------------------------------------------
+
+
+def console_session(request: Request, home: HomeDep) -> ConsoleSession:
+    """The signed-in console session; pages redirect to the login page without one."""
+    sid = request.cookies.get(COOKIE, "")
+    found = None
+    if sid:
+        with home.session() as db:
+            found = lookup(db, sid)
+    if found is None:
+        if request.url.path.startswith("/live/") or request.method != "GET":
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "not signed in to the console")
+        raise HTTPException(status.HTTP_303_SEE_OTHER, headers={"Location": "/login"})
+    return found
+
+
+ConsoleDep = Annotated[ConsoleSession, Depends(console_session)]
+
+
+def _same_origin(request: Request) -> bool:
+    """False only for a request that names another origin. Browsers send Origin on every
+    POST, but "null" under some privacy settings and none in old versions; the CSRF token
+    decides those."""
+    origin = request.headers.get("origin")
+    if origin is None or origin == "null":
+        return True
+    return urlsplit(origin).netloc == request.headers.get("host", "")
+
+
+async def require_csrf(request: Request, console: ConsoleDep) -> ConsoleSession:
+    """The session, for a state-changing request that proves it came from a console page."""
+    sent = request.headers.get("x-csrf-token")
+    if sent is None:
+        form = await request.form()
+        value = form.get("csrf")
+        sent = value if isinstance(value, str) else ""
+    if not _same_origin(request) or not sent or not hmac.compare_digest(sent, console.csrf):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "missing or wrong CSRF token")
+    return console
+
+
+CsrfDep = Annotated[ConsoleSession, Depends(require_csrf)]
+
+
+def login_url(home: Home, address: tuple[str, int], *, scheme: str = "http") -> str:
+    """A fresh one-time login URL for a manager listening on ``address``."""
+    host, port = address
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    with home.session() as db:
+        token = new_login_token(db)
+    return f"{scheme}://{host}:{port}/login?token={token}"
+
+
+def print_login_url(home: Home, address: tuple[str, int]) -> None:
+    sys.stderr.write(f"lamina console: {login_url(home, address)}\n")
+    sys.stderr.flush()
