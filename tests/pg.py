@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 
@@ -29,13 +30,14 @@ def _free_port() -> int:
 class PgCluster:
     """initdb + pg_ctl in ``base`` (owned by postgres); ``url`` for SQLAlchemy."""
 
-    def __init__(self, base: Path, *, durable: bool = False) -> None:
+    def __init__(self, base: Path | None = None, *, durable: bool = False) -> None:
         bindir = pg_bin()
         if bindir is None:
             raise RuntimeError("PostgreSQL is not installed (make deps installs it)")
         self.bin = bindir
-        self.base = base
-        self.data = base / "data"
+        # Under /tmp by default: pytest's own temp dirs are closed to other users.
+        self.base = base or Path(tempfile.mkdtemp(prefix="lamina-pg-"))
+        self.data = self.base / "data"
         self.port = _free_port()
         self.durable = durable
         self.running = False
@@ -50,13 +52,6 @@ class PgCluster:
         self.base.mkdir(parents=True, exist_ok=True)
         shutil.chown(self.base, "postgres", "postgres")
         os.chmod(self.base, 0o700)
-        # The temp dir's parents must be searchable by postgres.
-        for parent in self.base.parents:
-            if parent == Path("/"):
-                break
-            mode = parent.stat().st_mode
-            if not mode & 0o001:
-                os.chmod(parent, mode | 0o001)
         self._as_postgres(
             str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"
         )

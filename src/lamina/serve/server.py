@@ -145,6 +145,8 @@ def _http_server(home: Home, address: tuple[str, int]) -> Any:
         http="httptools",
         backlog=4096,
         timeout_keep_alive=75,
+        # Agents' long-polls (up to 30 s) would hold a stop that long; they reconnect.
+        timeout_graceful_shutdown=2,
     )
     return Server(config)
 

@@ -239,6 +239,7 @@ _INSERT = {
         started_at=bindparam("at"),
     )
     .on_conflict_do_nothing()
+    .returning(S.c.id)  # rowcount of a skipped insert was nonzero on psycopg: ask for the row
     for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
 }
 _MINE = select(S.c.id, S.c.base_version).where(
@@ -264,7 +265,7 @@ def login(conn: Connection, *, machine: AgentMachine, user: str) -> dict[str, An
     mount. Conflict when the user's writable layer is in use on another machine."""
     uid, wid, policy, wname, wlayer, base, manifest = _user(conn, user)
     params = {"uid": uid, "mid": machine.id, "wid": wid, "base": base, "at": _now()}
-    if conn.execute(_INSERT[conn.dialect.name], params).rowcount:
+    if conn.execute(_INSERT[conn.dialect.name], params).first() is not None:
         _touch(conn, machine.id)
     else:
         mine = conn.execute(_MINE, params).first()
