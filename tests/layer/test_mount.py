@@ -15,6 +15,7 @@ from lamina.errors import Conflict, NotFound
 from lamina.home import Home
 from lamina.layer import runtime
 from lamina.layer.importer import import_layer
+from lamina.layer.overlay import mountinfo
 from lamina.manager.services import layers
 from lamina.names import parse_ref
 from tests.conftest import Cli
@@ -127,6 +128,23 @@ def test_versions_chain_and_record_their_bases(home: Home, tmp_path: Path, base:
         assert (root / "home/alice/file").read_text() == "two"
     finally:
         runtime.umount(home, root)
+    with home.session() as session, pytest.raises(Conflict, match="base of writable"):
+        layers.remove(session, ref=parse_ref("base@1"))  # a rebase of w needs it
+
+
+def test_one_image_mount_per_version_shared_by_roots(home: Home, tmp_path: Path, base: str) -> None:
+    roots = [tmp_path / "a", tmp_path / "b"]
+    for root in roots:
+        root.mkdir()
+        runtime.mount(home, root, ["base"])
+    try:
+        images = [m for m in mountinfo() if m.fstype == "erofs" and str(home.root) in m.mountpoint]
+        assert len(images) == 1 and images[0].source.endswith(".erofs")  # file-backed
+        (roots[0] / "etc/motd").write_text("a's own\n")
+        assert (roots[1] / "etc/motd").read_text() == "welcome\n"  # uppers stay apart
+    finally:
+        for root in roots:
+            runtime.umount(home, root)
 
 
 def test_writable_layer_mounts_on_one_root_at_a_time(home: Home, tmp_path: Path, base: str) -> None:

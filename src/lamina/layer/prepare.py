@@ -80,6 +80,39 @@ def mkfs(source: Path, image: Path) -> None:
         raise ToolError(f"{MKFS} failed: {detail[-1] if detail else proc.returncode}")
 
 
+def _tmpfs_budget() -> int:
+    """A quarter of the memory available now (0 when /proc/meminfo says nothing)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except OSError:
+        pass
+    return 0
+
+
+@contextmanager
+def _scratch(path: Path, tree: Tree) -> Iterator[None]:
+    """Write the tree out in memory when it fits: creating 50,000 small files took 3.3 s on
+    tmpfs and 8.7-29 s on this VM's ext4 (depending on the disk's other load), while
+    mkfs.erofs reads either in 1.5-1.8 s. A tree that would take more than a quarter of
+    the available memory is written to disk."""
+    need = tree.data_bytes + 4096 * len(tree) + (16 << 20)
+    mounted = False
+    if need < _tmpfs_budget():
+        try:
+            mountapi.mount("tmpfs", path, "tmpfs", mountapi.MS_NODEV, f"size={need},mode=0755")
+            mounted = True
+        except OSError:
+            pass  # not allowed here: disk it is
+    try:
+        yield
+    finally:
+        if mounted:
+            mountapi.umount(path, lazy=True)
+
+
 def fingerprint(home_root: Path, manifest: str) -> Fingerprint:
     return Fingerprint.from_bytes((cache_dir(home_root) / f"{manifest}.fp").read_bytes())
 
@@ -100,8 +133,9 @@ def prepare_image(
         try:
             (work / "root").mkdir(parents=True)
             tree = load()
-            materialize(store, tree, work / "root")
-            mkfs(work / "root", work / "image.erofs")
+            with _scratch(work / "root", tree):
+                materialize(store, tree, work / "root")
+                mkfs(work / "root", work / "image.erofs")
             (work / "image.fp").write_bytes(Fingerprint.of(tree).to_bytes())
             for name in ("image.erofs", "image.fp"):
                 fd = os.open(work / name, os.O_RDONLY)
