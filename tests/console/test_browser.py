@@ -88,6 +88,7 @@ def watch_delta_then_reset(fleet: Fleet, page: Page) -> None:
     expect(_cell(page, "m1", "delta")).to_have_text("0 B")
     expect(_cell(page, "m1", "state")).to_have_text("offline")
     expect(_cell(page, "m2", "users")).to_have_text("alice")
+    expect(_cell(page, "m2", "state")).to_have_text("online")  # alice is logged in there
     page.evaluate("window.notReloaded = true")
     qemu = _qemu_io(fleet.server.url("machine/m1"))
     try:
@@ -98,14 +99,18 @@ def watch_delta_then_reset(fleet: Fleet, page: Page) -> None:
         expect(_cell(page, "m1", "state")).to_have_text("online")
         expect(_cell(page, "m1", "delta")).to_have_text("64.0 KiB")
         assert page.evaluate("window.notReloaded") is True
+        page.locator('#machines tr[data-key="m1"] summary').click()  # show the other actions
         _settle(page)
         DOCS.mkdir(exist_ok=True)
+        page.set_viewport_size({"width": 1360, "height": 420})
         page.screenshot(path=str(DOCS / "console-machines.png"))
 
         page.goto(f"{base}/")
-        expect(page.locator('[data-field="online"]')).to_have_text("1")
+        expect(page.locator('[data-field="online"]')).to_have_text("2")
         expect(page.locator('[data-field="delta_bytes"]')).to_have_text("64.0 KiB")
+        page.set_viewport_size({"width": 1360, "height": 500})
         page.screenshot(path=str(DOCS / "console-dashboard.png"))
+        page.set_viewport_size({"width": 1360, "height": 820})
 
         # a reset while the machine is connected is refused, and the page says why
         page.goto(f"{base}/machines")

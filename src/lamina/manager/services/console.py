@@ -70,21 +70,21 @@ def held_flocks() -> set[tuple[int, int]]:
 
 @dataclass(frozen=True, slots=True)
 class DeltaState:
-    online: bool
+    connected: bool  # its disk is open on the block server (on this host)
     delta_bytes: int  # bytes in the delta's data file (0 after a reset)
 
 
 def delta_state(deltas: Path, name: str, held: set[tuple[int, int]]) -> DeltaState:
     directory = deltas / name
     size = 0
-    online = False
+    connected = False
     with contextlib.suppress(OSError):
         size = (directory / "delta.data").stat().st_size
     if held:
         with contextlib.suppress(OSError):
             st = (directory / "lock").stat()
-            online = (st.st_dev, st.st_ino) in held
-    return DeltaState(online, size)
+            connected = (st.st_dev, st.st_ino) in held
+    return DeltaState(connected, size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +94,8 @@ class MachineRow:
     image: str  # NAME@V
     image_name: str
     version: int
+    # Its disk is open on the block server, or a user is logged in on it (a machine that
+    # streams its image runs from a local endpoint: its sessions show it is up).
     online: bool
     delta_bytes: int
     last_boot_at: datetime | None
@@ -114,7 +116,7 @@ def machine_rows(session: Session, *, deltas: Path, machines: list[Machine]) -> 
                 image=m.image_version.ref,
                 image_name=m.image_version.image.name,
                 version=m.image_version.version,
-                online=state.online,
+                online=state.connected or m.id in users,
                 delta_bytes=state.delta_bytes,
                 last_boot_at=m.last_boot_at,
                 users=users.get(m.id, []),
@@ -256,13 +258,19 @@ def _count(session: Session, model: type[Any]) -> int:
 
 def dashboard(session: Session, *, store: ChunkStore, deltas: Path) -> Dashboard:
     names = set(session.scalars(select(Machine.name)))
+    online = set(
+        session.scalars(
+            select(Machine.name).join(UserSession, UserSession.machine_id == Machine.id)
+        )
+    )
     held = held_flocks()
-    online = delta_bytes = 0
+    delta_bytes = 0
     with os.scandir(deltas) as entries:
         for entry in entries:
             if entry.name in names and entry.is_dir():
                 state = delta_state(deltas, entry.name, held)
-                online += state.online
+                if state.connected:
+                    online.add(entry.name)
                 delta_bytes += state.delta_bytes
     since = datetime.now(UTC) - RATE_WINDOW
     recent = (
@@ -288,7 +296,7 @@ def dashboard(session: Session, *, store: ChunkStore, deltas: Path) -> Dashboard
     usage = store.usage()
     return Dashboard(
         machines=len(names),
-        online=online,
+        online=len(online),
         stateless=session.scalar(
             select(func.count()).select_from(Machine).where(Machine.mode == "stateless")
         )
