@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -95,7 +96,8 @@ async def serve(
         http=f"{options.http[0]}:{options.http[1]}" if options.http else None,
         reset_stateless=reset,
     )
-    if options.http is not None:  # the console's one-time login URL, as Jupyter prints it
+    if options.http is not None and log.isEnabledFor(logging.INFO):
+        # the console's one-time login URL, as Jupyter prints it (not in quiet runs: the demo)
         from lamina.manager.console.auth import print_login_url
 
         print_login_url(home, options.http)
