@@ -22,7 +22,7 @@ import secrets
 import sys
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request, Response, status
@@ -44,6 +44,10 @@ MAX_FLASHES = 5
 
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _dump(value: dict[str, Any]) -> str:
+    return json.dumps(value, ensure_ascii=False)  # the column counts characters: no \\uXXXX
 
 
 def _prune(db: Session, now: float) -> None:
@@ -69,7 +73,7 @@ def new_login_token(db: Session) -> str:
 def _start(db: Session) -> str:
     sid = secrets.token_urlsafe(32)
     value = {"csrf": secrets.token_urlsafe(32), "expires": time.time() + SESSION_TTL, "flash": []}
-    db.add(Setting(key=SESSION_PREFIX + _hash(sid), value=json.dumps(value)))
+    db.add(Setting(key=SESSION_PREFIX + _hash(sid), value=_dump(value)))
     db.flush()
     return sid
 
@@ -117,7 +121,7 @@ def lookup(db: Session, sid: str) -> ConsoleSession | None:
         return None
     if value["expires"] - now < SESSION_TTL / 2:  # sliding expiry, one write per half-life
         value["expires"] = now + SESSION_TTL
-        row.value = json.dumps(value)
+        row.value = _dump(value)
     return ConsoleSession(key, str(value["csrf"]))
 
 
@@ -131,8 +135,9 @@ def flash(db: Session, console: ConsoleSession, kind: str, text: str) -> None:
     if row is None:
         return
     value = json.loads(row.value)
-    value["flash"] = [*value.get("flash", []), [kind, text[:500]]][-MAX_FLASHES:]
-    row.value = json.dumps(value)
+    # Bounded (5 x 300 characters) to fit the settings column (4,000) on PostgreSQL too.
+    value["flash"] = [*value.get("flash", []), [kind, text[:300]]][-MAX_FLASHES:]
+    row.value = _dump(value)
 
 
 def take_flashes(db: Session, console: ConsoleSession) -> list[tuple[str, str]]:
@@ -143,7 +148,7 @@ def take_flashes(db: Session, console: ConsoleSession) -> list[tuple[str, str]]:
     found = [(str(k), str(t)) for k, t in value.get("flash", [])]
     if found:
         value["flash"] = []
-        row.value = json.dumps(value)
+        row.value = _dump(value)
     return found
 
 
