@@ -42,26 +42,10 @@ def verify(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
 
 def _missing_references(h: Home) -> list[tuple[str, str]]:
-    from lamina.manager.services import images
+    from lamina.manager.services.store import missing_references
 
-    problems: list[tuple[str, str]] = []
     with h.session() as session:
-        for version in images.list_all_versions(session):
-            mid = bytes.fromhex(version.manifest_id)
-            if not h.store.has(mid):
-                problems.append((version.manifest_id, f"manifest of {version.ref} is missing"))
-                continue
-            try:
-                manifest = images.load_manifest(h.store, version)
-            except CorruptObject as exc:
-                problems.append((version.manifest_id, f"manifest of {version.ref}: {exc}"))
-                continue
-            refs = manifest.referenced()
-            present = h.store.index.lookup_many(refs)
-            problems += [
-                (c.hex(), f"referenced by {version.ref}, missing") for c in refs if c not in present
-            ]
-    return problems
+        return missing_references(session, store=h.store)
 
 
 @app.command()
@@ -95,19 +79,18 @@ def gc(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 @app.command()
 def du(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Store usage: packs, chunks, stored bytes, logical bytes and dedup ratio."""
-    h = open_home(home)
-    from lamina.manager.services import images
+    from lamina.manager.services.store import logical_bytes
 
+    h = open_home(home)
     usage = h.store.usage()
     with h.session() as session:
-        versions = images.list_all_versions(session)
-        logical = sum(v.size for v in versions)
+        roots, logical = logical_bytes(session, store=h.store)
     ratio = logical / usage.pack_bytes if usage.pack_bytes else 0.0
     data = {
         "packs": usage.packs,
         "chunks": usage.chunks,
         "stored_bytes": usage.pack_bytes,
-        "image_versions": len(versions),
+        "versions": roots,
         "logical_bytes": logical,
         "dedup_ratio": round(ratio, 2),
     }
@@ -116,5 +99,5 @@ def du(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     else:
         out.print(
             f"{usage.chunks} chunks in {usage.packs} packs: {human(usage.pack_bytes)} stored for "
-            f"{human(logical)} of {len(versions)} image version(s) ({ratio:.1f}x)"
+            f"{human(logical)} in {roots} image and layer version(s) ({ratio:.1f}x)"
         )
