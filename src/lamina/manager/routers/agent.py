@@ -130,7 +130,7 @@ async def logout(request: Request, body: LogoutRequest) -> Response:
 @router.get("/agent/desired", response_model=Desired, responses=AUTH)
 async def desired(
     request: Request,
-    wait: Annotated[float, Query(ge=0, le=300)] = 0,
+    wait: Annotated[float, Query(ge=0, le=60)] = 0,
     rev: Annotated[str | None, Query(max_length=64)] = None,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
