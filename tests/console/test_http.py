@@ -150,30 +150,47 @@ def test_commit_and_repin(fleet: Fleet) -> None:
         assert re.search(r"<td>base@2</td>", images)
 
 
-def test_assets_are_served_by_lamina(fleet: Fleet) -> None:
+def test_every_page_and_asset(database: str, fleet: Fleet) -> None:
+    """Every page, fragment and asset on SQLite and on PostgreSQL (sessions, tokens and
+    messages live in the database); pages reference nothing but lamina's own paths."""
     fleet.server.start()
-    with signed_in(fleet.base, fleet.admin_token()) as (client, _csrf):
+    with httpx.Client(base_url=fleet.base) as client:
+        assert client.get(login_url(fleet.server)).status_code == 303
+        found = _CSRF.search(client.get("/").text)
+        assert found is not None
+        client.post(
+            "/layers/office/entitle",
+            data={"csrf": found.group(1), "kind": "group", "target": "staff", "version": "1"},
+        )
+        assert _flash(client, "/layers/office") == "ok: office@1 entitled to group staff"
         for page in (
             "/",
             "/machines",
+            "/machines?image=base&mode=stateful&q=m",
             "/machines/m2",
             "/images",
             "/layers",
             "/layers/office",
             "/users",
+            "/users?group=staff",
             "/groups",
         ):
             html = client.get(page)
             assert html.status_code == 200, page
-            # nothing is fetched from elsewhere: every src/href is a local path
             for ref in re.findall(r'(?:src|href)="([^"]*)"', html.text):
                 assert ref.startswith(("/", "#")) and not ref.startswith("//"), (page, ref)
+        assert "staff" in client.get("/groups").text and "office" in client.get("/groups").text
+        for fragment in ("dashboard", "machines", "images", "users", "groups"):
+            live = client.get(f"/live/{fragment}")
+            assert live.status_code == 200 and live.json(), fragment
+        assert client.get("/live/users").json()["rows"]["alice"]["sessions"] == "—"
         for name, kind in (("console.css", "text/css"), ("console.js", "text/javascript")):
             asset = client.get(f"/static/{name}")
             assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
             again = client.get(f"/static/{name}", headers={"If-None-Match": asset.headers["etag"]})
             assert again.status_code == 304
         assert client.get("/static/../auth.py").status_code == 404
+        assert client.get("/machines/nope").status_code == 404
 
 
 @pytest.mark.slow
