@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from lamina import logs
 from lamina.agent import fetch
 from lamina.agent.reconcile import Attach, Detach, Have, Pending, Stale, Want, plan
-from lamina.errors import LaminaError, UsageError
+from lamina.errors import InvalidInput, LaminaError, UsageError
 from lamina.home import Home
 from lamina.manager.client import ManagerClient, Unreachable
 
@@ -42,6 +42,7 @@ T = TypeVar("T")
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
 WAIT = 30  # long-poll seconds
+HANDOVER = 30.0  # a logout waits this long for the manager, then finishes in the background
 
 
 def socket_path(home: Home) -> Path:
@@ -169,11 +170,15 @@ class Agent:
                 saved = runtime.umount(self.home, root).saved
             self.pending_dir.mkdir(parents=True, exist_ok=True)
             _write(self.pending_dir / f"{user}.json", json.dumps({"saved": saved}), 0o600)
-            result = self._flush_pending(user)
+            try:
+                result = self._flush_pending(user, timeout=HANDOVER)
+            except Unreachable:
+                # Unmounted and kept here; the poll loop hands it over when the manager is back.
+                result = {"user": user, "ended": False, "saved": saved, "pending": True}
         logs.event(self.log, "logout", user=user, saved=result.get("saved"))
         return result
 
-    def _flush_pending(self, user: str) -> dict[str, Any]:
+    def _flush_pending(self, user: str, timeout: float | None = None) -> dict[str, Any]:
         """Hand a finished session's writable version to the manager (retried until done)."""
         from lamina.manager.services import replica
 
@@ -182,13 +187,19 @@ class Agent:
             return {"user": user, "ended": False, "saved": None}
         saved = json.loads(path.read_text())["saved"]
         body: dict[str, Any] = {"user": user}
-        if saved is not None:
-            body["writable"] = self.call(
-                lambda: fetch.upload_version(self.home, self.client, saved)
-            )
-        result: dict[str, Any] = self.call(
-            lambda: self.client.json("POST", "/agent/logout", json=body)
-        )
+        for attempt in range(3):
+            if saved is not None:
+                body["writable"] = self.call(
+                    lambda: fetch.upload_version(self.home, self.client, saved), timeout=timeout
+                )
+            try:
+                result: dict[str, Any] = self.call(
+                    lambda: self.client.json("POST", "/agent/logout", json=body), timeout=timeout
+                )
+                break
+            except InvalidInput:  # chunks collected in between (store gc): upload again
+                if attempt == 2:
+                    raise
         if saved is not None and result.get("saved") and result["saved"] != saved:
             # The manager numbered it otherwise: keep the local copy under its number.
             name, _, version = result["saved"].rpartition("@")
@@ -207,11 +218,11 @@ class Agent:
         path.unlink()
         return result
 
-    def flush_all_pending(self) -> None:
+    def flush_all_pending(self, timeout: float | None = None) -> None:
         if self.pending_dir.is_dir():
             for path in sorted(self.pending_dir.glob("*.json")):
                 with self.lock:
-                    self._flush_pending(path.stem)
+                    self._flush_pending(path.stem, timeout=timeout)
 
     # -- desired state ------------------------------------------------------------------------
 
@@ -259,6 +270,8 @@ class Agent:
         attempt = 0
         while not self.stopping.is_set():
             try:
+                if self.pending_dir.is_dir() and any(self.pending_dir.glob("*.json")):
+                    self.flush_all_pending(timeout=HANDOVER)
                 params: dict[str, Any] = {"wait": WAIT}
                 if self.rev is not None:
                     params["rev"] = self.rev
@@ -295,7 +308,6 @@ class Agent:
     def run(self) -> None:
         """Boot, then serve the control socket and long-poll until stopped."""
         self.boot()
-        threading.Thread(target=self.flush_all_pending, name="pending", daemon=True).start()
         server = _control_server(self)
         threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
         try:
