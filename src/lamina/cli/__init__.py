@@ -17,6 +17,7 @@ from lamina.cli import (
     layer,
     machine,
     mount,
+    rebase,
     serve,
     store,
     stream,
@@ -38,6 +39,7 @@ app.add_typer(machine.delta_app, name="delta")
 app.add_typer(admin.app, name="admin")
 app.add_typer(agent.app, name="agent")
 app.add_typer(stream.app, name="stream")
+app.add_typer(rebase.app, name="rebase")
 mount.register(app)
 serve.register(app)
 demo.register(app)

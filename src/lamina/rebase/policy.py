@@ -59,6 +59,13 @@ def check_glob(glob: str) -> str:
     return glob
 
 
+def check_rule(rule: Rule | str) -> Rule:
+    try:
+        return Rule(rule)
+    except ValueError:
+        raise UsageError(f"bad rule {rule!r}: one of {', '.join(r.value for r in Rule)}") from None
+
+
 @lru_cache(maxsize=256)
 def _compile(glob: str) -> re.Pattern[str]:
     body = glob.rstrip("/")
@@ -102,14 +109,7 @@ class PolicyTable:
 
     @classmethod
     def of(cls, rules: Iterable[tuple[str, Rule | str]]) -> PolicyTable:
-        out: list[tuple[str, Rule]] = []
-        for glob, rule in rules:
-            try:
-                out.append((check_glob(glob), Rule(rule)))
-            except ValueError:
-                raise UsageError(
-                    f"bad rule {rule!r} for {glob}: one of {', '.join(r.value for r in Rule)}"
-                ) from None
+        out = [(check_glob(glob), check_rule(rule)) for glob, rule in rules]
         if len({g for g, _ in out}) != len(out):
             raise UsageError("a glob can appear only once in the rebase policy")
         return cls(tuple(out))
@@ -133,13 +133,13 @@ class PolicyTable:
     def set(self, glob: str, rule: Rule | str, *, at: int | None = None) -> PolicyTable:
         """``glob`` -> ``rule``: replaced in place when the glob is there, otherwise inserted
         at position ``at`` (0-based; the top, where it is matched first, by default)."""
-        rules = list(self.rules)
+        rules: list[tuple[str, Rule | str]] = list(self.rules)
         for i, (g, _) in enumerate(rules):
             if g == glob:
-                rules[i] = (glob, Rule(rule))
+                rules[i] = (glob, rule)
                 return PolicyTable.of(rules)
         pos = 0 if at is None else max(0, min(at, len(rules)))
-        rules.insert(pos, (glob, Rule(rule)))
+        rules.insert(pos, (glob, rule))
         return PolicyTable.of(rules)
 
     def remove(self, glob: str) -> PolicyTable:
