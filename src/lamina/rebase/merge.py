@@ -39,8 +39,9 @@ from typing import Final
 
 from lamina.errors import InvalidInput
 from lamina.layer.compose import WritablePolicy, keeps
-from lamina.layer.tree import Entry, Kind, Tree, Xattrs, is_under
+from lamina.layer.tree import Entry, Kind, Tree, is_under
 from lamina.rebase.diff3 import is_text, merge3
+from lamina.rebase.meta import content, merge_meta
 from lamina.rebase.policy import PolicyTable, Rule
 from lamina.rebase.report import Action, Item, Outcome
 from lamina.rebase.views import BaseChange, resolve, same
@@ -54,56 +55,6 @@ def _ancestors(path: str) -> Iterator[str]:
     while "/" in path:
         path = path.rpartition("/")[0]
         yield path
-
-
-def _content(e: Entry) -> tuple[object, ...]:
-    return (e.kind, e.size, e.chunks, e.target, e.rdev)
-
-
-@dataclass(frozen=True, slots=True)
-class Meta:
-    """What ``chmod``, ``chown`` and ``setfattr`` change."""
-
-    mode: int
-    owner: tuple[int, int]
-    xattrs: Xattrs
-
-    @classmethod
-    def of(cls, e: Entry) -> Meta:
-        return cls(e.mode, (e.uid, e.gid), e.xattrs)
-
-    def apply(self, e: Entry) -> Entry:
-        uid, gid = self.owner
-        return replace(e, mode=self.mode, uid=uid, gid=gid, xattrs=self.xattrs)
-
-
-_FIELDS: Final = ("mode", "owner", "xattrs")
-
-
-def merge_meta(
-    u: Entry, o: Entry | None, n: Entry, *, user_wins: bool
-) -> tuple[Meta, list[str], list[str]]:
-    """Mode, owner and xattrs merged field by field: (merged, fields both changed
-    differently, fields taken from the new base)."""
-    mu, mn = Meta.of(u), Meta.of(n)
-    mo = Meta.of(o) if o is not None else None
-    values: dict[str, object] = {}
-    clashed: list[str] = []
-    theirs: list[str] = []
-    for name in _FIELDS:
-        uv, nv = getattr(mu, name), getattr(mn, name)
-        ov = getattr(mo, name) if mo is not None else None
-        if uv == nv or (mo is not None and nv == ov):
-            values[name] = uv
-        elif mo is not None and uv == ov:
-            values[name] = nv
-            theirs.append(name)
-        else:
-            clashed.append(name)
-            values[name] = uv if user_wins else nv
-            if not user_wins:
-                theirs.append(name)
-    return Meta(**values), clashed, theirs  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,7 +374,7 @@ class _Merger:
             self.node_over_dir(p, e, r, rule)
             return
         if o is not None and r.kind == o.kind == n.kind:
-            cu, cn = _content(r) != _content(o), _content(n) != _content(o)
+            cu, cn = content(r) != content(o), content(n) != content(o)
             if not (cu and cn) and self.meta_merge(p, e, r, o, n, rule, content_from_user=cu):
                 return
         self.both_changed(p, e, r, o, n, rule)
