@@ -285,6 +285,7 @@ def test_all_in_parallel_idempotent(cli: Cli, home: Home, tmp_path: Path) -> Non
     assert _on(home, "base@2") == on_new  # nothing recorded twice
     text = cli("rebase", "--all", "--from", "base@1", "--onto", "base@2")
     assert text.out.startswith("rebased 0 writable layers from base@1 onto base@2")
+    assert "40 already on base@2" in text.out.splitlines()
 
 
 def test_all_interrupted_then_run_again(home: Home, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from lamina.rebase.run import Bulk, Result
 
 RUN = "run"
+CONFLICT_ROWS = 20  # layers with conflicts listed by the text output of --all
 
 
 class _DefaultRun(TyperGroup):
@@ -190,13 +191,21 @@ def _print_bulk(bulk: Bulk) -> None:
     merged = sum(r.counts.get("merged", 0) for r in done)
     touched = sum(1 for r in done if r.counts.get("conflict"))
     out.print(f"merged {merged} paths; {conflicts} conflicts in {touched} layers", markup=False)
+    ordered = sorted(bulk.results, key=lambda r: r.writable)
+    already = bulk.by_status("already")
+    if already:
+        out.print(f"{len(already)} already on {bulk.target}", markup=False)
+    others = [r for r in ordered if r.status not in ("rebased", "dry-run", "already")]
+    with_conflicts = [r for r in done if r.counts.get("conflict")]
+    shown = others + sorted(with_conflicts, key=lambda r: r.writable)[:CONFLICT_ROWS]
     rows = [
-        [r.writable, r.status, r.ref or r.source, r.error or _conflict_summary(r)]
-        for r in sorted(bulk.results, key=lambda r: r.writable)
-        if r.status not in ("rebased", "dry-run") or r.counts.get("conflict")
+        [r.writable, r.status, r.ref or r.source, r.error or _conflict_summary(r)] for r in shown
     ]
     if rows:
         table(["WRITABLE", "STATUS", "VERSION", "DETAIL"], rows)
+    if len(with_conflicts) > CONFLICT_ROWS:
+        more = len(with_conflicts) - CONFLICT_ROWS
+        out.print(f"... and {more} more layers with conflicts (--json lists them all)")
 
 
 def _conflict_summary(r: Result) -> str:
