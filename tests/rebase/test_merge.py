@@ -259,6 +259,27 @@ ROWS: dict[str, Row] = {
         {"etc/x.d": (Action.CONFLICT, "merge")},
         {"etc/x.d": "mine", "etc/x.d.lamina-new/one": "2"},
     ),
+    "/opt, user made a symlink of a directory, update changed inside: directory wins": Row(
+        {"opt/app/a": "1", "opt/app/b": "1"},
+        {"opt/app/a": "2", "opt/app/b": "1"},
+        {"opt/app": L("/srv/app")},
+        {"opt/app": (Action.CONFLICT, "admin")},
+        {"opt/app/a": "2", conflict_copy("opt/app"): Kind.SYMLINK},
+    ),
+    "/home, user made a symlink of a directory, update changed inside: symlink stays": Row(
+        {"home/a/d/x": "1"},
+        {"home/a/d/x": "2"},
+        {"home/a/d": L("/srv/d")},
+        {"home/a/d": (Action.KEPT, "user")},
+        {"home/a/d": Kind.SYMLINK, "home/a/d/x": GONE},
+    ),
+    "user made a symlink of a directory, update left it: kept": Row(
+        {"srv/d/x": "1", "etc/a": "1"},
+        {"srv/d/x": "1", "etc/a": "2"},
+        {"srv/d": L("/elsewhere")},
+        {"srv/d": (Action.KEPT, None)},
+        {"srv/d": Kind.SYMLINK},
+    ),
     "update made a file of a directory the user had not changed: applied": Row(
         {"usr/x/a": "1"},
         {"usr/x": "file"},

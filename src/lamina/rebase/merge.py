@@ -362,7 +362,9 @@ class _Merger:
         if n is not None and same(r, n):
             self.note(p, Action.APPLIED, "the same change as the update")
             return
-        if same(o, n):
+        # Over a directory, the update changed the path if it changed anything beneath it.
+        beneath = o is not None and o.kind is Kind.DIR and self.c.base.changed_at_or_under(p)
+        if same(o, n) and not beneath:
             self.out[p] = e
             self.note(p, Action.KEPT, "changed by the user" if o else "made by the user")
             return
