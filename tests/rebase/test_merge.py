@@ -456,3 +456,23 @@ def test_report_json_and_counts() -> None:
         "conflict": 1,
         "update_changed": 2,
     }
+
+
+def test_large_files_are_not_read() -> None:
+    from lamina.rebase.diff3 import TEXT_LIMIT
+    from lamina.rebase.merge import rebase_tree
+
+    big = "x\n" * (TEXT_LIMIT // 2 + 1)
+    case = Case.of({"var/db": big}, {"var/db": big + "admin\n"}, {"var/db": "user\n" + big})
+
+    def refuse(_e: object) -> bytes:
+        raise AssertionError("a large file was read")
+
+    out = rebase_tree(case.user, case.base, PolicyTable(), refuse)
+    assert [(i.action, i.reason, i.saved) for i in out.items] == [
+        (
+            Action.CONFLICT,
+            "both changed (too large to merge lines): user's stays, update's beside it",
+            "var/db.lamina-new",
+        )
+    ]

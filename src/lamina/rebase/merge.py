@@ -40,7 +40,7 @@ from typing import Final
 from lamina.errors import InvalidInput
 from lamina.layer.compose import WritablePolicy, keeps
 from lamina.layer.tree import Entry, Kind, Tree, is_under
-from lamina.rebase.diff3 import is_text, merge3
+from lamina.rebase.diff3 import TEXT_LIMIT, is_text, merge3
 from lamina.rebase.meta import content, merge_meta
 from lamina.rebase.policy import PolicyTable, Rule
 from lamina.rebase.report import Action, Item, Outcome
@@ -428,7 +428,10 @@ class _Merger:
             self.note(p, Action.CONFLICT, "both changed: update's wins, user's saved", rule, dest)
             return
         files = r.kind is Kind.FILE and n.kind is Kind.FILE and (o is None or o.kind is Kind.FILE)
-        if files:
+        small = max(r.size, n.size, o.size if o is not None else 0) <= TEXT_LIMIT
+        if files and not small:
+            why = "both changed (too large to merge lines)"
+        elif files:
             mine, theirs = self.c.read(r), self.c.read(n)
             old = self.c.read(o) if o is not None else b""
             if is_text(mine, theirs, old):
