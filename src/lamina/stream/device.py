@@ -153,8 +153,14 @@ class StreamMachineDevice:
 class StreamCatalog:
     """The endpoint's one export (the DeviceProvider the NBD server asks)."""
 
-    def __init__(self, device: BlockDevice, on_idle: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        device: BlockDevice,
+        on_first: Callable[[], None] = lambda: None,
+        on_idle: Callable[[], None] = lambda: None,
+    ) -> None:
         self.device = device
+        self.on_first = on_first
         self.on_idle = on_idle
         self._refs = 0
         self._lock = threading.Lock()
@@ -170,6 +176,9 @@ class StreamCatalog:
             raise LaminaError(f"no export {name!r}")
         with self._lock:
             self._refs += 1
+            first = self._refs == 1
+        if first:
+            self.on_first()
         return self.device
 
     def release(self, name: str) -> None:
@@ -178,8 +187,7 @@ class StreamCatalog:
             idle = self._refs == 0
         if idle:
             self.device.flush()
-            if self.on_idle is not None:
-                self.on_idle()
+            self.on_idle()
 
     @property
     def connections(self) -> int:

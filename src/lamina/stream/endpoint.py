@@ -34,6 +34,7 @@ from lamina.stream.cache import ChunkFiles, StreamConfig
 from lamina.stream.deltas import apply_runs
 from lamina.stream.device import StreamCatalog, StreamImageDevice, StreamMachineDevice
 from lamina.stream.fetch import Fetcher
+from lamina.stream.hydrate import Hydrator
 from lamina.stream.rate import Backoff, TokenBucket
 from lamina.stream.remote import Remote, Unreachable
 from lamina.stream.schedule import Hydration
@@ -222,7 +223,8 @@ class Endpoint:
         logs.event(
             self.log, "hydrating", profile_chunks=hydration.profiled, chunks=len(hydration.order)
         )
-        await self.fetcher.hydrate(hydration)
+        hydrator = Hydrator(self.fetcher, self.files, self.config.url, self.config.token)
+        await hydrator.run(hydration)
         await self.fetcher.persist()
 
     def status(self) -> dict[str, Any]:
@@ -242,6 +244,7 @@ class Endpoint:
             "corrupt_refetched": self.fetcher.counters.corrupt,
             "retries": self.fetcher.counters.retries,
             "hydrating": self.options.hydrate and not self.files.index.complete,
+            "booting": self.fetcher.in_boot(),
             "uptime_s": round(now - self.started, 1),
         }
         if self.stack is not None:
@@ -287,7 +290,9 @@ class Endpoint:
     async def run(self, ready: Any = None) -> None:
         loop = asyncio.get_running_loop()
         device = await self.open_device()
-        catalog = StreamCatalog(device)
+        catalog = StreamCatalog(
+            device, on_first=self.fetcher.boot_begins, on_idle=self.fetcher.boot_ends
+        )
         nbd = await loop.create_server(
             lambda: NbdServerProtocol(catalog, self.nbd_pool, self.log),
             *self.options.nbd,

@@ -56,6 +56,11 @@ class Hydration:
         return out
 
     @property
+    def profile_done(self) -> bool:
+        """Every chunk of the boot profile is cached (the cursor only passes cached ids)."""
+        return self._next >= self.profiled
+
+    @property
     def done(self) -> bool:
         return self.index.missing_ids == 0
 
