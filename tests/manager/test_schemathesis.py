@@ -22,7 +22,10 @@ SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
 def fuzz(url: str, token: str, *extra: str) -> subprocess.CompletedProcess[str]:
     cmd = [SCHEMATHESIS, "run", f"{url}/openapi.json", "-H", f"Authorization: Bearer {token}"]
     cmd += ["--checks", "not_a_server_error", "--seed", "7", "--no-color", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0:  # the failures section, whatever its length
+        print(done.stdout)
+    return done
 
 
 @pytest.mark.slow
@@ -49,11 +52,11 @@ def test_no_server_errors(home: Home, server: Server, tmp_path: Path) -> None:
         "--include-path-regex",
         "/agent/desired",
         "--phases",
-        "coverage,fuzzing",
+        "coverage",
         "--request-timeout",
         "70",
     )
     assert desired.returncode == 0, desired.stdout[-4000:]
-    everything = fuzz(url, admin, "-n", "15")
+    everything = fuzz(url, admin, "-n", "15", "--request-timeout", "30")
     assert everything.returncode == 0, everything.stdout[-4000:]
     assert " passed" in everything.stdout
