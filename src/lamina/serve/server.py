@@ -154,6 +154,14 @@ def _http_server(home: Home, address: tuple[str, int]) -> Any:
 
 
 def run(home: Home, options: ServeOptions) -> None:
+    import resource
+
+    # Every agent keeps a connection open (its long-poll): 10,000 machines need more file
+    # descriptors than the usual soft limit of 1024.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         import uvloop
 
