@@ -235,3 +235,21 @@ def test_gc_keeps_layer_chunks_and_frees_them_after_rm(cli: Cli, tmp_path: Path)
     cli("layer", "rm", "keep")
     freed = cli.json("store", "gc")
     assert freed["chunks_removed"] >= 3 and cli.json("store", "du")["chunks"] == 0
+
+
+def test_hard_link_sorting_before_its_target_exports_and_mounts(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "z").write_bytes(b"shared inode\n")
+    os.link(src / "a" / "z", src / "a" / "b" / "c")  # "a/b/c" sorts before "a/z"
+    cli("layer", "import", "links", str(src))
+    out = tmp_path / "out"
+    cli("layer", "export", "links", str(out))
+    assert (out / "a/b/c").stat().st_ino == (out / "a/z").stat().st_ino
+    root = tmp_path / "root"
+    root.mkdir()
+    cli("mount", str(root), "--layer", "links")
+    try:
+        assert (root / "a/b/c").read_bytes() == b"shared inode\n"
+    finally:
+        cli("umount", str(root))

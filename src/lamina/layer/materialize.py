@@ -35,7 +35,9 @@ def materialize(
         raise FileExistsError(f"{dest} is not empty")
     root = os.fsencode(dest)
     dirs: list[tuple[bytes, Entry]] = []
+    links: list[tuple[bytes, Entry]] = []
     written = {""}
+    files: set[str] = set()
     for e in tree:
         if e.path and (paths.normalize(e.path) != e.path or e.parent not in written):
             raise CorruptObject(f"layer manifest: bad path {e.path!r}")
@@ -46,11 +48,20 @@ def materialize(
             dirs.append((full, e))
             written.add(e.path)
             continue
+        if e.kind is Kind.HARDLINK:
+            # Linked once every file exists: a link may sort before the name it points to
+            # ("a/b/c" -> "a/z"), the tree being in path order.
+            links.append((full, e))
+            continue
         _create(store, e, full, root)
+        files.add(e.path)
         if progress is not None and e.size:
             progress(e.size)
-        if e.kind is not Kind.HARDLINK:
-            _metadata(full, e)
+        _metadata(full, e)
+    for full, e in links:
+        if e.target not in files:
+            raise CorruptObject(f"layer manifest: hard link {e.path!r} to a missing file")
+        _create(store, e, full, root)
     for full, e in reversed(dirs):
         _metadata(full, e)
 
