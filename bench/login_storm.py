@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -87,7 +88,7 @@ def setup(home: Path, agents: int, env: dict[str, str]) -> list[str]:
     with open(disk, "wb") as f:
         f.truncate(1 << 20)
     run(LAMINA, "image", "import", "base", str(disk), env=env)
-    for name in ("os", "office", "browser"):
+    for name in ("os", "office", "browser", "extra"):
         tree = work / "layers" / name / "opt" / name
         tree.mkdir(parents=True)
         (tree / "README").write_text(f"{name}\n")
@@ -141,7 +142,10 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def storm(
-    ports: list[int], tokens: list[str], concurrency: int
+    ports: list[int],
+    tokens: list[str],
+    concurrency: int,
+    between: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[list[float], int, float, list[float], int, float]:
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(tokens)):
@@ -166,6 +170,8 @@ async def storm(
     started = time.perf_counter()
     await asyncio.gather(*(login_worker(c) for c in conns))
     login_seconds = time.perf_counter() - started
+    if between is not None:
+        await between()
 
     for i in range(len(tokens)):
         queue.put_nowait(i)
@@ -189,6 +195,35 @@ async def storm(
     for c in conns:
         c.close()
     return latencies, failed, login_seconds, out_latencies, out_failed, logout_seconds
+
+
+async def fanout(ports: list[int], tokens: list[str], admin: str) -> tuple[float, int]:
+    """Every agent long-polls its desired state (one connection each); one entitlement
+    to their group changes all of them: seconds until the last agent has heard."""
+    conns = [Conn("127.0.0.1", ports[i % len(ports)]) for i in range(len(tokens))]
+    revs: list[str] = []
+    for i, conn in enumerate(conns):
+        _, body = await conn.request("GET", "/api/v1/agent/desired", tokens[i])
+        revs.append(json.loads(body)["rev"])
+    heard: list[float] = []
+
+    async def poll(i: int) -> None:
+        path = f"/api/v1/agent/desired?wait=60&rev={revs[i]}"
+        _, body = await conns[i].request("GET", path, tokens[i])
+        if json.loads(body)["rev"] != revs[i]:
+            heard.append(time.perf_counter())
+
+    polls = [asyncio.create_task(poll(i)) for i in range(len(tokens))]
+    await asyncio.sleep(3)  # every long-poll is waiting
+    admin_conn = Conn("127.0.0.1", ports[0])
+    body = json.dumps({"layer": "extra", "group": "staff"}).encode()
+    started = time.perf_counter()
+    code, _ = await admin_conn.request("POST", "/api/v1/entitlements", admin, body)
+    assert code == 201, code
+    await asyncio.gather(*polls)
+    for c in [*conns, admin_conn]:
+        c.close()
+    return (max(heard) - started if heard else float("nan")), len(heard)
 
 
 def count_sessions(env: dict[str, str]) -> int:
@@ -215,6 +250,9 @@ def main() -> None:
     parser.add_argument("--managers", type=int, default=1)
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--concurrency", type=int, default=64, help="connections in flight")
+    parser.add_argument(
+        "--fanout", action="store_true", help="also: every agent long-polls, one change"
+    )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
@@ -235,8 +273,17 @@ def main() -> None:
         print(f"set-up: {args.agents} machines and users in {time.perf_counter() - t0:.1f} s")
         managers = start_managers(home, args.managers, env)
         ports = [p for _, p in managers]
+        admin = run(LAMINA, "admin", "token", env=env).strip()
+
+        async def between() -> None:
+            took, heard = await fanout(ports, tokens, admin)
+            print(
+                f"fan-out: {heard} of {len(tokens)} long-polling agents heard "
+                f"one group entitlement in {took:.1f} s"
+            )
+
         lat, failed, seconds, out_lat, out_failed, out_seconds = asyncio.run(
-            storm(ports, tokens, args.concurrency)
+            storm(ports, tokens, args.concurrency, between if args.fanout else None)
         )
         # Sessions held after the logins were counted by the logouts that ended them.
         left = count_sessions(env)
