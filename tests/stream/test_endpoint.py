@@ -118,6 +118,12 @@ def test_manager_outage_mid_hydration_recovers_by_itself(
         waited = time.monotonic() - started
         assert failed.returncode != 0 or "error" in (failed.stdout + failed.stderr).lower()
         assert 1.5 <= waited < 15, waited
+        # a restart while the manager is away: serves at once from what it has
+        ep.stop(signal.SIGKILL)
+        ep.start()
+        status = ep.status()
+        assert status["running"] and status["cached_data_bytes"] >= cached
+        assert read_range(ep.port, "img", 0, CHUNK, tmp_path / "r1") == src[:CHUNK]
         proxy.down = False  # it comes back: hydration resumes without help
         status = ep.wait_complete(timeout=60)
         assert status["online"] is True and status["retries"] > 0
