@@ -25,7 +25,7 @@ from sqlalchemy import Connection
 
 from lamina.errors import CorruptObject
 from lamina.manager.deps import CallerDep, HomeDep
-from lamina.manager.hot import HotDb, Watcher
+from lamina.manager.hot import Batcher, HotDb, Watcher
 from lamina.manager.schemas import (
     BootResult,
     Desired,
@@ -49,6 +49,7 @@ class Hot:
     def __init__(self, db: HotDb) -> None:
         self.db = db
         self.watcher = Watcher(db)
+        self.batcher = Batcher(db)
 
 
 def hot(request: Request) -> Hot:
@@ -146,7 +147,7 @@ async def desired(
         # Registered before reading: a change committed after the read wakes this waiter.
         fut = h.watcher.register(machine.id)
         try:
-            state = await h.db.run(agents.desired, machine=machine)
+            state = await h.batcher.desired(machine)
             remaining = deadline - loop.time()
             if have is None or state["rev"] != have or remaining <= 0:
                 break
