@@ -306,7 +306,7 @@ def fetched_before_boot(s: Setup) -> dict[str, dict[str, Any]]:
     for name, machine in (("golden", "desk"), ("demo", "mini")):
         proc, port, cache = s.stream(name, f"fetch-{name}", "--no-hydrate", "--machine", machine)
         try:
-            _, status = boot(f"nbd://127.0.0.1:{port}/{name}", s.seed, cache)
+            _, status = boot(f"nbd://127.0.0.1:{port}/{name}", seed_of(port, name), cache)
         finally:
             proc.stop()
         assert status is not None
@@ -329,7 +329,7 @@ def boots(s: Setup) -> tuple[list[float], list[float], list[dict[str, Any]], Pat
     for i in range(ROUNDS):
         proc, port, cache = s.stream("golden", f"cold-{i}", "--machine", "desk")
         try:
-            seconds, status = boot(f"nbd://127.0.0.1:{port}/golden", s.seed, cache)
+            seconds, status = boot(f"nbd://127.0.0.1:{port}/golden", seed_of(port), cache)
         finally:
             proc.stop()
         assert status is not None
@@ -337,7 +337,7 @@ def boots(s: Setup) -> tuple[list[float], list[float], list[dict[str, Any]], Pat
         cold_status.append(status)
         proc, port, cache = s.stream("golden", "warm", "--machine", "desk")
         try:
-            warm.append(boot(f"nbd://127.0.0.1:{port}/golden", s.seed, cache)[0])
+            warm.append(boot(f"nbd://127.0.0.1:{port}/golden", seed_of(port), cache)[0])
         finally:
             proc.stop()
     return cold, warm, cold_status, warm_cache
@@ -370,13 +370,17 @@ def hydration(s: Setup) -> tuple[list[float], list[float], float]:
 
 
 def offline_boot(s: Setup, cache: Path) -> float:
-    """A complete cache restarted with the manager stopped (the seed from a local copy)."""
-    seed = s.work / "seed.iso"
+    """A complete cache restarted with the manager stopped (its seed from the cache too)."""
     proc, port, _ = s.stream("golden", cache.name, "--machine", "desk")
     try:
-        return boot(f"nbd://127.0.0.1:{port}/golden", str(seed), cache)[0]
+        return boot(f"nbd://127.0.0.1:{port}/golden", seed_of(port), cache)[0]
     finally:
         proc.stop()
+
+
+def seed_of(port: int, image: str = "golden") -> str:
+    """The machine's identity seed, as the stream endpoint exports it."""
+    return f"nbd://127.0.0.1:{port}/{image}/seed"
 
 
 def runs(values: list[float]) -> str:
@@ -393,7 +397,6 @@ def main() -> None:
         fetched = fetched_before_boot(setup)
         cold, warm, cold_status, warm_cache = boots(setup)
         ours, theirs, default = hydration(setup)
-        run("qemu-img", "convert", "-f", "raw", "-O", "raw", setup.seed, str(work / "seed.iso"))
     finally:
         server.stop()
     offline = offline_boot(setup, warm_cache)

@@ -151,37 +151,46 @@ class StreamMachineDevice:
 
 
 class StreamCatalog:
-    """The endpoint's one export (the DeviceProvider the NBD server asks)."""
+    """The endpoint's exports (the DeviceProvider the NBD server asks): the image or
+    machine, and for a machine its identity seed. Only the first counts as a boot."""
 
     def __init__(
         self,
         device: BlockDevice,
+        extra: list[BlockDevice] | None = None,
         on_first: Callable[[], None] = lambda: None,
         on_idle: Callable[[], None] = lambda: None,
     ) -> None:
         self.device = device
+        self.devices = {d.info.name: d for d in [device, *(extra or [])]}
         self.on_first = on_first
         self.on_idle = on_idle
         self._refs = 0
         self._lock = threading.Lock()
 
     def lookup(self, name: str) -> ExportInfo | None:
-        return self.device.info if name == self.device.info.name else None
+        device = self.devices.get(name)
+        return device.info if device is not None else None
 
     def names(self) -> list[str]:
-        return [self.device.info.name]
+        return list(self.devices)
 
     def open(self, name: str) -> BlockDevice:
-        if name != self.device.info.name:
+        device = self.devices.get(name)
+        if device is None:
             raise LaminaError(f"no export {name!r}")
+        if device is not self.device:
+            return device
         with self._lock:
             self._refs += 1
             first = self._refs == 1
         if first:
             self.on_first()
-        return self.device
+        return device
 
     def release(self, name: str) -> None:
+        if self.devices.get(name) is not self.device:
+            return
         with self._lock:
             self._refs -= 1
             idle = self._refs == 0

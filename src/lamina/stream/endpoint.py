@@ -28,6 +28,7 @@ from lamina.names import parse_ref
 from lamina.nbd import ExportInfo
 from lamina.nbd.aio import NbdServerProtocol
 from lamina.nbd.device import BlockDevice
+from lamina.serve.devices import MemoryDevice
 from lamina.stream import cache as cachedir
 from lamina.stream import transfer
 from lamina.stream.cache import ChunkFiles, StreamConfig
@@ -179,6 +180,7 @@ class Endpoint:
         self.started = time.monotonic()
         self._sync_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
+        self.exports: list[str] = []
 
     async def open_device(self) -> BlockDevice:
         loop = asyncio.get_running_loop()
@@ -205,6 +207,28 @@ class Endpoint:
             self.config = await _fetch_machine_delta(self.config, self.remote, stack, self.root)
         self.device = StreamMachineDevice(info, image, stack)
         return self.device
+
+    async def _seed_devices(self) -> list[BlockDevice]:
+        """A machine's identity seed as export ``IMAGE/seed``: fetched when the manager
+        answers (identities change), else the copy kept from last time."""
+        if self.config.machine is None:
+            return []
+        path = self.root / "seed.iso"
+        try:
+            data = await asyncio.wait_for(self.remote.machine_seed(self.config.machine), 5.0)
+            if not path.exists() or path.read_bytes() != data:
+                tmp = path.with_name(".seed.iso.tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+        except (LaminaError, TimeoutError) as exc:
+            if not path.exists():
+                logs.event(self.log, "no-seed", logging.WARNING, reason=str(exc))
+                return []
+            data = path.read_bytes()
+        info = ExportInfo(
+            f"{self.options.image}/seed", len(data), read_only=True, description="identity seed"
+        )
+        return [MemoryDevice(info, data)]
 
     async def _hydrate(self) -> None:
         backoff = Backoff(cap=5.0)
@@ -235,6 +259,7 @@ class Endpoint:
             "pid": os.getpid(),
             "export": self.options.image,
             "nbd": f"nbd://{self.options.nbd[0]}:{self.options.nbd[1]}/{self.options.image}",
+            "exports": self.exports,
             "online": self.fetcher.online,
             "last_error": self.fetcher.last_error or None,
             "rate_bytes_per_s": round(self.fetcher.meter.rate(now)),
@@ -290,8 +315,13 @@ class Endpoint:
     async def run(self, ready: Any = None) -> None:
         loop = asyncio.get_running_loop()
         device = await self.open_device()
+        seeds = await self._seed_devices()
+        self.exports = [self.options.image] + [d.info.name for d in seeds]
         catalog = StreamCatalog(
-            device, on_first=self.fetcher.boot_begins, on_idle=self.fetcher.boot_ends
+            device,
+            seeds,
+            on_first=self.fetcher.boot_begins,
+            on_idle=self.fetcher.boot_ends,
         )
         nbd = await loop.create_server(
             lambda: NbdServerProtocol(catalog, self.nbd_pool, self.log),

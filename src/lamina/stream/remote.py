@@ -134,6 +134,10 @@ class Remote:
         path = f"/stream/machines/{name}/delta"
         return (await self._request("GET", path, f"delta of {name}")).content
 
+    async def machine_seed(self, name: str) -> bytes:
+        path = f"/stream/machines/{name}/seed"
+        return (await self._request("GET", path, f"seed of {name}")).content
+
     async def upload_state(self, name: str, upload_id: str) -> dict[str, Any]:
         return await self._json(
             f"/stream/machines/{name}/uploads/{upload_id}", f"upload {upload_id}"

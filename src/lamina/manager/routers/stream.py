@@ -5,6 +5,7 @@
     GET  /api/v1/images/{name}/versions/{v}/profile         boot profile: chunk indices
     GET  /api/v1/stream/chunks?ids=ID,ID,...                several envelopes, concatenated
     GET  /api/v1/stream/machines/{name}/delta               a machine's delta as a blob
+    GET  /api/v1/stream/machines/{name}/seed                its identity seed disk (ISO)
     GET  /api/v1/stream/machines/{name}/uploads/{id}        how much of an upload arrived
     PUT  /api/v1/stream/machines/{name}/uploads/{id}?offset=N   one part of a delta blob
     POST /api/v1/stream/machines/{name}/uploads/{id}/apply  commit it to the machine's delta
@@ -37,6 +38,7 @@ from lamina.stream import receive, transfer
 
 router = APIRouter(prefix="/api/v1", tags=["stream"])
 BLOB_TYPE = "application/vnd.lamina.delta"
+SEED_TYPE = "application/x-iso9660-image"
 MAX_IDS = 64
 MAX_PART = 64 << 20
 AUTH: dict[int | str, dict[str, Any]] = {401: {}, 403: {}, 404: {}}
@@ -188,6 +190,22 @@ def get_delta(name: str, caller: WhoDep, home: HomeDep) -> Response:
         tmp.unlink(missing_ok=True)
         raise
     return FileResponse(tmp, media_type=BLOB_TYPE, background=BackgroundTask(tmp.unlink, True))
+
+
+@router.get(
+    "/stream/machines/{name}/seed",
+    response_class=Response,
+    responses={200: {"content": {SEED_TYPE: {}}}, **AUTH},
+)
+def get_seed(name: str, caller: WhoDep, home: HomeDep) -> Response:
+    """The machine's NoCloud seed disk (what `machine/NAME/seed` serves over NBD), so a
+    streamed machine finds its identity offline too."""
+    from lamina.identity import identity_from_machine, seed_image
+
+    _machine(home, name, caller)
+    with home.session() as session:
+        data = seed_image(identity_from_machine(machines.get(session, name)))
+    return Response(data, media_type=SEED_TYPE, headers={"Cache-Control": "no-store"})
 
 
 @router.get(
