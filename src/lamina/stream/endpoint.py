@@ -45,6 +45,10 @@ from lamina.stream.sync import sync
 
 DEFAULT_NBD = "127.0.0.1:10810"
 DEFAULT_TIMEOUT = 30.0
+# How long a start waits for the manager's word on what may have changed (a machine's
+# mode, its seed) before going on with what the cache holds: a refused connection fails at
+# once, a network that swallows packets costs this much.
+ASK_TIMEOUT = 3.0
 
 
 @dataclass
@@ -132,15 +136,20 @@ async def prepare(options: StreamOptions, log: logging.Logger) -> StreamConfig:
     return config
 
 
-async def _refresh_mode(config: StreamConfig, remote: Remote, root: Path) -> StreamConfig:
-    """A machine's mode may have changed on the manager; keep the cached one offline."""
+async def _refresh_mode(
+    config: StreamConfig, remote: Remote, root: Path, log: logging.Logger
+) -> StreamConfig:
+    """A machine's mode may have changed on the manager; offline, the cached one holds."""
     if config.machine is None:
         return config
-    with contextlib.suppress(Unreachable):
-        info = await asyncio.wait_for(remote.machine_info(config.machine), 3.0)
-        if info.get("mode") != config.mode:
-            config = replace(config, mode=str(info["mode"]))
-            cachedir.update_config(root, config)
+    try:
+        info = await asyncio.wait_for(remote.machine_info(config.machine), ASK_TIMEOUT)
+    except (LaminaError, TimeoutError) as exc:
+        logs.event(log, "mode-unchecked", mode=config.mode, reason=str(exc) or "timeout")
+        return config
+    if info.get("mode") != config.mode:
+        config = replace(config, mode=str(info["mode"]))
+        cachedir.update_config(root, config)
     return config
 
 
@@ -194,7 +203,7 @@ class Endpoint:
         if self.config.machine is None:
             self.device = image
             return image
-        self.config = await _refresh_mode(self.config, self.remote, self.root)
+        self.config = await _refresh_mode(self.config, self.remote, self.root, self.log)
         stack = DeltaStack(
             self.root / "deltas",
             size=self.config.size,
@@ -215,7 +224,9 @@ class Endpoint:
             return []
         path = self.root / "seed.iso"
         try:
-            data = await asyncio.wait_for(self.remote.machine_seed(self.config.machine), 5.0)
+            data = await asyncio.wait_for(
+                self.remote.machine_seed(self.config.machine), ASK_TIMEOUT
+            )
             if not path.exists() or path.read_bytes() != data:
                 tmp = path.with_name(".seed.iso.tmp")
                 tmp.write_bytes(data)
@@ -238,7 +249,7 @@ class Endpoint:
                 profile = await self.remote.profile(self.config.image, self.config.version)
                 break
             except Unreachable as exc:
-                self.fetcher._state(False, str(exc))
+                self.fetcher.set_online(False, str(exc))
                 await asyncio.sleep(backoff.next())
             except LaminaError as exc:
                 logs.event(self.log, "no-profile", reason=str(exc))
@@ -314,8 +325,7 @@ class Endpoint:
 
     async def run(self, ready: Any = None) -> None:
         loop = asyncio.get_running_loop()
-        device = await self.open_device()
-        seeds = await self._seed_devices()
+        device, seeds = await asyncio.gather(self.open_device(), self._seed_devices())
         self.exports = [self.options.image] + [d.info.name for d in seeds]
         catalog = StreamCatalog(
             device,

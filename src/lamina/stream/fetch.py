@@ -1,4 +1,5 @@
-"""Getting chunks into the cache: reads that miss, and background hydration (asyncio).
+"""Getting chunks into the cache, on the event loop: reads that miss, and the loop's side
+of background hydration (its transfers run on threads, see hydrate.py).
 
 Every fetch, whichever asked for it, is one entry in ``inflight`` (chunk id -> future):
 a read waiting for a chunk hydration is already fetching waits for that fetch, and
@@ -75,14 +76,12 @@ class Fetcher:
         self.counters = Counters()
         self.online: bool | None = None
         self.last_error = ""
-        self.hydration: Hydration | None = None
         self.hydrated_at: float | None = None
-        self._changed = asyncio.Event()
         self.boot_started: float | None = None  # a machine's first connection (monotonic)
 
     # -- bookkeeping -----------------------------------------------------------------
 
-    def _state(self, online: bool, error: str = "") -> None:
+    def set_online(self, online: bool, error: str = "") -> None:
         if online != self.online:
             event(
                 self.log,
@@ -106,7 +105,6 @@ class Fetcher:
                 future.set_result(None)
             else:
                 future.set_exception(error)
-        self._changed.set()
 
     async def _store(self, items: list[tuple[bytes, memoryview]]) -> list[Exception | None]:
         """Verify and write envelopes on a worker thread; mark the good ones cached."""
@@ -177,14 +175,14 @@ class Fetcher:
             try:
                 envelope = await self.remote.chunk(cid, fresh=fresh)
                 self._received(len(envelope))
-                self._state(True)
+                self.set_online(True)
                 (error,) = await self._store([(cid, memoryview(envelope))])
                 if error is None:
                     self._settle(cid, None)
                     return
                 fresh = True
             except Unreachable as exc:
-                self._state(False, str(exc))
+                self.set_online(False, str(exc))
             except LaminaError as exc:  # refused, not found: retrying will not help
                 self._settle(cid, exc)
                 return
@@ -211,7 +209,6 @@ class Fetcher:
 
     def claim(self, hydration: Hydration, limit: int) -> Claim:
         """The next chunks for a hydration worker, or how long it should wait first."""
-        self.hydration = hydration
         if hydration.done:
             return Claim(done=True)
         if hydration.profile_done and self.in_boot():
@@ -234,7 +231,7 @@ class Fetcher:
     def delivered(self, claim: Claim, received: int, errors: list[Exception | None]) -> None:
         """A worker wrote (or failed to verify) the chunks of ``claim``."""
         self._received(received, claim.reserved)
-        self._state(True)
+        self.set_online(True)
         for cid, error in zip(claim.ids, errors, strict=True):
             if error is None:
                 self.index.add(cid)
@@ -250,7 +247,7 @@ class Fetcher:
         """A worker's request failed as a whole (the manager away, a refusal)."""
         self.bucket.charge(-claim.reserved, time.monotonic())
         if isinstance(error, Unreachable):
-            self._state(False, str(error))
+            self.set_online(False, str(error))
         else:
             event(self.log, "hydration-error", logging.WARNING, error=str(error))
         self.counters.retries += 1
