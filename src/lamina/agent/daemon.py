@@ -128,7 +128,7 @@ class Agent:
 
         root = self.session_root(user)
         with self.lock:
-            self._flush_pending(user)
+            self._flush_pending(user, timeout=HANDOVER)
             state: dict[str, Any] = self.call(
                 lambda: self.client.json("POST", "/agent/login", json={"user": user}), timeout=60
             )
