@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import signal
+import socket
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -306,8 +308,10 @@ class Endpoint:
         try:
             request = json.loads(await reader.readline() or b"{}")
             op = request.get("op")
-            if op == "status":
-                answer: dict[str, Any] = {"ok": True, "status": self.status()}
+            if not _same_user(writer):  # an abstract socket has no file mode to guard it
+                answer: dict[str, Any] = {"ok": False, "error": "not its user", "code": 12}
+            elif op == "status":
+                answer = {"ok": True, "status": self.status()}
             elif op == "sync":
                 if self.stack is None:
                     raise UsageError("this stream has no machine (start it with --machine NAME)")
@@ -381,6 +385,16 @@ class Endpoint:
         self.nbd_pool.shutdown(wait=False, cancel_futures=True)
         self.store_pool.shutdown(wait=True)
         self.files.close()
+
+
+def _same_user(writer: asyncio.StreamWriter) -> bool:
+    """The peer of a control connection runs as this process's user (or root)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid in (0, os.getuid())
 
 
 async def main(options: StreamOptions, ready: Any = None) -> None:
