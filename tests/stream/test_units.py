@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -208,3 +209,88 @@ def test_stack_state_walks_seal_upload_merge() -> None:
     assert dropped.layers() == ["synced", "d000003"] and dropped.upload_id is None
     with pytest.raises(CorruptObject):
         StackState.from_json({"format": "x"})
+
+
+# -- hydration claims and batch framing ----------------------------------------------------------
+
+
+def test_batch_answers_split_into_envelopes_until_the_framing_breaks() -> None:
+    from lamina.store import codec
+    from lamina.stream.hydrate import split_envelopes
+
+    chunks = [os.urandom(3000), b"x" * 5000, os.urandom(10)]
+    cids = [chunk_id(c) for c in chunks]
+    body = b"".join(codec.encode(c) for c in chunks)
+    items, error = split_envelopes(body, cids)
+    assert error is None
+    assert [codec.decode(env, expected=cid) for cid, env in items] == chunks
+    second = len(codec.encode(chunks[0]))
+    broken = body[:second] + b"XXXX" + body[second + 4 :]  # the second header's magic
+    items, error = split_envelopes(broken, cids)
+    assert len(items) == 1 and isinstance(error, CorruptObject)
+
+
+def test_claims_hand_out_the_profile_first_and_hold_the_rest_while_a_machine_boots() -> None:
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    from lamina.stream.fetch import Fetcher
+
+    m = manifest(ids("a", "b", "c", "d"))
+    files = SimpleNamespace(index=CacheIndex(m), manifest=m)
+
+    async def go() -> None:
+        f = Fetcher(None, files, None, logging.getLogger("t"), bucket=TokenBucket(None))  # type: ignore[arg-type]
+        h = Hydration(files.index, profile=[2])
+        f.boot_begins()
+        first = f.claim(h, 10)
+        assert first.ids == ids("c") and first.reserved == CS  # the profile, booting or not
+        assert f.claim(h, 10).wait > 0  # the rest waits: the profile chunk is on its way
+        f.delivered(first, CS, [None])
+        assert h.profile_done and f.claim(h, 10).wait > 0  # still booting
+        f.boot_ends()
+        rest = f.claim(h, 10)
+        assert rest.ids == ids("a", "b", "d")
+        f.failed(rest, LookupError("refused"))
+        again = f.claim(h, 2)  # failed chunks come back
+        assert again.ids == ids("a", "b")
+        f.delivered(again, 2 * CS, [None, CorruptObject("bad")])
+        assert f.counters.corrupt == 1 and f.claim(h, 10).ids == ids("b", "d")
+
+    asyncio.run(go())
+
+
+def test_claims_keep_to_the_rate() -> None:
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    from lamina.stream.fetch import Fetcher
+
+    m = manifest(ids("a", "b", "c", "d"))
+    files = SimpleNamespace(index=CacheIndex(m), manifest=m)
+
+    async def go() -> None:
+        bucket = TokenBucket(CS / 2, now=time.monotonic())  # half a chunk per second
+        f = Fetcher(None, files, None, logging.getLogger("t"), bucket=bucket)  # type: ignore[arg-type]
+        h = Hydration(files.index)
+        first = f.claim(h, 1)
+        assert first.ids == ids("a")
+        f.delivered(first, CS, [None])
+        blocked = f.claim(h, 1)
+        # a chunk taken against half a chunk of tokens: a second of debt to wait out
+        assert not blocked.ids and 0.9 < blocked.wait <= 1.0
+
+    asyncio.run(go())
+
+
+def test_rate_option_parsing() -> None:
+    from lamina.cli.stream import parse_rate
+    from lamina.errors import UsageError
+
+    assert parse_rate("20M") == 20 << 20 and parse_rate("512KiB") == 512 << 10
+    assert parse_rate("1.5G/s") == 1.5 * (1 << 30) and parse_rate("2500") == 2500
+    assert parse_rate(None) is None and parse_rate("0") is None
+    with pytest.raises(UsageError):
+        parse_rate("fast")

@@ -211,13 +211,14 @@ class Fetcher:
         """The next chunks for a hydration worker, or how long it should wait first."""
         if hydration.done:
             return Claim(done=True)
-        if hydration.profile_done and self.in_boot():
+        booting = self.in_boot()
+        if booting and hydration.profile_done:
             return Claim(wait=0.25)  # look again soon: the boot may end any moment
         now = time.monotonic()
         wait = self.bucket.delay(now)
         if wait > 0:
             return Claim(wait=wait)
-        ids = hydration.take(limit, busy=self.inflight)
+        ids = hydration.take(limit, busy=self.inflight, profile_only=booting)
         if not ids:
             return Claim(wait=0.05)  # what is left is on its way elsewhere
         for cid in ids:

@@ -35,15 +35,19 @@ class Hydration:
         self.profiled = profiled  # how many of ``order`` come from the profile
         self._next = 0
 
-    def take(self, limit: int, busy: Container[bytes] = ()) -> list[bytes]:
-        """Up to ``limit`` next chunk ids neither cached nor ``busy`` (being fetched).
+    def take(
+        self, limit: int, busy: Container[bytes] = (), *, profile_only: bool = False
+    ) -> list[bytes]:
+        """Up to ``limit`` next chunk ids neither cached nor ``busy`` (being fetched);
+        with ``profile_only``, none past the boot profile.
 
         The cursor only moves past cached ids: an id whose fetch failed is no longer busy
         and comes up again on the next call, with no bookkeeping of failures here."""
         out: list[bytes] = []
         i = self._next
+        end = self.profiled if profile_only else len(self.order)
         settled = True
-        while i < len(self.order) and len(out) < limit:
+        while i < end and len(out) < limit:
             cid = self.order[i]
             if self.index.id_cached(cid):
                 if settled:
@@ -58,6 +62,8 @@ class Hydration:
     @property
     def profile_done(self) -> bool:
         """Every chunk of the boot profile is cached (the cursor only passes cached ids)."""
+        while self._next < self.profiled and self.index.id_cached(self.order[self._next]):
+            self._next += 1
         return self._next >= self.profiled
 
     @property
