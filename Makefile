@@ -32,7 +32,8 @@ test: install
 	$(BIN)/pytest
 
 bench: install
-	@set -e; for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+	@set -e; for b in $(filter-out bench/common.py,$(wildcard bench/*.py)); do \
+		echo "== $$b"; $(BIN)/python $$b; done
 
 lint: install
 	$(BIN)/ruff check src tests bench

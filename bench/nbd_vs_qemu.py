@@ -30,14 +30,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int) -> None:
+def wait_export(uri: str) -> None:
+    """Until the export answers a real NBD handshake (a bare TCP probe makes qemu-nbd
+    complain about a failed negotiation)."""
     for _ in range(400):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-                return
+        probe = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return
         time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
+    raise SystemExit(f"{uri} does not answer")
 
 
 def fio(uri: str, rw: str, bs: str, depth: int, runtime: int = RUNTIME) -> float:
@@ -67,7 +68,7 @@ def fio(uri: str, rw: str, bs: str, depth: int, runtime: int = RUNTIME) -> float
 
 
 def main() -> None:
-    need("fio", "qemu-nbd", "qemu-img")
+    need("fio", "qemu-nbd", "qemu-img", "nbdinfo")
     work = scratch("nbd")
     raw = work / "disk.raw"
     with open(raw, "wb") as f:
@@ -130,12 +131,12 @@ def main() -> None:
         ),
     ]
     try:
-        for port in ports.values():
-            wait_port(port)
         lamina_ro = f"nbd://127.0.0.1:{ports['lamina']}/disk"
         lamina_rw = f"nbd://127.0.0.1:{ports['lamina']}/machine/bench"
         qemu_ro = f"nbd://127.0.0.1:{ports['raw']}/disk"
         qemu_rw = f"nbd://127.0.0.1:{ports['qcow2']}/disk"
+        for uri in (lamina_ro, qemu_ro, qemu_rw):
+            wait_export(uri)
         for uri in (lamina_ro, qemu_ro):  # warm: lamina's chunk cache, the page cache
             fio(uri, "read", "1M", 8, runtime=3)
         results = {
