@@ -10,10 +10,15 @@ from enum import Enum
 
 from lamina.errors import ProtocolError
 from lamina.nbd.constants import (
+    CHUNK,
+    GREETING,
     IHAVEOPT,
     NBDMAGIC,
+    OPTION_REPLY,
     OPTION_REPLY_MAGIC,
+    REQUEST,
     REQUEST_MAGIC,
+    SIMPLE_REPLY,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     ClientFlag,
@@ -24,12 +29,6 @@ from lamina.nbd.constants import (
     Rep,
 )
 from lamina.nbd.events import NEED_DATA, Buffer, Closed, Event, NeedData, OptionReply
-
-_GREETING = struct.Struct(">QQH")
-_OPTION_REPLY = struct.Struct(">QIII")
-_REQUEST = struct.Struct(">IHHQQI")
-_SIMPLE = struct.Struct(">IIQ")
-_CHUNK = struct.Struct(">IHHQI")
 
 
 class ClientPhase(Enum):
@@ -93,23 +92,23 @@ class ClientConnection:
         return event
 
     def _greeting(self) -> Event | NeedData:
-        if len(self._buf) < _GREETING.size:
+        if len(self._buf) < GREETING.size:
             return NEED_DATA
-        magic, opt, flags = _GREETING.unpack(self._take(_GREETING.size))
+        magic, opt, flags = GREETING.unpack(self._take(GREETING.size))
         if magic != NBDMAGIC or opt != IHAVEOPT:
             raise ProtocolError("not a newstyle NBD server")
         self.phase = ClientPhase.OPTIONS
         return Greeting(flags)
 
     def _option_reply(self) -> Event | NeedData:
-        if len(self._buf) < _OPTION_REPLY.size:
+        if len(self._buf) < OPTION_REPLY.size:
             return NEED_DATA
-        magic, option, reply, length = _OPTION_REPLY.unpack_from(self._buf)
+        magic, option, reply, length = OPTION_REPLY.unpack_from(self._buf)
         if magic != OPTION_REPLY_MAGIC:
             raise ProtocolError(f"bad option reply magic {magic:#x}")
-        if len(self._buf) < _OPTION_REPLY.size + length:
+        if len(self._buf) < OPTION_REPLY.size + length:
             return NEED_DATA
-        del self._buf[: _OPTION_REPLY.size]
+        del self._buf[: OPTION_REPLY.size]
         data = self._take(length)
         if option == Opt.GO and reply == Rep.ACK:
             self.phase = ClientPhase.TRANSMISSION
@@ -126,22 +125,22 @@ class ClientConnection:
             return NEED_DATA
         magic = struct.unpack_from(">I", self._buf)[0]
         if magic == SIMPLE_REPLY_MAGIC:
-            if len(self._buf) < _SIMPLE.size:
+            if len(self._buf) < SIMPLE_REPLY.size:
                 return NEED_DATA
-            _, error, handle = _SIMPLE.unpack_from(self._buf)
+            _, error, handle = SIMPLE_REPLY.unpack_from(self._buf)
             length = self._reads.get(handle, 0) if error == 0 else 0
-            if len(self._buf) < _SIMPLE.size + length:
+            if len(self._buf) < SIMPLE_REPLY.size + length:
                 return NEED_DATA
-            del self._buf[: _SIMPLE.size]
+            del self._buf[: SIMPLE_REPLY.size]
             self._reads.pop(handle, None)
             return SimpleReplyReceived(handle, error, self._take(length))
         if magic == STRUCTURED_REPLY_MAGIC:
-            if len(self._buf) < _CHUNK.size:
+            if len(self._buf) < CHUNK.size:
                 return NEED_DATA
-            _, flags, kind, handle, length = _CHUNK.unpack_from(self._buf)
-            if len(self._buf) < _CHUNK.size + length:
+            _, flags, kind, handle, length = CHUNK.unpack_from(self._buf)
+            if len(self._buf) < CHUNK.size + length:
                 return NEED_DATA
-            del self._buf[: _CHUNK.size]
+            del self._buf[: CHUNK.size]
             return ChunkReceived(handle, flags, kind, self._take(length))
         raise ProtocolError(f"bad reply magic {magic:#x}")
 
@@ -179,7 +178,7 @@ class ClientConnection:
             self._reads[handle] = length
         if cmd == Cmd.WRITE and data is not None:
             length = len(data)
-        head = _REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
+        head = REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
         return head + bytes(data) if data is not None else head
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from enum import IntEnum, IntFlag
 from typing import Final
 
@@ -11,6 +12,14 @@ OPTION_REPLY_MAGIC: Final = 0x3E889045565A9
 REQUEST_MAGIC: Final = 0x25609513
 SIMPLE_REPLY_MAGIC: Final = 0x67446698
 STRUCTURED_REPLY_MAGIC: Final = 0x668E33EF
+
+# Wire layouts, big-endian as the spec draws them.
+GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
+OPTION_HEAD = struct.Struct(">QII")  # IHAVEOPT, option, data length
+OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, data length
+REQUEST = struct.Struct(">IHHQQI")  # magic, command flags, type, handle, offset, length
+SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
+CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, handle, payload length
 
 # Largest option payload we accept before hanging up: strings are at most 4096 bytes, so
 # anything this large is a client trying to exhaust memory.

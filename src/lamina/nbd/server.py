@@ -23,14 +23,19 @@ from enum import Enum
 
 from lamina.errors import ProtocolError
 from lamina.nbd.constants import (
+    CHUNK,
     IHAVEOPT,
     MAX_OPTION_DATA,
     MAX_PAYLOAD,
     MAX_STRING,
     NBDMAGIC,
+    OPTION_HEAD,
+    OPTION_REPLY,
     OPTION_REPLY_MAGIC,
     REPLY_FLAG_DONE,
+    REQUEST,
     REQUEST_MAGIC,
+    SIMPLE_REPLY,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     ClientFlag,
@@ -67,11 +72,6 @@ from lamina.nbd.events import (
     SimpleReply,
 )
 
-_OPTION_HEAD = struct.Struct(">QII")
-_OPTION_REPLY = struct.Struct(">QIII")
-_REQUEST = struct.Struct(">IHHQQI")
-_SIMPLE = struct.Struct(">IIQ")
-_CHUNK = struct.Struct(">IHHQI")
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
@@ -219,16 +219,16 @@ class ServerConnection:
         return ClientFlags(bool(flags & ClientFlag.FIXED_NEWSTYLE), self.no_zeroes)
 
     def _option(self) -> Event | NeedData:
-        if self._available() < _OPTION_HEAD.size:
+        if self._available() < OPTION_HEAD.size:
             return NEED_DATA
-        magic, option, length = _OPTION_HEAD.unpack_from(self._buf, self._pos)
+        magic, option, length = OPTION_HEAD.unpack_from(self._buf, self._pos)
         if magic != IHAVEOPT:
             raise ProtocolError(f"bad option magic {magic:#x}")
         if length > MAX_OPTION_DATA:
             raise ProtocolError(f"option {option} carries {length} bytes of data")
-        if self._available() < _OPTION_HEAD.size + length:
+        if self._available() < OPTION_HEAD.size + length:
             return NEED_DATA
-        self._pos += _OPTION_HEAD.size
+        self._pos += OPTION_HEAD.size
         data = self._take(length)
         self._awaiting = option
         if option == Opt.EXPORT_NAME:
@@ -253,22 +253,22 @@ class ServerConnection:
             pending, self._oversize = self._oversize, None
             assert pending is not None
             return pending
-        if self._available() < _REQUEST.size:
+        if self._available() < REQUEST.size:
             return NEED_DATA
-        magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(self._buf, self._pos)
+        magic, flags, cmd, handle, offset, length = REQUEST.unpack_from(self._buf, self._pos)
         if magic != REQUEST_MAGIC:
             raise ProtocolError(f"bad request magic {magic:#x}")
         if cmd == Cmd.WRITE:
             if length > MAX_PAYLOAD:
-                self._pos += _REQUEST.size
+                self._pos += REQUEST.size
                 self._skip = length
                 self._oversize = Request(cmd, flags, handle, offset, length, None, oversize=True)
                 return self._request()
-            if self._available() < _REQUEST.size + length:
+            if self._available() < REQUEST.size + length:
                 return NEED_DATA
-            self._pos += _REQUEST.size
+            self._pos += REQUEST.size
             return Request(cmd, flags, handle, offset, length, self._take(length))
-        self._pos += _REQUEST.size
+        self._pos += REQUEST.size
         if cmd == Cmd.DISC:
             self.phase = Phase.CLOSED
             return Disconnect()
@@ -285,7 +285,7 @@ class ServerConnection:
             return self._read_data(event)
         if isinstance(event, SimpleReply):
             self._require(Phase.TRANSMISSION, event)
-            return [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, event.error, event.handle), *event.data]
+            return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, event.error, event.handle), *event.data]
         if isinstance(event, ErrorReply):
             return [self._error(event)]
         if isinstance(event, ReadHole):
@@ -313,8 +313,8 @@ class ServerConnection:
         self._require(Phase.TRANSMISSION, event)
         size = sum(len(d) for d in event.data)
         if not self.structured:
-            return [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, event.handle), *event.data]
-        head = _CHUNK.pack(
+            return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, event.handle), *event.data]
+        head = CHUNK.pack(
             STRUCTURED_REPLY_MAGIC,
             REPLY_FLAG_DONE if event.done else 0,
             ReplyType.OFFSET_DATA,
@@ -327,12 +327,12 @@ class ServerConnection:
         if not self.structured:
             raise ProtocolError("structured replies were not negotiated")
         flags = REPLY_FLAG_DONE if done else 0
-        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, kind, handle, len(payload)) + payload
+        return CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, kind, handle, len(payload)) + payload
 
     def _error(self, event: ErrorReply) -> bytes:
         self._require(Phase.TRANSMISSION, event)
         if not self.structured:
-            return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, event.error, event.handle)
+            return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, event.error, event.handle)
         message = event.message.encode()[:MAX_STRING]
         payload = _U32.pack(event.error) + _U16.pack(len(message)) + message
         kind = ReplyType.ERROR
@@ -353,9 +353,9 @@ class ServerConnection:
             self._awaiting = None
             if event.reply == Rep.ACK:
                 self._after_ack(event.option)
-        return _OPTION_REPLY.pack(
-            OPTION_REPLY_MAGIC, event.option, event.reply, len(event.data)
-        ) + (event.data)
+        return OPTION_REPLY.pack(OPTION_REPLY_MAGIC, event.option, event.reply, len(event.data)) + (
+            event.data
+        )
 
     def _after_ack(self, option: int) -> None:
         if option == Opt.GO:
