@@ -6,6 +6,7 @@ Each command works on the embedded database under --home, or through a manager's
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -58,6 +59,27 @@ def _show_user(data: dict[str, Any], as_json: bool, verb: str = "added") -> None
     else:
         groups = f", groups {', '.join(data['groups'])}" if data["groups"] else ""
         out.print(f"{verb} user {data['name']}{groups}, writable layer {data['writable']}")
+
+
+def _remove(
+    kind: str,
+    name: str,
+    manager: str | None,
+    token: str | None,
+    home: Path | None,
+    as_json: bool,
+) -> None:
+    """``user rm`` and ``group rm``: through the manager's API, or on the --home."""
+    client = _remote(manager, token)
+    if client is not None:
+        client.request("DELETE", f"/{kind}s/{name}")
+    else:
+        from lamina.manager.services import access
+
+        remove = access.remove_user if kind == "user" else access.remove_group
+        with open_home(home).session() as session:
+            remove(session, name=name)
+    emit_json({"removed": name}) if as_json else out.print(f"removed {kind} {name}")
 
 
 @user_app.command("add")
@@ -139,15 +161,7 @@ def user_rm(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a user (refused while logged in; the writable layer's data stays)."""
-    client = _remote(manager, token)
-    if client is not None:
-        client.request("DELETE", f"/users/{name}")
-    else:
-        from lamina.manager.services import access
-
-        with open_home(home).session() as session:
-            access.remove_user(session, name=name)
-    emit_json({"removed": name}) if as_json else out.print(f"removed user {name}")
+    _remove("user", name, manager, token, home, as_json)
 
 
 @group_app.command("add")
@@ -202,15 +216,7 @@ def group_rm(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a group (its members stay; its entitlements go)."""
-    client = _remote(manager, token)
-    if client is not None:
-        client.request("DELETE", f"/groups/{name}")
-    else:
-        from lamina.manager.services import access
-
-        with open_home(home).session() as session:
-            access.remove_group(session, name=name)
-    emit_json({"removed": name}) if as_json else out.print(f"removed group {name}")
+    _remove("group", name, manager, token, home, as_json)
 
 
 def _target_text(user: str | None, group: str | None, machine: str | None) -> str:
