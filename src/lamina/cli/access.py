@@ -220,6 +220,11 @@ def group_rm(
 
 
 def _target_text(user: str | None, group: str | None, machine: str | None) -> str:
+    """The one target given to entitle or unentitle, as text ("user NAME")."""
+    from lamina.errors import UsageError
+
+    if sum(x is not None for x in (user, group, machine)) != 1:
+        raise UsageError("give exactly one of --user, --group, --machine")
     if user is not None:
         return f"user {user}"
     return f"group {group}" if group is not None else f"machine {machine}"
@@ -239,10 +244,7 @@ def entitle(
     as_json: JsonOpt = False,
 ) -> None:
     """Entitle an app layer to a user, a group or a machine (attached live at login)."""
-    from lamina.errors import UsageError
-
-    if sum(x is not None for x in (user, group, machine)) != 1:
-        raise UsageError("give exactly one of --user, --group, --machine")
+    what = _target_text(user, group, machine)
     client = _remote(manager, token)
     if client is not None:
         body = {"layer": layer, "user": user, "group": group, "machine": machine}
@@ -254,7 +256,6 @@ def entitle(
             to = access.target(session, user=user, group=group, machine=machine)
             ent = access.entitle(session, layer=layer, to=to, priority=priority)
             data = {"id": ent.id, "layer": layer.partition("@")[0], "version": ent.version}
-    what = _target_text(user, group, machine)
     if as_json:
         emit_json({"id": data["id"], "layer": layer, "target": what, "priority": priority})
     else:
@@ -272,10 +273,7 @@ def unentitle(
     as_json: JsonOpt = False,
 ) -> None:
     """Take an entitlement back (the layer detaches live from sessions it was on)."""
-    from lamina.errors import UsageError
-
-    if sum(x is not None for x in (user, group, machine)) != 1:
-        raise UsageError("give exactly one of --user, --group, --machine")
+    what = _target_text(user, group, machine)
     client = _remote(manager, token)
     if client is not None:
         params = {k: v for k, v in {"user": user, "group": group, "machine": machine}.items() if v}
@@ -286,7 +284,6 @@ def unentitle(
         with open_home(home).session() as session:
             to = access.target(session, user=user, group=group, machine=machine)
             access.unentitle(session, layer=layer, to=to)
-    what = _target_text(user, group, machine)
     if as_json:
         emit_json({"layer": layer, "target": what, "removed": True})
     else:
