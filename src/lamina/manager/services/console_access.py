@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
 from lamina.manager.models import (
     Entitlement,
@@ -61,6 +61,23 @@ class UserExtra:
     pending_rebase: list[str] = field(default_factory=list)
 
 
+def _entitled_layers(
+    session: Session, owner: InstrumentedAttribute[int | None], ids: list[int]
+) -> dict[int, list[str]]:
+    """Names of the layers entitled directly to each of ``ids`` (``owner``: the
+    entitlement's user or group column), in attach order."""
+    out: dict[int, list[str]] = {}
+    for oid, layer in session.execute(
+        select(owner, Layer.name)
+        .join(Layer, Layer.id == Entitlement.layer_id)
+        .where(owner.in_(ids))
+        .order_by(Entitlement.priority, Layer.name)
+    ):
+        if oid is not None:
+            out.setdefault(oid, []).append(layer)
+    return out
+
+
 def user_extras(session: Session, *, user_ids: list[int]) -> dict[int, UserExtra]:
     sessions: dict[int, list[str]] = {}
     for uid, machine in session.execute(
@@ -70,15 +87,7 @@ def user_extras(session: Session, *, user_ids: list[int]) -> dict[int, UserExtra
         .order_by(Machine.name)
     ):
         sessions.setdefault(uid, []).append(machine)
-    entitled: dict[int, list[str]] = {}
-    for owner, layer in session.execute(
-        select(Entitlement.user_id, Layer.name)
-        .join(Layer, Layer.id == Entitlement.layer_id)
-        .where(Entitlement.user_id.in_(user_ids))
-        .order_by(Entitlement.priority, Layer.name)
-    ):
-        if owner is not None:
-            entitled.setdefault(owner, []).append(layer)
+    entitled = _entitled_layers(session, Entitlement.user_id, user_ids)
     inner = aliased(LayerVersion)  # the outer query joins LayerVersion too
     latest_id = (
         select(inner.id)
@@ -121,16 +130,7 @@ def user_extras(session: Session, *, user_ids: list[int]) -> dict[int, UserExtra
 
 
 def group_layers(session: Session, *, group_ids: list[int]) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = {}
-    for gid, layer in session.execute(
-        select(Entitlement.group_id, Layer.name)
-        .join(Layer, Layer.id == Entitlement.layer_id)
-        .where(Entitlement.group_id.in_(group_ids))
-        .order_by(Entitlement.priority, Layer.name)
-    ):
-        if gid is not None:
-            out.setdefault(gid, []).append(layer)
-    return out
+    return _entitled_layers(session, Entitlement.group_id, group_ids)
 
 
 def group_members(
