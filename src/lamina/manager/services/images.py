@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from lamina.errors import Conflict, NotFound
 from lamina.image import Imported, Manifest
 from lamina.image.importer import import_and_commit
 from lamina.manager.models import Image, ImageVersion
+from lamina.manager.services import versions
 from lamina.names import Ref, check_name
 from lamina.store import ChunkStore
 
@@ -37,28 +37,26 @@ def add_version(session: Session, *, name: str, imported: Imported, source: str)
     decides, and the loser retries with the next number.
     """
     check_name(name, "image name")
-    for _attempt in range(20):
-        try:
-            with session.begin_nested():
-                image = _image(session, name, create=True)
-                latest = session.scalar(
-                    select(func.max(ImageVersion.version)).where(ImageVersion.image_id == image.id)
-                )
-                version = ImageVersion(
-                    image=image,
-                    version=(latest or 0) + 1,
-                    size=imported.manifest.size,
-                    chunk_size=imported.manifest.chunk_size,
-                    manifest_id=imported.manifest_id.hex(),
-                    stored_bytes=imported.stats.stored_bytes,
-                    source=source,
-                )
-                session.add(version)
-                session.flush()
-            return version
-        except IntegrityError:
-            session.expire_all()
-    raise Conflict(f"could not allocate a version number for {name!r}")
+
+    def create() -> ImageVersion:
+        image = _image(session, name, create=True)
+        latest = session.scalar(
+            select(func.max(ImageVersion.version)).where(ImageVersion.image_id == image.id)
+        )
+        version = ImageVersion(
+            image=image,
+            version=(latest or 0) + 1,
+            size=imported.manifest.size,
+            chunk_size=imported.manifest.chunk_size,
+            manifest_id=imported.manifest_id.hex(),
+            stored_bytes=imported.stats.stored_bytes,
+            source=source,
+        )
+        session.add(version)
+        session.flush()
+        return version
+
+    return versions.next_version(session, name, create)
 
 
 def import_image(
@@ -85,11 +83,7 @@ def get_version(session: Session, ref: Ref) -> ImageVersion:
     """``NAME@V``, or the latest version of ``NAME``."""
     image = _image(session, ref.name)
     query = select(ImageVersion).where(ImageVersion.image_id == image.id)
-    if ref.version is None:
-        query = query.order_by(ImageVersion.version.desc()).limit(1)
-    else:
-        query = query.where(ImageVersion.version == ref.version)
-    found = session.scalars(query).first()
+    found = versions.pick(session, query, ImageVersion.version, ref.version)
     if found is None:
         raise NotFound(
             f"no image version {ref}" if ref.version else f"image {ref.name!r} has no versions"

@@ -18,6 +18,7 @@ from lamina.manager.models import (
     LayerVersion,
     LayerVersionBase,
 )
+from lamina.manager.services import versions
 from lamina.names import Ref, check_name
 
 APP = "app"
@@ -71,45 +72,39 @@ def add_version(
 ) -> LayerVersion:
     """Record NAME@N+1 (the unique (layer, version) pair settles concurrent imports)."""
     base_refs = [(b.id, b.ref) for b in bases]  # read before a pending version autoflushes
-    for _attempt in range(20):
-        try:
-            with session.begin_nested():
-                layer = _layer(session, name, kind)
-                latest = session.scalar(
-                    select(func.max(LayerVersion.version)).where(LayerVersion.layer_id == layer.id)
-                )
-                version = LayerVersion(
-                    layer=layer,
-                    version=(latest or 0) + 1,
-                    manifest_id=new.manifest_id,
-                    files=new.files,
-                    size=new.size,
-                    stored_bytes=new.stored_bytes,
-                    source=new.source[:1000],
-                    policy=policy,
-                    parent_id=parent.id if parent is not None else None,
-                )
-                version.bases = [
-                    LayerVersionBase(position=i, base_id=base_id, base_ref=base_ref)
-                    for i, (base_id, base_ref) in enumerate(base_refs)
-                ]
-                session.add(version)
-                session.flush()
-            return version
-        except IntegrityError:
-            session.expire_all()
-    raise Conflict(f"could not allocate a version number for {name!r}")
+
+    def create() -> LayerVersion:
+        layer = _layer(session, name, kind)
+        latest = session.scalar(
+            select(func.max(LayerVersion.version)).where(LayerVersion.layer_id == layer.id)
+        )
+        version = LayerVersion(
+            layer=layer,
+            version=(latest or 0) + 1,
+            manifest_id=new.manifest_id,
+            files=new.files,
+            size=new.size,
+            stored_bytes=new.stored_bytes,
+            source=new.source[:1000],
+            policy=policy,
+            parent_id=parent.id if parent is not None else None,
+        )
+        version.bases = [
+            LayerVersionBase(position=i, base_id=base_id, base_ref=base_ref)
+            for i, (base_id, base_ref) in enumerate(base_refs)
+        ]
+        session.add(version)
+        session.flush()
+        return version
+
+    return versions.next_version(session, name, create)
 
 
 def get_version(session: Session, ref: Ref) -> LayerVersion:
     """``NAME@V``, or the latest version of ``NAME``."""
     layer = get_layer(session, ref.name)
     query = select(LayerVersion).where(LayerVersion.layer_id == layer.id)
-    if ref.version is None:
-        query = query.order_by(LayerVersion.version.desc()).limit(1)
-    else:
-        query = query.where(LayerVersion.version == ref.version)
-    found = session.scalars(query).first()
+    found = versions.pick(session, query, LayerVersion.version, ref.version)
     if found is None:
         raise NotFound(
             f"no layer version {ref}" if ref.version else f"layer {ref.name!r} has no versions"
