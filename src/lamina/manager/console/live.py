@@ -20,12 +20,11 @@ from fastapi.responses import JSONResponse
 
 from lamina.errors import NotFound
 from lamina.manager.console import auth
-from lamina.manager.console.pages import Mode, PageNo, Per, Text
+from lamina.manager.console.pages import Mode, PageNo, Per, Text, page_machines, page_users
 from lamina.manager.console.render import DEFAULT_PER, ago, human_bytes, number
 from lamina.manager.deps import HomeDep
 from lamina.manager.services import access, fleet, machines
 from lamina.manager.services import console as svc
-from lamina.manager.services import console_access as people
 
 router = APIRouter()
 
@@ -86,15 +85,7 @@ def live_machines(
                 found = []
             rows, total = svc.machine_rows(db, deltas=home.deltas_dir, machines=found), len(found)
         else:
-            rows, total = svc.list_machines(
-                db,
-                deltas=home.deltas_dir,
-                offset=(page - 1) * per,
-                limit=per,
-                q=q,
-                image=image or None,
-                mode=mode or None,
-            )
+            rows, total = page_machines(db, home, page=page, per=per, q=q, image=image, mode=mode)
     out: dict[str, Any] = {
         "rows": {
             r.name: {
@@ -147,13 +138,7 @@ def live_users(
     group: Annotated[str, Query(max_length=64)] = "",
 ) -> JSONResponse:
     with home.session() as db:
-        try:
-            users, total = access.list_users(
-                db, offset=(page - 1) * per, limit=per, q=q, group=group or None
-            )
-        except NotFound:
-            users, total = [], 0
-        extras = people.user_extras(db, user_ids=[u.user.id for u in users])
+        users, total, extras, _error = page_users(db, page=page, per=per, q=q, group=group)
     rows = {
         u.user.name: {
             "sessions": ", ".join(extras[u.user.id].sessions) or "—",

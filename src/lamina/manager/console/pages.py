@@ -53,6 +53,21 @@ def _pager(request: Request, page: int, per: int, total: int, **filters: str) ->
     return Pager(page, per, total, request.url.path, filters)
 
 
+def page_machines(
+    db: Session, home: Home, *, page: int, per: int, q: str, image: str, mode: str
+) -> tuple[list[svc.MachineRow], int]:
+    """The machines page's rows: one page, filtered as its form says."""
+    return svc.list_machines(
+        db,
+        deltas=home.deltas_dir,
+        offset=(page - 1) * per,
+        limit=per,
+        q=q,
+        image=image or None,
+        mode=mode or None,
+    )
+
+
 @router.get("/", response_class=HTMLResponse)
 def dashboard(request: Request, home: HomeDep, console: auth.ConsoleDep) -> HTMLResponse:
     with home.session() as db:
@@ -72,15 +87,7 @@ def machines_page(
     mode: Mode = "",
 ) -> HTMLResponse:
     with home.session() as db:
-        rows, total = svc.list_machines(
-            db,
-            deltas=home.deltas_dir,
-            offset=(page - 1) * per,
-            limit=per,
-            q=q,
-            image=image or None,
-            mode=mode or None,
-        )
+        rows, total = page_machines(db, home, page=page, per=per, q=q, image=image, mode=mode)
         versions = svc.versions_of(db, images=[r.image_name for r in rows])
         names = svc.image_names(db)
     p = _pager(request, page, per, total, q=q, image=image, mode=mode)
@@ -189,11 +196,14 @@ def layer_page(
     )
 
 
-def _users(
-    db: Session, *, offset: int, limit: int, q: str, group: str
+def page_users(
+    db: Session, *, page: int, per: int, q: str, group: str
 ) -> tuple[list[access.UserRow], int, dict[int, people.UserExtra], str | None]:
+    """The users page's rows and their extras, or why there are none (an unknown group)."""
     try:
-        rows, total = access.list_users(db, offset=offset, limit=limit, q=q, group=group or None)
+        rows, total = access.list_users(
+            db, offset=(page - 1) * per, limit=per, q=q, group=group or None
+        )
     except NotFound as exc:
         return [], 0, {}, str(exc)
     extras = people.user_extras(db, user_ids=[r.user.id for r in rows])
@@ -211,9 +221,7 @@ def users_page(
     group: Annotated[str, Query(max_length=64)] = "",
 ) -> HTMLResponse:
     with home.session() as db:
-        rows, total, extras, error = _users(
-            db, offset=(page - 1) * per, limit=per, q=q, group=group
-        )
+        rows, total, extras, error = page_users(db, page=page, per=per, q=q, group=group)
         flashes = auth.take_flashes(db, console)
     if error:
         flashes.append(("error", error))
