@@ -169,6 +169,7 @@ def status(
     cache: CacheOpt,
     as_json: JsonOpt = False,
     watch: Annotated[bool, typer.Option("--watch", help="Follow until complete.")] = False,
+    home: HomeOpt = None,  # accepted like everywhere; a cache directory stands alone
 ) -> None:
     """Size, cached bytes, completeness and fetch rate of a stream's cache."""
     import sys
@@ -198,6 +199,7 @@ def sync(
         str | None, typer.Option("--token", envvar="LAMINA_TOKEN", help="Overrides the cache's.")
     ] = None,
     as_json: JsonOpt = False,
+    home: HomeOpt = None,  # accepted like everywhere; a cache directory stands alone
 ) -> None:
     """Upload a stateful machine's local writes to the manager as its delta."""
     from lamina.stream.cache import is_locked
