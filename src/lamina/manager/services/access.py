@@ -58,6 +58,17 @@ def _policy(policy: str) -> str:
     return policy
 
 
+def _add_unique(session: Session, row: object, taken: str) -> None:
+    """Add and flush ``row`` in a savepoint; AlreadyExists(``taken``) when a unique
+    constraint refuses it (the session stays usable)."""
+    try:
+        with session.begin_nested():
+            session.add(row)
+            session.flush()
+    except IntegrityError:
+        raise AlreadyExists(taken) from None
+
+
 def touch(session: Session, machine_ids: Iterable[int] | None) -> None:
     """Record that these machines' desired state changed (None: possibly every machine)."""
     if machine_ids is None:
@@ -102,12 +113,7 @@ def add_user(
     check_user_name(name)
     found = [get_group(session, g) for g in dict.fromkeys(groups)]
     user = User(name=name)
-    try:
-        with session.begin_nested():
-            session.add(user)
-            session.flush()
-    except IntegrityError:
-        raise AlreadyExists(f"a user named {name!r} already exists") from None
+    _add_unique(session, user, f"a user named {name!r} already exists")
     layer = layer_svc.ensure_writable(session, writable_name(name))
     session.add(WritableLayer(user_id=user.id, layer_id=layer.id, policy=_policy(policy)))
     for g in found:
@@ -224,12 +230,7 @@ def user_row(session: Session, name: str) -> UserRow:
 def add_group(session: Session, *, name: str) -> Group:
     check_user_name(name, "group name")
     group = Group(name=name)
-    try:
-        with session.begin_nested():
-            session.add(group)
-            session.flush()
-    except IntegrityError:
-        raise AlreadyExists(f"a group named {name!r} already exists") from None
+    _add_unique(session, group, f"a group named {name!r} already exists")
     return group
 
 
@@ -261,12 +262,9 @@ def list_groups(
 
 def add_member(session: Session, *, group: str, user: str) -> None:
     g, u = get_group(session, group), get_user(session, user)
-    try:
-        with session.begin_nested():
-            session.add(Membership(user_id=u.id, group_id=g.id))
-            session.flush()
-    except IntegrityError:
-        raise AlreadyExists(f"{user!r} is already in {group!r}") from None
+    _add_unique(
+        session, Membership(user_id=u.id, group_id=g.id), f"{user!r} is already in {group!r}"
+    )
     touch(session, _machines_of_users(session, select(User.id).where(User.id == u.id)))
 
 
@@ -340,12 +338,7 @@ def entitle(session: Session, *, layer: str, to: Target, priority: int = 100) ->
         target=to.key,
         priority=priority,
     )
-    try:
-        with session.begin_nested():
-            session.add(ent)
-            session.flush()
-    except IntegrityError:
-        raise AlreadyExists(f"{ref.name} is already entitled to {to.kind} {to.name}") from None
+    _add_unique(session, ent, f"{ref.name} is already entitled to {to.kind} {to.name}")
     touch(session, _affected(session, to))
     return ent
 
