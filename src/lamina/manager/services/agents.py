@@ -177,8 +177,8 @@ def _grant_part(uid: Any, via: str, src: Any, where: Any) -> Any:
 _GRANTS_MACHINE = _grant_part(
     literal(None, type_=E.c.user_id.type), "machine", E, E.c.machine_id == bindparam("mid")
 )
-_GRANTS = union_all(
-    _GRANTS_MACHINE,
+# The grants to the users logged in (bound as ``uids``): their own and their groups'.
+_USER_GRANT_PARTS = (
     _grant_part(E.c.user_id, "user", E, E.c.user_id.in_(bindparam("uids", expanding=True))),
     _grant_part(
         MS.c.user_id,
@@ -187,6 +187,7 @@ _GRANTS = union_all(
         MS.c.user_id.in_(bindparam("uids", expanding=True)),
     ),
 )
+_GRANTS = union_all(_GRANTS_MACHINE, *_USER_GRANT_PARTS)
 
 
 def grants(conn: Connection, *, machine_id: int, user_ids: list[int]) -> list[Grant]:
@@ -400,15 +401,7 @@ _SESSIONS_OF = (
 _MACHINE_GRANTS = _grant_part(
     E.c.machine_id, "machine", E, E.c.machine_id.in_(bindparam("mids", expanding=True))
 )
-_USER_GRANTS = union_all(
-    _grant_part(E.c.user_id, "user", E, E.c.user_id.in_(bindparam("uids", expanding=True))),
-    _grant_part(
-        MS.c.user_id,
-        "group",
-        MS.join(E, E.c.group_id == MS.c.group_id),
-        MS.c.user_id.in_(bindparam("uids", expanding=True)),
-    ),
-)
+_USER_GRANTS = union_all(*_USER_GRANT_PARTS)
 # Ids per IN list: well under SQLite's 32,766 bound parameters.
 BATCH = 500
 
