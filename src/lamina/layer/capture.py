@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from lamina.errors import ToolError, UsageError
 from lamina.home import Home
 from lamina.layer import runtime
-from lamina.layer.importer import Imported, import_tree, scan
+from lamina.layer.importer import Imported, import_tree, new_version, scan
 from lamina.layer.sources import DirSource
 from lamina.layer.writable import SESSION
 from lamina.names import check_name, parse_ref
@@ -77,13 +77,7 @@ def capture(home: Home, name: str, on: Sequence[str], command: Sequence[str]) ->
                     session,
                     name=name,
                     kind=svc.APP,
-                    new=svc.NewVersion(
-                        imported.manifest_id.hex(),
-                        imported.files,
-                        imported.size,
-                        imported.stored_bytes,
-                        "capture: " + " ".join(command),
-                    ),
+                    new=new_version(imported, "capture: " + " ".join(command)),
                     bases=bases,
                 ).ref
 

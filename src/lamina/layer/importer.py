@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar
 
 from lamina.errors import InvalidInput
 from lamina.home import Home
@@ -24,6 +24,9 @@ from lamina.layer.tree import Chunk, Entry, Kind, Tree
 from lamina.names import check_name
 from lamina.store import ChunkStore, Writer
 from lamina.store.chunker import cdc_boundaries
+
+if TYPE_CHECKING:
+    from lamina.manager.services.layers import NewVersion
 
 R = TypeVar("R")
 Progress = Callable[[int], None]
@@ -40,6 +43,20 @@ class Imported:
     size: int  # bytes of file data
     new_chunks: int
     stored_bytes: int  # bytes this import added to the store
+
+
+def new_version(imported: Imported, source: str) -> NewVersion:
+    """What ``imported`` stored, as the manager records a layer version (``source``: what
+    made it)."""
+    from lamina.manager.services.layers import NewVersion
+
+    return NewVersion(
+        imported.manifest_id.hex(),
+        imported.files,
+        imported.size,
+        imported.stored_bytes,
+        source,
+    )
 
 
 def scan(source: LayerSource, policy: Policy = Policy(), *, root: bool = True) -> Built:
@@ -159,13 +176,7 @@ def import_layer(
         built = scan(source, policy)
 
         def commit(imported: Imported) -> str:
-            new = svc.NewVersion(
-                imported.manifest_id.hex(),
-                imported.files,
-                imported.size,
-                imported.stored_bytes,
-                str(src),
-            )
+            new = new_version(imported, str(src))
             with home.session() as session:
                 return svc.add_version(session, name=name, kind=svc.APP, new=new).ref
 

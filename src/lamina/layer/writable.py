@@ -23,7 +23,7 @@ from lamina.home import Home
 from lamina.layer import prepare
 from lamina.layer.builder import Built, Policy
 from lamina.layer.compose import WritablePolicy, filter_policy, merge_changes, path_hash, prune
-from lamina.layer.importer import load_tree, scan, store_files, store_manifest
+from lamina.layer.importer import load_tree, new_version, scan, store_files, store_manifest
 from lamina.layer.sources import DirSource
 from lamina.layer.tree import Tree
 
@@ -103,13 +103,7 @@ def keep_session(
                     session,
                     name=writable,
                     kind=svc.WRITABLE,
-                    new=svc.NewVersion(
-                        imported.manifest_id.hex(),
-                        imported.files,
-                        imported.size,
-                        imported.stored_bytes,
-                        f"session on {mount.host}:{mount.root}",
-                    ),
+                    new=new_version(imported, f"session on {mount.host}:{mount.root}"),
                     bases=[session.get_one(LayerVersion, b.id) for b in bases],
                     parent=prev,
                     policy=str(policy),

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 from lamina.errors import Conflict, LaminaError
 from lamina.home import Home
 from lamina.layer.compose import WritablePolicy
-from lamina.layer.importer import Imported, load_tree, store_manifest, store_stream
+from lamina.layer.importer import Imported, load_tree, new_version, store_manifest, store_stream
 from lamina.layer.tree import Entry, Tree
 from lamina.names import parse_ref
 from lamina.rebase.merge import rebase_tree
@@ -41,6 +41,7 @@ from lamina.rebase.views import BaseChange, View, flatten
 from lamina.store import ZERO_ID, ChunkStore, Writer
 
 if TYPE_CHECKING:
+    from lamina.manager.services.layers import NewVersion
     from lamina.manager.services.rebase import Job
 
 # Layers per worker task: one pack and one progress step per batch. 16 keeps a batch under
@@ -141,16 +142,8 @@ def store_outcome(writer: Writer, outcome: Outcome) -> Imported:
     return store_manifest(writer, tree, new, stored)
 
 
-def _new_version(job: Job, imported: Imported, onto: str) -> Any:
-    from lamina.manager.services import layers as svc
-
-    return svc.NewVersion(
-        imported.manifest_id.hex(),
-        imported.files,
-        imported.size,
-        imported.stored_bytes,
-        f"rebase of {job.ref} onto {onto}",
-    )
+def _new_version(job: Job, imported: Imported, onto: str) -> NewVersion:
+    return new_version(imported, f"rebase of {job.ref} onto {onto}")
 
 
 def _result(job: Job, status: str, outcome: Outcome | None, *, full: bool, **kw: Any) -> Result:
