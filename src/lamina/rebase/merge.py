@@ -312,22 +312,26 @@ class _Merger:
 
     def dir_over_node(self, p: str, e: Entry, created: bool) -> None:
         """The user has a directory where the update put (or changed) a non-directory."""
-        rule = self.rule(p)
         what = "the user's directory, the update's " + ("new file" if created else "changed file")
+        self.kind_clash(p, e, self.rule(p), what, "directory", "file")
+
+    def kind_clash(self, p: str, e: Entry, rule: Rule, what: str, mine: str, theirs: str) -> None:
+        """The user has a ``mine`` (directory or file) where the update has a ``theirs``."""
         if rule is Rule.USER:
             self.out[p] = e
-            self.note(p, Action.KEPT, f"{what}: the directory stays", rule)
+            self.note(p, Action.KEPT, f"{what}: the {mine} stays", rule)
         elif rule is Rule.MERGE:
             self.out[p] = e
             dest = self.place_new(p)
             self.note(
-                p, Action.CONFLICT, f"{what}: the directory stays, the file beside it", rule, dest
+                p, Action.CONFLICT, f"{what}: the {mine} stays, the {theirs} beside it", rule, dest
             )
         else:
             dest = self.save_user(p)
-            self.done.add(p)
+            if e.kind is Kind.DIR:  # saved with everything beneath it
+                self.done.add(p)
             self.note(
-                p, Action.CONFLICT, f"{what}: the file wins, the directory is saved", rule, dest
+                p, Action.CONFLICT, f"{what}: the {theirs} wins, the {mine} is saved", rule, dest
             )
 
     def changed_but_deleted(self, p: str, e: Entry, what: str) -> None:
@@ -373,30 +377,15 @@ class _Merger:
             return
         rule = self.rule(p)
         if n.kind is Kind.DIR:
-            self.node_over_dir(p, e, r, rule)
+            self.kind_clash(
+                p, e, rule, "the user's file, the update's directory", "file", "directory"
+            )
             return
         if o is not None and r.kind == o.kind == n.kind:
             cu, cn = content(r) != content(o), content(n) != content(o)
             if not (cu and cn) and self.meta_merge(p, e, r, o, n, rule, content_from_user=cu):
                 return
         self.both_changed(p, e, r, o, n, rule)
-
-    def node_over_dir(self, p: str, e: Entry, r: Entry, rule: Rule) -> None:
-        what = "the user's file, the update's directory"
-        if rule is Rule.USER:
-            self.out[p] = e
-            self.note(p, Action.KEPT, f"{what}: the file stays", rule)
-        elif rule is Rule.MERGE:
-            self.out[p] = e
-            dest = self.place_new(p)
-            self.note(
-                p, Action.CONFLICT, f"{what}: the file stays, the directory beside it", rule, dest
-            )
-        else:
-            dest = self.save_user(p)
-            self.note(
-                p, Action.CONFLICT, f"{what}: the directory wins, the file is saved", rule, dest
-            )
 
     def meta_merge(
         self, p: str, e: Entry, r: Entry, o: Entry, n: Entry, rule: Rule, *, content_from_user: bool
