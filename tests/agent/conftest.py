@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from lamina.layer.overlay import mountinfo
 from tests.conftest import LAMINA
+from tests.layer.conftest import (
+    _unmount_leftovers,  # noqa: F401 (autouse: whatever a test mounted goes)
+)
 
 
 class AgentProc:
@@ -68,15 +67,3 @@ class AgentProc:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-
-
-@pytest.fixture(autouse=True)
-def _unmount_leftovers(tmp_path: Path) -> Iterator[None]:
-    """Whatever a test mounted under its tmp_path goes, latest first, even on failure."""
-    yield
-    for _ in range(3):
-        mine = [m for m in mountinfo() if m.mountpoint.startswith(str(tmp_path))]
-        if not mine:
-            return
-        for m in reversed(mine):
-            subprocess.run(["umount", "-l", m.mountpoint], capture_output=True, check=False)
