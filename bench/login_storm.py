@@ -81,6 +81,18 @@ class Conn:
         self.reader = self.writer = None
 
 
+def run_python(code: str, env: dict[str, str]) -> str:
+    """The output of ``code`` run by a fresh interpreter on the bench's lamina home."""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout
+
+
 def setup(home: Path, agents: int, env: dict[str, str]) -> list[str]:
     """Image, layers, users, group, entitlements, machines; returns the machine tokens."""
     work = home.parent
@@ -109,14 +121,7 @@ with h.session() as s:
         tokens.append(machines.add(s, name=f"vm{{i}}", image="base").token)
 json.dump(tokens, sys.stdout)
 """
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    tokens: list[str] = json.loads(out.stdout)
+    tokens: list[str] = json.loads(run_python(code, env))
     return tokens
 
 
@@ -234,14 +239,7 @@ from lamina.manager.models import UserSession
 with Home().session() as s:
     print(s.scalar(select(func.count()).select_from(UserSession)))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(out.stdout.strip())
+    return int(run_python(code, env).strip())
 
 
 def main() -> None:
