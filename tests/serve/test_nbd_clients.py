@@ -245,3 +245,18 @@ def test_image_versions_in_use_cannot_be_removed(cli: Cli, image: Path) -> None:
     cli("machine", "rm", "m1")
     cli("machine", "rm", "m2")
     assert cli.json("image", "rm", "base")["removed"] == ["base@1"]
+
+
+def test_repin_keeps_the_delta_until_the_target_is_known(
+    server: Server, cli: Cli, image: Path
+) -> None:
+    server.start()
+    ok(qemu_io(server.url("machine/m1"), "write -P 0xab 0 65536", "flush"))
+    server.stop()
+    assert cli("machine", "set", "m1", "--image", "bsae@2", check=False).code == 3  # a typo
+    assert cli.json("machine", "show", "m1")["delta_bytes"] == 65536
+    assert cli("machine", "set", "m1", "--image", "base@1", check=False).code == 2  # no change
+    assert cli.json("machine", "show", "m1")["delta_bytes"] == 65536
+    cli("image", "import", "base", str(image))
+    shown = cli.json("machine", "set", "m1", "--image", "base@2")
+    assert shown["image"] == "base@2" and shown["delta_bytes"] == 0

@@ -136,7 +136,6 @@ def set_(
     from lamina.identity import parse_extra_config
     from lamina.manager.services import machines
     from lamina.names import parse_ref
-    from lamina.serve.delta import discard
 
     h = open_home(home)
     changes: dict[str, Any] = {}
@@ -150,8 +149,9 @@ def set_(
         changes["extra_config"] = parse_extra_config(config.read_text())
     with h.session() as session:
         if image is not None:
-            discard(h.deltas_dir / name)  # refuses while the machine is connected
-            machines.repin(session, name=name, image=parse_ref(image, "image name"))
+            machines.repin(
+                session, name=name, image=parse_ref(image, "image name"), deltas=h.deltas_dir
+            )
         if mode is not None:
             machines.set_mode(session, name=name, mode=mode)
         m = machines.set_identity(

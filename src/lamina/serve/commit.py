@@ -46,7 +46,11 @@ def commit_delta(
                     source=f"delta of {machine} on {base_ref}",
                 ).ref
                 if repin:
-                    machines.repin(session, name=machine, image=images.parse_ref_of(ref))
+                    machines.pin(
+                        session,
+                        machine=machines.get(session, machine),
+                        version=images.get_version(session, images.parse_ref_of(ref)),
+                    )
                 return ref
 
         with home.store.writer() as writer:

@@ -200,13 +200,26 @@ def delta_usage(directory: Path) -> tuple[int, int]:
     return sum(1 for e in entries if e != ABSENT), data.stat().st_size if data.exists() else 0
 
 
+@contextlib.contextmanager
+def exclusive(directory: Path) -> Iterator[None]:
+    """Hold a delta's lock (refused with Conflict while someone has it open)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = _lock(directory / "lock", wait=False)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_files(directory: Path) -> None:
+    """Delete a delta's files; call with its lock held (``exclusive``)."""
+    for name in ("delta.map", "delta.data"):
+        (directory / name).unlink(missing_ok=True)
+
+
 def discard(directory: Path) -> None:
     """Throw a delta away (reset); refuses while someone has it open."""
     if not directory.exists():
         return
-    fd = _lock(directory / "lock", wait=False)
-    try:
-        for name in ("delta.map", "delta.data"):
-            (directory / name).unlink(missing_ok=True)
-    finally:
-        os.close(fd)
+    with exclusive(directory):
+        remove_files(directory)

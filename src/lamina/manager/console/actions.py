@@ -18,7 +18,7 @@ from lamina.manager.console import auth
 from lamina.manager.console.pages import ObjName
 from lamina.manager.console.render import SECURITY_HEADERS, human_bytes, render
 from lamina.manager.deps import HomeDep
-from lamina.manager.services import access, images, machines
+from lamina.manager.services import access, machines
 from lamina.manager.services import console as svc
 from lamina.manager.services import console_access as people
 from lamina.names import parse_ref
@@ -151,17 +151,10 @@ def repin(
     image: Annotated[str, Form(max_length=120)],
     next_: Next = "",
 ) -> RedirectResponse:
-    from lamina.serve.delta import discard
-
     try:
         ref = parse_ref(image.strip(), "image name")
         with home.session() as db:
-            machine = machines.get(db, name)
-            target = images.get_version(db, ref)  # before the delta goes: it must exist
-            if target.id == machine.image_version_id:
-                raise UsageError(f"{name} already runs {target.ref}")
-            discard(home.deltas_dir / name)  # the delta was written on the old version
-            machines.repin(db, name=name, image=parse_ref(target.ref))
+            _, target = machines.repin(db, name=name, image=ref, deltas=home.deltas_dir)
             done = target.ref
     except LaminaError as exc:
         return _back(home, console, next_, "/machines", "error", f"Re-pin {name}: {exc}")

@@ -100,13 +100,27 @@ def remove(session: Session, *, name: str) -> Machine:
     return machine
 
 
-def repin(session: Session, *, name: str, image: Ref) -> tuple[Machine, ImageVersion]:
-    """Pin a machine to another image version (its delta no longer applies: the caller
-    discards it)."""
+def repin(session: Session, *, name: str, image: Ref, deltas: Path) -> tuple[Machine, ImageVersion]:
+    """Pin a machine to another image version. Its delta was written on the old version, so
+    it goes too - but only once the target is known to exist and differ, under the delta's
+    lock (refused while the machine is connected), right after the change is flushed."""
+    from lamina.serve import delta
+
     machine = get(session, name)
     version = images.get_version(session, image)
-    machine.image_version = version
+    if version.id == machine.image_version_id:
+        raise UsageError(f"{name} already runs {version.ref}")
+    with delta.exclusive(deltas / name):
+        pin(session, machine=machine, version=version)
+        delta.remove_files(deltas / name)
     return machine, version
+
+
+def pin(session: Session, *, machine: Machine, version: ImageVersion) -> None:
+    """Point a machine at a version whose content equals its current view (after a delta
+    commit): the caller deals with the delta."""
+    machine.image_version = version
+    session.flush()
 
 
 def set_mode(session: Session, *, name: str, mode: str) -> Machine:
