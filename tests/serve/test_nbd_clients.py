@@ -260,3 +260,17 @@ def test_repin_keeps_the_delta_until_the_target_is_known(
     cli("image", "import", "base", str(image))
     shown = cli.json("machine", "set", "m1", "--image", "base@2")
     assert shown["image"] == "base@2" and shown["delta_bytes"] == 0
+
+
+def test_a_recreated_machine_gets_its_own_seed_from_a_running_server(
+    server: Server, cli: Cli, image: Path, tmp_path: Path
+) -> None:
+    from lamina.identity import read_seed_iso
+
+    server.start()
+    first = nbdcopy(server.url("machine/m2/seed"), tmp_path / "s1.iso")
+    cli("machine", "rm", "m2")
+    new_id = cli.json("machine", "add", "m2", "--image", "base")["machine_id"]
+    second = nbdcopy(server.url("machine/m2/seed"), tmp_path / "s2.iso")
+    assert first != second
+    assert new_id in read_seed_iso(second)["meta-data"].decode()

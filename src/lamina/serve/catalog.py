@@ -42,7 +42,7 @@ class ExportCatalog:
         self.cache = cache
         self._manifests: dict[bytes, Manifest] = {}
         self._open: dict[str, tuple[BlockDevice, int]] = {}
-        self._seeds: dict[tuple[str, int], bytes] = {}
+        self._seeds: dict[str, tuple[tuple[str, int], bytes]] = {}
         self._lock = threading.Lock()
 
     # -- Catalog protocol (negotiation) ----------------------------------------------
@@ -91,11 +91,13 @@ class ExportCatalog:
         from lamina.identity import identity_from_machine, seed_image
 
         identity = identity_from_machine(machine)  # type: ignore[arg-type]
-        key = (identity.name, identity.identity_rev)
-        data = self._seeds.get(key)
-        if data is None:
-            data = self._seeds[key] = seed_image(identity)
-        return data
+        # The machine-id tells a re-created machine from the removed one of the same name
+        # (both start at identity revision 1); one seed is kept per machine name.
+        key = (identity.machine_id, identity.identity_rev)
+        cached = self._seeds.get(identity.name)
+        if cached is None or cached[0] != key:
+            cached = self._seeds[identity.name] = (key, seed_image(identity))
+        return cached[1]
 
     # -- devices ----------------------------------------------------------------------
 
