@@ -161,6 +161,30 @@ def test_kill_9_at_any_time_never_serves_wrong_data(
     assert filecmp.cmp(convert(ep.url, tmp_path / "a.raw"), image, shallow=False)
 
 
+def test_a_repeated_chunk_with_a_mark_lost_in_a_crash_is_fetched_again_and_completes(
+    image: Path, admin: str, server: Server, stream: Callable[..., Endpoint], tmp_path: Path
+) -> None:
+    server.start()
+    ep = stream("img", "--from", manager(server), "--token", admin)
+    ep.wait_complete()
+    ep.stop(signal.SIGKILL)
+    # the chunk at 5 MiB is also at 6 MiB; a crash between the runs of marks kept only
+    # the first of its two marks
+    first, second = (5 << 20) // CHUNK, (6 << 20) // CHUNK
+    with open(ep.cache / "index", "r+b") as f:
+        f.seek(4096 + first)
+        assert f.read(1) == b"\x01"
+        f.seek(4096 + second)
+        f.write(b"\x00")
+    ep.start()
+    status = ep.wait_complete(timeout=30)
+    assert status["fetched_chunks"] == 1
+    marks = (ep.cache / "index").read_bytes()[4096:]
+    assert marks[first] == marks[second] == 1
+    server.stop(signal.SIGKILL)
+    assert filecmp.cmp(convert(ep.url, tmp_path / "a.raw"), image, shallow=False)
+
+
 def test_boot_profile_recorded_by_the_server_leads_hydration(
     cli: Cli, image: Path, admin: str, server: Server, stream: Callable[..., Endpoint]
 ) -> None:

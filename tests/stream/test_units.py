@@ -64,6 +64,26 @@ def test_index_marks_on_disk_only_trust_value_one_and_the_header_checks_geometry
     assert index.cached_data_bytes == CS
 
 
+def test_a_chunk_with_only_some_positions_marked_loads_as_missing_and_is_marked_everywhere() -> (
+    None
+):
+    # "a" at 0 and 2: a crash between the two runs of marks kept position 0 only
+    m = manifest(ids("a", "b", "a", "c"))
+    a, b, c = ids("a", "b", "c")
+    index = CacheIndex(m, bytes([1, 1, 0, 0]))
+    assert [index.is_cached(i) for i in range(4)] == [False, True, False, False]
+    assert index.missing_ids == 2 and not index.id_cached(a) and index.id_cached(b)
+    assert index.cached_data_bytes == CS and index.missing(0, CS) == [a]
+    assert Hydration(index).take(10) == [a, c]  # hydration fetches it again
+    assert sorted(index.add(a)) == [0, 2]  # and every position gets its mark
+    assert index.take_pending() == [0, 2]
+    assert index.missing(2 * CS, CS) == [] and index.missing_ids == 1
+    index.add(c)
+    assert index.complete and index.missing_ids == 0
+    # all positions marked: cached as before
+    assert CacheIndex(m, bytes([1, 1, 1, 1])).complete
+
+
 def test_mark_runs_groups_positions() -> None:
     assert mark_runs([5, 1, 2, 3, 9, 2]) == [(1, 3), (5, 1), (9, 1)]
     assert mark_runs([]) == []

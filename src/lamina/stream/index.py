@@ -18,6 +18,10 @@ Crash safety rests on one rule kept by the I/O layer: a mark reaches the index o
 the chunk's bytes were verified against its BLAKE3 id, written and ``fdatasync``ed. Marks
 only ever go from 0 to 1, so any subset of them surviving a ``kill -9`` or a power loss
 names good data; a chunk whose mark was lost is fetched again.
+
+A chunk stored at several positions has one mark per position, and they reach the disk in
+several writes: a crash may keep some and lose others. Such a chunk loads as not cached at
+any of its positions, so it is fetched again and every one of its marks is written.
 """
 
 from __future__ import annotations
@@ -82,14 +86,21 @@ class CacheIndex:
                 continue
             self.positions.setdefault(cid, []).append(i)
             self.data_bytes += length
-            if marks is not None and i < len(marks) and marks[i] == CACHED:
-                self.state[i] = CACHED
-                self.cached_bytes += length
-                self.cached_data_bytes += length
+        self.missing_ids = 0
+        for positions in self.positions.values():
+            # Cached only if every position is marked: the marks of one chunk are written
+            # in several runs, and a crash between them leaves some unmarked. Trusting the
+            # marked ones would make ``add`` skip the chunk and its other places would
+            # never be marked (reads there would refetch forever, never ``complete``).
+            if marks is not None and all(i < len(marks) and marks[i] == CACHED for i in positions):
+                for i in positions:
+                    self.state[i] = CACHED
+                    length = manifest.chunk_len(i)
+                    self.cached_bytes += length
+                    self.cached_data_bytes += length
+            else:
+                self.missing_ids += 1
         self._pending: list[int] = []
-        self.missing_ids = sum(
-            1 for positions in self.positions.values() if self.state[positions[0]] != CACHED
-        )
 
     # -- queries --------------------------------------------------------------------
 
@@ -101,6 +112,7 @@ class CacheIndex:
         return self.state[index] == CACHED
 
     def id_cached(self, cid: bytes) -> bool:
+        # All positions of a chunk are cached or none (see __init__ and add).
         return self.state[self.positions[cid][0]] == CACHED
 
     def missing(self, offset: int, length: int) -> list[bytes]:
@@ -125,17 +137,19 @@ class CacheIndex:
     def add(self, cid: bytes) -> list[int]:
         """Chunk ``cid`` was written at all its positions: they read from the cache now.
         Returns the positions, which wait in ``pending`` until their marks are durable."""
-        positions = self.positions[cid]
-        if self.state[positions[0]] == CACHED:
+        # Every position not yet cached, not just the first one's state: the chunk's bytes
+        # were written at all of them, so none may stay unmarked.
+        fresh = [i for i in self.positions[cid] if self.state[i] != CACHED]
+        if not fresh:
             return []
-        for i in positions:
+        for i in fresh:
             self.state[i] = CACHED
             length = self.manifest.chunk_len(i)
             self.cached_bytes += length
             self.cached_data_bytes += length
         self.missing_ids -= 1
-        self._pending += positions
-        return positions
+        self._pending += fresh
+        return fresh
 
     def take_pending(self) -> list[int]:
         """Positions written since the last call (their marks still to be persisted)."""
