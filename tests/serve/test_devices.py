@@ -131,3 +131,39 @@ def test_slot_written_without_its_map_entry_is_reused(tmp_path: Path) -> None:
     dev.write(BLOCK, b"b" * BLOCK, fua=True)
     assert b"".join(dev.read(0, 2 * BLOCK)) == b"a" * BLOCK + b"b" * BLOCK
     dev.close()
+
+
+def test_a_write_during_a_flush_is_synced_by_the_next_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLUSH runs on a worker thread while writes go on: the next FLUSH must still sync."""
+    import threading
+
+    import lamina.serve.delta as delta_module
+
+    delta = Delta(tmp_path / "d", size=1 << 20, base_id=bytes(32))
+    calls: list[int] = []
+    real = os.fdatasync
+    in_sync, release = threading.Event(), threading.Event()
+
+    def slow(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            in_sync.set()
+            release.wait(5)
+        real(fd)
+
+    monkeypatch.setattr(delta_module.os, "fdatasync", slow)
+    delta.write_blocks(0, b"a" * BLOCK)
+    first = threading.Thread(target=delta.flush)
+    first.start()
+    assert in_sync.wait(5)
+    delta.write_blocks(1, b"b" * BLOCK)  # lands while the first flush is syncing
+    release.set()
+    first.join()
+    before = len(calls)
+    delta.flush()
+    assert len(calls) == before + 1  # the second FLUSH synced again
+    delta.flush()
+    assert len(calls) == before + 1  # nothing new: no needless sync
+    delta.close()

@@ -23,6 +23,7 @@ import fcntl
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,22 @@ class Delta:
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self.dirty = False
+        # Writes bump the generation on the event loop; a flush (on a worker thread) makes
+        # durable what was written up to the generation it saw when it started, so a write
+        # that lands during an fdatasync is left for the next FLUSH instead of being taken
+        # as covered.
+        self._generation = 0
+        self._synced = 0
+        self._flush_lock = threading.Lock()
+
+    @property
+    def dirty(self) -> bool:
+        return self._generation != self._synced
+
+    @dirty.setter
+    def dirty(self, value: bool) -> None:
+        if value:
+            self._generation += 1
 
     def _open_files(self, base_id: bytes) -> None:
         map_path = self.directory / "delta.map"
@@ -167,22 +183,24 @@ class Delta:
                     self.map[run.first + k] = slot + k + 1
                 self.used_blocks += run.count
             pos += n
-        self.dirty = True
+        self._generation += 1
 
     def zero_blocks(self, first: int, count: int) -> None:
         for i in range(first, first + count):
             if self.map[i] == ABSENT:
                 self.used_blocks += 1
             self.map[i] = ZERO
-        self.dirty = True
+        self._generation += 1
 
     def flush(self) -> None:
-        """Make every accepted write durable: data first, then the map that points at it."""
-        if not self.dirty:
-            return
-        os.fdatasync(self._data_fd)
-        self._mm.flush()
-        self.dirty = False
+        """Make every write accepted so far durable: data first, then the map pointing at it."""
+        with self._flush_lock:
+            target = self._generation
+            if target == self._synced:
+                return
+            os.fdatasync(self._data_fd)
+            self._mm.flush()
+            self._synced = target
 
     @property
     def stored_bytes(self) -> int:
