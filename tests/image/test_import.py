@@ -175,3 +175,46 @@ def test_gc_with_concurrent_imports_loses_nothing(cli: Cli, tmp_path: Path) -> N
         out = tmp_path / f"o{i}.raw"
         cli("image", "export", f"img{i}", str(out))
         assert out.read_bytes() == src.read_bytes()
+
+
+def test_images_that_refer_to_other_files_are_refused(cli: Cli, tmp_path: Path) -> None:
+    secret = write_sparse(tmp_path / "secret.raw", MiB, [(0, b"root:x:0:0:root:/root:/bin/bash\n")])
+    backed = tmp_path / "backed.qcow2"
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            str(secret),
+            "-F",
+            "raw",
+            str(backed),
+            "1M",
+        ],
+        check=True,
+    )
+    flat = tmp_path / "flat.vmdk"
+    subprocess.run(
+        [
+            "qemu-img",
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=twoGbMaxExtentFlat",
+            str(secret),
+            str(flat),
+        ],
+        check=True,
+    )
+    for image in (backed, flat):
+        result = cli("image", "import", "evil", str(image), check=False)
+        assert result.code == 5 and "refers to other files" in result.err, result.err
+    assert cli.json("image", "list") == []
+    # the same data, flattened into one file, is fine
+    single = tmp_path / "single.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(backed), str(single)], check=True)
+    assert cli("image", "import", "ok", str(single)).out.strip() == "ok@1"

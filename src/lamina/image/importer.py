@@ -78,6 +78,7 @@ def import_file(
     source = detect_format(path, fmt)
     if source == "raw":
         return _import_raw(writer, path, chunk_size, source, progress)
+    qemu.check_self_contained(path, source)
     qemu.check(path, source)
     with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="import-") as tmp:
         raw = Path(tmp, "image.raw")

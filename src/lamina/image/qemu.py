@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -64,6 +65,31 @@ def info(path: Path, fmt: str | None = None) -> dict[str, Any]:
         args += ["-f", fmt]
     result: dict[str, Any] = json.loads(_run([*args, str(path)], str(path)))
     return result
+
+
+def check_self_contained(path: Path, fmt: str) -> None:
+    """Refuse images that make qemu-img read other files: a backing file, a qcow2 external
+    data file, vmdk extents other than the image itself. An imported image is served to
+    every machine, and those references could name any file the importer can read."""
+    found = info(path, fmt)
+    others: list[str] = []
+    if found.get("backing-filename") or found.get("full-backing-filename"):
+        others.append(
+            f"backing file {found.get('full-backing-filename') or found['backing-filename']}"
+        )
+    data = (found.get("format-specific") or {}).get("data") or {}
+    if data.get("data-file"):
+        others.append(f"data file {data['data-file']}")
+    me = os.path.realpath(path)
+    for extent in data.get("extents") or []:
+        name = str(extent.get("filename", ""))
+        if os.path.realpath(name) != me:
+            others.append(f"extent {name}")
+    if others:
+        raise InvalidInput(
+            f"{path} refers to other files ({', '.join(others)}); import self-contained images "
+            f"only (qemu-img convert can make one)"
+        )
 
 
 def check(path: Path, fmt: str) -> None:
