@@ -274,3 +274,21 @@ def test_a_recreated_machine_gets_its_own_seed_from_a_running_server(
     second = nbdcopy(server.url("machine/m2/seed"), tmp_path / "s2.iso")
     assert first != second
     assert new_id in read_seed_iso(second)["meta-data"].decode()
+
+
+def test_serve_fails_at_once_on_a_busy_port_or_a_busy_home(
+    server: Server, cli: Cli, image: Path
+) -> None:
+    server.start()
+    busy_http = cli(
+        "serve",
+        "--no-nbd",
+        "--http",
+        f"127.0.0.1:{server.http_port}",
+        check=False,
+        timeout=30,
+    )
+    assert busy_http.code != 0 and "cannot listen" in busy_http.err
+    assert len(busy_http.err.strip().splitlines()) == 1
+    second = cli("serve", "--nbd", "127.0.0.1:0", "--http", "127.0.0.1:0", check=False, timeout=30)
+    assert second.code == 9 and "another `lamina serve`" in second.err

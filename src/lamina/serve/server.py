@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lamina import logs
-from lamina.errors import Conflict, UsageError
+from lamina.errors import Conflict, LaminaError, UsageError
 from lamina.home import Home
 from lamina.nbd.aio import NbdServerProtocol
 from lamina.serve.catalog import ExportCatalog
@@ -67,6 +70,22 @@ async def serve(
 ) -> None:
     """Serve until SIGINT/SIGTERM or until ``stop`` is set; then close every connection,
     flush and close every delta, so the home can be served again at once."""
+    # One block server per home: it owns the deltas. (Managers without NBD may be many.)
+    home_lock = _lock_home(home) if options.nbd is not None else None
+    try:
+        await _serve(home, options, ready=ready, stop=stop)
+    finally:
+        if home_lock is not None:
+            os.close(home_lock)
+
+
+async def _serve(
+    home: Home,
+    options: ServeOptions,
+    *,
+    ready: Callable[[], None] | None,
+    stop: asyncio.Event | None,
+) -> None:
     log = logs.setup(options.log_level)
     reset = reset_stateless(home) if options.nbd is not None else []
     cache = ChunkCache(options.cache_bytes)
@@ -80,12 +99,16 @@ async def serve(
         connections.add(proto)
         return proto
 
-    nbd = None
-    if options.nbd is not None:
-        nbd = await loop.create_server(connection, *options.nbd, reuse_address=True)
-    http = _http_server(home, options.http) if options.http is not None else None
-    http_task = asyncio.create_task(http.serve()) if http is not None else None
+    # Bind both ports before anything else: a port in use is a one-line error at start,
+    # not a manager that silently never came up beside a working block server.
+    nbd_sock = _listen(options.nbd, "--nbd") if options.nbd is not None else None
+    http_sock = _listen(options.http, "--http") if options.http is not None else None
+    nbd = await loop.create_server(connection, sock=nbd_sock) if nbd_sock is not None else None
     stop = stop or asyncio.Event()
+    http = _http_server(home, options.http) if options.http is not None else None
+    http_task = asyncio.create_task(http.serve(sockets=[http_sock])) if http is not None else None
+    if http_task is not None:
+        http_task.add_done_callback(lambda _task: stop.set())  # the manager died: stop all
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -124,6 +147,36 @@ async def serve(
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
         logs.event(log, "stopped")
+
+
+def _lock_home(home: Home) -> int:
+    fd = os.open(home.root / "serve.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise Conflict(
+            f"another `lamina serve` is serving block devices from {home.root} "
+            "(more managers on one database: --no-nbd)"
+        ) from None
+    return fd
+
+
+def _listen(address: tuple[str, int], what: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        # a deep backlog absorbs a login storm's (or a boot storm's) connection burst
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        raise LaminaError(
+            f"cannot listen on {address[0]}:{address[1]} ({what}): {exc.strerror}"
+        ) from None
+    sock.setblocking(False)
+    return sock
 
 
 def _http_server(home: Home, address: tuple[str, int]) -> Any:
