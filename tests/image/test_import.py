@@ -218,3 +218,13 @@ def test_images_that_refer_to_other_files_are_refused(cli: Cli, tmp_path: Path) 
     single = tmp_path / "single.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(backed), str(single)], check=True)
     assert cli("image", "import", "ok", str(single)).out.strip() == "ok@1"
+
+
+def test_version_numbers_are_never_handed_out_twice(cli: Cli, tmp_path: Path) -> None:
+    src = _image(tmp_path / "disk.raw")
+    cli("image", "import", "base", str(src))
+    cli("image", "import", "base", str(src))
+    cli("image", "rm", "base@2")
+    assert cli("image", "import", "base", str(src)).out.strip() == "base@3"
+    cli("image", "rm", "base")
+    assert cli("image", "import", "base", str(src)).out.strip() == "base@4"

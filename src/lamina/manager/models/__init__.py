@@ -11,7 +11,7 @@ from lamina.manager.models.access import (
     WritableLayer,
 )
 from lamina.manager.models.base import Base, utcnow
-from lamina.manager.models.images import Image, ImageVersion, Setting
+from lamina.manager.models.images import Image, ImageVersion, Setting, VersionCounter
 from lamina.manager.models.layers import (
     Layer,
     LayerMount,
@@ -20,9 +20,11 @@ from lamina.manager.models.layers import (
     LayerVersionBase,
 )
 from lamina.manager.models.machines import Machine
+from lamina.manager.models.stream import BootProfile
 
 __all__ = [
     "Base",
+    "BootProfile",
     "Change",
     "Entitlement",
     "Group",
@@ -38,6 +40,7 @@ __all__ = [
     "Setting",
     "User",
     "UserSession",
+    "VersionCounter",
     "WritableLayer",
     "utcnow",
 ]

@@ -48,3 +48,15 @@ class Setting(Base):
 
     key: Mapped[str] = mapped_column(String(100), primary_key=True)
     value: Mapped[str] = mapped_column(String(4000))
+
+
+class VersionCounter(Base):
+    """The last number handed out per image or layer name. It outlives the versions (and
+    the image or layer row): NAME@N names one content forever, which is what lets its
+    manifest and its stream caches be trusted by number."""
+
+    __tablename__ = "version_counters"
+
+    kind: Mapped[str] = mapped_column(String(10), primary_key=True)  # image | layer
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    last: Mapped[int] = mapped_column(Integer)

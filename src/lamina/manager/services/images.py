@@ -38,14 +38,10 @@ def add_version(session: Session, *, name: str, imported: Imported, source: str)
     """
     check_name(name, "image name")
 
-    def create() -> ImageVersion:
-        image = _image(session, name, create=True)
-        latest = session.scalar(
-            select(func.max(ImageVersion.version)).where(ImageVersion.image_id == image.id)
-        )
+    def create(number: int) -> ImageVersion:
         version = ImageVersion(
-            image=image,
-            version=(latest or 0) + 1,
+            image=_image(session, name, create=True),
+            version=number,
             size=imported.manifest.size,
             chunk_size=imported.manifest.chunk_size,
             manifest_id=imported.manifest_id.hex(),
@@ -56,7 +52,12 @@ def add_version(session: Session, *, name: str, imported: Imported, source: str)
         session.flush()
         return version
 
-    return versions.next_version(session, name, create)
+    def highest() -> int | None:
+        return session.scalar(
+            select(func.max(ImageVersion.version)).join(Image).where(Image.name == name)
+        )
+
+    return versions.next_version(session, "image", name, create, highest)
 
 
 def import_image(

@@ -73,14 +73,10 @@ def add_version(
     """Record NAME@N+1 (the unique (layer, version) pair settles concurrent imports)."""
     base_refs = [(b.id, b.ref) for b in bases]  # read before a pending version autoflushes
 
-    def create() -> LayerVersion:
-        layer = _layer(session, name, kind)
-        latest = session.scalar(
-            select(func.max(LayerVersion.version)).where(LayerVersion.layer_id == layer.id)
-        )
+    def create(number: int) -> LayerVersion:
         version = LayerVersion(
-            layer=layer,
-            version=(latest or 0) + 1,
+            layer=_layer(session, name, kind),
+            version=number,
             manifest_id=new.manifest_id,
             files=new.files,
             size=new.size,
@@ -97,7 +93,12 @@ def add_version(
         session.flush()
         return version
 
-    return versions.next_version(session, name, create)
+    def highest() -> int | None:
+        return session.scalar(
+            select(func.max(LayerVersion.version)).join(Layer).where(Layer.name == name)
+        )
+
+    return versions.next_version(session, "layer", name, create, highest)
 
 
 def get_version(session: Session, ref: Ref) -> LayerVersion:

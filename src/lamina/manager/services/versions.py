@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from lamina.errors import Conflict
+from lamina.manager.models import VersionCounter
 
 V = TypeVar("V")
 
@@ -17,13 +18,27 @@ V = TypeVar("V")
 _ATTEMPTS = 20
 
 
-def next_version(session: Session, name: str, create: Callable[[], V]) -> V:
-    """Run ``create`` (which reads the latest number, adds N+1 and flushes) in a savepoint,
-    again when the unique (owner, version) constraint says another writer took N+1."""
+def next_version(
+    session: Session,
+    kind: str,
+    name: str,
+    create: Callable[[int], V],
+    highest: Callable[[], int | None],
+) -> V:
+    """Run ``create(N)`` with the next number of ``name`` (which adds and flushes version N)
+    in a savepoint, again when another writer took N first. Numbers are never reused, also
+    after the versions or the whole image or layer were removed; ``highest`` (the largest
+    number present) covers versions recorded with their number, such as an agent's
+    replicas of a manager's layers."""
     for _attempt in range(_ATTEMPTS):
         try:
             with session.begin_nested():
-                return create()
+                counter = session.get(VersionCounter, (kind, name))
+                if counter is None:
+                    counter = VersionCounter(kind=kind, name=name, last=0)
+                    session.add(counter)
+                counter.last = max(counter.last, highest() or 0) + 1
+                return create(counter.last)
         except IntegrityError:
             session.expire_all()
     raise Conflict(f"could not allocate a version number for {name!r}")
