@@ -32,9 +32,11 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
 
 
 class Server:
-    def __init__(self, home: Path, log: Path) -> None:
+    def __init__(self, home: Path, log: Path, *, nbd: bool = True) -> None:
+        """``nbd=False``: a manager only (``--no-nbd``), as extra managers of a home run."""
         self.home = home
         self.log = log
+        self.nbd = nbd
         self.port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -49,8 +51,7 @@ class Server:
                 [
                     LAMINA,
                     "serve",
-                    "--nbd",
-                    f"127.0.0.1:{self.port}",
+                    *(["--nbd", f"127.0.0.1:{self.port}"] if self.nbd else ["--no-nbd"]),
                     "--http",
                     f"127.0.0.1:{self.http_port}",
                 ],
@@ -58,7 +59,8 @@ class Server:
                 stdout=log,
                 stderr=log,
             )
-        wait_port(self.port, self.proc)
+        if self.nbd:
+            wait_port(self.port, self.proc)
         wait_port(self.http_port, self.proc)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

@@ -98,7 +98,7 @@ def test_login_token_works_once_across_managers(cli: Cli, tmp_path: Path) -> Non
     src = write_sparse(tmp_path / "d.raw", 1 << 20, [(0, b"x" * 4096)])
     cli("image", "import", "base", str(src))
     first = Server(cli.home, tmp_path / "a.log")
-    second = Server(cli.home, tmp_path / "b.log")
+    second = Server(cli.home, tmp_path / "b.log", nbd=False)
     try:
         first.start()
         second.start()
