@@ -11,7 +11,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 def check_name(name: str, what: str = "name") -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise UsageError(
             f"bad {what} {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )

@@ -38,3 +38,12 @@ def test_spans_property(offset: int, length: int) -> None:
 def test_parsing_garbage_raises_corrupt(blob: bytes) -> None:
     with pytest.raises(CorruptObject):
         Manifest.from_bytes(blob)
+
+
+@pytest.mark.parametrize("bad", ["mx\n", "a b", "-lead", "x" * 101, "a/b", "a@1", ""])
+def test_names_refuse_anything_but_the_plain_alphabet(bad: str) -> None:
+    from lamina.errors import UsageError
+    from lamina.names import check_name
+
+    with pytest.raises(UsageError):
+        check_name(bad)

@@ -24,7 +24,7 @@ _MAX_FQDN = 253
 def check_hostname(hostname: str) -> str:
     """An RFC 1123 host label: 1-63 letters, digits and inner hyphens; not all digits."""
     h = hostname.lower()
-    if not _LABEL.match(h):
+    if not _LABEL.fullmatch(h):
         raise UsageError(
             f"bad hostname {hostname!r}: use 1-63 letters, digits or '-', "
             "starting and ending with a letter or digit (RFC 1123)"
@@ -38,7 +38,7 @@ def check_domain(domain: str) -> str:
     """A DNS domain: dot-separated RFC 1123 labels, 253 characters at most."""
     d = domain.lower().removesuffix(".")
     labels = d.split(".")
-    if not d or len(d) > _MAX_FQDN or not all(_LABEL.match(label) for label in labels):
+    if not d or len(d) > _MAX_FQDN or not all(_LABEL.fullmatch(label) for label in labels):
         raise UsageError(
             f"bad domain {domain!r}: use dot-separated labels of 1-63 letters, digits or '-' "
             "(e.g. corp.example.org), 253 characters at most"
@@ -56,7 +56,7 @@ def check_fqdn(hostname: str, domain: str | None) -> None:
 def check_mac(mac: str) -> str:
     """A unicast MAC address as six hex pairs (':' or '-'); returned lower case with ':'."""
     m = mac.strip().lower()
-    if not _MAC.match(m):
+    if not _MAC.fullmatch(m):
         raise UsageError(f"bad MAC address {mac!r}: expected six hex pairs like 52:54:00:12:34:56")
     m = m.replace("-", ":")
     first = int(m[:2], 16)
@@ -76,7 +76,7 @@ def generate_mac() -> str:
 
 def check_machine_id(machine_id: str) -> str:
     """A systemd machine-id: 32 lower-case hex digits, not all zeros."""
-    if not _MACHINE_ID.match(machine_id) or machine_id == "0" * 32:
+    if not _MACHINE_ID.fullmatch(machine_id) or machine_id == "0" * 32:
         raise UsageError(f"bad machine-id {machine_id!r}: expected 32 lower-case hex digits")
     return machine_id
 

@@ -142,7 +142,7 @@ def image_layers(archive: _Archive) -> list[tuple[str, str | None]]:
         out = []
         for name in doc[0]["Layers"]:
             norm = paths.normalize(str(name), what="docker layer")
-            m = re.match(r"^blobs/sha256/([a-f0-9]{64})$", norm)
+            m = re.fullmatch(r"blobs/sha256/([a-f0-9]{64})", norm)
             out.append((norm, m[1] if m else None))
         return out
     if archive.exists("index.json"):

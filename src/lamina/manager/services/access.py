@@ -40,7 +40,7 @@ FAN_OUT = 500
 
 
 def check_user_name(name: str, what: str = "user name") -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise UsageError(
             f"bad {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "not starting with '.' or '-'"
