@@ -292,3 +292,18 @@ def test_serve_fails_at_once_on_a_busy_port_or_a_busy_home(
     assert len(busy_http.err.strip().splitlines()) == 1
     second = cli("serve", "--nbd", "127.0.0.1:0", "--http", "127.0.0.1:0", check=False, timeout=30)
     assert second.code == 9 and "another `lamina serve`" in second.err
+
+
+def test_a_locked_delta_is_an_error_reply_not_a_hang_up(
+    server: Server, cli: Cli, image: Path
+) -> None:
+    from lamina.serve.delta import exclusive
+
+    server.start()
+    with exclusive(cli.home / "deltas" / "m1"):  # as a commit or a reset holds it
+        refused = subprocess.run(
+            ["nbdinfo", server.url("machine/m1")], capture_output=True, text=True, check=False
+        )
+        assert refused.returncode != 0 and "replied with error to opt_go" in refused.stderr
+    assert any('"refused"' in line and "in use" in line for line in server.log_lines())
+    subprocess.run(["nbdinfo", server.url("machine/m1")], check=True, capture_output=True)

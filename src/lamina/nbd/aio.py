@@ -25,6 +25,7 @@ from lamina.nbd.events import (
     Disconnect,
     ErrorReply,
     Event,
+    OptInfo,
     OptionReply,
     ReadData,
     Request,
@@ -158,15 +159,32 @@ class NbdServerProtocol(asyncio.Protocol):
 
     def _option(self, event: Event) -> None:
         decision = negotiate(event, self.provider, self.conn)
-        for reply in decision.replies:
-            self._send(reply)
         if decision.export is not None:
+            # Open before the reply that starts transmission: a device that cannot be
+            # opened (its delta locked by a commit or reset) is then an error the client
+            # can read after NBD_OPT_GO, not a hang-up. NBD_OPT_EXPORT_NAME cannot fail
+            # politely: the spec says hang up.
             try:
                 self.device = self.provider.open(decision.export.name)
             except (LaminaError, OSError) as exc:
-                self._hang_up(f"cannot open {decision.export.name}: {exc}")
+                if isinstance(event, OptInfo):
+                    log_event(
+                        self.log,
+                        "refused",
+                        logging.WARNING,
+                        client=self.peer,
+                        export=decision.export.name,
+                        reason=str(exc),
+                    )
+                    message = f"cannot open {decision.export.name}: {exc}".encode()
+                    self._send(OptionReply(Opt.GO, Rep.ERR_UNKNOWN, message))
+                else:
+                    self._hang_up(f"cannot open {decision.export.name}: {exc}")
                 return
             self.export = decision.export
+        for reply in decision.replies:
+            self._send(reply)
+        if self.export is not None and decision.export is not None:
             log_event(
                 self.log,
                 "connect",
