@@ -313,9 +313,11 @@ class ChunkStore:
                 self.backend.delete(name)
                 report.packs_removed += 1
             report.bytes_freed -= rewriter.added_bytes
+            # Every put happens under the shared lock (writers) or here: with the exclusive
+            # lock held, any temporary left is from a writer that was killed.
             clean = getattr(self.backend, "clean_temporaries", None)
             if clean is not None:
-                clean()
+                clean(older_than=0.0)
         return report
 
     def _live_bytes(self, name: str, size: int, live_here: dict[bytes, int]) -> int:
