@@ -12,7 +12,12 @@
 - When the manager is away, every call retries with capped exponential backoff. A logout
   whose new writable version could not yet be handed over is kept in ``agent/pending/``
   and retried until the manager records it; the user's next login here waits for it, and
-  the manager refuses a login elsewhere until then, so nothing a user wrote is lost.
+  the manager refuses a login elsewhere until then, so nothing a user wrote is lost. Each
+  pending logout is retried on its own: one that fails does not hold up the others or the
+  long-poll. One the manager refuses for good (409: it holds no session to save into;
+  404: the user is gone) cannot succeed by retrying: it is moved to ``agent/pending/failed/``
+  with the manager's reason and the saved version's manifest id, logged as a warning, and
+  shown by ``lamina agent status``, for an administrator to recover.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any, TypeVar
 from lamina import logs
 from lamina.agent import fetch
 from lamina.agent.reconcile import Attach, Detach, Have, Pending, Stale, Want, plan
-from lamina.errors import InvalidInput, LaminaError, UsageError
+from lamina.errors import AlreadyExists, Conflict, InvalidInput, LaminaError, NotFound, UsageError
 from lamina.home import Home
 from lamina.manager.client import ManagerClient, Unreachable
 
@@ -43,6 +48,17 @@ BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
 WAIT = 30  # long-poll seconds
 HANDOVER = 30.0  # a logout waits this long for the manager, then finishes in the background
+# What the manager answers to a logout that no retry can change: 409 (no session of the user
+# here to save into, e.g. ended meanwhile), 404 (no such user), 422 (a request it rejects).
+REFUSED = (Conflict, AlreadyExists, NotFound, UsageError)
+
+
+def pending_dir(home: Home) -> Path:
+    return home.root / "agent" / "pending"
+
+
+def failed_dir(home: Home) -> Path:
+    return pending_dir(home) / "failed"
 
 
 def socket_path(home: Home) -> Path:
@@ -72,7 +88,7 @@ class Agent:
         self.lock = threading.RLock()  # one mount operation at a time
         self.stopping = threading.Event()
         self.rev: str | None = None
-        self.pending_dir = home.root / "agent" / "pending"
+        self.pending_dir = pending_dir(home)
 
     # -- calls to the manager -----------------------------------------------------------------
 
@@ -128,7 +144,10 @@ class Agent:
 
         root = self.session_root(user)
         with self.lock:
-            self._flush_pending(user, timeout=HANDOVER)
+            with contextlib.suppress(*REFUSED):  # parked in pending/failed/ and logged
+                self._flush_pending(user, timeout=HANDOVER)
+            # A login repeated while the user's root is mounted continues the same session.
+            was_mounted = self._mounted(root)
             state: dict[str, Any] = self.call(
                 lambda: self.client.json("POST", "/agent/login", json={"user": user}), timeout=60
             )
@@ -153,12 +172,21 @@ class Agent:
                         policy=writable["policy"] if writable else "all",
                     )
             except BaseException:
-                # Nothing was mounted: give the session (and the writable layer) back.
-                with contextlib.suppress(LaminaError):
-                    self.client.json("POST", "/agent/logout", json={"user": user})
+                # Give the session (and the writable layer) back only if nothing of it is
+                # mounted here. While ROOT/USER is mounted the writable layer is in use: ending
+                # the session would let another machine claim it, and this one's logout would
+                # then be refused with all it saved.
+                if not was_mounted and not self._mounted(root):
+                    with contextlib.suppress(LaminaError):
+                        self.client.json("POST", "/agent/logout", json={"user": user})
                 raise
         logs.event(self.log, "login", user=user, layers=[la["ref"] for la in state["layers"]])
         return {"user": user, "root": str(root), "layers": [la["ref"] for la in state["layers"]]}
+
+    def _mounted(self, root: Path) -> bool:
+        from lamina.layer import runtime
+
+        return any(m.root == str(root) for m in runtime.mounts(self.home))
 
     def logout(self, user: str) -> dict[str, Any]:
         from lamina.layer import runtime
@@ -179,7 +207,9 @@ class Agent:
         return result
 
     def _flush_pending(self, user: str, timeout: float | None = None) -> dict[str, Any]:
-        """Hand a finished session's writable version to the manager (retried until done)."""
+        """Hand a finished session's writable version to the manager (retried until done).
+        A logout the manager refuses for good is parked in ``pending/failed/`` and its
+        error raised."""
         from lamina.manager.services import replica
 
         path = self.pending_dir / f"{user}.json"
@@ -200,6 +230,9 @@ class Agent:
             except InvalidInput:  # chunks collected in between (store gc): upload again
                 if attempt == 2:
                     raise
+            except REFUSED as exc:
+                kept = self._park(path, user, saved, body.get("writable"), exc)
+                raise type(exc)(f"{exc} (the logout is kept in {kept})") from None
         if saved is not None and result.get("saved") and result["saved"] != saved:
             # The manager numbered it otherwise: keep the local copy under its number.
             name, _, version = result["saved"].rpartition("@")
@@ -218,11 +251,66 @@ class Agent:
         path.unlink()
         return result
 
+    def _park(
+        self,
+        path: Path,
+        user: str,
+        saved: str | None,
+        writable: dict[str, Any] | None,
+        error: LaminaError,
+    ) -> Path:
+        """Move a refused pending logout out of the retry queue, keeping what an
+        administrator needs to recover the saved version: its manifest id names its tree in
+        this host's chunk store (a later login may drop the local version record)."""
+        failed = failed_dir(self.home)
+        record = {
+            "user": user,
+            "saved": saved,
+            "manifest": writable["manifest"] if writable else None,
+            "refused": type(error).__name__,
+            "reason": str(error),
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        # One file per refusal: a user may collect several before anyone looks.
+        dest = failed / f"{user}.{time.time_ns()}.json"
+        _write(dest, json.dumps(record, indent=2) + "\n", 0o600)
+        path.unlink()
+        logs.event(
+            self.log,
+            "logout refused",
+            logging.WARNING,
+            user=user,
+            saved=saved,
+            reason=str(error),
+            kept=str(dest),
+        )
+        return dest
+
     def flush_all_pending(self, timeout: float | None = None) -> None:
-        if self.pending_dir.is_dir():
-            for path in sorted(self.pending_dir.glob("*.json")):
+        """Try every pending logout once per call, each on its own: a failure is logged
+        and the file stays for the next call, a refusal is parked; none stops the others.
+        ``timeout`` bounds the retries of the whole round (each file still gets one try),
+        so a manager that is away does not hold the round up once per file."""
+        if not self.pending_dir.is_dir():
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for path in sorted(self.pending_dir.glob("*.json")):
+            if self.stopping.is_set():
+                return
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
                 with self.lock:
-                    self._flush_pending(path.stem, timeout=timeout)
+                    self._flush_pending(path.stem, timeout=left)
+            except REFUSED:
+                continue  # parked and logged by _flush_pending
+            except Exception as exc:  # whatever it is, the file stays and the rest go on
+                logs.event(
+                    self.log,
+                    "pending logout failed",
+                    logging.WARNING,
+                    user=path.stem,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
 
     # -- desired state ------------------------------------------------------------------------
 
@@ -269,9 +357,9 @@ class Agent:
     def poll_forever(self) -> None:
         attempt = 0
         while not self.stopping.is_set():
+            # Never raises: a pending logout that fails must not keep the loop from the poll.
+            self.flush_all_pending(timeout=HANDOVER)
             try:
-                if self.pending_dir.is_dir() and any(self.pending_dir.glob("*.json")):
-                    self.flush_all_pending(timeout=HANDOVER)
                 params: dict[str, Any] = {"wait": WAIT}
                 if self.rev is not None:
                     params["rev"] = self.rev
@@ -352,6 +440,22 @@ def _control_server(agent: Agent) -> socketserver.ThreadingUnixStreamServer:
         os.umask(old)
     server.daemon_threads = True
     return server
+
+
+def status(home: Home) -> dict[str, Any]:
+    """What the agent holds on this host, from its files (whether or not it runs):
+    logouts still to hand over, and those the manager refused (``pending/failed/``)."""
+    identity = home.root / "agent" / "identity.json"
+    machine = json.loads(identity.read_text()).get("machine") if identity.exists() else None
+    pending = pending_dir(home)
+    failed = failed_dir(home)
+    return {
+        "machine": machine,
+        "pending_logouts": sorted(p.stem for p in pending.glob("*.json")),
+        "refused_logouts": [
+            json.loads(p.read_text()) | {"file": str(p)} for p in sorted(failed.glob("*.json"))
+        ],
+    }
 
 
 def request(home: Home, op: str, user: str, *, timeout: float = 600) -> dict[str, Any]:

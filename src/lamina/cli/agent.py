@@ -1,4 +1,5 @@
-"""lamina agent (the machine's agent), lamina agent login|logout USER (for a PAM hook)."""
+"""lamina agent (the machine's agent), lamina agent login|logout USER (for a PAM hook),
+lamina agent status."""
 
 from __future__ import annotations
 
@@ -78,3 +79,21 @@ def logout(
     else:
         saved = f", saved {result['saved']}" if result.get("saved") else ""
         out.print(f"{user}: logged out{saved}", markup=False)
+
+
+@app.command("status")
+def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Logouts waiting for the manager, and those it refused (kept for recovery)."""
+    from lamina.agent import daemon
+
+    result = daemon.status(open_home(home))
+    if as_json:
+        emit_json(result)
+        return
+    out.print(f"machine: {result['machine'] or '-'}", markup=False)
+    pending = result["pending_logouts"]
+    out.print(f"pending logouts: {', '.join(pending) if pending else 'none'}", markup=False)
+    for r in result["refused_logouts"]:
+        saved = r.get("saved") or "nothing saved"
+        text = f"refused logout: {r['user']} ({saved}) at {r['at']}: {r['reason']} [{r['file']}]"
+        out.print(text, markup=False)
