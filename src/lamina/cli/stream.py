@@ -105,11 +105,13 @@ def run(
 ) -> None:
     """Serve IMAGE as a local NBD export at once; fetch chunks as they are read."""
     from lamina.serve.server import parse_address
-    from lamina.stream.endpoint import StreamOptions
+    from lamina.stream.endpoint import StreamOptions, check_names
     from lamina.stream.endpoint import run as run_endpoint
 
     if timeout <= 0 or connections < 1:
         raise UsageError("--timeout must be positive and --connections at least 1")
+    # Before anything touches the filesystem: the default cache path is made of these names.
+    check_names(image, machine)
     if cache is None:
         cache = open_home(home).root / "stream" / (machine or image.replace("@", "-"))
     options = StreamOptions(

@@ -26,7 +26,7 @@ from typing import Any
 
 from lamina import logs
 from lamina.errors import Conflict, LaminaError, UsageError
-from lamina.names import parse_ref
+from lamina.names import check_name, parse_ref
 from lamina.nbd import ExportInfo
 from lamina.nbd.aio import NbdServerProtocol
 from lamina.nbd.device import BlockDevice
@@ -65,6 +65,13 @@ class StreamOptions:
     timeout: float = DEFAULT_TIMEOUT
     hydrate: bool = True
     connections: int = 8
+
+
+def check_names(image: str, machine: str | None) -> None:
+    """Raise UsageError unless ``image`` is IMAGE[@VERSION] and ``machine`` a valid name."""
+    parse_ref(image, "image name")
+    if machine is not None:
+        check_name(machine, "machine name")
 
 
 def control_address(cache: Path) -> str:
@@ -399,6 +406,7 @@ def _same_user(writer: asyncio.StreamWriter) -> bool:
 
 async def main(options: StreamOptions, ready: Any = None) -> None:
     log = logs.setup()
+    check_names(options.image, options.machine)  # a bad name creates no cache directory
     lock_fd = cachedir.lock_dir(options.cache)
     try:
         config = await prepare(options, log)
