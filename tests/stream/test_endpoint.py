@@ -15,7 +15,15 @@ import pytest
 
 from tests.conftest import Cli
 from tests.servers import Server
-from tests.stream.conftest import CHUNK, PATTERN_AT, Endpoint, convert, qemu_io, read_range
+from tests.stream.conftest import (
+    CHUNK,
+    PATTERN_AT,
+    Endpoint,
+    convert,
+    make_image,
+    qemu_io,
+    read_range,
+)
 from tests.stream.proxy import Proxy
 
 pytestmark = pytest.mark.peers
@@ -182,6 +190,36 @@ def test_a_repeated_chunk_with_a_mark_lost_in_a_crash_is_fetched_again_and_compl
     marks = (ep.cache / "index").read_bytes()[4096:]
     assert marks[first] == marks[second] == 1
     server.stop(signal.SIGKILL)
+    assert filecmp.cmp(convert(ep.url, tmp_path / "a.raw"), image, shallow=False)
+
+
+def test_a_cache_whose_version_the_manager_holds_with_other_content_is_refused(
+    image: Path, admin: str, server: Server, stream: Callable[..., Endpoint], tmp_path: Path
+) -> None:
+    server.start()
+    ep = stream("img", "--from", manager(server), "--token", admin)
+    ep.wait_complete()
+    ep.stop()
+    # the manager is rebuilt (a new database): img@1 comes back with other content
+    other_home = tmp_path / "other-home"
+    other_home.mkdir()
+    other = Cli(other_home)
+    other("image", "import", "img", str(make_image(tmp_path / "other.raw")))
+    assert other("image", "list", "--json").json()[0]["latest"] == 1
+    rebuilt = Server(other_home, tmp_path / "other-serve.log")
+    rebuilt.start()
+    try:
+        token = other("admin", "token").out.strip()
+        ep.args = ["img", "--from", manager(rebuilt), "--token", token]
+        ep.start(wait=False)
+        assert ep.proc is not None and ep.proc.wait(timeout=30) == 9
+        error = ep.log.read_text().strip().splitlines()[-1]
+        assert "caches img@1 with manifest" in error and "new --cache" in error
+    finally:
+        rebuilt.stop()
+    # offline there is nothing to check against: what is cached is served, and said so
+    ep.start()
+    assert any(e["event"] == "manifest-unchecked" for e in ep.events())
     assert filecmp.cmp(convert(ep.url, tmp_path / "a.raw"), image, shallow=False)
 
 

@@ -2,7 +2,8 @@
 
 Start-up needs the manager only for a new cache (image info, manifest, a stateful
 machine's delta); a cache that exists starts from its files alone, so a restart with the
-manager unreachable serves at once. Then, side by side: the NBD server, background
+manager unreachable serves at once (when the manager answers, its IMAGE@VERSION must
+still have the cached manifest id). Then, side by side: the NBD server, background
 hydration (boot profile first), marks persisted every 200 ms, ``status.json`` refreshed
 every second, and a control socket for ``lamina stream status`` and ``sync``.
 """
@@ -127,8 +128,10 @@ async def prepare(options: StreamOptions, log: logging.Logger) -> StreamConfig:
             changes["url"] = options.url.rstrip("/")
         if options.token and options.token != config.token:
             changes["token"] = options.token
+        config = replace(config, **changes)
+        # Checked with the URL and token given now; kept only for a cache that is accepted.
+        await _check_manifest(config, root, log)
         if changes:
-            config = replace(config, **changes)
             cachedir.update_config(root, config)
         return config
     if not options.url or not options.token:
@@ -143,6 +146,34 @@ async def prepare(options: StreamOptions, log: logging.Logger) -> StreamConfig:
     cachedir.create(root, config, manifest)
     logs.event(log, "cache-created", cache=str(root), image=f"{config.image}@{config.version}")
     return config
+
+
+async def _check_manifest(config: StreamConfig, root: Path, log: logging.Logger) -> None:
+    """Refuse a cache whose IMAGE@V the manager holds with other content (the number
+    reused: a manager whose database was rebuilt or restored, or --from now naming another
+    one): it would go on serving the old bytes, and a machine's local writes were made on
+    them. Caches are matched by name and version, so only the manifest id tells. Offline,
+    or when the manager cannot say, the cache is served as it is: it is consistent."""
+    remote = Remote(config.url, config.token, connections=1)
+    try:
+        info = await asyncio.wait_for(remote.image_info(config.image, config.version), ASK_TIMEOUT)
+    except (LaminaError, TimeoutError) as exc:
+        logs.event(
+            log,
+            "manifest-unchecked",
+            logging.WARNING,
+            image=f"{config.image}@{config.version}",
+            reason=str(exc) or "timeout",
+        )
+        return
+    finally:
+        await remote.close()
+    if info.get("manifest_id") != config.manifest_id:
+        ref = f"{config.image}@{config.version}"
+        raise Conflict(
+            f"{root} caches {ref} with manifest {config.manifest_id[:16]}, but the manager's"
+            f" {ref} is {str(info.get('manifest_id'))[:16]}: start with a new --cache"
+        )
 
 
 async def _refresh_mode(
