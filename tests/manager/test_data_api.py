@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import select
+import socket
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import zstandard
 
 from lamina.image import Manifest
-from lamina.store import codec
+from lamina.layer import tree
+from lamina.store import chunker, codec
 from tests.conftest import Cli, write_sparse
 from tests.servers import Server
 
@@ -79,3 +85,96 @@ def test_manifest_and_chunks_with_tokens_and_etags(
             ).status_code
             == 404
         )
+
+
+def _raw_post(port: int, token: str, headers: str, body: Iterator[bytes]) -> tuple[int, int]:
+    """POST to /chunks ``body`` piece by piece on a raw socket until the server answers (or
+    the body ends); returns the status (0: no answer within 10 s) and how many body bytes
+    were sent before the answer came."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /api/v1/chunks HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {token}\r\n"
+            f"Content-Type: application/octet-stream\r\n{headers}\r\n".encode()
+        )
+        for piece in body:
+            if select.select([sock], [], [], 0)[0]:
+                break  # answered before the body was all there
+            try:
+                sock.sendall(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(piece)
+        answer = b""
+        try:
+            while b"\r\n" not in answer:
+                part = sock.recv(4096)
+                if not part:
+                    break
+                answer += part
+        except TimeoutError:
+            return 0, sent
+    return int(answer.split(b" ", 2)[1]), sent
+
+
+def _chunked(total: int, piece: int = 1 << 20) -> Iterator[bytes]:
+    data = b"\0" * piece
+    for _ in range(total // piece):
+        yield f"{piece:x}\r\n".encode() + data + b"\r\n"
+    yield b"0\r\n\r\n"
+
+
+def _zeros_envelope(claimed: int, magic: bytes = b"") -> tuple[bytes, bytes]:
+    """A record whose header claims ``claimed`` bytes of plaintext (``magic``, then zeros),
+    made without holding that much: zstd of zeros is tiny."""
+    compressor = zstandard.ZstdCompressor().compressobj()
+    payload = compressor.compress(magic)
+    zeros = b"\0" * (1 << 20)
+    left = claimed - len(magic)
+    while left > 0:
+        payload += compressor.compress(zeros[: min(left, len(zeros))])
+        left -= len(zeros)
+    payload += compressor.flush()
+    cid = bytes(32)  # what the plaintext hashes to does not matter: it is refused first
+    head = codec.HEADER.pack(
+        codec.MAGIC, codec.VERSION, codec.CODEC_ZSTD, 0, claimed, len(payload), cid
+    )
+    return cid, head + payload
+
+
+def test_chunk_uploads_are_bounded_while_they_are_read(
+    cli: Cli, server: Server, tmp_path: Path
+) -> None:
+    cli("image", "import", "base", str(write_sparse(tmp_path / "d.raw", 1 << 20, [])))
+    token = cli.json("machine", "add", "m1", "--image", "base")["token"]
+    server.start()
+    port = server.http_port
+    # a length over 256 MiB is refused from the headers, no byte of the body needed
+    status, _ = _raw_post(port, token, f"Content-Length: {(256 << 20) + 1}\r\n", iter([]))
+    assert status == 413
+    # a body without a length is refused once 256 MiB came, not after all of it
+    status, sent = _raw_post(port, token, "Transfer-Encoding: chunked\r\n", _chunked(400 << 20))
+    assert status == 413 and sent < 300 << 20, sent
+    base = f"http://127.0.0.1:{port}/api/v1"
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
+    with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+
+        def post(cid: bytes, envelope: bytes) -> httpx.Response:
+            return http.post("/chunks", content=cid + struct.pack(">I", len(envelope)) + envelope)
+
+        # a record claiming 1 GiB (a few KiB of zstd) is refused before it is unpacked
+        r = post(*_zeros_envelope(1 << 30))
+        assert r.status_code == 413 and "at most 4 MiB" in r.json()["detail"], r.text
+        # over 4 MiB only a layer manifest passes, up to 256 MiB
+        r = post(*_zeros_envelope(5 << 20))
+        assert r.status_code == 413, r.text
+        r = post(*_zeros_envelope((256 << 20) + 1, tree.MAGIC))
+        assert r.status_code == 413, r.text
+        manifest = tree.MAGIC + os.urandom(64) + b"\0" * (5 << 20)
+        r = post(codec.chunk_id(manifest), codec.encode(manifest))
+        assert r.status_code == 200 and r.json()["stored"] == 1, r.text
+        # the largest file chunk passes
+        data = os.urandom(chunker.CDC_MAX)
+        r = post(codec.chunk_id(data), codec.encode(data))
+        assert r.status_code == 200 and r.json()["stored"] == 1, r.text

@@ -9,6 +9,13 @@
     POST /api/v1/chunks                      chunk envelopes: (32-byte id, u32 length,
                                              envelope)*, each checked against its id
 
+Uploads come from agents handing over a writable layer's new version: file chunks (at most
+``CDC_MAX``, 4 MiB, of plaintext) and the version's tree manifest (one object, about
+150 bytes per file). A body is read with a running limit of 256 MiB (413 as soon as it is
+passed, or at once when Content-Length says so); a record may claim at most 4 MiB of
+plaintext, or 256 MiB when it is a tree manifest (a layer of about 1.7 million files), so
+no record makes the manager decompress more than that (413 otherwise).
+
 The four agent calls are async and do their database work in one transaction through
 ``HotDb`` (token lookup included), and answer with orjson-encoded bytes.
 """
@@ -20,10 +27,14 @@ import struct
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
+import zstandard
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Connection
 
 from lamina.errors import CorruptObject
+from lamina.home import Home
+from lamina.layer import tree
 from lamina.manager.deps import CallerDep, HomeDep
 from lamina.manager.hot import Batcher, HotDb, Watcher
 from lamina.manager.schemas import (
@@ -36,11 +47,14 @@ from lamina.manager.schemas import (
     SessionState,
 )
 from lamina.manager.services import agents, settings
-from lamina.store import codec
+from lamina.store import chunker, codec
 
 router = APIRouter(prefix="/api/v1", tags=["agent"])
 _RECORD = struct.Struct(">32sI")
 MAX_UPLOAD = 256 << 20
+# Plaintext a record may claim: the largest chunk of file data, or a tree manifest.
+MAX_CHUNK = chunker.CDC_MAX
+MAX_MANIFEST = 256 << 20
 
 
 class Hot:
@@ -179,16 +193,24 @@ def missing(body: Missing, caller: CallerDep, home: HomeDep) -> Missing:
         "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string"}}}}
     },
 )
-def upload(
-    caller: CallerDep,
-    home: HomeDep,
-    data: Annotated[bytes, Body(media_type="application/octet-stream")] = b"",
-) -> dict[str, int]:
+async def upload(request: Request, caller: CallerDep, home: HomeDep) -> dict[str, int]:
     """Store chunk envelopes (each verified against its id before anything is kept)."""
-    if len(data) > MAX_UPLOAD:
-        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, "upload at most 256 MiB")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_UPLOAD:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "upload at most 256 MiB")
+    # Read with a running limit: a body that never says its length (chunked) or lies about
+    # it must not be taken whole into memory before it is found too large.
+    data = bytearray()
+    async for piece in request.stream():
+        data += piece
+        if len(data) > MAX_UPLOAD:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "upload at most 256 MiB")
+    return await run_in_threadpool(_store_records, home, memoryview(data))
+
+
+def _store_records(home: Home, view: memoryview) -> dict[str, int]:
     records: list[tuple[bytes, memoryview]] = []
-    view, pos = memoryview(data), 0
+    pos = 0
     try:
         while pos < len(view):
             cid, size = _RECORD.unpack_from(view, pos)
@@ -197,6 +219,7 @@ def upload(
             if len(envelope) != size:
                 raise CorruptObject("truncated upload")
             pos += size
+            _check_plain_size(cid, envelope)
             codec.decode(envelope, expected=cid)
             records.append((cid, envelope))
     except (struct.error, CorruptObject) as exc:
@@ -208,3 +231,30 @@ def upload(
                 added += writer.put_envelope(cid, envelope).stored
                 stored += 1
     return {"received": len(records), "stored": stored, "bytes": added}
+
+
+def _check_plain_size(cid: bytes, envelope: memoryview) -> None:
+    """413 unless the record's plaintext fits what agents upload, before it is unpacked:
+    its header may claim up to 1 GiB, which decoding would allocate."""
+    head = codec.parse_header(envelope)
+    if head.plain_len <= MAX_CHUNK:
+        return
+    if head.plain_len <= MAX_MANIFEST and _starts_with(envelope, head, tree.MAGIC):
+        return
+    raise HTTPException(
+        status.HTTP_413_CONTENT_TOO_LARGE,
+        f"chunk {cid.hex()[:16]}: {head.plain_len} bytes of plaintext; records hold at most"
+        f" {MAX_CHUNK >> 20} MiB, or {MAX_MANIFEST >> 20} MiB for a layer manifest",
+    )
+
+
+def _starts_with(envelope: memoryview, head: codec.Header, prefix: bytes) -> bool:
+    """Whether the plaintext begins with ``prefix``, unpacking no more than that."""
+    payload = envelope[codec.HEADER_SIZE : codec.HEADER_SIZE + head.payload_len]
+    if head.codec == codec.CODEC_RAW:
+        return bytes(payload[: len(prefix)]) == prefix
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(payload) as reader:
+            return bool(reader.read(len(prefix)) == prefix)
+    except zstandard.ZstdError:
+        return False  # not a valid frame: decode refuses it anyway
