@@ -20,6 +20,7 @@ from lamina.store import ChunkStore
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
+    from sqlalchemy.orm import sessionmaker as SessionFactory  # noqa: N812 - the property shadows the name
 
 
 def default_home() -> Path:
@@ -37,6 +38,7 @@ class Home:
         )
         self._db_lock = threading.Lock()
         self._sessionmaker: sessionmaker[Session] | None = None
+        self._read_only: SessionFactory[Session] | None = None
         self._warming: threading.Thread | None = None
 
     @property
@@ -85,10 +87,24 @@ class Home:
         self._warming.start()
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A session that commits on success and rolls back on error."""
-        with self.sessionmaker() as session, session.begin():
+    def session(self, *, read_only: bool = False) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error. ``read_only`` sessions
+        do not take SQLite's write lock, so they never wait behind writers."""
+        factory = self._read_only_sessionmaker() if read_only else self.sessionmaker
+        with factory() as session, session.begin():
             yield session
+
+    def _read_only_sessionmaker(self) -> SessionFactory[Session]:
+        writer = self.sessionmaker
+        with self._db_lock:
+            if self._read_only is None:
+                from sqlalchemy.orm import sessionmaker as make
+
+                from lamina.manager.db import READ_ONLY
+
+                engine = writer.kw["bind"].execution_options(**{READ_ONLY: True})
+                self._read_only = make(engine, expire_on_commit=False)
+            return self._read_only
 
     def close(self) -> None:
         if "store" in self.__dict__:

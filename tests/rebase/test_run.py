@@ -257,7 +257,7 @@ def _bulk_setup(home: Home, tmp_path: Path, n: int) -> None:
 
 def _on(home: Home, ref: str) -> dict[str, list[str]]:
     """Writable layer -> its versions made on ``ref``."""
-    with home.session() as session:
+    with home.session(read_only=True) as session:  # polled while workers write
         found: dict[str, list[str]] = {}
         for v in svc.based_on(session, version=svc.get_version(session, parse_ref(ref))):
             found.setdefault(v.layer.name, []).append(v.ref)

@@ -97,7 +97,7 @@ def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     h = open_home(home)
     from lamina.manager.services import images
 
-    with h.session() as session:
+    with h.session(read_only=True) as session:
         rows: list[dict[str, Any]] = [
             {
                 "name": i.name,
@@ -126,7 +126,7 @@ def log(
     h = open_home(home)
     from lamina.manager.services import images
 
-    with h.session() as session:
+    with h.session(read_only=True) as session:
         versions = images.list_versions(session, name=name)
         usage = {u.ref: u for u in images.usage(session, store=h.store, name=name)}
         rows: list[dict[str, Any]] = [

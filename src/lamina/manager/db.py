@@ -17,6 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from lamina.errors import LaminaError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+# Execution option marking a connection whose transactions only read.
+READ_ONLY = "lamina_read_only"
 
 
 def make_engine(url: str) -> Engine:
@@ -42,8 +44,12 @@ def make_engine(url: str) -> Engine:
         def _begin(conn: Any) -> None:
             # A deferred transaction that reads and then writes fails at once with "database
             # is locked" when another writer committed in between (WAL snapshot conflict);
-            # taking the write lock up front makes it wait its turn instead.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # taking the write lock up front makes it wait its turn instead. Sessions that
+            # only read say so (READ_ONLY) and begin deferred: WAL readers wait for nobody.
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
