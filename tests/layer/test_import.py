@@ -33,7 +33,8 @@ MiB = 1 << 20
 
 def test_directory_round_trip_keeps_everything(cli: Cli, tmp_path: Path) -> None:
     src = rich_tree(tmp_path / "src")
-    info = cli.json("layer", "import", "rich", str(src))
+    # the rich tree has a file with capabilities: allowed explicitly, like setuid
+    info = cli.json("layer", "import", "rich", str(src), "--allow-setuid")
     assert info["ref"] == "rich@1" and info["files"] == 15
     out = tmp_path / "out"
     cli("layer", "export", "rich", str(out))
@@ -67,8 +68,8 @@ def test_tar_import_matches_directory_import(cli: Cli, tmp_path: Path, compressi
         tar.write_bytes(gzip.compress(data))
     elif compression == "zst":
         tar.write_bytes(zstandard.ZstdCompressor().compress(data))
-    cli("layer", "import", "from-dir", str(src))
-    info = cli.json("layer", "import", "from-tar", str(tar))
+    cli("layer", "import", "from-dir", str(src), "--allow-setuid")
+    info = cli.json("layer", "import", "from-tar", str(tar), "--allow-setuid")
     # identical file data: only the manifest is new (the store dedups across layers)
     assert info["new_chunks"] <= 1 and info["stored_bytes"] < 4096
     diff = cli.json("layer", "diff", "from-dir", "from-tar")
@@ -109,6 +110,17 @@ def _hostile(name: str) -> list[tuple[tarfile.TarInfo, bytes | None]]:
         ],
         "device": [member("dev/sda", type=tarfile.BLKTYPE, devmajor=8, devminor=0)],
         "setuid": [member("bin/su", b"x", mode=0o4755)],
+        # cap_setuid+ep: as good as setuid root once mounted
+        "capability": [
+            member(
+                "bin/tool",
+                b"x",
+                pax_headers={
+                    "SCHILY.xattr.security.capability": "\x01\x00\x00\x02\x80\x00"
+                    "\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+                },
+            )
+        ],
     }[name]
     return good + bad
 
@@ -123,6 +135,7 @@ def _hostile(name: str) -> list[tuple[tarfile.TarInfo, bytes | None]]:
         "through-symlink",
         "device",
         "setuid",
+        "capability",
     ],
 )
 def test_hostile_tars_are_refused_before_anything_is_written(

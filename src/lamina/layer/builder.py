@@ -32,6 +32,9 @@ OPAQUE_MARKER = ".wh..wh..opq"
 _PARENT_MODE = 0o755
 
 
+CAPABILITY_XATTR = "security.capability"
+
+
 @dataclass(frozen=True, slots=True)
 class Member:
     """One archive member as a source reports it (names not yet checked)."""
@@ -113,6 +116,10 @@ class TreeBuilder:
         setuid = m.kind is Kind.FILE and m.mode & (stat.S_ISUID | stat.S_ISGID)
         if setuid and not self.policy.allow_setuid:
             raise UnsafeArchive(f"{m.name!r} is setuid/setgid (allow with --allow-setuid)")
+        # File capabilities raise privileges like setuid does (layers are mounted without
+        # nosuid), so they need the same flag.
+        if any(name == CAPABILITY_XATTR for name, _ in m.xattrs) and not self.policy.allow_setuid:
+            raise UnsafeArchive(f"{m.name!r} has file capabilities (allow with --allow-setuid)")
         if m.kind is Kind.SYMLINK:
             paths.check_symlink(path, m.target)
         if m.kind is Kind.HARDLINK:

@@ -207,7 +207,9 @@ def _tar_xattrs(ti: tarfile.TarInfo) -> Xattrs:
             out.append((key[13:], value.encode("utf-8", "surrogateescape")))
         elif key.startswith("LIBARCHIVE.xattr."):
             out.append((unquote(key[17:]), b64decode(value + "=" * (-len(value) % 4))))
-    return tuple(sorted(x for x in out if not x[0].startswith(OVERLAY_XATTR)))
+    # overlayfs' own attributes (trusted.overlay.*, or user.overlay.* for unprivileged
+    # mounts) would change how a layer merges: never taken from an archive.
+    return tuple(sorted(x for x in out if not x[0].startswith((OVERLAY_XATTR, "user.overlay."))))
 
 
 def tar_member(ti: tarfile.TarInfo, ref: DataRef) -> Member:
