@@ -106,7 +106,7 @@ def test_stack_seal_merge_keeps_reads_and_survives_reopening(tmp_path: Path) -> 
 
 def _upload(home: Home, machine: str, uid: str, blob: bytes, part: int = 1000) -> None:
     for offset in range(0, len(blob), part):
-        receive.receive(home, machine, uid, offset, blob[offset : offset + part])
+        receive.receive(home, machine, uid, offset, blob[offset : offset + part], image_size=SIZE)
 
 
 def test_staged_upload_changes_nothing_until_applied_and_applies_once(home: Home) -> None:
@@ -119,7 +119,7 @@ def test_staged_upload_changes_nothing_until_applied_and_applies_once(home: Home
             home, "m", uid, size=len(blob), digest=blob[-32:].hex(), base_id=BASE, image_size=SIZE
         )
     with pytest.raises(Conflict):  # a gap
-        receive.receive(home, "m", uid, len(blob), b"x")
+        receive.receive(home, "m", uid, len(blob), b"x", image_size=SIZE)
     _upload(home, "m", uid, blob)  # a retry from the start overwrites with the same bytes
     assert not (home.deltas_dir / "m" / "delta.map").exists()  # nothing applied yet
     with pytest.raises(InvalidInput):
@@ -154,7 +154,7 @@ def test_staged_upload_changes_nothing_until_applied_and_applies_once(home: Home
     assert d.used_blocks == 3 and d.read_slots(d.map[3] - 1, 1) == b"z" * 4096
     d.close()
     with pytest.raises(Conflict):
-        receive.receive(home, "m", uid, 0, b"late")
+        receive.receive(home, "m", uid, 0, b"late", image_size=SIZE)
 
 
 def test_an_apply_cut_short_after_its_commit_point_is_finished_by_recover(home: Home) -> None:
@@ -169,3 +169,31 @@ def test_an_apply_cut_short_after_its_commit_point_is_finished_by_recover(home: 
     d = Delta(home.deltas_dir / "m", size=SIZE, base_id=BASE)
     assert d.used_blocks == 4
     d.close()
+
+
+def test_staged_uploads_are_bounded_expire_and_are_forgotten(home: Home) -> None:
+    most = transfer.max_size(SIZE)
+    everything = transfer.encode(
+        SIZE, BASE, [Run(i, 1, DATA, bytes(4096)) for i in range(0, 256, 2)]
+    )
+    assert len(everything) < most
+    with pytest.raises(receive.TooLarge):  # past the largest blob a delta of SIZE makes
+        receive.receive(home, "m", "0" * 32, most - 10, bytes(11), image_size=SIZE)
+    with pytest.raises(InvalidInput):  # ids match whole: a trailing newline is refused
+        receive.receive(home, "m", "a" * 32 + "\n", 0, b"x", image_size=SIZE)
+    ids = [f"{i:032x}" for i in range(1, receive.MAX_OPEN + 1)]
+    for uid in ids:
+        receive.receive(home, "m", uid, 0, b"part", image_size=SIZE)
+    with pytest.raises(Conflict, match="unfinished uploads"):
+        receive.receive(home, "m", "f" * 32, 0, b"part", image_size=SIZE)
+    receive.receive(home, "m", ids[0], 4, b"more", image_size=SIZE)  # open ones go on
+    old = receive.uploads_dir(home, "m") / ids[1]
+    past = os.stat(old / "blob").st_mtime - receive.ABANDONED_AFTER - 60
+    os.utime(old / "blob", (past, past))
+    receive.receive(home, "m", "f" * 32, 0, b"part", image_size=SIZE)  # the stale one made room
+    assert not old.exists()
+    assert receive.state(home, "m", ids[0]) == {"received": 8, "applied": False}
+    assert receive.forget(home, "m") == receive.MAX_OPEN
+    assert not receive.uploads_dir(home, "m").exists()
+    assert receive.state(home, "m", ids[0]) == {"received": 0, "applied": False}
+    assert receive.forget(home, "m") == 0

@@ -169,3 +169,37 @@ def test_a_machine_token_opens_only_its_own_machine(
     )  # fmt: skip
     assert proc.returncode != 0 and "403" in proc.stderr
     assert not (tmp_path / "c" / "config.json").exists()
+
+
+def test_uploads_need_a_stateful_machine_and_a_reset_drops_the_staged_ones(
+    cli: Cli, image: Path, server: Server
+) -> None:
+    import httpx
+
+    from lamina.home import Home
+    from lamina.stream import receive
+
+    keeps = cli.json("machine", "add", "m1", "--image", "img", "--mode", "stateful")["token"]
+    drops = cli.json("machine", "add", "m2", "--image", "img")["token"]
+    server.start()
+    uid = "ab" * 16
+    with httpx.Client(base_url=manager(server) + "/api/v1") as http:
+
+        def put(name: str, token: str) -> httpx.Response:
+            return http.put(
+                f"/stream/machines/{name}/uploads/{uid}",
+                content=b"part",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+
+        assert put("m2", drops).status_code == 409
+        first = put("m1", keeps).json()
+        assert first["received"] == 4 and not first["applied"]
+        staged = receive.uploads_dir(Home(cli.home), "m1") / uid
+        assert staged.exists()
+        cli("machine", "reset", "m1")
+        assert not staged.exists()
+        state = http.get(
+            f"/stream/machines/m1/uploads/{uid}", headers={"Authorization": f"Bearer {keeps}"}
+        )
+        assert state.json()["received"] == 0

@@ -83,7 +83,7 @@ def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     from lamina.manager.services import machines
 
     h = open_home(home)
-    with h.session() as session:
+    with h.session(read_only=True) as session:
         rows = [_describe(h, m) for m in machines.list_all(session)]
     if as_json:
         emit_json(rows)
@@ -105,7 +105,7 @@ def show(
     from lamina.manager.services import machines
 
     h = open_home(home)
-    with h.session() as session:
+    with h.session(read_only=True) as session:
         data = _describe(h, machines.get(session, name), full=True)
     if as_json:
         emit_json(data)
@@ -178,12 +178,14 @@ def reset(
     """Discard a machine's delta (it boots the pristine image version again)."""
     from lamina.manager.services import machines
     from lamina.serve.delta import delta_usage, discard
+    from lamina.stream import receive
 
     h = open_home(home)
     with h.session() as session:
         machines.get(session, name)
     before = delta_usage(h.deltas_dir / name)[1]
     discard(h.deltas_dir / name)
+    receive.forget(h, name)  # uploads staged for the delta just discarded
     if as_json:
         emit_json({"name": name, "freed_bytes": before})
     else:
@@ -199,6 +201,7 @@ def rm(
 
     from lamina.manager.services import machines
     from lamina.serve.delta import discard
+    from lamina.stream import receive
 
     h = open_home(home)
     with h.session() as session:
@@ -206,6 +209,7 @@ def rm(
         discard(h.deltas_dir / name)
         machines.remove(session, name=name)
     shutil.rmtree(h.deltas_dir / name, ignore_errors=True)
+    receive.forget(h, name)
     if as_json:
         emit_json({"removed": name})
     else:

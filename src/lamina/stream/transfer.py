@@ -106,6 +106,13 @@ def encode(size: int, base_id: bytes, runs: list[Run]) -> bytes:
     return b"".join(out)
 
 
+def max_size(image_size: int) -> int:
+    """The largest blob a delta of an image this size makes (every block in a run of its
+    own, with data): what an upload of one may hold at most."""
+    blocks = -(-image_size // BLOCK)
+    return _HEAD.size + blocks * (_RUN.size + BLOCK) + TRAILER
+
+
 def digest(data: bytes | memoryview) -> bytes:
     """The hash a whole blob ends with (checked before an upload is applied)."""
     return bytes(data[-TRAILER:]) if len(data) >= TRAILER else b""

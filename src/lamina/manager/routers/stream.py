@@ -16,6 +16,7 @@ machine and the image it is pinned to.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -229,13 +230,22 @@ async def upload_part(
     home: HomeDep,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> dict[str, Any]:
-    await run_in_threadpool(_machine, home, name, caller)
+    m = await run_in_threadpool(_machine, home, name, caller)
+    if m["mode"] != "stateful":
+        raise Conflict(f"machine {name} is stateless: its delta is not kept")
     body = bytearray()
     async for piece in request.stream():
         body += piece
         if len(body) > MAX_PART:
             raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, "parts up to 64 MiB")
-    received = await run_in_threadpool(receive.receive, home, name, upload_id, offset, bytes(body))
+    received = await run_in_threadpool(
+        functools.partial(receive.receive, image_size=m["size"]),
+        home,
+        name,
+        upload_id,
+        offset,
+        bytes(body),
+    )
     return {"received": received, "applied": False}
 
 
