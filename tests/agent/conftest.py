@@ -19,7 +19,7 @@ class AgentProc:
 
     def __init__(self, base: Path, manager: str, token: str) -> None:
         self.home = base / "home"
-        self.root = base / "sessions"
+        self.root = self.home / "sessions"  # the default: started without --root
         self.etc = base / "etc"
         self.log = base / "agent.log"
         self.manager, self.token = manager, token
@@ -31,7 +31,7 @@ class AgentProc:
 
     def start(self) -> AgentProc:
         cmd = [LAMINA, "agent", "--manager", self.manager, "--token", self.token]
-        cmd += ["--root", str(self.root), "--etc", str(self.etc)]
+        cmd += ["--etc", str(self.etc)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=log)
         sock = self.home / "run" / "agent.sock"

@@ -26,7 +26,10 @@ def agent(
         str | None, typer.Option("--token", envvar="LAMINA_TOKEN", help="This machine's token.")
     ] = None,
     root: Annotated[
-        Path | None, typer.Option("--root", help="Where sessions are composed: ROOT/USER.")
+        Path | None,
+        typer.Option(
+            "--root", help="Where sessions are composed: ROOT/USER (default HOME/sessions)."
+        ),
     ] = None,
     etc: Annotated[
         Path | None,
@@ -41,9 +44,10 @@ def agent(
     from lamina.errors import UsageError
     from lamina.manager.client import ManagerClient
 
-    if not manager or not token or root is None:
-        raise UsageError("lamina agent needs --manager URL, --token T and --root DIR")
+    if not manager or not token:
+        raise UsageError("lamina agent needs --manager URL and --token T")
     h = open_home(home)
+    root = root if root is not None else h.root / "sessions"
     root.mkdir(parents=True, exist_ok=True)
     Agent(h, ManagerClient(manager, token), root, etc=etc).run()
 
