@@ -41,6 +41,7 @@ def test_manifest_and_chunks_with_tokens_and_etags(
             "/images/base/versions/1/manifest", headers={"Authorization": f"Bearer {token}"}
         )
         assert ok.status_code == 200 and "immutable" in ok.headers["cache-control"]
+        assert "private" in ok.headers["cache-control"]  # checked per token: no shared caching
         manifest = Manifest.from_bytes(ok.content)
         assert manifest.size == 4 << 20
         etag = ok.headers["etag"]

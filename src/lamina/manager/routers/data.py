@@ -29,7 +29,9 @@ from lamina.manager.services import agents, images
 from lamina.names import Ref, check_name
 
 router = APIRouter(prefix="/api/v1", tags=["data"])
-IMMUTABLE = "public, max-age=31536000, immutable"
+# Private: each answer was checked against the caller's token, so a shared cache must not
+# hand it to another machine; the caller's own cache may keep it for good (content-addressed).
+IMMUTABLE = "private, max-age=31536000, immutable"
 CHUNK_TYPE = "application/vnd.lamina.chunk"
 MANIFEST_TYPE = "application/vnd.lamina.manifest"
 
