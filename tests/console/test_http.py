@@ -191,6 +191,9 @@ def test_every_page_and_asset(database: str, fleet: Fleet) -> None:
             assert again.status_code == 304
         assert client.get("/static/../auth.py").status_code == 404
         assert client.get("/machines/nope").status_code == 404
+        assert client.get("/layers/nope").status_code == 404
+        assert client.get("/images", params={"per": 201}).status_code == 422  # smaller pages
+        assert client.get("/users", params={"per": 501}).status_code == 422
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from lamina.errors import LaminaError, UsageError
 from lamina.home import Home
 from lamina.manager.console import auth
-from lamina.manager.console.pages import ObjName
+from lamina.manager.console.params import ObjName
 from lamina.manager.console.render import SECURITY_HEADERS, human_bytes, render
 from lamina.manager.deps import HomeDep
 from lamina.manager.services import access, machines

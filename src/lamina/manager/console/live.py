@@ -20,8 +20,15 @@ from fastapi.responses import JSONResponse
 
 from lamina.errors import NotFound
 from lamina.manager.console import auth
-from lamina.manager.console.pages import Mode, PageNo, Per, Text, page_machines, page_users
-from lamina.manager.console.render import DEFAULT_PER, ago, human_bytes, number
+from lamina.manager.console.pages import page_machines, page_users
+from lamina.manager.console.params import (
+    GroupName,
+    ImagePagingDep,
+    Mode,
+    PagingDep,
+    Text,
+)
+from lamina.manager.console.render import ago, human_bytes, number
 from lamina.manager.deps import HomeDep
 from lamina.manager.services import access, fleet, machines
 from lamina.manager.services import console as svc
@@ -70,9 +77,7 @@ def live_dashboard(home: HomeDep, _console: auth.ConsoleDep) -> JSONResponse:
 def live_machines(
     home: HomeDep,
     _console: auth.ConsoleDep,
-    page: PageNo = 1,
-    per: Per = DEFAULT_PER,
-    q: Text = "",
+    paging: PagingDep,
     image: Text = "",
     mode: Mode = "",
     name: Annotated[str, Query(max_length=100)] = "",
@@ -85,7 +90,7 @@ def live_machines(
                 found = []
             rows, total = svc.machine_rows(db, deltas=home.deltas_dir, machines=found), len(found)
         else:
-            rows, total = page_machines(db, home, page=page, per=per, q=q, image=image, mode=mode)
+            rows, total = page_machines(db, home, paging, image=image, mode=mode)
     out: dict[str, Any] = {
         "rows": {
             r.name: {
@@ -106,15 +111,9 @@ def live_machines(
 
 
 @router.get("/live/images")
-def live_images(
-    home: HomeDep,
-    _console: auth.ConsoleDep,
-    page: PageNo = 1,
-    per: Annotated[int, Query(ge=1, le=200)] = 20,
-    q: Text = "",
-) -> JSONResponse:
+def live_images(home: HomeDep, _console: auth.ConsoleDep, paging: ImagePagingDep) -> JSONResponse:
     with home.session() as db:
-        images, total = fleet.list_images(db, offset=(page - 1) * per, limit=per, q=q)
+        images, total = fleet.list_images(db, offset=paging.offset, limit=paging.per, q=paging.q)
     rows = {
         f"{image.name}@{v.version.version}": {"machines": number(v.machines)}
         for image, versions in images
@@ -130,15 +129,10 @@ def live_images(
 
 @router.get("/live/users")
 def live_users(
-    home: HomeDep,
-    _console: auth.ConsoleDep,
-    page: PageNo = 1,
-    per: Per = DEFAULT_PER,
-    q: Text = "",
-    group: Annotated[str, Query(max_length=64)] = "",
+    home: HomeDep, _console: auth.ConsoleDep, paging: PagingDep, group: GroupName = ""
 ) -> JSONResponse:
     with home.session() as db:
-        users, total, extras, _error = page_users(db, page=page, per=per, q=q, group=group)
+        users, total, extras, _error = page_users(db, paging, group=group)
     rows = {
         u.user.name: {
             "sessions": ", ".join(extras[u.user.id].sessions) or "—",
@@ -153,15 +147,9 @@ def live_users(
 
 
 @router.get("/live/groups")
-def live_groups(
-    home: HomeDep,
-    _console: auth.ConsoleDep,
-    page: PageNo = 1,
-    per: Per = DEFAULT_PER,
-    q: Text = "",
-) -> JSONResponse:
+def live_groups(home: HomeDep, _console: auth.ConsoleDep, paging: PagingDep) -> JSONResponse:
     with home.session() as db:
-        groups, total = access.list_groups(db, offset=(page - 1) * per, limit=per, q=q)
+        groups, total = access.list_groups(db, offset=paging.offset, limit=paging.per, q=paging.q)
     rows = {g.name: {"members": number(n)} for g, n in groups}
     keys = [g.name for g, _n in groups]
     return _json({"rows": rows, "keys": keys, "fields": {"total": number(total)}})
