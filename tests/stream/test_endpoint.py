@@ -248,3 +248,17 @@ def test_boot_profile_recorded_by_the_server_leads_hydration(
     ep.wait_complete()
     hydrating = next(e for e in ep.events() if e["event"] == "hydrating")
     assert hydrating["profile_chunks"] == 2
+
+
+def test_on_the_managers_home_no_token_is_needed_elsewhere_it_is(
+    cli: Cli, image: Path, server: Server, stream: Callable[..., Endpoint], tmp_path: Path
+) -> None:
+    server.start()
+    # as DESIGN.md's contract writes it: IMAGE --from URL --cache DIR --nbd ADDR
+    ep = stream("img", "--from", manager(server), "--no-hydrate")
+    assert filecmp.cmp(convert(ep.url, tmp_path / "all.raw"), image, shallow=False)
+    elsewhere = cli(
+        "stream", "img", "--from", manager(server), "--cache", str(tmp_path / "c2"),
+        "--home", str(tmp_path / "endpoint-home"), check=False,
+    )  # fmt: skip
+    assert elsewhere.code == 2 and "--token" in elsewhere.err

@@ -80,7 +80,11 @@ def run(
     ] = None,
     token: Annotated[
         str | None,
-        typer.Option("--token", envvar="LAMINA_TOKEN", help="Admin or machine token."),
+        typer.Option(
+            "--token",
+            envvar="LAMINA_TOKEN",
+            help="Admin or machine token [the admin token of --home's manager, if it has one].",
+        ),
     ] = None,
     cache: Annotated[
         Path | None, typer.Option("--cache", help="Cache directory [HOME/stream/NAME].")
@@ -114,6 +118,8 @@ def run(
     check_names(image, machine)
     if cache is None:
         cache = open_home(home).root / "stream" / (machine or image.replace("@", "-"))
+    if token is None and not (cache / "config.json").exists():
+        token = _local_admin_token(home)
     options = StreamOptions(
         image=image,
         cache=cache.expanduser().absolute(),
@@ -127,6 +133,20 @@ def run(
         connections=connections,
     )
     run_endpoint(options)
+
+
+def _local_admin_token(home: Path | None) -> str | None:
+    """On the manager's own host (``--home`` holds its database) a new cache needs no
+    ``--token``: the admin token is read from there. Elsewhere there is none."""
+    import os
+
+    from lamina.manager.services import settings
+
+    h = open_home(home)
+    if not os.environ.get("LAMINA_DATABASE_URL") and not (h.root / "lamina.db").exists():
+        return None
+    with h.session() as session:
+        return settings.admin_token(session)
 
 
 def _status(cache: Path) -> dict[str, Any]:

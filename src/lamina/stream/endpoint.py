@@ -135,7 +135,9 @@ async def prepare(options: StreamOptions, log: logging.Logger) -> StreamConfig:
             cachedir.update_config(root, config)
         return config
     if not options.url or not options.token:
-        raise UsageError("a new cache needs --from URL and --token T")
+        raise UsageError(
+            "a new cache needs --from URL and --token T (or a --home holding the manager's database)"
+        )
     remote = Remote(options.url, options.token, connections=2)
     try:
         config, manifest = await _new_config(options, remote)
