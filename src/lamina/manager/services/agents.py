@@ -53,6 +53,7 @@ from lamina.manager.models import (
 )
 from lamina.manager.resolve import Grant, layers_for
 from lamina.manager.services import layers as layer_svc
+from lamina.manager.services.machines import hash_token
 from lamina.store import ChunkStore
 
 
@@ -72,10 +73,6 @@ class AgentMachine:
     id: int
     name: str
     image_version_id: int
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 # Statements are built once: building a select costs more than running it on SQLite
