@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -67,8 +66,3 @@ def test_second_call_reuses_the_cache(demo: DemoImage) -> None:
     again = demo_image(cache_root() / "demo")
     assert again.cached and again.path == demo.path
     assert again.build_seconds > 0
-
-
-def cache_root_dir_is_overridable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("LAMINA_TEST_CACHE", str(tmp_path))
-    assert cache_root() == tmp_path

@@ -12,7 +12,6 @@ import yaml
 from lamina.identity import (
     Identity,
     build_seed_iso,
-    instance_id,
     new_identity,
     read_seed_iso,
     seed_files,
@@ -47,7 +46,7 @@ def two() -> tuple[Identity, Identity]:
 
 def test_meta_data(two: tuple[Identity, Identity]) -> None:
     a, b = (parsed(i)["meta-data"] for i in two)
-    assert a == {"instance-id": instance_id(two[0]), "local-hostname": "desk-001"}
+    assert a == {"instance-id": f"lamina-{two[0].machine_id}-1", "local-hostname": "desk-001"}
     assert b["local-hostname"] == "desk-002"
     assert a["instance-id"] != b["instance-id"]
     assert two[0].machine_id in a["instance-id"]
@@ -95,7 +94,7 @@ def test_changing_the_hostname_changes_only_what_it_should(two: tuple[Identity, 
     old, new = seed_files(before), seed_files(after)
     assert old["network-config"] == new["network-config"]
     assert yaml.safe_load(new["meta-data"]) == {
-        "instance-id": instance_id(before).removesuffix("-1") + "-2",
+        "instance-id": f"lamina-{before.machine_id}-2",
         "local-hostname": "desk-101",
     }
     old_ud, new_ud = yaml.safe_load(old["user-data"]), yaml.safe_load(new["user-data"])
