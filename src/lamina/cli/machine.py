@@ -177,15 +177,14 @@ def reset(
 ) -> None:
     """Discard a machine's delta (it boots the pristine image version again)."""
     from lamina.manager.services import machines
-    from lamina.serve.delta import delta_usage, discard
+    from lamina.serve.delta import delta_usage
     from lamina.stream import receive
 
     h = open_home(home)
     with h.session() as session:
         machines.get(session, name)
     before = delta_usage(h.deltas_dir / name)[1]
-    discard(h.deltas_dir / name)
-    receive.forget(h, name)  # uploads staged for the delta just discarded
+    receive.discard_delta(h, name)
     if as_json:
         emit_json({"name": name, "freed_bytes": before})
     else:
@@ -200,16 +199,14 @@ def rm(
     import shutil
 
     from lamina.manager.services import machines
-    from lamina.serve.delta import discard
     from lamina.stream import receive
 
     h = open_home(home)
     with h.session() as session:
         machines.get(session, name)
-        discard(h.deltas_dir / name)
+        receive.discard_delta(h, name)
         machines.remove(session, name=name)
     shutil.rmtree(h.deltas_dir / name, ignore_errors=True)
-    receive.forget(h, name)
     if as_json:
         emit_json({"removed": name})
     else:

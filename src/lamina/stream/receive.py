@@ -40,7 +40,7 @@ from typing import Any, Final
 
 from lamina.errors import Conflict, CorruptObject, InvalidInput, NotFound
 from lamina.home import Home
-from lamina.serve.delta import Delta
+from lamina.serve.delta import Delta, discard
 from lamina.stream import transfer
 from lamina.stream.deltas import apply_runs, write_blob
 
@@ -300,3 +300,10 @@ def forget(home: Home, machine: str) -> int:
         count = sum(1 for _ in _uploads(root))
         shutil.rmtree(root)  # the lock file too: see _locked
     return count
+
+
+def discard_delta(home: Home, machine: str) -> None:
+    """Throw a machine's delta away (refused while its disk is open) and, with it, the
+    uploads staged for that delta."""
+    discard(home.deltas_dir / machine)
+    forget(home, machine)

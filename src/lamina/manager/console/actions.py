@@ -103,15 +103,13 @@ def logout(home: HomeDep, console: auth.CsrfDep) -> RedirectResponse:
 def reset(
     home: HomeDep, console: auth.CsrfDep, name: ObjName, next_: Next = ""
 ) -> RedirectResponse:
-    from lamina.serve.delta import discard
     from lamina.stream import receive
 
     try:
         with home.session() as db:
             machines.get(db, name)
         before = svc.delta_state(home.deltas_dir, name, set()).delta_bytes
-        discard(home.deltas_dir / name)  # refuses while the machine is connected
-        receive.forget(home, name)  # uploads staged for that delta
+        receive.discard_delta(home, name)  # refuses while the machine is connected
     except LaminaError as exc:
         return _back(home, console, next_, "/machines", "error", f"Reset {name}: {exc}")
     return _back(

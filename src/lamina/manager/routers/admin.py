@@ -238,15 +238,13 @@ def update_machine(
 def delete_machine(_: AdminDep, session: SessionDep, home: HomeDep, name: ObjP) -> Response:
     import shutil
 
-    from lamina.serve.delta import discard
     from lamina.stream import receive
 
     machines.get(session, name)
-    discard(home.deltas_dir / name)  # refuses while the machine has its disk open
+    receive.discard_delta(home, name)  # refuses while the machine has its disk open
     machines.remove(session, name=name)
     session.flush()
     shutil.rmtree(home.deltas_dir / name, ignore_errors=True)
-    receive.forget(home, name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
