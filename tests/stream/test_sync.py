@@ -203,3 +203,9 @@ def test_uploads_need_a_stateful_machine_and_a_reset_drops_the_staged_ones(
             f"/stream/machines/m1/uploads/{uid}", headers={"Authorization": f"Bearer {keeps}"}
         )
         assert state.json()["received"] == 0
+        # a re-pin and a turn to stateless drop them too
+        cli("image", "import", "img", str(image))
+        for change in (["--image", "img@2"], ["--mode", "stateless"]):
+            assert put("m1", keeps).json()["received"] == 4
+            cli("machine", "set", "m1", *change)
+            assert not staged.exists(), change

@@ -149,11 +149,9 @@ def set_(
         changes["extra_config"] = parse_extra_config(config.read_text())
     with h.session() as session:
         if image is not None:
-            machines.repin(
-                session, name=name, image=parse_ref(image, "image name"), deltas=h.deltas_dir
-            )
+            machines.repin(session, name=name, image=parse_ref(image, "image name"), home=h)
         if mode is not None:
-            machines.set_mode(session, name=name, mode=mode)
+            machines.set_mode(session, name=name, mode=mode, home=h)
         m = machines.set_identity(
             session,
             name=name,

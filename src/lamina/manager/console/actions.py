@@ -154,7 +154,7 @@ def repin(
     try:
         ref = parse_ref(image.strip(), "image name")
         with home.session() as db:
-            _, target = machines.repin(db, name=name, image=ref, deltas=home.deltas_dir)
+            _, target = machines.repin(db, name=name, image=ref, home=home)
             done = target.ref
     except LaminaError as exc:
         return _back(home, console, next_, "/machines", "error", f"Re-pin {name}: {exc}")

@@ -226,11 +226,11 @@ def get_machine(_: AdminDep, session: SessionDep, name: ObjP) -> dict[str, Any]:
 
 @router.patch("/machines/{name}", response_model=s.MachinePublic, responses=ERRORS)
 def update_machine(
-    _: AdminDep, session: SessionDep, name: ObjP, body: s.MachineUpdate
+    _: AdminDep, session: SessionDep, home: HomeDep, name: ObjP, body: s.MachineUpdate
 ) -> dict[str, Any]:
     m = machines.get(session, name)
     if body.mode is not None:
-        m = machines.set_mode(session, name=name, mode=body.mode)
+        m = machines.set_mode(session, name=name, mode=body.mode, home=home)
     return _machine(m, fleet.users_on(session, [m.id]).get(m.id, []))
 
 

@@ -6,7 +6,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -16,6 +16,9 @@ from lamina.errors import AlreadyExists, NotFound, UsageError
 from lamina.manager.models import ImageVersion, Machine
 from lamina.manager.services import images
 from lamina.names import Ref, check_name, parse_ref
+
+if TYPE_CHECKING:
+    from lamina.home import Home
 
 MODES = ("stateless", "stateful")
 
@@ -100,19 +103,22 @@ def remove(session: Session, *, name: str) -> Machine:
     return machine
 
 
-def repin(session: Session, *, name: str, image: Ref, deltas: Path) -> tuple[Machine, ImageVersion]:
+def repin(session: Session, *, name: str, image: Ref, home: Home) -> tuple[Machine, ImageVersion]:
     """Pin a machine to another image version. Its delta was written on the old version, so
-    it goes too - but only once the target is known to exist and differ, under the delta's
-    lock (refused while the machine is connected), right after the change is flushed."""
+    it goes too, with the uploads staged for it - but only once the target is known to
+    exist and differ, under the delta's lock (refused while the machine is connected),
+    right after the change is flushed."""
     from lamina.serve import delta
+    from lamina.stream import receive
 
     machine = get(session, name)
     version = images.get_version(session, image)
     if version.id == machine.image_version_id:
         raise UsageError(f"{name} already runs {version.ref}")
-    with delta.exclusive(deltas / name):
+    with delta.exclusive(home.deltas_dir / name):
         pin(session, machine=machine, version=version)
-        delta.remove_files(deltas / name)
+        delta.remove_files(home.deltas_dir / name)
+    receive.forget(home, name)
     return machine, version
 
 
@@ -123,9 +129,15 @@ def pin(session: Session, *, machine: Machine, version: ImageVersion) -> None:
     session.flush()
 
 
-def set_mode(session: Session, *, name: str, mode: str) -> Machine:
+def set_mode(session: Session, *, name: str, mode: str, home: Home) -> Machine:
+    """Change the mode; a machine turned stateless keeps no delta, so the uploads staged
+    for its delta go."""
+    from lamina.stream import receive
+
     machine = get(session, name)
     machine.mode = _check_mode(mode)
+    if machine.mode == "stateless":
+        receive.forget(home, name)
     return machine
 
 
