@@ -179,3 +179,33 @@ def test_chunk_uploads_are_bounded_while_they_are_read(
         data = os.urandom(chunker.CDC_MAX)
         r = post(codec.chunk_id(data), codec.encode(data))
         assert r.status_code == 200 and r.json()["stored"] == 1, r.text
+
+
+def test_a_chunk_upload_in_progress_does_not_hold_up_database_writes(
+    cli: Cli, server: Server, tmp_path: Path
+) -> None:
+    import time
+
+    cli("image", "import", "base", str(write_sparse(tmp_path / "d.raw", 1 << 20, [])))
+    token = cli.json("machine", "add", "m1", "--image", "base")["token"]
+    admin = cli("admin", "token").out.strip()
+    server.start()
+    port = server.http_port
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+        # an upload whose body is still on its way: the caller is known, the body is not
+        slow.sendall(
+            f"POST /api/v1/chunks HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {1 << 20}\r\n\r\n".encode()
+            + b"\0" * 100
+        )
+        time.sleep(0.5)
+        started = time.monotonic()
+        added = httpx.post(
+            f"http://127.0.0.1:{port}/api/v1/users",
+            json={"name": "alice"},
+            headers={"Authorization": f"Bearer {admin}"},
+            timeout=60,
+        )
+        assert added.status_code == 201, added.text
+        assert time.monotonic() - started < 10  # not queued behind the upload's transaction

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from lamina.errors import NotFound
 from lamina.home import Home
 from lamina.image import Manifest
-from lamina.manager.deps import CallerDep, HomeDep, SessionDep
+from lamina.manager.deps import CallerDep, HomeDep, ReadSessionDep
 from lamina.manager.models import Machine
 from lamina.manager.services import agents, images
 from lamina.names import Ref, check_name
@@ -87,7 +87,7 @@ def get_manifest(
     name: str,
     version: int,
     caller: CallerDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     home: HomeDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -118,7 +118,7 @@ def get_chunk(
     chunk_id: str,
     caller: CallerDep,
     home: HomeDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     try:

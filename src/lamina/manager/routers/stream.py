@@ -88,7 +88,7 @@ class Who:
 
 
 def who(request: Request, home: HomeDep) -> Who:
-    with home.session() as session:
+    with home.session(read_only=True) as session:
         caller = get_caller(request, session)
         m = caller.machine
         if m is None:
