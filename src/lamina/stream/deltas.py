@@ -58,6 +58,11 @@ def write_blob(delta: Delta, base_id: bytes, path: Path) -> int:
     return path.stat().st_size
 
 
+def read_blob(path: Path) -> transfer.Blob:
+    """A blob file, mapped and checked (its data runs are views into the mapping)."""
+    return transfer.decode(transfer.map_file(path))
+
+
 def apply_runs(delta: Delta, runs: list[Run]) -> int:
     """Write the runs into ``delta`` and make them durable; returns the blocks written.
     Idempotent: applying the same runs again leaves the same contents."""

@@ -42,7 +42,7 @@ from lamina.errors import Conflict, CorruptObject, InvalidInput, NotFound
 from lamina.home import Home
 from lamina.serve.delta import Delta, discard
 from lamina.stream import transfer
-from lamina.stream.deltas import apply_runs, write_blob
+from lamina.stream.deltas import apply_runs, read_blob, write_blob
 
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 # A sync has one upload under way; a few more cover caches lost or recreated mid-sync.
@@ -182,10 +182,6 @@ def receive(
             os.close(fd)
 
 
-def _apply_blob(delta: Delta, blob_path: Path) -> int:
-    return apply_runs(delta, transfer.decode(transfer.map_file(blob_path)).runs)
-
-
 def apply(
     home: Home,
     machine: str,
@@ -205,21 +201,24 @@ def apply(
         if (d / "applied").exists():
             return state(home, machine, upload_id)
         blob_path = d / "blob"
-        if not (d / "applying").exists():
+        committed = (d / "applying").exists()
+        if committed:
+            blob = read_blob(blob_path)
+        else:
             if not blob_path.exists():
                 raise NotFound(f"no upload {upload_id} for machine {machine}")
             held = blob_path.stat().st_size
             if held != size:
                 raise Conflict(f"upload {upload_id} holds {held} of {size} bytes")
-            _check(blob_path, digest, base_id, image_size)
+            blob = _check(blob_path, digest, base_id, image_size)
         # The delta's lock first: while the machine is connected nothing is committed.
         delta = Delta(home.deltas_dir / machine, size=image_size, base_id=base_id)
         try:
-            if not (d / "applying").exists():
+            if not committed:
                 with open(blob_path, "rb+") as f:
                     os.fsync(f.fileno())
                 _touch(d / "applying")  # the commit point
-            blocks = _apply_blob(delta, blob_path)
+            blocks = apply_runs(delta, blob.runs)
             result = {"blocks": blocks, "bytes": blob_path.stat().st_size, "at": time.time()}
             _touch(d / "applied", json.dumps(result))
         finally:
@@ -229,7 +228,8 @@ def apply(
     return {"received": 0, "applied": True, **result}
 
 
-def _check(blob_path: Path, digest: str, base_id: bytes, image_size: int) -> None:
+def _check(blob_path: Path, digest: str, base_id: bytes, image_size: int) -> transfer.Blob:
+    """The blob, decoded once it is known to be complete, intact and for this version."""
     view = transfer.map_file(blob_path)
     if transfer.digest(view).hex() != digest:
         raise InvalidInput("upload does not end with the digest given")
@@ -239,6 +239,7 @@ def _check(blob_path: Path, digest: str, base_id: bytes, image_size: int) -> Non
         raise InvalidInput(f"upload is not a valid delta blob: {exc}") from None
     if blob.base_id != base_id or blob.size != image_size:
         raise Conflict("upload was made for another image version of this machine")
+    return blob
 
 
 def _interrupted(root: Path) -> list[Path]:
@@ -257,12 +258,10 @@ def recover(home: Home, machine: str) -> int:
     done = 0
     with _locked(home, machine):
         for d in _interrupted(root):
-            with open(d / "blob", "rb") as f:
-                head = f.read(64)
-            size, base_id = int.from_bytes(head[16:24], "little"), head[24:56]
-            delta = Delta(home.deltas_dir / machine, size=size, base_id=base_id)
+            blob = read_blob(d / "blob")
+            delta = Delta(home.deltas_dir / machine, size=blob.size, base_id=blob.base_id)
             try:
-                blocks = _apply_blob(delta, d / "blob")
+                blocks = apply_runs(delta, blob.runs)
                 _touch(d / "applied", json.dumps({"blocks": blocks, "at": time.time()}))
             finally:
                 delta.close()

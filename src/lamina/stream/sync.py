@@ -18,7 +18,7 @@ from typing import Any
 from lamina.errors import LaminaError, UsageError
 from lamina.stream import transfer
 from lamina.stream.cache import StreamConfig
-from lamina.stream.deltas import apply_runs, write_blob
+from lamina.stream.deltas import apply_runs, read_blob, write_blob
 from lamina.stream.remote import Remote
 from lamina.stream.stack import DeltaStack, blob_name
 
@@ -106,4 +106,4 @@ async def _upload(
 
 def _merge(stack: DeltaStack, path: Path) -> None:
     """Write the sealed blocks into the synced layer (from the blob: one read pass)."""
-    apply_runs(stack.synced, transfer.decode(transfer.map_file(path)).runs)
+    apply_runs(stack.synced, read_blob(path).runs)
