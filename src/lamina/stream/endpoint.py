@@ -332,9 +332,12 @@ class Endpoint:
         return data
 
     async def _status_loop(self) -> None:
+        # Figures for onlookers, refreshed every second: not worth two fsyncs each time.
         while True:
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(write_json, self.root / "status.json", self.status())
+                await asyncio.to_thread(
+                    write_json, self.root / "status.json", self.status(), durable=False
+                )
             await asyncio.sleep(1.0)
 
     async def do_sync(self) -> dict[str, Any]:

@@ -100,14 +100,21 @@ class StackState:
         )
 
 
-def write_json_atomic(path: Path, data: dict[str, Any], mode: int = 0o644) -> None:
+def write_json_atomic(
+    path: Path, data: dict[str, Any], mode: int = 0o644, *, durable: bool = True
+) -> None:
+    """Replace ``path`` whole (readers never see half a file); ``durable`` also survives a
+    power cut."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if not durable:
+        return
     dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dirfd)
