@@ -148,7 +148,7 @@ class ExportCatalog:
         delta = Delta(self.home.deltas_dir / r.machine, size=r.info.size, base_id=r.manifest_id)
         machine = MachineDevice(r.info, base, delta)
         # A machine export opening is a boot: note the order of its first reads.
-        return profile.record_boot(self.home, machine, self._manifest(r.manifest_id))
+        return profile.record_boot(self.home, machine, self._manifest(r.manifest_id), r.manifest_id)
 
     def release(self, name: str) -> None:
         with self._lock:

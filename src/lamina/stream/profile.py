@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Final
 
 from lamina.nbd.device import BlockDevice, Extent
 from lamina.nbd.events import Buffer
-from lamina.store import codec
 
 if TYPE_CHECKING:
     from lamina.home import Home
@@ -152,6 +151,17 @@ def load(home: Home, manifest_id: str) -> tuple[list[int], int]:
         return (decode(row.chunks), row.boots) if row is not None else ([], 0)
 
 
+def boots(home: Home, manifest_id: str) -> int:
+    """How many boots an image version's profile has seen (the order is not decoded)."""
+    from sqlalchemy import select
+
+    from lamina.manager.models.stream import BootProfile
+
+    with home.session(read_only=True) as session:
+        query = select(BootProfile.boots).where(BootProfile.manifest_id == manifest_id)
+        return session.scalar(query) or 0
+
+
 def save(home: Home, manifest_id: str, order: list[int]) -> None:
     from lamina.manager.models.base import utcnow
     from lamina.manager.models.stream import BootProfile
@@ -166,15 +176,17 @@ def save(home: Home, manifest_id: str, order: list[int]) -> None:
             row.updated_at = utcnow()
 
 
-def record_boot(home: Home, device: BlockDevice, manifest: Manifest) -> BlockDevice:
+def record_boot(
+    home: Home, device: BlockDevice, manifest: Manifest, manifest_id: bytes
+) -> BlockDevice:
     """``device`` (a machine's image, just opened) wrapped in a recorder, unless this
     version's profile has seen ``MAX_BOOTS`` boots already."""
-    mid = codec.chunk_id(manifest.to_bytes()).hex()
+    mid = manifest_id.hex()
     try:
-        _, boots = load(home, mid)
+        seen = boots(home, mid)
     except Exception:  # a profile is an optimization: never fail an export over it
         return device
-    if boots >= MAX_BOOTS:
+    if seen >= MAX_BOOTS:
         return device
 
     def done(order: list[int]) -> None:
