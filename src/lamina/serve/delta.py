@@ -110,11 +110,9 @@ class Delta:
         self._check_header(base_id, map_len)
         self._mm = mmap.mmap(self._map_fd, map_len)
         self.map = memoryview(self._mm)[HEADER_SIZE:].cast("I")
-        used = [e for e in self.map if e not in (ABSENT, ZERO)] if not fresh else []
         # Slots past the highest mapped one belong to writes that never reached the map
         # (a crash between the two stores): they are free again.
-        self._next_slot = max(used, default=0)
-        self.used_blocks = sum(1 for e in self.map if e != ABSENT) if not fresh else 0
+        self.used_blocks, self._next_slot = _scan(self.map) if not fresh else (0, 0)
 
     def _check_header(self, base_id: bytes, map_len: int) -> None:
         head = os.pread(self._map_fd, _HEAD.size, 0)
@@ -213,9 +211,16 @@ def delta_usage(directory: Path) -> tuple[int, int]:
     mpath = directory / "delta.map"
     if not mpath.exists():
         return 0, 0
-    raw = mpath.read_bytes()[HEADER_SIZE:]
-    entries = memoryview(raw).cast("I")
-    return sum(1 for e in entries if e != ABSENT), data.stat().st_size if data.exists() else 0
+    used, _ = _scan(memoryview(mpath.read_bytes()[HEADER_SIZE:]).cast("I"))
+    return used, data.stat().st_size if data.exists() else 0
+
+
+def _scan(entries: memoryview) -> tuple[int, int]:
+    """(blocks mapped, highest slot in use) of a map, in one pass over a list (a Python
+    loop over the map took 0.25 s for a 20 GiB image, on the loop during a handshake)."""
+    values = entries.tolist()
+    used = len(values) - values.count(ABSENT)
+    return used, max((e for e in values if e != ZERO), default=0)
 
 
 @contextlib.contextmanager
