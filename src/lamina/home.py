@@ -16,11 +16,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lamina.store import ChunkStore
-
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
     from sqlalchemy.orm import sessionmaker as SessionFactory  # noqa: N812 - the property shadows the name
+
+    from lamina.store import ChunkStore
 
 
 def default_home() -> Path:
@@ -64,6 +64,8 @@ class Home:
 
     @cached_property
     def store(self) -> ChunkStore:
+        from lamina.store import ChunkStore  # blake3, zstd: not every command needs them
+
         return ChunkStore.open_local(self.store_dir)
 
     @property

@@ -9,8 +9,6 @@ from typing import Annotated, Any
 import typer
 
 from lamina.cli.common import HomeOpt, JsonOpt, emit_json, human, open_home, out, progress, table
-from lamina.image import Imported, export_image
-from lamina.image.importer import import_and_commit
 from lamina.names import check_name, parse_ref
 
 app = typer.Typer(help="Block images and their versions.", no_args_is_help=True)
@@ -30,6 +28,9 @@ def import_(
     as_json: JsonOpt = False,
 ) -> None:
     """Import a disk image as a new version; prints NAME@VERSION."""
+    from lamina.image import Imported
+    from lamina.image.importer import import_and_commit
+
     started = time.monotonic()
     h = open_home(home)
     h.warm_database()  # SQLAlchemy loads and migrates while the file is being chunked
@@ -84,6 +85,8 @@ def export(
         manifest = images.load_manifest(h.store, version)
         full = version.ref
     with progress(f"export {full}", manifest.size, enabled=not as_json) as advance:
+        from lamina.image import export_image
+
         export_image(h.store, manifest, dest, fmt=fmt, progress=advance)
     if as_json:
         emit_json({"ref": full, "out": str(dest), "format": fmt, "size": manifest.size})
