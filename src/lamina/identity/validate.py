@@ -74,13 +74,6 @@ def generate_mac() -> str:
     return ":".join(f"{b:02x}" for b in octets)
 
 
-def check_machine_id(machine_id: str) -> str:
-    """A systemd machine-id: 32 lower-case hex digits, not all zeros."""
-    if not _MACHINE_ID.fullmatch(machine_id) or machine_id == "0" * 32:
-        raise UsageError(f"bad machine-id {machine_id!r}: expected 32 lower-case hex digits")
-    return machine_id
-
-
 def generate_machine_id() -> str:
     """A random machine-id, formatted as systemd-machine-id-setup writes it (UUID v4 bits)."""
     raw = bytearray(secrets.token_bytes(16))

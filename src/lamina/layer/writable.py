@@ -25,7 +25,6 @@ from lamina.layer.builder import Built, Policy
 from lamina.layer.compose import WritablePolicy, filter_policy, merge_changes, path_hash, prune
 from lamina.layer.importer import load_tree, new_version, scan, store_files, store_manifest
 from lamina.layer.sources import DirSource
-from lamina.layer.tree import Tree
 
 # A session may create devices and setuid files (as root only): they are the user's.
 SESSION = Policy(allow_devices=True, allow_setuid=True)
@@ -111,7 +110,3 @@ def keep_session(
                 ref = version.ref
             svc.delete_mount(session, mount=mount)
     return Kept(ref, len(kept_tree), dropped)
-
-
-def tree_of(home: Home, version: VersionInfo) -> Tree:
-    return load_tree(home.store, bytes.fromhex(version.manifest))

@@ -105,7 +105,6 @@ class Watcher:
         self._task: asyncio.Task[None] | None = None
         self._last: int | None = None
         self._versions: tuple[int, int] | None = None
-        self.ticks = 0
 
     def start(self) -> None:
         if self._task is None or self._task.done():
@@ -152,7 +151,6 @@ class Watcher:
                 self._last, self._versions = top, versions
                 if not first and (changed is None or changed):
                     self._wake(changed)
-                self.ticks += 1
                 now = datetime.now(UTC)
                 if now - pruned > timedelta(minutes=10):
                     pruned = now

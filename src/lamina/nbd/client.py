@@ -23,7 +23,6 @@ from lamina.nbd.constants import (
     STRUCTURED_REPLY_MAGIC,
     ClientFlag,
     Cmd,
-    HandshakeFlag,
     Info,
     Opt,
     Rep,
@@ -64,7 +63,6 @@ class ClientConnection:
         self._buf = bytearray()
         self._eof = False
         self._reads: dict[int, int] = {}  # handle -> length, for simple READ replies
-        self._go_sent = False
         self.structured = False
 
     def receive_data(self, data: Buffer) -> None:
@@ -180,7 +178,3 @@ class ClientConnection:
             length = len(data)
         head = REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
         return head + bytes(data) if data is not None else head
-
-
-def handshake_flags_ok(flags: int) -> bool:
-    return bool(flags & HandshakeFlag.FIXED_NEWSTYLE)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lamina.nbd.constants import Cmd, Errno, Opt, Rep
+from lamina.nbd.constants import Errno, Rep
 
 Buffer = bytes | bytearray | memoryview
 
@@ -175,5 +175,3 @@ class Closed:
 
 
 NEED_DATA = NeedData()
-OPTION_NAMES = {o.value: o.name for o in Opt}
-COMMAND_NAMES = {c.value: c.name for c in Cmd}

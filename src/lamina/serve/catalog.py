@@ -161,10 +161,6 @@ class ExportCatalog:
             del self._open[name]
         device.close()
 
-    def open_devices(self) -> list[BlockDevice]:
-        with self._lock:
-            return [d for d, _ in self._open.values()]
-
     def close_all(self) -> None:
         """Close every open device (after their connections are gone)."""
         with self._lock:

@@ -200,10 +200,6 @@ class Delta:
             self._mm.flush()
             self._synced = target
 
-    @property
-    def stored_bytes(self) -> int:
-        return os.fstat(self._data_fd).st_size
-
 
 def delta_usage(directory: Path) -> tuple[int, int]:
     """(blocks in the delta, bytes of its data file), without opening it."""

@@ -16,7 +16,6 @@ import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lamina import logs
@@ -221,7 +220,3 @@ def run(home: Home, options: ServeOptions) -> None:
         uvloop.run(serve(home, options))
     except ImportError:
         asyncio.run(serve(home, options))
-
-
-def pid_file(home: Home) -> Path:
-    return home.root / "serve.pid"

@@ -9,7 +9,6 @@ never collected (the import either finished and its manifest is live, or gc wait
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -90,7 +89,6 @@ class Writer:
         self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack")
         self._pending: Future[None] | None = None
         self.added_bytes = 0
-        self.added_chunks = 0
         self.sealed: list[tuple[str, list[Entry]]] = []
 
     def has(self, cid: bytes) -> bool:
@@ -118,7 +116,6 @@ class Writer:
                 return PutResult(cid, False, 0)
             entry = self._pack.add(cid, *parts)
             self.added_bytes += entry.size
-            self.added_chunks += 1
             full = len(self._pack) >= PACK_TARGET
         if full:
             self._rotate()
@@ -336,11 +333,3 @@ class ChunkStore:
 
     def usage(self) -> Usage:
         return Usage(*self.index.totals())
-
-
-def store_path(home: Path) -> Path:
-    return home / "store"
-
-
-def default_workers() -> int:
-    return max(2, min(8, os.cpu_count() or 2))

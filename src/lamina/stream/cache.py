@@ -45,10 +45,6 @@ class StreamConfig:
     mode: str | None = None  # stateless | stateful, for a machine
     delta_fetched: bool = False  # a stateful machine's manager-side delta is in deltas/synced
 
-    @property
-    def export(self) -> str:
-        return self.image
-
     def to_json(self) -> dict[str, Any]:
         return {"format": CONFIG_FORMAT, "version_of_format": CONFIG_VERSION, **asdict(self)}
 

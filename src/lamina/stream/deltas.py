@@ -79,7 +79,3 @@ def apply_runs(delta: Delta, runs: list[Run]) -> int:
     delta.dirty = True
     delta.flush()
     return total
-
-
-def is_empty(delta: Delta) -> bool:
-    return delta.used_blocks == 0

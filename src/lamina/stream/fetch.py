@@ -76,7 +76,6 @@ class Fetcher:
         self.counters = Counters()
         self.online: bool | None = None
         self.last_error = ""
-        self.hydrated_at: float | None = None
         self.boot_started: float | None = None  # a machine's first connection (monotonic)
 
     # -- bookkeeping -----------------------------------------------------------------
@@ -256,7 +255,6 @@ class Fetcher:
             self._settle(cid, error)
 
     def hydrated(self, seconds: float) -> None:
-        self.hydrated_at = time.monotonic()
         event(
             self.log,
             "hydrated",

@@ -116,18 +116,6 @@ class Remote:
         )
         return response.content
 
-    async def chunks(self, ids: list[bytes], *, fresh: bool = False) -> bytes:
-        """Several chunks' envelopes, concatenated in the order asked (unverified)."""
-        headers = {"Cache-Control": "no-cache"} if fresh else {}
-        response = await self._request(
-            "GET",
-            "/stream/chunks",
-            f"{len(ids)} chunks",
-            params={"ids": ",".join(c.hex() for c in ids)},
-            headers=headers,
-        )
-        return response.content
-
     # -- machine deltas ----------------------------------------------------------------
 
     async def machine_delta(self, name: str) -> bytes:

@@ -403,11 +403,6 @@ _USER_GRANTS = union_all(*_USER_GRANT_PARTS)
 BATCH = 500
 
 
-def desired(conn: Connection, *, machine: AgentMachine) -> dict[str, Any]:
-    """What should be mounted on the machine now; ``rev`` changes when any of it does."""
-    return desired_many(conn, [machine])[machine.id]
-
-
 def desired_many(conn: Connection, machines: list[AgentMachine]) -> dict[int, dict[str, Any]]:
     """``desired`` for many machines in a few queries: when one change to a group wakes
     10,000 long-polls, they are answered in batches rather than one transaction each."""

@@ -137,10 +137,6 @@ def _refuse_pinned(session: Session, versions: list[ImageVersion]) -> None:
         raise Conflict(f"machines are pinned to what you want to remove: {pinned}")
 
 
-def manifest_ids(session: Session) -> list[bytes]:
-    return [bytes.fromhex(h) for h in session.scalars(select(ImageVersion.manifest_id))]
-
-
 def load_manifest(store: ChunkStore, version: ImageVersion) -> Manifest:
     return Manifest.from_bytes(store.get(bytes.fromhex(version.manifest_id)))
 

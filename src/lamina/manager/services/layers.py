@@ -227,13 +227,6 @@ def find_mount(session: Session, *, host: str, root: str) -> LayerMount | None:
     ).one_or_none()
 
 
-def get_mount(session: Session, *, host: str, root: str) -> LayerMount:
-    mount = find_mount(session, host=host, root=root)
-    if mount is None:
-        raise NotFound(f"{root} is not mounted by lamina")
-    return mount
-
-
 def writable_mount(session: Session, *, layer: Layer) -> LayerMount | None:
     return session.scalars(
         select(LayerMount).where(LayerMount.writable_layer_id == layer.id)

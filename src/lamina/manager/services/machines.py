@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -25,10 +24,6 @@ MODES = ("stateless", "stateful")
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def delta_dir(deltas: Path, name: str) -> Path:
-    return deltas / name
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +157,3 @@ def set_identity(
     if updated is not current:
         apply_identity(machine, updated)
     return machine
-
-
-def pinned_versions(session: Session) -> set[int]:
-    return set(session.scalars(select(Machine.image_version_id)))
