@@ -111,6 +111,7 @@ def main() -> None:
     runtime.umount(home, root)
     home.close()
     print(f"attach 1k={a1k:.1f} ms 50k={a50k:.1f} ms copy={copy_ms:.0f} ms")
+    print(f"ratio copy/attach 50k={copy_ms / a50k:.0f} attach 50k/1k={a50k / a1k:.2f}")
     print(f"detach 1k={d1k:.1f} ms 50k={d50k:.1f} ms (median of {ROUNDS}, in process)")
     print(f"lamina attach command 1k={cli1k:.0f} ms 50k={cli50k:.0f} ms (a fresh process)")
     print(

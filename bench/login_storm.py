@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import LAMINA, run, scratch
+from bench.common import LAMINA, free_port, run, scratch, wait_port
 
 
 class Conn:
@@ -83,14 +83,7 @@ class Conn:
 
 def run_python(code: str, env: dict[str, str]) -> str:
     """The output of ``code`` run by a fresh interpreter on the bench's lamina home."""
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout
+    return run(sys.executable, "-c", code, env=env)
 
 
 def setup(home: Path, agents: int, env: dict[str, str]) -> list[str]:
@@ -128,8 +121,6 @@ json.dump(tokens, sys.stdout)
 def start_managers(
     home: Path, count: int, env: dict[str, str]
 ) -> list[tuple[subprocess.Popen[bytes], int]]:
-    from tests.servers import free_port, wait_port
-
     out = []
     for i in range(count):
         port = free_port()

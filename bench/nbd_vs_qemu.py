@@ -14,20 +14,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 
-from common import LAMINA, MiB, need, run, scratch
+from common import LAMINA, MiB, free_port, need, run, scratch
 
 SIZE = 1024 * MiB
 RUNTIME = int(os.environ.get("LAMINA_BENCH_RUNTIME", "10"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_export(uri: str) -> None:

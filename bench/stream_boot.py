@@ -34,30 +34,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from common import LAMINA, MiB, median, need, run, scratch
+from common import LAMINA, MiB, free_port, median, need, run, scratch, wait_port
 
 GOLDEN = 1024 * MiB
 PAYLOAD = 600 * MiB
 PAYLOAD_FROM = ("/usr/lib/x86_64-linux-gnu", "/usr/share", "/usr/lib")
 PART_START = 1 * MiB
 ROUNDS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None) -> None:
-    for _ in range(600):
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"process on port {port} exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 # -- the golden image -------------------------------------------------------------------------
