@@ -162,7 +162,7 @@ class Agent:
                         replica.trim_after(
                             session, name=writable["name"], version=writable["version"] or 0
                         )
-                if not any(m.root == str(root) for m in runtime.mounts(self.home)):
+                if not self._mounted(root):
                     root.mkdir(parents=True, exist_ok=True)
                     runtime.mount(
                         self.home,
@@ -194,7 +194,7 @@ class Agent:
         root = self.session_root(user)
         with self.lock:
             saved = None
-            if any(m.root == str(root) for m in runtime.mounts(self.home)):
+            if self._mounted(root):
                 saved = runtime.umount(self.home, root).saved
             self.pending_dir.mkdir(parents=True, exist_ok=True)
             _write(self.pending_dir / f"{user}.json", json.dumps({"saved": saved}), 0o600)

@@ -140,7 +140,7 @@ def _import_raw(
                 view = memoryview(buf)[:n]
                 if os.preadv(fd, [view], index * chunk_size) != n:
                     raise InvalidInput(f"{path}: short read at {index * chunk_size} (file shrank?)")
-                if (buf if n == chunk_size else buf[:n]) == _zeros(n):  # memcmp, not per item
+                if codec.is_zero(buf if n == chunk_size else buf[:n]):
                     out.append(_Chunked(index, ZERO_ID, n, None))
                     continue
                 cid = chunk_id(view)
@@ -174,16 +174,6 @@ def _import_raw(
     put = writer.put(manifest.to_bytes())
     stats = ImportStats(size, bytes_read, chunks, new, stored + put.stored, source)
     return Imported(manifest, put.chunk_id, stats)
-
-
-_ZEROS: dict[int, bytes] = {}
-
-
-def _zeros(n: int) -> bytes:
-    z = _ZEROS.get(n)
-    if z is None:
-        z = _ZEROS[n] = bytes(n)
-    return z
 
 
 def _workers() -> int:

@@ -50,8 +50,10 @@ def chunk_id(data: bytes | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
-def is_zero(data: bytes | memoryview, _zeros: dict[int, bytes] = {}) -> bool:  # noqa: B006
+def is_zero(data: bytes | bytearray | memoryview, _zeros: dict[int, bytes] = {}) -> bool:  # noqa: B006
     """True when every byte is zero (a memcmp against a cached zero buffer)."""
+    if isinstance(data, memoryview):
+        data = data.tobytes()  # a view compares item by item: 45x slower than the copy
     n = len(data)
     zeros = _zeros.get(n)
     if zeros is None:

@@ -15,7 +15,6 @@ Every state-changing request must carry the session's CSRF token, as a form fiel
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import secrets
@@ -33,6 +32,7 @@ from lamina.home import Home
 from lamina.manager.deps import HomeDep
 from lamina.manager.models import Setting
 from lamina.manager.services import settings
+from lamina.manager.services.machines import hash_token
 
 COOKIE = "lamina_console"
 LOGIN_PREFIX = "console.login."
@@ -40,10 +40,6 @@ SESSION_PREFIX = "console.session."
 LOGIN_TTL = 24 * 3600.0  # an unused login URL expires after a day
 SESSION_TTL = 12 * 3600.0  # idle console sessions end after 12 hours
 MAX_FLASHES = 5
-
-
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def _dump(value: dict[str, Any]) -> str:
@@ -65,7 +61,11 @@ def new_login_token(db: Session) -> str:
     now = time.time()
     _prune(db, now)
     token = secrets.token_urlsafe(32)
-    db.add(Setting(key=LOGIN_PREFIX + _hash(token), value=json.dumps({"expires": now + LOGIN_TTL})))
+    db.add(
+        Setting(
+            key=LOGIN_PREFIX + hash_token(token), value=json.dumps({"expires": now + LOGIN_TTL})
+        )
+    )
     db.flush()
     return token
 
@@ -73,7 +73,7 @@ def new_login_token(db: Session) -> str:
 def _start(db: Session) -> str:
     sid = secrets.token_urlsafe(32)
     value = {"csrf": secrets.token_urlsafe(32), "expires": time.time() + SESSION_TTL, "flash": []}
-    db.add(Setting(key=SESSION_PREFIX + _hash(sid), value=_dump(value)))
+    db.add(Setting(key=SESSION_PREFIX + hash_token(sid), value=_dump(value)))
     db.flush()
     return sid
 
@@ -84,7 +84,7 @@ def redeem(db: Session, token: str) -> str | None:
     if not token or len(token) > 200:
         return None
     now = time.time()
-    key = LOGIN_PREFIX + _hash(token)
+    key = LOGIN_PREFIX + hash_token(token)
     row = db.get(Setting, key)
     if row is not None:
         expires = float(json.loads(row.value).get("expires", 0))
@@ -110,7 +110,7 @@ class ConsoleSession:
 def lookup(db: Session, sid: str) -> ConsoleSession | None:
     if not sid or len(sid) > 200:
         return None
-    key = SESSION_PREFIX + _hash(sid)
+    key = SESSION_PREFIX + hash_token(sid)
     row = db.get(Setting, key)
     if row is None:
         return None

@@ -152,8 +152,12 @@ def create_entitlement(
 ) -> s.EntitlementPublic:
     to = access.target(session, user=body.user, group=body.group, machine=body.machine)
     ent = access.entitle(session, layer=body.layer, to=to, priority=body.priority)
-    rows, _n = access.list_entitlements(session, layer=body.layer.partition("@")[0], limit=1000)
-    return _ent(next(r for r in rows if r.id == ent.id))
+    layer = body.layer.partition("@")[0]
+    return _ent(
+        access.EntitlementRow(
+            ent.id, layer, ent.version, to.kind, to.name, ent.priority, ent.created_at
+        )
+    )
 
 
 @router.delete("/entitlements/{id}", status_code=204, responses=ERRORS)
