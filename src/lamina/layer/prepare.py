@@ -20,7 +20,6 @@ CPU; xattrs (security.capability, trusted.overlay.opaque) are kept by default.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import shutil
 import subprocess
@@ -37,6 +36,7 @@ from lamina.layer.compose import Fingerprint
 from lamina.layer.materialize import materialize
 from lamina.layer.overlay import mounted_at
 from lamina.layer.tree import Tree
+from lamina.locks import locked
 from lamina.store import ChunkStore
 
 MKFS = "mkfs.erofs"
@@ -57,17 +57,6 @@ def cache_dir(home_root: Path) -> Path:
 
 def run_dir(home_root: Path) -> Path:
     return home_root / "run" / "layers"
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def mkfs(source: Path, image: Path) -> None:
@@ -126,7 +115,7 @@ def prepare_image(
     if image.is_file() and image.with_suffix(".fp").is_file():
         return image, 0.0
     started = time.monotonic()
-    with _locked(cache / f"{manifest}.lock"):
+    with locked(cache / f"{manifest}.lock"):
         if image.is_file() and image.with_suffix(".fp").is_file():
             return image, 0.0
         work = home_root / "tmp" / f"prepare-{manifest[:16]}-{uuid.uuid4().hex[:8]}"
@@ -153,7 +142,7 @@ def mount_image(home_root: Path, manifest: str, image: Path) -> Path:
     target = run_dir(home_root) / manifest
     if mounted_at(target) is not None:
         return target
-    with _locked(run_dir(home_root) / f"{manifest}.lock"):
+    with locked(run_dir(home_root) / f"{manifest}.lock"):
         if mounted_at(target) is not None:
             return target
         target.mkdir(parents=True, exist_ok=True)

@@ -11,14 +11,13 @@ for its data, 2 ms measured). Operations on one root are serialized by a lock fi
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
 import socket
 import time
-from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from lamina.layer.compose import WritablePolicy, clashes, name_clashes
 from lamina.layer.importer import load_tree
 from lamina.layer.tree import Tree
 from lamina.layer.writable import Kept, VersionInfo, keep_session
+from lamina.locks import locked
 from lamina.names import parse_ref
 
 HOST = socket.gethostname()
@@ -101,17 +101,9 @@ class _Layout:
         return bool(found) and found[-1].fstype == "overlay" and mine in found[-1].options + ","
 
 
-@contextmanager
-def _root_lock(home: Home, root: Path) -> Iterator[None]:
-    locks = home.root / "run" / "roots"
-    locks.mkdir(parents=True, exist_ok=True)
+def _root_lock(home: Home, root: Path) -> AbstractContextManager[None]:
     name = hashlib.sha256(os.fsencode(root)).hexdigest()[:32]
-    fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return locked(home.root / "run" / "roots" / f"{name}.lock")
 
 
 def _root(root: Path | str) -> Path:

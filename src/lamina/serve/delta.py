@@ -18,8 +18,6 @@ trimmed block's slot leaks until reset or commit): appends keep crash reasoning 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import mmap
 import os
 import struct
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Final
 
 from lamina.errors import Conflict, CorruptObject
+from lamina.locks import try_lock
 
 MAGIC: Final = b"LMDM"
 VERSION: Final = 1
@@ -40,18 +39,10 @@ ABSENT: Final = 0
 _HEAD = struct.Struct("<4sBxxxIQ32s")
 
 
-def _lock(path: Path, *, wait: bool) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise Conflict(
-                f"delta {path.parent.name} is in use (is the machine connected?)"
-            ) from None
-        raise
-    return fd
+def _lock(directory: Path) -> int:
+    return try_lock(
+        directory / "lock", f"delta {directory.name} is in use (is the machine connected?)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +58,12 @@ class Run:
 class Delta:
     """An open delta. Not thread-safe: the server drives it from its event loop."""
 
-    def __init__(self, directory: Path, *, size: int, base_id: bytes, wait: bool = False) -> None:
+    def __init__(self, directory: Path, *, size: int, base_id: bytes) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.size = size
         self.blocks = -(-size // BLOCK)
-        self._lock_fd = _lock(directory / "lock", wait=wait)
+        self._lock_fd = _lock(directory)
         try:
             self._open_files(base_id)
         except BaseException:
@@ -223,7 +214,7 @@ def _scan(entries: memoryview) -> tuple[int, int]:
 def exclusive(directory: Path) -> Iterator[None]:
     """Hold a delta's lock (refused with Conflict while someone has it open)."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd = _lock(directory / "lock", wait=False)
+    fd = _lock(directory)
     try:
         yield
     finally:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ from typing import Any
 from lamina import logs
 from lamina.errors import Conflict, LaminaError, UsageError
 from lamina.home import Home
+from lamina.locks import try_lock
 from lamina.nbd.aio import NbdServerProtocol
 from lamina.serve.catalog import ExportCatalog
 from lamina.serve.delta import discard
@@ -149,16 +149,11 @@ async def _serve(
 
 
 def _lock_home(home: Home) -> int:
-    fd = os.open(home.root / "serve.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise Conflict(
-            f"another `lamina serve` is serving block devices from {home.root} "
-            "(more managers on one database: --no-nbd)"
-        ) from None
-    return fd
+    return try_lock(
+        home.root / "serve.lock",
+        f"another `lamina serve` is serving block devices from {home.root} "
+        "(more managers on one database: --no-nbd)",
+    )
 
 
 def _listen(address: tuple[str, int], what: str) -> socket.socket:

@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from lamina.errors import Conflict, CorruptObject, NotFound
+from lamina.errors import CorruptObject, NotFound
 from lamina.image import Manifest
+from lamina.locks import try_lock
 from lamina.store import codec
 from lamina.stream import index as idx
 from lamina.stream.index import CacheIndex, mark_runs
@@ -65,16 +66,7 @@ def read_config(root: Path) -> StreamConfig:
 
 def lock_dir(root: Path) -> int:
     """Take the cache's exclusive lock (one endpoint per cache); returns the fd."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise Conflict(f"{root}: a stream endpoint is already running on this cache") from None
-        raise
-    return fd
+    return try_lock(root / "lock", f"{root}: a stream endpoint is already running on this cache")
 
 
 def is_locked(root: Path) -> bool:
