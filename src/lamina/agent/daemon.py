@@ -460,26 +460,13 @@ def status(home: Home) -> dict[str, Any]:
 
 def request(home: Home, op: str, user: str, *, timeout: float = 600) -> dict[str, Any]:
     """Ask the running agent to log ``user`` in or out (what ``lamina agent login`` does)."""
-    import socket
+    from lamina import control
 
     path = socket_path(home)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except OSError as exc:
-            raise LaminaError(f"no agent runs on {home.root} ({path}: {exc.strerror})") from None
-        sock.sendall(json.dumps({"op": op, "user": user}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            part = sock.recv(65536)
-            if not part:
-                break
-            data += part
-    reply = json.loads(data or b'{"ok": false, "error": "the agent hung up", "code": 1}')
-    if not reply["ok"]:
-        error = LaminaError(reply["error"])
-        error.exit_code = int(reply.get("code", 1))
-        raise error
+    message = {"op": op, "user": user}
+    try:
+        reply = control.ask(str(path), message, timeout=timeout, hung_up="the agent hung up")
+    except control.NotListening as exc:
+        raise LaminaError(f"no agent runs on {home.root} ({path}: {exc})") from None
     result: dict[str, Any] = reply["result"]
     return result

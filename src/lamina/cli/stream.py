@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import re
-import socket
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,7 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from lamina.cli.common import HomeOpt, JsonOpt, emit_json, human, open_home, out
-from lamina.errors import LaminaError, UsageError
+from lamina.errors import UsageError
 
 
 class _DefaultRun(TyperGroup):
@@ -49,26 +47,18 @@ def parse_rate(text: str | None) -> float | None:
 
 def _ask(cache: Path, op: str, timeout: float | None) -> dict[str, Any] | None:
     """Ask the endpoint running on ``cache``; None when none answers."""
+    from lamina import control
     from lamina.stream.endpoint import control_address
 
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(control_address(cache))
-        except OSError:
-            return None
-        sock.sendall(json.dumps({"op": op}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            piece = sock.recv(1 << 16)
-            if not piece:
-                break
-            data += piece
-    answer: dict[str, Any] = json.loads(data or b"{}")
-    if not answer.get("ok"):
-        error = LaminaError(str(answer.get("error", "the endpoint gave no answer")))
-        error.exit_code = int(answer.get("code", 1))
-        raise error
+    try:
+        answer: dict[str, Any] = control.ask(
+            control_address(cache),
+            {"op": op},
+            timeout=timeout,
+            hung_up="the endpoint gave no answer",
+        )
+    except control.NotListening:
+        return None
     return answer
 
 
