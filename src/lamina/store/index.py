@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,44 +79,39 @@ class Index:
                     found[cid] = Location(pack, off, size)
         return found
 
-    def add_pack(self, name: str, size: int, entries: Iterable[Entry]) -> None:
-        rows = [(e.chunk_id, name, e.offset, e.size) for e in entries]
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, all of it or (on any error) none."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO packs VALUES (?,?,?)", (name, size, len(rows))
-                )
-                self._db.executemany("INSERT OR IGNORE INTO chunks VALUES (?,?,?,?)", rows)
+                yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def add_pack(self, name: str, size: int, entries: Iterable[Entry]) -> None:
+        rows = [(e.chunk_id, name, e.offset, e.size) for e in entries]
+        with self._writing() as db:
+            db.execute("INSERT OR REPLACE INTO packs VALUES (?,?,?)", (name, size, len(rows)))
+            db.executemany("INSERT OR IGNORE INTO chunks VALUES (?,?,?,?)", rows)
+
     def move(self, moves: Iterable[tuple[bytes, str, int]]) -> None:
         """Point chunks at their new copies: (id, pack, offset) after a repack."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "UPDATE chunks SET pack=?, offset=? WHERE id=?",
-                    [(p, o, c) for c, p, o in moves],
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._writing() as db:
+            db.executemany(
+                "UPDATE chunks SET pack=?, offset=? WHERE id=?", [(p, o, c) for c, p, o in moves]
+            )
 
     def remove_chunks(self, cids: Iterable[bytes]) -> None:
         with self._lock:
             self._db.executemany("DELETE FROM chunks WHERE id=?", [(c,) for c in cids])
 
     def remove_pack(self, name: str) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM chunks WHERE pack=?", (name,))
-            self._db.execute("DELETE FROM packs WHERE name=?", (name,))
-            self._db.execute("COMMIT")
+        with self._writing() as db:
+            db.execute("DELETE FROM chunks WHERE pack=?", (name,))
+            db.execute("DELETE FROM packs WHERE name=?", (name,))
 
     def packs(self) -> dict[str, int]:
         with self._lock:
