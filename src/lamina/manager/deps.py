@@ -51,7 +51,8 @@ class Caller:
     machine: Machine | None = None
 
 
-def _bearer(request: Request) -> str:
+def bearer(request: Request) -> str:
+    """The request's bearer token (401 without one)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -62,7 +63,7 @@ def _bearer(request: Request) -> str:
 
 
 def get_caller(request: Request, session: ReadSessionDep) -> Caller:
-    token = _bearer(request)
+    token = bearer(request)
     admin = settings.get(session, settings.ADMIN_TOKEN)  # none yet: nobody can hold it
     if admin is not None and hmac.compare_digest(token, admin):
         return Caller(admin=True)

@@ -23,6 +23,7 @@ The four agent calls are async and do their database work in one transaction thr
 from __future__ import annotations
 
 import asyncio
+import hmac
 import struct
 from typing import Annotated, Any
 
@@ -35,7 +36,7 @@ from sqlalchemy import Connection
 from lamina.errors import CorruptObject
 from lamina.home import Home
 from lamina.layer import tree
-from lamina.manager.deps import CallerDep, HomeDep
+from lamina.manager.deps import CallerDep, HomeDep, bearer
 from lamina.manager.hot import Batcher, HotDb, Watcher
 from lamina.manager.schemas import (
     BootResult,
@@ -74,15 +75,6 @@ def hot(request: Request) -> Hot:
     return found
 
 
-def _token(request: Request) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, "missing bearer token", {"WWW-Authenticate": "Bearer"}
-        )
-    return token.strip()
-
-
 def _machine(conn: Connection, token: str) -> agents.AgentMachine:
     machine = agents.by_token(conn, token)
     if machine is not None:
@@ -91,7 +83,7 @@ def _machine(conn: Connection, token: str) -> agents.AgentMachine:
 
     with Session(bind=conn) as orm:
         admin = settings.get(orm, settings.ADMIN_TOKEN)
-    if admin is not None and admin == token:
+    if admin is not None and hmac.compare_digest(admin, token):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "machine token required")
     raise HTTPException(
         status.HTTP_401_UNAUTHORIZED, "invalid token", {"WWW-Authenticate": "Bearer"}
@@ -107,7 +99,7 @@ AUTH: dict[int | str, dict[str, Any]] = {401: {}, 403: {}}
 
 @router.post("/agent/boot", response_model=BootResult, responses=AUTH)
 async def boot(request: Request) -> Response:
-    token = _token(request)
+    token = bearer(request)
 
     def run(conn: Connection) -> dict[str, Any]:
         return agents.boot(conn, machine=_machine(conn, token))
@@ -119,7 +111,7 @@ async def boot(request: Request) -> Response:
     "/agent/login", response_model=SessionState, responses={**AUTH, 404: {}, 409: {}, 422: {}}
 )
 async def login(request: Request, body: LoginRequest) -> Response:
-    token = _token(request)
+    token = bearer(request)
 
     def run(conn: Connection) -> dict[str, Any]:
         return agents.login(conn, machine=_machine(conn, token), user=body.user)
@@ -131,7 +123,7 @@ async def login(request: Request, body: LoginRequest) -> Response:
     "/agent/logout", response_model=LogoutResult, responses={**AUTH, 404: {}, 409: {}, 422: {}}
 )
 async def logout(request: Request, body: LogoutRequest) -> Response:
-    token = _token(request)
+    token = bearer(request)
     saved = body.writable.model_dump() if body.writable is not None else None
     store = request.app.state.home.store
 
@@ -151,7 +143,7 @@ async def desired(
 ) -> Response:
     """The machine's desired state; with ``wait`` and the rev the agent has (``rev`` or
     If-None-Match), answers when it differs or after ``wait`` seconds, whichever first."""
-    token = _token(request)
+    token = bearer(request)
     h = hot(request)
     machine = await h.db.run(_machine, token)
     have = rev or (if_none_match.strip().strip('"') if if_none_match else None)
