@@ -136,6 +136,19 @@ class ChunkFiles:
             raise OSError(errno.EIO, f"short read of the stream cache at {offset}")
         return memoryview(data)
 
+    def store_many(
+        self, items: list[tuple[bytes, memoryview]]
+    ) -> list[CorruptObject | OSError | None]:
+        """``store`` each (id, envelope); per item, None when it is written or what failed."""
+        results: list[CorruptObject | OSError | None] = []
+        for cid, envelope in items:
+            try:
+                self.store(cid, envelope)
+                results.append(None)
+            except (CorruptObject, OSError) as exc:
+                results.append(exc)
+        return results
+
     def store(self, cid: bytes, envelope: bytes | memoryview) -> int:
         """Check an envelope against ``cid`` (BLAKE3 of the plaintext) and write the
         plaintext at every position of the chunk. Raises CorruptObject on any mismatch;

@@ -108,25 +108,22 @@ class Fetcher:
     async def _store(self, items: list[tuple[bytes, memoryview]]) -> list[Exception | None]:
         """Verify and write envelopes on a worker thread; mark the good ones cached."""
 
-        def work() -> list[Exception | None]:
-            results: list[Exception | None] = []
-            for cid, envelope in items:
-                try:
-                    self.files.store(cid, envelope)
-                    results.append(None)
-                except (CorruptObject, OSError) as exc:
-                    results.append(exc)
-            return results
-
-        results = await asyncio.get_running_loop().run_in_executor(self.pool, work)
+        loop = asyncio.get_running_loop()
+        results: list[Exception | None] = list(
+            await loop.run_in_executor(self.pool, self.files.store_many, items)
+        )
         for (cid, _), error in zip(items, results, strict=True):
-            if error is None:
-                self.index.add(cid)
-                self.counters.fetched_chunks += 1
-            elif isinstance(error, CorruptObject):
-                self.counters.corrupt += 1
-                event(self.log, "corrupt-chunk", logging.WARNING, chunk=cid.hex(), error=str(error))
+            self._account(cid, error)
         return results
+
+    def _account(self, cid: bytes, error: Exception | None) -> None:
+        """Count a chunk that was fetched and written, or (corrupt) log it."""
+        if error is None:
+            self.index.add(cid)
+            self.counters.fetched_chunks += 1
+        elif isinstance(error, CorruptObject):
+            self.counters.corrupt += 1
+            event(self.log, "corrupt-chunk", logging.WARNING, chunk=cid.hex(), error=str(error))
 
     def _received(self, nbytes: int, reserved: int = 0) -> None:
         now = time.monotonic()
@@ -233,12 +230,7 @@ class Fetcher:
         self._received(received, claim.reserved)
         self.set_online(True)
         for cid, error in zip(claim.ids, errors, strict=True):
-            if error is None:
-                self.index.add(cid)
-                self.counters.fetched_chunks += 1
-            elif isinstance(error, CorruptObject):
-                self.counters.corrupt += 1
-                event(self.log, "corrupt-chunk", logging.WARNING, chunk=cid.hex(), error=str(error))
+            self._account(cid, error)
             self._settle(cid, error)
         if any(errors):
             self.counters.retries += 1

@@ -211,13 +211,7 @@ class Hydrator:
         else:
             body = conn.get(f"/stream/chunks?ids={','.join(c.hex() for c in ids)}", fresh=fresh)
         items, framing = split_envelopes(body, ids)
-        errors: list[Exception | None] = []
-        for cid, envelope in items:
-            try:
-                self.files.store(cid, envelope)
-                errors.append(None)
-            except (CorruptObject, OSError) as exc:
-                errors.append(exc)
+        errors: list[Exception | None] = list(self.files.store_many(items))
         errors += [framing or CorruptObject("missing from the batch")] * (len(ids) - len(items))
         return errors, len(body)
 
