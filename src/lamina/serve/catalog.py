@@ -19,8 +19,7 @@ from lamina.image import ImageReader, Manifest
 from lamina.names import parse_ref
 from lamina.nbd import ExportInfo
 from lamina.nbd.device import BlockDevice
-from lamina.serve.delta import Delta
-from lamina.serve.devices import ImageDevice, MachineDevice, MemoryDevice
+from lamina.serve.devices import ImageDevice, MemoryDevice, machine_device
 from lamina.store import ChunkCache
 
 MACHINE_PREFIX = "machine/"
@@ -33,7 +32,7 @@ class Resolved:
     kind: str  # image | machine | seed
     manifest_id: bytes
     machine: str | None = None
-    identity_rev: int = 0
+    seed: bytes = b""  # the seed disk, built to learn its size
 
 
 class ExportCatalog:
@@ -78,7 +77,7 @@ class ExportCatalog:
                 if seed:
                     data = self._seed(machine)
                     info = ExportInfo(name, len(data), read_only=True, description="identity seed")
-                    return Resolved(info, "seed", b"", machine.name, machine.identity_rev)
+                    return Resolved(info, "seed", b"", machine.name, data)
                 info = ExportInfo(
                     name, version.size, read_only=False, description=f"{version.ref} + delta"
                 )
@@ -137,18 +136,14 @@ class ExportCatalog:
             return self._image_device(r.info, r.manifest_id)
         assert r.machine is not None
         if r.kind == "seed":
-            with self.home.session() as session:
-                from lamina.manager.services import machines
-
-                return MemoryDevice(r.info, self._seed(machines.get(session, r.machine)))
+            return MemoryDevice(r.info, r.seed)
         from lamina.stream import profile, receive
 
         receive.recover(self.home, r.machine)  # finish a synced upload a crash interrupted
-        base = self._image_device(r.info, r.manifest_id)
-        delta = Delta(self.home.deltas_dir / r.machine, size=r.info.size, base_id=r.manifest_id)
-        machine = MachineDevice(r.info, base, delta)
+        manifest = self._manifest(r.manifest_id)
+        machine = machine_device(self.home, r.machine, r.info, manifest, r.manifest_id, self.cache)
         # A machine export opening is a boot: note the order of its first reads.
-        return profile.record_boot(self.home, machine, self._manifest(r.manifest_id), r.manifest_id)
+        return profile.record_boot(self.home, machine, manifest, r.manifest_id)
 
     def release(self, name: str) -> None:
         with self._lock:

@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from lamina.home import Home
-from lamina.image import ImageReader, Imported, ImportStats, Manifest
+from lamina.image import Imported, ImportStats, Manifest
 from lamina.nbd import ExportInfo
-from lamina.serve.delta import BLOCK, Delta, discard
-from lamina.serve.devices import ImageDevice, MachineDevice
+from lamina.serve.catalog import MACHINE_PREFIX
+from lamina.serve.delta import BLOCK, discard
+from lamina.serve.devices import machine_device
 from lamina.store import ChunkCache
 
 
@@ -30,10 +31,9 @@ def commit_delta(
         target = check_name(image, "image name") if image else version.image.name
         base_ref = version.ref
     manifest = Manifest.from_bytes(home.store.get(base_id))
-    info = ExportInfo(f"machine/{machine}", manifest.size, read_only=False)
-    reader = ImageReader(home.store, manifest, ChunkCache(16 << 20))
-    delta = Delta(home.deltas_dir / machine, size=manifest.size, base_id=base_id)
-    device = MachineDevice(info, ImageDevice(info, reader), delta)
+    info = ExportInfo(MACHINE_PREFIX + machine, manifest.size, read_only=False)
+    device = machine_device(home, machine, info, manifest, base_id, ChunkCache(16 << 20))
+    delta = device.delta
     per_chunk = manifest.chunk_size // BLOCK
     try:
 

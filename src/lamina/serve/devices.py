@@ -3,12 +3,13 @@ version plus its delta), a small in-memory disk (the seed). All implement BlockD
 
 from __future__ import annotations
 
-from lamina.image import ImageReader
+from lamina.home import Home
+from lamina.image import ImageReader, Manifest
 from lamina.nbd import ExportInfo, State
 from lamina.nbd.device import BlockDevice, Extent
 from lamina.nbd.events import Buffer
 from lamina.serve.delta import BLOCK, Delta
-from lamina.store import ZERO_ID
+from lamina.store import ZERO_ID, ChunkCache
 
 _HOLE = int(State.HOLE | State.ZERO)
 
@@ -183,3 +184,17 @@ class MemoryDevice:
 
     def close(self) -> None:
         pass
+
+
+def machine_device(
+    home: Home,
+    machine: str,
+    info: ExportInfo,
+    manifest: Manifest,
+    manifest_id: bytes,
+    cache: ChunkCache,
+) -> MachineDevice:
+    """A machine's view: its image version (read through ``cache``) under its delta."""
+    base = ImageDevice(info, ImageReader(home.store, manifest, cache))
+    delta = Delta(home.deltas_dir / machine, size=manifest.size, base_id=manifest_id)
+    return MachineDevice(info, base, delta)
