@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lamina.errors import NotFound, StoreBusy
+from lamina.errors import NotFound, StoreBusy, StoreError
 from lamina.store import ZERO_ID, ChunkStore, chunk_id
 from lamina.store.backends import LocalBackend
 
@@ -122,3 +122,25 @@ def test_large_packs_take_the_direct_path_and_read_back(tmp_path: Path) -> None:
     assert pack.stat().st_size % 4096 == 0
     assert [store.get(c) for c in ids] == blobs
     assert store.verify().ok
+
+
+def test_gc_copies_only_live_chunks_and_stops_at_a_corrupt_one(tmp_path: Path) -> None:
+    for live, ok in ((0, False), (1, True)):
+        root = tmp_path / f"store{live}"
+        store = ChunkStore.open_local(root)
+        with store.writer() as w:
+            ids = [w.put(os.urandom(3000)).chunk_id for _ in range(6)]
+        pack = next(root.glob("packs/*/*.pack"))
+        data = bytearray(pack.read_bytes())
+        data[60] ^= 0x01  # inside the first chunk's payload
+        pack.write_bytes(bytes(data))
+        # 1 of 6 chunks live: the pack is rewritten
+        if ok:  # the damaged chunk is dead: neither copied nor in the way
+            store.gc(lambda: {ids[live]})  # noqa: B023
+            assert store.get(ids[live]) and not pack.exists()
+        else:  # the damaged chunk is live: gc stops and the pack stays
+            with pytest.raises(StoreError, match="gc stopped"):
+                store.gc(lambda: {ids[live]})  # noqa: B023
+            assert pack.read_bytes() == bytes(data)
+            assert list(root.glob("packs/*/*.pack")) == [pack]
+        store.close()

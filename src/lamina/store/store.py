@@ -291,8 +291,8 @@ class ChunkStore:
             rewriter = Writer(self, codec.DEFAULT_LEVEL)
             doomed: list[str] = []
             for name, size in sorted(self.index.packs().items()):
-                live_here = self.index.chunks_in(name)
-                if self._live_bytes(name, size, live_here) < REPACK_BELOW * size:
+                live_here = self._live_entries(name, size, self.index.chunks_in(name))
+                if sum(e.size for e in live_here) < REPACK_BELOW * size:
                     if live_here:
                         self._rewrite(name, live_here, rewriter)
                         report.packs_rewritten += 1
@@ -317,19 +317,24 @@ class ChunkStore:
                 clean(older_than=0.0)
         return report
 
-    def _live_bytes(self, name: str, size: int, live_here: dict[bytes, int]) -> int:
+    def _live_entries(self, name: str, size: int, live_here: dict[bytes, int]) -> list[Entry]:
+        """The envelopes of a pack that the index still points at (from its trailer)."""
         if not live_here:
-            return 0
+            return []
         entries = read_trailer(functools.partial(self.backend.read, name), size, name)
-        return sum(e.size for e in entries if live_here.get(e.chunk_id) == e.offset)
+        return [e for e in entries if live_here.get(e.chunk_id) == e.offset]
 
-    def _rewrite(self, name: str, live_here: dict[bytes, int], rewriter: Writer) -> None:
-        for entry, result in scan(self.backend.read(name), name):
-            if live_here.get(entry.chunk_id) != entry.offset:
-                continue
-            if isinstance(result, CorruptObject):
-                raise StoreError(f"gc stopped: {result} (run `lamina store verify`)")
-            rewriter.put_envelope(entry.chunk_id, result)
+    def _rewrite(self, name: str, live: list[Entry], rewriter: Writer) -> None:
+        """Copy the live envelopes of a pack, each checked against its id (the dead ones
+        are neither decoded nor hashed)."""
+        data = self.backend.read(name)
+        for entry in live:
+            envelope = data[entry.offset : entry.offset + entry.size]
+            try:
+                codec.decode(envelope, expected=entry.chunk_id)
+            except CorruptObject as exc:
+                raise StoreError(f"gc stopped: {exc} (run `lamina store verify`)") from None
+            rewriter.put_envelope(entry.chunk_id, envelope)
 
     def usage(self) -> Usage:
         return Usage(*self.index.totals())
