@@ -68,10 +68,11 @@ def mountinfo() -> list[MountInfo]:
     return out
 
 
-def mounted_at(path: Path) -> MountInfo | None:
-    """The visible mount whose mountpoint is exactly ``path``."""
+def mounted_at(path: Path, mounts: Sequence[MountInfo] | None = None) -> MountInfo | None:
+    """The visible mount whose mountpoint is exactly ``path`` (in ``mounts``, when the
+    caller read the table already)."""
     want = os.path.realpath(path)
-    found = [m for m in mountinfo() if m.mountpoint == want]
+    found = [m for m in (mountinfo() if mounts is None else mounts) if m.mountpoint == want]
     return found[-1] if found else None
 
 

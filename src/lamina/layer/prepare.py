@@ -34,7 +34,7 @@ from lamina.errors import ToolError
 from lamina.layer import mountapi
 from lamina.layer.compose import Fingerprint
 from lamina.layer.materialize import materialize
-from lamina.layer.overlay import mounted_at
+from lamina.layer.overlay import mounted_at, mountinfo
 from lamina.layer.tree import Tree
 from lamina.locks import locked
 from lamina.store import ChunkStore
@@ -181,8 +181,9 @@ def release_unused(home_root: Path, keep: set[str]) -> list[str]:
     base = run_dir(home_root)
     if not base.is_dir():
         return released
+    mounts = mountinfo()  # once: one read per image made this quadratic
     for child in base.iterdir():
-        if child.is_dir() and child.name not in keep and mounted_at(child):
+        if child.is_dir() and child.name not in keep and mounted_at(child, mounts):
             try:
                 mountapi.umount(child, lazy=True)
             except OSError:

@@ -93,12 +93,9 @@ class _Layout:
             f.write(f"{dev}\n")
 
     def live_at(self, root: Path, mounts: Sequence[overlay.MountInfo] | None = None) -> bool:
-        want = str(root)
-        found = [
-            m for m in (overlay.mountinfo() if mounts is None else mounts) if m.mountpoint == want
-        ]
+        top = overlay.mounted_at(root, mounts)
         mine = f"upperdir={self.upper},"
-        return bool(found) and found[-1].fstype == "overlay" and mine in found[-1].options + ","
+        return top is not None and top.fstype == "overlay" and mine in top.options + ","
 
 
 def _root_lock(home: Home, root: Path) -> AbstractContextManager[None]:
