@@ -339,7 +339,7 @@ class _Merger:
         rule = self.rule(p)
         if rule is Rule.ADMIN:
             self.out.pop(p, None)
-            dest = self.save_user_entry(p, e) if e.kind is Kind.DIR else self.save_user(p)
+            dest = self.save_user_entry(p, e)  # just p: nothing is beneath a non-directory
             if e.kind is Kind.DIR:  # the user's entries beneath decide on their own
                 self.out[p] = e
                 self.containers.add(p)
@@ -413,7 +413,7 @@ class _Merger:
             self.note(p, Action.KEPT, "both changed: user's stays", rule)
             return
         if rule is Rule.ADMIN:
-            dest = self.save_user(p)
+            dest = self.save_user_entry(p, e)  # a non-directory: nothing beneath it to save
             self.note(p, Action.CONFLICT, "both changed: update's wins, user's saved", rule, dest)
             return
         files = r.kind is Kind.FILE and n.kind is Kind.FILE and (o is None or o.kind is Kind.FILE)
