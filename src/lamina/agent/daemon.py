@@ -38,6 +38,7 @@ from lamina import logs
 from lamina.agent import fetch
 from lamina.agent.reconcile import Attach, Detach, Have, Pending, Stale, Want, plan
 from lamina.errors import AlreadyExists, Conflict, InvalidInput, LaminaError, NotFound, UsageError
+from lamina.files import write_atomic
 from lamina.home import Home
 from lamina.manager.client import ManagerClient, Unreachable
 
@@ -120,16 +121,16 @@ class Agent:
     def apply_identity(self, booted: dict[str, Any]) -> None:
         state = self.home.root / "agent"
         state.mkdir(parents=True, exist_ok=True)
-        _write(state / "identity.json", json.dumps(booted, indent=2) + "\n", 0o600)
+        write_atomic(state / "identity.json", json.dumps(booted, indent=2) + "\n", mode=0o600)
         if self.etc is None:
             return
         ident = booted["identity"]
-        _write(self.etc / "hostname", ident["hostname"] + "\n", 0o644)
-        _write(self.etc / "machine-id", ident["machine_id"] + "\n", 0o444)
+        write_atomic(self.etc / "hostname", ident["hostname"] + "\n", mode=0o644)
+        write_atomic(self.etc / "machine-id", ident["machine_id"] + "\n", mode=0o444)
         for kind, pair in (ident.get("ssh_host_keys") or {}).items():
             key = self.etc / "ssh" / f"ssh_host_{kind}_key"
-            _write(key, pair["private"], 0o600)
-            _write(key.with_name(key.name + ".pub"), pair["public"] + "\n", 0o644)
+            write_atomic(key, pair["private"], mode=0o600)
+            write_atomic(key.with_name(key.name + ".pub"), pair["public"] + "\n", mode=0o644)
 
     # -- login / logout -----------------------------------------------------------------------
 
@@ -197,7 +198,9 @@ class Agent:
             if self._mounted(root):
                 saved = runtime.umount(self.home, root).saved
             self.pending_dir.mkdir(parents=True, exist_ok=True)
-            _write(self.pending_dir / f"{user}.json", json.dumps({"saved": saved}), 0o600)
+            write_atomic(
+                self.pending_dir / f"{user}.json", json.dumps({"saved": saved}), mode=0o600
+            )
             try:
                 result = self._flush_pending(user, timeout=HANDOVER)
             except Unreachable:
@@ -273,7 +276,7 @@ class Agent:
         }
         # One file per refusal: a user may collect several before anyone looks.
         dest = failed / f"{user}.{time.time_ns()}.json"
-        _write(dest, json.dumps(record, indent=2) + "\n", 0o600)
+        write_atomic(dest, json.dumps(record, indent=2) + "\n", mode=0o600)
         path.unlink()
         logs.event(
             self.log,
@@ -404,18 +407,6 @@ class Agent:
             server.shutdown()
             server.server_close()
             socket_path(self.home).unlink(missing_ok=True)
-
-
-def _write(path: Path, text: str, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def _control_server(agent: Agent) -> socketserver.ThreadingUnixStreamServer:

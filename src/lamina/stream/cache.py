@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from lamina.errors import CorruptObject, NotFound
+from lamina.files import write_json_atomic
 from lamina.image import Manifest
 from lamina.locks import try_lock
 from lamina.store import codec
 from lamina.stream import index as idx
 from lamina.stream.index import CacheIndex, mark_runs
-from lamina.stream.stack import write_json_atomic
 
 CONFIG_FORMAT: Final = "lamina-stream"
 CONFIG_VERSION: Final = 1

@@ -27,6 +27,8 @@ from typing import Any
 
 from lamina import logs
 from lamina.errors import Conflict, LaminaError, UsageError
+from lamina.files import write_atomic
+from lamina.files import write_json_atomic as write_json
 from lamina.names import check_name, parse_ref
 from lamina.nbd import ExportInfo
 from lamina.nbd.aio import NbdServerProtocol
@@ -43,7 +45,6 @@ from lamina.stream.rate import Backoff, TokenBucket
 from lamina.stream.remote import Remote, Unreachable
 from lamina.stream.schedule import Hydration
 from lamina.stream.stack import DeltaStack
-from lamina.stream.stack import write_json_atomic as write_json
 from lamina.stream.sync import sync
 
 DEFAULT_NBD = "127.0.0.1:10810"
@@ -270,9 +271,7 @@ class Endpoint:
                 self.remote.machine_seed(self.config.machine), ASK_TIMEOUT
             )
             if not path.exists() or path.read_bytes() != data:
-                tmp = path.with_name(".seed.iso.tmp")
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
+                write_atomic(path, data, durable=False)
         except (LaminaError, TimeoutError) as exc:
             if not path.exists():
                 logs.event(self.log, "no-seed", logging.WARNING, reason=str(exc))

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from lamina.errors import Conflict, CorruptObject, InvalidInput, NotFound
+from lamina.files import write_atomic
 from lamina.home import Home
 from lamina.serve.delta import Delta, discard
 from lamina.stream import transfer
@@ -127,22 +128,6 @@ def _open_count(root: Path) -> int:
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _touch(path: Path, text: str = "") -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(path.parent)
-
-
 def state(home: Home, machine: str, upload_id: str) -> dict[str, Any]:
     d = _dir(home, machine, upload_id)
     if (d / "applied").exists():
@@ -217,10 +202,10 @@ def apply(
             if not committed:
                 with open(blob_path, "rb+") as f:
                     os.fsync(f.fileno())
-                _touch(d / "applying")  # the commit point
+                write_atomic(d / "applying", "")  # the commit point
             blocks = apply_runs(delta, blob.runs)
             result = {"blocks": blocks, "bytes": blob_path.stat().st_size, "at": time.time()}
-            _touch(d / "applied", json.dumps(result))
+            write_atomic(d / "applied", json.dumps(result))
         finally:
             delta.close()
         blob_path.unlink(missing_ok=True)
@@ -262,7 +247,7 @@ def recover(home: Home, machine: str) -> int:
             delta = Delta(home.deltas_dir / machine, size=blob.size, base_id=blob.base_id)
             try:
                 blocks = apply_runs(delta, blob.runs)
-                _touch(d / "applied", json.dumps({"blocks": blocks, "at": time.time()}))
+                write_atomic(d / "applied", json.dumps({"blocks": blocks, "at": time.time()}))
             finally:
                 delta.close()
             (d / "blob").unlink(missing_ok=True)

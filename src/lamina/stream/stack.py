@@ -21,13 +21,13 @@ Between seal and merge the sealed layer stays in the stack, so reads never chang
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
 from lamina.errors import CorruptObject
+from lamina.files import write_json_atomic
 from lamina.nbd import ExportInfo
 from lamina.nbd.device import BlockDevice
 from lamina.serve.delta import Delta
@@ -98,28 +98,6 @@ class StackState:
             confirmed=bool(data.get("confirmed")),
             next=int(data["next"]),
         )
-
-
-def write_json_atomic(
-    path: Path, data: dict[str, Any], mode: int = 0o644, *, durable: bool = True
-) -> None:
-    """Replace ``path`` whole (readers never see half a file); ``durable`` also survives a
-    power cut."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if not durable:
-        return
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
 
 
 class DeltaStack:

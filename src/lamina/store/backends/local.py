@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lamina.errors import StoreBusy, StoreError
+from lamina.files import fsync_dir
 from lamina.store.backends.base import Buffer
 
 # Open pack descriptors kept for pread; a store of 1 TiB at 64 MiB per pack has 16k packs,
@@ -130,11 +131,7 @@ class LocalBackend:
     def _publish(self, tmp: Path, path: Path, durable: bool) -> None:
         os.replace(tmp, path)
         if durable:
-            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(path.parent)
 
     def _fd(self, name: str) -> int:
         with self._fd_lock:
