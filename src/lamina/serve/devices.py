@@ -24,7 +24,33 @@ def _merge(extents: list[Extent]) -> list[Extent]:
     return out
 
 
-class ImageDevice:
+def manifest_extents(m: Manifest, offset: int, length: int) -> list[Extent]:
+    """An image version's extents: its unstored (all-zero) chunks are holes."""
+    return _merge(
+        [(n, _HOLE if m.id_at(i) == ZERO_ID else 0) for i, _, n in m.spans(offset, length)]
+    )
+
+
+class ReadOnly:
+    """The write side of a read-only device: writes refused with EPERM, nothing to flush
+    or close."""
+
+    refusal = "read-only export"
+
+    def write(self, offset: int, data: Buffer, fua: bool) -> None:
+        raise PermissionError(self.refusal)
+
+    def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
+        raise PermissionError(self.refusal)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ImageDevice(ReadOnly):
     """An image version: reads through the server-wide chunk cache."""
 
     def __init__(self, info: ExportInfo, reader: ImageReader) -> None:
@@ -38,7 +64,7 @@ class ImageDevice:
         m = self.reader.manifest
         cache = self.reader.cache
         return any(
-            not (m.id_at(i) == ZERO_ID or cache.contains(m.id_at(i)))
+            (cid := m.id_at(i)) != ZERO_ID and not cache.contains(cid)
             for i, _, _ in m.spans(offset, length)
         )
 
@@ -46,23 +72,8 @@ class ImageDevice:
         for index, _, _ in self.reader.manifest.spans(offset, length):
             self.reader.chunk(index)
 
-    def write(self, offset: int, data: Buffer, fua: bool) -> None:
-        raise PermissionError("read-only export")
-
-    def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
-        raise PermissionError("read-only export")
-
-    def flush(self) -> None:
-        pass
-
     def extents(self, offset: int, length: int) -> list[Extent]:
-        m = self.reader.manifest
-        return _merge(
-            [(n, _HOLE if m.id_at(i) == ZERO_ID else 0) for i, _, n in m.spans(offset, length)]
-        )
-
-    def close(self) -> None:
-        pass
+        return manifest_extents(self.reader.manifest, offset, length)
 
 
 class MachineDevice:
@@ -154,7 +165,7 @@ class MachineDevice:
         self.delta.close()
 
 
-class MemoryDevice:
+class MemoryDevice(ReadOnly):
     """A small read-only disk held in memory (a machine's seed)."""
 
     def __init__(self, info: ExportInfo, data: bytes) -> None:
@@ -170,20 +181,8 @@ class MemoryDevice:
     def prefetch(self, offset: int, length: int) -> None:
         pass
 
-    def write(self, offset: int, data: Buffer, fua: bool) -> None:
-        raise PermissionError("read-only export")
-
-    def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
-        raise PermissionError("read-only export")
-
-    def flush(self) -> None:
-        pass
-
     def extents(self, offset: int, length: int) -> list[Extent]:
         return [(length, 0)]
-
-    def close(self) -> None:
-        pass
 
 
 def machine_device(

@@ -14,20 +14,20 @@ import threading
 from collections.abc import Callable
 
 from lamina.errors import LaminaError
-from lamina.nbd import ExportInfo, State
+from lamina.nbd import ExportInfo
 from lamina.nbd.device import BlockDevice, Extent
 from lamina.nbd.events import Buffer
 from lamina.serve.delta import ABSENT, BLOCK
-from lamina.store import ZERO_ID
+from lamina.serve.devices import ReadOnly, manifest_extents
 from lamina.stream.cache import ChunkFiles
 from lamina.stream.fetch import Fetcher
 from lamina.stream.stack import DeltaStack
 
-_HOLE = int(State.HOLE | State.ZERO)
 
-
-class StreamImageDevice:
+class StreamImageDevice(ReadOnly):
     """The streamed image version, read-only."""
+
+    refusal = "read-only export (stream with --machine NAME to write)"
 
     def __init__(
         self,
@@ -63,28 +63,8 @@ class StreamImageDevice:
             future.cancel()
             raise OSError(errno.EIO, "fetch timed out") from None
 
-    def write(self, offset: int, data: Buffer, fua: bool) -> None:
-        raise PermissionError("read-only export (stream with --machine NAME to write)")
-
-    def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
-        raise PermissionError("read-only export (stream with --machine NAME to write)")
-
-    def flush(self) -> None:
-        pass
-
     def extents(self, offset: int, length: int) -> list[Extent]:
-        m = self.files.manifest
-        out: list[Extent] = []
-        for i, _, n in m.spans(offset, length):
-            flags = _HOLE if m.id_at(i) == ZERO_ID else 0
-            if out and out[-1][1] == flags:
-                out[-1] = (out[-1][0] + n, flags)
-            else:
-                out.append((n, flags))
-        return out
-
-    def close(self) -> None:
-        pass
+        return manifest_extents(self.files.manifest, offset, length)
 
 
 class StreamMachineDevice:
