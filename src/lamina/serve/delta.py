@@ -77,15 +77,6 @@ class Delta:
         self._synced = 0
         self._flush_lock = threading.Lock()
 
-    @property
-    def dirty(self) -> bool:
-        return self._generation != self._synced
-
-    @dirty.setter
-    def dirty(self, value: bool) -> None:
-        if value:
-            self._generation += 1
-
     def _open_files(self, base_id: bytes) -> None:
         map_path = self.directory / "delta.map"
         fresh = not map_path.exists() or map_path.stat().st_size == 0

@@ -76,6 +76,5 @@ def apply_runs(delta: Delta, runs: list[Run]) -> int:
             end = min((run.first + run.count) * BLOCK, delta.size)
             delta.write_blocks(run.first, data[: end - run.first * BLOCK])
         total += run.count
-    delta.dirty = True
-    delta.flush()
+    delta.flush()  # every write above moved the delta's generation: this syncs them
     return total
