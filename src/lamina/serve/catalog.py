@@ -114,21 +114,27 @@ class ExportCatalog:
     def open(self, name: str) -> BlockDevice:
         """The shared device behind export ``name`` (opened on first use)."""
         with self._lock:
-            if name in self._open:
-                device, refs = self._open[name]
-                self._open[name] = (device, refs + 1)
-                return device
+            shared = self._acquire(name)
+        if shared is not None:
+            return shared
         resolved = self.resolve(name)
         if resolved is None:
             raise LaminaError(f"no export {name!r}")
         device = self._build(resolved)
         with self._lock:
-            if name in self._open:  # another connection won the race
-                device.close()
-                device, refs = self._open[name]
-                self._open[name] = (device, refs + 1)
+            shared = self._acquire(name)  # another connection won the race
+            if shared is None:
+                self._open[name] = (device, 1)
                 return device
-            self._open[name] = (device, 1)
+        device.close()
+        return shared
+
+    def _acquire(self, name: str) -> BlockDevice | None:
+        """One more user of the open device ``name``, if it is open (lock held)."""
+        if name not in self._open:
+            return None
+        device, refs = self._open[name]
+        self._open[name] = (device, refs + 1)
         return device
 
     def _build(self, r: Resolved) -> BlockDevice:
