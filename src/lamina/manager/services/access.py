@@ -30,6 +30,7 @@ from lamina.manager.models import (
     WritableLayer,
 )
 from lamina.manager.schemas import NAME_PATTERN
+from lamina.manager.services import fleet
 from lamina.manager.services import layers as layer_svc
 from lamina.names import parse_ref
 
@@ -215,7 +216,7 @@ def list_users(
         query = query.join(Membership, Membership.user_id == User.id).where(
             Membership.group_id == get_group(session, group).id
         )
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    total = fleet.count_of(session, query)
     users = list(session.scalars(query.order_by(User.name).offset(offset).limit(limit)))
     return _user_rows(session, users), total
 
@@ -248,7 +249,7 @@ def list_groups(
     query = select(Group)
     if q:
         query = query.where(Group.name.contains(q, autoescape=True))
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    total = fleet.count_of(session, query)
     groups = list(session.scalars(query.order_by(Group.name).offset(offset).limit(limit)))
     counts = dict(
         session.execute(
@@ -412,7 +413,7 @@ def list_entitlements(
         query = query.where(Group.name == group)
     if machine is not None:
         query = query.where(Machine.name == machine)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    total = fleet.count_of(session, query)
     rows = session.execute(
         query.order_by(Layer.name, Entitlement.target).offset(offset).limit(limit)
     ).all()

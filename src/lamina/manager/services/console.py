@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm import Session
 
 from lamina.manager.models import (
     Entitlement,
@@ -136,25 +136,8 @@ def list_machines(
     image: str | None = None,
     mode: str | None = None,
 ) -> tuple[list[MachineRow], int]:
-    query = select(Machine)
-    if q:
-        query = query.where(Machine.name.contains(q, autoescape=True))
-    if mode:
-        query = query.where(Machine.mode == mode)
-    if image:
-        query = (
-            query.join(ImageVersion, ImageVersion.id == Machine.image_version_id)
-            .join(Image, Image.id == ImageVersion.image_id)
-            .where(Image.name == image)
-        )
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    machines = list(
-        session.scalars(
-            query.options(joinedload(Machine.image_version).joinedload(ImageVersion.image))
-            .order_by(Machine.name)
-            .offset(offset)
-            .limit(limit)
-        )
+    machines, total = fleet.list_machines(
+        session, offset=offset, limit=limit, q=q, image=image, mode=mode
     )
     return machine_rows(session, deltas=deltas, machines=machines), total
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, joinedload, selectinload
@@ -22,7 +23,8 @@ from lamina.manager.models import (
 )
 
 
-def _total(session: Session, query: Select[tuple[object]]) -> int:
+def count_of(session: Session, query: Select[*tuple[Any, ...]]) -> int:
+    """How many rows ``query`` gives (for a paged list's total)."""
     return session.scalar(select(func.count()).select_from(query.subquery())) or 0
 
 
@@ -39,18 +41,26 @@ def users_on(session: Session, machine_ids: list[int]) -> dict[int, list[str]]:
 
 
 def list_machines(
-    session: Session, *, offset: int = 0, limit: int = 100, q: str = "", image: str | None = None
+    session: Session,
+    *,
+    offset: int = 0,
+    limit: int = 100,
+    q: str = "",
+    image: str | None = None,
+    mode: str | None = None,
 ) -> tuple[list[Machine], int]:
     query = select(Machine)
     if q:
         query = query.where(Machine.name.contains(q, autoescape=True))
-    if image is not None:
+    if mode:
+        query = query.where(Machine.mode == mode)
+    if image:
         query = (
             query.join(ImageVersion, ImageVersion.id == Machine.image_version_id)
             .join(Image, Image.id == ImageVersion.image_id)
             .where(Image.name == image)
         )
-    total = _total(session, query)  # type: ignore[arg-type]
+    total = count_of(session, query)
     rows = session.scalars(
         query.options(joinedload(Machine.image_version).joinedload(ImageVersion.image))
         .order_by(Machine.name)
@@ -72,7 +82,7 @@ def list_images(
     query = select(Image)
     if q:
         query = query.where(Image.name.contains(q, autoescape=True))
-    total = _total(session, query)  # type: ignore[arg-type]
+    total = count_of(session, query)
     images = list(
         session.scalars(
             query.options(selectinload(Image.versions))
@@ -114,7 +124,7 @@ def list_layers(
         query = query.where(Layer.name.contains(q, autoescape=True))
     if kind is not None:
         query = query.where(Layer.kind == kind)
-    total = _total(session, query)  # type: ignore[arg-type]
+    total = count_of(session, query)
     layers = list(
         session.scalars(
             query.options(selectinload(Layer.versions))
@@ -181,7 +191,7 @@ def list_sessions(
         query = query.where(User.name == user)
     if machine is not None:
         query = query.where(Machine.name == machine)
-    total = _total(session, query)  # type: ignore[arg-type]
+    total = count_of(session, query)
     rows = session.execute(
         query.order_by(UserSession.started_at, UserSession.id).offset(offset).limit(limit)
     ).all()
