@@ -24,7 +24,7 @@ from lamina.manager.console.params import (
     Text,
     ViewDep,
 )
-from lamina.manager.services import access, fleet, layers
+from lamina.manager.services import access, fleet, images, layers
 from lamina.manager.services import console as svc
 from lamina.manager.services import console_access as people
 
@@ -104,7 +104,7 @@ def machine_page(view: ViewDep, name: ObjName) -> HTMLResponse:
 def images_page(view: ViewDep, paging: ImagePagingDep) -> HTMLResponse:
     with view.home.session() as db:
         rows, total = fleet.list_images(db, offset=paging.offset, limit=paging.per, q=paging.q)
-        usage = svc.version_bytes(db, store=view.home.store)
+        usage = images.version_bytes(db, store=view.home.store)
     p = view.pager(paging, total, q=paging.q)
     return view.page(
         "images.html", rows=rows, usage=usage, q=paging.q, p=p, live=f"/live/images?{p.query()}"

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
-from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -302,48 +300,3 @@ def dashboard(session: Session, *, store: ChunkStore, deltas: Path) -> Dashboard
 
 
 # -- images: stored and unique bytes per version -----------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class VersionBytes:
-    stored: int  # stored bytes of every chunk the version references
-    unique: int  # of those, bytes no other image version references
-
-
-_usage_lock = threading.Lock()
-# The last answer, by the (version id, manifest id) pairs it was computed for.
-_usage_cache: dict[frozenset[tuple[int, str]], dict[int, VersionBytes]] = {}
-
-
-def version_bytes(session: Session, *, store: ChunkStore) -> dict[int, VersionBytes]:
-    """Stored and unique bytes of every image version, by version id.
-
-    Needs every manifest (unique bytes are relative to all the others), so the answer is
-    kept until the set of versions changes: manifests are immutable.
-    """
-    key = frozenset(
-        (vid, mid)
-        for vid, mid in session.execute(select(ImageVersion.id, ImageVersion.manifest_id))
-    )
-    with _usage_lock:
-        if key in _usage_cache:
-            return _usage_cache[key]
-        from lamina.image import Manifest
-
-        refs: dict[int, set[bytes]] = {}
-        counts: Counter[bytes] = Counter()
-        for vid, mid in key:
-            ids = Manifest.from_bytes(store.get(bytes.fromhex(mid))).referenced()
-            refs[vid] = ids
-            counts.update(ids)
-        sizes = store.index.sizes(counts)
-        out = {
-            vid: VersionBytes(
-                sum(sizes.get(c, 0) for c in ids),
-                sum(sizes.get(c, 0) for c in ids if counts[c] == 1),
-            )
-            for vid, ids in refs.items()
-        }
-        _usage_cache.clear()
-        _usage_cache[key] = out
-        return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -152,22 +154,53 @@ class VersionUsage:
 def usage(session: Session, *, store: ChunkStore, name: str) -> list[VersionUsage]:
     """Per-version stored and unique bytes, counted against every image in the store."""
     image = _image(session, name)
-    refs: dict[int, set[bytes]] = {}
-    counts: dict[bytes, int] = {}
-    for version in session.scalars(select(ImageVersion)):
-        ids = load_manifest(store, version).referenced()
-        if version.image_id == image.id:
-            refs[version.id] = ids
-        for cid in ids:
-            counts[cid] = counts.get(cid, 0) + 1
-    sizes = store.index.sizes(counts)
-    out = []
-    for version in image.versions:
-        ids = refs[version.id]
-        stored = sum(sizes.get(c, 0) for c in ids)
-        unique = sum(sizes.get(c, 0) for c in ids if counts[c] == 1)
-        out.append(VersionUsage(version.ref, version.size, stored, unique))
-    return out
+    found = version_bytes(session, store=store)
+    return [
+        VersionUsage(v.ref, v.size, found[v.id].stored, found[v.id].unique) for v in image.versions
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class VersionBytes:
+    stored: int  # stored bytes of every chunk the version references
+    unique: int  # of those, bytes no other image version references
+
+
+_usage_lock = threading.Lock()
+# The last answer, by the (version id, manifest id) pairs it was computed for.
+_usage_cache: dict[frozenset[tuple[int, str]], dict[int, VersionBytes]] = {}
+
+
+def version_bytes(session: Session, *, store: ChunkStore) -> dict[int, VersionBytes]:
+    """Stored and unique bytes of every image version, by version id.
+
+    Needs every manifest (unique bytes are relative to all the others), so the answer is
+    kept until the set of versions changes: manifests are immutable.
+    """
+    key = frozenset(
+        (vid, mid)
+        for vid, mid in session.execute(select(ImageVersion.id, ImageVersion.manifest_id))
+    )
+    with _usage_lock:
+        if key in _usage_cache:
+            return _usage_cache[key]
+        refs: dict[int, set[bytes]] = {}
+        counts: Counter[bytes] = Counter()
+        for vid, mid in key:
+            ids = Manifest.from_bytes(store.get(bytes.fromhex(mid))).referenced()
+            refs[vid] = ids
+            counts.update(ids)
+        sizes = store.index.sizes(counts)
+        out = {
+            vid: VersionBytes(
+                sum(sizes.get(c, 0) for c in ids),
+                sum(sizes.get(c, 0) for c in ids if counts[c] == 1),
+            )
+            for vid, ids in refs.items()
+        }
+        _usage_cache.clear()
+        _usage_cache[key] = out
+        return out
 
 
 def list_all_versions(session: Session) -> list[ImageVersion]:
