@@ -5,10 +5,11 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from tests.servers import free_port
 
 
 def pg_bin() -> Path | None:
@@ -19,12 +20,6 @@ def pg_bin() -> Path | None:
 def _major(path: str) -> int:
     part = path.split("/")[4]
     return int(part) if part.isdigit() else 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PgCluster:
@@ -38,7 +33,7 @@ class PgCluster:
         # Under /tmp by default: pytest's own temp dirs are closed to other users.
         self.base = base or Path(tempfile.mkdtemp(prefix="lamina-pg-"))
         self.data = self.base / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.durable = durable
         self.running = False
 

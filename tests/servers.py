@@ -22,7 +22,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"lamina serve exited with {proc.returncode}")
+            raise AssertionError(f"{proc.args[0]} exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
@@ -43,6 +43,11 @@ class Server:
 
     def url(self, export: str) -> str:
         return f"nbd://127.0.0.1:{self.port}/{export}"
+
+    @property
+    def http_url(self) -> str:
+        """The manager's base URL."""
+        return f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> None:
         env = {**os.environ, "LAMINA_HOME": str(self.home)}

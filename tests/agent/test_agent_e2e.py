@@ -91,7 +91,7 @@ def test_login_live_entitlements_logout_and_roaming(
     tokens = setup_fleet(cli, tmp_path)
     admin = cli("admin", "token").out.strip()
     server.start()
-    url = f"http://127.0.0.1:{server.http_port}"
+    url = server.http_url
     a1 = AgentProc(tmp_path / "a1", url, tokens[0]).start()
     a2 = AgentProc(tmp_path / "a2", url, tokens[1]).start()
     agents += [a1, a2]

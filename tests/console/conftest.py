@@ -57,7 +57,7 @@ class Fleet:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.server.http_port}"
+        return self.server.http_url
 
     def admin_token(self) -> str:
         return self.cli("admin", "token").out.strip()

@@ -14,6 +14,7 @@ import pytest
 
 from lamina.serve.delta import delta_usage
 from tests.console.conftest import HOSTILE_IMG, HOSTILE_SCRIPT, Fleet, login_url
+from tests.nbdtools import ok, qemu_io
 
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, Locator, Page
@@ -159,11 +160,7 @@ def hostile_text_is_text(fleet: Fleet, page: Page) -> None:
 
 def actions_need_the_csrf_token(fleet: Fleet, page: Page) -> None:
     m2 = fleet.cli.home / "deltas" / "m2"
-    subprocess.run(
-        ["qemu-io", "-f", "raw", "-c", "write -P 2 0 64k", fleet.server.url("machine/m2")],
-        check=True,
-        capture_output=True,
-    )
+    ok(qemu_io(fleet.server.url("machine/m2"), "write -P 2 0 64k"))
     assert delta_usage(m2)[0] == 16
     reset = f"{fleet.base}/machines/m2/reset"
     for form in ({"next": "/machines"}, {"next": "/machines", "csrf": "forged"}):
@@ -176,6 +173,6 @@ def actions_need_the_csrf_token(fleet: Fleet, page: Page) -> None:
     assert cross_site.status == 403
     assert delta_usage(m2)[0] == 16  # nothing was reset
     # the same request with the token goes through: the token is what was missing
-    ok = page.request.post(reset, form={"csrf": csrf, "next": "/machines"}, max_redirects=0)
-    assert ok.status == 303
+    done = page.request.post(reset, form={"csrf": csrf, "next": "/machines"}, max_redirects=0)
+    assert done.status == 303
     assert delta_usage(m2) == (0, 0)

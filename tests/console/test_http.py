@@ -5,7 +5,6 @@ machines."""
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from lamina.home import Home
 from lamina.serve.delta import delta_usage
 from tests.conftest import Cli, write_sparse
 from tests.console.conftest import Fleet, login_url
+from tests.nbdtools import ok, qemu_io
 from tests.servers import Server
 
 _CSRF = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
@@ -119,11 +119,7 @@ def _flash(client: httpx.Client, page: str) -> str:
 
 def test_commit_and_repin(fleet: Fleet) -> None:
     fleet.server.start()
-    subprocess.run(
-        ["qemu-io", "-f", "raw", "-c", "write -P 7 1M 8k", fleet.server.url("machine/m2")],
-        check=True,
-        capture_output=True,
-    )
+    ok(qemu_io(fleet.server.url("machine/m2"), "write -P 7 1M 8k"))
     with signed_in(fleet.base, fleet.admin_token()) as (client, csrf):
         client.post("/machines/m2/commit", data={"csrf": csrf})
         assert _flash(client, "/machines") == "ok: m2: delta committed as base@2 (1 chunks changed)"
@@ -139,13 +135,7 @@ def test_commit_and_repin(fleet: Fleet) -> None:
         client.post("/machines/m2/repin", data={"csrf": csrf, "image": "base@9"})
         assert _flash(client, "/machines") == "error: Re-pin m2: no image version base@9"
         # the new version reads back what m2 wrote
-        read = subprocess.run(
-            ["qemu-io", "-r", "-f", "raw", "-c", "read -P 7 1M 8k", fleet.server.url("base@2")],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert read.returncode == 0 and "verification failed" not in read.stdout, read.stdout
+        ok(qemu_io(fleet.server.url("base@2"), "read -P 7 1M 8k", read_only=True))
         images = client.get("/images").text
         assert re.search(r"<td>base@2</td>", images)
 
@@ -213,7 +203,7 @@ def test_pages_at_1200_machines(cli: Cli, server: Server, tmp_path: Path) -> Non
     finally:
         home.close()
     server.start()
-    base = f"http://127.0.0.1:{server.http_port}"
+    base = server.http_url
     with signed_in(base, cli("admin", "token").out.strip()) as (client, _csrf):
         started = time.monotonic()
         page = client.get("/machines", params={"page": 7, "per": 100})

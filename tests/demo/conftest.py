@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from lamina.demo.image import DemoImage, demo_image
+from tests.servers import free_port, wait_port
 
 
 def cache_root() -> Path:
@@ -41,13 +40,6 @@ def disk_copy(demo: DemoImage, tmp_path: Path) -> Callable[[str], Path]:
     return copy
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def qemu_nbd() -> Iterator[Callable[..., str]]:
     """Serve files with qemu-nbd on 127.0.0.1; returns nbd:// URLs; stops every server."""
@@ -58,15 +50,7 @@ def qemu_nbd() -> Iterator[Callable[..., str]]:
         args = ["qemu-nbd", "-f", "raw", "-x", export, "-b", "127.0.0.1", "-p", str(port)]
         args += ["--persistent", *(["-r"] if read_only else []), str(path)]
         procs.append(subprocess.Popen(args, stderr=subprocess.PIPE))
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or procs[-1].poll() is not None:
-                    raise RuntimeError(f"qemu-nbd did not start on port {port}") from None
-                time.sleep(0.05)
+        wait_port(port, procs[-1], timeout=10)
         return f"nbd://127.0.0.1:{port}/{export}"
 
     try:

@@ -65,7 +65,7 @@ def fleet(database: str, home: Home, server: Server, tmp_path: Path) -> Iterator
     with home.session() as s:
         admin = settings.admin_token(s)
     server.start()
-    url = f"http://127.0.0.1:{server.http_port}"
+    url = server.http_url
     client = httpx.Client(
         base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {admin}"}, timeout=60
     )

@@ -28,7 +28,7 @@ def test_manifest_and_chunks_with_tokens_and_etags(
     token = cli.json("machine", "add", "m1", "--image", "base")["token"]
     admin = cli("admin", "token").out.strip()
     server.start()
-    base = f"http://127.0.0.1:{server.http_port}/api/v1"
+    base = f"{server.http_url}/api/v1"
     with httpx.Client(base_url=base) as http:
         assert http.get("/images/base/versions/1/manifest").status_code == 401
         assert (

@@ -37,7 +37,7 @@ def test_no_server_errors(home: Home, server: Server, tmp_path: Path) -> None:
     with home.session() as s:
         admin = settings.admin_token(s)
     server.start()
-    url = f"http://127.0.0.1:{server.http_port}"
+    url = server.http_url
     # desired?wait= holds a request up to `wait` seconds when the rev matches, and the fuzzer
     # learns the rev from the ETag: that endpoint gets the coverage phase (boundaries, types)
     agent = fuzz(

@@ -16,6 +16,7 @@ import pytest
 from lamina.nbd import Cmd, Errno
 from lamina.nbd.aio import NbdClient
 from tests.conftest import Cli, write_sparse
+from tests.nbdtools import ok, qemu_io
 from tests.servers import Server
 
 MiB = 1 << 20
@@ -32,18 +33,6 @@ def image(cli: Cli, tmp_path: Path) -> Path:
     cli("machine", "add", "m1", "--image", "base", "--mode", "stateful")
     cli("machine", "add", "m2", "--image", "base", "--mode", "stateless")
     return src
-
-
-def qemu_io(url: str, *commands: str, read_only: bool = False) -> subprocess.CompletedProcess[str]:
-    args = ["qemu-io", "-f", "raw", *(["-r"] if read_only else [])]
-    for c in commands:
-        args += ["-c", c]
-    return subprocess.run([*args, url], capture_output=True, text=True, check=False)
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 0 and "failed" not in proc.stdout.lower(), proc.stdout + proc.stderr
-    return proc.stdout
 
 
 def test_nbdinfo_lists_the_exports(server: Server, image: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import LAMINA, Cli, write_sparse
+from tests.nbdtools import qemu_io
 from tests.servers import Server, free_port, wait_port
 
 MiB = 1 << 20
@@ -154,13 +155,6 @@ def read_range(port: int, export: str, offset: int, length: int, dest: Path) -> 
         capture_output=True,
     )
     return dest.read_bytes()
-
-
-def qemu_io(url: str, *commands: str, read_only: bool = False) -> subprocess.CompletedProcess[str]:
-    args = ["qemu-io", "-f", "raw", *(["-r"] if read_only else [])]
-    for c in commands:
-        args += ["-c", c]
-    return subprocess.run([*args, url], capture_output=True, text=True, timeout=120, check=False)
 
 
 __all__ = ["Endpoint", "Server", "convert", "qemu_io", "read_range"]

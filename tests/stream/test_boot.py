@@ -24,7 +24,7 @@ def test_a_streamed_stateful_machine_boots_then_boots_again_offline(
     cli("image", "import", "demo", str(demo.path))
     token = cli.json("machine", "add", "desk-9", "--image", "demo", "--mode", "stateful")["token"]
     server.start()
-    url = f"http://127.0.0.1:{server.http_port}"
+    url = server.http_url
     ep = stream("demo", "--from", url, "--token", token, "--machine", "desk-9")
     assert ep.status()["exports"] == ["demo", "demo/seed"]
     seed = f"nbd://127.0.0.1:{ep.port}/demo/seed"
@@ -47,7 +47,7 @@ def test_the_seed_export_matches_the_servers(
 
     token = cli.json("machine", "add", "m1", "--image", "img")["token"]
     server.start()
-    url = f"http://127.0.0.1:{server.http_port}"
+    url = server.http_url
     ep = stream("img", "--from", url, "--token", token, "--machine", "m1", "--no-hydrate")
     ours = convert(f"nbd://127.0.0.1:{ep.port}/img/seed", tmp_path / "a.iso").read_bytes()
     theirs = convert(server.url("machine/m1/seed"), tmp_path / "b.iso").read_bytes()

@@ -29,15 +29,11 @@ from tests.stream.proxy import Proxy
 pytestmark = pytest.mark.peers
 
 
-def manager(server: Server) -> str:
-    return f"http://127.0.0.1:{server.http_port}"
-
-
 def test_reads_before_any_hydration_fetch_only_what_they_need(
     image: Path, admin: str, server: Server, stream: Callable[..., Endpoint], tmp_path: Path
 ) -> None:
     server.start()
-    ep = stream("img", "--from", manager(server), "--token", admin, "--no-hydrate")
+    ep = stream("img", "--from", server.http_url, "--token", admin, "--no-hydrate")
     status = ep.status()
     assert status["running"] and status["cached_data_bytes"] == 0 and not status["complete"]
     src = image.read_bytes()
@@ -62,7 +58,7 @@ def test_hydration_then_offline_with_the_manager_killed_and_after_a_restart(
     image: Path, admin: str, server: Server, stream: Callable[..., Endpoint], tmp_path: Path
 ) -> None:
     server.start()
-    ep = stream("img", "--from", manager(server), "--token", admin)
+    ep = stream("img", "--from", server.http_url, "--token", admin)
     status = ep.wait_complete()
     assert status["cached_bytes"] == status["size"] == 8 << 20
     assert status["demand_chunks"] == 0  # all of it by background hydration
@@ -80,7 +76,7 @@ def test_a_chunk_corrupted_in_transit_is_fetched_again(
     image: Path, admin: str, server: Server, stream: Callable[..., Endpoint], tmp_path: Path
 ) -> None:
     server.start()
-    proxy = Proxy(manager(server))
+    proxy = Proxy(server.http_url)
     try:
         proxy.corrupt_left = 3  # the first three chunk answers are damaged
         ep = stream("img", "--from", proxy.url, "--token", admin, "--no-hydrate")
@@ -103,7 +99,7 @@ def test_manager_outage_mid_hydration_recovers_by_itself(
     image: Path, admin: str, server: Server, stream: Callable[..., Endpoint], tmp_path: Path
 ) -> None:
     server.start()
-    proxy = Proxy(manager(server))
+    proxy = Proxy(server.http_url)
     try:
         ep = stream("img", "--from", proxy.url, "--token", admin, "--rate", "1M", "--timeout", "2")
         deadline = time.monotonic() + 20
@@ -147,7 +143,7 @@ def test_kill_9_at_any_time_never_serves_wrong_data(
     image: Path, admin: str, server: Server, stream: Callable[..., Endpoint], tmp_path: Path
 ) -> None:
     server.start()
-    ep = stream("img", "--from", manager(server), "--token", admin, "--rate", "2M")
+    ep = stream("img", "--from", server.http_url, "--token", admin, "--rate", "2M")
     rng = random.Random(8)
     for round_ in range(4):
         time.sleep(rng.uniform(0.1, 0.6))
@@ -173,7 +169,7 @@ def test_a_repeated_chunk_with_a_mark_lost_in_a_crash_is_fetched_again_and_compl
     image: Path, admin: str, server: Server, stream: Callable[..., Endpoint], tmp_path: Path
 ) -> None:
     server.start()
-    ep = stream("img", "--from", manager(server), "--token", admin)
+    ep = stream("img", "--from", server.http_url, "--token", admin)
     ep.wait_complete()
     ep.stop(signal.SIGKILL)
     # the chunk at 5 MiB is also at 6 MiB; a crash between the runs of marks kept only
@@ -197,7 +193,7 @@ def test_a_cache_whose_version_the_manager_holds_with_other_content_is_refused(
     image: Path, admin: str, server: Server, stream: Callable[..., Endpoint], tmp_path: Path
 ) -> None:
     server.start()
-    ep = stream("img", "--from", manager(server), "--token", admin)
+    ep = stream("img", "--from", server.http_url, "--token", admin)
     ep.wait_complete()
     ep.stop()
     # the manager is rebuilt (a new database): img@1 comes back with other content
@@ -210,7 +206,7 @@ def test_a_cache_whose_version_the_manager_holds_with_other_content_is_refused(
     rebuilt.start()
     try:
         token = other("admin", "token").out.strip()
-        ep.args = ["img", "--from", manager(rebuilt), "--token", token]
+        ep.args = ["img", "--from", rebuilt.http_url, "--token", token]
         ep.start(wait=False)
         assert ep.proc is not None and ep.proc.wait(timeout=30) == 9
         error = ep.log.read_text().strip().splitlines()[-1]
@@ -233,7 +229,7 @@ def test_boot_profile_recorded_by_the_server_leads_hydration(
         server.url("machine/m1"), "read 7340032 4096", "read 1048576 4096", "read 7340032 512"
     )
     assert read.returncode == 0, read.stderr
-    url = f"{manager(server)}/api/v1/images/img/versions/1/profile"
+    url = f"{server.http_url}/api/v1/images/img/versions/1/profile"
     deadline = time.monotonic() + 10
     while True:  # recorded when the export closes, on a thread of its own
         answer = httpx.get(url, headers={"Authorization": f"Bearer {admin}"}).json()
@@ -244,7 +240,7 @@ def test_boot_profile_recorded_by_the_server_leads_hydration(
     token = cli.json("machine", "add", "m2", "--image", "img")["token"]
     assert httpx.get(url, headers={"Authorization": f"Bearer {token}"}).status_code == 200
     assert httpx.get(url).status_code == 401
-    ep = stream("img", "--from", manager(server), "--token", token)
+    ep = stream("img", "--from", server.http_url, "--token", token)
     ep.wait_complete()
     hydrating = next(e for e in ep.events() if e["event"] == "hydrating")
     assert hydrating["profile_chunks"] == 2
@@ -255,10 +251,10 @@ def test_on_the_managers_home_no_token_is_needed_elsewhere_it_is(
 ) -> None:
     server.start()
     # as DESIGN.md's contract writes it: IMAGE --from URL --cache DIR --nbd ADDR
-    ep = stream("img", "--from", manager(server), "--no-hydrate")
+    ep = stream("img", "--from", server.http_url, "--no-hydrate")
     assert filecmp.cmp(convert(ep.url, tmp_path / "all.raw"), image, shallow=False)
     elsewhere = cli(
-        "stream", "img", "--from", manager(server), "--cache", str(tmp_path / "c2"),
+        "stream", "img", "--from", server.http_url, "--cache", str(tmp_path / "c2"),
         "--home", str(tmp_path / "endpoint-home"), check=False,
     )  # fmt: skip
     assert elsewhere.code == 2 and "--token" in elsewhere.err

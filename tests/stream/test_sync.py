@@ -21,10 +21,6 @@ pytestmark = pytest.mark.peers
 MiB = 1 << 20
 
 
-def manager(server: Server) -> str:
-    return f"http://127.0.0.1:{server.http_port}"
-
-
 def sync(cli: Cli, ep: Endpoint, *, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [LAMINA, "stream", "sync", "--cache", str(ep.cache), "--json"],
@@ -54,7 +50,7 @@ def test_stateful_sync_round_trips_to_the_machine_export(
     server.start()
     # the machine already has a delta on the server: the stream starts from it
     assert qemu_io(server.url("machine/m1"), "write -P 0x33 0 65536").returncode == 0
-    ep = stream("img", "--from", manager(server), "--token", token, "--machine", "m1")
+    ep = stream("img", "--from", server.http_url, "--token", token, "--machine", "m1")
     assert has_pattern(ep.url, 0x33, 0)
     assert qemu_io(ep.url, f"write -P 0x5a {MiB} 65536").returncode == 0
     assert ep.status()["local_delta_blocks"] == 16
@@ -84,7 +80,7 @@ def test_an_interrupted_sync_leaves_both_sides_consistent_and_a_retry_completes(
 ) -> None:
     token = cli.json("machine", "add", "m1", "--image", "img", "--mode", "stateful")["token"]
     server.start()
-    proxy = Proxy(manager(server))
+    proxy = Proxy(server.http_url)
     try:
         ep = stream("img", "--from", proxy.url, "--token", token, "--machine", "m1")
         assert qemu_io(ep.url, f"write -P 0x5a {MiB} 65536").returncode == 0
@@ -115,7 +111,7 @@ def test_kill_9_of_the_endpoint_mid_sync_then_a_retried_sync_completes(
 ) -> None:
     token = cli.json("machine", "add", "m1", "--image", "img", "--mode", "stateful")["token"]
     server.start()
-    proxy = Proxy(manager(server))
+    proxy = Proxy(server.http_url)
     try:
         ep = stream("img", "--from", proxy.url, "--token", token, "--machine", "m1")
         assert qemu_io(ep.url, f"write -P 0x5a {MiB} 65536").returncode == 0
@@ -143,7 +139,7 @@ def test_a_stateless_machine_drops_its_local_writes_at_restart(
 ) -> None:
     token = cli.json("machine", "add", "m1", "--image", "img")["token"]
     server.start()
-    ep = stream("img", "--from", manager(server), "--token", token, "--machine", "m1")
+    ep = stream("img", "--from", server.http_url, "--token", token, "--machine", "m1")
     assert qemu_io(ep.url, f"write -P 0x5a {MiB} 65536").returncode == 0
     assert has_pattern(ep.url, 0x5A, MiB)
     failed = sync(cli, ep, check=False)
@@ -162,7 +158,7 @@ def test_a_machine_token_opens_only_its_own_machine(
     other = cli.json("machine", "add", "m2", "--image", "img")["token"]
     server.start()
     proc = subprocess.run(
-        [LAMINA, "stream", "img", "--from", manager(server), "--token", other,
+        [LAMINA, "stream", "img", "--from", server.http_url, "--token", other,
          "--machine", "m1", "--cache", str(tmp_path / "c"), "--nbd", "127.0.0.1:1"],
         capture_output=True, text=True, timeout=60, check=False,
         env={"LAMINA_HOME": str(cli.home), "PATH": "/usr/bin:/bin"},
@@ -183,7 +179,7 @@ def test_uploads_need_a_stateful_machine_and_a_reset_drops_the_staged_ones(
     drops = cli.json("machine", "add", "m2", "--image", "img")["token"]
     server.start()
     uid = "ab" * 16
-    with httpx.Client(base_url=manager(server) + "/api/v1") as http:
+    with httpx.Client(base_url=server.http_url + "/api/v1") as http:
 
         def put(name: str, token: str) -> httpx.Response:
             return http.put(
