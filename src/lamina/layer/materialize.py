@@ -20,11 +20,10 @@ from pathlib import Path
 
 from lamina.errors import CorruptObject
 from lamina.layer import paths
-from lamina.layer.tree import Entry, Kind, Tree
+from lamina.layer.tree import OPAQUE_XATTR, Entry, Kind, Tree
 from lamina.store import ZERO_ID, ChunkStore
 
 Progress = Callable[[int], None]
-OPAQUE_XATTR = "trusted.overlay.opaque"
 
 
 def materialize(

@@ -25,9 +25,7 @@ from lamina.errors import Conflict, NotFound, UsageError
 from lamina.home import Home
 from lamina.layer import mountapi, overlay, prepare
 from lamina.layer.compose import WritablePolicy, clashes, name_clashes
-from lamina.layer.importer import load_tree
-from lamina.layer.tree import Tree
-from lamina.layer.writable import Kept, VersionInfo, keep_session
+from lamina.layer.writable import Kept, VersionInfo, keep_session, loader
 from lamina.locks import locked
 from lamina.names import parse_ref
 
@@ -164,10 +162,7 @@ def prepare_version(
     if str(ready) in mounted:
         return ready
 
-    def load() -> Tree:
-        return load_tree(home.store, bytes.fromhex(v.manifest))
-
-    done = prepare.prepare(home.root, home.store, v.manifest, load)
+    done = prepare.prepare(home.root, home.store, v.manifest, loader(home, v.manifest))
     if done.prepared_seconds:
         timings[v.ref] = round(done.prepared_seconds, 3)
     return done.mountpoint
@@ -182,7 +177,7 @@ def _conflicts(home: Home, stack: Sequence[VersionInfo], only: int | None) -> li
     found = clashes(prints, only=only)
     if not found:
         return []
-    named = name_clashes(found, lambda i: load_tree(home.store, bytes.fromhex(apps[i].manifest)))
+    named = name_clashes(found, lambda i: loader(home, apps[i].manifest)())
     return [LayerConflict(path, apps[a].ref, apps[b].ref) for path, a, b in named]
 
 

@@ -33,12 +33,10 @@ import zstandard
 
 from lamina.errors import InvalidInput, NotFound
 from lamina.layer.builder import DataRef, Member, TreeBuilder, member_kind
-from lamina.layer.tree import Kind, Xattrs
+from lamina.layer.tree import OPAQUE_XATTR, OVERLAY_XATTRS, Kind, Xattrs
 
 Sink = Callable[[DataRef, IO[bytes]], None]
 Opener = Callable[[], BinaryIO]
-OVERLAY_XATTR = "trusted.overlay."
-OPAQUE_XATTR = "trusted.overlay.opaque"
 
 
 class LayerSource(Protocol):
@@ -62,7 +60,7 @@ def _xattrs(path: str) -> tuple[Xattrs, bool]:
         return (), False
     out, opaque = [], False
     for name in sorted(names):
-        if name.startswith(OVERLAY_XATTR) or name.startswith("user.overlay."):
+        if name.startswith(OVERLAY_XATTRS):
             opaque = opaque or (
                 name == OPAQUE_XATTR and os.getxattr(path, name, follow_symlinks=False) == b"y"
             )
@@ -207,9 +205,7 @@ def _tar_xattrs(ti: tarfile.TarInfo) -> Xattrs:
             out.append((key[13:], value.encode("utf-8", "surrogateescape")))
         elif key.startswith("LIBARCHIVE.xattr."):
             out.append((unquote(key[17:]), b64decode(value + "=" * (-len(value) % 4))))
-    # overlayfs' own attributes (trusted.overlay.*, or user.overlay.* for unprivileged
-    # mounts) would change how a layer merges: never taken from an archive.
-    return tuple(sorted(x for x in out if not x[0].startswith((OVERLAY_XATTR, "user.overlay."))))
+    return tuple(sorted(x for x in out if not x[0].startswith(OVERLAY_XATTRS)))
 
 
 def tar_member(ti: tarfile.TarInfo, ref: DataRef) -> Member:

@@ -51,6 +51,10 @@ _XVAL = struct.Struct("<I")
 _CHUNK = struct.Struct(f"<{ID_SIZE}sI")
 
 FLAG_OPAQUE: Final = 1
+# overlayfs's own attributes (trusted.overlay.*, or user.overlay.* on unprivileged
+# mounts): they change how layers merge, so they are never taken from a source.
+OVERLAY_XATTRS: Final = ("trusted.overlay.", "user.overlay.")
+OPAQUE_XATTR: Final = "trusted.overlay.opaque"
 
 
 class Kind(IntEnum):

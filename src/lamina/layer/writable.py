@@ -50,12 +50,13 @@ class Kept:
 def _base_paths(home: Home, bases: Sequence[VersionInfo]) -> set[int]:
     hashes: set[int] = set()
     for b in bases:
-        prepare.prepare_image(home.root, home.store, b.manifest, _loader(home, b.manifest))
+        prepare.prepare_image(home.root, home.store, b.manifest, loader(home, b.manifest))
         hashes.update(prepare.fingerprint(home.root, b.manifest).keys)
     return hashes
 
 
-def _loader(home: Home, manifest: str) -> prepare.Loader:
+def loader(home: Home, manifest: str) -> prepare.Loader:
+    """Loads a layer version's tree from the home's store when called."""
     return lambda: load_tree(home.store, bytes.fromhex(manifest))
 
 
