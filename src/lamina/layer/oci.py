@@ -189,9 +189,7 @@ def _has_image_marker(names: list[str]) -> bool:
 def _first_member(path: Path) -> tuple[bool, str | None]:
     """(compressed?, name of the first member) of a tar file."""
     with open(path, "rb") as raw:
-        head = raw.read(6)
-        raw.seek(0)
-        stream = unwrapped(head, raw)
+        stream = unwrapped(raw)
         compressed = stream is not raw
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tf:
@@ -227,10 +225,11 @@ def open_source(path: Path, *, tmp_dir: Path) -> Iterator[LayerSource]:
         return
     with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="image-") as tmp:
         plain = Path(tmp, "image.tar")
-        with open(path, "rb") as raw, open(plain, "wb") as out:
-            head = raw.read(6)
-            raw.seek(0)
-            with contextlib.closing(unwrapped(head, raw)) as stream:
-                shutil.copyfileobj(stream, out, 1 << 20)
+        with (
+            open(path, "rb") as raw,
+            open(plain, "wb") as out,
+            contextlib.closing(unwrapped(raw)) as stream,
+        ):
+            shutil.copyfileobj(stream, out, 1 << 20)
         with tarfile.open(plain, "r:") as tf:
             yield ImageSource(_TarArchive(tf, str(path)), str(path))

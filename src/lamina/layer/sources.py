@@ -156,8 +156,12 @@ class DirSource:
 # -- tar streams ------------------------------------------------------------------------------
 
 
-def unwrapped(head: bytes, src: BinaryIO) -> IO[bytes]:
-    """``src`` unwrapped from gzip/zstd/bzip2/xz, told apart by the magic in ``head``."""
+def unwrapped(raw: BinaryIO, via: BinaryIO | None = None) -> IO[bytes]:
+    """``raw`` (at its start, seekable) unwrapped from gzip/zstd/bzip2/xz, told apart by
+    its magic; read through ``via`` when given (a reader over ``raw``, such as a hasher)."""
+    head = raw.read(6)
+    raw.seek(0)
+    src = raw if via is None else via
     if head.startswith(b"\x1f\x8b"):
         return gzip.GzipFile(fileobj=src, mode="rb")  # type: ignore[return-value]
     if head.startswith(b"\x28\xb5\x2f\xfd"):
@@ -259,11 +263,9 @@ class TarSource:
     def _members(self, hashing: bool) -> Iterator[tuple[int, tarfile.TarInfo, tarfile.TarFile]]:
         raw = self.opener()
         try:
-            head = raw.read(6)
-            raw.seek(0)
             # The digest names the blob as stored: hash the bytes before decompression.
             tap = _Hashing(raw) if hashing else None
-            stream = unwrapped(head, tap or raw)  # type: ignore[arg-type]
+            stream = unwrapped(raw, tap)  # type: ignore[arg-type]
             with tarfile.open(fileobj=stream, mode="r|") as tf:
                 for i, ti in enumerate(tf):
                     yield i, ti, tf
