@@ -53,7 +53,7 @@ def import_(
             {
                 "ref": ref,
                 "name": name,
-                "version": int(ref.rpartition("@")[2]),
+                "version": parse_ref(ref).version,
                 "size": stats.size,
                 "format": stats.source_format,
                 "bytes_read": stats.bytes_read,

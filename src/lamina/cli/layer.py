@@ -64,7 +64,7 @@ def import_(
             {
                 "ref": ref,
                 "name": name,
-                "version": int(ref.rpartition("@")[2]),
+                "version": parse_ref(ref).version,
                 "files": imported.files,
                 "size": imported.size,
                 "new_chunks": imported.new_chunks,

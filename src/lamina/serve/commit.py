@@ -11,6 +11,7 @@ from typing import Any
 
 from lamina.home import Home
 from lamina.image import Imported, ImportStats, Manifest
+from lamina.names import parse_ref
 from lamina.nbd import ExportInfo
 from lamina.serve.catalog import MACHINE_PREFIX
 from lamina.serve.delta import BLOCK, discard
@@ -49,7 +50,7 @@ def commit_delta(
                     machines.pin(
                         session,
                         machine=machines.get(session, machine),
-                        version=images.get_version(session, images.parse_ref_of(ref)),
+                        version=images.get_version(session, parse_ref(ref)),
                     )
                 return ref
 

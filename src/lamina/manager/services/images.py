@@ -205,9 +205,3 @@ def version_bytes(session: Session, *, store: ChunkStore) -> dict[int, VersionBy
 
 def list_all_versions(session: Session) -> list[ImageVersion]:
     return list(session.scalars(select(ImageVersion)))
-
-
-def parse_ref_of(ref: str) -> Ref:
-    """The Ref of a ``NAME@N`` string this module produced."""
-    name, _, version = ref.partition("@")
-    return Ref(name, int(version))
