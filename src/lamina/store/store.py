@@ -290,17 +290,19 @@ class ChunkStore:
             report.chunks_removed = len(dead)
             rewriter = Writer(self, codec.DEFAULT_LEVEL)
             doomed: list[str] = []
-            for name, size in sorted(self.index.packs().items()):
-                live_here = self._live_entries(name, size, self.index.chunks_in(name))
-                if sum(e.size for e in live_here) < REPACK_BELOW * size:
-                    if live_here:
-                        self._rewrite(name, live_here, rewriter)
-                        report.packs_rewritten += 1
-                    doomed.append(name)
-                    report.bytes_freed += size
-                progress(size)
-            rewriter.flush()
-            rewriter.close()
+            try:
+                for name, size in sorted(self.index.packs().items()):
+                    live_here = self._live_entries(name, size, self.index.chunks_in(name))
+                    if sum(e.size for e in live_here) < REPACK_BELOW * size:
+                        if live_here:
+                            self._rewrite(name, live_here, rewriter)
+                            report.packs_rewritten += 1
+                        doomed.append(name)
+                        report.bytes_freed += size
+                    progress(size)
+                rewriter.flush()
+            finally:
+                rewriter.close()  # its writer thread, also when a corrupt chunk stops gc
             # The rewriter's packs were indexed with INSERT OR IGNORE, which kept the old
             # locations; point the index at the new copies before the old packs go.
             for pack_name, entries in rewriter.sealed:
