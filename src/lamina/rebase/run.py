@@ -210,11 +210,11 @@ class Bulk:
 _worker: dict[str, Any] = {}
 
 
-def _setup(home: Home, table: str, now_ns: int, dry_run: bool) -> None:
+def _setup(home: Home, table: PolicyTable, now_ns: int, dry_run: bool) -> None:
     _worker.update(
         home=home,
         bases=Bases(home.store),
-        table=PolicyTable.from_json(table),
+        table=table,
         now_ns=now_ns,
         dry_run=dry_run,
     )
@@ -224,7 +224,7 @@ def _init_worker(root: str, database_url: str, table: str, now_ns: int, dry_run:
     # The parent decides when to stop (it waits for running batches): a batch either
     # records a layer or leaves it as it was.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _setup(Home(Path(root), database_url), table, now_ns, dry_run)
+    _setup(Home(Path(root), database_url), PolicyTable.from_json(table), now_ns, dry_run)
 
 
 def run_batch(jobs: Sequence[Job], target: str) -> list[Result]:
@@ -274,13 +274,12 @@ def rebase_all(
 
     started = time.monotonic()
     with home.session() as session:
-        todo, skipped = svc.plan_all(
-            session, parse_ref(source, "layer name"), parse_ref(onto, "layer name")
-        )
-        target = svc.base_of(session, parse_ref(onto, "layer name")).ref
-        origin = svc.base_of(session, parse_ref(source, "layer name")).ref
+        old = svc.base_of(session, parse_ref(source, "layer name"))
+        new = svc.base_of(session, parse_ref(onto, "layer name"))
+        todo, skipped = svc.plan_all(session, old, new)
         table = svc.get_policy(session)
-    bulk = Bulk(origin, target)
+    target = new.ref
+    bulk = Bulk(old.ref, target)
     bulk.results += [Result(s.name, s.ref, s.why, error=s.detail) for s in skipped]
     total = len(todo)
     if progress is not None:
@@ -288,15 +287,15 @@ def rebase_all(
     batches = [todo[i : i + BATCH] for i in range(0, total, BATCH)]
     workers = max(1, min(jobs or os.cpu_count() or 1, len(batches)))
     now_ns = time.time_ns()
-    init = (str(home.root), home.database_url, table.to_json(), now_ns, dry_run)
     try:
         if workers == 1:
-            _setup(home, table.to_json(), now_ns, dry_run)
+            _setup(home, table, now_ns, dry_run)
             for batch in batches:
                 bulk.results += run_batch(batch, target)
                 if progress is not None:
                     progress(len(bulk.results) - len(skipped), total)
         else:
+            init = (str(home.root), home.database_url, table.to_json(), now_ns, dry_run)
             _in_pool(bulk, batches, workers, init, target, total, len(skipped), progress)
     except KeyboardInterrupt:
         bulk.interrupted = True

@@ -147,9 +147,8 @@ def base_of(session: Session, ref: Ref) -> Base:
 def _job(name: str, v: LayerVersion, bases: list[Base], onto: Base) -> Job | Skipped:
     at = [i for i, b in enumerate(bases) if b.layer_id == onto.layer_id]
     if not at:
-        made_on = ", ".join(b.ref for b in bases) or "nothing"
         raise UsageError(
-            f"{v.ref} was not made on {onto.ref.rpartition('@')[0]} (it was on {made_on})"
+            f"{v.ref} was not made on {onto.ref.rpartition('@')[0]} (it was on {_on(bases)})"
         )
     if bases[at[0]].id == onto.id:
         return Skipped(name, v.ref, "already", f"{v.ref} is on {onto.ref}")
@@ -175,10 +174,9 @@ def plan_one(session: Session, writable: Ref, onto: Ref) -> Job | Skipped:
     return _job(layer.name, latest, _bases(session, [latest.id]).get(latest.id, []), target)
 
 
-def plan_all(session: Session, old: Ref, onto: Ref) -> tuple[list[Job], list[Skipped]]:
-    """Jobs for every writable layer whose latest version was made on ``old``, and those
-    skipped: already on ``onto`` (after an earlier run), in use, moved elsewhere."""
-    source, target = base_of(session, old), base_of(session, onto)
+def plan_all(session: Session, source: Base, target: Base) -> tuple[list[Job], list[Skipped]]:
+    """Jobs for every writable layer whose latest version was made on ``source``, and
+    those skipped: already on ``target`` (after an earlier run), in use, moved elsewhere."""
     if source.layer_id != target.layer_id:
         raise UsageError(f"--from {source.ref} and --onto {target.ref} are not one layer")
     ever = (
