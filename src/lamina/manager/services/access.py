@@ -90,6 +90,12 @@ def _machines_of_users(session: Session, user_ids: Select[Any]) -> list[int]:
     )
 
 
+def _machines_of_user(session: Session, user_id: int) -> list[int]:
+    """The machines where the user is logged in."""
+    query = select(UserSession.machine_id).where(UserSession.user_id == user_id).distinct()
+    return list(session.scalars(query))
+
+
 # -- users ------------------------------------------------------------------------------------
 
 
@@ -135,7 +141,7 @@ def update_user(
         session.execute(delete(Membership).where(Membership.user_id == user.id))
         session.add_all(Membership(user_id=user.id, group_id=g) for g in sorted(wanted))
     session.flush()
-    touch(session, _machines_of_users(session, select(User.id).where(User.id == user.id)))
+    touch(session, _machines_of_user(session, user.id))
     return user
 
 
@@ -266,7 +272,7 @@ def add_member(session: Session, *, group: str, user: str) -> None:
     _add_unique(
         session, Membership(user_id=u.id, group_id=g.id), f"{user!r} is already in {group!r}"
     )
-    touch(session, _machines_of_users(session, select(User.id).where(User.id == u.id)))
+    touch(session, _machines_of_user(session, u.id))
 
 
 def remove_member(session: Session, *, group: str, user: str) -> None:
@@ -276,7 +282,7 @@ def remove_member(session: Session, *, group: str, user: str) -> None:
     )
     if not gone.rowcount:  # type: ignore[attr-defined]
         raise NotFound(f"{user!r} is not in {group!r}")
-    touch(session, _machines_of_users(session, select(User.id).where(User.id == u.id)))
+    touch(session, _machines_of_user(session, u.id))
 
 
 # -- entitlements -----------------------------------------------------------------------------
@@ -317,7 +323,7 @@ def _affected(session: Session, t: Target) -> list[int]:
     if t.kind == "machine":
         return [t.id]
     if t.kind == "user":
-        return _machines_of_users(session, select(User.id).where(User.id == t.id))
+        return _machines_of_user(session, t.id)
     return _machines_of_users(
         session, select(Membership.user_id).where(Membership.group_id == t.id)
     )
