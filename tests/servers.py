@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import LAMINA
@@ -29,6 +30,16 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> 
         except OSError:
             time.sleep(0.05)
     raise AssertionError(f"nothing listens on {port}")
+
+
+def wait_for(check: Callable[[], bool], timeout: float) -> float:
+    """Seconds until ``check()`` holds (AssertionError past ``timeout``)."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - started
 
 
 class Server:

@@ -9,10 +9,8 @@ machine sees; the agent rides out a manager restart.
 
 from __future__ import annotations
 
-import os
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,29 +18,10 @@ import pytest
 
 from tests.agent.conftest import AgentProc
 from tests.conftest import Cli, write_sparse
-from tests.servers import Server
+from tests.layer.conftest import needs_root, write_tree
+from tests.servers import Server, wait_for
 
-pytestmark = [
-    pytest.mark.peers,
-    pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root"),
-]
-
-
-def tree(root: Path, files: dict[str, str]) -> Path:
-    for rel, text in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return root
-
-
-def wait_for(check: Callable[[], bool], timeout: float) -> float:
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout} s")
-        time.sleep(0.02)
-    return time.monotonic() - started
+pytestmark = [pytest.mark.peers, needs_root]
 
 
 @pytest.fixture
@@ -59,9 +38,9 @@ def setup_fleet(cli: Cli, tmp_path: Path) -> list[str]:
     tokens = [cli.json("machine", "add", m, "--image", "base")["token"] for m in ("m1", "m2")]
     src = tmp_path / "src"
     os_files = {"etc/os-release": "lamina\n", "home/.keep": ""}
-    cli("layer", "import", "os", str(tree(src / "os", os_files)))
-    cli("layer", "import", "app1", str(tree(src / "app1", {"opt/app1/run": "one\n"})))
-    cli("layer", "import", "app2", str(tree(src / "app2", {"opt/app2/run": "two\n"})))
+    cli("layer", "import", "os", str(write_tree(src / "os", os_files)))
+    cli("layer", "import", "app1", str(write_tree(src / "app1", {"opt/app1/run": "one\n"})))
+    cli("layer", "import", "app2", str(write_tree(src / "app2", {"opt/app2/run": "two\n"})))
     cli("group", "add", "staff")
     cli("user", "add", "alice", "--group", "staff", "--policy", "profile")
     cli("entitle", "os", "--machine", "m1")
