@@ -14,7 +14,7 @@ from typing import Protocol, cast
 from lamina.errors import LaminaError, ProtocolError
 from lamina.logs import event as log_event
 from lamina.nbd.client import ChunkReceived, ClientConnection, Greeting, SimpleReplyReceived
-from lamina.nbd.constants import Cmd, CmdFlag, Errno, Info, Opt, Rep, ReplyType
+from lamina.nbd.constants import PARTIAL_REPLIES, Cmd, CmdFlag, Errno, Info, Opt, Rep, ReplyType
 from lamina.nbd.device import BlockDevice
 from lamina.nbd.events import (
     NEED_DATA,
@@ -204,14 +204,14 @@ class NbdServerProtocol(asyncio.Protocol):
             self.export = decision.export
         for reply in decision.replies:
             self._send(reply)
-        if self.export is not None and decision.export is not None:
+        if decision.export is not None:
             log_event(
                 self.log,
                 "connect",
                 client=self.peer,
-                export=self.export.name,
+                export=decision.export.name,
                 structured=self.conn.structured,
-                size=self.export.size,
+                size=decision.export.size,
             )
         if decision.hang_up:
             self._hang_up("" if decision.replies else "unknown export")
@@ -348,7 +348,7 @@ class NbdClient:
             event = await self._next()
             assert isinstance(event, OptionReply)
             replies.append(event)
-            if event.reply not in (Rep.SERVER, Rep.INFO, Rep.META_CONTEXT):
+            if event.reply not in PARTIAL_REPLIES:
                 return replies
 
     async def _handshake(self, export: str, meta: bool) -> None:

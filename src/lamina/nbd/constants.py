@@ -83,6 +83,10 @@ class Rep(IntEnum):
     ERR_TOO_BIG = (1 << 31) + 9
 
 
+# Option replies that more replies to the same option follow (the others end it).
+PARTIAL_REPLIES: Final = frozenset({Rep.SERVER, Rep.INFO, Rep.META_CONTEXT})
+
+
 class Info(IntEnum):
     EXPORT = 0
     NAME = 1

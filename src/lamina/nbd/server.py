@@ -32,6 +32,7 @@ from lamina.nbd.constants import (
     OPTION_HEAD,
     OPTION_REPLY,
     OPTION_REPLY_MAGIC,
+    PARTIAL_REPLIES,
     REPLY_FLAG_DONE,
     REQUEST,
     REQUEST_MAGIC,
@@ -311,9 +312,9 @@ class ServerConnection:
 
     def _read_data(self, event: ReadData) -> list[Buffer]:
         self._require(Phase.TRANSMISSION, event)
-        size = sum(len(d) for d in event.data)
         if not self.structured:
             return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, event.handle), *event.data]
+        size = sum(len(d) for d in event.data)
         head = CHUNK.pack(
             STRUCTURED_REPLY_MAGIC,
             REPLY_FLAG_DONE if event.done else 0,
@@ -345,7 +346,7 @@ class ServerConnection:
         self._require(Phase.OPTIONS, event)
         if self._awaiting != event.option:
             raise ProtocolError(f"no option {event.option} is waiting for a reply")
-        final = event.reply not in (Rep.SERVER, Rep.INFO, Rep.META_CONTEXT)
+        final = event.reply not in PARTIAL_REPLIES
         if event.reply == Rep.META_CONTEXT and event.option == Opt.SET_META_CONTEXT:
             context_id = _U32.unpack(event.data[:4])[0]
             self.meta_contexts[context_id] = event.data[4:].decode()
