@@ -232,9 +232,10 @@ def get_machine(_: AdminDep, session: SessionDep, name: ObjP) -> dict[str, Any]:
 def update_machine(
     _: AdminDep, session: SessionDep, home: HomeDep, name: ObjP, body: s.MachineUpdate
 ) -> dict[str, Any]:
-    m = machines.get(session, name)
     if body.mode is not None:
         m = machines.set_mode(session, name=name, mode=body.mode, home=home)
+    else:
+        m = machines.get(session, name)
     return _machine(m, fleet.users_on(session, [m.id]).get(m.id, []))
 
 
