@@ -56,6 +56,11 @@ class OptStructuredReply(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class OptStartTls(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
 class OptMetaContext(Event):
     """NBD_OPT_SET_META_CONTEXT or (``list_only``) NBD_OPT_LIST_META_CONTEXT."""
 

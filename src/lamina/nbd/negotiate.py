@@ -1,5 +1,11 @@
 """What a server answers during the handshake and which requests it refuses: pure
-functions over an export catalogue, shared by every transport."""
+functions over an export catalogue, shared by every transport.
+
+TLS follows the spec's modes: a connection with ``tls_required`` (FORCEDTLS) answers
+every option but STARTTLS and ABORT with NBD_REP_ERR_TLS_REQD until TLS is up, and hangs
+up on NBD_OPT_EXPORT_NAME (which cannot be refused politely); one with no TLS offered
+(NOTLS) refuses STARTTLS by policy. Who may open what is the catalogue's business: it
+answers ``lookup`` with a ``Refusal`` for an export this client may not open."""
 
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from lamina.nbd.events import (
     OptionReply,
     OptList,
     OptMetaContext,
+    OptStartTls,
     OptStructuredReply,
     OptUnsupported,
     Request,
@@ -80,10 +87,20 @@ class ExportInfo:
         )
 
 
-class Catalog(Protocol):
-    def lookup(self, name: str) -> ExportInfo | None: ...
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An export this client may not open (answered NBD_REP_ERR_POLICY with the reason,
+    whether or not the export exists)."""
 
-    def names(self) -> list[str]: ...
+    reason: str
+
+
+class Catalog(Protocol):
+    def lookup(self, name: str) -> ExportInfo | Refusal | None: ...
+
+    def names(self) -> list[str]:
+        """The exports this client may open (NBD_OPT_LIST)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +108,7 @@ class Decision:
     replies: list[Event]
     export: ExportInfo | None = None  # set when transmission starts on this export
     hang_up: bool = False
+    reason: str = ""  # why, for the log, when hanging up without a reply
 
 
 def _u32str(text: str) -> bytes:
@@ -116,7 +134,10 @@ def _info_replies(option: int, info: ExportInfo, requests: tuple[int, ...]) -> l
 
 def _meta_replies(event: OptMetaContext, catalog: Catalog) -> list[Event]:
     option = Opt.LIST_META_CONTEXT if event.list_only else Opt.SET_META_CONTEXT
-    if catalog.lookup(event.export) is None:
+    found = catalog.lookup(event.export)
+    if isinstance(found, Refusal):
+        return [OptionReply(option, Rep.ERR_POLICY, found.reason.encode())]
+    if found is None:
         return [OptionReply(option, Rep.ERR_UNKNOWN, f"no export {event.export!r}".encode())]
     wanted = event.queries or ((BASE_ALLOCATION,) if event.list_only else ())
     selected = any(q == BASE_ALLOCATION or (event.list_only and q == "base:") for q in wanted)
@@ -128,19 +149,70 @@ def _meta_replies(event: OptMetaContext, catalog: Catalog) -> list[Event]:
     return [*out, OptionReply(option, Rep.ACK)]
 
 
+# The option each handshake event answers (for replies that do not depend on its data).
+_OPTION_OF: dict[type[Event], int] = {
+    OptExportName: Opt.EXPORT_NAME,
+    OptAbort: Opt.ABORT,
+    OptList: Opt.LIST,
+    OptStructuredReply: Opt.STRUCTURED_REPLY,
+    OptStartTls: Opt.STARTTLS,
+}
+# What a connection that requires TLS answers before it is up (FORCEDTLS).
+_BEFORE_TLS = frozenset({Opt.STARTTLS, Opt.ABORT})
+_TLS_REQUIRED = b"this server requires TLS: send NBD_OPT_STARTTLS first"
+
+
+def option_of(event: Event) -> int | None:
+    """The option a handshake event came from (None for events that are not options)."""
+    if isinstance(event, OptInfo):
+        return Opt.GO if event.go else Opt.INFO
+    if isinstance(event, OptMetaContext):
+        return Opt.LIST_META_CONTEXT if event.list_only else Opt.SET_META_CONTEXT
+    if isinstance(event, OptInvalid | OptUnsupported):
+        return event.option
+    return _OPTION_OF.get(type(event))
+
+
+def _tls_gate(event: Event, conn: ServerConnection) -> Decision | None:
+    """The answer of a connection that requires TLS before it is up, or None to go on."""
+    if not conn.tls_required or conn.tls_active:
+        return None
+    option = option_of(event)
+    if option is None or option in _BEFORE_TLS:
+        return None
+    if option == Opt.EXPORT_NAME:  # cannot be refused politely: the spec says hang up
+        return Decision([], hang_up=True, reason="NBD_OPT_EXPORT_NAME before TLS")
+    return Decision([OptionReply(option, Rep.ERR_TLS_REQD, _TLS_REQUIRED)])
+
+
+def _starttls(conn: ServerConnection) -> Decision:
+    if not conn.tls_offered:
+        return Decision([OptionReply(Opt.STARTTLS, Rep.ERR_POLICY, b"TLS is off on this server")])
+    if conn.tls_active:
+        return Decision([OptionReply(Opt.STARTTLS, Rep.ERR_INVALID, b"TLS is already on")])
+    return Decision([OptionReply(Opt.STARTTLS, Rep.ACK)])
+
+
 def negotiate(event: Event, catalog: Catalog, conn: ServerConnection) -> Decision:
     """The replies to one handshake event."""
+    gate = _tls_gate(event, conn)
+    if gate is not None:
+        return gate
     if isinstance(event, OptExportName):
-        info = catalog.lookup(event.name)
-        if info is None:  # this option cannot be refused politely: the spec says hang up
-            return Decision([], hang_up=True)
-        return Decision([ExportNameReply(info.size, info.flags)], export=info)
+        found = catalog.lookup(event.name)
+        if not isinstance(found, ExportInfo):  # cannot be refused politely: hang up
+            reason = found.reason if found is not None else f"no export {event.name!r}"
+            return Decision([], hang_up=True, reason=reason)
+        return Decision([ExportNameReply(found.size, found.flags)], export=found)
     if isinstance(event, OptInfo):
         option = Opt.GO if event.go else Opt.INFO
-        info = catalog.lookup(event.name)
-        if info is None:
+        found = catalog.lookup(event.name)
+        if isinstance(found, Refusal):
+            return Decision([OptionReply(option, Rep.ERR_POLICY, found.reason.encode())])
+        if found is None:
             msg = f"no export named {event.name!r}".encode()
             return Decision([OptionReply(option, Rep.ERR_UNKNOWN, msg)])
+        info = found
         replies = [*_info_replies(option, info, event.requests), OptionReply(option, Rep.ACK)]
         return Decision(replies, export=info if event.go else None)
     if isinstance(event, OptList):
@@ -154,6 +226,8 @@ def negotiate(event: Event, catalog: Catalog, conn: ServerConnection) -> Decisio
         return Decision([OptionReply(Opt.STRUCTURED_REPLY, Rep.ACK)])
     if isinstance(event, OptMetaContext):
         return Decision(_meta_replies(event, catalog))
+    if isinstance(event, OptStartTls):
+        return _starttls(conn)
     if isinstance(event, OptAbort):
         return Decision([OptionReply(Opt.ABORT, Rep.ACK)], hang_up=True)
     if isinstance(event, OptInvalid):

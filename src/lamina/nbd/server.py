@@ -11,9 +11,14 @@ Phases and who moves them:
 
     FLAGS --client flags--> OPTIONS --send(ExportNameReply) or send(GO ACK)--> TRANSMISSION
     OPTIONS --send(ABORT ACK)--> CLOSED        TRANSMISSION --NBD_CMD_DISC / EOF--> CLOSED
+    OPTIONS --send(STARTTLS ACK)--> STARTTLS --tls_established()--> OPTIONS (over TLS)
 
 While an option waits for its final reply no further event is produced: bytes after a GO
-belong to whichever phase the reply selects.
+belong to whichever phase the reply selects. In STARTTLS the adapter runs the TLS
+handshake on its socket and then calls ``tls_established``; the client may send nothing
+between the option and the ACK, so bytes buffered in that phase end the session.
+``tls_required`` is the spec's FORCEDTLS mode (every option but STARTTLS and ABORT is
+refused until TLS is up); the rules live in ``negotiate``, the state here.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ from lamina.nbd.events import (
     OptionReply,
     OptList,
     OptMetaContext,
+    OptStartTls,
     OptStructuredReply,
     OptUnsupported,
     ReadData,
@@ -83,6 +89,7 @@ _COMPACT_AT = 1 << 16
 class Phase(Enum):
     FLAGS = "flags"
     OPTIONS = "options"
+    STARTTLS = "starttls"  # the ACK is sent: the adapter runs the TLS handshake
     TRANSMISSION = "transmission"
     CLOSED = "closed"
 
@@ -132,6 +139,10 @@ def _parse_option(option: int, data: bytes) -> Event:
         if option == Opt.STRUCTURED_REPLY:
             r.end()
             return OptStructuredReply()
+        if option == Opt.STARTTLS:
+            if data:
+                raise ValueError("NBD_OPT_STARTTLS carries no data")
+            return OptStartTls()
         if option in (Opt.INFO, Opt.GO):
             name = r.string(r.u32())
             requests = tuple(r.u16() for _ in range(r.u16()))
@@ -151,8 +162,17 @@ def _parse_option(option: int, data: bytes) -> Event:
 
 
 class ServerConnection:
-    def __init__(self, *, allow_no_zeroes: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        allow_no_zeroes: bool = True,
+        tls_required: bool = False,
+        tls_offered: bool | None = None,
+    ) -> None:
         self.phase = Phase.FLAGS
+        self.tls_required = tls_required
+        self.tls_offered = tls_required if tls_offered is None else tls_offered
+        self.tls_active = False
         self._buf = bytearray()
         self._pos = 0
         self._eof = False
@@ -204,6 +224,10 @@ class ServerConnection:
             return self._client_flags()
         if self.phase is Phase.OPTIONS:
             return NEED_DATA if self._awaiting is not None else self._option()
+        if self.phase is Phase.STARTTLS:
+            if self._available():
+                raise ProtocolError("client sent data before the TLS handshake")
+            return NEED_DATA
         return self._request()
 
     def _client_flags(self) -> Event | NeedData:
@@ -365,6 +389,18 @@ class ServerConnection:
             self.phase = Phase.CLOSED
         elif option == Opt.STRUCTURED_REPLY:
             self.structured = True
+        elif option == Opt.STARTTLS:
+            self.phase = Phase.STARTTLS
+
+    def tls_established(self) -> None:
+        """The adapter finished the TLS handshake: negotiation starts over, encrypted. The
+        spec: nothing negotiated before STARTTLS survives it."""
+        if self.phase is not Phase.STARTTLS:
+            raise ProtocolError(f"no TLS handshake was due in phase {self.phase.value}")
+        self.phase = Phase.OPTIONS
+        self.tls_active = True
+        self.structured = False
+        self.meta_contexts = {}
 
     def _export_name_reply(self, event: ExportNameReply) -> bytes:
         self._require(Phase.OPTIONS, event)
