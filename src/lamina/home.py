@@ -57,6 +57,12 @@ class Home:
     def tmp_dir(self) -> Path:
         return self._dir("tmp")
 
+    @property
+    def tls_dir(self) -> Path:
+        """The certificate authority and the server certificate (``lamina.trust``);
+        created with the CA, on first use."""
+        return self.root / "tls"
+
     def _dir(self, name: str) -> Path:
         path = self.root / name
         path.mkdir(parents=True, exist_ok=True)

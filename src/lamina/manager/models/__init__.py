@@ -11,6 +11,7 @@ from lamina.manager.models.access import (
     WritableLayer,
 )
 from lamina.manager.models.base import Base, utcnow
+from lamina.manager.models.credentials import Credential
 from lamina.manager.models.images import Image, ImageVersion, Setting, VersionCounter
 from lamina.manager.models.layers import (
     Layer,
@@ -26,6 +27,7 @@ __all__ = [
     "Base",
     "BootProfile",
     "Change",
+    "Credential",
     "Entitlement",
     "Group",
     "Image",
