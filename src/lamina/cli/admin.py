@@ -1,12 +1,14 @@
-"""lamina admin token"""
+"""lamina admin token | admin credentials"""
 
 from __future__ import annotations
 
 import typer
 
+from lamina.cli import credentials
 from lamina.cli.common import HomeOpt, JsonOpt, emit_json, open_home, out
 
 app = typer.Typer(help="Administration of the manager.", no_args_is_help=True)
+app.command("credentials")(credentials.admin_credentials)
 
 
 @app.command("token")

@@ -7,11 +7,13 @@ from typing import Annotated, Any
 
 import typer
 
+from lamina.cli import credentials
 from lamina.cli.common import HomeOpt, JsonOpt, emit_json, human, open_home, out, table
 from lamina.home import Home
 
 app = typer.Typer(help="Machines: identity, pinned image version, delta.", no_args_is_help=True)
 delta_app = typer.Typer(help="Machine deltas.", no_args_is_help=True)
+app.command("credentials")(credentials.machine_credentials)
 
 
 def _describe(h: Home, m: Any, *, full: bool = False) -> dict[str, Any]:

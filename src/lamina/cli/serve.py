@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,14 +26,43 @@ def serve(
     cache: Annotated[
         int, typer.Option("--cache-mib", help="Memory for decompressed chunks.")
     ] = 512,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="Require TLS: NBD with STARTTLS and a client certificate, HTTPS"
+            " [default on any address that is not loopback].",
+        ),
+    ] = False,
+    insecure: Annotated[
+        bool,
+        typer.Option("--insecure", help="No TLS, even on an address that is not loopback."),
+    ] = False,
+    tls_names: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tls-name",
+            help="Another name or address for the server certificate (DNS alias, NAT).",
+        ),
+    ] = None,
+    https_cert: Annotated[
+        Path | None, typer.Option("--https-cert", help="HTTPS certificate [the home CA's].")
+    ] = None,
+    https_key: Annotated[
+        Path | None, typer.Option("--https-key", help="Key of --https-cert.")
+    ] = None,
     home: HomeOpt = None,
 ) -> None:
     """Serve image versions and machines over NBD, and the manager over HTTP."""
-    from lamina.serve.server import ServeOptions, parse_address, run
+    from lamina.serve.server import ServeOptions, parse_address, run, want_tls
 
     options = ServeOptions(
         nbd=None if no_nbd else parse_address(nbd, "--nbd"),
         http=None if no_http else parse_address(http, "--http"),
         cache_bytes=cache << 20,
+        tls_names=tuple(tls_names or ()),
+        https_cert=https_cert,
+        https_key=https_key,
     )
+    options.tls = want_tls(options.hosts, tls=tls, insecure=insecure)
     run(open_home(home), options)

@@ -1,14 +1,21 @@
 """asyncio adapters: an NBD server protocol and a small client, both thin shells around
 the sans-I/O state machines. The server answers requests from the event loop when the
-data is in memory and hands disk-bound work (chunk loads, fdatasync) to a thread pool."""
+data is in memory and hands disk-bound work (chunk loads, fdatasync) to a thread pool.
+
+With ``ServerTls`` the server requires TLS: after its ACK to NBD_OPT_STARTTLS it upgrades
+its own transport (``loop.start_tls``, which uvloop implements too), so TLS lives in the
+connection and works in whichever process or loop serves it. The client certificate
+shown in the handshake picks the catalogue the connection negotiates against."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import struct
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 from lamina.errors import LaminaError, ProtocolError
@@ -32,7 +39,7 @@ from lamina.nbd.events import (
     SimpleReply,
 )
 from lamina.nbd.negotiate import BASE_ALLOCATION_ID, Catalog, ExportInfo, check_request, negotiate
-from lamina.nbd.server import ServerConnection
+from lamina.nbd.server import Phase, ServerConnection
 
 # Stop reading from a client whose replies pile up beyond this (it is not reading).
 _HIGH_WATER = 64 << 20
@@ -44,6 +51,18 @@ class DeviceProvider(Catalog, Protocol):
     def release(self, name: str) -> None: ...
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS required on every connection (the spec's FORCEDTLS mode)."""
+
+    context: ssl.SSLContext
+    # The provider a client may use, given the certificate it showed (DER, verified by
+    # the handshake; None for none), and who that is for the log. Blocking: runs on the
+    # pool.
+    authorize: Callable[[bytes | None], tuple[DeviceProvider, str]]
+    handshake_timeout: float = 10.0
+
+
 class NbdServerProtocol(asyncio.Protocol):
     """One client connection."""
 
@@ -53,12 +72,15 @@ class NbdServerProtocol(asyncio.Protocol):
         executor: Executor,
         log: logging.Logger,
         on_close: Callable[[NbdServerProtocol], None] | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
         self.provider = provider
         self.on_close = on_close
         self.executor = executor
         self.log = log
-        self.conn = ServerConnection()
+        self.tls = tls
+        self.conn = ServerConnection(tls_required=tls is not None)
+        self.client = "-"  # who the TLS client certificate names
         self.device: BlockDevice | None = None
         self.export: ExportInfo | None = None
         self.peer = "?"
@@ -82,7 +104,9 @@ class NbdServerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data)
-        self._pump()
+        if self.conn.phase is not Phase.STARTTLS:
+            self._pump()
+        # else: bytes decrypted before the client is authorized wait for tls_established
 
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
@@ -107,6 +131,7 @@ class NbdServerProtocol(asyncio.Protocol):
         self._closing = True
         if self.on_close is not None:
             self.on_close(self)
+            self.on_close = None
         if self.export is not None:
             log_event(
                 self.log, "disconnect", client=self.peer, export=self.export.name, **self.stats
@@ -204,17 +229,76 @@ class NbdServerProtocol(asyncio.Protocol):
             self.export = decision.export
         for reply in decision.replies:
             self._send(reply)
+            if isinstance(reply, OptionReply) and reply.reply == Rep.ERR_POLICY:
+                log_event(
+                    self.log,
+                    "refused",
+                    logging.WARNING,
+                    client=self.peer,
+                    credential=self.client,
+                    reason=reply.data.decode(errors="replace"),
+                )
+        if self.conn.phase is Phase.STARTTLS and self._transport is not None:
+            # Not a byte more on the plain transport: the client's TLS hello, sent once
+            # it reads the ACK, belongs to the TLS layer start_tls puts in between.
+            self._transport.pause_reading()
+            asyncio.get_running_loop().create_task(self._start_tls())
         if decision.export is not None:
             log_event(
                 self.log,
                 "connect",
                 client=self.peer,
+                credential=self.client,
                 export=decision.export.name,
                 structured=self.conn.structured,
                 size=decision.export.size,
             )
         if decision.hang_up:
-            self._hang_up("" if decision.replies else "unknown export")
+            self._hang_up(decision.reason)
+
+    async def _start_tls(self) -> None:
+        assert self.tls is not None and self._transport is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self._transport,
+                self,
+                self.tls.context,
+                server_side=True,
+                ssl_handshake_timeout=self.tls.handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, RuntimeError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            log_event(
+                self.log, "tls-refused", logging.WARNING, client=self.peer, reason=str(reason)
+            )
+            self._abort_plain()
+            return
+        if transport is None or self._closing:
+            return
+        self._transport = transport
+        self._transport.set_write_buffer_limits(high=_HIGH_WATER)
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        try:
+            self.provider, self.client = await loop.run_in_executor(
+                self.executor, self.tls.authorize, der
+            )
+        except (LaminaError, OSError) as exc:
+            self._hang_up(f"cannot authorize the client: {exc}")
+            return
+        log_event(self.log, "tls", logging.DEBUG, client=self.peer, credential=self.client)
+        self.conn.tls_established()
+        self._pump()  # what the client sent since the handshake
+
+    def _abort_plain(self) -> None:
+        """The TLS handshake failed: drop the socket (no NBD reply can reach the client)."""
+        self._closing = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.abort()
+        if self.on_close is not None:
+            self.on_close(self)
+            self.on_close = None
 
     # -- transmission -------------------------------------------------------------------
 

@@ -15,13 +15,14 @@ import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lamina import logs
 from lamina.errors import Conflict, LaminaError, UsageError
 from lamina.home import Home
 from lamina.locks import try_lock
-from lamina.nbd.aio import NbdServerProtocol
+from lamina.nbd.aio import NbdServerProtocol, ServerTls
 from lamina.serve.catalog import ExportCatalog
 from lamina.serve.delta import discard
 from lamina.store import ChunkCache
@@ -44,6 +45,46 @@ class ServeOptions:
     cache_bytes: int = 512 << 20
     workers: int = 8
     log_level: str = "info"
+    tls: bool = False  # NBD requires STARTTLS and a client certificate; HTTP is HTTPS
+    tls_names: tuple[str, ...] = ()  # more names for the server certificate
+    https_cert: Path | None = None  # a certificate of one's own for HTTPS (else the CA's)
+    https_key: Path | None = None
+
+    @property
+    def hosts(self) -> list[str]:
+        return [a[0] for a in (self.nbd, self.http) if a is not None]
+
+
+def want_tls(hosts: list[str], *, tls: bool, insecure: bool) -> bool:
+    """TLS with ``--tls``; without, on any bind address that is not loopback, unless
+    ``--insecure`` says otherwise."""
+    from lamina.trust.addresses import is_loopback
+
+    if tls and insecure:
+        raise UsageError("--tls and --insecure contradict each other")
+    return tls or (not insecure and not all(is_loopback(h) for h in hosts))
+
+
+@dataclass(frozen=True)
+class _Tls:
+    nbd: ServerTls | None
+    http_cert: Path
+    http_key: Path
+
+
+def _tls_setup(home: Home, options: ServeOptions, catalog: ExportCatalog) -> _Tls:
+    from lamina.serve import access
+    from lamina.trust.addresses import server_names
+    from lamina.trust.authority import CA_CERT, Authority
+    from lamina.trust.contexts import server_context
+
+    if (options.https_cert is None) != (options.https_key is None):
+        raise UsageError("--https-cert and --https-key go together")
+    authority = Authority.open(home.tls_dir)
+    cert, key = authority.server_certificate(server_names(options.hosts, options.tls_names))
+    context = server_context(cert, key, authority.directory / CA_CERT)
+    nbd = ServerTls(context, lambda der: access.for_peer(catalog, der))
+    return _Tls(nbd, options.https_cert or cert, options.https_key or key)
 
 
 def reset_stateless(home: Home) -> list[str]:
@@ -93,8 +134,12 @@ async def _serve(
     loop = asyncio.get_running_loop()
     connections: set[NbdServerProtocol] = set()
 
+    tls = _tls_setup(home, options, catalog) if options.tls else None
+
     def connection() -> NbdServerProtocol:
-        proto = NbdServerProtocol(catalog, executor, log, on_close=connections.discard)
+        proto = NbdServerProtocol(
+            catalog, executor, log, on_close=connections.discard, tls=tls.nbd if tls else None
+        )
         connections.add(proto)
         return proto
 
@@ -104,7 +149,7 @@ async def _serve(
     http_sock = _listen(options.http, "--http") if options.http is not None else None
     nbd = await loop.create_server(connection, sock=nbd_sock) if nbd_sock is not None else None
     stop = stop or asyncio.Event()
-    http = _http_server(home, options.http) if options.http is not None else None
+    http = _http_server(home, options.http, tls) if options.http is not None else None
     http_task = asyncio.create_task(http.serve(sockets=[http_sock])) if http is not None else None
     if http_task is not None:
         http_task.add_done_callback(lambda _task: stop.set())  # the manager died: stop all
@@ -116,13 +161,16 @@ async def _serve(
         "serving",
         nbd=f"{options.nbd[0]}:{options.nbd[1]}" if options.nbd else None,
         http=f"{options.http[0]}:{options.http[1]}" if options.http else None,
+        tls=options.tls,
         reset_stateless=reset,
     )
+    if not options.tls:
+        _warn_if_exposed(log, options.hosts)
     if options.http is not None and log.isEnabledFor(logging.INFO):
         # the console's one-time login URL, as Jupyter prints it (not in quiet runs: the demo)
         from lamina.manager.console.auth import print_login_url
 
-        print_login_url(home, options.http)
+        print_login_url(home, options.http, https=options.tls)
     if ready is not None:
         ready()
     try:
@@ -146,6 +194,21 @@ async def _serve(
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
         logs.event(log, "stopped")
+
+
+def _warn_if_exposed(log: logging.Logger, hosts: list[str]) -> None:
+    from lamina.trust.addresses import is_loopback
+
+    exposed = [h for h in hosts if not is_loopback(h)]
+    if exposed:
+        logs.event(
+            log,
+            "insecure",
+            logging.WARNING,
+            listen=exposed,
+            message="TLS is off (--insecure): any client that reaches these addresses"
+            " reads and writes every machine's disk and seed, and sees tokens in clear",
+        )
 
 
 def _lock_home(home: Home) -> int:
@@ -173,7 +236,7 @@ def _listen(address: tuple[str, int], what: str) -> socket.socket:
     return sock
 
 
-def _http_server(home: Home, address: tuple[str, int]) -> Any:
+def _http_server(home: Home, address: tuple[str, int], tls: _Tls | None) -> Any:
     import uvicorn
 
     from lamina.manager.app import create_app
@@ -196,6 +259,8 @@ def _http_server(home: Home, address: tuple[str, int]) -> Any:
         timeout_keep_alive=75,
         # Agents' long-polls (up to 30 s) would hold a stop that long; they reconnect.
         timeout_graceful_shutdown=2,
+        ssl_certfile=tls.http_cert if tls else None,
+        ssl_keyfile=tls.http_key if tls else None,
     )
     return Server(config)
 

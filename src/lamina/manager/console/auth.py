@@ -223,6 +223,7 @@ def login_url(home: Home, address: tuple[str, int], *, scheme: str = "http") -> 
     return f"{scheme}://{host}:{port}/login?token={token}"
 
 
-def print_login_url(home: Home, address: tuple[str, int]) -> None:
-    sys.stderr.write(f"lamina console: {login_url(home, address)}\n")
+def print_login_url(home: Home, address: tuple[str, int], *, https: bool = False) -> None:
+    url = login_url(home, address, scheme="https" if https else "http")
+    sys.stderr.write(f"lamina console: {url}\n")
     sys.stderr.flush()
