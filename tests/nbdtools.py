@@ -1,12 +1,31 @@
-"""Real NBD clients for the tests: qemu-io commands against an nbd:// URL."""
+"""Real NBD clients for the tests: qemu-io commands against an nbd:// URL, or over TLS
+with a credentials folder (qemu's tls-creds-x509)."""
 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 
-def qemu_io(url: str, *commands: str, read_only: bool = False) -> subprocess.CompletedProcess[str]:
-    args = ["qemu-io", "-f", "raw", *(["-r"] if read_only else [])]
+def tls_object(creds: Path) -> list[str]:
+    """qemu's TLS client credentials object, ``tls0``, from a credentials folder."""
+    return ["--object", f"tls-creds-x509,id=tls0,dir={creds},endpoint=client"]
+
+
+def tls_image(port: int, export: str, host: str = "127.0.0.1") -> str:
+    """``--image-opts`` for an export over TLS (qemu takes no nbds:// URL)."""
+    return (
+        f"driver=raw,file.driver=nbd,file.server.type=inet,file.server.host={host},"
+        f"file.server.port={port},file.export={export},file.tls-creds=tls0"
+    )
+
+
+def qemu_io(
+    url: str, *commands: str, read_only: bool = False, tls: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """qemu-io on ``url``; with ``tls`` (a credentials folder) ``url`` is a ``tls_image``."""
+    args = ["qemu-io", *(["-r"] if read_only else [])]
+    args += [*tls_object(tls), "--image-opts"] if tls is not None else ["-f", "raw"]
     for c in commands:
         args += ["-c", c]
     return subprocess.run([*args, url], capture_output=True, text=True, timeout=120, check=False)

@@ -43,11 +43,15 @@ def wait_for(check: Callable[[], bool], timeout: float) -> float:
 
 
 class Server:
-    def __init__(self, home: Path, log: Path, *, nbd: bool = True) -> None:
-        """``nbd=False``: a manager only (``--no-nbd``), as extra managers of a home run."""
+    def __init__(
+        self, home: Path, log: Path, *, nbd: bool = True, args: tuple[str, ...] = ()
+    ) -> None:
+        """``nbd=False``: a manager only (``--no-nbd``), as extra managers of a home run;
+        ``args``: more options of ``lamina serve`` (``--tls``)."""
         self.home = home
         self.log = log
         self.nbd = nbd
+        self.args = args
         self.port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -58,7 +62,8 @@ class Server:
     @property
     def http_url(self) -> str:
         """The manager's base URL."""
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if "--tls" in self.args else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     def start(self) -> None:
         env = {**os.environ, "LAMINA_HOME": str(self.home)}
@@ -70,6 +75,7 @@ class Server:
                     *(["--nbd", f"127.0.0.1:{self.port}"] if self.nbd else ["--no-nbd"]),
                     "--http",
                     f"127.0.0.1:{self.http_port}",
+                    *self.args,
                 ],
                 env=env,
                 stdout=log,

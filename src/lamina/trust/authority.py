@@ -176,8 +176,8 @@ class Authority:
         not_after: dt.datetime | None = None,
     ) -> Issued:
         """A client certificate for ``OU=unit, CN=name`` (``machine``/NAME, ``admin``)."""
-        start = not_before or now() - BACKDATE
         end = not_after or now() + dt.timedelta(days=days)
+        start = not_before or min(now() - BACKDATE, end - dt.timedelta(days=1))
         builder = x509.CertificateBuilder().subject_name(_name(unit, name))
         return self._sign(builder, _new_key(), ExtendedKeyUsageOID.CLIENT_AUTH, start, end)
 
