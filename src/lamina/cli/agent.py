@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from lamina.cli.common import HomeOpt, JsonOpt, emit_json, open_home, out
+from lamina.cli.common import CaOpt, HomeOpt, JsonOpt, emit_json, open_home, out
 
 app = typer.Typer(
     help="The machine agent: identity at boot, layers at login, live changes.",
@@ -35,6 +35,7 @@ def agent(
         Path | None,
         typer.Option("--etc", help="Write hostname, machine-id, SSH host keys here (e.g. /etc)."),
     ] = None,
+    ca: CaOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """Run the agent: report boot, apply identity, serve logins, follow the manager."""
@@ -49,7 +50,7 @@ def agent(
     h = open_home(home)
     root = root if root is not None else h.root / "sessions"
     root.mkdir(parents=True, exist_ok=True)
-    Agent(h, ManagerClient(manager, token), root, etc=etc).run()
+    Agent(h, ManagerClient(manager, token, ca=ca), root, etc=etc).run()
 
 
 @app.command("login")

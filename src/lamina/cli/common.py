@@ -24,6 +24,16 @@ HomeOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+CaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca",
+        envvar="LAMINA_CA",
+        help="CA certificate of an https:// manager (a PEM file, or a credentials folder"
+        " with ca-cert.pem) [the system's trust store].",
+        show_default=False,
+    ),
+]
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)

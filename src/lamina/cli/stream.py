@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from lamina.cli.common import HomeOpt, JsonOpt, emit_json, human, open_home, out
+from lamina.cli.common import CaOpt, HomeOpt, JsonOpt, emit_json, human, open_home, out
 from lamina.errors import UsageError
 
 
@@ -95,6 +95,7 @@ def run(
     connections: Annotated[
         int, typer.Option("--connections", help="Parallel HTTP connections.")
     ] = 8,
+    ca: CaOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """Serve IMAGE as a local NBD export at once; fetch chunks as they are read."""
@@ -121,6 +122,7 @@ def run(
         timeout=timeout,
         hydrate=hydrate,
         connections=connections,
+        ca=ca,
     )
     run_endpoint(options)
 
@@ -250,7 +252,7 @@ def _sync_here(cache: Path, token: str | None) -> dict[str, Any]:
         )
 
         async def go() -> dict[str, Any]:
-            remote = Remote(config.url, config.token, connections=2)
+            remote = Remote(config.url, config.token, connections=2, ca=cachedir.ca_file(cache))
             try:
                 return await run_sync(stack, remote, config)
             finally:

@@ -6,6 +6,7 @@ so a command prints the same one line whether it ran on the embedded database or
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -54,10 +55,15 @@ def error_of(response: httpx.Response) -> LaminaError:
 
 
 class ManagerClient:
-    def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str, token: str, *, timeout: float = 30.0, ca: Path | None = None
+    ) -> None:
+        from lamina.trust.contexts import client_context
+
         self.url = url.rstrip("/")
         self.http = httpx.Client(
             base_url=f"{self.url}/api/v1",
+            verify=client_context(ca) if self.url.startswith("https:") else True,
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
         )

@@ -8,6 +8,7 @@ DIR/index         which chunks of ``data`` hold verified, durable bytes (index.p
 DIR/deltas/       a machine's local writes (stack.py)
 DIR/lock          flock'ed by the running endpoint
 DIR/status.json   figures the running endpoint refreshes every second
+DIR/ca-cert.pem   the CA an https:// manager is checked against (``--ca``), if given
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from lamina.errors import CorruptObject, NotFound
-from lamina.files import write_json_atomic
+from lamina.files import write_atomic, write_json_atomic
 from lamina.image import Manifest
 from lamina.locks import try_lock
 from lamina.store import codec
@@ -98,6 +99,25 @@ def create(root: Path, config: StreamConfig, manifest_bytes: bytes) -> None:
         os.fsync(f.fileno())
     # The config goes last: a cache without one is incomplete and is laid out again.
     write_json_atomic(root / "config.json", config.to_json(), mode=0o600)
+
+
+CA_FILE = "ca-cert.pem"
+
+
+def ca_file(root: Path) -> Path | None:
+    """The CA kept with the cache (from ``--ca``), if any."""
+    path = root / CA_FILE
+    return path if path.exists() else None
+
+
+def keep_ca(root: Path, ca: Path | None) -> None:
+    """Keep ``--ca``'s certificate with the cache, so a restart (offline, or from a
+    ``stream sync``) checks the manager the same way."""
+    from lamina.trust.contexts import ca_file as given
+
+    path = given(ca) if ca is not None else None
+    if path is not None:
+        write_atomic(root / CA_FILE, path.read_bytes(), mode=0o644)
 
 
 def update_config(root: Path, config: StreamConfig) -> None:

@@ -67,6 +67,7 @@ class StreamOptions:
     timeout: float = DEFAULT_TIMEOUT
     hydrate: bool = True
     connections: int = 8
+    ca: Path | None = None  # the CA of an https:// manager (kept with the cache)
 
 
 def check_names(image: str, machine: str | None) -> None:
@@ -130,6 +131,7 @@ async def prepare(options: StreamOptions, log: logging.Logger) -> StreamConfig:
         if options.token and options.token != config.token:
             changes["token"] = options.token
         config = replace(config, **changes)
+        cachedir.keep_ca(root, options.ca)
         # Checked with the URL and token given now; kept only for a cache that is accepted.
         await _check_manifest(config, root, log)
         if changes:
@@ -139,7 +141,7 @@ async def prepare(options: StreamOptions, log: logging.Logger) -> StreamConfig:
         raise UsageError(
             "a new cache needs --from URL and --token T (or a --home holding the manager's database)"
         )
-    remote = Remote(options.url, options.token, connections=2)
+    remote = Remote(options.url, options.token, connections=2, ca=options.ca)
     try:
         config, manifest = await _new_config(options, remote)
     except Unreachable as exc:
@@ -147,6 +149,7 @@ async def prepare(options: StreamOptions, log: logging.Logger) -> StreamConfig:
     finally:
         await remote.close()
     cachedir.create(root, config, manifest)
+    cachedir.keep_ca(root, options.ca)
     logs.event(log, "cache-created", cache=str(root), image=f"{config.image}@{config.version}")
     return config
 
@@ -157,7 +160,7 @@ async def _check_manifest(config: StreamConfig, root: Path, log: logging.Logger)
     one): it would go on serving the old bytes, and a machine's local writes were made on
     them. Caches are matched by name and version, so only the manifest id tells. Offline,
     or when the manager cannot say, the cache is served as it is: it is consistent."""
-    remote = Remote(config.url, config.token, connections=1)
+    remote = Remote(config.url, config.token, connections=1, ca=cachedir.ca_file(root))
     try:
         info = await asyncio.wait_for(remote.image_info(config.image, config.version), ASK_TIMEOUT)
     except (LaminaError, TimeoutError) as exc:
@@ -224,7 +227,12 @@ class Endpoint:
         self.store_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
         # Reads waiting for the network hold a thread each: room for many at once.
         self.nbd_pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="io")
-        self.remote = Remote(config.url, config.token, connections=options.connections)
+        self.remote = Remote(
+            config.url,
+            config.token,
+            connections=options.connections,
+            ca=cachedir.ca_file(self.root),
+        )
         bucket = TokenBucket(options.rate, now=time.monotonic())
         self.fetcher = Fetcher(self.remote, self.files, self.store_pool, log, bucket=bucket)
         self.stack: DeltaStack | None = None
@@ -299,7 +307,9 @@ class Endpoint:
         logs.event(
             self.log, "hydrating", profile_chunks=hydration.profiled, chunks=len(hydration.order)
         )
-        hydrator = Hydrator(self.fetcher, self.files, self.config.url, self.config.token)
+        hydrator = Hydrator(
+            self.fetcher, self.files, self.config.url, self.config.token, ca=self.remote.ca
+        )
         await hydrator.run(hydration)
         await self.fetcher.persist()
 

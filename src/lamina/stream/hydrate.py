@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -61,9 +62,10 @@ def split_envelopes(
 class _Connection:
     """One keep-alive HTTP/1.1 connection to the manager (reconnects after errors)."""
 
-    def __init__(self, url: str, token: str, timeout: float) -> None:
+    def __init__(self, url: str, token: str, timeout: float, ca: Path | None = None) -> None:
         parts = urlsplit(url)
         self.https = parts.scheme == "https"
+        self.ca = ca
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if self.https else 80)
         self.prefix = parts.path.rstrip("/") + API
@@ -73,8 +75,15 @@ class _Connection:
 
     def get(self, path: str, *, fresh: bool) -> bytes:
         if self._conn is None:
-            kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-            self._conn = kind(self.host, self.port, timeout=self.timeout)
+            if self.https:
+                from lamina.trust.contexts import client_context
+
+                context = client_context(self.ca)
+                self._conn = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=self.timeout, context=context
+                )
+            else:
+                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         headers = self.headers | ({"Cache-Control": "no-cache"} if fresh else {})
         try:
             self._conn.request("GET", self.prefix + path, headers=headers)
@@ -107,8 +116,10 @@ class Hydrator:
         *,
         workers: int = WORKERS,
         timeout: float = 15.0,
+        ca: Path | None = None,
     ) -> None:
         self.fetcher = fetcher
+        self.ca = ca
         self.files = files
         self.url = url
         self.token = token
@@ -163,7 +174,7 @@ class Hydrator:
     def _worker(self, hydration: Hydration, finished: asyncio.Future[None]) -> None:
         with contextlib.suppress(OSError):  # a thread's own nice value (Linux)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
-        conn = _Connection(self.url, self.token, self.timeout)
+        conn = _Connection(self.url, self.token, self.timeout, self.ca)
         backoff = Backoff(cap=5.0)
         fresh = False
         try:

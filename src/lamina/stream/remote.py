@@ -7,6 +7,7 @@ will not change by retrying (401/403 token refused, 404, 409).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -52,10 +53,20 @@ def _raise_for(response: httpx.Response, what: str) -> None:
 
 class Remote:
     def __init__(
-        self, url: str, token: str, *, connections: int = 8, timeout: float = 15.0
+        self,
+        url: str,
+        token: str,
+        *,
+        connections: int = 8,
+        timeout: float = 15.0,
+        ca: Path | None = None,
     ) -> None:
+        from lamina.trust.contexts import client_context
+
         self.url = url.rstrip("/")
+        self.ca = ca  # the CA an https:// manager's certificate must chain to
         self.client = httpx.AsyncClient(
+            verify=client_context(ca) if self.url.startswith("https:") else True,
             base_url=self.url + API,
             headers={"Authorization": f"Bearer {token}", "User-Agent": "lamina-stream"},
             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
