@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from pathlib import Path
+
+import pytest
 
 from lamina.demo.image import DemoImage
 from lamina.demo.vm import BootReport, boot_async
+from lamina.errors import ToolError
 from tests.conftest import Cli
 from tests.servers import Server
 
@@ -64,3 +68,30 @@ def test_lamina_demo_runs_end_to_end(cli: Cli, demo: DemoImage) -> None:
     assert not boots[("boot 2", "desk-001")]["marker"]
     assert boots[("boot 2", "desk-002")]["marker"]
     assert result["deltas"]["desk-002"] > 0
+
+
+def test_a_vm_boots_over_tls_with_its_machine_credential(
+    cli: Cli, demo: DemoImage, tmp_path: Path
+) -> None:
+    """qemu opens its disk and seed over NBD with TLS, with the files `lamina machine
+    credentials` wrote; the other machine's credential does not open them."""
+    cli("image", "import", "demo", str(demo.path))
+    cli("machine", "add", "desk-001", "--image", "demo@1", "--mode", "stateful")
+    cli("machine", "add", "desk-002", "--image", "demo@1", "--mode", "stateful")
+    server = Server(cli.home, tmp_path / "serve.log", args=("--tls",))
+    server.start()
+    try:
+        creds = {}
+        for name in ("desk-001", "desk-002"):
+            creds[name] = tmp_path / name
+            cli("machine", "credentials", name, "--out", str(creds[name]),
+                "--server", f"127.0.0.1:{server.port}")  # fmt: skip
+        disk, seed = server.url("machine/desk-001"), server.url("machine/desk-001/seed")
+        report = asyncio.run(boot_async(disk, seed, tls=creds["desk-001"]))
+        assert report.hostname == "desk-001"
+        with pytest.raises(ToolError, match="is not open to the credential of machine desk-002"):
+            asyncio.run(boot_async(disk, seed, tls=creds["desk-002"]))
+    finally:
+        server.stop()
+    connects = [json.loads(ln) for ln in server.log_lines() if '"connect"' in ln]
+    assert {c["credential"] for c in connects} == {"machine desk-001"}

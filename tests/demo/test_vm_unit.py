@@ -51,3 +51,12 @@ def test_parse_console() -> None:
         parse_console("lamina-boot error=cannot-mount-seed\n", 1)
     with pytest.raises(ToolError, match="no console output"):
         parse_console("", 1)
+
+
+def test_qemu_command_over_tls_names_the_credentials_for_nbd_disks(tmp_path: Path) -> None:
+    url = "nbd://127.0.0.1:1/machine/a"
+    cmd = qemu_command(url, url + "/seed", tls=tmp_path)
+    assert f"tls-creds-x509,id=tls0,dir={tmp_path},endpoint=client" in cmd
+    drives = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-drive"]
+    assert len(drives) == 2 and all("file.tls-creds=tls0" in d for d in drives)
+    assert not any("tls" in a for a in qemu_command(url, None))

@@ -1,7 +1,8 @@
 """Boot the demo image under qemu (TCG) and read what its init reports.
 
 Two virtio disks: the system disk (bootindex 0) and the NoCloud seed (read-only), each a
-local file or an ``nbd://HOST:PORT/EXPORT`` URL. The VM powers itself off after printing
+local file or an ``nbd://HOST:PORT/EXPORT`` URL; with ``tls`` (a credentials folder from
+``lamina machine credentials``) the NBD disks are opened over TLS. The VM powers itself off after printing
 its ``lamina-boot ...`` line; a timeout kills it. VMs share nothing, so several can run
 at once (one qemu process each).
 """
@@ -47,14 +48,17 @@ class BootReport:
         return f"{BOOT_PREFIX}hostname={self.hostname} machine-id={self.machine_id} marker={marker}"
 
 
-def drive(source: str | Path, drive_id: str, *, readonly: bool) -> str:
-    """A qemu ``-drive`` value for a raw local file or an ``nbd://`` URL."""
+def drive(source: str | Path, drive_id: str, *, readonly: bool, tls: bool = False) -> str:
+    """A qemu ``-drive`` value for a raw local file or an ``nbd://`` URL (over TLS with
+    the ``tls0`` credentials object when ``tls``)."""
     text = str(source)
     if "://" in text and not text.startswith(("nbd://", "nbd+unix://")):
         raise ToolError(f"unsupported drive URL {text!r}: use a file or nbd://HOST:PORT/EXPORT")
     if "://" not in text and not Path(text).exists():
         raise ToolError(f"{text}: no such disk image")
     spec = f"file={text.replace(',', ',,')},format=raw,if=none,id={drive_id}"
+    if tls and text.startswith("nbd://"):
+        spec += ",file.tls-creds=tls0"
     return spec + (",readonly=on" if readonly else "")
 
 
@@ -65,21 +69,23 @@ def qemu_command(
     mac: str | None = None,
     memory_mib: int = MEMORY_MIB,
     accel: str = "tcg",
+    tls: Path | None = None,
 ) -> list[str]:
     """The qemu command line: no default devices, serial console on stdout, exit on
     power-off and on reboot (a panic reboots: see the kernel's panic=-1)."""
+    creds = ["-object", f"tls-creds-x509,id=tls0,dir={tls},endpoint=client"] if tls else []
     args = [
         tools.which("qemu-system-x86_64"),
         "-nodefaults", "-display", "none", "-no-reboot",
         "-machine", f"pc,accel={accel}", "-m", str(memory_mib), "-smp", "1",
-        "-serial", "stdio",
-        "-drive", drive(disk, "disk", readonly=False),
+        "-serial", "stdio", *creds,
+        "-drive", drive(disk, "disk", readonly=False, tls=tls is not None),
         "-device", "virtio-blk-pci,drive=disk,bootindex=0",
     ]  # fmt: skip
     if seed is not None:
         args += [
             "-drive",
-            drive(seed, "seed", readonly=True),
+            drive(seed, "seed", readonly=True, tls=tls is not None),
             "-device",
             "virtio-blk-pci,drive=seed",
         ]
@@ -206,9 +212,10 @@ async def boot_async(
     timeout: float = TIMEOUT,
     memory_mib: int = MEMORY_MIB,
     accel: str = "tcg",
+    tls: Path | None = None,
 ) -> BootReport:
     """``boot`` for an asyncio program (the NBD server's loop keeps serving meanwhile)."""
-    command = qemu_command(disk, seed, mac=mac, memory_mib=memory_mib, accel=accel)
+    command = qemu_command(disk, seed, mac=mac, memory_mib=memory_mib, accel=accel, tls=tls)
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *command,
