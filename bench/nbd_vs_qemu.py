@@ -4,9 +4,14 @@
   rand_read   4 KiB random reads, iodepth 16, same exports
   rand_write  4 KiB random writes, iodepth 16, machine/NAME (fresh delta) vs qemu-nbd on a
               fresh qcow2 overlay of the raw file
+  seq_read_tls, rand_read_tls
+              the two reads over TLS: `lamina serve --tls` vs `qemu-nbd --tls-creds` on the
+              raw file, both with the home CA's server certificate, fio (libnbd) showing an
+              admin client certificate (nbds:// URIs)
 
 Each pair runs back to back after a warm-up pass; the last line is
-``ratio seq_read=… rand_read=… rand_write=…`` (lamina / qemu-nbd, higher is better).
+``ratio seq_read=… rand_read=… rand_write=… seq_read_tls=… rand_read_tls=…`` (lamina /
+qemu-nbd, higher is better).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from common import LAMINA, MiB, free_port, need, run, scratch
 
@@ -60,6 +66,87 @@ def fio(uri: str, rw: str, bs: str, depth: int, runtime: int = RUNTIME) -> float
     return float(side["iops"])
 
 
+def lamina_serve(port: int, env: dict[str, str], *tls: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [LAMINA, "serve", "--no-http", "--nbd", f"127.0.0.1:{port}",
+         "--cache-mib", str(SIZE // MiB + 256), *tls],
+        env={**os.environ, **env},
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def qemu_nbd(port: int, fmt: str, path: Path, *more: str) -> subprocess.Popen[bytes]:
+    ro = ["-r"] if fmt == "raw" else []
+    return subprocess.Popen(
+        ["qemu-nbd", "-f", fmt, *ro, "-x", "disk", "-b", "127.0.0.1", "-p", str(port),
+         "--persistent", "-t", *more, str(path)]
+    )  # fmt: skip
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+Results = dict[str, tuple[float, float]]
+
+
+def plain_pairs(env: dict[str, str], raw: Path, overlay: Path) -> Results:
+    ports = {name: free_port() for name in ("lamina", "raw", "qcow2")}
+    procs = [
+        lamina_serve(ports["lamina"], env),
+        qemu_nbd(ports["raw"], "raw", raw),
+        qemu_nbd(ports["qcow2"], "qcow2", overlay),
+    ]
+    try:
+        lamina_ro = f"nbd://127.0.0.1:{ports['lamina']}/disk"
+        lamina_rw = f"nbd://127.0.0.1:{ports['lamina']}/machine/bench"
+        qemu_ro = f"nbd://127.0.0.1:{ports['raw']}/disk"
+        qemu_rw = f"nbd://127.0.0.1:{ports['qcow2']}/disk"
+        for uri in (lamina_ro, qemu_ro, qemu_rw):
+            wait_export(uri)
+        for uri in (lamina_ro, qemu_ro):  # warm: lamina's chunk cache, the page cache
+            fio(uri, "read", "1M", 8, runtime=3)
+        return {
+            "seq_read": (fio(lamina_ro, "read", "1M", 8), fio(qemu_ro, "read", "1M", 8)),
+            "rand_read": (fio(lamina_ro, "randread", "4k", 16), fio(qemu_ro, "randread", "4k", 16)),
+            "rand_write": (
+                fio(lamina_rw, "randwrite", "4k", 16),
+                fio(qemu_rw, "randwrite", "4k", 16),
+            ),
+        }
+    finally:
+        stop(procs)
+
+
+def tls_pairs(env: dict[str, str], home: Path, raw: Path, creds: Path) -> Results:
+    """The reads over TLS. lamina starts first: it writes the server certificate (for
+    127.0.0.1, from the home's CA) that qemu-nbd is given too; fio shows the admin's."""
+    run(LAMINA, "admin", "credentials", "--out", str(creds), env=env)
+    ports = {name: free_port() for name in ("lamina", "raw")}
+    query = f"?tls-certificates={creds}"
+    lamina_uri = f"nbds://127.0.0.1:{ports['lamina']}/disk{query}"
+    qemu_uri = f"nbds://127.0.0.1:{ports['raw']}/disk{query}"
+    procs = [lamina_serve(ports["lamina"], env, "--tls")]
+    try:
+        wait_export(lamina_uri)
+        server = f"tls-creds-x509,id=tls0,endpoint=server,dir={home / 'tls'},verify-peer=on"
+        procs.append(qemu_nbd(ports["raw"], "raw", raw, "--object", server, "--tls-creds", "tls0"))
+        wait_export(qemu_uri)
+        for uri in (lamina_uri, qemu_uri):
+            fio(uri, "read", "1M", 8, runtime=3)
+        return {
+            "seq_read_tls": (fio(lamina_uri, "read", "1M", 8), fio(qemu_uri, "read", "1M", 8)),
+            "rand_read_tls": (
+                fio(lamina_uri, "randread", "4k", 16),
+                fio(qemu_uri, "randread", "4k", 16),
+            ),
+        }
+    finally:
+        stop(procs)
+
+
 def main() -> None:
     need("fio", "qemu-nbd", "qemu-img", "nbdinfo")
     work = scratch("nbd")
@@ -74,79 +161,11 @@ def main() -> None:
     overlay = work / "overlay.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(raw), "-F", "raw", str(overlay))
 
-    ports = {name: free_port() for name in ("lamina", "raw", "qcow2")}
-    procs = [
-        subprocess.Popen(
-            [
-                LAMINA,
-                "serve",
-                "--no-http",
-                "--nbd",
-                f"127.0.0.1:{ports['lamina']}",
-                "--cache-mib",
-                str(SIZE // MiB + 256),
-            ],
-            env={**os.environ, **env},
-            stderr=subprocess.DEVNULL,
-        ),
-        subprocess.Popen(
-            [
-                "qemu-nbd",
-                "-f",
-                "raw",
-                "-r",
-                "-x",
-                "disk",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(ports["raw"]),
-                "--persistent",
-                "-t",
-                str(raw),
-            ]
-        ),
-        subprocess.Popen(
-            [
-                "qemu-nbd",
-                "-f",
-                "qcow2",
-                "-x",
-                "disk",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(ports["qcow2"]),
-                "--persistent",
-                "-t",
-                str(overlay),
-            ]
-        ),
-    ]
-    try:
-        lamina_ro = f"nbd://127.0.0.1:{ports['lamina']}/disk"
-        lamina_rw = f"nbd://127.0.0.1:{ports['lamina']}/machine/bench"
-        qemu_ro = f"nbd://127.0.0.1:{ports['raw']}/disk"
-        qemu_rw = f"nbd://127.0.0.1:{ports['qcow2']}/disk"
-        for uri in (lamina_ro, qemu_ro, qemu_rw):
-            wait_export(uri)
-        for uri in (lamina_ro, qemu_ro):  # warm: lamina's chunk cache, the page cache
-            fio(uri, "read", "1M", 8, runtime=3)
-        results = {
-            "seq_read": (fio(lamina_ro, "read", "1M", 8), fio(qemu_ro, "read", "1M", 8)),
-            "rand_read": (fio(lamina_ro, "randread", "4k", 16), fio(qemu_ro, "randread", "4k", 16)),
-            "rand_write": (
-                fio(lamina_rw, "randwrite", "4k", 16),
-                fio(qemu_rw, "randwrite", "4k", 16),
-            ),
-        }
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+    results = plain_pairs(env, raw, overlay)
+    results |= tls_pairs(env, home, raw, work / "admin")
     for name, (ours, theirs) in results.items():
-        unit = "MiB/s" if name == "seq_read" else "IOPS"  # 1 MiB blocks: IOPS = MiB/s
-        print(f"{name:10s} lamina {ours:10.0f} {unit}   qemu-nbd {theirs:10.0f} {unit}")
+        unit = "MiB/s" if name.startswith("seq") else "IOPS"  # 1 MiB blocks: IOPS = MiB/s
+        print(f"{name:13s} lamina {ours:10.0f} {unit}   qemu-nbd {theirs:10.0f} {unit}")
     print("ratio " + " ".join(f"{k}={v[0] / v[1]:.2f}" for k, v in results.items()))
     run("rm", "-rf", str(work))
 
