@@ -40,10 +40,21 @@ def wait_export(uri: str) -> None:
     raise SystemExit(f"{uri} does not answer")
 
 
-def fio(uri: str, rw: str, bs: str, depth: int, runtime: int = RUNTIME) -> float:
-    """IOPS of one fio job (MiB/s = IOPS x bs)."""
+# fio's nbd engine cannot name a TLS credentials folder in its URI (libnbd allows that
+# only to callers that opt in), so over TLS it runs as an unprivileged user whose HOME
+# holds the credential where libnbd looks by default: $HOME/.pki/libnbd.
+NOBODY = 65534
+
+
+def fio(
+    uri: str, rw: str, bs: str, depth: int, runtime: int = RUNTIME, *, home: Path | None = None
+) -> float:
+    """IOPS of one fio job (MiB/s = IOPS x bs); ``home``: run as nobody with that HOME."""
+    user = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    prefix = [*user, "env", f"HOME={home}"] if home is not None else []
     out = subprocess.run(
         [
+            *prefix,
             "fio",
             "--name=b",
             "--ioengine=nbd",
@@ -120,27 +131,31 @@ def plain_pairs(env: dict[str, str], raw: Path, overlay: Path) -> Results:
         stop(procs)
 
 
-def tls_pairs(env: dict[str, str], home: Path, raw: Path, creds: Path) -> Results:
+def tls_pairs(env: dict[str, str], home: Path, raw: Path, fio_home: Path) -> Results:
     """The reads over TLS. lamina starts first: it writes the server certificate (for
     127.0.0.1, from the home's CA) that qemu-nbd is given too; fio shows the admin's."""
+    creds = fio_home / ".pki" / "libnbd"
     run(LAMINA, "admin", "credentials", "--out", str(creds), env=env)
+    run("chown", "-R", f"{NOBODY}:{NOBODY}", str(fio_home))
     ports = {name: free_port() for name in ("lamina", "raw")}
-    query = f"?tls-certificates={creds}"
-    lamina_uri = f"nbds://127.0.0.1:{ports['lamina']}/disk{query}"
-    qemu_uri = f"nbds://127.0.0.1:{ports['raw']}/disk{query}"
+    lamina_uri = f"nbds://127.0.0.1:{ports['lamina']}/disk"
+    qemu_uri = f"nbds://127.0.0.1:{ports['raw']}/disk"
     procs = [lamina_serve(ports["lamina"], env, "--tls")]
     try:
-        wait_export(lamina_uri)
+        wait_export(f"{lamina_uri}?tls-certificates={creds}")
         server = f"tls-creds-x509,id=tls0,endpoint=server,dir={home / 'tls'},verify-peer=on"
         procs.append(qemu_nbd(ports["raw"], "raw", raw, "--object", server, "--tls-creds", "tls0"))
-        wait_export(qemu_uri)
+        wait_export(f"{qemu_uri}?tls-certificates={creds}")
         for uri in (lamina_uri, qemu_uri):
-            fio(uri, "read", "1M", 8, runtime=3)
+            fio(uri, "read", "1M", 8, runtime=3, home=fio_home)
         return {
-            "seq_read_tls": (fio(lamina_uri, "read", "1M", 8), fio(qemu_uri, "read", "1M", 8)),
+            "seq_read_tls": (
+                fio(lamina_uri, "read", "1M", 8, home=fio_home),
+                fio(qemu_uri, "read", "1M", 8, home=fio_home),
+            ),
             "rand_read_tls": (
-                fio(lamina_uri, "randread", "4k", 16),
-                fio(qemu_uri, "randread", "4k", 16),
+                fio(lamina_uri, "randread", "4k", 16, home=fio_home),
+                fio(qemu_uri, "randread", "4k", 16, home=fio_home),
             ),
         }
     finally:
@@ -148,7 +163,7 @@ def tls_pairs(env: dict[str, str], home: Path, raw: Path, creds: Path) -> Result
 
 
 def main() -> None:
-    need("fio", "qemu-nbd", "qemu-img", "nbdinfo")
+    need("fio", "qemu-nbd", "qemu-img", "nbdinfo", "setpriv")
     work = scratch("nbd")
     raw = work / "disk.raw"
     with open(raw, "wb") as f:
@@ -162,7 +177,7 @@ def main() -> None:
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(raw), "-F", "raw", str(overlay))
 
     results = plain_pairs(env, raw, overlay)
-    results |= tls_pairs(env, home, raw, work / "admin")
+    results |= tls_pairs(env, home, raw, work / "fio-home")
     for name, (ours, theirs) in results.items():
         unit = "MiB/s" if name.startswith("seq") else "IOPS"  # 1 MiB blocks: IOPS = MiB/s
         print(f"{name:13s} lamina {ours:10.0f} {unit}   qemu-nbd {theirs:10.0f} {unit}")
