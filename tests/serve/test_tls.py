@@ -265,7 +265,7 @@ def test_the_server_certificate_names_every_address(cli: Cli, tmp_path: Path, di
 def test_tls_is_the_default_off_loopback(
     hosts: list[str], tls: bool, insecure: bool, expected: bool
 ) -> None:
-    from lamina.serve.server import want_tls
+    from lamina.serve.tls import want_tls
 
     assert want_tls(hosts, tls=tls, insecure=insecure) is expected
 

@@ -54,7 +54,8 @@ def serve(
     home: HomeOpt = None,
 ) -> None:
     """Serve image versions and machines over NBD, and the manager over HTTP."""
-    from lamina.serve.server import ServeOptions, parse_address, run, want_tls
+    from lamina.serve.server import ServeOptions, parse_address, run
+    from lamina.serve.tls import want_tls
 
     options = ServeOptions(
         nbd=None if no_nbd else parse_address(nbd, "--nbd"),
@@ -64,5 +65,7 @@ def serve(
         https_cert=https_cert,
         https_key=https_key,
     )
-    options.tls = want_tls(options.hosts, tls=tls, insecure=insecure)
+    options.tls = want_tls(
+        options.hosts, tls=tls, insecure=insecure, https_cert=https_cert is not None
+    )
     run(open_home(home), options)

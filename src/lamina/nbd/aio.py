@@ -81,6 +81,7 @@ class NbdServerProtocol(asyncio.Protocol):
         self.tls = tls
         self.conn = ServerConnection(tls_required=tls is not None)
         self.client = "-"  # who the TLS client certificate names
+        self._upgrade: asyncio.Task[None] | None = None  # the STARTTLS upgrade under way
         self.device: BlockDevice | None = None
         self.export: ExportInfo | None = None
         self.peer = "?"
@@ -242,7 +243,7 @@ class NbdServerProtocol(asyncio.Protocol):
             # Not a byte more on the plain transport: the client's TLS hello, sent once
             # it reads the ACK, belongs to the TLS layer start_tls puts in between.
             self._transport.pause_reading()
-            asyncio.get_running_loop().create_task(self._start_tls())
+            self._upgrade = asyncio.get_running_loop().create_task(self._start_tls())
         if decision.export is not None:
             log_event(
                 self.log,

@@ -22,9 +22,10 @@ from lamina import logs
 from lamina.errors import Conflict, LaminaError, UsageError
 from lamina.home import Home
 from lamina.locks import try_lock
-from lamina.nbd.aio import NbdServerProtocol, ServerTls
+from lamina.nbd.aio import NbdServerProtocol
 from lamina.serve.catalog import ExportCatalog
 from lamina.serve.delta import discard
+from lamina.serve.tls import ServeTls, tls_setup, warn_if_exposed
 from lamina.store import ChunkCache
 
 DEFAULT_NBD = "127.0.0.1:10809"
@@ -53,38 +54,6 @@ class ServeOptions:
     @property
     def hosts(self) -> list[str]:
         return [a[0] for a in (self.nbd, self.http) if a is not None]
-
-
-def want_tls(hosts: list[str], *, tls: bool, insecure: bool) -> bool:
-    """TLS with ``--tls``; without, on any bind address that is not loopback, unless
-    ``--insecure`` says otherwise."""
-    from lamina.trust.addresses import is_loopback
-
-    if tls and insecure:
-        raise UsageError("--tls and --insecure contradict each other")
-    return tls or (not insecure and not all(is_loopback(h) for h in hosts))
-
-
-@dataclass(frozen=True)
-class _Tls:
-    nbd: ServerTls | None
-    http_cert: Path
-    http_key: Path
-
-
-def _tls_setup(home: Home, options: ServeOptions, catalog: ExportCatalog) -> _Tls:
-    from lamina.serve import access
-    from lamina.trust.addresses import server_names
-    from lamina.trust.authority import CA_CERT, Authority
-    from lamina.trust.contexts import server_context
-
-    if (options.https_cert is None) != (options.https_key is None):
-        raise UsageError("--https-cert and --https-key go together")
-    authority = Authority.open(home.tls_dir)
-    cert, key = authority.server_certificate(server_names(options.hosts, options.tls_names))
-    context = server_context(cert, key, authority.directory / CA_CERT)
-    nbd = ServerTls(context, lambda der: access.for_peer(catalog, der))
-    return _Tls(nbd, options.https_cert or cert, options.https_key or key)
 
 
 def reset_stateless(home: Home) -> list[str]:
@@ -134,7 +103,7 @@ async def _serve(
     loop = asyncio.get_running_loop()
     connections: set[NbdServerProtocol] = set()
 
-    tls = _tls_setup(home, options, catalog) if options.tls else None
+    tls = tls_setup(home, options, catalog) if options.tls else None
 
     def connection() -> NbdServerProtocol:
         proto = NbdServerProtocol(
@@ -165,7 +134,7 @@ async def _serve(
         reset_stateless=reset,
     )
     if not options.tls:
-        _warn_if_exposed(log, options.hosts)
+        warn_if_exposed(log, options.hosts)
     if options.http is not None and log.isEnabledFor(logging.INFO):
         # the console's one-time login URL, as Jupyter prints it (not in quiet runs: the demo)
         from lamina.manager.console.auth import print_login_url
@@ -196,21 +165,6 @@ async def _serve(
         logs.event(log, "stopped")
 
 
-def _warn_if_exposed(log: logging.Logger, hosts: list[str]) -> None:
-    from lamina.trust.addresses import is_loopback
-
-    exposed = [h for h in hosts if not is_loopback(h)]
-    if exposed:
-        logs.event(
-            log,
-            "insecure",
-            logging.WARNING,
-            listen=exposed,
-            message="TLS is off (--insecure): any client that reaches these addresses"
-            " reads and writes every machine's disk and seed, and sees tokens in clear",
-        )
-
-
 def _lock_home(home: Home) -> int:
     return try_lock(
         home.root / "serve.lock",
@@ -236,7 +190,7 @@ def _listen(address: tuple[str, int], what: str) -> socket.socket:
     return sock
 
 
-def _http_server(home: Home, address: tuple[str, int], tls: _Tls | None) -> Any:
+def _http_server(home: Home, address: tuple[str, int], tls: ServeTls | None) -> Any:
     import uvicorn
 
     from lamina.manager.app import create_app

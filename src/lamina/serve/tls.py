@@ -1,0 +1,70 @@
+"""TLS for ``lamina serve``: when it is on, the server certificate, and the NBD and HTTPS
+settings built from them (the rules of who opens what are in ``serve.access``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lamina import logs
+from lamina.errors import UsageError
+from lamina.nbd.aio import ServerTls
+from lamina.trust.addresses import is_loopback
+
+if TYPE_CHECKING:
+    from lamina.home import Home
+    from lamina.serve.catalog import ExportCatalog
+    from lamina.serve.server import ServeOptions
+
+
+def want_tls(hosts: list[str], *, tls: bool, insecure: bool, https_cert: bool = False) -> bool:
+    """TLS with ``--tls``; without, on any bind address that is not loopback, unless
+    ``--insecure`` says otherwise."""
+    if tls and insecure:
+        raise UsageError("--tls and --insecure contradict each other")
+    on = tls or (not insecure and not all(is_loopback(h) for h in hosts))
+    if https_cert and not on:
+        raise UsageError("--https-cert needs TLS (--tls, or an address that is not loopback)")
+    return on
+
+
+@dataclass(frozen=True)
+class ServeTls:
+    nbd: ServerTls
+    http_cert: Path
+    http_key: Path
+
+
+def tls_setup(home: Home, options: ServeOptions, catalog: ExportCatalog) -> ServeTls:
+    """The server certificate for every address served (issued or renewed now, once per
+    server: worker processes inherit what this returns) and what NBD and HTTPS use."""
+    from lamina.locks import locked
+    from lamina.serve import access
+    from lamina.trust.addresses import server_names
+    from lamina.trust.authority import CA_CERT, Authority
+    from lamina.trust.contexts import server_context
+
+    if (options.https_cert is None) != (options.https_key is None):
+        raise UsageError("--https-cert and --https-key go together")
+    authority = Authority.open(home.tls_dir)
+    names = server_names(options.hosts, options.tls_names)
+    with locked(home.tls_dir / "lock"):  # managers of one home starting at once
+        cert, key = authority.server_certificate(names)
+        context = server_context(cert, key, authority.directory / CA_CERT)
+    nbd = ServerTls(context, lambda der: access.for_peer(catalog, der))
+    return ServeTls(nbd, options.https_cert or cert, options.https_key or key)
+
+
+def warn_if_exposed(log: logging.Logger, hosts: list[str]) -> None:
+    exposed = [h for h in hosts if not is_loopback(h)]
+    if exposed:
+        logs.event(
+            log,
+            "insecure",
+            logging.WARNING,
+            listen=exposed,
+            message="TLS is off (--insecure): any client that reaches these addresses"
+            " reads and writes every machine's disk and seed, and sees tokens in clear",
+        )
