@@ -273,3 +273,41 @@ def test_tls_is_the_default_off_loopback(
 def test_tls_and_insecure_together_is_a_usage_error(cli: Cli) -> None:
     result = cli("serve", "--tls", "--insecure", check=False)
     assert result.code == 2 and "contradict" in result.err
+
+
+def test_the_printed_qemu_and_libnbd_lines_work_as_they_are(
+    cli: Cli, tls_server: Server, disk: Path, tmp_path: Path
+) -> None:
+    tls_server.start()
+    out = tmp_path / "m1"
+    printed = cli.json(
+        "machine",
+        "credentials",
+        "m1",
+        "--out",
+        str(out),
+        "--server",
+        f"127.0.0.1:{tls_server.port}",
+    )
+    assert printed["holder"] == "machine m1" and printed["dir"] == str(out)
+    assert "<source protocol='nbd' name='machine/m1' tls='yes'>" in printed["libvirt"][0]
+    for uri in printed["nbd_uris"]:
+        run_ok = run("nbdinfo", "--size", uri)
+        assert run_ok.returncode == 0, run_ok.stderr
+
+    # qemu opens both disks with the printed arguments (-S: no guest runs)
+    def opened() -> list[str]:
+        lines = tls_server.log_lines()
+        return [json.loads(ln)["export"] for ln in lines if '"connect"' in ln]
+
+    before = len(opened())
+    vm = subprocess.Popen(
+        ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-S", "-machine",
+         "pc,accel=tcg", *printed["qemu"]],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: sorted(opened()[before:]) == ["machine/m1", "machine/m1/seed"], 30)
+    finally:
+        vm.kill()
+        vm.wait()

@@ -76,24 +76,19 @@ def usage(directory: Path, host: str, port: int, exports: list[str]) -> dict[str
 
 
 def _show(holder: str, directory: Path, issued: Issued, lines: dict[str, Any]) -> None:
-    expires = issued.not_after.strftime("%Y-%m-%d")
-    out.print(
-        f"{holder}: credential in {directory} (until {expires})", markup=False, soft_wrap=True
-    )
-    out.print("qemu:", markup=False, soft_wrap=True)
     args = lines["qemu"]
-    for i in range(0, len(args), 2):
-        out.print(f"  {args[i]} {args[i + 1]}", markup=False, soft_wrap=True)
-    out.print("libnbd (nbdinfo, nbdcopy):", markup=False, soft_wrap=True)
-    for uri in lines["nbd_uris"]:
-        out.print(f"  '{uri}'", markup=False, soft_wrap=True)
-    out.print(
+    text = [
+        f"{holder}: credential in {directory} (until {issued.not_after:%Y-%m-%d})",
+        "qemu:",
+        *(f"  {args[i]} {args[i + 1]}" for i in range(0, len(args), 2)),
+        "libnbd (nbdinfo, nbdcopy):",
+        *(f"  '{uri}'" for uri in lines["nbd_uris"]),
         "libvirt (copy the three files into qemu.conf's nbd_tls_x509_cert_dir,"
         " /etc/pki/qemu by default, and set nbd_tls = 1):",
-        markup=False,
-    )
-    for disk in lines["libvirt"]:
-        out.print("  " + disk.replace("\n", "\n  "), markup=False, soft_wrap=True)
+        *("  " + disk.replace("\n", "\n  ") for disk in lines["libvirt"]),
+    ]
+    for line in text:  # long lines stay whole: they are copied into command lines
+        out.print(line, markup=False, soft_wrap=True)
 
 
 def issue_and_write(
