@@ -5,15 +5,20 @@ server that requires TLS (the spec's FORCEDTLS mode, as qemu-nbd and nbdkit run 
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lamina.errors import ProtocolError
 from lamina.nbd import ExportInfo, Opt, Rep, ServerConnection, negotiate
 from lamina.nbd.client import ClientConnection, Greeting
 from lamina.nbd.events import (
+    NEED_DATA,
     ClientFlags,
+    Closed,
     OptExportName,
     OptionReply,
     OptStartTls,
+    Request,
 )
 from lamina.nbd.negotiate import Refusal
 from lamina.nbd.server import Phase
@@ -173,3 +178,42 @@ def test_a_refused_export_name_hangs_up() -> None:
     pair.server.receive_data(pair.client.option(Opt.EXPORT_NAME, b"machine/m1"))
     (event,) = events(pair.server)
     assert negotiate(event, pair.catalog, pair.server).hang_up  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300), st.booleans())
+def test_arbitrary_bytes_to_a_tls_server_raise_only_protocol_errors(
+    blob: bytes, starttls: bool
+) -> None:
+    """Whatever a client sends before or after STARTTLS, the server answers (never with
+    anything but TLS_REQD, ACK to STARTTLS or ABORT before TLS) or raises ProtocolError."""
+    server = ServerConnection(tls_required=True)
+    server.initiate()
+    client = ClientConnection()
+    # with starttls the blob comes after the handshake (TLS bytes are not the machine's)
+    lead = client.client_flags() + client.option(Opt.STARTTLS) if starttls else b""
+    server.receive_data(lead or client.client_flags() + blob)
+    catalog = Catalog()
+    try:
+        while True:
+            ev = server.next_event()
+            if isinstance(ev, Closed):
+                return
+            if ev is NEED_DATA:
+                if server.phase is not Phase.STARTTLS:
+                    return
+                server.tls_established()  # the adapter's handshake, with nothing pending
+                server.receive_data(blob)
+                continue
+            if isinstance(ev, Request | ClientFlags):
+                continue
+            before_tls = not server.tls_active
+            for reply in negotiate(ev, catalog, server).replies:  # type: ignore[arg-type]
+                if before_tls and isinstance(reply, OptionReply):
+                    assert reply.reply == Rep.ERR_TLS_REQD or reply.option in (
+                        Opt.STARTTLS,
+                        Opt.ABORT,
+                    )
+                server.send(reply)
+    except ProtocolError:
+        pass
