@@ -70,9 +70,10 @@ class Home:
 
     @cached_property
     def store(self) -> ChunkStore:
-        from lamina.store import ChunkStore  # blake3, zstd: not every command needs them
+        # blake3, zstd (and boto3 for a bucket): not every command needs them
+        from lamina.store.location import open_store
 
-        return ChunkStore.open_local(self.store_dir)
+        return open_store(self.store_dir)
 
     @property
     def sessionmaker(self) -> sessionmaker[Session]:

@@ -1,4 +1,4 @@
-"""lamina store verify|gc|du"""
+"""lamina store verify|gc|du|reindex"""
 
 from __future__ import annotations
 
@@ -101,3 +101,16 @@ def du(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             f"{usage.chunks} chunks in {usage.packs} packs: {human(usage.pack_bytes)} stored for "
             f"{human(logical)} in {roots} image and layer version(s) ({ratio:.1f}x)"
         )
+
+
+@app.command()
+def reindex(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Index the packs the chunk index does not know (all of them in a fresh home over a
+    bucket), reading only their trailers; forget packs that are gone."""
+    h = open_home(home)
+    changes = h.store.reindex()
+    usage = h.store.usage()
+    if as_json:
+        emit_json({"changes": changes, "packs": usage.packs, "chunks": usage.chunks})
+    else:
+        out.print(f"{usage.chunks} chunks in {usage.packs} packs indexed ({changes} change(s))")

@@ -222,6 +222,11 @@ class ChunkStore:
             finally:
                 w.close()
 
+    def reindex(self) -> int:
+        """``reconcile`` under the shared lock, so no gc removes packs meanwhile."""
+        with self.backend.lock(exclusive=False, timeout=LOCK_TIMEOUT):
+            return self.reconcile()
+
     def reconcile(self) -> int:
         """Index packs the index does not know (a crash between pack and index writes),
         forget packs that are gone. Returns how many changes were made."""
