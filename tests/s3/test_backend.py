@@ -12,6 +12,8 @@ from lamina.errors import StoreError
 from lamina.store.backends.s3 import MULTIPART_FROM, S3Backend
 from tests.ceph import CephCluster
 
+pytestmark = pytest.mark.peers
+
 MiB = 1 << 20
 
 
@@ -55,7 +57,7 @@ def test_a_range_past_the_end_is_a_store_error(ceph: CephCluster, bucket: str) -
     b.put("packs/cc/x.pack", [b"0123456789"])
     with pytest.raises(StoreError, match="short read"):
         b.read("packs/cc/x.pack", 5, 10)
-    with pytest.raises(StoreError, match="x.pack"):
+    with pytest.raises(StoreError, match=r"x\.pack"):
         b.read("packs/cc/x.pack", 50, 10)
 
 
