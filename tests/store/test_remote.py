@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lamina.errors import CorruptObject, UsageError
-from lamina.store import MemoryBackend
+from lamina.store import MemoryBackend, chunk_id, codec
 from lamina.store.diskcache import DiskChunkCache
 from lamina.store.index import Index
 from lamina.store.location import parse_size, parse_store_url, resolve
@@ -69,14 +69,17 @@ def test_reads_are_verified_cached_and_then_served_from_disk(tmp_path: Path) -> 
     assert len(store.cache) == 1 and store.cache.get(bad) is None
 
 
-def test_a_corrupt_cache_file_is_dropped_and_fetched_again(tmp_path: Path) -> None:
+def test_a_corrupt_cache_entry_is_dropped_and_fetched_again(tmp_path: Path) -> None:
     store = remote(tmp_path)
     [(cid, data)] = fill(store, 1)
     store.get(cid)
-    [path] = (tmp_path / "cache").rglob("*.env")
-    path.write_bytes(path.read_bytes()[:-1] + b"\0")
-    assert store.get(cid) == data
-    assert store.cache.get(cid) == store.backend.read(*_where(store, cid))
+    [segment] = (tmp_path / "cache").glob("*.seg")
+    body = bytearray(segment.read_bytes())
+    body[-1] ^= 1
+    segment.write_bytes(body)
+    backend = store.backend
+    assert isinstance(backend, CountingBackend)
+    assert store.get(cid) == data and backend.reads == 2
 
 
 def _where(store: RemoteChunkStore, cid: bytes) -> tuple[str, int, int]:
@@ -98,37 +101,62 @@ def test_concurrent_misses_fetch_a_chunk_once(tmp_path: Path) -> None:
     assert results == [data] * 8 and backend.reads == 1
 
 
-def test_the_least_recently_used_are_evicted_within_the_bound(tmp_path: Path) -> None:
-    store = remote(tmp_path, capacity=5 * (64 << 10) + 5 * 4096)
-    chunks = fill(store, 8)
-    # 20 ms apart: use order is kept in mtimes, whose clock ticks every few ms
-    for i in (0, 1, 2, 3, 4, 0, 5):  # chunk 0 is read again: 1 is now the least recent
-        store.get(chunks[i][0])
-        time.sleep(0.02)
-    cached = {p.name.removesuffix(".env") for p in (tmp_path / "cache").rglob("*.env")}
-    assert cached == {c.hex() for c, _ in [chunks[i] for i in (0, 2, 3, 4, 5)]}
-    assert store.cache.used <= store.cache.capacity
-
-    # the next owner starts from the files, in their use order, and trims to its bound
-    store.cache.close()
-    smaller = DiskChunkCache(tmp_path / "cache", capacity=2 * (64 << 10) + 2 * 4096)
-    smaller.put(chunks[6][0], store.backend.read(*_where(store, chunks[6][0])))
-    cached = {p.name.removesuffix(".env") for p in (tmp_path / "cache").rglob("*.env")}
-    assert cached == {chunks[5][0].hex(), chunks[6][0].hex()}
+def envelope(i: int, size: int = 100_000) -> tuple[bytes, bytes]:
+    """(id, envelope) of a chunk of random bytes."""
+    data = os.urandom(size)
+    cid = chunk_id(data)
+    return cid, codec.encode(data, cid)
 
 
-def test_only_one_process_writes_the_cache(tmp_path: Path) -> None:
-    owner = DiskChunkCache(tmp_path / "cache", 1 << 20)
-    other = DiskChunkCache(tmp_path / "cache", 1 << 20)
-    envelope = b"x" * 1000
-    owner.put(b"\1" * 32, envelope)
-    other.put(b"\2" * 32, envelope)  # refused: the owner holds the lock
+def segment_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.glob("*.seg"))
+
+
+def test_eviction_keeps_what_is_read_and_the_bound(tmp_path: Path) -> None:
+    cache = DiskChunkCache(tmp_path / "cache", capacity=4 << 20)  # 4 segments of 1 MiB
+    entries = [envelope(i) for i in range(100)]
+    for i, (cid, env) in enumerate(entries):
+        cache.put(cid, env)
+        if i < 10 or i % 10 == 0:  # read again and again: hot
+            for hot_id, _ in entries[: min(i + 1, 10)]:
+                assert cache.get(hot_id) is not None
+        assert cache.used == segment_bytes(tmp_path / "cache") <= cache.capacity
+    assert all(cache.get(cid) == env for cid, env in entries[:10])  # kept by use
+    cold = [cid for cid, _ in entries[10:60] if cache.get(cid) is not None]
+    assert not cold  # old and never read: evicted
+    assert cache.get(entries[-1][0]) == entries[-1][1]  # the newest are there
+
+
+def test_the_next_owner_finds_the_entries_and_cuts_a_torn_tail(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    cache = DiskChunkCache(root, capacity=64 << 20)
+    entries = [envelope(i) for i in range(5)]
+    for cid, env in entries:
+        cache.put(cid, env)
+    cache.close()
+    [segment] = root.glob("*.seg")
+    with open(segment, "ab") as f:
+        f.write(entries[0][1][:5000])  # a write cut short by a crash
+    again = DiskChunkCache(root, capacity=64 << 20)
+    assert all(again.get(cid) == env for cid, env in entries)
+    assert segment.stat().st_size == sum(len(e) for _, e in entries)
+    again.close()
+    smaller = DiskChunkCache(root, capacity=2 << 20)  # trims to its bound when it loads
+    assert smaller.claim() and smaller.used <= 2 << 20
+
+
+def test_only_one_process_uses_the_cache(tmp_path: Path) -> None:
+    owner = DiskChunkCache(tmp_path / "cache", 8 << 20)
+    other = DiskChunkCache(tmp_path / "cache", 8 << 20)
+    (a, env_a), (b, env_b) = envelope(1), envelope(2)
+    owner.put(a, env_a)
+    other.put(b, env_b)  # refused: the owner holds the lock
     assert owner.owner and not other.owner
-    assert other.get(b"\1" * 32) == envelope and other.get(b"\2" * 32) is None
+    assert other.get(a) is None and owner.get(b) is None
     owner.close()
-    other._next_claim = 0.0  # skip the retry delay
-    other.put(b"\2" * 32, envelope)
-    assert other.owner and len(other) == 2
+    assert other.claim() and other.get(a) == env_a  # takes over what was left
+    other.put(b, env_b)
+    assert len(other) == 2
 
 
 def test_store_urls_and_sizes_are_checked() -> None:

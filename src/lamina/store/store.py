@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -74,10 +75,11 @@ class Usage:
 
 
 class Writer:
-    """Adds chunks through in-memory packs; full packs are written and indexed by one
-    background thread while chunking goes on, and ``flush`` waits for all of them.
+    """Adds chunks through in-memory packs; full packs are written and indexed by
+    background threads while chunking goes on, and ``flush`` waits for all of them.
 
-    At most two packs are in memory (the one filling, the one being written): 64 MiB.
+    A backend may take several puts at once (``put_depth``, 1 when it does not say): at
+    most that many packs are being written, and one more is filling (64 MiB locally).
     """
 
     def __init__(self, store: ChunkStore, level: int) -> None:
@@ -86,8 +88,9 @@ class Writer:
         self._pack = PackBuilder()
         self._lock = threading.Lock()
         self._in_flight: set[bytes] = set()  # ids in packs being written
-        self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack")
-        self._pending: Future[None] | None = None
+        self._depth = max(1, int(getattr(store.backend, "put_depth", 1)))
+        self._sealer = ThreadPoolExecutor(max_workers=self._depth, thread_name_prefix="pack")
+        self._pending: deque[Future[None]] = deque()
         self.added_bytes = 0
         self.sealed: list[tuple[str, list[Entry]]] = []
 
@@ -122,30 +125,31 @@ class Writer:
         return PutResult(cid, True, entry.size)
 
     def _rotate(self) -> None:
-        """Hand the filled pack to the background writer (after the previous one is done)."""
+        """Hand the filled pack to a background writer (once one is free)."""
         with self._lock:
             pack, self._pack = self._pack, PackBuilder()
         if not pack.entries:
             return
-        if self._pending is not None:
-            self._pending.result()
-        self._in_flight = set(pack.ids)
-        self._pending = self._sealer.submit(self._write, pack)
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        with self._lock:
+            self._in_flight |= pack.ids
+        self._pending.append(self._sealer.submit(self._write, pack))
 
     def _write(self, pack: PackBuilder) -> None:
         name = _pack_name()
         parts = pack.seal()
         self.store.backend.put(name, parts, durable=True)
         self.store.index.add_pack(name, pack.size, pack.entries)
-        self.sealed.append((name, pack.entries))
+        with self._lock:
+            self._in_flight -= pack.ids  # indexed: store.has finds them now
+            self.sealed.append((name, pack.entries))
 
     def flush(self) -> None:
         """Write what is buffered; returns once every chunk put so far is durable and indexed."""
         self._rotate()
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-        self._in_flight = set()
+        while self._pending:
+            self._pending.popleft().result()
 
     def close(self) -> None:
         self._sealer.shutdown(wait=True)
