@@ -56,17 +56,34 @@ def corrupt(store: RemoteChunkStore, cid: bytes) -> None:
 
 def test_reads_are_verified_cached_and_then_served_from_disk(tmp_path: Path) -> None:
     store = remote(tmp_path)
-    (cid, data), (bad, _) = fill(store, 2)
+    chunks = fill(store, 6)  # 64 KiB each: all within one read-ahead window
+    bad = chunks[2][0]
+    corrupt(store, bad)
     backend = store.backend
     assert isinstance(backend, CountingBackend)
-    assert store.get(cid) == data and backend.reads == 1
-    assert store.get(cid) == data and store.get_envelope(cid) and backend.reads == 1
-    corrupt(store, bad)
+    assert store.get(chunks[0][0]) == chunks[0][1] and backend.reads == 1
+    for cid, data in chunks:
+        if cid != bad:  # came with the first GET, checked, cached
+            assert store.get(cid) == data and store.get_envelope(cid)
+    assert backend.reads == 1
     for _ in range(2):  # not cached: the bucket is asked again, and fails again
         with pytest.raises(CorruptObject):
             store.get(bad)
     assert backend.reads == 3
-    assert len(store.cache) == 1 and store.cache.get(bad) is None
+    assert bad not in store.cache and len(store.cache) == 5
+
+
+def test_read_ahead_stops_at_its_span_and_at_cached_chunks(tmp_path: Path) -> None:
+    store = remote(tmp_path)
+    chunks = fill(store, 8, size=256 << 10)  # random: envelopes of 256 KiB + 48 bytes
+    backend = store.backend
+    assert isinstance(backend, CountingBackend)
+    store.get(chunks[4][0])  # with 5 and 6: a fourth would pass 1 MiB
+    store.get(chunks[0][0])  # with 1 and 2
+    store.get(chunks[3][0])  # alone: 4 is cached
+    assert backend.reads == 3
+    assert [store.get(c) for c, _ in chunks] == [d for _, d in chunks]
+    assert backend.reads == 4  # 7 was never fetched before
 
 
 def test_a_corrupt_cache_entry_is_dropped_and_fetched_again(tmp_path: Path) -> None:

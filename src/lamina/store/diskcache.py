@@ -88,6 +88,9 @@ class DiskChunkCache:
     def __len__(self) -> int:
         return len(self._places)
 
+    def __contains__(self, cid: bytes) -> bool:
+        return cid in self._places
+
     def _path(self, number: int) -> Path:
         return self.root / f"{number:08d}.seg"
 

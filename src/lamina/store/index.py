@@ -125,6 +125,17 @@ class Index:
             ).fetchall()
         return dict(rows)
 
+    def following(self, pack: str, offset: int, span: int) -> list[tuple[bytes, int, int]]:
+        """(id, offset, size) of the chunks of ``pack`` that start in
+        ``[offset, offset+span)``, in pack order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, offset, size FROM chunks WHERE pack=? AND offset>=? AND offset<?"
+                " ORDER BY offset",
+                (pack, offset, offset + span),
+            ).fetchall()
+        return [(bytes(c), int(o), int(n)) for c, o, n in rows]
+
     def all_chunks(self) -> Iterator[tuple[bytes, Location]]:
         with self._lock:
             rows = self._db.execute("SELECT id, pack, offset, size FROM chunks").fetchall()
