@@ -202,6 +202,8 @@ class DiskChunkCache:
         """Own the cache if nobody else does (tried again every few seconds)."""
         if self._owner_fd is not None:
             return True
+        if self.capacity <= 0:
+            return False  # turned off: leave the cache to a process that uses one
         now = time.monotonic()
         with self._lock:
             if self._owner_fd is not None:

@@ -29,7 +29,7 @@ REINDEX_THREADS: Final = 8
 # touched 25.0% of its image in 256 KiB chunks and 29.7% in 1 MiB ones (README, "Chunk
 # size"), so a window of 1 MiB costs a fifth more bytes for a quarter of the requests.
 READAHEAD: Final = 1 << 20
-_FRESH: Final = 64  # decoded neighbours kept in memory (16 MiB of 256 KiB chunks)
+_FRESH: Final = 16 << 20  # bytes of decoded neighbours kept in memory
 # One GET of a pack's last 64 KiB holds footer and trailer together for packs of up to
 # ~1,500 chunks; a 32 MiB pack of 256 KiB chunks has at most 130.
 _TAIL: Final = 64 << 10
@@ -56,6 +56,7 @@ class RemoteChunkStore(ChunkStore):
         # Neighbours fetched by read-ahead, decoded once: the next request usually wants
         # them, and then they need no second decode from the disk cache.
         self._fresh: OrderedDict[bytes, Loaded] = OrderedDict()
+        self._fresh_bytes = 0
 
     def close(self) -> None:
         super().close()
@@ -77,6 +78,8 @@ class RemoteChunkStore(ChunkStore):
         the same chunks), together with the chunks that follow it in its pack."""
         with self._loading_lock:
             fresh = self._fresh.pop(cid, None)
+            if fresh is not None:
+                self._fresh_bytes -= len(fresh[1])
             pending = self._loading.get(cid)
         if fresh is not None:
             return fresh
@@ -168,9 +171,13 @@ class RemoteChunkStore(ChunkStore):
 
     def _remember(self, cid: bytes, loaded: Loaded) -> None:
         with self._loading_lock:
+            if cid in self._fresh:
+                return
             self._fresh[cid] = loaded
-            while len(self._fresh) > _FRESH:
-                self._fresh.popitem(last=False)
+            self._fresh_bytes += len(loaded[1])
+            while self._fresh_bytes > _FRESH:
+                _, dropped = self._fresh.popitem(last=False)
+                self._fresh_bytes -= len(dropped[1])
 
     def reconcile(self) -> int:
         """Index the packs the index does not know, reading their trailers in parallel
