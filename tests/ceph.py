@@ -31,6 +31,7 @@ SECRET_KEY = "lamina-test-secret-key-0123456789"
 # client socket of a concurrent test grabs one between our check and the daemon's bind.
 _PORT_BLOCK = 40
 _PORT_LOW, _PORT_HIGH = 20000, 32000
+_PREFIX = "lamina-ceph-"
 
 
 def _port_block() -> int:
@@ -52,6 +53,17 @@ def _free(port: int) -> bool:
     return True
 
 
+def _remove_orphans() -> None:
+    """Folders of clusters whose test run was killed outright (its daemons died with it)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*"):
+        try:
+            owner = int((folder / "owner").read_text())
+        except (OSError, ValueError):
+            continue
+        if not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
@@ -64,17 +76,29 @@ class CephCluster:
     """``start()`` brings it up (RuntimeError with the failing daemon's log tail when it
     does not come up in ``timeout`` seconds); ``stop()`` ends every daemon it started."""
 
-    def __init__(self, base: Path | None = None, *, timeout: float = 60.0) -> None:
+    def __init__(
+        self, base: Path | None = None, *, timeout: float = 60.0, attempts: int = 2
+    ) -> None:
         if shutil.which("radosgw") is None or shutil.which("ceph-osd") is None:
             raise RuntimeError("Ceph is not installed (make deps installs it)")
-        self.base = base or Path(tempfile.mkdtemp(prefix="lamina-ceph-"))
+        if base is None:
+            _remove_orphans()
+        self.base = base or Path(tempfile.mkdtemp(prefix=_PREFIX))
         self.timeout = timeout
+        self.attempts = attempts
+        self.conf = self.base / "ceph.conf"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._ports()
+
+    def _ports(self) -> None:
+        """A fresh folder (owned by this process), fsid and port block."""
+        shutil.rmtree(self.base, ignore_errors=True)
+        self.base.mkdir(parents=True)
+        (self.base / "owner").write_text(str(os.getpid()))
         self.fsid = str(uuid.uuid4())
         port = _port_block()
         self.mon_port, self.rgw_port = port, port + 1
         self.ms_ports = (port + 2, port + _PORT_BLOCK - 1)
-        self.conf = self.base / "ceph.conf"
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
     def endpoint_url(self) -> str:
@@ -116,12 +140,22 @@ class CephCluster:
     # -- life cycle -------------------------------------------------------------------------
 
     def start(self) -> CephCluster:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        """Up, or RuntimeError; a port taken between our check and a daemon's bind (another
+        test's client socket, say) costs one more attempt on other ports."""
+        for attempt in range(self.attempts):
+            try:
+                self._start()
+                return self
+            except RuntimeError as exc:
+                self.stop(keep=True)
+                if "Address already in use" not in str(exc) or attempt + 1 == self.attempts:
+                    self.stop()
+                    raise
+                self._ports()
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def _start(self) -> None:
         for sub in ("run", "log", "mon", "osd/ceph-0", "rgw"):
@@ -158,6 +192,9 @@ ms bind msgr1 = false
 ms bind ipv6 = false
 ms bind port min = {low}
 ms bind port max = {high}
+# a port in use fails the start in 2 s, not 15 (a second attempt takes other ports)
+ms bind retry count = 2
+ms bind retry delay = 1
 auth cluster required = none
 auth service required = none
 auth client required = none
@@ -262,7 +299,8 @@ rgw data = {b}/rgw
             f"--- {names[daemon]}.log\n{_tail(logs / f'{names[daemon]}.log')}"
         )
 
-    def stop(self) -> None:
+    def stop(self, *, keep: bool = False) -> None:
+        """End every daemon (and remove the cluster's folder unless ``keep``)."""
         # The gateway first: an OSD stopped under it leaves it retrying for minutes.
         for name in ("rgw", "osd", "mon"):
             proc = self.procs.pop(name, None)
@@ -275,5 +313,6 @@ rgw data = {b}/rgw
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=10)
-        with contextlib.suppress(OSError):
-            shutil.rmtree(self.base)
+        if not keep:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(self.base)
