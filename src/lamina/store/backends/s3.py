@@ -28,13 +28,14 @@ if TYPE_CHECKING:
 
 # Objects from this size go up as a multipart upload, parts of MULTIPART_PART sent in
 # parallel. Packs (32 MiB) stay below it: to the RADOS Gateway of the test suite a 32 MiB
-# object took 0.14 s as one PUT and 0.22 s as 4 parallel parts of 8 MiB (a median of 6),
-# and several packs in flight (PUT_DEPTH) give the parallelism instead: 182 MiB/s with one
-# PUT at a time, 231 with two, 245 with four.
+# object took 0.14 s as one PUT and 0.22 s as 4 parallel parts of 8 MiB (a median of 6).
+# Several packs in flight give the parallelism instead: importing 1 GiB of random data
+# took 8.5-10.3 / 7.6 / 6.9-7.5 / 6.7-6.8 s with 2 / 3 / 4 / 6 packs in flight. Each costs
+# a pack in memory and its joined copy while it uploads: with the pack filling, 288 MiB.
 MULTIPART_FROM: Final = 64 << 20
 MULTIPART_PART: Final = 16 << 20
 UPLOAD_THREADS: Final = 4
-PUT_DEPTH: Final = 3
+PUT_DEPTH: Final = 4
 # Unfinished multipart uploads older than this are aborted by gc. Another block server's
 # upload may be in flight at any time: a day leaves every live one alone.
 UPLOAD_GRACE: Final = 24 * 3600.0
