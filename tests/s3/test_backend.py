@@ -52,6 +52,17 @@ def test_objects_round_trip_by_range_under_the_prefix(ceph: CephCluster, bucket:
     b.close()
 
 
+def test_pack_sized_bodies_reuse_buffers_without_mixing_them(
+    ceph: CephCluster, bucket: str
+) -> None:
+    b = backend(ceph, bucket)
+    sizes = (10 * MiB, 9 * MiB + 7, 11 * MiB + 3, 9 * MiB)  # shrinking and growing again
+    bodies = {f"packs/ee/{i}.pack": os.urandom(n) for i, n in enumerate(sizes)}
+    for name, body in bodies.items():
+        b.put(name, [body[:5], memoryview(body)[5:]])
+    assert {name: b.read(name) for name in bodies} == bodies
+
+
 def test_a_range_past_the_end_is_a_store_error(ceph: CephCluster, bucket: str) -> None:
     b = backend(ceph, bucket)
     b.put("packs/cc/x.pack", [b"0123456789"])

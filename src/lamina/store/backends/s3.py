@@ -36,6 +36,9 @@ MULTIPART_FROM: Final = 64 << 20
 MULTIPART_PART: Final = 16 << 20
 UPLOAD_THREADS: Final = 4
 PUT_DEPTH: Final = 4
+# PUT bodies from this size are copied into reused buffers: joining 1 GiB of 32 MiB packs
+# into fresh bytes took 0.56-0.76 s here (page faults), copying it into a reused buffer 0.11.
+REUSE_FROM: Final = 8 << 20
 # Unfinished multipart uploads older than this are aborted by gc. Another block server's
 # upload may be in flight at any time: a day leaves every live one alone.
 UPLOAD_GRACE: Final = 24 * 3600.0
@@ -91,6 +94,7 @@ class S3Backend:
         self._client = client if client is not None else make_client(endpoint_url)
         self._sizes: dict[str, int] = {}
         self._sizes_lock = threading.Lock()
+        self._bodies: list[bytearray] = []
         self._uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="s3-part")
         self.upload_grace = upload_grace
 
@@ -139,15 +143,41 @@ class S3Backend:
         """One PUT, or a multipart upload for large objects; either way the object appears
         whole or not at all. The gateway acknowledges only what it has stored, so
         ``durable`` needs nothing more."""
-        data = b"".join(parts)
+        total = sum(len(p) for p in parts)
         key = self._key(name)
-        if len(data) < MULTIPART_FROM:
+        if total >= MULTIPART_FROM:
+            self._put_multipart(name, key, b"".join(parts))
+        elif total < REUSE_FROM:
             with self._mapped("put", name):
-                self._client.put_object(Bucket=self.bucket, Key=key, Body=data)
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=b"".join(parts))
         else:
-            self._put_multipart(name, key, data)
+            body = self._body(parts, total)
+            try:
+                with self._mapped("put", name):
+                    # botocore takes a bytearray as it takes bytes; the stubs miss it
+                    self._client.put_object(Bucket=self.bucket, Key=key, Body=body)  # type: ignore[arg-type]
+            finally:
+                with self._sizes_lock:
+                    if len(self._bodies) < self.put_depth:
+                        self._bodies.append(body)
         with self._sizes_lock:
-            self._sizes[name] = len(data)
+            self._sizes[name] = total
+
+    def _body(self, parts: Sequence[Buffer], total: int) -> bytearray:
+        """The parts copied into a reused buffer of exactly ``total`` bytes (CPython keeps
+        the allocation when a bytearray shrinks by less than half, so pack after pack
+        lands in memory already mapped)."""
+        with self._sizes_lock:
+            body = self._bodies.pop() if self._bodies else bytearray()
+        if len(body) > total:
+            del body[total:]
+        elif len(body) < total:
+            body.extend(bytes(total - len(body)))
+        at = 0
+        for part in parts:
+            body[at : at + len(part)] = part
+            at += len(part)
+        return body
 
     def _put_multipart(self, name: str, key: str, data: bytes) -> None:
         with self._mapped("put", name):
