@@ -114,7 +114,9 @@ class RemoteChunkStore(ChunkStore):
             return mine[cid][0].result()
         except FileNotFoundError:  # repacked by gc meanwhile: read it where it is now
             envelope = super().get_envelope(cid)
-            return envelope, codec.decode(envelope, expected=cid)
+            loaded = envelope, codec.decode(envelope, expected=cid)
+            self.cache.put(cid, envelope)
+            return loaded
         finally:
             with self._loading_lock:
                 for c, (future, _, _) in mine.items():

@@ -93,7 +93,7 @@ class S3Backend:
         self._lock = lock
         self._client = client if client is not None else make_client(endpoint_url)
         self._sizes: dict[str, int] = {}
-        self._sizes_lock = threading.Lock()
+        self._state_lock = threading.Lock()
         self._bodies: list[bytearray] = []
         self._uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="s3-part")
         self.upload_grace = upload_grace
@@ -157,17 +157,17 @@ class S3Backend:
                     # botocore takes a bytearray as it takes bytes; the stubs miss it
                     self._client.put_object(Bucket=self.bucket, Key=key, Body=body)  # type: ignore[arg-type]
             finally:
-                with self._sizes_lock:
+                with self._state_lock:
                     if len(self._bodies) < self.put_depth:
                         self._bodies.append(body)
-        with self._sizes_lock:
+        with self._state_lock:
             self._sizes[name] = total
 
     def _body(self, parts: Sequence[Buffer], total: int) -> bytearray:
         """The parts copied into a reused buffer of exactly ``total`` bytes (CPython keeps
         the allocation when a bytearray shrinks by less than half, so pack after pack
         lands in memory already mapped)."""
-        with self._sizes_lock:
+        with self._state_lock:
             body = self._bodies.pop() if self._bodies else bytearray()
         if len(body) > total:
             del body[total:]
@@ -228,7 +228,7 @@ class S3Backend:
         return data
 
     def size(self, name: str) -> int:
-        with self._sizes_lock:
+        with self._state_lock:
             known = self._sizes.get(name)
         if known is not None:
             return known
@@ -236,14 +236,14 @@ class S3Backend:
             size = int(
                 self._client.head_object(Bucket=self.bucket, Key=self._key(name))["ContentLength"]
             )
-        with self._sizes_lock:
+        with self._state_lock:
             self._sizes[name] = size
         return size
 
     def delete(self, name: str) -> None:
         with self._mapped("delete", ""):
             self._client.delete_object(Bucket=self.bucket, Key=self._key(name))
-        with self._sizes_lock:
+        with self._state_lock:
             self._sizes.pop(name, None)
 
     def list(self, prefix: str = "") -> Iterator[str]:
@@ -258,7 +258,7 @@ class S3Backend:
             for page in pages.paginate(Bucket=self.bucket, Prefix=key_prefix):
                 for obj in page.get("Contents", []):
                     name, size = self._name(obj["Key"]), int(obj["Size"])
-                    with self._sizes_lock:
+                    with self._state_lock:
                         self._sizes[name] = size
                     yield name, size
 
