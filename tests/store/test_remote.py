@@ -104,6 +104,34 @@ def _where(store: RemoteChunkStore, cid: bytes) -> tuple[str, int, int]:
     return loc.pack, loc.offset, loc.size
 
 
+class RepackingBackend(MemoryBackend):
+    """Moves a pack to a new name (as gc's repacking does) just before its first read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store: RemoteChunkStore | None = None
+
+    def read(self, name: str, offset: int = 0, length: int = -1) -> bytes:
+        store = self.store
+        if store is not None and name.endswith(".pack") and not name.startswith("packs/zz"):
+            self.store = None
+            moved = "packs/zz/moved.pack"
+            self.objects[moved] = self.objects.pop(name)
+            store.index.add_pack(moved, len(self.objects[moved]), [])
+            store.index.move((c, moved, o) for c, o in store.index.chunks_in(name).items())
+            store.index.remove_pack(name)
+        return super().read(name, offset, length)
+
+
+def test_a_pack_repacked_under_a_read_is_read_where_it_went(tmp_path: Path) -> None:
+    backend = RepackingBackend()
+    store = RemoteChunkStore(backend, Index(None), DiskChunkCache(tmp_path / "cache", 1 << 30))
+    [(cid, data), (other, more)] = fill(store, 2)
+    backend.store = store
+    assert store.get(cid) == data and store.get(other) == more
+    assert list(backend.objects) == ["packs/zz/moved.pack"]
+
+
 def test_concurrent_misses_fetch_a_chunk_once(tmp_path: Path) -> None:
     store = remote(tmp_path, delay=0.2)
     [(cid, data)] = fill(store, 1)
