@@ -2,7 +2,7 @@
 
 A root is mounted with a base, a small app layer (so attaching runs the conflict check
 between app layers) and a writable layer, with a process holding its working directory
-inside. Attach and detach are called the way the agent calls them (``lamina.layer.runtime``
+inside. Attach and detach are called the way the agent calls them (``lamina.layer.attach``
 in a running process), and timed end to end: database, conflict check, overlay switch.
 First-time preparation of each layer on this host (tree written out, mkfs.erofs) is timed
 separately, and so is the ``lamina attach`` command (a fresh Python process each time).
@@ -20,8 +20,10 @@ from pathlib import Path
 
 from common import LAMINA, median, need, run, scratch
 from lamina.home import Home
-from lamina.layer import prepare, runtime
+from lamina.layer import attach, prepare, roots
 from lamina.layer.importer import import_layer, load_tree
+from lamina.manager.home import open_home
+from lamina.manager.layer_records import DatabaseRecords
 
 ROUNDS = 7
 PER_DIR = 100
@@ -43,26 +45,25 @@ def prepared_seconds(home: Home, ref: str) -> float:
     from lamina.names import parse_ref
 
     with home.session() as session:
-        manifest = layers.get_version(session, parse_ref(ref)).manifest_id
+        manifest_id = bytes.fromhex(layers.get_version(session, parse_ref(ref)).manifest_id)
     started = time.perf_counter()
-    prepare.prepare(
-        home.root, home.store, manifest, lambda: load_tree(home.store, bytes.fromhex(manifest))
-    )
+    prepare.prepare(home.root, home.store, manifest_id, lambda: load_tree(home.store, manifest_id))
     return time.perf_counter() - started
 
 
 def attach_ms(home: Home, root: Path, layer: str) -> tuple[float, float]:
     """Median attach and detach times over ROUNDS, in ms."""
-    attach, detach = [], []
+    records = DatabaseRecords(home)
+    attached, detached = [], []
     for _ in range(ROUNDS):
         started = time.perf_counter()
-        runtime.attach(home, root, layer)
-        attach.append(time.perf_counter() - started)
+        attach.attach(home, records, root, layer)
+        attached.append(time.perf_counter() - started)
         assert (root / "opt" / layer).is_dir()
         started = time.perf_counter()
-        runtime.detach(home, root, layer)
-        detach.append(time.perf_counter() - started)
-    return median(attach) * 1000, median(detach) * 1000
+        attach.detach(home, records, root, layer)
+        detached.append(time.perf_counter() - started)
+    return median(attached) * 1000, median(detached) * 1000
 
 
 def cli_attach_ms(home: Home, root: Path, layer: str) -> float:
@@ -79,7 +80,7 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("bench/attach.py mounts overlays: run it as root")
     base = scratch("attach")
-    home = Home(base / "home")
+    home = open_home(base / "home")
     sources = {
         "base": make_tree(base / "src-base", 200, "base"),
         "tools": make_tree(base / "src-tools", 100, "tools"),
@@ -89,12 +90,12 @@ def main() -> None:
     imported = {}
     for name, src in sources.items():
         started = time.perf_counter()
-        import_layer(home, name, src)
+        import_layer(home, DatabaseRecords(home), name, src)
         imported[name] = time.perf_counter() - started
     prep = {name: prepared_seconds(home, name) for name in sources}
     root = base / "root"
     root.mkdir()
-    runtime.mount(home, root, ["tools", "base"], writable="bench-user")
+    roots.mount(home, DatabaseRecords(home), root, ["tools", "base"], writable="bench-user")
     holder = subprocess.Popen(["sleep", "3600"], cwd=root / "opt")  # a busy root
     try:
         a1k, d1k = attach_ms(home, root, "app1k")
@@ -108,7 +109,7 @@ def main() -> None:
     subprocess.run(["cp", "-a", f"{sources['app50k']}/.", str(copy_dir)], check=True)
     copy_ms = (time.perf_counter() - started) * 1000
     shutil.rmtree(copy_dir)
-    runtime.umount(home, root)
+    roots.umount(home, DatabaseRecords(home), root)
     home.close()
     print(f"attach 1k={a1k:.1f} ms 50k={a50k:.1f} ms copy={copy_ms:.0f} ms")
     print(f"ratio copy/attach 50k={copy_ms / a50k:.0f} attach 50k/1k={a50k / a1k:.2f}")

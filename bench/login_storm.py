@@ -100,9 +100,9 @@ def setup(home: Path, agents: int, env: dict[str, str]) -> list[str]:
         run(LAMINA, "layer", "import", name, str(tree.parent.parent), env=env)
     code = f"""
 import json, sys
-from lamina.home import Home
+from lamina.manager.home import open_home
 from lamina.manager.services import access, machines
-h = Home()
+h = open_home()
 tokens = []
 with h.session() as s:
     access.add_group(s, name="staff")
@@ -225,9 +225,9 @@ async def fanout(ports: list[int], tokens: list[str], admin: str) -> tuple[float
 def count_sessions(env: dict[str, str]) -> int:
     code = """
 from sqlalchemy import func, select
-from lamina.home import Home
+from lamina.manager.home import open_home
 from lamina.manager.models import UserSession
-with Home().session() as s:
+with open_home().session() as s:
     print(s.scalar(select(func.count()).select_from(UserSession)))
 """
     return int(run_python(code, env).strip())

@@ -26,7 +26,9 @@ import time
 from common import LAMINA, run, scratch
 from lamina.home import Home
 from lamina.layer.importer import store_manifest
+from lamina.layer.records import APP, WRITABLE, NewVersion
 from lamina.layer.tree import Entry, Kind, Tree
+from lamina.manager.home import open_home
 from lamina.manager.services import layers as svc
 from lamina.names import parse_ref
 from lamina.store import Writer
@@ -95,9 +97,7 @@ def store_version(
             session,
             name=name,
             kind=kind,
-            new=svc.NewVersion(
-                imported.manifest_id.hex(), imported.files, imported.size, 0, "bench"
-            ),
+            new=NewVersion(imported.manifest_id, imported.files, imported.size, 0, "bench"),
             **kw,  # type: ignore[arg-type]
         ).ref
 
@@ -112,7 +112,7 @@ def setup(home: Home) -> None:
             p: file_entry(writer, p, conf(i) if i < ETC_FILES else blob(i, "base"))
             for i, p in enumerate(paths)
         }
-        store_version(home, writer, "base", svc.APP, with_dirs(dict(v1), True))
+        store_version(home, writer, "base", APP, with_dirs(dict(v1), True))
         patched = rng.sample(range(BASE_FILES), PATCHED - 100)
         v2 = dict(v1)
         for i in patched[:4_800]:
@@ -125,7 +125,7 @@ def setup(home: Home) -> None:
         for k in range(100):
             p = f"usr/lib/new/added{k:03d}.so"
             v2[p] = file_entry(writer, p, blob(k, "added"))
-        store_version(home, writer, "base", svc.APP, with_dirs(v2, True))
+        store_version(home, writer, "base", APP, with_dirs(v2, True))
         writer.flush()
         for first in range(0, LAYERS, 100):  # a transaction per 100 layers
             writer.flush()
@@ -137,9 +137,9 @@ def setup(home: Home) -> None:
                     svc.add_version(
                         session,
                         name=f"user{n:04d}",
-                        kind=svc.WRITABLE,
-                        new=svc.NewVersion(
-                            imported.manifest_id.hex(), imported.files, imported.size, 0, "bench"
+                        kind=WRITABLE,
+                        new=NewVersion(
+                            imported.manifest_id, imported.files, imported.size, 0, "bench"
                         ),
                         bases=on,
                         policy="all",
@@ -167,7 +167,7 @@ def user_changes(
 
 def main() -> None:
     work = scratch("rebase")
-    home = Home(work / "home")
+    home = open_home(work / "home")
     started = time.perf_counter()
     setup(home)
     built = time.perf_counter() - started

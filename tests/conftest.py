@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from lamina.home import Home
+from lamina.manager.home import open_home
 
 if TYPE_CHECKING:
     from tests.servers import Server
@@ -60,7 +61,7 @@ def home_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def home(home_dir: Path) -> Iterator[Home]:
-    h = Home(home_dir)
+    h = open_home(home_dir)
     yield h
     h.close()
 

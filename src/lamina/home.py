@@ -3,6 +3,11 @@
 Kept light to import (no SQLAlchemy, no pydantic until the database is first used), so a
 command starts working at once; ``warm_database`` opens and migrates the database on a
 background thread while, say, an import is chunking.
+
+A home knows where its database is, not what is in it: whoever opens the home passes the
+function that connects to it and migrates it (``lamina.manager.home.open_home`` passes the
+manager's), so the packages below the manager use a home's folders and store without
+depending on the manager.
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
+
+from lamina.errors import LaminaError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -22,13 +29,25 @@ if TYPE_CHECKING:
 
     from lamina.store import ChunkStore
 
+    Connect = Callable[[str], sessionmaker[Session]]
+
+# Execution option marking a connection whose transactions only read (``session(
+# read_only=True)``); the engine the connect function makes honours it.
+READ_ONLY: Final = "lamina_read_only"
+
 
 def default_home() -> Path:
     return Path(os.environ.get("LAMINA_HOME") or Path.home() / ".local" / "share" / "lamina")
 
 
 class Home:
-    def __init__(self, root: Path | None = None, database_url: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path | None = None,
+        database_url: str | None = None,
+        *,
+        connect: Connect | None = None,
+    ) -> None:
         self.root = (root or default_home()).expanduser().absolute()
         self.root.mkdir(parents=True, exist_ok=True)
         self.database_url = (
@@ -36,6 +55,7 @@ class Home:
             or os.environ.get("LAMINA_DATABASE_URL")
             or f"sqlite:///{self.root / 'lamina.db'}"
         )
+        self._connect = connect
         self._db_lock = threading.Lock()
         self._sessionmaker: sessionmaker[Session] | None = None
         self._read_only: SessionFactory[Session] | None = None
@@ -80,9 +100,9 @@ class Home:
         """The session factory on the migrated database (opened on first use)."""
         with self._db_lock:
             if self._sessionmaker is None:
-                from lamina.manager.db import connect
-
-                self._sessionmaker = connect(self.database_url)
+                if self._connect is None:
+                    raise LaminaError(f"{self.root}: this home was opened without its database")
+                self._sessionmaker = self._connect(self.database_url)
             return self._sessionmaker
 
     def warm_database(self) -> None:
@@ -108,8 +128,6 @@ class Home:
         with self._db_lock:
             if self._read_only is None:
                 from sqlalchemy.orm import sessionmaker as make
-
-                from lamina.manager.db import READ_ONLY
 
                 engine = writer.kw["bind"].execution_options(**{READ_ONLY: True})
                 self._read_only = make(engine, expire_on_commit=False)

@@ -1,4 +1,4 @@
-"""Names and references: NAME and NAME@VERSION, checked in one place."""
+"""Names and references: NAME and NAME@VERSION, checked in one place; export names."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from lamina.errors import UsageError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# A machine's NBD exports: its disk (image version + delta) and its identity seed.
+MACHINE_PREFIX = "machine/"
+SEED_SUFFIX = "/seed"
 
 
 def check_name(name: str, what: str = "name") -> str:

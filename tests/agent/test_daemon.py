@@ -18,7 +18,7 @@ from lamina.agent import daemon, fetch
 from lamina.agent.daemon import Agent
 from lamina.errors import Conflict, CorruptObject, LaminaError, ProtocolError
 from lamina.home import Home
-from lamina.layer import runtime
+from lamina.layer import roots
 from lamina.manager.client import ManagerClient, Unreachable
 from tests.conftest import Cli
 
@@ -73,7 +73,7 @@ def test_a_failed_repeated_login_keeps_the_session_of_a_mounted_root(
 ) -> None:
     root = tmp_path / "sessions"
     mounted = [SimpleNamespace(root=str(root / "alice"), layers=["app@1"], writable=None)]
-    monkeypatch.setattr(runtime, "mounts", lambda _home: mounted)
+    monkeypatch.setattr(roots, "mounts", lambda _home, _records: mounted)
     monkeypatch.setattr(fetch, "ensure_version", broken_fetch)
     manager = Manager({("POST", "/agent/login"): login_state, ("POST", "/agent/logout"): ended})
     agent, _ = make_agent(home, manager, root)
@@ -87,7 +87,7 @@ def test_a_failed_repeated_login_keeps_the_session_of_a_mounted_root(
 def test_a_failed_first_login_gives_the_session_back(
     home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runtime, "mounts", lambda _home: [])
+    monkeypatch.setattr(roots, "mounts", lambda _home, _records: [])
     monkeypatch.setattr(fetch, "ensure_version", broken_fetch)
     manager = Manager({("POST", "/agent/login"): login_state, ("POST", "/agent/logout"): ended})
     agent, _ = make_agent(home, manager, tmp_path / "sessions")
@@ -190,7 +190,7 @@ def test_a_refused_logout_is_reported_to_the_user_and_kept(
     def logout(body: dict[str, Any]) -> dict[str, Any]:
         raise Conflict(f"{body['user']} has no session on m1: nothing to save into")
 
-    monkeypatch.setattr(runtime, "mounts", lambda _home: [])
+    monkeypatch.setattr(roots, "mounts", lambda _home, _records: [])
     manager = Manager({("POST", "/agent/logout"): logout})
     agent, _ = make_agent(home, manager, tmp_path / "sessions")
     with pytest.raises(LaminaError, match=r"no session on m1.*kept in"):

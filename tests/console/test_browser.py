@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from lamina.serve.delta import delta_usage
+from lamina.delta.file import delta_usage
 from tests.console.conftest import HOSTILE_IMG, HOSTILE_SCRIPT, Fleet, login_url
 from tests.nbdtools import ok, qemu_io
 

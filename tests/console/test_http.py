@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lamina.home import Home
-from lamina.serve.delta import delta_usage
+from lamina.delta.file import delta_usage
+from lamina.manager.home import open_home
 from tests.conftest import Cli, write_sparse
 from tests.console.conftest import Fleet, login_url
 from tests.nbdtools import ok, qemu_io
@@ -193,7 +193,7 @@ def test_pages_at_1200_machines(cli: Cli, server: Server, tmp_path: Path) -> Non
     src = write_sparse(tmp_path / "d.raw", 1 << 20, [(0, b"x" * 4096)])
     cli("image", "import", "base", str(src))
     cli("image", "import", "other", str(src))
-    home = Home(cli.home)
+    home = open_home(cli.home)
     try:
         with home.session() as db:
             for i in range(1200):

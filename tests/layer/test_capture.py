@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from lamina.home import Home
-from lamina.layer import runtime
+from lamina.layer import roots
 from lamina.layer.importer import import_layer, load_tree
 from lamina.layer.tree import Kind
+from lamina.manager.layer_records import DatabaseRecords
 from lamina.manager.services import layers
 from lamina.names import parse_ref
 from tests.conftest import Cli
@@ -26,7 +27,7 @@ INSTALL = (
 
 
 def test_capture_stores_only_the_change(cli: Cli, home: Home, tmp_path: Path) -> None:
-    import_layer(home, "base", busybox_root(tmp_path / "base"))
+    import_layer(home, DatabaseRecords(home), "base", busybox_root(tmp_path / "base"))
     info = cli(
         "layer", "capture", "tool", "--on", "base", "--json", "--", "/bin/sh", "-c", INSTALL
     ).json()
@@ -56,16 +57,16 @@ def test_capture_stores_only_the_change(cli: Cli, home: Home, tmp_path: Path) ->
     )
     root = tmp_path / "root"
     root.mkdir()
-    runtime.mount(home, root, ["tool", "base"])
+    roots.mount(home, DatabaseRecords(home), root, ["tool", "base"])
     try:
         assert (root / "opt/tool/run").read_text() == "tool 1.0\n"
         assert not (root / "etc/motd").exists() and (root / "bin/busybox").exists()
     finally:
-        runtime.umount(home, root)
+        roots.umount(home, DatabaseRecords(home), root)
 
 
 def test_failed_command_stores_nothing(cli: Cli, home: Home, tmp_path: Path) -> None:
-    import_layer(home, "base", busybox_root(tmp_path / "base"))
+    import_layer(home, DatabaseRecords(home), "base", busybox_root(tmp_path / "base"))
     result = cli(
         "layer",
         "capture",

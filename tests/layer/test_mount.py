@@ -13,9 +13,10 @@ import pytest
 
 from lamina.errors import Conflict, NotFound
 from lamina.home import Home
-from lamina.layer import runtime
+from lamina.layer import attach, roots
 from lamina.layer.importer import import_layer
 from lamina.layer.overlay import mountinfo
+from lamina.manager.layer_records import DatabaseRecords
 from lamina.manager.services import layers
 from lamina.names import parse_ref
 from tests.conftest import Cli
@@ -25,7 +26,9 @@ pytestmark = [needs_root, pytest.mark.peers]
 
 
 def _layer(home: Home, tmp_path: Path, name: str, files: dict[str, str | bytes | None]) -> str:
-    return import_layer(home, name, write_tree(tmp_path / "src" / name, files))[0]
+    return import_layer(
+        home, DatabaseRecords(home), name, write_tree(tmp_path / "src" / name, files)
+    )[0]
 
 
 @pytest.fixture
@@ -67,18 +70,18 @@ def test_merged_view_priority_and_conflicts(
     done = cli.json("umount", str(root))
     assert done["writable"] is None and done["saved"] is None
     assert not mounted(root) and list(root.iterdir()) == []
-    assert runtime.mounts(home) == []
+    assert roots.mounts(home, DatabaseRecords(home)) == []
     assert not any(p.is_mount() for p in (home.root / "run" / "layers").iterdir())  # released
 
 
 def _session(home: Home, root: Path, policy: str) -> None:
-    runtime.mount(home, root, ["base"], writable="alice", policy=policy)
+    roots.mount(home, DatabaseRecords(home), root, ["base"], writable="alice", policy=policy)
     (root / "home/alice/new").write_text("mine\n")
     (root / "home/alice/notes").unlink()
     (root / "usr/local/bin/tool").write_text("installed\n")
     (root / "usr/share/doc/readme").unlink()
     (root / "etc/motd").write_text("changed\n")
-    runtime.umount(home, root)
+    roots.umount(home, DatabaseRecords(home), root)
 
 
 @pytest.mark.parametrize(
@@ -91,7 +94,7 @@ def test_policies_keep_and_drop_across_sessions(
     root = tmp_path / "root"
     root.mkdir()
     _session(home, root, policy)
-    runtime.mount(home, root, ["base"], writable="alice", policy=policy)
+    roots.mount(home, DatabaseRecords(home), root, ["base"], writable="alice", policy=policy)
     try:
         assert (root / "home/alice/new").exists() is home_kept
         assert (root / "home/alice/notes").exists() is not home_kept  # deletions too
@@ -99,7 +102,7 @@ def test_policies_keep_and_drop_across_sessions(
         assert (root / "usr/share/doc/readme").exists() is not system_kept
         assert (root / "etc/motd").read_text() == ("changed\n" if system_kept else "welcome\n")
     finally:
-        second = runtime.umount(home, root)
+        second = roots.umount(home, DatabaseRecords(home), root)
     assert second.saved is None  # nothing changed in the second session: no new version
     with home.session() as session:
         v = layers.get_version(session, parse_ref("alice"))
@@ -110,9 +113,9 @@ def test_versions_chain_and_record_their_bases(home: Home, tmp_path: Path, base:
     root = tmp_path / "root"
     root.mkdir()
     for text in ("one", "two"):
-        runtime.mount(home, root, ["base"], writable="w")
+        roots.mount(home, DatabaseRecords(home), root, ["base"], writable="w")
         (root / "home/alice/file").write_text(text)
-        assert runtime.umount(home, root).saved is not None
+        assert roots.umount(home, DatabaseRecords(home), root).saved is not None
     with home.session() as session:
         v1, v2 = layers.list_versions(session, name="w")
         assert v2.parent_id == v1.id and [b.base_ref for b in v2.bases] == ["base@1"]
@@ -123,56 +126,56 @@ def test_versions_chain_and_record_their_bases(home: Home, tmp_path: Path, base:
             "w@1",
             "w@2",
         ]
-    runtime.mount(home, root, ["base"], writable="w")
+    roots.mount(home, DatabaseRecords(home), root, ["base"], writable="w")
     try:
         assert (root / "home/alice/file").read_text() == "two"
     finally:
-        runtime.umount(home, root)
+        roots.umount(home, DatabaseRecords(home), root)
     with home.session() as session, pytest.raises(Conflict, match="base of writable"):
         layers.remove(session, ref=parse_ref("base@1"))  # a rebase of w needs it
 
 
 def test_one_image_mount_per_version_shared_by_roots(home: Home, tmp_path: Path, base: str) -> None:
-    roots = [tmp_path / "a", tmp_path / "b"]
-    for root in roots:
+    paths = [tmp_path / "a", tmp_path / "b"]
+    for root in paths:
         root.mkdir()
-        runtime.mount(home, root, ["base"])
+        roots.mount(home, DatabaseRecords(home), root, ["base"])
     try:
         images = [m for m in mountinfo() if m.fstype == "erofs" and str(home.root) in m.mountpoint]
         assert len(images) == 1 and images[0].source.endswith(".erofs")  # file-backed
-        (roots[0] / "etc/motd").write_text("a's own\n")
-        assert (roots[1] / "etc/motd").read_text() == "welcome\n"  # uppers stay apart
+        (paths[0] / "etc/motd").write_text("a's own\n")
+        assert (paths[1] / "etc/motd").read_text() == "welcome\n"  # uppers stay apart
     finally:
-        for root in roots:
-            runtime.umount(home, root)
+        for root in paths:
+            roots.umount(home, DatabaseRecords(home), root)
 
 
 def test_writable_layer_mounts_on_one_root_at_a_time(home: Home, tmp_path: Path, base: str) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    runtime.mount(home, one, ["base"], writable="w")
+    roots.mount(home, DatabaseRecords(home), one, ["base"], writable="w")
     with pytest.raises(Conflict, match="mounted on"):
-        runtime.mount(home, two, ["base"], writable="w")
+        roots.mount(home, DatabaseRecords(home), two, ["base"], writable="w")
     assert not mounted(two)
     with pytest.raises(Conflict, match="already mounted"):
-        runtime.mount(home, one, ["base"])
-    runtime.umount(home, one)
-    runtime.mount(home, two, ["base"], writable="w")
-    runtime.umount(home, two)
+        roots.mount(home, DatabaseRecords(home), one, ["base"])
+    roots.umount(home, DatabaseRecords(home), one)
+    roots.mount(home, DatabaseRecords(home), two, ["base"], writable="w")
+    roots.umount(home, DatabaseRecords(home), two)
 
 
 def test_crashed_session_is_kept_on_next_mount(home: Home, tmp_path: Path, base: str) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    runtime.mount(home, root, ["base"], writable="w")
+    roots.mount(home, DatabaseRecords(home), root, ["base"], writable="w")
     (root / "home/alice/unsaved").write_text("survives")
     subprocess.run(["umount", "-l", str(root)], check=True)  # behind lamina's back
-    runtime.mount(home, root, ["base"], writable="w")
+    roots.mount(home, DatabaseRecords(home), root, ["base"], writable="w")
     try:
         assert (root / "home/alice/unsaved").read_text() == "survives"
     finally:
-        runtime.umount(home, root)
+        roots.umount(home, DatabaseRecords(home), root)
     with home.session() as session:
         assert [v.ref for v in layers.list_versions(session, name="w")] == ["w@1"]
 
@@ -238,11 +241,11 @@ def test_attach_and_detach_live_under_a_busy_process(home: Home, tmp_path: Path,
     _layer(home, tmp_path, "app", {"opt/app/bin/run": "app v1\n"})
     root = tmp_path / "root"
     root.mkdir()
-    runtime.mount(home, root, ["base"], writable="w")
+    roots.mount(home, DatabaseRecords(home), root, ["base"], writable="w")
     holder = _Holder(root / "home/alice")
     try:
         assert holder("write before") == "ok"
-        attached = runtime.attach(home, root, "app")
+        attached = attach.attach(home, DatabaseRecords(home), root, "app")
         assert attached.layers == ["app@1", "base@1"]
         assert (root / "opt/app/bin/run").read_text() == "app v1\n"  # new lookups: at once
         assert holder("write after-attach") == "ok"  # the open file keeps working
@@ -250,25 +253,27 @@ def test_attach_and_detach_live_under_a_busy_process(home: Home, tmp_path: Path,
         assert (root / "home/alice/made-after-attach").read_text() == "made"  # seen anew
         assert holder("ls ../..") == "etc,home,usr"  # its old cwd: the old layer set
         assert holder(f"hold {root}/opt/app/bin/run") == "ok"
-        detached = runtime.detach(home, root, "app")
+        detached = attach.detach(home, DatabaseRecords(home), root, "app")
         assert detached.layers == ["base@1"] and detached.generation == 3
         assert not (root / "opt").exists()
         assert holder("read-held") == "app v1"  # a file of the detached layer stays open
         assert holder("write after-detach") == "ok"
         with pytest.raises(Conflict, match="in use"):
-            runtime.umount(home, root)  # the holder is inside (an old generation)
+            roots.umount(
+                home, DatabaseRecords(home), root
+            )  # the holder is inside (an old generation)
         assert mounted(root)
     finally:
         holder.close()
-    saved = runtime.umount(home, root)
+    saved = roots.umount(home, DatabaseRecords(home), root)
     assert saved.saved == "w@1"
-    runtime.mount(home, root, ["base"], writable="w")
+    roots.mount(home, DatabaseRecords(home), root, ["base"], writable="w")
     try:
         log = (root / "home/alice/log").read_text().split()
         assert log == ["before", "after-attach", "after-detach"]  # no write lost
         assert (root / "home/alice/made-after-attach").exists()
     finally:
-        runtime.umount(home, root)
+        roots.umount(home, DatabaseRecords(home), root)
 
 
 def test_attach_reports_conflicts_and_strict_refuses(home: Home, tmp_path: Path, base: str) -> None:
@@ -276,23 +281,23 @@ def test_attach_reports_conflicts_and_strict_refuses(home: Home, tmp_path: Path,
     _layer(home, tmp_path, "two", {"etc/shared.conf": "two"})
     root = tmp_path / "root"
     root.mkdir()
-    runtime.mount(home, root, ["one", "base"])
+    roots.mount(home, DatabaseRecords(home), root, ["one", "base"])
     try:
         with pytest.raises(Conflict, match=r"etc/shared\.conf"):
-            runtime.attach(home, root, "two", strict=True)
-        assert runtime.mounts(home)[0].layers == ["one@1", "base@1"]
+            attach.attach(home, DatabaseRecords(home), root, "two", strict=True)
+        assert roots.mounts(home, DatabaseRecords(home))[0].layers == ["one@1", "base@1"]
         assert (root / "etc/shared.conf").read_text() == "one"
-        result = runtime.attach(home, root, "two")
+        result = attach.attach(home, DatabaseRecords(home), root, "two")
         assert [(c.path, c.first, c.second) for c in result.conflicts] == [
             ("etc/shared.conf", "two@1", "one@1")
         ]
         assert (root / "etc/shared.conf").read_text() == "two"  # attached on top: it wins
         with pytest.raises(Conflict, match="already attached"):
-            runtime.attach(home, root, "two")
+            attach.attach(home, DatabaseRecords(home), root, "two")
         with pytest.raises(NotFound):
-            runtime.detach(home, root, "nope")
+            attach.detach(home, DatabaseRecords(home), root, "nope")
     finally:
-        runtime.umount(home, root)
+        roots.umount(home, DatabaseRecords(home), root)
 
 
 def test_cli_errors_are_one_line(cli: Cli, home: Home, tmp_path: Path, base: str) -> None:
@@ -315,12 +320,12 @@ def test_mounted_layer_shows_what_was_imported(home: Home, tmp_path: Path) -> No
     """Through EROFS and overlayfs: owners, modes, setuid, xattrs, mtimes, links, fifos."""
     src = rich_tree(tmp_path / "rich")
     os.chmod(src / "srv/data/one", 0o4755)
-    import_layer(home, "rich", src, allow_setuid=True)
+    import_layer(home, DatabaseRecords(home), "rich", src, allow_setuid=True)
     root = tmp_path / "root"
     root.mkdir()
-    runtime.mount(home, root, ["rich"])
+    roots.mount(home, DatabaseRecords(home), root, ["rich"])
     try:
         assert snapshot(root) == snapshot(src)
         assert (root / "srv/data/one").stat().st_ino == (root / "srv/data/two").stat().st_ino
     finally:
-        runtime.umount(home, root)
+        roots.umount(home, DatabaseRecords(home), root)

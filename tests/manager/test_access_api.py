@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from lamina.home import Home
+from lamina.manager.layer_records import DatabaseRecords
 from tests.conftest import Cli, write_sparse
 from tests.servers import Server
 
@@ -45,7 +46,7 @@ def make_fleet(home: Home, tmp_path: Path) -> dict[str, str]:
         src = tmp_path / "src" / name / "opt" / name
         src.mkdir(parents=True)
         (src / "file").write_text(name)
-        import_layer(home, name, src.parent.parent)
+        import_layer(home, DatabaseRecords(home), name, src.parent.parent)
     with home.session() as s:
         tokens = {m: machines.add(s, name=m, image="base").token for m in ("m0", "m1", "m2", "m3")}
         access.add_group(s, name="staff")

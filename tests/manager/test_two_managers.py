@@ -17,6 +17,8 @@ import httpx
 import pytest
 
 from lamina.home import Home
+from lamina.manager.home import open_home
+from lamina.manager.layer_records import DatabaseRecords
 from tests.conftest import LAMINA
 from tests.manager.conftest import fresh_database
 from tests.pg import PgCluster
@@ -49,7 +51,7 @@ def managers(
     pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch, home_dir: Path, tmp_path: Path
 ) -> Iterator[tuple[Home, list[Manager]]]:
     monkeypatch.setenv("LAMINA_DATABASE_URL", fresh_database(pg_cluster))
-    home = Home(home_dir)
+    home = open_home(home_dir)
     started: list[Manager] = []
     try:
         yield home, started
@@ -70,7 +72,7 @@ def setup(home: Home, tmp_path: Path) -> tuple[str, list[str]]:
         src = tmp_path / "src" / name / "opt" / name
         src.mkdir(parents=True)
         (src / "f").write_text(name)
-        import_layer(home, name, src.parent.parent)
+        import_layer(home, DatabaseRecords(home), name, src.parent.parent)
     with home.session() as s:
         access.add_group(s, name="staff")
         access.entitle(s, layer="os", to=access.target(s, group="staff"), priority=1000)

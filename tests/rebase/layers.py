@@ -8,7 +8,9 @@ from pathlib import Path
 
 from lamina.home import Home
 from lamina.layer.importer import import_layer, load_tree, store_manifest
+from lamina.layer.records import WRITABLE, NewVersion
 from lamina.layer.tree import Entry, Kind, Tree
+from lamina.manager.layer_records import DatabaseRecords
 from lamina.manager.services import layers as svc
 from lamina.names import parse_ref
 from lamina.rebase.views import flatten
@@ -22,7 +24,7 @@ def base(home: Home, tmp_path: Path, name: str, files: dict[str, str | bytes | N
     n = 1
     while (src / str(n)).exists():
         n += 1
-    return import_layer(home, name, write_tree(src / str(n), files))[0]
+    return import_layer(home, DatabaseRecords(home), name, write_tree(src / str(n), files))[0]
 
 
 def tree_of(home: Home, ref: str) -> Tree:
@@ -66,10 +68,8 @@ def writable(
             return svc.add_version(
                 session,
                 name=name,
-                kind=svc.WRITABLE,
-                new=svc.NewVersion(
-                    imported.manifest_id.hex(), imported.files, imported.size, 0, "test"
-                ),
+                kind=WRITABLE,
+                new=NewVersion(imported.manifest_id, imported.files, imported.size, 0, "test"),
                 bases=[svc.get_version(session, parse_ref(r)) for r in on],
                 parent=svc.latest_version(session, layer),
                 policy=policy,

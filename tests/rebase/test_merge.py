@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lamina.layer.compose import WritablePolicy
+from lamina.layer.changes import WritablePolicy
 from lamina.layer.tree import Kind
 from lamina.rebase.merge import CONFLICTS_DIR
-from lamina.rebase.policy import PolicyTable
 from lamina.rebase.report import Action
+from lamina.rebase.rules import RuleTable
 from tests.rebase.trees import OPQ, Case, D, Dm, F, H, L, Spec, W, data
 
 GONE = object()  # the path must not be shown
@@ -424,14 +424,14 @@ def test_unchanged_containers_are_dropped_and_opaque_flag_returns() -> None:
 
 def test_policy_table_changes_the_outcome() -> None:
     case = Case.of({"etc/ssh/key": "1"}, {"etc/ssh/key": "2"}, {"etc/ssh/key": "mine"})
-    table = PolicyTable().set("/etc/ssh/**", "admin")
+    table = RuleTable().set("/etc/ssh/**", "admin")
     out, shown = case.run(table)
     assert [(i.action, i.rule) for i in out.items if i.path == "etc/ssh/key"] == [
         (Action.CONFLICT, "admin")
     ]
     assert data(shown, "etc/ssh/key") == b"2"
     assert data(shown, conflict_copy("etc/ssh/key")) == b"mine"
-    _, kept = case.run(PolicyTable().set("/etc/**", "user"))
+    _, kept = case.run(RuleTable().set("/etc/**", "user"))
     assert data(kept, "etc/ssh/key") == b"mine"
 
 
@@ -468,7 +468,7 @@ def test_large_files_are_not_read() -> None:
     def refuse(_e: object) -> bytes:
         raise AssertionError("a large file was read")
 
-    out = rebase_tree(case.user, case.base, PolicyTable(), refuse)
+    out = rebase_tree(case.user, case.base, RuleTable(), refuse)
     assert [(i.action, i.reason, i.saved) for i in out.items] == [
         (
             Action.CONFLICT,

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from lamina.home import Home
-from lamina.layer import runtime
+from lamina.layer import roots
 from lamina.layer.importer import import_layer
+from lamina.manager.layer_records import DatabaseRecords
 from tests.conftest import Cli
 from tests.layer.conftest import (
     _unmount_leftovers,  # noqa: F401 (autouse: whatever a test mounted goes)
@@ -46,10 +47,10 @@ V2: dict[str, str | bytes | None] = {
 
 
 def test_session_rebased_and_mounted_on_the_new_base(cli: Cli, home: Home, tmp_path: Path) -> None:
-    import_layer(home, "base", write_tree(tmp_path / "v1", dict(V1)))
+    import_layer(home, DatabaseRecords(home), "base", write_tree(tmp_path / "v1", dict(V1)))
     root = tmp_path / "root"
     root.mkdir()
-    runtime.mount(home, root, ["base@1"], writable="alice")
+    roots.mount(home, DatabaseRecords(home), root, ["base@1"], writable="alice")
     try:
         with open(root / "etc/app.conf", "a") as f:
             f.write("e=alice\n")
@@ -62,9 +63,9 @@ def test_session_rebased_and_mounted_on_the_new_base(cli: Cli, home: Home, tmp_p
         (root / "var/lib/app").mkdir()
         (root / "var/lib/app/mine").write_text("mine\n")
     finally:
-        saved = runtime.umount(home, root)
+        saved = roots.umount(home, DatabaseRecords(home), root)
     assert saved.saved == "alice@1"
-    import_layer(home, "base", write_tree(tmp_path / "v2", dict(V2)))
+    import_layer(home, DatabaseRecords(home), "base", write_tree(tmp_path / "v2", dict(V2)))
 
     report = cli.json("rebase", "alice", "--onto", "base@2")
     assert (report["ref"], report["bases"]["new"]) == ("alice@2", ["base@2"])
@@ -75,7 +76,7 @@ def test_session_rebased_and_mounted_on_the_new_base(cli: Cli, home: Home, tmp_p
         "/var/lib/app/state": "/var/lib/app/state.lamina-new",
     }
 
-    mount = runtime.mount(home, root, ["base@2"], writable="alice")
+    mount = roots.mount(home, DatabaseRecords(home), root, ["base@2"], writable="alice")
     assert mount.writable_version == "alice@2"
     try:
         assert (root / "etc/app.conf").read_text() == CONF.replace("a=1", "a=2") + "e=alice\n"
@@ -91,5 +92,5 @@ def test_session_rebased_and_mounted_on_the_new_base(cli: Cli, home: Home, tmp_p
         assert (root / "var/lib/app/state.lamina-new").read_text() == "s2\n"
         assert (root / "usr/lib/libnew.so").read_text() == "new\n"
     finally:
-        again = runtime.umount(home, root)
+        again = roots.umount(home, DatabaseRecords(home), root)
     assert again.saved is None and not mounted(root)  # the rebased version was what it showed

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from lamina.layer.tree import Entry, Kind, Tree
 from lamina.rebase.merge import rebase_tree
-from lamina.rebase.policy import PolicyTable
 from lamina.rebase.report import Action, Item
+from lamina.rebase.rules import RuleTable
 from lamina.rebase.views import BaseChange, View, flatten, same
 from tests.rebase.trees import NOW, chunk, read, shown
 
@@ -233,7 +233,7 @@ def test_nothing_the_user_made_is_lost(base: dict[str, bytes], data: st.DataObje
     vo, vn = flatten([old_tree]), flatten([new_tree])
     vu = flatten([changes, old_tree])
     assert {p for p in vu.entries if p} == set(user)  # the upper directory is faithful
-    out = rebase_tree(changes, BaseChange.of(vo, vn), PolicyTable(), read, now_ns=NOW)
+    out = rebase_tree(changes, BaseChange.of(vo, vn), RuleTable(), read, now_ns=NOW)
     for e in out.tree:
         if "/" in e.path:
             parent = out.tree.get(e.path.rpartition("/")[0])

@@ -14,6 +14,7 @@ import pytest
 from lamina.errors import Conflict
 from lamina.home import Home
 from lamina.layer.tree import Kind
+from lamina.manager.rebase_records import DatabaseRebase
 from lamina.manager.services import layers as svc
 from lamina.names import parse_ref
 from lamina.rebase.run import rebase_all, rebase_one
@@ -165,7 +166,7 @@ def test_layer_in_use_is_refused(cli: Cli, home: Home, bases: tuple[str, str]) -
     refused = cli("rebase", "alice", "--onto", "base@2", check=False)
     assert refused.code == 9 and "mounted on elsewhere:/srv/roots/alice" in refused.err
     with pytest.raises(Conflict):
-        rebase_one(home, "alice", "base@2")
+        rebase_one(home, DatabaseRebase(home), "alice", "base@2")
     assert [v["ref"] for v in cli.json("layer", "log", "alice")] == ["alice@1"]
 
 
@@ -195,8 +196,8 @@ def test_layer_held_by_a_users_session_is_refused(home: Home, bases: tuple[str, 
         session.add(UserSession(user_id=user.id, machine_id=machine.id, writable_id=wl.id))
     writable(home, "writable-bob", ["base@1"], {"home/bob/x": "x"})
     with pytest.raises(Conflict, match="in a session on machine pc1"):
-        rebase_one(home, "writable-bob", "base@2")
-    bulk = rebase_all(home, "base@1", "base@2", jobs=1)
+        rebase_one(home, DatabaseRebase(home), "writable-bob", "base@2")
+    bulk = rebase_all(home, DatabaseRebase(home), "base@1", "base@2", jobs=1)
     assert [(r.writable, r.status) for r in bulk.results] == [("writable-bob", "in-use")]
 
 
@@ -302,7 +303,7 @@ def test_all_interrupted_then_run_again(home: Home, tmp_path: Path) -> None:
     assert proc.returncode == 130 and "run the same command again" in err
     assert 0 < len(first) < 240, len(first)
     assert all(v == [f"{name}@2"] for name, v in first.items())
-    bulk = rebase_all(home, "base@1", "base@2", jobs=2)
+    bulk = rebase_all(home, DatabaseRebase(home), "base@1", "base@2", jobs=2)
     statuses = {r.writable: r.status for r in bulk.results}
     assert {n for n, s in statuses.items() if s == "already"} == set(first)
     assert {n for n, s in statuses.items() if s == "rebased"} == {
@@ -320,11 +321,11 @@ def test_profile_layer_keeps_the_users_version(
     from lamina.manager.services import rebase as rsvc
 
     with home.session() as session:
-        rsvc.set_policy(session, rsvc.get_policy(session).set("/home/**", "admin"))
+        rsvc.set_rules(session, rsvc.get_rules(session).set("/home/**", "admin"))
     three = base(home, tmp_path, "base", {**V2, "home/alice/notes": "admin's\n"})
     writable(home, "p", ["base@1"], {"home/alice/notes": "mine\n"}, policy="profile")
     writable(home, "a", ["base@1"], {"home/alice/notes": "mine\n"}, policy="all")
-    kept = rebase_one(home, "p", three)
+    kept = rebase_one(home, DatabaseRebase(home), "p", three)
     assert [(i.path, i.action.value, i.rule) for i in kept.items] == [
         ("home/alice/notes", "kept", "user")
     ]
@@ -332,7 +333,9 @@ def test_profile_layer_keeps_the_users_version(
     shown = _shown(home, "p@2", three)
     assert shown["home/alice/notes"] == b"mine\n"
     assert not any(p.startswith("var/") for p in shown)
-    moved = rebase_one(home, "a", three)  # the same change in an "all" layer: moved aside
+    moved = rebase_one(
+        home, DatabaseRebase(home), "a", three
+    )  # the same change in an "all" layer: moved aside
     assert [(i.action.value, i.saved) for i in moved.items] == [
         ("conflict", "var/lib/lamina/conflicts/home/alice/notes")
     ]

@@ -15,8 +15,8 @@ from typing import Any
 
 from lamina.layer.tree import Entry, Kind, Tree
 from lamina.rebase.merge import rebase_tree
-from lamina.rebase.policy import PolicyTable
 from lamina.rebase.report import Outcome
+from lamina.rebase.rules import RuleTable
 from lamina.rebase.views import BaseChange, View, flatten
 
 BLOBS: dict[bytes, bytes] = {}
@@ -118,8 +118,8 @@ class Case:
         vo, vn = flatten([o]), flatten([n])
         return cls(o, n, tree(user, parents=vo, root=False), BaseChange.of(vo, vn))
 
-    def run(self, table: PolicyTable | None = None, **kw: Any) -> tuple[Outcome, View]:
-        out = rebase_tree(self.user, self.base, table or PolicyTable(), read, now_ns=NOW, **kw)
+    def run(self, table: RuleTable | None = None, **kw: Any) -> tuple[Outcome, View]:
+        out = rebase_tree(self.user, self.base, table or RuleTable(), read, now_ns=NOW, **kw)
         return out, shown(out, self.new)
 
 

@@ -9,11 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lamina.delta.device import MachineDevice
+from lamina.delta.file import BLOCK, Delta, delta_usage, discard
 from lamina.errors import Conflict
 from lamina.image import ImageReader, Manifest
+from lamina.image.device import ImageDevice
 from lamina.nbd import ExportInfo
-from lamina.serve.delta import BLOCK, Delta, delta_usage, discard
-from lamina.serve.devices import ImageDevice, MachineDevice
 from lamina.store import ChunkCache, ChunkStore
 
 SIZE = 64 * 1024 + 3 * 512  # not a multiple of the 4 KiB block: the last block is short
@@ -139,7 +140,7 @@ def test_a_write_during_a_flush_is_synced_by_the_next_flush(
     """FLUSH runs on a worker thread while writes go on: the next FLUSH must still sync."""
     import threading
 
-    import lamina.serve.delta as delta_module
+    import lamina.delta.file as delta_module
 
     delta = Delta(tmp_path / "d", size=1 << 20, base_id=bytes(32))
     calls: list[int] = []

@@ -286,7 +286,7 @@ def test_serve_fails_at_once_on_a_busy_port_or_a_busy_home(
 def test_a_locked_delta_is_an_error_reply_not_a_hang_up(
     server: Server, cli: Cli, image: Path
 ) -> None:
-    from lamina.serve.delta import exclusive
+    from lamina.delta.file import exclusive
 
     server.start()
     with exclusive(cli.home / "deltas" / "m1"):  # as a commit or a reset holds it

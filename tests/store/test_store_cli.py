@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from lamina.home import Home
+from lamina.manager.home import open_home
 from lamina.manager.services.store import live_chunks
 from tests.conftest import Cli, write_sparse
 
@@ -26,7 +27,7 @@ def test_du_and_verify_cover_layers(cli: Cli, tmp_path: Path) -> None:
     assert cli.json("store", "verify")["ok"]
 
     # drop every chunk only the layer needs: verify must name them
-    home = Home(cli.home)
+    home = open_home(cli.home)
     with home.session() as session:
         everything = live_chunks(session, store=home.store)
     layer_only = _layer_chunks(home)

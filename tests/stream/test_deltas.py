@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from lamina.delta import transfer, uploads
+from lamina.delta.convert import apply_runs, delta_runs, write_blob
+from lamina.delta.file import Delta
+from lamina.delta.transfer import DATA, ZEROS, Run
 from lamina.errors import Conflict, CorruptObject, InvalidInput
 from lamina.home import Home
 from lamina.nbd import ExportInfo
-from lamina.nbd.device import BlockDevice
-from lamina.serve.delta import Delta
-from lamina.serve.devices import MemoryDevice
-from lamina.stream import receive, transfer
-from lamina.stream.deltas import apply_runs, delta_runs, write_blob
+from lamina.nbd.device import BlockDevice, MemoryDevice
 from lamina.stream.stack import DeltaStack
-from lamina.stream.transfer import DATA, ZEROS, Run
 
 SIZE = 1 << 20  # 256 blocks
 BASE = bytes(range(32))
@@ -106,28 +105,28 @@ def test_stack_seal_merge_keeps_reads_and_survives_reopening(tmp_path: Path) -> 
 
 def _upload(home: Home, machine: str, uid: str, blob: bytes, part: int = 1000) -> None:
     for offset in range(0, len(blob), part):
-        receive.receive(home, machine, uid, offset, blob[offset : offset + part], image_size=SIZE)
+        uploads.receive(home, machine, uid, offset, blob[offset : offset + part], image_size=SIZE)
 
 
 def test_staged_upload_changes_nothing_until_applied_and_applies_once(home: Home) -> None:
     blob = transfer.encode(SIZE, BASE, [Run(3, 1, DATA, b"z" * 4096), Run(9, 2, ZEROS)])
     uid = "ab" * 16
     _upload(home, "m", uid, blob[:-10])
-    assert receive.state(home, "m", uid) == {"received": len(blob) - 10, "applied": False}
+    assert uploads.state(home, "m", uid) == {"received": len(blob) - 10, "applied": False}
     with pytest.raises(Conflict):  # not all there yet
-        receive.apply(
+        uploads.apply(
             home, "m", uid, size=len(blob), digest=blob[-32:].hex(), base_id=BASE, image_size=SIZE
         )
     with pytest.raises(Conflict):  # a gap
-        receive.receive(home, "m", uid, len(blob), b"x", image_size=SIZE)
+        uploads.receive(home, "m", uid, len(blob), b"x", image_size=SIZE)
     _upload(home, "m", uid, blob)  # a retry from the start overwrites with the same bytes
     assert not (home.deltas_dir / "m" / "delta.map").exists()  # nothing applied yet
     with pytest.raises(InvalidInput):
-        receive.apply(
+        uploads.apply(
             home, "m", uid, size=len(blob), digest="00" * 32, base_id=BASE, image_size=SIZE
         )
     with pytest.raises(Conflict):
-        receive.apply(
+        uploads.apply(
             home,
             "m",
             uid,
@@ -138,15 +137,15 @@ def test_staged_upload_changes_nothing_until_applied_and_applies_once(home: Home
         )
     held = Delta(home.deltas_dir / "m", size=SIZE, base_id=BASE)  # the machine is connected
     with pytest.raises(Conflict):
-        receive.apply(
+        uploads.apply(
             home, "m", uid, size=len(blob), digest=blob[-32:].hex(), base_id=BASE, image_size=SIZE
         )
     assert held.used_blocks == 0
     held.close()
-    first = receive.apply(
+    first = uploads.apply(
         home, "m", uid, size=len(blob), digest=blob[-32:].hex(), base_id=BASE, image_size=SIZE
     )
-    again = receive.apply(
+    again = uploads.apply(
         home, "m", uid, size=len(blob), digest=blob[-32:].hex(), base_id=BASE, image_size=SIZE
     )
     assert first["applied"] and again["applied"] and first["blocks"] == again["blocks"] == 3
@@ -154,18 +153,18 @@ def test_staged_upload_changes_nothing_until_applied_and_applies_once(home: Home
     assert d.used_blocks == 3 and d.read_slots(d.map[3] - 1, 1) == b"z" * 4096
     d.close()
     with pytest.raises(Conflict):
-        receive.receive(home, "m", uid, 0, b"late", image_size=SIZE)
+        uploads.receive(home, "m", uid, 0, b"late", image_size=SIZE)
 
 
 def test_an_apply_cut_short_after_its_commit_point_is_finished_by_recover(home: Home) -> None:
     blob = transfer.encode(SIZE, BASE, [Run(0, 4, DATA, os.urandom(4 * 4096))])
     uid = "cd" * 16
     _upload(home, "m", uid, blob)
-    staged = receive.uploads_dir(home, "m") / uid
+    staged = uploads.uploads_dir(home, "m") / uid
     (staged / "applying").touch()  # the commit point was reached, then the process died
-    assert receive.recover(home, "m") == 1
-    assert receive.state(home, "m", uid)["applied"]
-    assert receive.recover(home, "m") == 0
+    assert uploads.recover(home, "m") == 1
+    assert uploads.state(home, "m", uid)["applied"]
+    assert uploads.recover(home, "m") == 0
     d = Delta(home.deltas_dir / "m", size=SIZE, base_id=BASE)
     assert d.used_blocks == 4
     d.close()
@@ -177,23 +176,23 @@ def test_staged_uploads_are_bounded_expire_and_are_forgotten(home: Home) -> None
         SIZE, BASE, [Run(i, 1, DATA, bytes(4096)) for i in range(0, 256, 2)]
     )
     assert len(everything) < most
-    with pytest.raises(receive.TooLarge):  # past the largest blob a delta of SIZE makes
-        receive.receive(home, "m", "0" * 32, most - 10, bytes(11), image_size=SIZE)
+    with pytest.raises(uploads.TooLarge):  # past the largest blob a delta of SIZE makes
+        uploads.receive(home, "m", "0" * 32, most - 10, bytes(11), image_size=SIZE)
     with pytest.raises(InvalidInput):  # ids match whole: a trailing newline is refused
-        receive.receive(home, "m", "a" * 32 + "\n", 0, b"x", image_size=SIZE)
-    ids = [f"{i:032x}" for i in range(1, receive.MAX_OPEN + 1)]
+        uploads.receive(home, "m", "a" * 32 + "\n", 0, b"x", image_size=SIZE)
+    ids = [f"{i:032x}" for i in range(1, uploads.MAX_OPEN + 1)]
     for uid in ids:
-        receive.receive(home, "m", uid, 0, b"part", image_size=SIZE)
+        uploads.receive(home, "m", uid, 0, b"part", image_size=SIZE)
     with pytest.raises(Conflict, match="unfinished uploads"):
-        receive.receive(home, "m", "f" * 32, 0, b"part", image_size=SIZE)
-    receive.receive(home, "m", ids[0], 4, b"more", image_size=SIZE)  # open ones go on
-    old = receive.uploads_dir(home, "m") / ids[1]
-    past = os.stat(old / "blob").st_mtime - receive.ABANDONED_AFTER - 60
+        uploads.receive(home, "m", "f" * 32, 0, b"part", image_size=SIZE)
+    uploads.receive(home, "m", ids[0], 4, b"more", image_size=SIZE)  # open ones go on
+    old = uploads.uploads_dir(home, "m") / ids[1]
+    past = os.stat(old / "blob").st_mtime - uploads.ABANDONED_AFTER - 60
     os.utime(old / "blob", (past, past))
-    receive.receive(home, "m", "f" * 32, 0, b"part", image_size=SIZE)  # the stale one made room
+    uploads.receive(home, "m", "f" * 32, 0, b"part", image_size=SIZE)  # the stale one made room
     assert not old.exists()
-    assert receive.state(home, "m", ids[0]) == {"received": 8, "applied": False}
-    assert receive.forget(home, "m") == receive.MAX_OPEN
-    assert not receive.uploads_dir(home, "m").exists()
-    assert receive.state(home, "m", ids[0]) == {"received": 0, "applied": False}
-    assert receive.forget(home, "m") == 0
+    assert uploads.state(home, "m", ids[0]) == {"received": 8, "applied": False}
+    assert uploads.forget(home, "m") == uploads.MAX_OPEN
+    assert not uploads.uploads_dir(home, "m").exists()
+    assert uploads.state(home, "m", ids[0]) == {"received": 0, "applied": False}
+    assert uploads.forget(home, "m") == 0

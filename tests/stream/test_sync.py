@@ -172,8 +172,8 @@ def test_uploads_need_a_stateful_machine_and_a_reset_drops_the_staged_ones(
 ) -> None:
     import httpx
 
-    from lamina.home import Home
-    from lamina.stream import receive
+    from lamina.delta import uploads
+    from lamina.manager.home import open_home
 
     keeps = cli.json("machine", "add", "m1", "--image", "img", "--mode", "stateful")["token"]
     drops = cli.json("machine", "add", "m2", "--image", "img")["token"]
@@ -191,7 +191,7 @@ def test_uploads_need_a_stateful_machine_and_a_reset_drops_the_staged_ones(
         assert put("m2", drops).status_code == 409
         first = put("m1", keeps).json()
         assert first["received"] == 4 and not first["applied"]
-        staged = receive.uploads_dir(Home(cli.home), "m1") / uid
+        staged = uploads.uploads_dir(open_home(cli.home), "m1") / uid
         assert staged.exists()
         cli("machine", "reset", "m1")
         assert not staged.exists()

@@ -10,9 +10,10 @@ import pytest
 
 from lamina.errors import CorruptObject
 from lamina.image import Manifest
+from lamina.image import profile as profiles
+from lamina.serve import profile
 from lamina.store import ZERO_ID, chunk_id
 from lamina.stream import index as idx
-from lamina.stream import profile
 from lamina.stream.index import CacheIndex, mark_runs
 from lamina.stream.rate import Backoff, RateMeter, TokenBucket
 from lamina.stream.schedule import Hydration
@@ -172,10 +173,10 @@ def test_boot_recorder_notes_first_reads_in_order() -> None:
 
 
 def test_profile_merge_and_encoding() -> None:
-    assert profile.merge([3, 1], [1, 7, 3, 8]) == [3, 1, 7, 8]
+    assert profiles.merge([3, 1], [1, 7, 3, 8]) == [3, 1, 7, 8]
     order = [random.randrange(1 << 31) for _ in range(1000)]
-    assert profile.decode(profile.encode(order)) == order
-    assert len(profile.encode([1, 2])) == 8
+    assert profiles.decode(profiles.encode(order)) == order
+    assert len(profiles.encode([1, 2])) == 8
 
 
 class _Device:

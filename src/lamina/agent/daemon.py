@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lamina import logs
 from lamina.agent import fetch
@@ -41,6 +42,9 @@ from lamina.errors import AlreadyExists, Conflict, InvalidInput, LaminaError, No
 from lamina.files import write_atomic
 from lamina.home import Home
 from lamina.manager.client import ManagerClient, Unreachable
+
+if TYPE_CHECKING:
+    from lamina.layer.records import LayerRecords
 
 T = TypeVar("T")
 # Backoff between retries: 0.2 s doubling to 5 s, +-25% jitter so that 10,000 agents
@@ -91,6 +95,14 @@ class Agent:
         self.rev: str | None = None
         self.pending_dir = pending_dir(home)
 
+    @functools.cached_property
+    def records(self) -> LayerRecords:
+        """The layer records in this host's own database (opened on first use: a PAM
+        hook's ``lamina agent login`` only talks to the running agent)."""
+        from lamina.manager.layer_records import DatabaseRecords
+
+        return DatabaseRecords(self.home)
+
     # -- calls to the manager -----------------------------------------------------------------
 
     def call(self, fn: Callable[[], T], *, timeout: float | None = None) -> T:
@@ -140,8 +152,8 @@ class Agent:
         return self.root / check_user_name(user)
 
     def login(self, user: str) -> dict[str, Any]:
-        from lamina.layer import runtime
-        from lamina.manager.services import replica
+        from lamina.agent import local_versions
+        from lamina.layer import roots
 
         root = self.session_root(user)
         with self.lock:
@@ -160,13 +172,14 @@ class Agent:
                     if writable["version"] is not None:
                         fetch.ensure_version(self.home, self.client, writable, "writable")
                     with self.home.session() as session:
-                        replica.trim_after(
+                        local_versions.trim_after(
                             session, name=writable["name"], version=writable["version"] or 0
                         )
                 if not self._mounted(root):
                     root.mkdir(parents=True, exist_ok=True)
-                    runtime.mount(
+                    roots.mount(
                         self.home,
+                        self.records,
                         root,
                         [la["ref"] for la in state["layers"]],
                         writable=writable["name"] if writable else None,
@@ -185,18 +198,18 @@ class Agent:
         return {"user": user, "root": str(root), "layers": [la["ref"] for la in state["layers"]]}
 
     def _mounted(self, root: Path) -> bool:
-        from lamina.layer import runtime
+        from lamina.layer import roots
 
-        return any(m.root == str(root) for m in runtime.mounts(self.home))
+        return any(m.root == str(root) for m in roots.mounts(self.home, self.records))
 
     def logout(self, user: str) -> dict[str, Any]:
-        from lamina.layer import runtime
+        from lamina.layer import roots
 
         root = self.session_root(user)
         with self.lock:
             saved = None
             if self._mounted(root):
-                saved = runtime.umount(self.home, root).saved
+                saved = roots.umount(self.home, self.records, root).saved
             self.pending_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(
                 self.pending_dir / f"{user}.json", json.dumps({"saved": saved}), mode=0o600
@@ -213,7 +226,7 @@ class Agent:
         """Hand a finished session's writable version to the manager (retried until done).
         A logout the manager refuses for good is parked in ``pending/failed/`` and its
         error raised."""
-        from lamina.manager.services import replica
+        from lamina.agent import local_versions
 
         path = self.pending_dir / f"{user}.json"
         if not path.exists():
@@ -240,8 +253,10 @@ class Agent:
             # The manager numbered it otherwise: keep the local copy under its number.
             name, _, version = result["saved"].rpartition("@")
             with self.home.session() as session:
-                manifest, files, size, _bases, policy = replica.version_facts(session, ref=saved)
-                replica.record(
+                manifest, files, size, _bases, policy = local_versions.version_facts(
+                    session, ref=saved
+                )
+                local_versions.record(
                     session,
                     name=name,
                     kind="writable",
@@ -319,7 +334,7 @@ class Agent:
 
     def reconcile(self, desired: dict[str, Any]) -> list[str]:
         """Apply live what differs between the manager's sessions and the mounted ones."""
-        from lamina.layer import runtime
+        from lamina.layer import attach, roots
 
         with self.lock:
             wants = {
@@ -332,7 +347,7 @@ class Agent:
             }
             layers = {la["ref"]: la for s in desired["sessions"] for la in s["layers"]}
             haves = {}
-            for m in runtime.mounts(self.home):
+            for m in roots.mounts(self.home, self.records):
                 path = Path(m.root)
                 if path.parent == self.root:
                     haves[path.name] = Have(path.name, tuple(m.layers), m.writable)
@@ -342,10 +357,10 @@ class Agent:
                 try:
                     if isinstance(action, Attach):
                         fetch.ensure_version(self.home, self.client, layers[action.ref], "app")
-                        runtime.attach(self.home, root, action.ref)
+                        attach.attach(self.home, self.records, root, action.ref)
                         done.append(f"attach {action.user} {action.ref}")
                     elif isinstance(action, Detach):
-                        runtime.detach(self.home, root, action.name)
+                        attach.detach(self.home, self.records, root, action.name)
                         done.append(f"detach {action.user} {action.name}")
                     elif isinstance(action, Pending):
                         logs.event(self.log, "pending", user=action.user, why=action.why)

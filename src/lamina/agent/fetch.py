@@ -66,19 +66,19 @@ def _fetch_all(home: Home, client: ManagerClient, ids: Iterable[bytes]) -> tuple
 
 def ensure_version(home: Home, client: ManagerClient, layer: dict[str, Any], kind: str) -> Fetched:
     """Make ``layer`` ({name, version, manifest}) mountable here; fetch what is missing."""
-    from lamina.manager.services import replica
+    from lamina.agent import local_versions
 
     name, version, manifest = layer["name"], int(layer["version"]), layer["manifest"]
     ref = f"{name}@{version}"
     with home.session() as session:
-        if replica.has_version(session, name=name, version=version, manifest=manifest):
+        if local_versions.has_version(session, name=name, version=version, manifest=manifest):
             return Fetched(ref, 0, 0)
     mid = bytes.fromhex(manifest)
     chunks, size = _fetch_all(home, client, [mid])
     tree = load_tree(home.store, mid)
     more, more_bytes = _fetch_all(home, client, tree.referenced())
     with home.session() as session:
-        replica.record(
+        local_versions.record(
             session,
             name=name,
             kind=kind,
@@ -105,10 +105,10 @@ def _batches(home: Home, ids: list[bytes]) -> Iterator[bytes]:
 
 def upload_version(home: Home, client: ManagerClient, ref: str) -> dict[str, Any]:
     """Send a local writable-layer version's data; returns the logout's ``writable`` body."""
-    from lamina.manager.services import replica
+    from lamina.agent import local_versions
 
     with home.session() as session:
-        manifest, files, size, bases, _policy = replica.version_facts(session, ref=ref)
+        manifest, files, size, bases, _policy = local_versions.version_facts(session, ref=ref)
     mid = bytes.fromhex(manifest)
     ids = [*sorted(load_tree(home.store, mid).referenced()), mid]  # the manifest last
     missing: list[bytes] = []

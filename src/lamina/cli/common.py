@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from lamina.home import Home
+from lamina.manager.home import open_home as _open_home
 
 HomeOpt = Annotated[
     Path | None,
@@ -40,7 +41,7 @@ err = Console(stderr=True, highlight=False)
 
 
 def open_home(home: Path | None) -> Home:
-    return Home(home)
+    return _open_home(home)
 
 
 def emit_json(data: Any) -> None:

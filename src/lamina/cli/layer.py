@@ -46,6 +46,7 @@ def import_(
 ) -> None:
     """Import a file tree as a new layer version; prints NAME@VERSION."""
     from lamina.layer.importer import import_layer
+    from lamina.manager.layer_records import DatabaseRecords
 
     started = time.monotonic()
     h = open_home(home)
@@ -53,6 +54,7 @@ def import_(
     with progress(f"import {src.name}", None, enabled=not as_json) as advance:
         ref, imported = import_layer(
             h,
+            DatabaseRecords(h),
             name,
             src,
             allow_devices=allow_devices,
@@ -87,9 +89,10 @@ def capture(
 ) -> None:
     """Run `-- COMMAND...` chrooted on the layers; keep only what it changed."""
     from lamina.layer.capture import capture as run_capture
+    from lamina.manager.layer_records import DatabaseRecords
 
     h = open_home(home)
-    result = run_capture(h, name, on, list(ctx.args))
+    result = run_capture(h, DatabaseRecords(h), name, on, list(ctx.args))
     if as_json:
         emit_json(
             {
@@ -232,7 +235,7 @@ def diff(
 ) -> None:
     """Paths added (A), removed (D) and changed (M) from the first version to the second."""
     h = open_home(home)
-    from lamina.layer.compose import diff as tree_diff
+    from lamina.layer.changes import diff as tree_diff
     from lamina.layer.importer import load_tree
     from lamina.manager.services import layers as svc
 
@@ -276,7 +279,7 @@ def rm(
     with h.session() as session:
         gone, unused = svc.remove(session, ref=parse_ref(ref, "layer name"))
     for manifest in unused:
-        prepare.forget(h.root, manifest)
+        prepare.forget(h.root, bytes.fromhex(manifest))
     if as_json:
         emit_json({"removed": gone})
     else:

@@ -17,7 +17,7 @@ app.command("credentials")(credentials.machine_credentials)
 
 
 def _describe(h: Home, m: Any, *, full: bool = False) -> dict[str, Any]:
-    from lamina.serve.delta import delta_usage
+    from lamina.delta.file import delta_usage
 
     blocks, stored = delta_usage(h.deltas_dir / m.name)
     data: dict[str, Any] = {
@@ -176,15 +176,15 @@ def reset(
     name: Annotated[str, typer.Argument()], home: HomeOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Discard a machine's delta (it boots the pristine image version again)."""
+    from lamina.delta import uploads
+    from lamina.delta.file import delta_usage
     from lamina.manager.services import machines
-    from lamina.serve.delta import delta_usage
-    from lamina.stream import receive
 
     h = open_home(home)
     with h.session() as session:
         machines.get(session, name)
     before = delta_usage(h.deltas_dir / name)[1]
-    receive.discard_delta(h, name)
+    uploads.discard_delta(h, name)
     if as_json:
         emit_json({"name": name, "freed_bytes": before})
     else:
@@ -198,13 +198,13 @@ def rm(
     """Remove a machine and its delta."""
     import shutil
 
+    from lamina.delta import uploads
     from lamina.manager.services import machines
-    from lamina.stream import receive
 
     h = open_home(home)
     with h.session() as session:
         machines.get(session, name)
-        receive.discard_delta(h, name)
+        uploads.discard_delta(h, name)
         machines.remove(session, name=name)
     shutil.rmtree(h.deltas_dir / name, ignore_errors=True)
     if as_json:
@@ -228,7 +228,7 @@ def commit(
     as_json: JsonOpt = False,
 ) -> None:
     """Turn a machine's delta into a new image version."""
-    from lamina.serve.commit import commit_delta
+    from lamina.manager.services.commit import commit_delta
 
     h = open_home(home)
     result = commit_delta(h, machine=machine, image=as_image, repin=repin)

@@ -10,7 +10,7 @@ import typer
 from lamina.cli.common import HomeOpt, JsonOpt, emit_json, err, open_home, out
 
 if TYPE_CHECKING:
-    from lamina.layer.runtime import Mounted
+    from lamina.layer.roots import Mounted
 
 RootArg = Annotated[Path, typer.Argument(help="Directory to compose the layers on.")]
 StrictOpt = Annotated[
@@ -64,22 +64,25 @@ def mount(
 ) -> None:
     """Compose layers on ROOT with overlayfs (changes kept in --writable, if given)."""
     from lamina.errors import UsageError
-    from lamina.layer import runtime
-    from lamina.layer.compose import WritablePolicy
+    from lamina.layer import roots
+    from lamina.layer.changes import WritablePolicy
+    from lamina.manager.layer_records import DatabaseRecords
 
     if policy not in {p.value for p in WritablePolicy}:
         raise UsageError(f"unknown policy {policy!r} (all, profile or apps)")
     h = open_home(home)
-    result = runtime.mount(h, root, layer, writable=writable, policy=policy, strict=strict)
+    records = DatabaseRecords(h)
+    result = roots.mount(h, records, root, layer, writable=writable, policy=policy, strict=strict)
     _report(result, "mounted", as_json)
 
 
 def umount(root: RootArg, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Unmount ROOT; the writable layer keeps what its policy keeps, as a new version."""
-    from lamina.layer import runtime
+    from lamina.layer import roots
+    from lamina.manager.layer_records import DatabaseRecords
 
     h = open_home(home)
-    result = runtime.umount(h, root)
+    result = roots.umount(h, DatabaseRecords(h), root)
     if as_json:
         emit_json(
             {
@@ -108,10 +111,11 @@ def attach(
     as_json: JsonOpt = False,
 ) -> None:
     """Attach a layer to a mounted ROOT, live (processes inside keep running)."""
-    from lamina.layer import runtime
+    from lamina.layer import attach
+    from lamina.manager.layer_records import DatabaseRecords
 
     h = open_home(home)
-    _report(runtime.attach(h, root, layer, strict=strict), "attached", as_json)
+    _report(attach.attach(h, DatabaseRecords(h), root, layer, strict=strict), "attached", as_json)
 
 
 def detach(
@@ -121,10 +125,11 @@ def detach(
     as_json: JsonOpt = False,
 ) -> None:
     """Detach a layer from a mounted ROOT, live."""
-    from lamina.layer import runtime
+    from lamina.layer import attach
+    from lamina.manager.layer_records import DatabaseRecords
 
     h = open_home(home)
-    _report(runtime.detach(h, root, layer), "detached", as_json)
+    _report(attach.detach(h, DatabaseRecords(h), root, layer), "detached", as_json)
 
 
 def register(root: typer.Typer) -> None:

@@ -94,9 +94,10 @@ def run(
         return
     if writable is None or source is not None:
         raise UsageError("give WRITABLE (or --all with --from)")
+    from lamina.manager.rebase_records import DatabaseRebase
     from lamina.rebase.run import rebase_one
 
-    result = rebase_one(h, writable, onto, dry_run=dry_run)
+    result = rebase_one(h, DatabaseRebase(h), writable, onto, dry_run=dry_run)
     if as_json:
         emit_json(result.report_json() | {"dry_run": dry_run})
         return
@@ -145,10 +146,12 @@ def _layers_bar(enabled: bool) -> Iterator[Callable[[int, int], None]]:
 
 
 def _bulk(h: Any, source: str, onto: str, jobs: int | None, dry_run: bool, as_json: bool) -> None:
+    from lamina.manager.rebase_records import DatabaseRebase
     from lamina.rebase.run import rebase_all
 
+    records = DatabaseRebase(h)
     with _layers_bar(not as_json) as advance:
-        bulk = rebase_all(h, source, onto, jobs=jobs, dry_run=dry_run, progress=advance)
+        bulk = rebase_all(h, records, source, onto, jobs=jobs, dry_run=dry_run, progress=advance)
     failed = bulk.by_status("failed")
     if as_json:
         emit_json(_bulk_json(bulk))
@@ -229,7 +232,7 @@ def policy_show(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     from lamina.manager.services import rebase as svc
 
     with open_home(home).session() as session:
-        rules = svc.get_policy(session).rules
+        rules = svc.get_rules(session).rules
     if as_json:
         emit_json(_rules_json(rules))
         return
@@ -250,8 +253,8 @@ def policy_set(
     from lamina.manager.services import rebase as svc
 
     with open_home(home).session() as session:
-        table_ = svc.get_policy(session).set(glob, rule, at=at - 1 if at else None)
-        svc.set_policy(session, table_)
+        table_ = svc.get_rules(session).set(glob, rule, at=at - 1 if at else None)
+        svc.set_rules(session, table_)
     _done(table_.rules, as_json)
 
 
@@ -265,8 +268,8 @@ def policy_rm(
     from lamina.manager.services import rebase as svc
 
     with open_home(home).session() as session:
-        table_ = svc.get_policy(session).remove(glob)
-        svc.set_policy(session, table_)
+        table_ = svc.get_rules(session).remove(glob)
+        svc.set_rules(session, table_)
     _done(table_.rules, as_json)
 
 
@@ -274,11 +277,11 @@ def policy_rm(
 def policy_reset(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Back to the default table."""
     from lamina.manager.services import rebase as svc
-    from lamina.rebase.policy import PolicyTable
+    from lamina.rebase.rules import RuleTable
 
     with open_home(home).session() as session:
-        svc.set_policy(session, None)
-    _done(PolicyTable().rules, as_json)
+        svc.set_rules(session, None)
+    _done(RuleTable().rules, as_json)
 
 
 @policy_app.command("which")
@@ -293,7 +296,7 @@ def policy_which(
     if not path.startswith("/"):
         raise UsageError(f"{path!r}: give an absolute path")
     with open_home(home).session() as session:
-        rule, glob = svc.get_policy(session).rule(path.strip("/"))
+        rule, glob = svc.get_rules(session).rule(path.strip("/"))
     if as_json:
         emit_json({"path": path, "rule": rule.value, "glob": glob or None})
     else:

@@ -73,8 +73,8 @@ def _image_ref(home: Home, say: Say) -> str:
 
 def prepare(home: Home, say: Say) -> str:
     """Demo image imported, demo machines (re)created; returns the image version."""
+    from lamina.delta.file import discard
     from lamina.manager.services import machines
-    from lamina.serve.delta import discard
 
     ref = _image_ref(home, say)
     with home.session() as session:
@@ -134,7 +134,7 @@ async def _round(
 
 
 def run_demo(home: Home, say: Say, *, nbd_port: int = 10809, http_port: int = 8480) -> DemoResult:
-    from lamina.serve.delta import delta_usage, discard
+    from lamina.delta.file import delta_usage, discard
 
     started = time.monotonic()
     result = DemoResult(image=prepare(home, say))

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 from lamina.errors import ToolError, UsageError
 from lamina.home import Home
-from lamina.layer import runtime
+from lamina.layer import roots
 from lamina.layer.importer import Imported, import_tree, new_version, scan
+from lamina.layer.records import APP, LayerRecords
 from lamina.layer.sources import DirSource
-from lamina.layer.writable import SESSION
-from lamina.names import check_name, parse_ref
+from lamina.layer.writable import CHANGES
+from lamina.names import check_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,23 +35,19 @@ class Captured:
     prepared: dict[str, float]
 
 
-def capture(home: Home, name: str, on: Sequence[str], command: Sequence[str]) -> Captured:
+def capture(
+    home: Home, records: LayerRecords, name: str, on: Sequence[str], command: Sequence[str]
+) -> Captured:
     """Run ``command`` on the ``on`` layers; store its changes as the next version of
     ``name`` (an app layer)."""
-    from lamina.manager.models import LayerVersion
-    from lamina.manager.services import layers as svc
-
     check_name(name, "layer name")
     if not on:
         raise UsageError("capture needs at least one --on LAYER")
     if not command:
         raise UsageError("capture needs a command after --")
-    with home.session() as session:
-        stack = [
-            runtime.version_info(svc.get_version(session, parse_ref(r, "layer name"))) for r in on
-        ]
+    stack = records.versions(on)
     timings: dict[str, float] = {}
-    lowers = [runtime.prepare_version(home, v, timings) for v in stack]
+    lowers = [roots.prepare_version(home, v, timings) for v in stack]
     work = home.tmp_dir / f"capture-{uuid.uuid4().hex[:12]}"
     try:
         for sub in ("upper", "work", "root"):
@@ -68,21 +65,14 @@ def capture(home: Home, name: str, on: Sequence[str], command: Sequence[str]) ->
         if code != 0:
             raise ToolError(f"{command[0]} exited with status {code}: nothing was stored")
         source = DirSource(work / "upper", changes=True)
-        built = scan(source, SESSION, root=False)
+        built = scan(source, CHANGES, root=False)
 
         def commit(imported: Imported) -> str:
-            with home.session() as session:
-                bases = [session.get_one(LayerVersion, v.id) for v in stack]
-                return svc.add_version(
-                    session,
-                    name=name,
-                    kind=svc.APP,
-                    new=new_version(imported, "capture: " + " ".join(command)),
-                    bases=bases,
-                ).ref
+            new = new_version(imported, "capture: " + " ".join(command))
+            return records.add_version(name=name, kind=APP, new=new, bases=stack)
 
         ref, imported = import_tree(home.store, source, commit, built=built)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        runtime.release(home)
+        roots.release(home, records)
     return Captured(ref, imported, [v.ref for v in stack], timings)

@@ -14,19 +14,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, TypeVar
+from typing import IO, TypeVar
 
 from lamina.errors import InvalidInput
 from lamina.home import Home
 from lamina.layer.builder import Built, DataRef, Policy, TreeBuilder
+from lamina.layer.records import APP, LayerRecords, NewVersion
 from lamina.layer.sources import LayerSource
 from lamina.layer.tree import Chunk, Entry, Kind, Tree
 from lamina.names import check_name
 from lamina.store import ChunkStore, Writer
 from lamina.store.chunker import cdc_boundaries
-
-if TYPE_CHECKING:
-    from lamina.manager.services.layers import NewVersion
 
 R = TypeVar("R")
 Progress = Callable[[int], None]
@@ -46,12 +44,9 @@ class Imported:
 
 
 def new_version(imported: Imported, source: str) -> NewVersion:
-    """What ``imported`` stored, as the manager records a layer version (``source``: what
-    made it)."""
-    from lamina.manager.services.layers import NewVersion
-
+    """What ``imported`` stored, as a layer version is recorded (``source``: what made it)."""
     return NewVersion(
-        imported.manifest_id.hex(),
+        imported.manifest_id,
         imported.files,
         imported.size,
         imported.stored_bytes,
@@ -159,6 +154,7 @@ def load_tree(store: ChunkStore, manifest_id: bytes) -> Tree:
 
 def import_layer(
     home: Home,
+    records: LayerRecords,
     name: str,
     src: Path,
     *,
@@ -168,7 +164,6 @@ def import_layer(
 ) -> tuple[str, Imported]:
     """``layer import``: SRC (directory, tar, OCI layout or docker archive) -> ``NAME@N``."""
     from lamina.layer.oci import open_source
-    from lamina.manager.services import layers as svc
 
     check_name(name, "layer name")
     policy = Policy(allow_devices=allow_devices, allow_setuid=allow_setuid)
@@ -176,8 +171,6 @@ def import_layer(
         built = scan(source, policy)
 
         def commit(imported: Imported) -> str:
-            new = new_version(imported, str(src))
-            with home.session() as session:
-                return svc.add_version(session, name=name, kind=svc.APP, new=new).ref
+            return records.add_version(name=name, kind=APP, new=new_version(imported, str(src)))
 
         return import_tree(home.store, source, commit, built=built, progress=progress)

@@ -2,7 +2,7 @@
 
 Preparing a version writes its tree out and packs it with ``mkfs.erofs`` into
 ``<home>/cache/layers/<manifest>.erofs`` (keyed by manifest, so identical versions share
-one image), beside its fingerprint (``.fp``, see ``compose.Fingerprint``). This costs time
+one image), beside its fingerprint (``.fp``, see ``conflicts.Fingerprint``). This costs time
 in proportion to the layer's size, once.
 
 The image is then mounted read-only, file-backed (Linux 6.12+: no loop device, no copy),
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from lamina.errors import ToolError
 from lamina.layer import mountapi
-from lamina.layer.compose import Fingerprint
+from lamina.layer.conflicts import Fingerprint
 from lamina.layer.materialize import materialize
 from lamina.layer.overlay import mounted_at, mountinfo
 from lamina.layer.tree import Tree
@@ -45,7 +45,7 @@ Loader = Callable[[], Tree]
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    manifest: str  # hex id
+    manifest_id: bytes
     image: Path
     mountpoint: Path
     prepared_seconds: float  # 0.0 when the image was already there
@@ -57,6 +57,12 @@ def cache_dir(home_root: Path) -> Path:
 
 def run_dir(home_root: Path) -> Path:
     return home_root / "run" / "layers"
+
+
+def mountpoint(home_root: Path, manifest_id: bytes) -> Path:
+    """Where the host mounts a layer version's image (its files and folders are named by
+    the manifest id in hex)."""
+    return run_dir(home_root) / manifest_id.hex()
 
 
 def mkfs(source: Path, image: Path) -> None:
@@ -102,14 +108,16 @@ def _scratch(path: Path, tree: Tree) -> Iterator[None]:
             mountapi.umount(path, lazy=True)
 
 
-def fingerprint(home_root: Path, manifest: str) -> Fingerprint:
-    return Fingerprint.from_bytes((cache_dir(home_root) / f"{manifest}.fp").read_bytes())
+def fingerprint(home_root: Path, manifest_id: bytes) -> Fingerprint:
+    path = cache_dir(home_root) / f"{manifest_id.hex()}.fp"
+    return Fingerprint.from_bytes(path.read_bytes())
 
 
 def prepare_image(
-    home_root: Path, store: ChunkStore, manifest: str, load: Loader
+    home_root: Path, store: ChunkStore, manifest_id: bytes, load: Loader
 ) -> tuple[Path, float]:
     """The version's EROFS image, built on first use; (path, seconds spent building)."""
+    manifest = manifest_id.hex()
     cache = cache_dir(home_root)
     image = cache / f"{manifest}.erofs"
     if image.is_file() and image.with_suffix(".fp").is_file():
@@ -137,12 +145,12 @@ def prepare_image(
     return image, time.monotonic() - started
 
 
-def mount_image(home_root: Path, manifest: str, image: Path) -> Path:
+def mount_image(home_root: Path, manifest_id: bytes, image: Path) -> Path:
     """Mount ``image`` read-only at the host's one mountpoint for it (idempotent)."""
-    target = run_dir(home_root) / manifest
+    target = mountpoint(home_root, manifest_id)
     if mounted_at(target) is not None:
         return target
-    with locked(run_dir(home_root) / f"{manifest}.lock"):
+    with locked(target.with_name(f"{target.name}.lock")):
         if mounted_at(target) is not None:
             return target
         target.mkdir(parents=True, exist_ok=True)
@@ -168,34 +176,35 @@ def _loop_mount(image: Path, target: Path) -> None:
         raise ToolError(f"mount {image.name}: {proc.stderr.strip()}")
 
 
-def prepare(home_root: Path, store: ChunkStore, manifest: str, load: Loader) -> Prepared:
+def prepare(home_root: Path, store: ChunkStore, manifest_id: bytes, load: Loader) -> Prepared:
     """Build (first use) and mount (once per host) a layer version's image."""
-    image, seconds = prepare_image(home_root, store, manifest, load)
-    return Prepared(manifest, image, mount_image(home_root, manifest, image), seconds)
+    image, seconds = prepare_image(home_root, store, manifest_id, load)
+    return Prepared(manifest_id, image, mount_image(home_root, manifest_id, image), seconds)
 
 
-def release_unused(home_root: Path, keep: set[str]) -> list[str]:
+def release_unused(home_root: Path, keep: set[bytes]) -> list[bytes]:
     """Lazily unmount the host's layer images not in ``keep`` (overlays still using one
-    keep it alive until they go); returns the manifests released."""
-    released: list[str] = []
+    keep it alive until they go); returns the manifest ids released."""
+    released: list[bytes] = []
     base = run_dir(home_root)
     if not base.is_dir():
         return released
+    names = {m.hex() for m in keep}
     mounts = mountinfo()  # once: one read per image made this quadratic
     for child in base.iterdir():
-        if child.is_dir() and child.name not in keep and mounted_at(child, mounts):
+        if child.is_dir() and child.name not in names and mounted_at(child, mounts):
             try:
                 mountapi.umount(child, lazy=True)
             except OSError:
                 continue
-            released.append(child.name)
+            released.append(bytes.fromhex(child.name))
     return released
 
 
-def forget(home_root: Path, manifest: str) -> None:
+def forget(home_root: Path, manifest_id: bytes) -> None:
     """Remove a version's prepared image (after its last version is gone)."""
-    target = run_dir(home_root) / manifest
+    target = mountpoint(home_root, manifest_id)
     if mounted_at(target) is not None:
         mountapi.umount(target, lazy=True)
     for suffix in (".erofs", ".fp", ".lock"):
-        (cache_dir(home_root) / f"{manifest}{suffix}").unlink(missing_ok=True)
+        (cache_dir(home_root) / f"{manifest_id.hex()}{suffix}").unlink(missing_ok=True)

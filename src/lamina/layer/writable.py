@@ -1,4 +1,4 @@
-"""Keep a session's changes: an overlayfs upper directory -> the next writable-layer version.
+"""Keep a root's changes: an overlayfs upper directory -> the next writable-layer version.
 
 A writable-layer version is a set of file-level changes (files, directories, symlinks,
 whiteouts, opaque directories) against the read-only layers it was made on, which it
@@ -22,22 +22,15 @@ from pathlib import Path
 from lamina.home import Home
 from lamina.layer import prepare
 from lamina.layer.builder import Built, Policy
-from lamina.layer.compose import WritablePolicy, filter_policy, merge_changes, path_hash, prune
+from lamina.layer.changes import WritablePolicy, filter_policy, merge_changes, prune
+from lamina.layer.conflicts import path_hash
 from lamina.layer.importer import load_tree, new_version, scan, store_files, store_manifest
+from lamina.layer.records import LayerRecords, VersionInfo
 from lamina.layer.sources import DirSource
 
-# A session may create devices and setuid files (as root only): they are the user's.
-SESSION = Policy(allow_devices=True, allow_setuid=True)
-
-
-@dataclass(frozen=True, slots=True)
-class VersionInfo:
-    """What the runtime knows of a layer version outside any database session."""
-
-    id: int
-    ref: str
-    manifest: str
-    layer_id: int
+# What runs in a mounted root may create devices and setuid files (as root only): they are
+# the user's.
+CHANGES = Policy(allow_devices=True, allow_setuid=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,18 +43,19 @@ class Kept:
 def _base_paths(home: Home, bases: Sequence[VersionInfo]) -> set[int]:
     hashes: set[int] = set()
     for b in bases:
-        prepare.prepare_image(home.root, home.store, b.manifest, loader(home, b.manifest))
-        hashes.update(prepare.fingerprint(home.root, b.manifest).keys)
+        prepare.prepare_image(home.root, home.store, b.manifest_id, loader(home, b.manifest_id))
+        hashes.update(prepare.fingerprint(home.root, b.manifest_id).keys)
     return hashes
 
 
-def loader(home: Home, manifest: str) -> prepare.Loader:
+def loader(home: Home, manifest_id: bytes) -> prepare.Loader:
     """Loads a layer version's tree from the home's store when called."""
-    return lambda: load_tree(home.store, bytes.fromhex(manifest))
+    return lambda: load_tree(home.store, manifest_id)
 
 
-def keep_session(
+def keep_changes(
     home: Home,
+    records: LayerRecords,
     *,
     mount_id: int,
     upper: Path,
@@ -69,45 +63,30 @@ def keep_session(
     previous: VersionInfo | None,
     bases: Sequence[VersionInfo],
     policy: WritablePolicy,
+    made_on: str,
 ) -> Kept:
     """Store the kept part of ``upper`` as the next version of ``writable`` (if any) and
-    drop the mount's record, atomically; without a writable layer, just drop the record."""
-    from lamina.manager.models import LayerMount, LayerVersion
-    from lamina.manager.services import layers as svc
-
+    drop the mount's record, atomically; without a writable layer, just drop the record.
+    ``made_on`` (HOST:ROOT) goes into the version's source."""
     if writable is None or not upper.is_dir():
-        with home.session() as session:
-            svc.delete_mount(session, mount=session.get_one(LayerMount, mount_id))
+        records.end_mount(mount_id)
         return Kept(None, 0, [])
     source = DirSource(upper, changes=True)
-    changes = scan(source, SESSION, root=False)
+    changes = scan(source, CHANGES, root=False)
     kept_tree, dropped = filter_policy(changes.tree, policy)
     kept = Built(kept_tree, {p: r for p, r in changes.refs.items() if kept_tree.get(p)})
-    before = load_tree(home.store, bytes.fromhex(previous.manifest)) if previous else None
+    before = load_tree(home.store, previous.manifest_id) if previous else None
     in_bases = _base_paths(home, bases)
+    same_bases = previous is not None and records.base_ids(previous.id) == [b.id for b in bases]
     with home.store.writer() as writer:
         stored_changes, new, stored = store_files(writer, source, kept)
         merged = merge_changes(before, stored_changes)
         merged = prune(filter_policy(merged, policy)[0], lambda p: path_hash(p) in in_bases)
-        with home.session() as session:
-            mount = session.get_one(LayerMount, mount_id)
-            prev = session.get(LayerVersion, previous.id) if previous else None
-            same_bases = prev is not None and [b.base_id for b in prev.bases] == [
-                b.id for b in bases
-            ]
-            ref = None
-            if before is None or merged != before or not same_bases:
-                imported = store_manifest(writer, merged, new, stored)
-                writer.flush()  # chunks durable before the database points at them
-                version = svc.add_version(
-                    session,
-                    name=writable,
-                    kind=svc.WRITABLE,
-                    new=new_version(imported, f"session on {mount.host}:{mount.root}"),
-                    bases=[session.get_one(LayerVersion, b.id) for b in bases],
-                    parent=prev,
-                    policy=str(policy),
-                )
-                ref = version.ref
-            svc.delete_mount(session, mount=mount)
+        version = None
+        if before is None or merged != before or not same_bases:
+            imported = store_manifest(writer, merged, new, stored)
+            writer.flush()  # chunks durable before the database points at them
+            version = new_version(imported, f"session on {made_on}")
+        # Recorded while the writer holds the store's shared lock: gc keeps its chunks.
+        ref = records.end_mount(mount_id, keep=version, bases=bases, parent=previous)
     return Kept(ref, len(kept_tree), dropped)

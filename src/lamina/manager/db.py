@@ -15,10 +15,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lamina.errors import LaminaError
+from lamina.home import READ_ONLY
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-# Execution option marking a connection whose transactions only read.
-READ_ONLY = "lamina_read_only"
 
 
 def make_engine(url: str) -> Engine:

@@ -1,4 +1,5 @@
-"""The one interface between the NBD server and what it serves."""
+"""The one interface between the NBD server and what it serves, and the simplest devices:
+the write side of a read-only one, and a small disk held in memory."""
 
 from __future__ import annotations
 
@@ -33,3 +34,42 @@ class BlockDevice(Protocol):
     def extents(self, offset: int, length: int) -> list[Extent]: ...
 
     def close(self) -> None: ...
+
+
+class ReadOnly:
+    """The write side of a read-only device: writes refused with EPERM, nothing to flush
+    or close."""
+
+    refusal = "read-only export"
+
+    def write(self, offset: int, data: Buffer, fua: bool) -> None:
+        raise PermissionError(self.refusal)
+
+    def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
+        raise PermissionError(self.refusal)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryDevice(ReadOnly):
+    """A small read-only disk held in memory (a machine's seed)."""
+
+    def __init__(self, info: ExportInfo, data: bytes) -> None:
+        self.info = info
+        self._data = memoryview(data)
+
+    def read(self, offset: int, length: int) -> list[memoryview]:
+        return [self._data[offset : offset + length]]
+
+    def would_block(self, offset: int, length: int) -> bool:
+        return False
+
+    def prefetch(self, offset: int, length: int) -> None:
+        pass
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return [(length, 0)]

@@ -38,12 +38,12 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 from lamina.errors import InvalidInput
-from lamina.layer.compose import WritablePolicy, keeps
+from lamina.layer.changes import WritablePolicy, keeps
 from lamina.layer.tree import Entry, Kind, Tree, is_under
 from lamina.rebase.diff3 import TEXT_LIMIT, is_text, merge3
 from lamina.rebase.meta import content, merge_meta
-from lamina.rebase.policy import PolicyTable, Rule
 from lamina.rebase.report import Action, Item, Outcome
+from lamina.rebase.rules import Rule, RuleTable
 from lamina.rebase.views import BaseChange, resolve, same
 
 CONFLICTS_DIR: Final = "var/lib/lamina/conflicts"
@@ -60,7 +60,7 @@ def _ancestors(path: str) -> Iterator[str]:
 @dataclass(frozen=True, slots=True)
 class _Ctx:
     base: BaseChange
-    table: PolicyTable
+    table: RuleTable
     read: Reader
     now_ns: int
     can_save: bool  # the layer's policy keeps the conflicts directory
@@ -71,7 +71,7 @@ class _Merger:
         self,
         user: Tree,
         base: BaseChange,
-        table: PolicyTable,
+        table: RuleTable,
         read: Reader,
         policy: WritablePolicy | None,
         now_ns: int,
@@ -496,7 +496,7 @@ class _Merger:
 def rebase_tree(
     user: Tree,
     base: BaseChange,
-    table: PolicyTable,
+    table: RuleTable,
     read: Reader,
     *,
     policy: WritablePolicy | None = None,

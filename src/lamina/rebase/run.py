@@ -1,5 +1,8 @@
 """Rebase writable layers for real: trees from the store, results into it, versions recorded.
 
+The database is reached through ``RebaseRecords`` (``lamina.rebase.jobs``), which the
+caller passes in.
+
 One layer (``rebase_one``): plan in the database (refused while the layer is in use),
 merge, store the merged files and the manifest, then record the version while the store
 writer is still open, so ``store gc`` cannot collect a chunk the new version reuses (the
@@ -26,23 +29,20 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from lamina.errors import Conflict, LaminaError
 from lamina.home import Home
-from lamina.layer.compose import WritablePolicy
+from lamina.layer.changes import WritablePolicy
 from lamina.layer.importer import Imported, load_tree, new_version, store_manifest, store_stream
+from lamina.layer.records import NewVersion
 from lamina.layer.tree import Entry, Tree
-from lamina.names import parse_ref
+from lamina.rebase.jobs import InUse, Job, RebaseRecords, Skipped
 from lamina.rebase.merge import rebase_tree
-from lamina.rebase.policy import PolicyTable
 from lamina.rebase.report import Action, Item, Outcome
+from lamina.rebase.rules import RuleTable
 from lamina.rebase.views import BaseChange, View, flatten
 from lamina.store import ZERO_ID, ChunkStore, Writer
-
-if TYPE_CHECKING:
-    from lamina.manager.services.layers import NewVersion
-    from lamina.manager.services.rebase import Job
 
 # Layers per worker task: one pack and one progress step per batch. 16 keeps a batch under
 # a second while cutting the packs written for 1,000 layers from 1,000 to about 60.
@@ -86,23 +86,23 @@ class Bases:
 
     def __init__(self, store: ChunkStore) -> None:
         self.store = store
-        self._trees: dict[str, Tree] = {}
-        self._views: dict[tuple[str, ...], View] = {}
-        self._changes: dict[tuple[tuple[str, ...], tuple[str, ...]], BaseChange] = {}
+        self._trees: dict[bytes, Tree] = {}
+        self._views: dict[tuple[bytes, ...], View] = {}
+        self._changes: dict[tuple[tuple[bytes, ...], tuple[bytes, ...]], BaseChange] = {}
 
-    def tree(self, manifest: str) -> Tree:
-        found = self._trees.get(manifest)
+    def tree(self, manifest_id: bytes) -> Tree:
+        found = self._trees.get(manifest_id)
         if found is None:
-            found = self._trees[manifest] = load_tree(self.store, bytes.fromhex(manifest))
+            found = self._trees[manifest_id] = load_tree(self.store, manifest_id)
         return found
 
-    def view(self, manifests: tuple[str, ...]) -> View:
+    def view(self, manifests: tuple[bytes, ...]) -> View:
         found = self._views.get(manifests)
         if found is None:
             found = self._views[manifests] = flatten([self.tree(m) for m in manifests])
         return found
 
-    def change(self, old: tuple[str, ...], new: tuple[str, ...]) -> BaseChange:
+    def change(self, old: tuple[bytes, ...], new: tuple[bytes, ...]) -> BaseChange:
         found = self._changes.get((old, new))
         if found is None:
             found = BaseChange.of(self.view(old), self.view(new))
@@ -117,9 +117,11 @@ def reader(store: ChunkStore) -> Callable[[Entry], bytes]:
     return read
 
 
-def merge(store: ChunkStore, bases: Bases, job: Job, table: PolicyTable, now_ns: int) -> Outcome:
-    user = load_tree(store, bytes.fromhex(job.manifest))
-    change = bases.change(tuple(b.manifest for b in job.old), tuple(b.manifest for b in job.new))
+def merge(store: ChunkStore, bases: Bases, job: Job, table: RuleTable, now_ns: int) -> Outcome:
+    user = load_tree(store, job.manifest_id)
+    change = bases.change(
+        tuple(b.manifest_id for b in job.old), tuple(b.manifest_id for b in job.new)
+    )
     policy = WritablePolicy(job.policy) if job.policy else None
     return rebase_tree(user, change, table, reader(store), policy=policy, now_ns=now_ns)
 
@@ -168,16 +170,13 @@ def _result(job: Job, status: str, outcome: Outcome | None, *, full: bool, **kw:
 # -- one layer --------------------------------------------------------------------------------
 
 
-def rebase_one(home: Home, writable: str, onto: str, *, dry_run: bool = False) -> Result:
+def rebase_one(
+    home: Home, records: RebaseRecords, writable: str, onto: str, *, dry_run: bool = False
+) -> Result:
     """``lamina rebase WRITABLE --onto LAYER@VERSION``."""
-    from lamina.manager.services import rebase as svc
-
-    with home.session() as session:
-        planned = svc.plan_one(
-            session, parse_ref(writable, "layer name"), parse_ref(onto, "layer name")
-        )
-        table = svc.get_policy(session)
-    if isinstance(planned, svc.Skipped):
+    planned = records.plan_one(writable, onto)
+    table = records.rules()
+    if isinstance(planned, Skipped):
         return Result(planned.name, planned.ref, planned.why, error=planned.detail)
     job = planned
     outcome = merge(home.store, Bases(home.store), job, table, time.time_ns())
@@ -187,8 +186,7 @@ def rebase_one(home: Home, writable: str, onto: str, *, dry_run: bool = False) -
     with home.store.writer() as writer:
         imported = store_outcome(writer, outcome)
         writer.flush()  # the chunks are durable before the database points at them
-        with home.session() as session:
-            ref = svc.record(session, job, _new_version(job, imported, target))
+        ref = records.record(job, _new_version(job, imported, target))
     return _result(job, "rebased", outcome, full=True, ref=ref)
 
 
@@ -210,9 +208,12 @@ class Bulk:
 _worker: dict[str, Any] = {}
 
 
-def _setup(home: Home, table: PolicyTable, now_ns: int, dry_run: bool) -> None:
+def _setup(
+    home: Home, records: RebaseRecords, table: RuleTable, now_ns: int, dry_run: bool
+) -> None:
     _worker.update(
         home=home,
+        records=records,
         bases=Bases(home.store),
         table=table,
         now_ns=now_ns,
@@ -220,16 +221,17 @@ def _setup(home: Home, table: PolicyTable, now_ns: int, dry_run: bool) -> None:
     )
 
 
-def _init_worker(root: str, database_url: str, table: str, now_ns: int, dry_run: bool) -> None:
+def _init_worker(root: str, records: RebaseRecords, table: str, now_ns: int, dry_run: bool) -> None:
     # The parent decides when to stop (it waits for running batches): a batch either
     # records a layer or leaves it as it was.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _setup(Home(Path(root), database_url), PolicyTable.from_json(table), now_ns, dry_run)
+    _setup(Home(Path(root)), records, RuleTable.from_json(table), now_ns, dry_run)
 
 
 def run_batch(jobs: Sequence[Job], target: str) -> list[Result]:
     """Merge, store and record a batch of layers (in a worker process, or in-process)."""
     home: Home = _worker["home"]
+    records: RebaseRecords = _worker["records"]
     out: list[Result] = []
     merged: list[tuple[Job, Outcome]] = []
     for job in jobs:
@@ -241,17 +243,14 @@ def run_batch(jobs: Sequence[Job], target: str) -> list[Result]:
             out.append(_result(job, "failed", None, full=False, error=str(exc)))
     if _worker["dry_run"]:
         return out + [_result(job, "dry-run", o, full=False) for job, o in merged]
-    from lamina.manager.services import rebase as svc
-
     with home.store.writer() as writer:
         stored = [(job, o, store_outcome(writer, o)) for job, o in merged]
         writer.flush()
         for job, outcome, imported in stored:
             try:
-                with home.session() as session:
-                    ref = svc.record(session, job, _new_version(job, imported, target))
+                ref = records.record(job, _new_version(job, imported, target))
                 out.append(_result(job, "rebased", outcome, full=False, ref=ref))
-            except svc.InUse as exc:
+            except InUse as exc:
                 out.append(_result(job, "in-use", None, full=False, error=str(exc)))
             except Conflict as exc:  # a session saved a version meanwhile
                 out.append(_result(job, "changed", None, full=False, error=str(exc)))
@@ -262,6 +261,7 @@ def run_batch(jobs: Sequence[Job], target: str) -> list[Result]:
 
 def rebase_all(
     home: Home,
+    records: RebaseRecords,
     source: str,
     onto: str,
     *,
@@ -270,14 +270,9 @@ def rebase_all(
     progress: Callable[[int, int], None] | None = None,
 ) -> Bulk:
     """``lamina rebase --all --from LAYER@OLD --onto LAYER@NEW``; ``progress(done, total)``."""
-    from lamina.manager.services import rebase as svc
-
     started = time.monotonic()
-    with home.session() as session:
-        old = svc.base_of(session, parse_ref(source, "layer name"))
-        new = svc.base_of(session, parse_ref(onto, "layer name"))
-        todo, skipped = svc.plan_all(session, old, new)
-        table = svc.get_policy(session)
+    old, new, todo, skipped = records.plan_all(source, onto)
+    table = records.rules()
     target = new.ref
     bulk = Bulk(old.ref, target)
     bulk.results += [Result(s.name, s.ref, s.why, error=s.detail) for s in skipped]
@@ -289,13 +284,13 @@ def rebase_all(
     now_ns = time.time_ns()
     try:
         if workers == 1:
-            _setup(home, table, now_ns, dry_run)
+            _setup(home, records, table, now_ns, dry_run)
             for batch in batches:
                 bulk.results += run_batch(batch, target)
                 if progress is not None:
                     progress(len(bulk.results) - len(skipped), total)
         else:
-            init = (str(home.root), home.database_url, table.to_json(), now_ns, dry_run)
+            init = (str(home.root), records, table.to_json(), now_ns, dry_run)
             _in_pool(bulk, batches, workers, init, target, total, len(skipped), progress)
     except KeyboardInterrupt:
         bulk.interrupted = True

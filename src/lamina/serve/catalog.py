@@ -13,17 +13,18 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from lamina.delta import uploads
+from lamina.delta.device import machine_device
 from lamina.errors import LaminaError
 from lamina.home import Home
 from lamina.image import ImageReader, Manifest
-from lamina.names import parse_ref
+from lamina.image.device import ImageDevice
+from lamina.manager.services import images, machines
+from lamina.names import MACHINE_PREFIX, SEED_SUFFIX, parse_ref
 from lamina.nbd import ExportInfo
-from lamina.nbd.device import BlockDevice
-from lamina.serve.devices import ImageDevice, MemoryDevice, machine_device
+from lamina.nbd.device import BlockDevice, MemoryDevice
+from lamina.serve import profile
 from lamina.store import ChunkCache
-
-MACHINE_PREFIX = "machine/"
-SEED_SUFFIX = "/seed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +55,6 @@ class ExportCatalog:
         return resolved.info if resolved else None
 
     def names(self) -> list[str]:
-        from lamina.manager.services import images, machines
-
         out: list[str] = []
         with self.home.session() as session:
             for image in images.list_images(session):
@@ -66,8 +65,6 @@ class ExportCatalog:
         return out
 
     def resolve(self, name: str) -> Resolved | None:
-        from lamina.manager.services import images, machines
-
         with self.home.session() as session:
             if name.startswith(MACHINE_PREFIX):
                 rest = name[len(MACHINE_PREFIX) :]
@@ -143,9 +140,7 @@ class ExportCatalog:
         assert r.machine is not None
         if r.kind == "seed":
             return MemoryDevice(r.info, r.seed)
-        from lamina.stream import profile, receive
-
-        receive.recover(self.home, r.machine)  # finish a synced upload a crash interrupted
+        uploads.recover(self.home, r.machine)  # finish a synced upload a crash interrupted
         manifest = self._manifest(r.manifest_id)
         machine = machine_device(self.home, r.machine, r.info, manifest, r.manifest_id, self.cache)
         # A machine export opening is a boot: note the order of its first reads.

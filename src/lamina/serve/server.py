@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from lamina import logs
+from lamina.delta.file import discard
 from lamina.errors import Conflict, LaminaError, UsageError
 from lamina.home import Home
 from lamina.locks import try_lock
+from lamina.manager.services import machines
 from lamina.nbd.aio import NbdServerProtocol
 from lamina.serve.catalog import ExportCatalog
-from lamina.serve.delta import discard
 from lamina.serve.tls import ServeTls, tls_setup, warn_if_exposed
 from lamina.store import ChunkCache
 
@@ -58,8 +59,6 @@ class ServeOptions:
 
 def reset_stateless(home: Home) -> list[str]:
     """Discard the delta of every stateless machine; returns their names."""
-    from lamina.manager.services import machines
-
     with home.session() as session:
         names = [m.name for m in machines.list_all(session) if m.mode == "stateless"]
     for name in names:

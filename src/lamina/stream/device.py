@@ -13,12 +13,12 @@ import errno
 import threading
 from collections.abc import Callable
 
+from lamina.delta.file import ABSENT, BLOCK
 from lamina.errors import LaminaError
+from lamina.image.device import manifest_extents
 from lamina.nbd import ExportInfo
-from lamina.nbd.device import BlockDevice, Extent
+from lamina.nbd.device import BlockDevice, Extent, ReadOnly
 from lamina.nbd.events import Buffer
-from lamina.serve.delta import ABSENT, BLOCK
-from lamina.serve.devices import ReadOnly, manifest_extents
 from lamina.stream.cache import ChunkFiles
 from lamina.stream.fetch import Fetcher
 from lamina.stream.stack import DeltaStack

@@ -26,18 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from lamina import logs
+from lamina.delta import transfer
+from lamina.delta.convert import apply_runs
 from lamina.errors import Conflict, LaminaError, UsageError
 from lamina.files import write_atomic
 from lamina.files import write_json_atomic as write_json
 from lamina.names import check_name, parse_ref
 from lamina.nbd import ExportInfo
 from lamina.nbd.aio import NbdServerProtocol
-from lamina.nbd.device import BlockDevice
-from lamina.serve.devices import MemoryDevice
+from lamina.nbd.device import BlockDevice, MemoryDevice
 from lamina.stream import cache as cachedir
-from lamina.stream import transfer
 from lamina.stream.cache import ChunkFiles, StreamConfig
-from lamina.stream.deltas import apply_runs
 from lamina.stream.device import StreamCatalog, StreamImageDevice, StreamMachineDevice
 from lamina.stream.fetch import Fetcher
 from lamina.stream.hydrate import Hydrator

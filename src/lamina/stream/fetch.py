@@ -19,9 +19,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from lamina.errors import CorruptObject, LaminaError
+from lamina.image.profile import WINDOW
 from lamina.logs import event
 from lamina.stream.cache import ChunkFiles
-from lamina.stream.profile import WINDOW
 from lamina.stream.rate import Backoff, RateMeter, TokenBucket
 from lamina.stream.remote import Remote, Unreachable
 from lamina.stream.schedule import Hydration

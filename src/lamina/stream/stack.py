@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
+from lamina.delta.device import MachineDevice
+from lamina.delta.file import Delta
 from lamina.errors import CorruptObject
 from lamina.files import write_json_atomic
 from lamina.nbd import ExportInfo
 from lamina.nbd.device import BlockDevice
-from lamina.serve.delta import Delta
-from lamina.serve.devices import MachineDevice
 
 FORMAT: Final = "lamina-stream-deltas"
 VERSION: Final = 1

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lamina.delta import transfer
+from lamina.delta.convert import apply_runs, read_blob, write_blob
 from lamina.errors import LaminaError, UsageError
-from lamina.stream import transfer
 from lamina.stream.cache import StreamConfig
-from lamina.stream.deltas import apply_runs, read_blob, write_blob
 from lamina.stream.remote import Remote
 from lamina.stream.stack import DeltaStack, blob_name
 

@@ -103,13 +103,13 @@ def logout(home: HomeDep, console: auth.CsrfDep) -> RedirectResponse:
 def reset(
     home: HomeDep, console: auth.CsrfDep, name: ObjName, next_: Next = ""
 ) -> RedirectResponse:
-    from lamina.stream import receive
+    from lamina.delta import uploads
 
     try:
         with home.session() as db:
             machines.get(db, name)
         before = svc.delta_state(home.deltas_dir, name, set()).delta_bytes
-        receive.discard_delta(home, name)  # refuses while the machine is connected
+        uploads.discard_delta(home, name)  # refuses while the machine is connected
     except LaminaError as exc:
         return _back(home, console, next_, "/machines", "error", f"Reset {name}: {exc}")
     return _back(
@@ -126,8 +126,8 @@ def commit(
     as_image: Annotated[str, Form(max_length=100)] = "",
     repin: Annotated[bool, Form()] = False,
 ) -> RedirectResponse:
-    from lamina.serve.commit import commit_delta
-    from lamina.serve.delta import delta_usage
+    from lamina.delta.file import delta_usage
+    from lamina.manager.services.commit import commit_delta
 
     try:
         with home.session() as db:

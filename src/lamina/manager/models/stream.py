@@ -14,7 +14,7 @@ class BootProfile(Base):
     """Keyed by manifest id: versions with the same content boot the same way.
 
     ``chunks`` holds little-endian u32 chunk indices in first-read order (see
-    ``lamina.stream.profile``); ``boots`` counts the boots merged into it."""
+    ``lamina.serve.profile``); ``boots`` counts the boots merged into it."""
 
     __tablename__ = "boot_profiles"
 

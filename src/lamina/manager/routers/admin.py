@@ -243,10 +243,10 @@ def update_machine(
 def delete_machine(_: AdminDep, session: SessionDep, home: HomeDep, name: ObjP) -> Response:
     import shutil
 
-    from lamina.stream import receive
+    from lamina.delta import uploads
 
     machines.get(session, name)
-    receive.discard_delta(home, name)  # refuses while the machine has its disk open
+    uploads.discard_delta(home, name)  # refuses while the machine has its disk open
     machines.remove(session, name=name)
     session.flush()
     shutil.rmtree(home.deltas_dir / name, ignore_errors=True)

@@ -27,15 +27,14 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
+from lamina.delta import transfer, uploads
 from lamina.errors import Conflict
 from lamina.home import Home
 from lamina.manager.deps import HomeDep, get_caller
 from lamina.manager.models import ImageVersion
 from lamina.manager.routers.data import CHUNK_TYPE, IMMUTABLE, REFERENCED
-from lamina.manager.services import images, machines
+from lamina.manager.services import images, machines, profiles
 from lamina.names import Ref, check_name
-from lamina.stream import profile as profiles
-from lamina.stream import receive, transfer
 
 router = APIRouter(prefix="/api/v1", tags=["stream"])
 BLOB_TYPE = "application/vnd.lamina.delta"
@@ -143,7 +142,7 @@ def stream_machine(name: str, caller: WhoDep, home: HomeDep) -> dict[str, Any]:
 @router.get("/images/{name}/versions/{version}/profile", response_model=Profile, responses=AUTH)
 def get_profile(name: str, version: int, caller: WhoDep, home: HomeDep) -> dict[str, Any]:
     found = _version(home, name, version, caller)
-    chunks, boots = profiles.load(home, found["manifest_id"])
+    chunks, boots = profiles.load(home, bytes.fromhex(found["manifest_id"]))
     return {"image": found["image"], "version": found["version"], "boots": boots, "chunks": chunks}
 
 
@@ -183,8 +182,8 @@ def get_delta(name: str, caller: WhoDep, home: HomeDep) -> Response:
     tmp = home.tmp_dir / f"delta-{uuid.uuid4().hex}.blob"
     try:
         if m["mode"] == "stateful":
-            receive.recover(home, name)
-            receive.export(home, name, base_id, m["size"], tmp)
+            uploads.recover(home, name)
+            uploads.export(home, name, base_id, m["size"], tmp)
         else:
             tmp.write_bytes(transfer.encode(m["size"], base_id, []))
     except BaseException:
@@ -214,7 +213,7 @@ def get_seed(name: str, caller: WhoDep, home: HomeDep) -> Response:
 )
 def upload_state(name: str, upload_id: str, caller: WhoDep, home: HomeDep) -> dict[str, Any]:
     _machine(home, name, caller)
-    return receive.state(home, name, upload_id)
+    return uploads.state(home, name, upload_id)
 
 
 @router.put(
@@ -239,7 +238,7 @@ async def upload_part(
         if len(body) > MAX_PART:
             raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, "parts up to 64 MiB")
     received = await run_in_threadpool(
-        functools.partial(receive.receive, image_size=m["size"]),
+        functools.partial(uploads.receive, image_size=m["size"]),
         home,
         name,
         upload_id,
@@ -266,8 +265,8 @@ def apply_upload(
     m = _machine(home, name, caller)
     if m["mode"] != "stateful":
         raise Conflict(f"machine {name} is stateless: its delta is not kept")
-    receive.recover(home, name)
-    return receive.apply(
+    uploads.recover(home, name)
+    return uploads.apply(
         home,
         name,
         upload_id,

@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from lamina.errors import AlreadyExists, Conflict, NotFound, UsageError
+from lamina.layer.records import APP
 from lamina.manager.models import (
     Change,
     Entitlement,
@@ -333,7 +334,7 @@ def entitle(session: Session, *, layer: str, to: Target, priority: int = 100) ->
     """Entitle ``layer`` (NAME follows its latest version, NAME@V pins one) to a target."""
     ref = parse_ref(layer, "layer name")
     found = layer_svc.get_layer(session, ref.name)
-    if found.kind != layer_svc.APP:
+    if found.kind != APP:
         raise UsageError(f"{ref.name!r} is a {found.kind} layer: only app layers are entitled")
     layer_svc.get_version(session, ref)  # it must exist now
     ent = Entitlement(

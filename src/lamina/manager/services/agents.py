@@ -37,6 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from lamina.errors import Conflict, InvalidInput, NotFound
+from lamina.layer.records import WRITABLE, NewVersion
 from lamina.manager.models import (
     Base,
     Change,
@@ -360,9 +361,9 @@ def _save(
         version = layer_svc.add_version(
             orm,
             name=name,
-            kind=layer_svc.WRITABLE,
-            new=layer_svc.NewVersion(
-                manifest,
+            kind=WRITABLE,
+            new=NewVersion(
+                mid,
                 saved["files"],
                 saved["size"],
                 saved.get("stored_bytes", 0),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
@@ -11,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from lamina.errors import Conflict, NotFound, UsageError
+from lamina.layer.records import WRITABLE, NewVersion
 from lamina.manager.models import (
     Layer,
     LayerMount,
@@ -20,20 +20,6 @@ from lamina.manager.models import (
 )
 from lamina.manager.services import versions
 from lamina.names import Ref, check_name
-
-APP = "app"
-WRITABLE = "writable"
-
-
-@dataclass(frozen=True, slots=True)
-class NewVersion:
-    """What an import, a capture or an umount made, to be recorded as a version."""
-
-    manifest_id: str
-    files: int
-    size: int
-    stored_bytes: int
-    source: str
 
 
 def get_layer(session: Session, name: str) -> Layer:
@@ -77,7 +63,7 @@ def add_version(
         version = LayerVersion(
             layer=_layer(session, name, kind),
             version=number,
-            manifest_id=new.manifest_id,
+            manifest_id=new.manifest_id.hex(),
             files=new.files,
             size=new.size,
             stored_bytes=new.stored_bytes,

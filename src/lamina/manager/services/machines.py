@@ -103,8 +103,8 @@ def repin(session: Session, *, name: str, image: Ref, home: Home) -> tuple[Machi
     it goes too, with the uploads staged for it - but only once the target is known to
     exist and differ, under the delta's lock (refused while the machine is connected),
     right after the change is flushed."""
-    from lamina.serve import delta
-    from lamina.stream import receive
+    from lamina.delta import file as delta
+    from lamina.delta import uploads
 
     machine = get(session, name)
     version = images.get_version(session, image)
@@ -113,7 +113,7 @@ def repin(session: Session, *, name: str, image: Ref, home: Home) -> tuple[Machi
     with delta.exclusive(home.deltas_dir / name):
         pin(session, machine=machine, version=version)
         delta.remove_files(home.deltas_dir / name)
-    receive.forget(home, name)
+    uploads.forget(home, name)
     return machine, version
 
 
@@ -127,12 +127,12 @@ def pin(session: Session, *, machine: Machine, version: ImageVersion) -> None:
 def set_mode(session: Session, *, name: str, mode: str, home: Home) -> Machine:
     """Change the mode; a machine turned stateless keeps no delta, so the uploads staged
     for its delta go."""
-    from lamina.stream import receive
+    from lamina.delta import uploads
 
     machine = get(session, name)
     machine.mode = _check_mode(mode)
     if machine.mode == "stateless":
-        receive.forget(home, name)
+        uploads.forget(home, name)
     return machine
 
 

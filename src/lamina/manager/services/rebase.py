@@ -1,19 +1,21 @@
 """Rebase in the database: the rule table, which writable layers to rebase, and recording
 a rebased version (atomically, after checking nobody is using the layer).
 
-Everything leaves here as plain values (``Job``, ``Base``), so the merge and the worker
-processes of a bulk rebase never hold an ORM object across sessions.
+Everything leaves here as plain values (``Job``, ``VersionInfo``: ``lamina.rebase.jobs``),
+so the merge and the worker processes of a bulk rebase never hold an ORM object across
+sessions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
 from lamina.errors import Conflict, NotFound, UsageError
+from lamina.layer.records import APP, WRITABLE, NewVersion, VersionInfo
 from lamina.manager.models import (
     Layer,
     LayerMount,
@@ -26,57 +28,24 @@ from lamina.manager.models import (
 )
 from lamina.manager.services import layers as svc
 from lamina.names import Ref
-from lamina.rebase.policy import PolicyTable
+from lamina.rebase.jobs import InUse, Job, Skipped
+from lamina.rebase.rules import RuleTable
 
-POLICY_KEY = "rebase.policy"
-
-
-class InUse(Conflict):
-    """The writable layer is mounted or held by a session: it is not rebased under a user."""
-
-
-@dataclass(frozen=True, slots=True)
-class Base:
-    id: int
-    ref: str
-    manifest: str
-    layer_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """One writable layer's latest version and the stack it moves to."""
-
-    name: str
-    layer_id: int
-    version_id: int
-    ref: str
-    manifest: str
-    policy: str | None
-    old: tuple[Base, ...]
-    new: tuple[Base, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Skipped:
-    name: str
-    ref: str
-    why: str  # "already" (on the new version), "in-use", "elsewhere" (moved to another)
-    detail: str
+RULES_KEY = "rebase.policy"
 
 
 # -- the rule table ---------------------------------------------------------------------------
 
 
-def get_policy(session: Session) -> PolicyTable:
-    row = session.get(Setting, POLICY_KEY)
-    return PolicyTable.from_json(row.value) if row is not None else PolicyTable()
+def get_rules(session: Session) -> RuleTable:
+    row = session.get(Setting, RULES_KEY)
+    return RuleTable.from_json(row.value) if row is not None else RuleTable()
 
 
-def set_policy(session: Session, table: PolicyTable | None) -> None:
+def set_rules(session: Session, table: RuleTable | None) -> None:
     """Store ``table`` (None: back to the defaults)."""
-    row = session.get(Setting, POLICY_KEY)
-    if table is None or table == PolicyTable():
+    row = session.get(Setting, RULES_KEY)
+    if table is None or table == RuleTable():
         if row is not None:
             session.delete(row)
         return
@@ -84,7 +53,7 @@ def set_policy(session: Session, table: PolicyTable | None) -> None:
     if len(text) > Setting.value.type.length:
         raise UsageError(f"the rebase policy would take {len(text)} characters (at most 4000)")
     if row is None:
-        session.add(Setting(key=POLICY_KEY, value=text))
+        session.add(Setting(key=RULES_KEY, value=text))
     else:
         row.value = text
 
@@ -115,7 +84,7 @@ def in_use(session: Session, layer_ids: Sequence[int]) -> dict[int, str]:
 # -- what to rebase ---------------------------------------------------------------------------
 
 
-def _bases(session: Session, version_ids: Sequence[int]) -> dict[int, list[Base]]:
+def _bases(session: Session, version_ids: Sequence[int]) -> dict[int, list[VersionInfo]]:
     b = aliased(LayerVersion)
     rows = session.execute(
         select(
@@ -129,22 +98,24 @@ def _bases(session: Session, version_ids: Sequence[int]) -> dict[int, list[Base]
         .where(LayerVersionBase.version_id.in_(version_ids))
         .order_by(LayerVersionBase.version_id, LayerVersionBase.position)
     )
-    out: dict[int, list[Base]] = {}
+    out: dict[int, list[VersionInfo]] = {}
     for version_id, ref, base_id, manifest, layer_id in rows:
         if base_id is None:
             raise NotFound(f"base {ref} of a writable layer version was removed")
-        out.setdefault(version_id, []).append(Base(base_id, ref, manifest, layer_id))
+        out.setdefault(version_id, []).append(
+            VersionInfo(base_id, ref, bytes.fromhex(manifest), layer_id)
+        )
     return out
 
 
-def base_of(session: Session, ref: Ref) -> Base:
+def base_of(session: Session, ref: Ref) -> VersionInfo:
     v = svc.get_version(session, ref)
-    if v.layer.kind != svc.APP:
+    if v.layer.kind != APP:
         raise UsageError(f"{v.ref} is a writable layer: rebase onto a read-only layer version")
-    return Base(v.id, v.ref, v.manifest_id, v.layer_id)
+    return VersionInfo(v.id, v.ref, bytes.fromhex(v.manifest_id), v.layer_id)
 
 
-def _job(name: str, v: LayerVersion, bases: list[Base], onto: Base) -> Job | Skipped:
+def _job(name: str, v: LayerVersion, bases: list[VersionInfo], onto: VersionInfo) -> Job | Skipped:
     at = [i for i, b in enumerate(bases) if b.layer_id == onto.layer_id]
     if not at:
         raise UsageError(
@@ -154,13 +125,14 @@ def _job(name: str, v: LayerVersion, bases: list[Base], onto: Base) -> Job | Ski
         return Skipped(name, v.ref, "already", f"{v.ref} is on {onto.ref}")
     new = list(bases)
     new[at[0]] = onto
-    return Job(name, v.layer_id, v.id, v.ref, v.manifest_id, v.policy, tuple(bases), tuple(new))
+    mid = bytes.fromhex(v.manifest_id)
+    return Job(name, v.layer_id, v.id, v.ref, mid, v.policy, tuple(bases), tuple(new))
 
 
 def plan_one(session: Session, writable: Ref, onto: Ref) -> Job | Skipped:
     """The job for one writable layer; Conflict while it is in use."""
     layer = svc.get_layer(session, writable.name)
-    if layer.kind != svc.WRITABLE:
+    if layer.kind != WRITABLE:
         raise UsageError(f"{layer.name!r} is an app layer: only writable layers are rebased")
     latest = svc.latest_version(session, layer)
     if latest is None:
@@ -174,7 +146,9 @@ def plan_one(session: Session, writable: Ref, onto: Ref) -> Job | Skipped:
     return _job(layer.name, latest, _bases(session, [latest.id]).get(latest.id, []), target)
 
 
-def plan_all(session: Session, source: Base, target: Base) -> tuple[list[Job], list[Skipped]]:
+def plan_all(
+    session: Session, source: VersionInfo, target: VersionInfo
+) -> tuple[list[Job], list[Skipped]]:
     """Jobs for every writable layer whose latest version was made on ``source``, and
     those skipped: already on ``target`` (after an earlier run), in use, moved elsewhere."""
     if source.layer_id != target.layer_id:
@@ -197,7 +171,7 @@ def plan_all(session: Session, source: Base, target: Base) -> tuple[list[Job], l
             newest,
             (newest.c.layer_id == LayerVersion.layer_id) & (newest.c.top == LayerVersion.version),
         )
-        .where(Layer.kind == svc.WRITABLE, LayerVersion.layer_id.in_(ever))
+        .where(Layer.kind == WRITABLE, LayerVersion.layer_id.in_(ever))
         .order_by(Layer.name)
     ).all()
     bases = _bases(session, [v.id for v, _ in rows])
@@ -220,14 +194,14 @@ def plan_all(session: Session, source: Base, target: Base) -> tuple[list[Job], l
     return jobs, skipped
 
 
-def _on(bases: Sequence[Base]) -> str:
+def _on(bases: Sequence[VersionInfo]) -> str:
     return ", ".join(b.ref for b in bases) or "nothing"
 
 
 # -- recording --------------------------------------------------------------------------------
 
 
-def record(session: Session, job: Job, new: svc.NewVersion) -> str:
+def record(session: Session, job: Job, new: NewVersion) -> str:
     """The rebased version as the layer's next one, if the layer is still free and still
     at the version the merge started from (else Conflict: nothing is recorded)."""
     busy = in_use(session, [job.layer_id]).get(job.layer_id)
@@ -241,7 +215,7 @@ def record(session: Session, job: Job, new: svc.NewVersion) -> str:
     version = svc.add_version(
         session,
         name=job.name,
-        kind=svc.WRITABLE,
+        kind=WRITABLE,
         new=new,
         bases=[session.get_one(LayerVersion, b.id) for b in job.new],
         parent=latest,

@@ -9,22 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from lamina.delta.device import machine_device
+from lamina.delta.file import BLOCK, discard
 from lamina.home import Home
 from lamina.image import Imported, ImportStats, Manifest
-from lamina.names import parse_ref
+from lamina.manager.services import images, machines
+from lamina.names import MACHINE_PREFIX, check_name, parse_ref
 from lamina.nbd import ExportInfo
-from lamina.serve.catalog import MACHINE_PREFIX
-from lamina.serve.delta import BLOCK, discard
-from lamina.serve.devices import machine_device
 from lamina.store import ChunkCache
 
 
 def commit_delta(
     home: Home, *, machine: str, image: str | None = None, repin: bool = False
 ) -> dict[str, Any]:
-    from lamina.manager.services import images, machines
-    from lamina.names import check_name
-
     with home.session() as session:
         m = machines.get(session, machine)
         version = m.image_version

@@ -1,6 +1,6 @@
 """An agent's local copy of manager-side layer versions (its own home's database).
 
-The layer runtime (``lamina.layer.runtime``) mounts versions it finds in the local
+The layer code (``lamina.layer.roots``) mounts versions it finds in the local
 database by ``NAME@V``; an agent records the versions it fetched from the manager under
 the manager's numbers, so both sides speak of the same ``NAME@V``.
 """
@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from lamina.errors import Conflict
 from lamina.manager.models import Layer, LayerMount, LayerVersion
 from lamina.manager.services import layers as layer_svc
+from lamina.names import parse_ref
 
 
 def has_version(session: Session, *, name: str, version: int, manifest: str) -> bool:
@@ -80,8 +81,6 @@ def record(
 
 def version_facts(session: Session, *, ref: str) -> tuple[str, int, int, list[str], str | None]:
     """(manifest, files, size, base refs, policy) of a local version, for its upload."""
-    from lamina.names import parse_ref
-
     v = layer_svc.get_version(session, parse_ref(ref, "layer name"))
     return v.manifest_id, v.files, v.size, [b.base_ref for b in v.bases], v.policy
 

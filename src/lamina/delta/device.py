@@ -1,79 +1,16 @@
-"""Block devices behind NBD exports: an image version (read-only), a machine (its image
-version plus its delta), a small in-memory disk (the seed). All implement BlockDevice."""
+"""A machine's disk as a block device: its pinned image version with its delta on top."""
 
 from __future__ import annotations
 
+from lamina.delta.file import BLOCK, Delta
 from lamina.home import Home
-from lamina.image import ImageReader, Manifest
-from lamina.nbd import ExportInfo, State
+from lamina.image.device import HOLE, ImageDevice, merge_extents
+from lamina.image.manifest import Manifest
+from lamina.image.reader import ImageReader
+from lamina.nbd import ExportInfo
 from lamina.nbd.device import BlockDevice, Extent
 from lamina.nbd.events import Buffer
-from lamina.serve.delta import BLOCK, Delta
-from lamina.store import ZERO_ID, ChunkCache
-
-_HOLE = int(State.HOLE | State.ZERO)
-
-
-def _merge(extents: list[Extent]) -> list[Extent]:
-    out: list[Extent] = []
-    for length, flags in extents:
-        if out and out[-1][1] == flags:
-            out[-1] = (out[-1][0] + length, flags)
-        else:
-            out.append((length, flags))
-    return out
-
-
-def manifest_extents(m: Manifest, offset: int, length: int) -> list[Extent]:
-    """An image version's extents: its unstored (all-zero) chunks are holes."""
-    return _merge(
-        [(n, _HOLE if m.id_at(i) == ZERO_ID else 0) for i, _, n in m.spans(offset, length)]
-    )
-
-
-class ReadOnly:
-    """The write side of a read-only device: writes refused with EPERM, nothing to flush
-    or close."""
-
-    refusal = "read-only export"
-
-    def write(self, offset: int, data: Buffer, fua: bool) -> None:
-        raise PermissionError(self.refusal)
-
-    def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
-        raise PermissionError(self.refusal)
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class ImageDevice(ReadOnly):
-    """An image version: reads through the server-wide chunk cache."""
-
-    def __init__(self, info: ExportInfo, reader: ImageReader) -> None:
-        self.info = info
-        self.reader = reader
-
-    def read(self, offset: int, length: int) -> list[memoryview]:
-        return self.reader.segments(offset, length)
-
-    def would_block(self, offset: int, length: int) -> bool:
-        m = self.reader.manifest
-        cache = self.reader.cache
-        return any(
-            (cid := m.id_at(i)) != ZERO_ID and not cache.contains(cid)
-            for i, _, _ in m.spans(offset, length)
-        )
-
-    def prefetch(self, offset: int, length: int) -> None:
-        for index, _, _ in self.reader.manifest.spans(offset, length):
-            self.reader.chunk(index)
-
-    def extents(self, offset: int, length: int) -> list[Extent]:
-        return manifest_extents(self.reader.manifest, offset, length)
+from lamina.store import ChunkCache
 
 
 class MachineDevice:
@@ -157,32 +94,12 @@ class MachineDevice:
             if run.kind == "base":
                 out += self.base.extents(start, stop - start)
             else:
-                out.append((stop - start, _HOLE if run.kind == "zero" else 0))
-        return _merge(out)
+                out.append((stop - start, HOLE if run.kind == "zero" else 0))
+        return merge_extents(out)
 
     def close(self) -> None:
         self.delta.flush()
         self.delta.close()
-
-
-class MemoryDevice(ReadOnly):
-    """A small read-only disk held in memory (a machine's seed)."""
-
-    def __init__(self, info: ExportInfo, data: bytes) -> None:
-        self.info = info
-        self._data = memoryview(data)
-
-    def read(self, offset: int, length: int) -> list[memoryview]:
-        return [self._data[offset : offset + length]]
-
-    def would_block(self, offset: int, length: int) -> bool:
-        return False
-
-    def prefetch(self, offset: int, length: int) -> None:
-        pass
-
-    def extents(self, offset: int, length: int) -> list[Extent]:
-        return [(length, 0)]
 
 
 def machine_device(

@@ -1,4 +1,4 @@
-"""Moving blocks between open deltas (``lamina.serve.delta``) and delta blobs.
+"""Moving blocks between open deltas (``lamina.delta.file``) and delta blobs.
 
 Used on both sides of a sync: the endpoint exports its sealed delta as a blob and merges
 it into its synced layer; the manager applies an uploaded blob to a machine's delta and
@@ -11,9 +11,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from lamina.serve.delta import BLOCK, Delta
-from lamina.stream import transfer
-from lamina.stream.transfer import DATA, ZEROS, Run
+from lamina.delta import transfer
+from lamina.delta.file import BLOCK, Delta
+from lamina.delta.transfer import DATA, ZEROS, Run
 
 # Data runs are read and written 1 MiB at a time: memory stays flat for any delta size.
 PIECE_BLOCKS = 256

@@ -1,22 +1,19 @@
-"""Policies, merges of a session onto a writable layer, pruning, diffs, conflicts (pure)."""
+"""Policies, merges of a root's changes onto a writable layer, pruning, diffs, conflicts."""
 
 from __future__ import annotations
 
 import pytest
 
 from lamina.errors import CorruptObject
-from lamina.layer.compose import (
-    Fingerprint,
+from lamina.layer.changes import (
     WritablePolicy,
-    clashes,
     diff,
     filter_policy,
     keeps,
     merge_changes,
-    name_clashes,
-    path_hash,
     prune,
 )
+from lamina.layer.conflicts import Fingerprint, clashes, name_clashes, path_hash
 from lamina.layer.tree import Entry, Kind, Tree
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lamina.errors import InvalidInput, UsageError
-from lamina.rebase.policy import PolicyTable, Rule
+from lamina.rebase.rules import Rule, RuleTable
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,7 @@ from lamina.rebase.policy import PolicyTable, Rule
     ],
 )
 def test_defaults(path: str, rule: Rule, glob: str) -> None:
-    assert PolicyTable().rule(path) == (rule, glob)
+    assert RuleTable().rule(path) == (rule, glob)
 
 
 @pytest.mark.parametrize(
@@ -45,12 +45,12 @@ def test_defaults(path: str, rule: Rule, glob: str) -> None:
     ],
 )
 def test_globs(glob: str, path: str, matches: bool) -> None:
-    table = PolicyTable.of([(glob, "admin")])
+    table = RuleTable.of([(glob, "admin")])
     assert (table.rule(path)[1] == glob) is matches
 
 
 def test_first_match_wins_and_edits() -> None:
-    table = PolicyTable().set("/etc/ssh/**", "admin")
+    table = RuleTable().set("/etc/ssh/**", "admin")
     assert table.rules[0] == ("/etc/ssh/**", Rule.ADMIN)
     assert table.rule_of("etc/ssh/key") is Rule.ADMIN and table.rule_of("etc/hosts") is Rule.MERGE
     replaced = table.set("/etc/**", "user")
@@ -58,19 +58,19 @@ def test_first_match_wins_and_edits() -> None:
     assert replaced.rule_of("etc/hosts") is Rule.USER
     last = table.set("/srv/**", "user", at=100)
     assert last.rules[-1] == ("/srv/**", Rule.USER)
-    assert table.remove("/etc/ssh/**") == PolicyTable()
+    assert table.remove("/etc/ssh/**") == RuleTable()
     with pytest.raises(UsageError):
         table.remove("/nope/**")
-    assert PolicyTable.of([]).rule_of("anything") is Rule.MERGE  # no catch-all: merge
+    assert RuleTable.of([]).rule_of("anything") is Rule.MERGE  # no catch-all: merge
 
 
 def test_storage_round_trip_and_bad_input() -> None:
-    table = PolicyTable().set("/srv/**", "user")
-    assert PolicyTable.from_json(table.to_json()) == table
+    table = RuleTable().set("/srv/**", "user")
+    assert RuleTable.from_json(table.to_json()) == table
     with pytest.raises(InvalidInput):
-        PolicyTable.from_json("{not json")
+        RuleTable.from_json("{not json")
     for bad in [("etc/**", "user"), ("/etc/**", "mine")]:
         with pytest.raises(UsageError):
-            PolicyTable.of([bad])
+            RuleTable.of([bad])
     with pytest.raises(UsageError, match="only once"):
-        PolicyTable.of([("/a", "user"), ("/a", "admin")])
+        RuleTable.of([("/a", "user"), ("/a", "admin")])

@@ -38,12 +38,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from lamina.delta import transfer
+from lamina.delta.convert import apply_runs, read_blob, write_blob
+from lamina.delta.file import Delta, discard
 from lamina.errors import Conflict, CorruptObject, InvalidInput, NotFound
 from lamina.files import write_atomic
 from lamina.home import Home
-from lamina.serve.delta import Delta, discard
-from lamina.stream import transfer
-from lamina.stream.deltas import apply_runs, read_blob, write_blob
 
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 # A sync has one upload under way; a few more cover caches lost or recreated mid-sync.

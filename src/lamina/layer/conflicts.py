@@ -1,18 +1,10 @@
-"""How layers combine (pure): writable-layer policies and merges, conflicts, diffs.
+"""Conflicts between app layers (pure): two layers providing one path with different content.
 
-- **Policies** (App Volumes' writable-volume templates) decide what of a session's changes a
-  writable layer keeps: ``all`` every change, ``profile`` only users' home directories
-  (``/home``, ``/root``), ``apps`` everything except those.
-- **Merging** a session's upper directory (overlayfs' changes: files, whiteouts, opaque
-  directories) into the writable layer's previous version gives its next version, still a
-  set of file-level changes against the read-only layers it was made on. Whiteouts and
-  opaque flags that hide nothing in those layers are pruned, so a file created in one
-  session and deleted in a later one leaves no trace.
-- **Conflicts**: two app layers providing one path with different content. The bottom layer
-  of a mount is its base (the OS); app layers overriding the base are how apps install, so
-  only app layers are compared with each other. Comparison goes through fingerprints
-  (path hash -> content hash, prepared once per layer version), so checking a 50,000-file
-  layer costs set operations on integers, not a manifest decode.
+The bottom layer of a mount is its base (the OS); app layers overriding the base are how
+apps install, so only app layers are compared with each other. Comparison goes through
+fingerprints (path hash -> content hash, prepared once per layer version, format LMFP
+below), so checking a 50,000-file layer costs set operations on integers, not a manifest
+decode.
 """
 
 from __future__ import annotations
@@ -21,107 +13,16 @@ import struct
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
-from enum import StrEnum
+from dataclasses import dataclass
 from typing import Final
 
 import blake3
 
 from lamina.errors import CorruptObject
-from lamina.layer.tree import Entry, Kind, Tree, is_under
+from lamina.layer.tree import Entry, Kind, Tree
 
-
-class WritablePolicy(StrEnum):
-    ALL = "all"
-    PROFILE = "profile"
-    APPS = "apps"
-
-
-HOME_DIRS: Final = ("home", "root")
-
-
-def is_home(path: str) -> bool:
-    return any(is_under(path, top) for top in HOME_DIRS)
-
-
-def keeps(policy: WritablePolicy, path: str) -> bool:
-    """Whether a writable layer under ``policy`` keeps a change at ``path``."""
-    if not path:  # the root directory's own metadata is not a user change
-        return False
-    if policy is WritablePolicy.ALL:
-        return True
-    return is_home(path) == (policy is WritablePolicy.PROFILE)
-
-
-def filter_policy(tree: Tree, policy: WritablePolicy) -> tuple[Tree, list[str]]:
-    """The entries ``policy`` keeps, and the paths it drops."""
-    kept: list[Entry] = []
-    dropped: list[Entry] = []
-    for e in tree:
-        (kept if keeps(policy, e.path) else dropped).append(e)
-    return Tree.of(kept), [e.path for e in dropped if e.path]
-
-
-def merge_changes(previous: Tree | None, changes: Tree) -> Tree:
-    """``previous`` with a session's ``changes`` (an overlayfs upper directory) on top."""
-    result: dict[str, Entry] = {e.path: e for e in previous or ()}
-
-    def drop(path: str, *, keep_top: bool) -> None:
-        top = result.get(path)
-        if top is not None and top.kind is Kind.DIR:  # only directories have anything beneath
-            for p in [p for p in result if p != path and is_under(p, path)]:
-                del result[p]
-        if not keep_top:
-            result.pop(path, None)
-
-    for change in changes:  # parents first: a directory is settled before its children come
-        e, before = change, result.get(change.path)
-        if e.kind is Kind.DIR and not e.opaque and before is not None:
-            if before.kind is Kind.DIR:
-                e = replace(e, opaque=before.opaque)  # a copied-up directory keeps its flag
-            else:
-                # A directory made where the previous version had a whiteout or a file:
-                # it must hide whatever the read-only layers have beneath it.
-                drop(e.path, keep_top=False)
-                e = replace(e, opaque=True)
-        elif e.kind is Kind.DIR:
-            drop(e.path, keep_top=True)
-        elif before is not None:
-            drop(e.path, keep_top=False)
-        result[e.path] = e
-    return Tree.of(result.values())
-
-
-def prune(tree: Tree, in_bases: Callable[[str], bool]) -> Tree:
-    """Drop whiteouts, and clear opaque flags, where the base layers have nothing to hide."""
-    out = []
-    for e in tree:
-        if e.kind is Kind.WHITEOUT and not in_bases(e.path):
-            continue
-        out.append(replace(e, opaque=False) if e.opaque and not in_bases(e.path) else e)
-    return Tree.of(out)
-
-
-@dataclass(frozen=True, slots=True)
-class Diff:
-    added: list[str]
-    removed: list[str]
-    changed: list[str]
-
-
-def diff(a: Tree, b: Tree) -> Diff:
-    """Paths added, removed and changed (content, kind, mode, owner, xattrs) from a to b."""
-    old = {e.path: e for e in a if e.path}  # the root directory is not a path of either
-    new = {e.path: e for e in b if e.path}
-    return Diff(
-        added=sorted(new.keys() - old.keys()),
-        removed=sorted(old.keys() - new.keys()),
-        changed=sorted(p for p in old.keys() & new.keys() if not old[p].same_content(new[p])),
-    )
-
-
-# -- fingerprints -----------------------------------------------------------------------------
-
+# Fingerprint file: magic, version, entry count, padding; then the sorted u64 path hashes
+# and their u64 content hashes, little-endian.
 FP_MAGIC: Final = b"LMFP"
 FP_VERSION: Final = 1
 # magic, version, entry count, padding to 16 bytes so the arrays that follow are aligned

@@ -1,4 +1,4 @@
-"""Boot profiles, recorded by the block server, served to stream endpoints.
+"""Boot profiles recorded by the block server (the format: ``lamina.image.profile``).
 
 When a machine export opens (its first connection: a machine booting), the server notes
 the order in which the image's chunks are first read during the next ``WINDOW`` seconds,
@@ -14,50 +14,20 @@ boot, on its own thread.
 
 from __future__ import annotations
 
-import array
 import contextlib
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from lamina.image.profile import MAX_BOOTS, WINDOW
+from lamina.manager.services.profiles import boots, save
 from lamina.nbd.device import BlockDevice, Extent
 from lamina.nbd.events import Buffer
 
 if TYPE_CHECKING:
     from lamina.home import Home
     from lamina.image import Manifest
-
-# Desktop boots reach a login screen in 20-60 s; the demo VM is done in ~3 s.
-WINDOW: Final = 60.0
-MAX_BOOTS: Final = 8
-
-
-def encode(order: Iterable[int]) -> bytes:
-    data = array.array("I", order)
-    if sys.byteorder != "little":
-        data.byteswap()
-    return data.tobytes()
-
-
-def decode(blob: bytes) -> list[int]:
-    data = array.array("I")
-    data.frombytes(blob[: len(blob) - len(blob) % 4])
-    if sys.byteorder != "little":
-        data.byteswap()
-    return data.tolist()
-
-
-def merge(old: list[int], new: list[int]) -> list[int]:
-    """The profile after one more boot: known chunks keep their rank, new ones follow."""
-    known = set(old)
-    out = list(old)
-    for i in new:
-        if i not in known:
-            known.add(i)
-            out.append(i)
-    return out
 
 
 class BootRecorder:
@@ -139,51 +109,13 @@ class RecordingDevice:
         self.inner.close()
 
 
-# -- storage ----------------------------------------------------------------------------------
-
-
-def load(home: Home, manifest_id: str) -> tuple[list[int], int]:
-    """(chunk indices in first-read order, boots recorded) of an image version."""
-    from lamina.manager.models.stream import BootProfile
-
-    with home.session() as session:
-        row = session.get(BootProfile, manifest_id)
-        return (decode(row.chunks), row.boots) if row is not None else ([], 0)
-
-
-def boots(home: Home, manifest_id: str) -> int:
-    """How many boots an image version's profile has seen (the order is not decoded)."""
-    from sqlalchemy import select
-
-    from lamina.manager.models.stream import BootProfile
-
-    with home.session(read_only=True) as session:
-        query = select(BootProfile.boots).where(BootProfile.manifest_id == manifest_id)
-        return session.scalar(query) or 0
-
-
-def save(home: Home, manifest_id: str, order: list[int]) -> None:
-    from lamina.manager.models.base import utcnow
-    from lamina.manager.models.stream import BootProfile
-
-    with home.session() as session:
-        row = session.get(BootProfile, manifest_id)
-        if row is None:
-            session.add(BootProfile(manifest_id=manifest_id, chunks=encode(order), boots=1))
-        else:
-            row.chunks = encode(merge(decode(row.chunks), order))
-            row.boots += 1
-            row.updated_at = utcnow()
-
-
 def record_boot(
     home: Home, device: BlockDevice, manifest: Manifest, manifest_id: bytes
 ) -> BlockDevice:
     """``device`` (a machine's image, just opened) wrapped in a recorder, unless this
     version's profile has seen ``MAX_BOOTS`` boots already."""
-    mid = manifest_id.hex()
     try:
-        seen = boots(home, mid)
+        seen = boots(home, manifest_id)
     except Exception:  # a profile is an optimization: never fail an export over it
         return device
     if seen >= MAX_BOOTS:
@@ -191,6 +123,6 @@ def record_boot(
 
     def done(order: list[int]) -> None:
         with contextlib.suppress(Exception):  # the next boot records again
-            save(home, mid, order)
+            save(home, manifest_id, order)
 
     return RecordingDevice(device, BootRecorder(manifest.chunk_size, manifest.count), done)

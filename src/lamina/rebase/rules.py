@@ -1,4 +1,4 @@
-"""The per-path rule table of a rebase (pure): glob -> rule, first match wins.
+"""The rule table of a rebase (pure): glob -> rule, first match wins (``rebase policy``).
 
 A rule says what happens at a path that *both* the user and the new base changed (and
 where one side deleted what the other changed):
@@ -103,12 +103,12 @@ def _compile(glob: str) -> re.Pattern[str]:
 
 
 @dataclass(frozen=True, slots=True)
-class PolicyTable:
+class RuleTable:
     rules: tuple[tuple[str, Rule], ...] = DEFAULT_RULES
     _cache: dict[str, Rule] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def of(cls, rules: Iterable[tuple[str, Rule | str]]) -> PolicyTable:
+    def of(cls, rules: Iterable[tuple[str, Rule | str]]) -> RuleTable:
         out = [(check_glob(glob), check_rule(rule)) for glob, rule in rules]
         if len({g for g, _ in out}) != len(out):
             raise UsageError("a glob can appear only once in the rebase policy")
@@ -130,22 +130,22 @@ class PolicyTable:
 
     # -- editing (returns new tables) -----------------------------------------------------
 
-    def set(self, glob: str, rule: Rule | str, *, at: int | None = None) -> PolicyTable:
+    def set(self, glob: str, rule: Rule | str, *, at: int | None = None) -> RuleTable:
         """``glob`` -> ``rule``: replaced in place when the glob is there, otherwise inserted
         at position ``at`` (0-based; the top, where it is matched first, by default)."""
         rules: list[tuple[str, Rule | str]] = list(self.rules)
         for i, (g, _) in enumerate(rules):
             if g == glob:
                 rules[i] = (glob, rule)
-                return PolicyTable.of(rules)
+                return RuleTable.of(rules)
         pos = 0 if at is None else max(0, min(at, len(rules)))
         rules.insert(pos, (glob, rule))
-        return PolicyTable.of(rules)
+        return RuleTable.of(rules)
 
-    def remove(self, glob: str) -> PolicyTable:
+    def remove(self, glob: str) -> RuleTable:
         if glob not in {g for g, _ in self.rules}:
             raise UsageError(f"{glob} is not in the rebase policy")
-        return PolicyTable(tuple((g, r) for g, r in self.rules if g != glob))
+        return RuleTable(tuple((g, r) for g, r in self.rules if g != glob))
 
     # -- storage --------------------------------------------------------------------------
 
@@ -153,7 +153,7 @@ class PolicyTable:
         return json.dumps([[g, r.value] for g, r in self.rules])
 
     @classmethod
-    def from_json(cls, text: str) -> PolicyTable:
+    def from_json(cls, text: str) -> RuleTable:
         try:
             raw = json.loads(text)
             pairs: Sequence[tuple[str, str]] = [(str(g), str(r)) for g, r in raw]
