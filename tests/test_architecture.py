@@ -14,6 +14,7 @@ package boundary, and the modules over 350 lines.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -225,6 +226,24 @@ def _upward(a: str, b: str) -> bool:
 
 def _tier(pkg: str) -> str:
     return TIERS[RANK[pkg]][0] if pkg in RANK else "unplaced"
+
+
+def test_every_package_maps_its_modules() -> None:
+    """Each package's docstring has a line per module and subpackage, starting with its
+    name (``name.py``, ``name/``, or names joined by commas), then two spaces or more."""
+    missing = []
+    for init in sorted((SRC / "lamina").rglob("__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        mapped = set()
+        for line in doc.splitlines():
+            head = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+            mapped |= {n.strip().removesuffix(".py").removesuffix("/") for n in head.split(",")}
+        for child in sorted(init.parent.iterdir()):
+            is_module = child.suffix == ".py" and child.name != "__init__.py"
+            is_package = child.is_dir() and (child / "__init__.py").exists()
+            if (is_module or is_package) and child.stem not in mapped:
+                missing.append(f"{init.relative_to(SRC)}: {child.name}")
+    assert not missing, "modules missing from their package's docstring map:\n" + "\n".join(missing)
 
 
 def test_the_checks_see_function_level_imports(tmp_path: Path) -> None:

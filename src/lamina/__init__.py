@@ -1,7 +1,23 @@
 """lamina: one golden disk image and a set of application layers for a fleet of machines.
 
-The public surface is small; subsystems live in subpackages (store, image, nbd, serve,
-stream, layer, rebase, identity, manager, agent) and the CLI in ``lamina.cli``.
+The public surface is small: the errors below. Subsystems live in subpackages, in layers
+(``docs/architecture.md``; each imports only from those below it):
+
+cli        the ``lamina`` command
+demo       ``lamina demo``: a VM booted from lamina
+serve      the block server process: NBD exports, the manager's HTTP app, boot recording
+agent      the guest agent: identity, layers at login, live attach, writable layers
+manager    database, services, HTTP API and console
+rebase     3-way rebase of writable layers onto patched bases
+stream     the streaming endpoint (``lamina stream``)
+delta      machine deltas: the delta files, blobs, staged uploads, the machine's disk
+layer      file-tree layers: import, capture, mount a composed root, live attach
+image      block images: import, export, manifests, reads, boot-profile format
+identity   machine identities and their NoCloud seeds
+home       a home: its folders, its store, its database (opened by whoever opens it)
+store      the content-addressed chunk store
+nbd        the NBD protocol (sans-I/O) and the block-device interface
+names, locks, files, logs, control, errors, settings, _tuning   shared foundations
 """
 
 from lamina.errors import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lamina.errors import InvalidInput, UnsafeArchive
-from lamina.layer.builder import Member, Policy, TreeBuilder
+from lamina.layer.builder import Member, Permits, TreeBuilder
 from lamina.layer.tree import Kind
 
 
@@ -109,7 +109,7 @@ def test_unsafe_members_are_refused(member: Member) -> None:
 
 
 def test_devices_and_setuid_pass_when_allowed() -> None:
-    b = TreeBuilder(Policy(allow_devices=True, allow_setuid=True))
+    b = TreeBuilder(Permits(allow_devices=True, allow_setuid=True))
     b.add(Member("null", Kind.CHAR, 0o666, rdev=259))
     b.add(_file("su", 1, 0o4755))
     b.add(Member("tmp", Kind.DIR, 0o1777))
@@ -139,7 +139,7 @@ def test_member_beneath_a_file_is_invalid() -> None:
 
 
 def test_changes_keep_whiteouts_and_opaque_directories() -> None:
-    b = TreeBuilder(Policy(allow_devices=True))
+    b = TreeBuilder(Permits(allow_devices=True))
     b.add(Member("etc", Kind.DIR, 0o755, opaque=True))
     b.add(Member("bin/gone", Kind.WHITEOUT, 0))
     built = b.finish(root=False)

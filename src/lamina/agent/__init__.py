@@ -1,2 +1,8 @@
 """The machine agent: reports boot, applies identity, and makes what is mounted on the
-machine what the manager wants (layers at login, live attach/detach, writable layers)."""
+machine what the manager wants (layers at login, live attach/detach, writable layers).
+
+daemon.py           ``lamina agent``: the process, its control socket, login/logout, the long-poll
+reconcile.py        desired state vs mounted state -> attach/detach actions (pure)
+fetch.py            layer data between the manager and this host's store
+local_versions.py   the agent's local copy of the manager's layer versions (its own database)
+"""

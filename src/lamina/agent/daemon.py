@@ -42,6 +42,7 @@ from lamina.errors import AlreadyExists, Conflict, InvalidInput, LaminaError, No
 from lamina.files import write_atomic
 from lamina.home import Home
 from lamina.manager.client import ManagerClient, Unreachable
+from lamina.names import check_user_name
 
 if TYPE_CHECKING:
     from lamina.layer.records import LayerRecords
@@ -147,8 +148,6 @@ class Agent:
     # -- login / logout -----------------------------------------------------------------------
 
     def session_root(self, user: str) -> Path:
-        from lamina.manager.services.access import check_user_name
-
         return self.root / check_user_name(user)
 
     def login(self, user: str) -> dict[str, Any]:

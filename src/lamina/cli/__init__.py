@@ -1,4 +1,19 @@
-"""The ``lamina`` command line: one module per noun, errors as one line on stderr."""
+"""The ``lamina`` command line: one module per noun, errors as one line on stderr.
+
+common.py    what every command shares: --home, --json, one-line errors, progress, tables
+image.py     lamina image import|export|list|log|rm
+layer.py     lamina layer import|capture|list|log|export|diff|rm
+mount.py     lamina mount|umount|attach|detach
+machine.py   lamina machine add|list|show|set|reset|rm, lamina delta commit
+access.py    lamina user|group add|list|rm, lamina entitle|unentitle
+rebase.py    lamina rebase ... and lamina rebase policy ...
+serve.py     lamina serve
+stream.py    lamina stream IMAGE | stream status | stream sync
+store.py     lamina store verify|gc|du
+agent.py     lamina agent, lamina agent login|logout|status
+admin.py     lamina admin token
+demo.py      lamina demo
+"""
 
 from __future__ import annotations
 

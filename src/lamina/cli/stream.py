@@ -247,9 +247,7 @@ def _sync_here(cache: Path, token: str | None) -> dict[str, Any]:
         if token:
             config = replace(config, token=token)
         check_syncable(config)
-        stack = DeltaStack(
-            cache / "deltas", size=config.size, base_id=bytes.fromhex(config.manifest_id)
-        )
+        stack = DeltaStack(cache / "deltas", size=config.size, base_id=config.manifest_id)
 
         async def go() -> dict[str, Any]:
             remote = Remote(config.url, config.token, connections=2, ca=cachedir.ca_file(cache))

@@ -1,7 +1,12 @@
 """The demo: a disk image built from Debian packages that boots from lamina, and its VMs.
 
-home_demo_image(home) / demo_image(cache_dir)   build once, then reuse (image.py)
-boot(disk, seed) / boot_async(...) / Vm(...)    run one VM, get its report (vm.py)
+showcase.py    ``lamina demo``: the whole shared-image story on embedded defaults
+image.py       the bootable demo disk, built once per home (home_demo_image, demo_image)
+vm.py          boot the demo image under qemu and read its report (boot, boot_async, Vm)
+initramfs.py   the demo machine's userland: a busybox initramfs
+kmod.py        kernel modules for that initramfs
+cpio.py        the cpio "newc" writer the initramfs is packed with
+tools.py       running the host tools the image is built with
 """
 
 from __future__ import annotations

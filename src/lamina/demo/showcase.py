@@ -15,9 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lamina.delta.file import delta_usage, discard
 from lamina.demo.image import home_demo_image
 from lamina.demo.vm import BootReport, boot_async
 from lamina.home import Home
+from lamina.image import Imported
+from lamina.image.importer import import_and_commit
+from lamina.manager.services import images, machines
+from lamina.serve.server import ServeOptions, serve
 
 MACHINES = (("desk-001", "stateless"), ("desk-002", "stateful"))
 IMAGE = "demo"
@@ -47,10 +52,6 @@ def _port(preferred: int) -> int:
 
 def _image_ref(home: Home, say: Say) -> str:
     """The demo image's latest version, importing the demo disk on first use."""
-    from lamina.image import Imported
-    from lamina.image.importer import import_and_commit
-    from lamina.manager.services import images
-
     built = home_demo_image(home, log=say)
     state = "cached" if built.cached else f"built in {built.build_seconds:.1f} s"
     say(f"demo disk {built.path} ({built.size >> 20} MiB, {state})")
@@ -73,9 +74,6 @@ def _image_ref(home: Home, say: Say) -> str:
 
 def prepare(home: Home, say: Say) -> str:
     """Demo image imported, demo machines (re)created; returns the image version."""
-    from lamina.delta.file import discard
-    from lamina.manager.services import machines
-
     ref = _image_ref(home, say)
     with home.session() as session:
         present = {m.name for m in machines.list_all(session)}
@@ -97,8 +95,6 @@ async def _round(
     say: Say,
     result: DemoResult,
 ) -> None:
-    from lamina.serve.server import ServeOptions, serve
-
     started = asyncio.Event()
     stop = asyncio.Event()
     options = ServeOptions(nbd=nbd, http=http, cache_bytes=128 << 20, log_level="warning")
@@ -134,8 +130,6 @@ async def _round(
 
 
 def run_demo(home: Home, say: Say, *, nbd_port: int = 10809, http_port: int = 8480) -> DemoResult:
-    from lamina.delta.file import delta_usage, discard
-
     started = time.monotonic()
     result = DemoResult(image=prepare(home, say))
     nbd = ("127.0.0.1", _port(nbd_port))

@@ -1,9 +1,13 @@
 """Per-machine identity and its NoCloud seed disk.
 
-new_identity(name, hostname=..., mac=...)      at ``machine add``
-update_identity(identity, hostname=...)        at ``machine set`` (bumps identity_rev)
-identity_columns / apply_identity / identity_from_machine   the ``machines`` row
-seed_image(identity)                           bytes of the ``machine/NAME/seed`` export
+model.py      the identity (Identity) and the ``machines`` row through the MachineRow Protocol:
+              new_identity at ``machine add``, update_identity at ``machine set``,
+              identity_columns / apply_identity / identity_from_machine
+validate.py   checks of hostnames, domains, MAC addresses, networks
+keys.py       SSH host keys, generated once per machine
+seed.py       the NoCloud files: meta-data, user-data, network-config
+iso.py        the seed disk (ISO 9660, ``cidata``): seed_image(identity) is the
+              ``machine/NAME/seed`` export
 """
 
 from __future__ import annotations

@@ -54,7 +54,9 @@ class Member:
 
 
 @dataclass(frozen=True, slots=True)
-class Policy:
+class Permits:
+    """What an import lets through beyond plain files (``--allow-devices``/``--allow-setuid``)."""
+
     allow_devices: bool = False
     allow_setuid: bool = False
 
@@ -66,8 +68,8 @@ class Built:
 
 
 class TreeBuilder:
-    def __init__(self, policy: Policy = Policy()) -> None:
-        self.policy = policy
+    def __init__(self, permits: Permits = Permits()) -> None:
+        self.permits = permits
         self._entries: dict[str, Entry] = {}
         self._refs: dict[str, DataRef] = {}
         self._links: dict[str, list[str]] = {}  # first name -> other names
@@ -111,14 +113,14 @@ class TreeBuilder:
             self._apply(member)
 
     def _check(self, m: Member, path: str) -> None:
-        if m.kind in (Kind.CHAR, Kind.BLOCK) and not self.policy.allow_devices:
+        if m.kind in (Kind.CHAR, Kind.BLOCK) and not self.permits.allow_devices:
             raise UnsafeArchive(f"{m.name!r} is a device node (allow with --allow-devices)")
         setuid = m.kind is Kind.FILE and m.mode & (stat.S_ISUID | stat.S_ISGID)
-        if setuid and not self.policy.allow_setuid:
+        if setuid and not self.permits.allow_setuid:
             raise UnsafeArchive(f"{m.name!r} is setuid/setgid (allow with --allow-setuid)")
         # File capabilities raise privileges like setuid does (layers are mounted without
         # nosuid), so they need the same flag.
-        if any(name == CAPABILITY_XATTR for name, _ in m.xattrs) and not self.policy.allow_setuid:
+        if any(name == CAPABILITY_XATTR for name, _ in m.xattrs) and not self.permits.allow_setuid:
             raise UnsafeArchive(f"{m.name!r} has file capabilities (allow with --allow-setuid)")
         if m.kind is Kind.SYMLINK:
             paths.check_symlink(path, m.target)

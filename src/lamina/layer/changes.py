@@ -1,13 +1,13 @@
 """What a writable layer keeps of a root's changes (pure): policies, merges, diffs.
 
-- **Policies** (App Volumes' writable-volume templates) decide what of a session's changes a
-  writable layer keeps: ``all`` every change, ``profile`` only users' home directories
+- **Policies** (App Volumes' writable-volume templates) decide what of a mounted root's changes
+  a writable layer keeps: ``all`` every change, ``profile`` only users' home directories
   (``/home``, ``/root``), ``apps`` everything except those.
-- **Merging** a session's upper directory (overlayfs' changes: files, whiteouts, opaque
+- **Merging** a root's upper directory (overlayfs' changes: files, whiteouts, opaque
   directories) into the writable layer's previous version gives its next version, still a
   set of file-level changes against the read-only layers it was made on. Whiteouts and
   opaque flags that hide nothing in those layers are pruned, so a file created in one
-  session and deleted in a later one leaves no trace.
+  mount and deleted in a later one leaves no trace.
 - **Diffs** between two versions' trees (``layer diff``).
 
 Conflicts between app layers are in ``lamina.layer.conflicts``.
@@ -55,7 +55,7 @@ def filter_policy(tree: Tree, policy: WritablePolicy) -> tuple[Tree, list[str]]:
 
 
 def merge_changes(previous: Tree | None, changes: Tree) -> Tree:
-    """``previous`` with a session's ``changes`` (an overlayfs upper directory) on top."""
+    """``previous`` with a root's ``changes`` (an overlayfs upper directory) on top."""
     result: dict[str, Entry] = {e.path: e for e in previous or ()}
 
     def drop(path: str, *, keep_top: bool) -> None:

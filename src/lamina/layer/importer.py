@@ -18,7 +18,7 @@ from typing import IO, TypeVar
 
 from lamina.errors import InvalidInput
 from lamina.home import Home
-from lamina.layer.builder import Built, DataRef, Policy, TreeBuilder
+from lamina.layer.builder import Built, DataRef, Permits, TreeBuilder
 from lamina.layer.records import APP, LayerRecords, NewVersion
 from lamina.layer.sources import LayerSource
 from lamina.layer.tree import Chunk, Entry, Kind, Tree
@@ -54,9 +54,9 @@ def new_version(imported: Imported, source: str) -> NewVersion:
     )
 
 
-def scan(source: LayerSource, policy: Policy = Policy(), *, root: bool = True) -> Built:
+def scan(source: LayerSource, permits: Permits = Permits(), *, root: bool = True) -> Built:
     """Pass one: every member checked and applied; nothing is written."""
-    builder = TreeBuilder(policy)
+    builder = TreeBuilder(permits)
     source.scan(builder)
     return builder.finish(root=root)
 
@@ -135,13 +135,13 @@ def import_tree(
     source: LayerSource,
     commit: Callable[[Imported], R],
     *,
-    policy: Policy = Policy(),
+    permits: Permits = Permits(),
     progress: Progress | None = None,
     built: Built | None = None,
 ) -> tuple[R, Imported]:
     """Scan ``source`` (refusing it before anything is written), store it, ``commit``."""
     if built is None:
-        built = scan(source, policy)
+        built = scan(source, permits)
     with store.writer() as writer:
         imported = store_tree(writer, source, built, progress)
         writer.flush()
@@ -166,9 +166,9 @@ def import_layer(
     from lamina.layer.oci import open_source
 
     check_name(name, "layer name")
-    policy = Policy(allow_devices=allow_devices, allow_setuid=allow_setuid)
+    permits = Permits(allow_devices=allow_devices, allow_setuid=allow_setuid)
     with open_source(src, tmp_dir=home.tmp_dir) as source:
-        built = scan(source, policy)
+        built = scan(source, permits)
 
         def commit(imported: Imported) -> str:
             return records.add_version(name=name, kind=APP, new=new_version(imported, str(src)))

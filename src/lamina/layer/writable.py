@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lamina.home import Home
 from lamina.layer import prepare
-from lamina.layer.builder import Built, Policy
+from lamina.layer.builder import Built, Permits
 from lamina.layer.changes import WritablePolicy, filter_policy, merge_changes, prune
 from lamina.layer.conflicts import path_hash
 from lamina.layer.importer import load_tree, new_version, scan, store_files, store_manifest
@@ -30,7 +30,7 @@ from lamina.layer.sources import DirSource
 
 # What runs in a mounted root may create devices and setuid files (as root only): they are
 # the user's.
-CHANGES = Policy(allow_devices=True, allow_setuid=True)
+CHANGES = Permits(allow_devices=True, allow_setuid=True)
 
 
 @dataclass(frozen=True, slots=True)

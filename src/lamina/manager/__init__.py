@@ -1,1 +1,18 @@
-"""The manager: database models, services and (later) the HTTP API and console."""
+"""The manager: the database, the services that hold its rules, the HTTP API and console.
+
+db.py               engines, sessions and migrations (SQLite with WAL, PostgreSQL)
+home.py             open_home: a home with the manager's database
+models/             the tables (SQLAlchemy), one module per area
+migrations/         their schema changes (Alembic)
+services/           the operations, one transaction's worth of work each
+schemas.py          the API's request and response bodies (pydantic)
+deps.py             FastAPI dependencies: home, database session, caller
+routers/            the HTTP API: admin, agent, data (manifests, chunks), stream
+console/            the web console
+app.py              the FastAPI application
+agent_db.py         the agent API's database thread and change watcher
+client.py           a small client of the HTTP API (CLI ``--manager``, the agent)
+entitlements.py     which layers a user gets on a machine, in which order (pure)
+layer_records.py    the layer code's LayerRecords over a home's database
+rebase_records.py   the rebase code's RebaseRecords over a home's database
+"""

@@ -7,11 +7,13 @@ from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-# User and group names: what a login name may be (POSIX portable characters, 64 at most).
-NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"
-Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
-# Image, layer and machine names (lamina.names).
-ObjName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+from lamina.names import NAME_PATTERN, REF_PATTERN, USER_PATTERN
+
+# User and group names.
+Name = Annotated[str, StringConstraints(pattern=USER_PATTERN)]
+# Image, layer and machine names, and NAME[@VERSION] references to them.
+ObjName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+Ref = Annotated[str, StringConstraints(pattern=REF_PATTERN)]
 Policy = Literal["all", "profile", "apps"]
 HexId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
@@ -69,9 +71,7 @@ class MemberCreate(BaseModel):
 class EntitlementCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    layer: Annotated[
-        str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@[1-9][0-9]{0,8})?$")
-    ]
+    layer: Ref
     user: Name | None = None
     group: Name | None = None
     machine: ObjName | None = None
@@ -103,9 +103,7 @@ class Removed(BaseModel):
 
 class MachineCreate(BaseModel):
     name: ObjName
-    image: Annotated[
-        str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(@[1-9][0-9]{0,8})?$")
-    ]
+    image: Ref
     mode: Literal["stateless", "stateful"] = "stateless"
     hostname: (
         Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")]

@@ -1,9 +1,13 @@
 """NBD: the protocol as sans-I/O state machines, pure negotiation rules, asyncio adapters.
 
-ServerConnection   bytes in -> events; replies -> bytes (server side)
-ClientConnection   the same for the client side
-negotiate          the replies to a handshake event for an export catalogue
-check_request      which requests an export refuses, and with which error
+constants.py   protocol numbers (the NBD spec's proto.md)
+events.py      what each side says, as events
+server.py      ServerConnection: bytes in -> events; replies -> bytes (server side)
+client.py      ClientConnection: the same for the client side
+negotiate.py   negotiate (the replies to a handshake event for an export catalogue) and
+               check_request (which requests an export refuses, with which error)
+device.py      BlockDevice, the one interface between the server and what it serves
+aio.py         asyncio adapters: the server protocol and a small client
 """
 
 from lamina.nbd.client import ClientConnection

@@ -17,6 +17,7 @@ from lamina.delta import uploads
 from lamina.delta.device import machine_device
 from lamina.errors import LaminaError
 from lamina.home import Home
+from lamina.identity import MachineRow, identity_from_machine, seed_image
 from lamina.image import ImageReader, Manifest
 from lamina.image.device import ImageDevice
 from lamina.manager.services import images, machines
@@ -83,10 +84,8 @@ class ExportCatalog:
             info = ExportInfo(name, version.size, read_only=True, description=version.ref)
             return Resolved(info, "image", bytes.fromhex(version.manifest_id))
 
-    def _seed(self, machine: object) -> bytes:
-        from lamina.identity import identity_from_machine, seed_image
-
-        identity = identity_from_machine(machine)  # type: ignore[arg-type]
+    def _seed(self, machine: MachineRow) -> bytes:
+        identity = identity_from_machine(machine)
         # The machine-id tells a re-created machine from the removed one of the same name
         # (both start at identity revision 1); one seed is kept per machine name.
         key = (identity.machine_id, identity.identity_rev)

@@ -23,6 +23,8 @@ from lamina.delta.file import discard
 from lamina.errors import Conflict, LaminaError, UsageError
 from lamina.home import Home
 from lamina.locks import try_lock
+from lamina.manager.app import create_app
+from lamina.manager.console.auth import print_login_url
 from lamina.manager.services import machines
 from lamina.nbd.aio import NbdServerProtocol
 from lamina.serve.catalog import ExportCatalog
@@ -136,8 +138,6 @@ async def _serve(
         warn_if_exposed(log, options.hosts)
     if options.http is not None and log.isEnabledFor(logging.INFO):
         # the console's one-time login URL, as Jupyter prints it (not in quiet runs: the demo)
-        from lamina.manager.console.auth import print_login_url
-
         print_login_url(home, options.http, https=options.tls)
     if ready is not None:
         ready()
@@ -191,8 +191,6 @@ def _listen(address: tuple[str, int], what: str) -> socket.socket:
 
 def _http_server(home: Home, address: tuple[str, int], tls: ServeTls | None) -> Any:
     import uvicorn
-
-    from lamina.manager.app import create_app
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager

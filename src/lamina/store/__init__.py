@@ -1,4 +1,13 @@
-"""Content-addressed chunk store: chunk -> BLAKE3 id -> zstd -> envelope -> pack -> backend."""
+"""Content-addressed chunk store: chunk -> BLAKE3 id -> zstd -> envelope -> pack -> backend.
+
+codec.py     chunk ids, compression and the versioned object envelope
+chunker.py   fixed-size chunks for disk images, content-defined ones for files
+pack.py      pack files: many envelopes in one immutable object, with a trailer
+index.py     where each chunk lives: chunk id -> (pack, offset, size), in SQLite
+store.py     ChunkStore: put/get/has, dedup, verify, gc
+cache.py     a byte-bounded LRU of decompressed chunks, shared in a process
+backends/    where the packs live: a local directory, or memory for tests
+"""
 
 from lamina.store.backends import Backend, LocalBackend, MemoryBackend
 from lamina.store.cache import ChunkCache

@@ -1,16 +1,17 @@
 """Streaming (OnDemand): a local NBD endpoint that serves an image before it is copied.
 
-index.py     which chunks the local cache holds (pure; on-disk format LMSI)
-schedule.py  background hydration order: boot profile first, then the rest (pure)
-rate.py      token bucket for --rate, backoff for retries (pure)
-transfer.py  delta blobs (LMSD): a delta's blocks as one verifiable byte stream (pure)
-stack.py     the local delta stack (synced, sealed, active) and its sync state
-cache.py     the cache directory: config, manifest, data file, index (I/O)
-remote.py    the manager over HTTP: manifests, chunks, profiles, delta uploads
-device.py    the BlockDevice the endpoint serves, reading through the cache
-endpoint.py  ``lamina stream``: NBD server, hydration, status, control socket
-sync.py      ``lamina stream sync``: upload the sealed delta, merge, clear
-status.py    ``lamina stream status``
-profile.py   server side: boot-profile recording and storage
-receive.py   server side: staged delta uploads applied atomically
+index.py      which chunks the local cache holds (pure; on-disk format LMSI)
+schedule.py   background hydration order: boot profile first, then the rest (pure)
+rate.py       token bucket for --rate, backoff for retries (pure)
+stack.py      the local delta stack (synced, sealed, active) and its sync state
+cache.py      the cache directory: config, manifest, data file, index (I/O)
+remote.py     the manager over HTTP: manifests, chunks, profiles, delta uploads
+fetch.py      chunks into the cache on the event loop: reads that miss, prefetch
+hydrate.py    background hydration workers, each with its own connection
+device.py     the BlockDevice the endpoint serves, reading through the cache
+endpoint.py   ``lamina stream``: NBD server, hydration, status, control socket
+sync.py       ``lamina stream sync``: upload the sealed delta, merge, clear
+
+The delta format and blobs it shares with the block server are in ``lamina.delta``; the
+manager's side of a sync is ``lamina.delta.uploads``.
 """

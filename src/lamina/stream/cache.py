@@ -39,7 +39,7 @@ class StreamConfig:
     url: str
     image: str
     version: int
-    manifest_id: str
+    manifest_id: bytes
     size: int
     chunk_size: int
     token: str
@@ -48,13 +48,18 @@ class StreamConfig:
     delta_fetched: bool = False  # a stateful machine's manager-side delta is in deltas/synced
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": CONFIG_FORMAT, "version_of_format": CONFIG_VERSION, **asdict(self)}
+        fields = asdict(self) | {"manifest_id": self.manifest_id.hex()}
+        return {"format": CONFIG_FORMAT, "version_of_format": CONFIG_VERSION, **fields}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StreamConfig:
         if data.get("format") != CONFIG_FORMAT or data.get("version_of_format") != CONFIG_VERSION:
             raise CorruptObject("stream cache: unknown config format")
         fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        try:
+            fields["manifest_id"] = bytes.fromhex(fields["manifest_id"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptObject("stream cache: config without a manifest id") from None
         return cls(**fields)
 
 
@@ -87,14 +92,14 @@ def is_locked(root: Path) -> bool:
 
 def create(root: Path, config: StreamConfig, manifest_bytes: bytes) -> None:
     """Lay out a new cache (the caller holds the lock). The manifest must match its id."""
-    if codec.chunk_id(manifest_bytes).hex() != config.manifest_id:
+    if codec.chunk_id(manifest_bytes) != config.manifest_id:
         raise CorruptObject("manifest from the manager does not match its id")
     manifest = Manifest.from_bytes(manifest_bytes)
     (root / "manifest").write_bytes(manifest_bytes)
     with open(root / "data", "wb") as f:
         f.truncate(manifest.size)
     with open(root / "index", "wb") as f:
-        f.write(idx.header(manifest, bytes.fromhex(config.manifest_id)))
+        f.write(idx.header(manifest, config.manifest_id))
         f.truncate(idx.HEADER_SIZE + manifest.count)
         os.fsync(f.fileno())
     # The config goes last: a cache without one is incomplete and is laid out again.
@@ -124,9 +129,9 @@ def update_config(root: Path, config: StreamConfig) -> None:
     write_json_atomic(root / "config.json", config.to_json(), mode=0o600)
 
 
-def load_manifest(root: Path, manifest_id: str) -> Manifest:
+def load_manifest(root: Path, manifest_id: bytes) -> Manifest:
     data = (root / "manifest").read_bytes()
-    if codec.chunk_id(data).hex() != manifest_id:
+    if codec.chunk_id(data) != manifest_id:
         raise CorruptObject(f"{root}/manifest does not match its id")
     return Manifest.from_bytes(data)
 
@@ -145,8 +150,8 @@ class ChunkFiles:
     def __init__(self, root: Path, config: StreamConfig) -> None:
         self.root = root
         self.manifest = load_manifest(root, config.manifest_id)
-        mid = bytes.fromhex(config.manifest_id)
-        self.index = CacheIndex(self.manifest, read_marks(root, self.manifest, mid))
+        marks = read_marks(root, self.manifest, config.manifest_id)
+        self.index = CacheIndex(self.manifest, marks)
         self.data_fd = os.open(root / "data", os.O_RDWR | os.O_CLOEXEC)
         self.index_fd = os.open(root / "index", os.O_RDWR | os.O_CLOEXEC)
 
@@ -202,7 +207,7 @@ def offline_status(root: Path) -> dict[str, Any]:
     """Figures from the files alone (no endpoint running)."""
     config = read_config(root)
     manifest = load_manifest(root, config.manifest_id)
-    marks = read_marks(root, manifest, bytes.fromhex(config.manifest_id))
+    marks = read_marks(root, manifest, config.manifest_id)
     index = CacheIndex(manifest, marks)
     return summary(config, index)
 

@@ -103,7 +103,7 @@ async def _new_config(options: StreamOptions, remote: Remote) -> tuple[StreamCon
         url=remote.url,
         image=str(info["image"]),
         version=int(info["version"]),
-        manifest_id=str(info["manifest_id"]),
+        manifest_id=bytes.fromhex(str(info["manifest_id"])),
         size=int(info["size"]),
         chunk_size=int(info["chunk_size"]),
         token=options.token or "",
@@ -173,10 +173,10 @@ async def _check_manifest(config: StreamConfig, root: Path, log: logging.Logger)
         return
     finally:
         await remote.close()
-    if info.get("manifest_id") != config.manifest_id:
+    if info.get("manifest_id") != config.manifest_id.hex():
         ref = f"{config.image}@{config.version}"
         raise Conflict(
-            f"{root} caches {ref} with manifest {config.manifest_id[:16]}, but the manager's"
+            f"{root} caches {ref} with manifest {config.manifest_id.hex()[:16]}, but the manager's"
             f" {ref} is {str(info.get('manifest_id'))[:16]}: start with a new --cache"
         )
 
@@ -205,7 +205,7 @@ async def _fetch_machine_delta(
     when the cache is new: later the synced layer follows from this endpoint's syncs)."""
     assert config.machine is not None
     blob = transfer.decode(await remote.machine_delta(config.machine))
-    if blob.base_id.hex() != config.manifest_id:
+    if blob.base_id != config.manifest_id:
         raise Conflict(f"machine {config.machine}'s delta belongs to another image version")
     await asyncio.to_thread(apply_runs, stack.synced, blob.runs)
     config = replace(config, delta_fetched=True)
@@ -257,7 +257,7 @@ class Endpoint:
         stack = DeltaStack(
             self.root / "deltas",
             size=self.config.size,
-            base_id=bytes.fromhex(self.config.manifest_id),
+            base_id=self.config.manifest_id,
         )
         self.stack = stack
         if self.config.mode == "stateless":

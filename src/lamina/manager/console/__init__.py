@@ -1,6 +1,14 @@
 """The web console, served by ``lamina serve`` at ``/`` beside the API: server-rendered
 pages (Jinja2, autoescaped), a small hand-written script that polls JSON fragments for
-live state, and every asset shipped in the package (it works offline)."""
+live state, and every asset shipped in the package (it works offline).
+
+auth.py     sign-in: one-time login tokens, the sign-in cookie, CSRF tokens
+params.py   what pages take: query parameters, paging, the view they render through
+render.py   the Jinja2 environment, formatting filters, pagination, security headers
+pages.py    pages (GET): dashboard, machines, images, layers, users and groups
+live.py     live JSON fragments the page script polls
+actions.py  actions (POST): sign in and out, reset, commit, re-pin, entitle, ...
+"""
 
 from fastapi import APIRouter
 

@@ -12,6 +12,8 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from lamina.delta import uploads
+from lamina.delta.file import delta_usage
 from lamina.errors import LaminaError, UsageError
 from lamina.home import Home
 from lamina.manager.console import auth
@@ -21,6 +23,7 @@ from lamina.manager.deps import HomeDep
 from lamina.manager.services import access, machines
 from lamina.manager.services import console as svc
 from lamina.manager.services import console_access as people
+from lamina.manager.services.commit import commit_delta
 from lamina.names import parse_ref
 
 router = APIRouter()
@@ -42,7 +45,7 @@ def _local(path: str, default: str) -> str:
 
 
 def _back(
-    home: Home, console: auth.ConsoleSession, next_: str, default: str, kind: str, text: str
+    home: Home, console: auth.ConsoleSignIn, next_: str, default: str, kind: str, text: str
 ) -> RedirectResponse:
     with home.session() as db:
         auth.flash(db, console, kind, text)
@@ -103,8 +106,6 @@ def logout(home: HomeDep, console: auth.CsrfDep) -> RedirectResponse:
 def reset(
     home: HomeDep, console: auth.CsrfDep, name: ObjName, next_: Next = ""
 ) -> RedirectResponse:
-    from lamina.delta import uploads
-
     try:
         with home.session() as db:
             machines.get(db, name)
@@ -126,9 +127,6 @@ def commit(
     as_image: Annotated[str, Form(max_length=100)] = "",
     repin: Annotated[bool, Form()] = False,
 ) -> RedirectResponse:
-    from lamina.delta.file import delta_usage
-    from lamina.manager.services.commit import commit_delta
-
     try:
         with home.session() as db:
             machines.get(db, name)

@@ -1,15 +1,15 @@
-"""Console sign-in: one-time login tokens, cookie sessions and CSRF tokens.
+"""Console sign-in: one-time login tokens, sign-ins held by a cookie, CSRF tokens.
 
 ``lamina serve`` prints a login URL with a one-time token (as Jupyter does); exchanging it
-starts a console session held by an HttpOnly, SameSite=Strict cookie. The admin token is
+signs the browser in, held by an HttpOnly, SameSite=Strict cookie. The admin token is
 accepted on the login form too, so an admin who lost the URL can get in again.
 
-Tokens and sessions live in the database (the ``settings`` table, under ``console.`` keys)
+Tokens and sign-ins live in the database (the ``settings`` table, under ``console.`` keys)
 rather than in memory, so every manager over one database honours them; only SHA-256
 hashes of the secrets are stored, and redeeming a login token deletes its row in the same
 statement that checks it, so of two managers racing for one token only one wins.
 
-Every state-changing request must carry the session's CSRF token, as a form field or an
+Every state-changing request must carry the sign-in's CSRF token, as a form field or an
 ``X-CSRF-Token`` header; a request from another origin is refused as well.
 """
 
@@ -36,9 +36,9 @@ from lamina.manager.services.machines import hash_token
 
 COOKIE = "lamina_console"
 LOGIN_PREFIX = "console.login."
-SESSION_PREFIX = "console.session."
+SIGN_IN_PREFIX = "console.session."
 LOGIN_TTL = 24 * 3600.0  # an unused login URL expires after a day
-SESSION_TTL = 12 * 3600.0  # idle console sessions end after 12 hours
+SIGN_IN_TTL = 12 * 3600.0  # an idle sign-in ends after 12 hours
 MAX_FLASHES = 5
 
 
@@ -47,7 +47,7 @@ def _dump(value: dict[str, Any]) -> str:
 
 
 def _prune(db: Session, now: float) -> None:
-    """Forget expired login tokens and sessions (a few rows; done at each sign-in)."""
+    """Forget expired login tokens and sign-ins (a few rows; done at each sign-in)."""
     for row in db.scalars(select(Setting).where(Setting.key.startswith("console."))):
         try:
             expires = float(json.loads(row.value)["expires"])
@@ -72,14 +72,14 @@ def new_login_token(db: Session) -> str:
 
 def _start(db: Session) -> str:
     sid = secrets.token_urlsafe(32)
-    value = {"csrf": secrets.token_urlsafe(32), "expires": time.time() + SESSION_TTL, "flash": []}
-    db.add(Setting(key=SESSION_PREFIX + hash_token(sid), value=_dump(value)))
+    value = {"csrf": secrets.token_urlsafe(32), "expires": time.time() + SIGN_IN_TTL, "flash": []}
+    db.add(Setting(key=SIGN_IN_PREFIX + hash_token(sid), value=_dump(value)))
     db.flush()
     return sid
 
 
 def redeem(db: Session, token: str) -> str | None:
-    """A new session id for a valid one-time token (which is used up), or for the admin
+    """A new sign-in id for a valid one-time token (which is used up), or for the admin
     token; None for anything else."""
     if not token or len(token) > 200:
         return None
@@ -102,15 +102,15 @@ def redeem(db: Session, token: str) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
-class ConsoleSession:
-    key: str  # settings key of the session
+class ConsoleSignIn:
+    key: str  # settings key of the sign-in
     csrf: str
 
 
-def lookup(db: Session, sid: str) -> ConsoleSession | None:
+def lookup(db: Session, sid: str) -> ConsoleSignIn | None:
     if not sid or len(sid) > 200:
         return None
-    key = SESSION_PREFIX + hash_token(sid)
+    key = SIGN_IN_PREFIX + hash_token(sid)
     row = db.get(Setting, key)
     if row is None:
         return None
@@ -119,18 +119,18 @@ def lookup(db: Session, sid: str) -> ConsoleSession | None:
     if float(value.get("expires", 0)) < now:
         db.delete(row)
         return None
-    if value["expires"] - now < SESSION_TTL / 2:  # sliding expiry, one write per half-life
-        value["expires"] = now + SESSION_TTL
+    if value["expires"] - now < SIGN_IN_TTL / 2:  # sliding expiry, one write per half-life
+        value["expires"] = now + SIGN_IN_TTL
         row.value = _dump(value)
-    return ConsoleSession(key, str(value["csrf"]))
+    return ConsoleSignIn(key, str(value["csrf"]))
 
 
-def end(db: Session, console: ConsoleSession) -> None:
+def end(db: Session, console: ConsoleSignIn) -> None:
     db.execute(delete(Setting).where(Setting.key == console.key))
 
 
-def flash(db: Session, console: ConsoleSession, kind: str, text: str) -> None:
-    """A message for the next page this session sees (``ok`` or ``error``)."""
+def flash(db: Session, console: ConsoleSignIn, kind: str, text: str) -> None:
+    """A message for the next page this sign-in sees (``ok`` or ``error``)."""
     row = db.get(Setting, console.key)
     if row is None:
         return
@@ -140,7 +140,7 @@ def flash(db: Session, console: ConsoleSession, kind: str, text: str) -> None:
     row.value = _dump(value)
 
 
-def take_flashes(db: Session, console: ConsoleSession) -> list[tuple[str, str]]:
+def take_flashes(db: Session, console: ConsoleSignIn) -> list[tuple[str, str]]:
     row = db.get(Setting, console.key)
     if row is None:
         return []
@@ -156,7 +156,7 @@ def set_cookie(request: Request, response: Response, sid: str) -> None:
     response.set_cookie(
         COOKIE,
         sid,
-        max_age=int(SESSION_TTL),
+        max_age=int(SIGN_IN_TTL),
         path="/",
         httponly=True,
         samesite="strict",
@@ -167,8 +167,8 @@ def set_cookie(request: Request, response: Response, sid: str) -> None:
 # -- dependencies -----------------------------------------------------------------------------
 
 
-def console_session(request: Request, home: HomeDep) -> ConsoleSession:
-    """The signed-in console session; pages redirect to the login page without one."""
+def console_sign_in(request: Request, home: HomeDep) -> ConsoleSignIn:
+    """The console sign-in; pages redirect to the login page without one."""
     sid = request.cookies.get(COOKIE, "")
     found = None
     if sid:
@@ -181,7 +181,7 @@ def console_session(request: Request, home: HomeDep) -> ConsoleSession:
     return found
 
 
-ConsoleDep = Annotated[ConsoleSession, Depends(console_session)]
+ConsoleDep = Annotated[ConsoleSignIn, Depends(console_sign_in)]
 
 
 def _same_origin(request: Request) -> bool:
@@ -194,8 +194,8 @@ def _same_origin(request: Request) -> bool:
     return urlsplit(origin).netloc == request.headers.get("host", "")
 
 
-async def require_csrf(request: Request, console: ConsoleDep) -> ConsoleSession:
-    """The session, for a state-changing request that proves it came from a console page."""
+async def require_csrf(request: Request, console: ConsoleDep) -> ConsoleSignIn:
+    """The sign-in, for a state-changing request that proves it came from a console page."""
     sent = request.headers.get("x-csrf-token")
     if sent is None:
         form = await request.form()
@@ -206,7 +206,7 @@ async def require_csrf(request: Request, console: ConsoleDep) -> ConsoleSession:
     return console
 
 
-CsrfDep = Annotated[ConsoleSession, Depends(require_csrf)]
+CsrfDep = Annotated[ConsoleSignIn, Depends(require_csrf)]
 
 
 def login_url(home: Home, address: tuple[str, int], *, scheme: str = "http") -> str:

@@ -13,11 +13,12 @@ from lamina.home import Home
 from lamina.manager.console import auth
 from lamina.manager.console.render import DEFAULT_PER, Pager, render
 from lamina.manager.deps import HomeDep
+from lamina.names import NAME_PATTERN
 
 PageNo = Annotated[int, Query(ge=1, le=1_000_000)]
 Per = Annotated[int, Query(ge=1, le=500)]
 Text = Annotated[str, Query(max_length=100)]
-ObjName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+ObjName = Annotated[str, Path(pattern=NAME_PATTERN)]
 Mode = Annotated[str, Query(pattern="^(|stateless|stateful)$")]
 Kind = Annotated[str, Query(pattern="^(|app|writable)$")]
 GroupName = Annotated[str, Query(max_length=64)]
@@ -59,7 +60,7 @@ class View:
 
     request: Request
     home: Home
-    console: auth.ConsoleSession
+    console: auth.ConsoleSignIn
 
     def page(self, template: str, **context: Any) -> HTMLResponse:
         with self.home.session() as db:

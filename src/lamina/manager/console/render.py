@@ -13,6 +13,8 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from lamina.names import NAME_PATTERN, USER_PATTERN, html_pattern
+
 # No inline script or style is ever needed, so a strict policy turns any markup that got
 # through escaping into inert text; frames are refused (clickjacking of action buttons).
 SECURITY_HEADERS = {
@@ -72,6 +74,10 @@ _env = Environment(
     lstrip_blocks=True,
 )
 _env.filters.update(bytes=human_bytes, ago=ago, stamp=stamp, number=number)
+# Client-side checks of the names a form takes: the patterns lamina.names checks.
+_env.globals.update(
+    name_pattern=html_pattern(NAME_PATTERN), user_pattern=html_pattern(USER_PATTERN)
+)
 
 
 @dataclass(frozen=True, slots=True)

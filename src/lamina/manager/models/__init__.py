@@ -1,5 +1,13 @@
 """Database models (SQLAlchemy 2), one module per area; schema changes are Alembic
-migrations under ``lamina/manager/migrations/versions``."""
+migrations under ``lamina/manager/migrations/versions``.
+
+base.py       the declarative base
+images.py     images, their versions, installation settings
+machines.py   machines: identity, pinned image version, mode
+layers.py     layers, their versions and bases, mounted roots
+access.py     users, groups, entitlements, writable layers, user sessions
+stream.py     boot profiles
+"""
 
 from lamina.manager.models.access import (
     Change,

@@ -1,1 +1,7 @@
-"""HTTP routers of the manager, one module per area."""
+"""HTTP routers of the manager, one module per area.
+
+admin.py    the admin API (admin token): users, groups, entitlements, machines, images, layers
+agent.py    the agent API (machine tokens) and layer-data uploads
+data.py     manifests and chunks, immutable and cacheable
+stream.py   what stream endpoints need beyond data.py: geometry, profiles, deltas, uploads
+"""

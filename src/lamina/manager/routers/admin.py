@@ -8,20 +8,21 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response, status
 
+from lamina.delta import uploads
 from lamina.manager import schemas as s
 from lamina.manager.deps import AdminDep, HomeDep, SessionDep
 from lamina.manager.services import access, fleet, images, layers, machines
-from lamina.names import Ref
+from lamina.names import NAME_PATTERN, USER_PATTERN, Ref
 
 router = APIRouter(prefix="/api/v1", tags=["admin"])
 
 Offset = Annotated[int, Query(ge=0, le=10_000_000)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Filter = Annotated[str, Query(max_length=100)]
-NameP = Annotated[str, Path(pattern=s.NAME_PATTERN)]
-ObjP = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
-OptName = Annotated[str | None, Query(pattern=s.NAME_PATTERN)]
-OptObj = Annotated[str | None, Query(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+NameP = Annotated[str, Path(pattern=USER_PATTERN)]
+ObjP = Annotated[str, Path(pattern=NAME_PATTERN)]
+OptName = Annotated[str | None, Query(pattern=USER_PATTERN)]
+OptObj = Annotated[str | None, Query(pattern=NAME_PATTERN)]
 ERRORS: dict[int | str, dict[str, Any]] = {401: {}, 403: {}, 404: {}, 409: {}}
 
 
@@ -172,7 +173,7 @@ def delete_entitlement(
 def unentitle(
     _: AdminDep,
     session: SessionDep,
-    layer: Annotated[str, Query(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")],
+    layer: Annotated[str, Query(pattern=NAME_PATTERN)],
     user: OptName = None,
     group: OptName = None,
     machine: OptObj = None,
@@ -242,8 +243,6 @@ def update_machine(
 @router.delete("/machines/{name}", status_code=204, responses=ERRORS)
 def delete_machine(_: AdminDep, session: SessionDep, home: HomeDep, name: ObjP) -> Response:
     import shutil
-
-    from lamina.delta import uploads
 
     machines.get(session, name)
     uploads.discard_delta(home, name)  # refuses while the machine has its disk open

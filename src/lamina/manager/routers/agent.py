@@ -17,7 +17,7 @@ plaintext, or 256 MiB when it is a tree manifest (a layer of about 1.7 million f
 no record makes the manager decompress more than that (413 otherwise).
 
 The four agent calls are async and do their database work in one transaction through
-``HotDb`` (token lookup included), and answer with orjson-encoded bytes.
+``AgentDb`` (token lookup included), and answer with orjson-encoded bytes.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from sqlalchemy import Connection
 from lamina.errors import CorruptObject
 from lamina.home import Home
 from lamina.layer import tree
+from lamina.manager.agent_db import AgentDb, Batcher, Watcher
 from lamina.manager.deps import CallerDep, HomeDep, bearer
-from lamina.manager.hot import Batcher, HotDb, Watcher
 from lamina.manager.schemas import (
     BootResult,
     Desired,
@@ -61,7 +61,7 @@ MAX_MANIFEST = 256 << 20
 class Hot:
     """Per-app database executor and change watcher (created on first use)."""
 
-    def __init__(self, db: HotDb) -> None:
+    def __init__(self, db: AgentDb) -> None:
         self.db = db
         self.watcher = Watcher(db)
         self.batcher = Batcher(db)
@@ -71,7 +71,7 @@ def hot(request: Request) -> Hot:
     state = request.app.state
     found: Hot | None = getattr(state, "hot", None)
     if found is None:
-        found = state.hot = Hot(HotDb(state.home.sessionmaker.kw["bind"]))
+        found = state.hot = Hot(AgentDb(state.home.sessionmaker.kw["bind"]))
     return found
 
 

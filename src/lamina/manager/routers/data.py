@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from lamina.errors import NotFound
 from lamina.home import Home
 from lamina.image import Manifest
+from lamina.layer.importer import load_tree
 from lamina.manager.deps import CallerDep, HomeDep, ReadSessionDep
 from lamina.manager.models import Machine
 from lamina.manager.services import agents, images
@@ -66,8 +67,6 @@ def _image_refs(home: Home, manifest_id: bytes) -> frozenset[bytes]:
 
 
 def _tree_refs(home: Home, manifest_id: bytes) -> frozenset[bytes]:
-    from lamina.layer.importer import load_tree
-
     return frozenset(load_tree(home.store, manifest_id).referenced() | {manifest_id})
 
 

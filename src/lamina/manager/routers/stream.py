@@ -30,6 +30,7 @@ from starlette.background import BackgroundTask
 from lamina.delta import transfer, uploads
 from lamina.errors import Conflict
 from lamina.home import Home
+from lamina.identity import identity_from_machine, seed_image
 from lamina.manager.deps import HomeDep, get_caller
 from lamina.manager.models import ImageVersion
 from lamina.manager.routers.data import CHUNK_TYPE, IMMUTABLE, REFERENCED
@@ -200,8 +201,6 @@ def get_delta(name: str, caller: WhoDep, home: HomeDep) -> Response:
 def get_seed(name: str, caller: WhoDep, home: HomeDep) -> Response:
     """The machine's NoCloud seed disk (what `machine/NAME/seed` serves over NBD), so a
     streamed machine finds its identity offline too."""
-    from lamina.identity import identity_from_machine, seed_image
-
     _machine(home, name, caller)
     with home.session() as session:
         data = seed_image(identity_from_machine(machines.get(session, name)))

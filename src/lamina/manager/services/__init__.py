@@ -1,1 +1,17 @@
-"""Service functions: keyword-only, one transaction's worth of work each; SQL lives here."""
+"""Service functions: keyword-only, one transaction's worth of work each; SQL lives here.
+
+images.py           images and their versions
+machines.py         machines: add, show, change, re-pin, remove
+commit.py           a machine's delta committed as a new image version
+layers.py           layers, their versions and bases, mounted roots
+versions.py         numbering NAME@1, NAME@2, ... (images and layers alike)
+access.py           users, groups, memberships, entitlements
+agents.py           what agents ask for: boot, login, logout, desired state
+rebase.py           rebase plans and records, the rule table
+profiles.py         boot profiles, one per image version
+fleet.py            paged, filtered views of the fleet (admin API and console)
+console.py          what the console shows beyond the other services
+console_access.py   the console's views of layers, users and groups
+store.py            what the chunk store must keep (the roots), for gc and verify
+settings.py         installation settings kept in the database
+"""

@@ -7,7 +7,6 @@ long-polling agents hear about it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from lamina.errors import AlreadyExists, Conflict, NotFound, UsageError
+from lamina.layer.changes import WritablePolicy
 from lamina.layer.records import APP
 from lamina.manager.models import (
     Change,
@@ -30,24 +30,13 @@ from lamina.manager.models import (
     UserSession,
     WritableLayer,
 )
-from lamina.manager.schemas import NAME_PATTERN
 from lamina.manager.services import fleet
 from lamina.manager.services import layers as layer_svc
-from lamina.names import parse_ref
+from lamina.names import check_user_name, parse_ref
 
-_NAME = re.compile(NAME_PATTERN)
-POLICIES = ("all", "profile", "apps")
+POLICIES = tuple(p.value for p in WritablePolicy)
 # Past this many machines, one "everyone" change is cheaper than one row per machine.
 FAN_OUT = 500
-
-
-def check_user_name(name: str, what: str = "user name") -> str:
-    if not _NAME.fullmatch(name):
-        raise UsageError(
-            f"bad {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "not starting with '.' or '-'"
-        )
-    return name
 
 
 def writable_name(user: str) -> str:

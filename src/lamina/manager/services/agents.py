@@ -37,7 +37,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from lamina.errors import Conflict, InvalidInput, NotFound
+from lamina.layer.importer import load_tree
 from lamina.layer.records import WRITABLE, NewVersion
+from lamina.manager.entitlements import Grant, layers_for
 from lamina.manager.models import (
     Base,
     Change,
@@ -52,9 +54,9 @@ from lamina.manager.models import (
     UserSession,
     WritableLayer,
 )
-from lamina.manager.resolve import Grant, layers_for
 from lamina.manager.services import layers as layer_svc
 from lamina.manager.services.machines import hash_token
+from lamina.names import parse_ref
 from lamina.store import ChunkStore
 
 
@@ -333,9 +335,6 @@ def _save(
     base: int | None,
     saved: dict[str, Any],
 ) -> str:
-    from lamina.layer.importer import load_tree
-    from lamina.names import parse_ref
-
     manifest = saved["manifest"]
     mid = bytes.fromhex(manifest)
     if not store.has(mid):

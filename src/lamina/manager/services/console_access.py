@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
+from lamina.errors import NotFound
 from lamina.manager.models import (
     Entitlement,
     Group,
@@ -21,15 +22,13 @@ from lamina.manager.models import (
     UserSession,
     WritableLayer,
 )
-from lamina.manager.services import access
+from lamina.manager.services import access, layers
 
 # -- layers -----------------------------------------------------------------------------------
 
 
 def layer_versions(session: Session, *, name: str) -> list[tuple[LayerVersion, list[str]]]:
     """A layer's versions, newest first, each with the refs of its bases."""
-    from lamina.manager.services import layers
-
     layer = layers.get_layer(session, name)
     versions = list(
         session.scalars(
@@ -152,9 +151,6 @@ def group_members(
 
 def remove_layer_entitlement(session: Session, *, layer: str, id: int) -> tuple[str, str]:
     """Remove entitlement ``id`` of ``layer``; returns (target kind, target name)."""
-    from lamina.errors import NotFound
-    from lamina.manager.services import layers
-
     found = layers.get_layer(session, layer)
     ent = session.get(Entitlement, id)
     if ent is None or ent.layer_id != found.id:

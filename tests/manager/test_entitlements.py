@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lamina.manager.resolve import Grant, layers_for
+from lamina.manager.entitlements import Grant, layers_for
 
 
 def g(user: int | None, via: str, layer: str, priority: int = 100, version: int = 1) -> Grant:

@@ -1,6 +1,6 @@
 """The agent API's database access and change notifications, per manager process.
 
-``HotDb.run`` executes a function in one transaction on a Core connection, off the event
+``AgentDb.run`` executes a function in one transaction on a Core connection, off the event
 loop. With SQLite every write transaction takes the one database write lock (BEGIN
 IMMEDIATE), so one database thread per process runs them in order (an in-process queue);
 eight threads contending for the lock gave the same throughput and a worse p99 (148 vs
@@ -33,7 +33,7 @@ POLL = 0.25
 KEEP_CHANGES = timedelta(hours=1)
 
 
-class HotDb:
+class AgentDb:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sqlite = engine.url.get_backend_name() == "sqlite"
@@ -59,7 +59,7 @@ class Batcher:
     one, answered by one ``desired_many`` transaction. 10,000 long-polls woken by one
     group entitlement all heard it in 1.4 s this way, 5.8 s with one transaction each."""
 
-    def __init__(self, db: HotDb) -> None:
+    def __init__(self, db: AgentDb) -> None:
         self.db = db
         self._pending: dict[int, tuple[agents.AgentMachine, list[asyncio.Future[Any]]]] = {}
         self._running = False
@@ -99,7 +99,7 @@ class Batcher:
 class Watcher:
     """Wakes long-polling agents when their machine's desired state may have changed."""
 
-    def __init__(self, db: HotDb) -> None:
+    def __init__(self, db: AgentDb) -> None:
         self.db = db
         self._waiters: dict[int, set[asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
