@@ -1,4 +1,7 @@
-"""Shared fixtures: a fresh lamina home per test and the real CLI as a subprocess."""
+"""Fixtures shared by every test: a fresh lamina home and the real CLI as a subprocess, a
+`lamina serve` on free ports, the database (SQLite, and a real PostgreSQL started here on
+loopback, as the postgres user in a temp dir, stopped at the end), and the cleanup of
+whatever a test left mounted."""
 
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from lamina.home import Home
+from lamina.layer.overlay import mountinfo
 from lamina.manager.home import open_home
 
 if TYPE_CHECKING:
+    from tests.pg import PgCluster
     from tests.servers import Server
 
 LAMINA = str(Path(sys.executable).with_name("lamina"))
@@ -89,3 +94,43 @@ def server(cli: Cli, tmp_path: Path) -> Iterator[Server]:
     srv = Server(cli.home, tmp_path / "serve.log")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _unmount_leftovers(tmp_path: Path) -> Iterator[None]:
+    """Whatever a test mounted under its tmp_path goes, latest first, even on failure."""
+    yield
+    for _ in range(3):
+        mine = [m for m in mountinfo() if m.mountpoint.startswith(str(tmp_path))]
+        if not mine:
+            return
+        for m in reversed(mine):
+            subprocess.run(["umount", "-l", m.mountpoint], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    from tests.pg import PgCluster, pg_bin
+
+    if pg_bin() is None:
+        if os.environ.get("CI"):
+            raise AssertionError("PostgreSQL is not installed (make deps installs it)")
+        pytest.skip("PostgreSQL is not installed (make deps installs it)")
+    cluster = PgCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, home_dir: Path
+) -> str:
+    """Which database the home (and every process started by the test) uses."""
+    if request.param == "sqlite":
+        monkeypatch.delenv("LAMINA_DATABASE_URL", raising=False)
+        return f"sqlite:///{home_dir / 'lamina.db'}"
+    from tests.pg import fresh_database
+
+    url = fresh_database(request.getfixturevalue("pg_cluster"))
+    monkeypatch.setenv("LAMINA_DATABASE_URL", url)
+    return url

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import shutil
 import subprocess
@@ -10,6 +11,8 @@ import tempfile
 from pathlib import Path
 
 from tests.servers import free_port
+
+_counter = itertools.count()
 
 
 def pg_bin() -> Path | None:
@@ -91,3 +94,15 @@ class PgCluster:
             )
             self.running = False
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def fresh_database(cluster: PgCluster) -> str:
+    """A new empty database in the cluster; its SQLAlchemy URL."""
+    import psycopg
+
+    name = f"t{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(
+        f"host=127.0.0.1 port={cluster.port} user=postgres dbname=postgres", autocommit=True
+    ) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return cluster.url.rsplit("/", 1)[0] + f"/{name}"

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.conftest import Cli, write_sparse
-from tests.manager.conftest import database, pg_cluster
 from tests.servers import Server
 
 if TYPE_CHECKING:
@@ -34,7 +33,6 @@ CHROMIUM_ARGS = [
 # Free text an admin can give that ends up on console pages (machine names cannot hold it).
 HOSTILE_SCRIPT = "<script>alert(1)</script>"
 HOSTILE_IMG = "<img src=x onerror=alert(2)>"
-__all__ = ["database", "pg_cluster"]  # the manager tests' fixtures: SQLite and PostgreSQL
 _LOGIN = re.compile(r"lamina console: (http://\S+/login\?token=\S+)")
 
 

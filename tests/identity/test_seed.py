@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +110,32 @@ def test_changing_the_hostname_changes_only_what_it_should(two: tuple[Identity, 
     assert seed_image(before) != seed_image(after)
 
 
-def test_seed_iso_is_deterministic(two: tuple[Identity, Identity]) -> None:
+def test_seed_iso_is_the_same_at_any_time_in_any_time_zone(two: tuple[Identity, Identity]) -> None:
+    """Built again in another process, ten years later by its clock and in another time
+    zone, the seed is byte for byte the same: every timestamp in it is the fixed one."""
     a, b = two
-    assert seed_image(a) == seed_image(a)
-    assert seed_image(a) != seed_image(b)
+    here = seed_image(a)
+    script = textwrap.dedent(
+        """
+        import json, sys, time
+        time.time = lambda: 1_900_000_000.0  # 2030, whatever the real clock says
+        from lamina.identity import Identity, seed_image
+        identity = Identity(**json.loads(sys.stdin.read()))
+        sys.stdout.buffer.write(seed_image(identity))
+        """
+    )
+    there = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps(dataclasses.asdict(a)).encode(),
+        capture_output=True,
+        env={**os.environ, "TZ": "Pacific/Chatham"},  # UTC+12:45/+13:45
+        check=True,
+    ).stdout
+    assert there == here
+    pvd = here[16 * 2048 : 17 * 2048]  # the primary volume descriptor (ECMA-119 8.4)
+    for field in (813, 830, 864):  # creation, modification, effective dates
+        assert pvd[field : field + 17] == b"2020010100000000\0"  # FIXED_TIME, UTC
+    assert here != seed_image(b)
     assert read_seed_iso(seed_image(b)) == seed_files(b)
 
 

@@ -16,7 +16,7 @@ from lamina.manager.layer_records import DatabaseRecords
 from lamina.manager.services import layers
 from lamina.names import parse_ref
 from tests.conftest import Cli
-from tests.layer.conftest import busybox_root, mounted, needs_root
+from tests.trees import busybox_root, mounted, needs_root
 
 pytestmark = [needs_root, pytest.mark.peers]
 

@@ -1,5 +1,8 @@
 """layer import from directories, tars (plain, gz, zst) and image archives, through the CLI:
-what goes in comes back out by ``layer export``, bit for bit and attribute for attribute."""
+what goes in comes back out by ``layer export``, bit for bit and attribute for attribute.
+
+Tests whose trees or exports carry other owners, devices or capabilities, or that mount,
+need root; the refusals, image archives and plain round trips run as any user."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import zstandard
 from lamina.home import Home
 from lamina.manager.services import layers
 from tests.conftest import Cli
-from tests.layer.conftest import (
+from tests.trees import (
     docker_archive,
     member,
     needs_root,
@@ -27,10 +30,10 @@ from tests.layer.conftest import (
     write_tree,
 )
 
-pytestmark = needs_root
 MiB = 1 << 20
 
 
+@needs_root
 def test_directory_round_trip_keeps_everything(cli: Cli, tmp_path: Path) -> None:
     src = rich_tree(tmp_path / "src")
     # the rich tree has a file with capabilities: allowed explicitly, like setuid
@@ -44,6 +47,7 @@ def test_directory_round_trip_keeps_everything(cli: Cli, tmp_path: Path) -> None
     assert (out / "usr/bin/tool").stat().st_blocks * 512 < 8 * MiB  # zero chunks: holes
 
 
+@needs_root
 @pytest.mark.parametrize("compression", ["none", "gz", "zst"])
 def test_tar_import_matches_directory_import(cli: Cli, tmp_path: Path, compression: str) -> None:
     src = rich_tree(tmp_path / "src")
@@ -151,6 +155,7 @@ def test_hostile_tars_are_refused_before_anything_is_written(
     assert home.store.usage().chunks == 0  # not even the good member's data
 
 
+@needs_root
 def test_devices_and_setuid_need_their_flags(cli: Cli, tmp_path: Path) -> None:
     tar = tmp_path / "dev.tar"
     tar.write_bytes(
@@ -250,6 +255,7 @@ def test_gc_keeps_layer_chunks_and_frees_them_after_rm(cli: Cli, tmp_path: Path)
     assert freed["chunks_removed"] >= 3 and cli.json("store", "du")["chunks"] == 0
 
 
+@needs_root
 def test_hard_link_sorting_before_its_target_exports_and_mounts(cli: Cli, tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "a" / "b").mkdir(parents=True)

@@ -20,7 +20,7 @@ from lamina.manager.layer_records import DatabaseRecords
 from lamina.manager.services import layers
 from lamina.names import parse_ref
 from tests.conftest import Cli
-from tests.layer.conftest import mounted, needs_root, rich_tree, snapshot, write_tree
+from tests.trees import mounted, needs_root, rich_tree, snapshot, write_tree
 
 pytestmark = [needs_root, pytest.mark.peers]
 

@@ -20,8 +20,7 @@ from lamina.home import Home
 from lamina.manager.home import open_home
 from lamina.manager.layer_records import DatabaseRecords
 from tests.conftest import LAMINA
-from tests.manager.conftest import fresh_database
-from tests.pg import PgCluster
+from tests.pg import PgCluster, fresh_database
 from tests.servers import free_port, wait_port
 
 AGENTS = 60

@@ -14,8 +14,8 @@ from lamina.manager.layer_records import DatabaseRecords
 from lamina.manager.services import layers as svc
 from lamina.names import parse_ref
 from lamina.rebase.views import flatten
-from tests.layer.conftest import write_tree
 from tests.rebase.trees import BLOBS, D, Spec, entry
+from tests.trees import write_tree
 
 
 def base(home: Home, tmp_path: Path, name: str, files: dict[str, str | bytes | None]) -> str:

@@ -15,12 +15,7 @@ from lamina.layer import roots
 from lamina.layer.importer import import_layer
 from lamina.manager.layer_records import DatabaseRecords
 from tests.conftest import Cli
-from tests.layer.conftest import (
-    _unmount_leftovers,  # noqa: F401 (autouse: whatever a test mounted goes)
-    mounted,
-    needs_root,
-    write_tree,
-)
+from tests.trees import mounted, needs_root, write_tree
 
 pytestmark = [needs_root, pytest.mark.peers]
 

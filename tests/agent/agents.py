@@ -1,4 +1,4 @@
-"""Agent test helpers: agent processes on their own homes, and mount cleanup."""
+"""Agent test helpers: agent processes on their own homes."""
 
 from __future__ import annotations
 
@@ -9,9 +9,6 @@ import time
 from pathlib import Path
 
 from tests.conftest import LAMINA
-from tests.layer.conftest import (
-    _unmount_leftovers,  # noqa: F401 (autouse: whatever a test mounted goes)
-)
 
 
 class AgentProc:

@@ -1,4 +1,4 @@
-"""Helpers for layer tests: file trees, tars, image archives, and mount cleanup."""
+"""Helpers for tests that make layers: file trees, tars, image archives, mounts."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
-from collections.abc import Iterator
 from hashlib import sha256
 from pathlib import Path
 
@@ -19,21 +17,11 @@ from lamina.layer.overlay import mountinfo
 
 MiB = 1 << 20
 MTIME_NS = 1_600_000_000_123_456_789
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root: mounts, other owners, devices"
+)
 BUSYBOX = shutil.which("busybox")
 APPLETS = ("sh", "echo", "cat", "mkdir", "rm", "ls", "sleep", "touch", "mv")
-
-
-@pytest.fixture(autouse=True)
-def _unmount_leftovers(tmp_path: Path) -> Iterator[None]:
-    """Whatever a test mounted under its tmp_path goes, latest first, even on failure."""
-    yield
-    for _ in range(3):
-        mine = [m for m in mountinfo() if m.mountpoint.startswith(str(tmp_path))]
-        if not mine:
-            return
-        for m in reversed(mine):
-            subprocess.run(["umount", "-l", m.mountpoint], capture_output=True, check=False)
 
 
 def write_tree(root: Path, files: dict[str, str | bytes | None]) -> Path:
