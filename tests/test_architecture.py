@@ -29,7 +29,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 TIERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("foundations", frozenset({"errors", "files", "logs", "_tuning", "settings"})),
     ("names and locks", frozenset({"names", "locks", "control", "lamina"})),
-    ("chunk store, NBD protocol", frozenset({"store", "nbd"})),
+    ("chunk store, NBD protocol, TLS trust", frozenset({"store", "nbd", "trust"})),
     ("a home's folders, identities", frozenset({"home", "identity"})),
     ("images", frozenset({"image"})),
     ("machine deltas, file-tree layers", frozenset({"delta", "layer"})),

@@ -14,6 +14,7 @@ delta      machine deltas: the delta files, blobs, staged uploads, the machine's
 layer      file-tree layers: import, capture, mount a composed root, live attach
 image      block images: import, export, manifests, reads, boot-profile format
 identity   machine identities and their NoCloud seeds
+trust      the home's certificate authority and what a TLS client proves
 home       a home: its folders, its store, its database (opened by whoever opens it)
 store      the content-addressed chunk store
 nbd        the NBD protocol (sans-I/O) and the block-device interface

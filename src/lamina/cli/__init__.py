@@ -11,6 +11,7 @@ serve.py     lamina serve
 stream.py    lamina stream IMAGE | stream status | stream sync
 store.py     lamina store verify|gc|du
 agent.py     lamina agent, lamina agent login|logout|status
+credentials.py   lamina machine credentials NAME | lamina admin credentials (TLS)
 admin.py     lamina admin token
 demo.py      lamina demo
 """

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lamina.errors import LaminaError, NotFound
+from lamina.names import MACHINE_PREFIX, SEED_SUFFIX
 from lamina.nbd import ExportInfo
 from lamina.nbd.negotiate import Refusal
-from lamina.serve.catalog import MACHINE_PREFIX, SEED_SUFFIX
 from lamina.trust.principal import Kind, Principal, presented
 
 if TYPE_CHECKING:

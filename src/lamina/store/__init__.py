@@ -6,6 +6,9 @@ pack.py      pack files: many envelopes in one immutable object, with a trailer
 index.py     where each chunk lives: chunk id -> (pack, offset, size), in SQLite
 store.py     ChunkStore: put/get/has, dedup, verify, gc
 cache.py     a byte-bounded LRU of decompressed chunks, shared in a process
+location.py  where a home's store lives (its folder, or s3://), recorded in the home
+remote.py    the store over a remote backend: checked ranged GETs behind a disk cache
+diskcache.py  a bounded disk cache of chunk envelopes, for remote packs
 backends/    where the packs live: a local directory, or memory for tests
 """
 

@@ -7,6 +7,7 @@ machines.py   machines: identity, pinned image version, mode
 layers.py     layers, their versions and bases, mounted roots
 access.py     users, groups, entitlements, writable layers, user sessions
 stream.py     boot profiles
+credentials.py   TLS client credentials issued by the home's CA, by serial
 """
 
 from lamina.manager.models.access import (
