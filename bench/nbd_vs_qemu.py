@@ -81,8 +81,7 @@ def fio(
 
 def lamina_serve(port: int, env: dict[str, str], *tls: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [LAMINA, "serve", "--no-http", "--nbd", f"127.0.0.1:{port}",
-         "--cache-mib", str(SIZE // MiB + 256), *tls],
+        [LAMINA, "serve", "--no-http", "--nbd", f"127.0.0.1:{port}", *tls],
         env={**os.environ, **env},
         stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -97,7 +97,7 @@ async def _round(
 ) -> None:
     started = asyncio.Event()
     stop = asyncio.Event()
-    options = ServeOptions(nbd=nbd, http=http, cache_bytes=128 << 20, log_level="warning")
+    options = ServeOptions(nbd=nbd, http=http, log_level="warning")
     task = asyncio.create_task(serve(home, options, ready=started.set, stop=stop))
     await asyncio.wait(
         [task, asyncio.create_task(started.wait())], return_when=asyncio.FIRST_COMPLETED
