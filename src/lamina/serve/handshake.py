@@ -312,5 +312,6 @@ class NbdService:
             if not self.catalog.open_count():
                 break
             await asyncio.sleep(0.01)
+        await self.loop.run_in_executor(None, self.shared.writer.stop)
         await self.loop.run_in_executor(None, self.pool.shutdown, True)
         self.catalog.close_all()
