@@ -15,8 +15,9 @@ into its own copy-on-write state. Side by side, in one run, for each N:
               client connection: how LTSP served thin clients), default worker threads
   qemu-nbd    one qemu-nbd per machine, each on its own qcow2 overlay of the raw image
 
-The machines power on at random moments within ``--stagger`` seconds (1 by default: all
-at once, nbd-server leaves some clients unanswered, see ``attempts``). Cold, as a fleet
+The machines power on at random moments within ``--stagger`` seconds (1 by default).
+nbd-server loses connections in a storm unless SYN cookies are off (``Peers.nbd_server``);
+they are, for its phase. Cold, as a fleet
 meets it: before each server's phase the page cache is dropped (as root; everyone gets
 the same), the server starts, and the storm is its first pass over the data (no
 warm-up). Memory is the peak, over the phase, of the proportional set size
@@ -38,7 +39,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,6 +201,11 @@ class Peers:
         return Running([proc.pid], uris, [proc])
 
     def nbd_server(self, n: int) -> Running:
+        """nbd-server listens with a backlog of 10: in a storm its accept queue overflows.
+        With SYN cookies on (the default), a client whose final ACK is then dropped holds
+        an established connection the server never heard of and waits for the greeting
+        for ever; off, the client's SYN is dropped and sent again a second later. So SYN
+        cookies are turned off for this phase (as root), and on again after it."""
         port = free_port()
         cow = self.work / "cow"
         shutil.rmtree(cow, ignore_errors=True)
@@ -261,14 +267,30 @@ class Peers:
         return Running([p.pid for p in procs], uris, procs)
 
 
-def attempts(start: Callable[[], Running], io_mib: int, stagger: float, work: Path) -> Result:
-    """A phase, once more if it hung: nbd-server listens with a backlog of 10, and a
-    client whose connection was completed by a SYN cookie while that queue was full waits
-    for the greeting for ever (seen at N=32 now and then, at N=128 on most tries
-    without the stagger)."""
+@contextlib.contextmanager
+def syncookies(value: str) -> Iterator[None]:
+    """net.ipv4.tcp_syncookies set to ``value`` for the block (when permitted)."""
+    knob = Path("/proc/sys/net/ipv4/tcp_syncookies")
+    try:
+        old = knob.read_text()
+        knob.write_text(value)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        knob.write_text(old)
+
+
+def attempts(
+    name: str, start: Callable[[], Running], io_mib: int, stagger: float, work: Path
+) -> Result:
+    """A phase, once more if it hung (a client never answered: see ``Peers.nbd_server``)."""
     for attempt in range(ATTEMPTS):
         try:
-            return phase(start, io_mib, stagger, work)
+            with syncookies("0") if name == "nbd-server" else contextlib.nullcontext():
+                return phase(start, io_mib, stagger, work)
         except Hung:
             if attempt == ATTEMPTS - 1:
                 raise
@@ -305,7 +327,7 @@ def main() -> None:
                 "qemu-nbd": peers.qemu_nbd,
             }[name]
             try:
-                r = attempts(functools.partial(start, n), args.io_mib, args.stagger, work)
+                r = attempts(name, functools.partial(start, n), args.io_mib, args.stagger, work)
             except Hung as exc:
                 print(f"N={n:<4d} {name:10s} hung: {exc}", flush=True)
                 continue

@@ -143,10 +143,25 @@ class FileCatalog(ExportCatalog):
         self._files: dict[bytes, ImageFiles] = {}
         self._files_lock = threading.Lock()
         self._on_close = on_close
+        self._hydrated = 0
+        self._opening: dict[str, threading.Lock] = {}
         self.directory: Path = hydrated_dir(home.cache_dir)
+
+    def open(self, name: str) -> BlockDevice:
+        """As the base class, with one opening of a name at a time in this process: opens
+        run on threads here, and two at once would find each other's delta lock."""
+        with self._files_lock:
+            lock = self._opening.setdefault(name, threading.Lock())
+        with lock:
+            return super().open(name)
 
     def open_count(self) -> int:
         return len(self._open)
+
+    def hydrations(self) -> int:
+        """Chunks this process made ready (checked, or decompressed into a cache file)."""
+        with self._files_lock:
+            return self._hydrated + sum(f.hydrations for f in self._files.values())
 
     def release(self, name: str) -> None:
         """One user fewer; the last one closes the device (and says so to ``on_close``)."""
@@ -184,6 +199,7 @@ class FileCatalog(ExportCatalog):
         super().close_all()
         with self._files_lock:
             files, self._files = list(self._files.values()), {}
+            self._hydrated += sum(f.hydrations for f in files)
         for f in files:
             f.close()
 

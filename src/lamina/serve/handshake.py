@@ -10,8 +10,10 @@ negotiated there). Three things change around it here:
   socket descriptor; the transport is then dropped without closing the connection.
 - A machine's delta has one writer, so a machine is served by one process. When its
   delta is held by a sibling process, the connection (before the GO is answered) goes
-  to that process through the ``Hub`` with its handshake state, at most once; a TLS
-  connection cannot move (its session lives in this process) and gets the error reply.
+  to that process through the ``Hub`` with its handshake state; each process tries at
+  most once, then the GO gets the error reply (the delta is held by something else: a
+  commit, a reset). A TLS connection cannot move (its session lives in this process)
+  and gets the error reply at once.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from lamina.errors import Conflict, LaminaError
 from lamina.home import Home
+from lamina.logs import event as log_event
 from lamina.names import MACHINE_PREFIX
 from lamina.nbd import ExportInfo, Phase, ServerConnection
 from lamina.nbd.aio import DeviceProvider, NbdServerProtocol, ServerTls
@@ -177,7 +180,7 @@ class WorkerProtocol(NbdServerProtocol):
         return (
             self.service.hub is not None
             and name.startswith(MACHINE_PREFIX)
-            and hops == 0
+            and hops < self.service.siblings  # each process tries once, then it is refused
             and self._plain()
         )
 
@@ -204,6 +207,7 @@ class WorkerProtocol(NbdServerProtocol):
             self._opened_error(event, name)
             return
         state = pickle.dumps(Resumed(self.conn, event, self.peer, hops + 1))
+        log_event(self.log, "hand-over", client=self.peer, export=name)
         hub.hand_over(name, sock.detach(), state)
 
     def _opened_error(self, event: Event, name: str) -> None:
@@ -262,10 +266,12 @@ class NbdService:
         io_threads: int = 8,
         hub: Hub | None = None,
         options: ServeOptions | None = None,
+        siblings: int = 0,
     ) -> None:
         self.home = home
         self.log = log
         self.hub = hub
+        self.siblings = siblings  # other processes a connection may be handed to
         self.catalog = FileCatalog(home, on_close=self._device_closed)
         self.tls: ServerTls | None = None
         if options is not None and options.tls:
@@ -277,8 +283,10 @@ class NbdService:
         self.shared = Shared(self.loop, self.pool, log)
         self.protocols: set[NbdServerProtocol] = set()
         self.on_change: Callable[[], None] | None = None  # connections came or went
+        self.connections = 0  # handshakes started here (handed-over ones included)
 
     def protocol(self, resumed: Resumed | None = None) -> WorkerProtocol:
+        self.connections += 1
         proto = WorkerProtocol(self, resumed)
         self.protocols.add(proto)
         return proto
@@ -292,6 +300,10 @@ class NbdService:
         """Serve a connection accepted elsewhere (``state``: a handed-over handshake)."""
         resumed = pickle.loads(state) if state else None  # from our parent only
         await self.loop.connect_accepted_socket(lambda: self.protocol(resumed), sock)
+
+    def counters(self) -> dict[str, int]:
+        """What this process did: connections, chunks it made ready (see ImageFiles)."""
+        return {"connections": self.connections, "hydrated": self.catalog.hydrations()}
 
     def note_open(self, name: str) -> None:
         if self.hub is not None:

@@ -149,6 +149,7 @@ class WorkerPool:
         self.count = options.worker_count
         self.log = log
         self._config = {
+            "workers": self.count,
             "home": str(home.root),
             "database_url": home.database_url,
             "io_threads": options.io_threads,
@@ -223,16 +224,7 @@ class WorkerPool:
         kind = message[0]
         worker = self.workers.get(index)
         if kind == "hand-over" and fds:
-            _, export, state = message
-            owner = self.owners.get(export)
-            target = self.workers.get(owner) if owner is not None else None
-            if target is None or target.channel.closed or owner == index:
-                target = worker  # nobody else holds it: the sender answers
-            if target is None or target.channel.closed:
-                os.close(fds[0])
-                return
-            target.sent += 1
-            target.channel.send(("conn", state), fds[0])
+            self._route(index, message[1], message[2], fds[0])
             return
         for fd in fds:  # no other message carries one
             os.close(fd)
@@ -246,6 +238,22 @@ class WorkerPool:
             self.owners[message[1]] = index
         elif kind == "closed" and self.owners.get(message[1]) == index:
             del self.owners[message[1]]
+
+    def _route(self, sender: int, export: str, state: bytes, fd: int) -> None:
+        """A connection whose machine a sibling holds: to the worker known to hold it, or
+        (not known yet: its "opened" may still be on the way) to the next one in turn;
+        the workers stop handing it on once each has tried."""
+        owner = self.owners.get(export)
+        target = self.workers.get(owner) if owner is not None and owner != sender else None
+        if target is None or target.channel.closed:
+            live = sorted(i for i, w in self.workers.items() if not w.channel.closed)
+            after = [i for i in live if i > sender] + [i for i in live if i <= sender]
+            target = self.workers[after[0]] if after else None
+        if target is None:
+            os.close(fd)
+            return
+        target.sent += 1
+        target.channel.send(("conn", state), fd)
 
     def _lost(self, index: int) -> None:
         """A worker's channel ended: it is exiting (or gone); wait for it, replace it."""
@@ -324,14 +332,34 @@ class _ChannelHub:
             self.channel.send(("load", self.load()))
 
 
+class _Tagged(logging.Filter):
+    """Every event of a worker names it (which worker served a connection, in the log)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            fields.setdefault("worker", self.index)
+        return True
+
+
 async def _worker(config: dict[str, Any]) -> None:
     from lamina.serve.handshake import NbdService
 
     log = logs.setup(config["log_level"])
+    log.addFilter(_Tagged(config["index"]))
     home = Home(Path(config["home"]), config["database_url"])
     hub = _ChannelHub(config["channel"])
     service = NbdService(
-        home, log, io_threads=config["io_threads"], hub=hub, options=_options(config)
+        home,
+        log,
+        io_threads=config["io_threads"],
+        hub=hub,
+        options=_options(config),
+        siblings=config["workers"] - 1,
     )
     hub.load = lambda: len(service.protocols) + len(service.shared.connections)
     stop = asyncio.Event()
@@ -355,12 +383,13 @@ async def _worker(config: dict[str, Any]) -> None:
     service.on_change = hub.load_changed
     service.shared.on_close = hub.load_changed
     channel.send(("ready",))
-    logs.event(log, "worker-ready", logging.DEBUG, worker=config["index"], pid=os.getpid())
+    logs.event(log, "worker-started", pid=os.getpid())
     try:
         await stop.wait()
     finally:
         await service.close()
         channel.close()
+        logs.event(log, "worker-stopped", **service.counters())
 
 
 def _options(config: dict[str, Any]) -> ServeOptions:
