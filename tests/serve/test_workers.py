@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from lamina.home import Home
+from lamina.manager.home import open_home
 from lamina.image import Manifest
 from lamina.store.codec import HEADER_SIZE, parse_header
 from tests.conftest import Cli, write_sparse
@@ -195,7 +195,7 @@ def test_a_killed_worker_is_replaced_and_acknowledged_writes_stay(
 
 def corrupt_chunk(home_dir: Path, index: int) -> bool:
     """Flip a byte in the payload of chunk ``index`` of base@1; True if it is compressed."""
-    home = Home(home_dir)
+    home = open_home(home_dir)
     try:
         from lamina.manager.services import images
         from lamina.names import parse_ref

@@ -347,11 +347,12 @@ class _Tagged(logging.Filter):
 
 
 async def _worker(config: dict[str, Any]) -> None:
+    from lamina.manager.home import open_home
     from lamina.serve.handshake import NbdService
 
     log = logs.setup(config["log_level"])
     log.addFilter(_Tagged(config["index"]))
-    home = Home(Path(config["home"]), config["database_url"])
+    home = open_home(Path(config["home"]), config["database_url"])
     hub = _ChannelHub(config["channel"])
     service = NbdService(
         home,
