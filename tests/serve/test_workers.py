@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from lamina.manager.home import open_home
 from lamina.image import Manifest
+from lamina.manager.home import open_home
 from lamina.store.codec import HEADER_SIZE, parse_header
 from tests.conftest import Cli, write_sparse
 from tests.nbdtools import ok, qemu_io
