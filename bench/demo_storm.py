@@ -28,16 +28,28 @@ from pathlib import Path
 from common import LAMINA, drop_caches, free_port, need, run, scratch, wait_export
 from lamina.demo.image import demo_image
 from lamina.demo.vm import boot_async
+from lamina.errors import ToolError
 
 
-async def storm(disks: list[str], seeds: list[Path]) -> float:
-    """Seconds until the last of the VMs printed its boot line."""
+async def one(disk: str, seed: Path, retries: list[str]) -> None:
+    """Boot one VM; once more if its kernel gave up early. Sixteen TCG guests on two busy
+    cores sometimes fail the kernel's timer check ("IO-APIC + timer doesn't work") before
+    they read a byte of their disk; the second try still counts in the storm's time."""
+    try:
+        report = await boot_async(disk, seed, timeout=600)
+    except ToolError as exc:
+        retries.append(str(exc)[-120:])
+        report = await boot_async(disk, seed, timeout=600)
+    assert report.hostname
+
+
+async def storm(disks: list[str], seeds: list[Path]) -> tuple[float, int]:
+    """Seconds until the last of the VMs printed its boot line, and how many VMs booted
+    twice."""
     started = time.monotonic()
-    reports = await asyncio.gather(
-        *(boot_async(d, s, timeout=600) for d, s in zip(disks, seeds, strict=True))
-    )
-    assert all(r.hostname for r in reports)
-    return time.monotonic() - started
+    retries: list[str] = []
+    await asyncio.gather(*(one(d, s, retries) for d, s in zip(disks, seeds, strict=True)))
+    return time.monotonic() - started, len(retries)
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -77,10 +89,16 @@ def main() -> None:
     lamina = subprocess.Popen(serve, env={**os.environ, **env}, stderr=subprocess.DEVNULL)
     try:
         wait_export(f"nbd://127.0.0.1:{port}/demo")
-        ours = asyncio.run(storm([f"nbd://127.0.0.1:{port}/machine/{n}" for n in names], seeds))
+        ours, our_retries = asyncio.run(
+            storm([f"nbd://127.0.0.1:{port}/machine/{n}" for n in names], seeds)
+        )
     finally:
         stop([lamina])
-    print(f"lamina    {args.vms} VMs: last boot line after {ours:6.1f} s", flush=True)
+    print(
+        f"lamina    {args.vms} VMs: last boot line after {ours:6.1f} s"
+        f" ({our_retries} booted twice)",
+        flush=True,
+    )
 
     procs, disks = [], []
     for i in range(args.vms):
@@ -111,10 +129,14 @@ def main() -> None:
         for d in disks:
             wait_export(d)
         drop_caches()
-        theirs = asyncio.run(storm(disks, seeds))
+        theirs, their_retries = asyncio.run(storm(disks, seeds))
     finally:
         stop(procs)
-    print(f"qemu-nbd  {args.vms} VMs: last boot line after {theirs:6.1f} s", flush=True)
+    print(
+        f"qemu-nbd  {args.vms} VMs: last boot line after {theirs:6.1f} s"
+        f" ({their_retries} booted twice)",
+        flush=True,
+    )
     print(f"ratio last_boot qemu-nbd/lamina={theirs / ours:.2f}")
     run("rm", "-rf", str(work))
 

@@ -5,6 +5,7 @@ server.py       ``lamina serve``: startup and shutdown of the manager and the bl
 workers.py      NBD worker processes: fed connections by the parent, replaced if they die
 handshake.py    one serving process: handshakes, opening exports off the loop, hand-overs
 fastpath.py     the transmission phase of a plain connection on its raw socket
+shared.py       what a process's fast connections share: the writer thread, the pool
 catalog.py      the exports (IMAGE@V, machine/NAME, machine/NAME/seed) resolved per handshake
 filedevices.py  the exports' devices as ranges of files (what the fast path reads)
 imagefiles.py   an image version as files shared by every process: packs, a hydrated cache

@@ -29,9 +29,7 @@ import asyncio
 import logging
 import os
 import socket
-import threading
 from collections.abc import Callable
-from concurrent.futures import Executor
 from typing import Final
 
 from lamina.errors import LaminaError, ProtocolError
@@ -43,11 +41,11 @@ from lamina.nbd.device import BlockDevice
 from lamina.nbd.events import BlockStatus, Buffer, ErrorReply, Event
 from lamina.nbd.negotiate import BASE_ALLOCATION_ID
 from lamina.serve.imagefiles import Segment
+from lamina.serve.shared import ARENA, Shared
 
 # Receive buffer: requests of a batch; grows for a large write's payload, and shrinks back
 # once drained, so an idle machine costs 32 KiB here (a fixed 256 KiB was 32 MiB for 128).
 _RBUF: Final = 32 << 10
-_ARENA: Final = 4 << 20  # read data of one batch, reused once the batch is sent
 _IOV: Final = 512  # buffers per sendmsg (IOV_MAX is 1024)
 _ZEROS = memoryview(bytes(1 << 20))
 _NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0)
@@ -57,128 +55,7 @@ _FLUSH: Final = int(Cmd.FLUSH)
 _READ_FLAGS: Final = int(CmdFlag.FUA)  # DF (structured only) goes the checked way
 _WRITE_FLAGS: Final = int(CmdFlag.FUA)
 
-Done = Callable[[BaseException | None], None]
 What = tuple[int, int, int, int]  # a request as its error log names it: cmd, handle, offset, length
-Results = list[tuple[Done, BaseException | None]]
-Job = tuple[bool, Callable[[], object], Done]  # (on the pool?, what, then on the loop)
-
-
-class Writer:
-    """The one thread of a process that applies writes, every device's in the order they
-    came (a delta has one writer); what waits for the disk (fdatasync, closing a device)
-    goes on to the pool once the writes before it are done, so a flush never holds up
-    other machines' writes. Completions come back to the loop in batches.
-
-    One thread instead of a pool, woken at most once per turn of the event loop: with a
-    pool, each write woke a thread and the threads fought over the GIL (futex waits were
-    9% of a storm's samples, 10 us more CPU a write); waking the writer for every write
-    still cost 8% of the loop's time in ``Condition.notify``."""
-
-    def __init__(self, shared: Shared) -> None:
-        self._shared = shared
-        self._batch: list[Job] = []  # given during this turn of the loop
-        self._jobs: list[Job] = []  # handed to the thread
-        self._wake = threading.Condition()
-        self._idle = False
-        self._stop = False
-        self._thread: threading.Thread | None = None
-
-    def write(self, job: Callable[[], object], done: Done) -> None:
-        """Run ``job`` on the writer thread, after every job given before it."""
-        self._submit(False, job, done)
-
-    def after(self, job: Callable[[], object], done: Done) -> None:
-        """Run ``job`` on the pool once the writes given before it are done."""
-        self._submit(True, job, done)
-
-    def _submit(self, pooled: bool, job: Callable[[], object], done: Done) -> None:
-        if not self._batch:
-            self._shared.loop.call_soon(self._kick)
-        self._batch.append((pooled, job, done))
-
-    def _kick(self) -> None:
-        batch, self._batch = self._batch, []
-        with self._wake:
-            self._jobs += batch
-            if self._idle:
-                self._wake.notify()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._jobs and not self._stop:
-                    self._idle = True
-                    self._wake.wait()
-                self._idle = False
-                jobs, self._jobs = self._jobs, []
-                if not jobs:
-                    return
-            results: Results = []
-            for pooled, job, done in jobs:
-                if pooled:
-                    self._shared.pool.submit(self._pooled, job, done)
-                    continue
-                error: BaseException | None = None
-                try:
-                    job()
-                except Exception as exc:
-                    error = exc
-                results.append((done, error))
-            if results:
-                self._shared.post(results)
-
-    def _pooled(self, job: Callable[[], object], done: Done) -> None:
-        error: BaseException | None = None
-        try:
-            job()
-        except Exception as exc:
-            error = exc
-        self._shared.post([(done, error)])
-
-    def stop(self) -> None:
-        """Finish what was given, then end the thread (from a thread: the loop waits)."""
-        with self._wake:
-            self._stop = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
-
-
-class Shared:
-    """What the fast connections of one process share: the loop, the thread pool, the
-    writer thread, the scratch buffer for read data."""
-
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, pool: Executor, log: logging.Logger
-    ) -> None:
-        self.loop = loop
-        self.pool = pool
-        self.log = log
-        self.arena = memoryview(bytearray(_ARENA))
-        self.connections: set[FastConnection] = set()
-        self.on_close: Callable[[], None] | None = None  # a connection ended
-        self.writer = Writer(self)
-        self._dirty: set[FastConnection] = set()
-
-    def post(self, results: Results) -> None:
-        """From a thread: run these completions on the loop, then send their replies."""
-        self.loop.call_soon_threadsafe(self._deliver, results)
-
-    def _deliver(self, results: Results) -> None:
-        for done, error in results:
-            done(error)
-        self.flush_dirty()
-
-    def mark(self, conn: FastConnection) -> None:
-        self._dirty.add(conn)
-
-    def flush_dirty(self) -> None:
-        dirty, self._dirty = self._dirty, set()
-        for conn in dirty:
-            conn.flush()
 
 
 class FastConnection:
@@ -310,10 +187,10 @@ class FastConnection:
         self.stats["bytes_read"] += length
         segments: list[Segment] = []
         if self._locate is not None and self._locate(offset, length, segments):
-            if length > _ARENA:
+            if length > ARENA:
                 got = self._read_into(memoryview(bytearray(length)), segments)
             else:
-                if used + length > _ARENA:
+                if used + length > ARENA:
                     self.flush()  # the scratch buffer is reused once its replies are sent
                     used = 0
                 got = self._read_into(self.shared.arena[used : used + length], segments)

@@ -37,8 +37,9 @@ from lamina.nbd.aio import DeviceProvider, NbdServerProtocol, ServerTls
 from lamina.nbd.device import BlockDevice
 from lamina.nbd.events import Event, OptExportName, OptInfo
 from lamina.nbd.negotiate import Refusal
-from lamina.serve.fastpath import FastConnection, Shared
+from lamina.serve.fastpath import FastConnection
 from lamina.serve.filedevices import FileCatalog
+from lamina.serve.shared import Shared
 
 if TYPE_CHECKING:
     from lamina.serve.server import ServeOptions
