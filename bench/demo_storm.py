@@ -30,22 +30,28 @@ from lamina.demo.image import demo_image
 from lamina.demo.vm import boot_async
 from lamina.errors import ToolError
 
+TRIES = 4
+
 
 async def one(disk: str, seed: Path, retries: list[str]) -> None:
-    """Boot one VM; once more if its kernel gave up early. Sixteen TCG guests on two busy
-    cores sometimes fail the kernel's timer check ("IO-APIC + timer doesn't work") before
-    they read a byte of their disk; the second try still counts in the storm's time."""
-    try:
-        report = await boot_async(disk, seed, timeout=600)
-    except ToolError as exc:
-        retries.append(str(exc)[-120:])
-        report = await boot_async(disk, seed, timeout=600)
-    assert report.hostname
+    """Boot one VM, again if its kernel gave up early: sixteen TCG guests on two busy
+    cores sometimes fail the kernel's early timer check (a panic in apic_intr_mode_init)
+    before they read a byte of their disk. The retries count in the storm's time."""
+    for attempt in range(TRIES):
+        try:
+            report = await boot_async(disk, seed, timeout=600)
+        except ToolError as exc:
+            if attempt == TRIES - 1:
+                raise
+            retries.append(str(exc)[-120:])
+            continue
+        assert report.hostname
+        return
 
 
 async def storm(disks: list[str], seeds: list[Path]) -> tuple[float, int]:
-    """Seconds until the last of the VMs printed its boot line, and how many VMs booted
-    twice."""
+    """Seconds until the last of the VMs printed its boot line, and how many boots were
+    tried again."""
     started = time.monotonic()
     retries: list[str] = []
     await asyncio.gather(*(one(d, s, retries) for d, s in zip(disks, seeds, strict=True)))
@@ -96,7 +102,7 @@ def main() -> None:
         stop([lamina])
     print(
         f"lamina    {args.vms} VMs: last boot line after {ours:6.1f} s"
-        f" ({our_retries} booted twice)",
+        f" ({our_retries} boots tried again)",
         flush=True,
     )
 
@@ -134,7 +140,7 @@ def main() -> None:
         stop(procs)
     print(
         f"qemu-nbd  {args.vms} VMs: last boot line after {theirs:6.1f} s"
-        f" ({their_retries} booted twice)",
+        f" ({their_retries} boots tried again)",
         flush=True,
     )
     print(f"ratio last_boot qemu-nbd/lamina={theirs / ours:.2f}")
