@@ -136,7 +136,9 @@ def test_commit_and_repin(fleet: Fleet) -> None:
         form = dict(re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)">', asked.text))
         assert form["confirm"] == "1" and form["image"] == "base@2"
         client.post("/machines/m2/repin", data=form)
-        assert _flash(client, "/machines") == "ok: m2: re-pinned to base@2, delta discarded"
+        assert _flash(client, "/machines") == (
+            "ok: m2: base@2, stateful, hostname m2, identity rev 2; delta discarded"
+        )
         assert delta_usage(fleet.cli.home / "deltas" / "m2") == (0, 0)
         assert fleet.cli.json("machine", "show", "m2")["image"] == "base@2"
         client.post("/machines/m2/repin", data={"csrf": csrf, "image": "base@9"})

@@ -20,7 +20,7 @@ from lamina.cli.common import (
     TokenOpt,
     admin,
     emit_json,
-    out,
+    say,
     table,
 )
 
@@ -51,7 +51,7 @@ def user_add(
 
     body = build(UserCreate, name=name, groups=group or [], policy=policy)
     user = admin(home, manager, token, ca).add_user(body)
-    emit_json(user.model_dump(exclude={"created_at"})) if as_json else out.print(user.summary())
+    emit_json(user.model_dump(exclude={"created_at"})) if as_json else say(user.summary())
 
 
 @user_app.command("set")
@@ -79,7 +79,7 @@ def user_set(
     if as_json:
         emit_json(user.model_dump(exclude={"created_at"}))
     else:
-        out.print(user.summary("changed"))
+        say(user.summary("changed"))
 
 
 @user_app.command("list")
@@ -122,7 +122,7 @@ def user_rm(
 ) -> None:
     """Remove a user (refused while logged in; the writable layer's data stays)."""
     admin(home, manager, token, ca).remove_user(name)
-    emit_json({"removed": name}) if as_json else out.print(f"removed user {name}")
+    emit_json({"removed": name}) if as_json else say(f"removed user {name}")
 
 
 @group_app.command("add")
@@ -138,7 +138,7 @@ def group_add(
     from lamina.manager.schemas import GroupCreate, build
 
     admin(home, manager, token, ca).add_group(build(GroupCreate, name=name))
-    emit_json({"name": name}) if as_json else out.print(f"added group {name}")
+    emit_json({"name": name}) if as_json else say(f"added group {name}")
 
 
 @group_app.command("list")
@@ -171,7 +171,7 @@ def group_rm(
 ) -> None:
     """Remove a group (its members stay; its entitlements go)."""
     admin(home, manager, token, ca).remove_group(name)
-    emit_json({"removed": name}) if as_json else out.print(f"removed group {name}")
+    emit_json({"removed": name}) if as_json else say(f"removed group {name}")
 
 
 @group_app.command("add-member")
@@ -189,7 +189,7 @@ def group_add_member(
 
     admin(home, manager, token, ca).add_member(group, build(MemberCreate, user=user))
     data = {"group": group, "user": user, "member": True}
-    emit_json(data) if as_json else out.print(f"{user} is in group {group}")
+    emit_json(data) if as_json else say(f"{user} is in group {group}")
 
 
 @group_app.command("rm-member")
@@ -205,7 +205,7 @@ def group_rm_member(
     """Take a user out of a group (its layers detach live)."""
     admin(home, manager, token, ca).remove_member(group, user)
     data = {"group": group, "user": user, "member": False}
-    emit_json(data) if as_json else out.print(f"{user} is no longer in group {group}")
+    emit_json(data) if as_json else say(f"{user} is no longer in group {group}")
 
 
 def entitle(
@@ -235,7 +235,7 @@ def entitle(
     if as_json:
         emit_json(ent.model_dump(exclude={"created_at"}))
     else:
-        out.print(ent.summary())
+        say(ent.summary())
 
 
 def unentitle(
@@ -255,7 +255,7 @@ def unentitle(
     if sum(x is not None for x in (user, group, machine)) != 1:
         raise UsageError("give exactly one of --user, --group, --machine")
     gone = admin(home, manager, token, ca).unentitle(layer, user=user, group=group, machine=machine)
-    emit_json(gone) if as_json else out.print(gone.summary())
+    emit_json(gone) if as_json else say(gone.summary())
 
 
 def register(root: typer.Typer) -> None:

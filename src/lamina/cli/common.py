@@ -53,8 +53,14 @@ ForceOpt = Annotated[
     bool, typer.Option("--force", help="Confirm a change that loses data (it says what).")
 ]
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# No emoji codes: a MAC address such as 4a:cd:05:... would print a disc for ":cd:".
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
+
+
+def say(text: str) -> None:
+    """One line of plain text (names and messages are not markup)."""
+    out.print(text, markup=False)
 
 
 def open_home(home: Path | None) -> Home:

@@ -20,6 +20,7 @@ from lamina.cli.common import (
     open_home,
     out,
     progress,
+    say,
     table,
 )
 from lamina.names import check_name, parse_ref
@@ -78,7 +79,7 @@ def import_(
             }
         )
     else:
-        out.print(f"unchanged, {done.ref}" if done.unchanged else done.ref)
+        say(f"unchanged, {done.ref}" if done.unchanged else done.ref)
 
 
 @app.command("export")
@@ -189,4 +190,4 @@ def rm(
     """Remove an image or one version, none pinned by a machine (chunks are freed by
     `lamina store gc`)."""
     done = admin(home, manager, token, ca).remove_image(ref)
-    emit_json(done) if as_json else out.print(done.summary())
+    emit_json(done) if as_json else say(done.summary())

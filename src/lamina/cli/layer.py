@@ -22,6 +22,7 @@ from lamina.cli.common import (
     open_home,
     out,
     progress,
+    say,
     table,
 )
 from lamina.names import parse_ref
@@ -84,7 +85,7 @@ def import_(
             }
         )
     else:
-        out.print(f"unchanged, {ref}" if ref in records.unchanged else ref)
+        say(f"unchanged, {ref}" if ref in records.unchanged else ref)
 
 
 @app.command("capture", context_settings={"allow_extra_args": True})
@@ -287,4 +288,4 @@ def rm(
     saved files (a writable layer's versions) or entitlements go only with --force; a
     layer that is mounted or held by a user's session is refused."""
     done = admin(home, manager, token, ca).remove_layer(ref, force=force)
-    emit_json(done) if as_json else out.print(done.summary())
+    emit_json(done) if as_json else say(done.summary())

@@ -24,6 +24,7 @@ from lamina.cli.common import (
     human,
     open_home,
     out,
+    say,
     table,
 )
 
@@ -57,7 +58,7 @@ def add(
         MachineCreate, name=name, image=image, mode=mode, hostname=hostname, mac=mac, domain=domain
     )
     added = admin(home, manager, token, ca).add_machine(body)
-    emit_json(added) if as_json else out.print(added.summary())
+    emit_json(added) if as_json else say(added.summary())
 
 
 @app.command("list")
@@ -154,7 +155,7 @@ def set_(
         new_host_keys=new_host_keys,
     )
     changed = admin(home, manager, token, ca).change_machine(name, body, force=force)
-    emit_json(changed) if as_json else out.print(changed.summary())
+    emit_json(changed) if as_json else say(changed.summary())
 
 
 @app.command("reset")
@@ -170,7 +171,7 @@ def reset(
     """Discard a machine's delta: it boots the pristine image version again (a stateful
     machine's data needs --force)."""
     done = admin(home, manager, token, ca).reset_machine(name, force=force)
-    emit_json(done) if as_json else out.print(done.summary())
+    emit_json(done) if as_json else say(done.summary())
 
 
 @app.command("rm")
@@ -185,7 +186,7 @@ def rm(
 ) -> None:
     """Remove a machine and its delta (a stateful machine's data needs --force)."""
     done = admin(home, manager, token, ca).remove_machine(name, force=force)
-    emit_json(done) if as_json else out.print(done.summary())
+    emit_json(done) if as_json else say(done.summary())
 
 
 @delta_app.command("commit")
@@ -211,4 +212,4 @@ def commit(
 
     body = build(DeltaCommit, image=as_image, repin=repin)
     done = admin(home, manager, token, ca).commit_delta(machine, body)
-    emit_json(done) if as_json else out.print(done.summary())
+    emit_json(done) if as_json else say(done.summary())

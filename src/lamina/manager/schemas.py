@@ -135,10 +135,6 @@ class EntitlementPublic(BaseModel):
         return f"entitled {ref} to {self.kind} {self.target}"
 
 
-class Removed(BaseModel):
-    removed: int
-
-
 class Unentitled(BaseModel):
     layer: str
     kind: Literal["user", "group", "machine"]

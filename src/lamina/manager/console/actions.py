@@ -136,8 +136,7 @@ def repin(
 ) -> Response:
     def run(admin: HomeAdmin) -> str:
         body = build(MachineUpdate, image=image.strip())
-        done = admin.change_machine(name, body, force=confirm)
-        return f"{name}: re-pinned to {done.image}, delta discarded"
+        return f"{admin.change_machine(name, body, force=confirm).summary()}; delta discarded"
 
     return act.run(f"Re-pin {name}", next_, "/machines", run, form={"image": image})
 
