@@ -179,7 +179,7 @@ def from_http(status: int, body: bytes | str, *, what: str = "manager") -> Lamin
     kind = kinds().get(str(parsed.get("kind"))) if isinstance(parsed, dict) else None
     if kind is not None and detail:
         return kind(detail)
-    if not detail:
+    if parsed is None:  # not JSON: a proxy's page, a plain-text answer
         text = body.decode(errors="replace") if isinstance(body, bytes) else body
         detail = text.strip()[:200]
     message = f"{what}: {status} {detail}".rstrip()
