@@ -52,8 +52,8 @@ __all__ = [
     "StoreError",
     "ToolError",
     "Unconfirmed",
-    "UnsafeArchive",
     "Unreachable",
+    "UnsafeArchive",
     "UsageError",
     "__version__",
 ]
