@@ -190,15 +190,15 @@ def reset(home: Home, *, name: str, force: bool = False) -> int:
 def remove(home: Home, *, name: str, force: bool = False) -> int:
     """Remove a machine with its delta; returns the bytes its delta held. A stateful
     machine's data needs ``force``; refused while its disk is open."""
-    directory = home.deltas_dir / name
-    with home.session() as session:
-        machine = get(session, name)
-        with _delta_locked(home, name):
+    with home.session(read_only=True) as session:
+        get(session, name)  # a name that is not a machine's leaves nothing on disk
+    with _delta_locked(home, name):
+        with home.session() as session:
+            machine = get(session, name)
             _refuse_losing(machine, _held_blocks(home, name), "removing it", force=force)
             session.delete(machine)
-            session.flush()
-            freed = _drop_delta(home, name)
-    shutil.rmtree(directory, ignore_errors=True)
+        freed = _drop_delta(home, name)  # the machine is gone for good: now its data
+    shutil.rmtree(home.deltas_dir / name, ignore_errors=True)
     return freed
 
 
