@@ -92,13 +92,14 @@ def _image_ref(home: Home, say: Say) -> str:
 def prepare(home: Home, say: Say) -> str:
     """Demo image imported, demo machines (re)created; returns the image version."""
     ref = _image_ref(home, say)
-    with home.session() as session:
+    with home.session(read_only=True) as session:
         present = {m.name for m in machines.list_all(session)}
+    for name, _mode in MACHINES:
+        discard(home.deltas_dir / name)
+        if name in present:  # a new identity and an empty delta each run
+            machines.remove(home, name=name, force=True)
+    with home.session() as session:
         for name, mode in MACHINES:
-            discard(home.deltas_dir / name)
-            if name in present:  # a new identity and an empty delta each run
-                machines.remove(session, name=name)
-                session.flush()
             machines.add(session, name=name, image=ref, mode=mode)
     say("machines " + ", ".join(f"{n} ({m})" for n, m in MACHINES))
     return ref
