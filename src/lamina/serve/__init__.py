@@ -12,4 +12,5 @@ imagefiles.py   an image version as files shared by every process: packs, a hydr
 profile.py      boot recording: the order a booting machine first reads its image's chunks
 access.py       which exports a TLS client may open, by the credential it showed
 tls.py          TLS for ``lamina serve``: the server certificate, NBD and HTTPS settings
+cluster.py      a block server among several: its row in the database, its heartbeat
 """

@@ -12,20 +12,25 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lamina.delta import uploads
 from lamina.delta.device import machine_device
-from lamina.errors import LaminaError
+from lamina.errors import LaminaError, Refused
 from lamina.home import Home
 from lamina.identity import MachineRow, identity_from_machine, seed_image
 from lamina.image import ImageReader, Manifest
 from lamina.image.device import ImageDevice
-from lamina.manager.services import images, machines
+from lamina.manager.models import Machine
+from lamina.manager.services import images, machines, servers
 from lamina.names import MACHINE_PREFIX, SEED_SUFFIX, parse_ref
 from lamina.nbd import ExportInfo
 from lamina.nbd.device import BlockDevice, MemoryDevice
 from lamina.serve import profile
 from lamina.store import ChunkCache
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +50,9 @@ class ExportCatalog:
         self._open: dict[str, tuple[BlockDevice, int]] = {}
         self._seeds: dict[str, tuple[tuple[str, int], bytes]] = {}
         self._lock = threading.Lock()
+        # This block server's name in a cluster: a stateful machine assigned to another
+        # server is not served here (its delta is on that server's home).
+        self.server: str | None = None
 
     # -- Catalog protocol (negotiation) ----------------------------------------------
 
@@ -76,6 +84,7 @@ class ExportCatalog:
                     data = self._seed(machine)
                     info = ExportInfo(name, len(data), read_only=True, description="identity seed")
                     return Resolved(info, "seed", b"", machine.name, data)
+                self._check_served_here(session, machine)
                 info = ExportInfo(
                     name, version.size, read_only=False, description=f"{version.ref} + delta"
                 )
@@ -83,6 +92,13 @@ class ExportCatalog:
             version = images.get_version(session, parse_ref(name, "image name"))
             info = ExportInfo(name, version.size, read_only=True, description=version.ref)
             return Resolved(info, "image", bytes.fromhex(version.manifest_id))
+
+    def _check_served_here(self, session: Session, machine: Machine) -> None:
+        if self.server is None or machine.mode != machines.STATEFUL:
+            return
+        found = servers.assigned(session, machine)
+        if found is not None and found.name != self.server:
+            raise Refused(f"{machine.name} is stateful and served by {found.name}")
 
     def _seed(self, machine: MachineRow) -> bytes:
         identity = identity_from_machine(machine)

@@ -53,6 +53,9 @@ class ServeOptions:
     tls_names: tuple[str, ...] = ()  # more names for the server certificate
     https_cert: Path | None = None  # a certificate of one's own for HTTPS (else the CA's)
     https_key: Path | None = None
+    server_name: str | None = None  # joins a cluster of block servers under this name
+    advertise: str | None = None  # HOST:PORT its NBD clients dial (default: from ``nbd``)
+    heartbeat: float = 5.0  # seconds between its heartbeats in the database
 
     @property
     def hosts(self) -> list[str]:
@@ -114,6 +117,12 @@ async def _serve(
     stop = stop or asyncio.Event()
     failed: list[str] = []
     block = await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else None
+    leave = None
+    if options.server_name is not None and options.nbd is not None:
+        from lamina.serve.cluster import advertised, join
+
+        address = advertised(options.nbd, options.advertise)
+        leave = await join(home, options.server_name, address, options.heartbeat, log)
     http = _http_server(home, options.http, tls) if options.http is not None else None
     http_task = asyncio.create_task(http.serve(sockets=[http_sock])) if http is not None else None
     if http_task is not None:
@@ -140,6 +149,8 @@ async def _serve(
     try:
         await stop.wait()
     finally:
+        if leave is not None:
+            await leave()
         if block is not None:
             await block()
         if http is not None and http_task is not None:

@@ -8,6 +8,7 @@ layers.py     layers, their versions and bases, mounted roots
 access.py     users, groups, entitlements, writable layers, user sessions
 stream.py     boot profiles
 credentials.py   TLS client credentials issued by the home's CA, by serial
+cluster.py    block servers and heartbeats, store leases, condemned packs
 """
 
 from lamina.manager.models.access import (
@@ -20,6 +21,7 @@ from lamina.manager.models.access import (
     WritableLayer,
 )
 from lamina.manager.models.base import Base, utcnow
+from lamina.manager.models.cluster import BlockServer, CondemnedPack, StoreLease
 from lamina.manager.models.credentials import Credential
 from lamina.manager.models.images import Image, ImageVersion, Setting, VersionCounter
 from lamina.manager.models.layers import (
@@ -34,8 +36,10 @@ from lamina.manager.models.stream import BootProfile
 
 __all__ = [
     "Base",
+    "BlockServer",
     "BootProfile",
     "Change",
+    "CondemnedPack",
     "Credential",
     "Entitlement",
     "Group",
@@ -49,6 +53,7 @@ __all__ = [
     "Machine",
     "Membership",
     "Setting",
+    "StoreLease",
     "User",
     "UserSession",
     "VersionCounter",

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, joinedload
 
 from lamina.errors import AlreadyExists, NotFound, Unconfirmed, UsageError
 from lamina.manager.models import ImageVersion, Machine
-from lamina.manager.services import images
+from lamina.manager.services import images, servers
 from lamina.names import check_name, parse_ref
 from lamina.units import human_bytes
 
@@ -102,6 +102,7 @@ def add(
         session.flush()
     except IntegrityError:
         raise AlreadyExists(f"a machine named {name!r} already exists") from None
+    servers.assign(session, machine)  # the least loaded block server, in a cluster
     return Added(machine, token)
 
 
