@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import sessionmaker as SessionFactory  # noqa: N812 - the property shadows the name
 
     from lamina.store import ChunkStore
+    from lamina.store.leases import Leases
 
     Connect = Callable[[str], sessionmaker[Session]]
 
@@ -47,6 +48,7 @@ class Home:
         database_url: str | None = None,
         *,
         connect: Connect | None = None,
+        store_leases: Callable[[Home], Leases | None] | None = None,
     ) -> None:
         self.root = (root or default_home()).expanduser().absolute()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -56,6 +58,7 @@ class Home:
             or f"sqlite:///{self.root / 'lamina.db'}"
         )
         self._connect = connect
+        self._store_leases = store_leases
         self._db_lock = threading.Lock()
         self._sessionmaker: sessionmaker[Session] | None = None
         self._read_only: SessionFactory[Session] | None = None
@@ -93,7 +96,8 @@ class Home:
         # blake3, zstd (and boto3 for a bucket): not every command needs them
         from lamina.store.location import open_store
 
-        return open_store(self.store_dir)
+        leases = self._store_leases
+        return open_store(self.store_dir, leases=(lambda: leases(self)) if leases else None)
 
     @property
     def sessionmaker(self) -> sessionmaker[Session]:

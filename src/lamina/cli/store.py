@@ -67,12 +67,17 @@ def gc(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
                 "packs_removed": report.packs_removed,
                 "packs_rewritten": report.packs_rewritten,
                 "bytes_freed": report.bytes_freed,
+                "packs_condemned": report.packs_condemned,
+                "packs_pardoned": report.packs_pardoned,
             }
         )
     else:
         out.print(
             f"removed {report.chunks_removed} chunks, freed {human(report.bytes_freed)} "
-            f"({report.packs_removed} packs removed, {report.packs_rewritten} rewritten)"
+            f"({report.packs_removed} packs removed, {report.packs_rewritten} rewritten"
+            + (f", {report.packs_condemned} condemned" if report.packs_condemned else "")
+            + (f", {report.packs_pardoned} pardoned" if report.packs_pardoned else "")
+            + ")"
         )
 
 
