@@ -36,11 +36,14 @@ def lease_seconds() -> float:
 
 
 class DatabaseLeases:
-    def __init__(self, home: Home, lease: float | None = None) -> None:
+    def __init__(
+        self, home: Home, lease: float | None = None, settle: float = SETTLE_SECONDS
+    ) -> None:
         self.home = home
         self.lease_seconds = lease if lease is not None else lease_seconds()
+        self.settle = settle
         # Longer than a lease, so a writer's last beat before it died is long past.
-        self.grace = 2 * self.lease_seconds + SETTLE_SECONDS
+        self.grace = 2 * self.lease_seconds + settle
 
     def _expiry(self) -> datetime:
         return utcnow() - timedelta(seconds=self.lease_seconds)
@@ -97,7 +100,7 @@ class DatabaseLeases:
                 )
             )
             rows = list(session.execute(select(CondemnedPack.name, CondemnedPack.condemned_at)))
-        settle = timedelta(seconds=SETTLE_SECONDS)
+        settle = timedelta(seconds=self.settle)
         ready = []
         for name, condemned_at in rows:
             when = _aware(condemned_at)

@@ -344,7 +344,7 @@ class ChunkStore:
         report = GcReport()
         with self.backend.lock(exclusive=True, timeout=timeout):
             self.reconcile()
-            for name, size in self._sweep(live(), progress, report):
+            for name, size in self._sweep(live(), progress, report, forget=True):
                 self.index.remove_pack(name)
                 self.backend.delete(name)
                 report.packs_removed += 1
@@ -372,7 +372,7 @@ class ChunkStore:
             keep = live()
             self._delete_condemned(leases, ready, keep, report)
             self.refresh_condemned()
-            doomed = [name for name, _ in self._sweep(keep, progress, report)]
+            doomed = [name for name, _ in self._sweep(keep, progress, report, forget=False)]
             leases.condemn(doomed)
             report.packs_condemned = len(doomed)
             self.refresh_condemned()
@@ -402,12 +402,15 @@ class ChunkStore:
             leases.pardon([name])  # deleted, or gone already
 
     def _sweep(
-        self, keep: set[bytes], progress: Progress, report: GcReport
+        self, keep: set[bytes], progress: Progress, report: GcReport, *, forget: bool
     ) -> list[tuple[str, int]]:
-        """Forget the chunks not in ``keep``; copy the live ones out of the packs that are
-        mostly dead and return those packs (name, size), to be deleted or condemned."""
+        """Copy the live chunks out of the packs that are mostly dead and return those
+        packs (name, size), to be deleted or condemned. With ``forget`` the index forgets
+        the dead chunks at once; on a shared bucket they stay readable until their pack
+        goes (an older import may still commit a manifest that names them)."""
         dead = [cid for cid, _ in self.index.all_chunks() if cid not in keep]
-        self.index.remove_chunks(dead)
+        if forget:
+            self.index.remove_chunks(dead)
         report.chunks_removed = len(dead)
         rewriter = Writer(self, codec.DEFAULT_LEVEL)
         doomed: list[tuple[str, int]] = []
@@ -415,7 +418,9 @@ class ChunkStore:
             for name, size in sorted(self.index.packs().items()):
                 if name in self.condemned:
                     continue  # condemned at an earlier run: goes once it may
-                live_here = self._live_entries(name, size, self.index.chunks_in(name))
+                indexed = self.index.chunks_in(name)
+                here = {cid: at for cid, at in indexed.items() if cid in keep}
+                live_here = self._live_entries(name, size, here)
                 if sum(e.size for e in live_here) < REPACK_BELOW * size:
                     if live_here:
                         self._rewrite(name, live_here, rewriter)

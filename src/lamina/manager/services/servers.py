@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from lamina.errors import NotFound, UsageError
@@ -106,18 +106,21 @@ def _least_loaded(live: list[BlockServer], load: Counter[int]) -> BlockServer:
 
 
 def sweep(session: Session) -> int:
-    """Move every stateless machine of a server that is not live to the least loaded live
-    ones; returns how many moved (none while no server is live)."""
+    """Move every stateless machine of a server that is not live (or of none yet) to the
+    least loaded live ones; returns how many moved (none while no server is live)."""
     now = utcnow()
     servers = all_servers(session)
     live = [s for s in servers if is_live(s, now)]
     dead = [s.id for s in servers if not is_live(s, now)]
-    if not live or not dead:
+    if not live:
         return 0
     orphans = list(
         session.scalars(
             select(Machine)
-            .where(Machine.server_id.in_(dead), Machine.mode == "stateless")
+            .where(
+                or_(Machine.server_id.in_(dead), Machine.server_id.is_(None)),
+                Machine.mode == "stateless",
+            )
             .order_by(Machine.id)
             .with_for_update(skip_locked=True)
         )
