@@ -66,6 +66,9 @@ def test_machines_go_to_the_least_loaded_and_leave_a_lost_server_when_stateless(
             )
     shown = cli.json("machine", "show", "m0")
     assert shown["server"] in ("bs1", "bs2") and shown["nbd_server"].endswith(":10809")
+    listed = {r["name"]: r["server"] for r in cli.json("machine", "list")}
+    assert listed["keep"] == "bs1" and set(listed.values()) == {"bs1", "bs2"}
+    assert "SERVER" in cli("machine", "list").out
 
 
 def test_a_clean_stop_moves_stateless_machines_at_once(

@@ -26,7 +26,7 @@ from lamina.store.chunker import IMAGE_CHUNK
 from lamina.store.codec import chunk_id
 from tests.ceph import CephCluster
 from tests.conftest import Cli, write_sparse
-from tests.nbdtools import qemu_io
+from tests.nbdtools import ok, qemu_io
 from tests.pg import PgCluster, fresh_database
 from tests.s3.test_bucket_store import bucket_keys
 from tests.servers import Server, wait_for
@@ -100,6 +100,17 @@ def test_two_servers_serve_one_bucket_and_take_over_stateless_machines(
     a, b = servers
     assert shown[on_a]["nbd_server"] == f"127.0.0.1:{a.port}" and shown[on_a]["server_live"]
     assert nbdcopy(a.url(f"machine/{on_a}"), tmp_path / "m-a.raw") == source.read_bytes()
+
+    # a stateful machine is served by its server only, and moved with its delta
+    cli_b("machine", "add", "sf", "--image", "base", "--mode", "stateful")
+    assert cli_b.json("machine", "show", "sf")["server"] == "a"  # a tie: by name
+    ok(qemu_io(a.url("machine/sf"), f"write -P 0x5a 0 {MiB}", "flush"))
+    refused = qemu_io(b.url("machine/sf"), "read 0 4k", read_only=True)
+    assert refused.returncode != 0
+    moved = cli_a.json("machine", "move", "sf", "--to", "b")
+    assert moved["committed"] == "sf.state@1" and moved["server"] == "b"
+    served = nbdcopy(b.url("machine/sf"), tmp_path / "sf.raw")
+    assert served == b"\x5a" * MiB + source.read_bytes()[MiB:]
 
     a.stop(signal.SIGKILL)  # no goodbye: its heartbeats stop
     waited = wait_for(lambda: cli_b.json("machine", "show", on_a)["server"] == "b", timeout=30)

@@ -39,6 +39,7 @@ async def join(
     def register() -> None:
         with home.session() as session:
             servers.register(session, name=name, nbd_address=address, heartbeat=heartbeat)
+        servers.remember_home(home, name)
 
     def beat() -> int:
         with home.session() as session:

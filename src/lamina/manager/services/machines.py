@@ -138,6 +138,11 @@ def pin(session: Session, *, machine: Machine, version: ImageVersion) -> None:
 # -- what touches the delta -------------------------------------------------------------------
 
 
+def delta_blocks(home: Home, name: str) -> int:
+    """Blocks a machine's delta holds on this home."""
+    return _held_blocks(home, name)
+
+
 def _held_blocks(home: Home, name: str) -> int:
     from lamina.delta.file import delta_usage
 

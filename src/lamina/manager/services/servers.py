@@ -22,14 +22,17 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from lamina.errors import NotFound, UsageError
+from lamina.errors import Conflict, NotFound, Unconfirmed, UsageError
 from lamina.manager.models import BlockServer, Machine, utcnow
 from lamina.names import check_name
+
+if TYPE_CHECKING:
+    from lamina.home import Home
 
 # 5 s between heartbeats is one small UPDATE per server: 100 servers write 20 rows/s.
 HEARTBEAT: Final = 5.0
@@ -181,3 +184,65 @@ def server_for(session: Session, machine_name: str) -> Assigned | None:
     from lamina.manager.services import machines
 
     return assign(session, machines.get(session, machine_name))
+
+
+# -- moving a machine ------------------------------------------------------------------------
+
+# The block server a home serves as, written by ``lamina serve --server-name`` (a stateful
+# machine's delta is on its server's home: it is moved from there).
+HOME_FILE: Final = "server-name"
+
+
+def remember_home(home: Home, name: str) -> None:
+    (home.root / HOME_FILE).write_text(name + "\n")
+
+
+def home_server(home: Home) -> str | None:
+    try:
+        return (home.root / HOME_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    server: Assigned
+    committed: str | None  # the image version a stateful machine's delta became
+
+
+def move(home: Home, *, name: str, to: str, force: bool = False) -> Moved:
+    """Serve ``name`` from server ``to`` from its next boot. A stateful machine's delta
+    goes through the bucket: committed as a version of image NAME.state, the machine
+    re-pinned to it with an empty delta (run on its server's home, while the machine is
+    off). A stateful machine whose server is lost moves only with ``force``, and then
+    without the delta that stayed on that server."""
+    from lamina.manager.services import commit, machines
+
+    with home.session(read_only=True) as session:
+        machine = machines.get(session, name)
+        target = get(session, to)
+        if not is_live(target):
+            raise Conflict(f"block server {to} is not live (no heartbeat)")
+        current = assigned(session, machine)
+        stateful = machine.mode == machines.STATEFUL
+    if current is not None and current.name == to:
+        raise UsageError(f"{name} is served by {to} already")
+    committed = None
+    if stateful and current is not None and not force:
+        if not current.live:
+            raise Unconfirmed(
+                f"{name} is stateful and its server {current.name} is lost: its delta "
+                "stays there; move it without (--force)"
+            )
+        if home_server(home) != current.name:
+            raise UsageError(
+                f"{name}'s delta is on the home of server {current.name}: run the move there"
+            )
+    if stateful and not force and machines.delta_blocks(home, name):
+        committed = commit.commit_delta(home, machine=name, image=f"{name}.state", repin=True).ref
+    with home.session() as session:
+        machine = machines.get(session, name)
+        machine.server_id = get(session, to).id
+        found = assigned(session, machine)
+    assert found is not None
+    return Moved(found, committed)
