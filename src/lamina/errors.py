@@ -12,7 +12,9 @@
     │   └── StoreBusy (6)         the store lock could not be taken in time
     ├── ToolError (8)             an external tool (qemu-img, mkfs.erofs, ...) failed
     ├── Conflict (9)              in use elsewhere, pinned, conflicting layers (--strict)
-    └── ProtocolError (10)        a peer broke a wire protocol (NBD, HTTP API)
+    ├── ProtocolError (10)        a peer broke a wire protocol (NBD, HTTP API)
+    └── NotAHome (13)             not a lamina home, or a home whose database is missing,
+                                  empty or another home's
 
 Adapters catch their library's exceptions (OSError, subprocess, sqlite, zstd) at the edge
 and raise one of these, so callers deal with one tree and the CLI prints one line.
@@ -80,3 +82,10 @@ class Conflict(LaminaError):
 
 class ProtocolError(LaminaError):
     exit_code = 10
+
+
+class NotAHome(LaminaError):
+    """A folder that is not a lamina home, or a home whose database does not describe its
+    store (missing, empty, or another home's): nothing is created or changed."""
+
+    exit_code = 13
