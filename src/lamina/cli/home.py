@@ -40,8 +40,8 @@ def backup(
     as_json: JsonOpt = False,
 ) -> None:
     """A consistent copy of a home, also while `lamina serve` runs on it."""
-    from lamina.manager.backup import make_backup
     from lamina.cli.common import open_home
+    from lamina.manager.backup import make_backup
 
     report = make_backup(open_home(home), dest)
     if as_json:
@@ -60,8 +60,8 @@ def restore(
     as_json: JsonOpt = False,
 ) -> None:
     """Bring a backup back into a new home, or into its own home whose database was lost."""
-    from lamina.manager.backup import restore_backup
     from lamina.home import home_path
+    from lamina.manager.backup import restore_backup
 
     report = restore_backup(src, home_path(home))
     if as_json:

@@ -15,7 +15,7 @@ import ssl
 import struct
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, cast
 
 from lamina.errors import LaminaError, ProtocolError
@@ -32,13 +32,21 @@ from lamina.nbd.events import (
     Disconnect,
     ErrorReply,
     Event,
+    OptExportName,
     OptInfo,
     OptionReply,
     ReadData,
     Request,
     SimpleReply,
 )
-from lamina.nbd.negotiate import BASE_ALLOCATION_ID, Catalog, ExportInfo, check_request, negotiate
+from lamina.nbd.negotiate import (
+    BASE_ALLOCATION_ID,
+    Catalog,
+    ExportInfo,
+    check_request,
+    negotiate,
+    opening,
+)
 from lamina.nbd.server import Phase, ServerConnection
 
 # Stop reading from a client whose replies pile up beyond this (it is not reading).
@@ -46,9 +54,15 @@ _HIGH_WATER = 64 << 20
 
 
 class DeviceProvider(Catalog, Protocol):
-    def open(self, name: str) -> BlockDevice: ...
+    def open(self, name: str, client: str) -> BlockDevice:
+        """The device behind export ``name`` for ``client`` (its address, for the log). Its
+        ``info`` may narrow the export's: read-only for a second writer of one disk."""
+        ...
 
-    def release(self, name: str) -> None: ...
+    def release(self, name: str, device: BlockDevice, *, ended: bool) -> None:
+        """The connection that opened ``device`` is gone; ``ended``: it said NBD_CMD_DISC
+        and its writes were flushed (qemu does so at power-off)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,7 @@ class NbdServerProtocol(asyncio.Protocol):
         self._upgrade: asyncio.Task[None] | None = None  # the STARTTLS upgrade under way
         self.device: BlockDevice | None = None
         self.export: ExportInfo | None = None
+        self._ended = False  # NBD_CMD_DISC received and the flush after it done
         self.peer = "?"
         self.stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0, "errors": 0}
         self._transport: asyncio.Transport | None = None
@@ -112,7 +127,9 @@ class NbdServerProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
         self._pump()
-        return False
+        # Hanging up is ours once a disconnect is under way: its flush (and, after
+        # NBD_CMD_DISC, the end of the machine's boot) comes before the connection is lost.
+        return self._disconnecting and not self._closing
 
     def pause_writing(self) -> None:
         if self._transport is not None:
@@ -137,10 +154,11 @@ class NbdServerProtocol(asyncio.Protocol):
             log_event(
                 self.log, "disconnect", client=self.peer, export=self.export.name, **self.stats
             )
-            name = self.export.name
+            name, device = self.export.name, self.device
             self.export = None
             self.device = None
-            self.provider.release(name)
+            if device is not None:
+                self.provider.release(name, device, ended=self._ended)
 
     # -- event pump ---------------------------------------------------------------------
 
@@ -175,16 +193,18 @@ class NbdServerProtocol(asyncio.Protocol):
                 if isinstance(event, Request):
                     self._request(event)
                 elif isinstance(event, Disconnect | Closed):
-                    self._disconnect()
+                    self._disconnect(said_goodbye=isinstance(event, Disconnect))
                     return
                 elif not isinstance(event, ClientFlags):
                     self._option(event)  # type: ignore[arg-type]
         except ProtocolError as exc:
             self._hang_up(str(exc))
 
-    def _disconnect(self) -> None:
+    def _disconnect(self, *, said_goodbye: bool) -> None:
         """The client is done: make its writes durable, then hang up. The flush runs on the
-        pool like NBD_CMD_FLUSH: an fdatasync on the loop would stall every connection."""
+        pool like NBD_CMD_FLUSH: an fdatasync on the loop would stall every connection.
+        Only a client that said NBD_CMD_DISC ended its session cleanly; end of stream
+        alone is a crash or a lost link, after which it may come back."""
         self._disconnecting = True
         device = self.device
         if device is None:
@@ -194,11 +214,13 @@ class NbdServerProtocol(asyncio.Protocol):
             future = asyncio.get_running_loop().run_in_executor(self.executor, device.flush)
         except RuntimeError:  # the pool is gone: the server is stopping
             device.flush()
+            self._ended = said_goodbye
             self._hang_up("")
             return
 
         def done(f: asyncio.Future[None]) -> None:
             exc = None if f.cancelled() else f.exception()
+            self._ended = said_goodbye and exc is None and not f.cancelled()
             self._hang_up(f"flush at disconnect failed: {exc}" if exc is not None else "")
 
         future.add_done_callback(done)
@@ -211,7 +233,7 @@ class NbdServerProtocol(asyncio.Protocol):
             # can read after NBD_OPT_GO, not a hang-up. NBD_OPT_EXPORT_NAME cannot fail
             # politely: the spec says hang up.
             try:
-                self.device = self.provider.open(decision.export.name)
+                self.device = self.provider.open(decision.export.name, self.peer)
             except (LaminaError, OSError) as exc:
                 if isinstance(event, OptInfo):
                     log_event(
@@ -227,6 +249,9 @@ class NbdServerProtocol(asyncio.Protocol):
                 else:
                     self._hang_up(f"cannot open {decision.export.name}: {exc}")
                 return
+            if self.device.info.read_only and not decision.export.read_only:
+                assert isinstance(event, OptExportName | OptInfo)
+                decision = opening(event, replace(decision.export, read_only=True))
             self.export = decision.export
         for reply in decision.replies:
             self._send(reply)

@@ -1,0 +1,190 @@
+"""A machine's disk across server restarts and boots, with real NBD clients: a restart or
+a crash of the server keeps every delta (a client that reconnects reads what it wrote);
+a stateless machine starts clean at its next boot (its first connection after a clean
+disconnect, or after `machine reset`); one machine has one writer at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lamina.nbd import Cmd, Errno, TransmissionFlag
+from lamina.nbd.aio import NbdClient
+from tests.conftest import Cli, write_sparse
+from tests.nbdtools import qemu_io
+from tests.servers import Server, wait_for
+
+MiB = 1 << 20
+DATA = os.urandom(64 * 1024)
+AT = 1 * MiB
+
+pytestmark = pytest.mark.peers
+
+
+@pytest.fixture
+def base(cli: Cli, tmp_path: Path) -> bytes:
+    content = os.urandom(4 * MiB)
+    cli("image", "import", "base", str(write_sparse(tmp_path / "b.raw", 4 * MiB, [(0, content)])))
+    cli("machine", "add", "sl", "--image", "base", "--mode", "stateless")
+    cli("machine", "add", "sf", "--image", "base", "--mode", "stateful")
+    return content
+
+
+async def connect(server: Server, export: str) -> NbdClient:
+    return await NbdClient.connect("127.0.0.1", server.port, export)
+
+
+async def read(client: NbdClient, offset: int = AT, length: int = len(DATA)) -> bytes:
+    error, data = await client.request(Cmd.READ, offset, length)
+    assert error == 0
+    return data
+
+
+def drop(client: NbdClient) -> None:
+    """The connection is gone without NBD_CMD_DISC (a crash of the client, a lost link)."""
+    client.writer.transport.abort()
+
+
+def disconnects(server: Server) -> int:
+    return sum('"disconnect"' in ln for ln in server.log_lines())
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_a_restart_or_crash_of_the_server_keeps_a_stateless_disk(
+    server: Server, base: bytes
+) -> None:
+    server.start()
+
+    async def write() -> None:
+        client = await connect(server, "machine/sl")
+        assert (await client.request(Cmd.WRITE, AT, data=DATA))[0] == 0
+        assert (await client.request(Cmd.FLUSH))[0] == 0
+        drop(client)  # still "running" as far as the client knows: the server goes away
+
+    run(write())
+    server.stop(signal.SIGKILL)
+    server.start()
+
+    async def reconnect() -> bytes:
+        client = await connect(server, "machine/sl")  # as qemu's reconnect-delay does
+        data = await read(client)
+        drop(client)
+        return data
+
+    assert run(reconnect()) == DATA
+    server.stop(signal.SIGTERM)  # a clean stop of the server is no end of the machine's boot
+    server.start()
+
+    async def power_off() -> bytes:
+        client = await connect(server, "machine/sl")
+        data = await read(client)
+        await client.close()  # NBD_CMD_DISC: qemu sends it at power-off
+        return data
+
+    assert run(power_off()) == DATA
+    wait_for(lambda: disconnects(server) == 2, 10)  # the server took the goodbye in
+    server.stop(signal.SIGKILL)  # the end of the boot is durable: a crash does not undo it
+    server.start()
+
+    async def next_boot() -> tuple[bytes, bytes]:
+        client = await connect(server, "machine/sl")
+        data = await read(client)
+        assert (await client.request(Cmd.WRITE, 0, data=b"x" * 4096))[0] == 0
+        await client.close()
+        again = await connect(server, "machine/sf")
+        other = await read(again)
+        await again.close()
+        return data, other
+
+    fresh, stateful = run(next_boot())
+    assert fresh == base[AT : AT + len(DATA)]  # a new boot: clean
+    assert stateful == base[AT : AT + len(DATA)]  # (nothing written there)
+    boots = [json.loads(ln) for ln in server.log_lines() if '"new-boot"' in ln]
+    assert [(b["machine"], b["delta"]) for b in boots] == [("sl", "dropped")]
+
+
+def test_a_stateful_disk_keeps_its_writes_across_boots(server: Server, base: bytes) -> None:
+    server.start()
+
+    async def boot(write: bool) -> bytes:
+        client = await connect(server, "machine/sf")
+        if write:
+            assert (await client.request(Cmd.WRITE, AT, data=DATA, flags=0))[0] == 0
+        data = await read(client)
+        await client.close()
+        return data
+
+    assert run(boot(True)) == DATA
+    assert run(boot(False)) == DATA
+    server.stop(signal.SIGKILL)
+    server.start()
+    assert run(boot(False)) == DATA
+
+
+def test_machine_reset_starts_a_new_boot(cli: Cli, server: Server, base: bytes) -> None:
+    server.start()
+
+    async def write() -> None:
+        client = await connect(server, "machine/sl")
+        assert (await client.request(Cmd.WRITE, AT, data=DATA))[0] == 0
+        assert (await client.request(Cmd.FLUSH))[0] == 0
+        drop(client)
+
+    run(write())
+    server.stop(signal.SIGKILL)
+    cli("machine", "reset", "sl")
+    server.start()
+
+    async def boot() -> bytes:
+        client = await connect(server, "machine/sl")
+        data = await read(client)
+        await client.close()
+        return data
+
+    assert run(boot()) == base[AT : AT + len(DATA)]
+
+
+def test_a_second_writer_gets_the_disk_read_only(
+    server: Server, base: bytes, tmp_path: Path
+) -> None:
+    server.start()
+
+    async def scenario() -> None:
+        first = await connect(server, "machine/sf")
+        assert not first.flags & TransmissionFlag.READ_ONLY
+        assert (await first.request(Cmd.WRITE, AT, data=DATA))[0] == 0
+
+        second = await connect(server, "machine/sf")
+        assert second.flags & TransmissionFlag.READ_ONLY
+        assert (await second.request(Cmd.WRITE, 0, data=b"y" * 4096))[0] == Errno.EPERM
+        assert await read(second) == DATA  # it reads the machine's disk as it is
+        # qemu opening it to write is refused; nbdinfo sees a read-only export
+        assert qemu_io(server.url("machine/sf"), "write -P 7 0 4096").returncode != 0
+        info = subprocess.run(
+            ["nbdinfo", "--json", server.url("machine/sf")],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert json.loads(info)["exports"][0]["is_read_only"]
+        await second.close()
+        assert await read(first) == DATA
+        await first.close()
+        while disconnects(server) < 4:  # nbdinfo, qemu-io, second, first
+            await asyncio.sleep(0.02)
+
+        third = await connect(server, "machine/sf")  # the writer left: the next one writes
+        assert not third.flags & TransmissionFlag.READ_ONLY
+        await third.close()
+
+    run(scenario())
+    refused = [json.loads(ln) for ln in server.log_lines() if '"second-writer"' in ln]
+    assert len(refused) >= 3 and {r["export"] for r in refused} == {"machine/sf"}
+    assert all(r["writer"] for r in refused)
