@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import shutil
 import struct
 import threading
 from collections.abc import Iterator
@@ -191,6 +192,19 @@ class Delta:
             self._synced = target
 
 
+def delta_base(directory: Path) -> bytes | None:
+    """The manifest id of the image version a delta was made on (None: no delta there)."""
+    try:
+        with open(directory / "delta.map", "rb") as f:
+            head = f.read(_HEAD.size)
+    except FileNotFoundError:
+        return None
+    if len(head) < _HEAD.size:
+        return None
+    magic, version, _block, _size, base = _HEAD.unpack(head)
+    return bytes(base) if magic == MAGIC and version == VERSION else None
+
+
 def delta_usage(directory: Path) -> tuple[int, int]:
     """(blocks in the delta, bytes of its data file), without opening it."""
     data = directory / "delta.data"
@@ -224,6 +238,25 @@ def remove_files(directory: Path) -> None:
     """Delete a delta's files; call with its lock held (``exclusive``)."""
     for name in ("delta.map", "delta.data", ENDED):
         (directory / name).unlink(missing_ok=True)
+
+
+def copy_files(directory: Path, dest: Path) -> list[str]:
+    """Copy a delta's files (flushed, and not written meanwhile: the caller holds its lock
+    or keeps its writers waiting) into ``dest``, durably; returns the names copied."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in ("delta.map", "delta.data", ENDED):
+        if not (directory / name).exists():
+            continue
+        shutil.copyfile(directory / name, dest / name)  # copy_file_range: no user-space copy
+        fd = os.open(dest / name, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        copied.append(name)
+    fsync_dir(dest)
+    return copied
 
 
 def mark_ended(directory: Path) -> None:

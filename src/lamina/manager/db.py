@@ -97,6 +97,18 @@ def connect(home: Home, opening: Opening = "existing") -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def is_empty(url: str) -> bool:
+    """True for a database that is missing (an SQLite file that is not there) or holds no
+    table: one a restore may fill."""
+    if _sqlite_missing(url):
+        return True
+    engine = make_engine(url)
+    try:
+        return _is_empty(engine)
+    finally:
+        engine.dispose()
+
+
 def _hint(home: Home) -> str:
     return (
         f": restore a backup (`lamina restore BACKUP --home {home.root}`) or rebuild what "

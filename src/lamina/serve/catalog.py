@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from lamina import logs
 from lamina.delta import uploads
 from lamina.delta.device import machine_device
 from lamina.delta.file import begin_boot, exclusive, mark_ended
-from lamina.errors import LaminaError
+from lamina.errors import Conflict, LaminaError
 from lamina.home import Home
 from lamina.identity import MachineRow, identity_from_machine, seed_image
 from lamina.image import ImageReader, Manifest
@@ -57,6 +59,7 @@ class ExportCatalog:
         self._open: dict[str, tuple[BlockDevice, int]] = {}
         self._seeds: dict[str, tuple[tuple[str, int], bytes]] = {}
         self._writers: dict[str, str] = {}  # machine export -> the client writing it
+        self._copying: set[str] = set()  # machine exports a backup is copying
         self._lock = threading.Lock()
         self.log = logging.getLogger(logs.LOGGER)
 
@@ -134,13 +137,21 @@ class ExportCatalog:
     def open(self, name: str, client: str = "-") -> BlockDevice:
         """The device behind export ``name`` for ``client``: the shared device, or a
         read-only view of it while another client writes that machine's disk."""
+        with self._lock:
+            closed_copy = name in self._copying and name not in self._open
+        if closed_copy:  # the backup holds the delta's lock
+            raise Conflict(f"{name} is being copied by a backup: connect again in a moment")
         device = self._open_shared(name)
         if device.info.read_only:
             return device
         with self._lock:
             writer = self._writers.get(name)
-            if writer is None:
+            copying = writer is None and name in self._copying
+            if writer is None and not copying:
                 self._writers[name] = client
+        if copying:
+            self.release(name, device)
+            raise Conflict(f"{name} is being copied by a backup: connect again in a moment")
         if writer is None:
             # The writer of a disk some reader kept open: its new boot starts here.
             begin_boot(self._delta_dir(name), stateless=False)
@@ -149,6 +160,25 @@ class ExportCatalog:
             self.log, "second-writer", logging.WARNING, export=name, client=client, writer=writer
         )
         return ReadOnlyView(device)
+
+    def opened(self, name: str) -> BlockDevice | None:
+        """The shared device of export ``name`` when some connection has it open."""
+        with self._lock:
+            found = self._open.get(name)
+        return found[0] if found is not None else None
+
+    @contextmanager
+    def copying(self, name: str) -> Iterator[None]:
+        """While a backup copies machine export ``name``'s disk, no client may start
+        writing it (one that would is refused; readers and the current writer, whose
+        requests the caller holds, go on)."""
+        with self._lock:
+            self._copying.add(name)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._copying.discard(name)
 
     def _delta_dir(self, name: str) -> Path:
         return self.home.deltas_dir / name.removeprefix(MACHINE_PREFIX)

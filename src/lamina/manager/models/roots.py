@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, String, event, select
+from sqlalchemy import DateTime, String, Table, event, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from lamina.manager.models.base import Base, utcnow
@@ -31,6 +31,7 @@ class RemovedRoot(Base):
 
 def _removed(kind: str, name: str | None, version: int, manifest_id: str, connection: Any) -> None:
     table = RemovedRoot.__table__
+    assert isinstance(table, Table)
     ref = f"{kind} {name or '?'}@{version}"
     present = connection.execute(
         select(table.c.manifest_id).where(table.c.manifest_id == manifest_id)
