@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lamina.nbd import Cmd
-from lamina.nbd.aio import NbdClient
+from lamina.nbd.aioclient import NbdClient
 from tests.conftest import Cli, write_sparse
 from tests.servers import Server
 

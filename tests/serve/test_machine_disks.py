@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lamina.nbd import Cmd, Errno, TransmissionFlag
-from lamina.nbd.aio import NbdClient
+from lamina.nbd.aioclient import NbdClient
 from tests.conftest import Cli, write_sparse
 from tests.nbdtools import qemu_io
 from tests.servers import Server, wait_for

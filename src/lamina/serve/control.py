@@ -106,10 +106,14 @@ class Control:
                 try:
                     await loop.run_in_executor(self.executor, device.flush)
                     await loop.run_in_executor(self.executor, copy_files, src, dest)
+                    return
+                except (OSError, ValueError):
+                    if self.catalog.opened(export) is device:
+                        raise
+                    # its last client left meanwhile and closed it: copy it as a closed one
                 finally:
                     for proto in held:
                         proto.unhold()
-                return
         raise Conflict(f"{export}: opened and closed too often to be copied, try again")
 
 
