@@ -153,10 +153,11 @@ def test_a_second_connection_goes_to_the_worker_holding_the_machine(
     workers.start()
     holder = Session(workers.url("machine/m1"))
     try:
+        holder.run("write -P 0x77 8192 4096")
         # the least loaded worker is the other one: it takes this connection, then hands it
-        # over (before answering its GO) to the worker whose delta lock it ran into
-        ok(qemu_io(workers.url("machine/m1"), "write -P 0x77 8192 4096"))
-        holder.run("read -P 0x77 8192 4096")  # the same delta, seen at once
+        # over (before answering its GO) to the worker whose delta lock it ran into; there
+        # it reads the same delta (read-only: the machine has its writer)
+        ok(qemu_io(workers.url("machine/m1"), "read -P 0x77 8192 4096", read_only=True))
     finally:
         holder.close()
     connects = [e for e in events(workers, "connect") if e["export"] == "machine/m1"]
@@ -266,8 +267,8 @@ def test_a_write_stuck_on_a_frozen_disk_does_not_stall_other_machines(
     server = Server(cli.home, tmp_path / "serve.log", args=("--workers", "1"))
     server.start()  # one worker: every connection is on the same event loop
     try:
-        ok(qemu_io(server.url("machine/m2"), "write -P 0x21 0 65536"))  # in m2's delta
         other = Session(server.url("machine/m2"))
+        other.run("write -P 0x21 0 65536")  # in m2's delta
         subprocess.run(["fsfreeze", "-f", str(frozen_deltas)], check=True)
         started = time.monotonic()
         stuck = subprocess.Popen(

@@ -282,9 +282,12 @@ class NbdServerProtocol(asyncio.Protocol):
                 else:
                     self._hang_up(f"cannot open {decision.export.name}: {exc}")
                 return
-            if self.device.info.read_only and not decision.export.read_only:
+            if self.device.info.read_only != decision.export.read_only:
+                # the device decides: a second writer's view is read-only (and the lookup
+                # before it may have been answered while another client wrote)
                 assert isinstance(event, OptExportName | OptInfo)
-                decision = opening(event, replace(decision.export, read_only=True))
+                ro = self.device.info.read_only
+                decision = opening(event, replace(decision.export, read_only=ro))
             self.export = decision.export
         for reply in decision.replies:
             self._send(reply)

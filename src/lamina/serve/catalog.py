@@ -9,7 +9,9 @@ same export (one delta, one chunk cache), then closed with the last one.
 
 A machine's disk has one writer: the first connection to open it writes; any other that
 opens it meanwhile gets it read-only (a ``ReadOnlyView``, its export flagged read-only in
-the handshake) and the server logs ``second-writer``. When the writer leaves with
+the GO reply) and the server logs ``second-writer``. (NBD_OPT_INFO answers from what this
+process knows; a worker that does not hold the machine may describe it as writable. The
+GO reply, answered where the disk is open, is what counts.) When the writer leaves with
 NBD_CMD_DISC (a power-off) the machine's boot has ended (``delta.file.mark_ended``); the
 first connection after that starts a new boot, and a stateless machine's delta goes
 (``delta.file.begin_boot``, logged ``new-boot``).
@@ -137,10 +139,6 @@ class ExportCatalog:
     def open(self, name: str, client: str = "-") -> BlockDevice:
         """The device behind export ``name`` for ``client``: the shared device, or a
         read-only view of it while another client writes that machine's disk."""
-        with self._lock:
-            closed_copy = name in self._copying and name not in self._open
-        if closed_copy:  # the backup holds the delta's lock
-            raise Conflict(f"{name} is being copied by a backup: connect again in a moment")
         device = self._open_shared(name)
         if device.info.read_only:
             return device
@@ -215,14 +213,20 @@ class ExportCatalog:
         if r.kind == "seed":
             return MemoryDevice(r.info, r.seed)
         uploads.recover(self.home, r.machine)  # finish a synced upload a crash interrupted
-        directory = self.home.deltas_dir / r.machine
-        with exclusive(directory):
-            if begin_boot(directory, stateless=r.stateless):
-                logs.event(self.log, "new-boot", machine=r.machine, delta="dropped")
+        self._begin_boot(r)
         manifest = self._manifest(r.manifest_id)
         machine = machine_device(self.home, r.machine, r.info, manifest, r.manifest_id, self.cache)
         # A machine export opening is a boot: note the order of its first reads.
         return profile.record_boot(self.home, machine, manifest, r.manifest_id)
+
+    def _begin_boot(self, r: Resolved) -> None:
+        """The machine's disk opens: a new boot when its last one ended (see the module
+        docstring); a stateless machine's delta is dropped then."""
+        assert r.machine is not None
+        directory = self.home.deltas_dir / r.machine
+        with exclusive(directory):
+            if begin_boot(directory, stateless=r.stateless):
+                logs.event(self.log, "new-boot", machine=r.machine, delta="dropped")
 
     def release(self, name: str, device: BlockDevice, *, ended: bool = False) -> None:
         with self._lock:

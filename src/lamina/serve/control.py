@@ -5,11 +5,12 @@ after the home (nothing to clean up after a ``kill -9``), from this user or root
 
     {"op": "copy-deltas", "dest": DIR}   ->  {"ok": true, "deltas": [NAME, ...]}
 
-Each machine's delta is copied at a flush point, one machine at a time. For a machine
-being served, the server stops reading its connections' requests (their writes wait in
-the sockets), flushes the delta, copies its files on the pool and reads on; nobody may
-start writing that disk meanwhile (``ExportCatalog.copying``). A delta no connection has
-open is copied under its lock, and a client opening it meanwhile is refused until then.
+Each machine's delta is copied at a flush point, one machine at a time. The serving
+process that has a machine open (this one, or the worker holding it) stops taking its
+connections' requests (their writes wait in the sockets), lets the writes it took reach
+the delta, flushes and copies it, and takes requests again; nobody may start writing that
+disk meanwhile (``NbdService.copy_delta``). A delta no process has open is copied here
+under its lock; a client opening it in that moment is refused, and its next try works.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,6 @@ from lamina.control import abstract_address
 from lamina.delta.file import copy_files, exclusive
 from lamina.errors import Conflict, LaminaError, UsageError
 from lamina.names import MACHINE_PREFIX
-from lamina.nbd.aio import NbdServerProtocol
-from lamina.serve.catalog import ExportCatalog
 
 # A delta opened by a client between the check and the lock: tried again this often.
 _ATTEMPTS = 20
@@ -42,21 +40,19 @@ def address(home_root: Path) -> str:
     return abstract_address("serve", home_root)
 
 
+# Asked of the serving processes: copy this machine's open delta (False: none has it open).
+CopyOpen = Callable[[str, Path, Path], Awaitable[bool]]
+
+
 class Control:
-    def __init__(
-        self,
-        catalog: ExportCatalog,
-        connections: Callable[[], Iterable[NbdServerProtocol]],
-        executor: Executor,
-        log: logging.Logger,
-    ) -> None:
-        self.catalog = catalog
-        self.connections = connections
-        self.executor = executor
+    def __init__(self, home_root: Path, deltas: Path, copy_open: CopyOpen, log: logging.Logger):
+        self.home_root = home_root
+        self.deltas = deltas
+        self.copy_open = copy_open
         self.log = log
 
     async def start(self) -> asyncio.AbstractServer:
-        return await asyncio.start_unix_server(self.handle, path=address(self.catalog.home.root))
+        return await asyncio.start_unix_server(self.handle, path=address(self.home_root))
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -80,40 +76,21 @@ class Control:
     async def copy_deltas(self, dest: Path) -> list[str]:
         if not dest.is_absolute():
             raise UsageError(f"{dest}: the destination must be an absolute path")
-        deltas = self.catalog.home.deltas_dir
-        names = sorted(d.name for d in deltas.iterdir() if (d / "delta.map").exists())
+        names = sorted(d.name for d in self.deltas.iterdir() if (d / "delta.map").exists())
         for name in names:
-            await self._copy(name, deltas / name, dest / name)
+            await self._copy(MACHINE_PREFIX + name, self.deltas / name, dest / name)
         logs.event(self.log, "deltas-copied", dest=str(dest), deltas=len(names))
         return names
 
-    async def _copy(self, name: str, src: Path, dest: Path) -> None:
-        loop = asyncio.get_running_loop()
-        export = MACHINE_PREFIX + name
-        with self.catalog.copying(export):
-            for _attempt in range(_ATTEMPTS):
-                device = self.catalog.opened(export)
-                if device is None:
-                    try:
-                        await loop.run_in_executor(self.executor, _copy_closed, src, dest)
-                        return
-                    except Conflict:  # opened just now: copy it as an open one
-                        await asyncio.sleep(0.05)
-                        continue
-                held = [p for p in self.connections() if p.export and p.export.name == export]
-                for proto in held:
-                    proto.hold()
-                try:
-                    await loop.run_in_executor(self.executor, device.flush)
-                    await loop.run_in_executor(self.executor, copy_files, src, dest)
-                    return
-                except (OSError, ValueError):
-                    if self.catalog.opened(export) is device:
-                        raise
-                    # its last client left meanwhile and closed it: copy it as a closed one
-                finally:
-                    for proto in held:
-                        proto.unhold()
+    async def _copy(self, export: str, src: Path, dest: Path) -> None:
+        for _attempt in range(_ATTEMPTS):
+            if await self.copy_open(export, src, dest):
+                return
+            try:
+                await asyncio.to_thread(_copy_closed, src, dest)
+                return
+            except Conflict:  # a process opened it just now: ask again
+                await asyncio.sleep(0.05)
         raise Conflict(f"{export}: opened and closed too often to be copied, try again")
 
 

@@ -28,6 +28,7 @@ from lamina.home import Home
 from lamina.locks import try_lock
 from lamina.manager.app import create_app
 from lamina.manager.console.auth import print_login_url
+from lamina.serve.control import Control, CopyOpen
 from lamina.serve.imagefiles import hydrated_dir
 from lamina.serve.tls import ServeTls, tls_setup, warn_if_exposed
 
@@ -101,6 +102,10 @@ async def _serve(
     stop = stop or asyncio.Event()
     failed: list[str] = []
     block = await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else None
+    # `lamina backup` asks the block server (the deltas' owner) to copy them at flush points
+    control = None
+    if block is not None:
+        control = await Control(home.root, home.deltas_dir, block[1], log).start()
     http = _http_server(home, options.http, tls) if options.http is not None else None
     http_task = asyncio.create_task(http.serve(sockets=[http_sock])) if http is not None else None
     if http_task is not None:
@@ -126,8 +131,10 @@ async def _serve(
     try:
         await stop.wait()
     finally:
+        if control is not None:
+            control.close()
         if block is not None:
-            await block()
+            await block[0]()
         if http is not None and http_task is not None:
             http.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):
@@ -147,9 +154,10 @@ async def _start_nbd(
     sock: socket.socket,
     stop: asyncio.Event,
     failed: list[str],
-) -> Callable[[], Awaitable[None]]:
-    """Serve NBD on ``sock`` (in workers, or here); returns what stops it. Workers that
-    keep dying at start set ``stop`` and say why in ``failed``."""
+) -> tuple[Callable[[], Awaitable[None]], CopyOpen]:
+    """Serve NBD on ``sock`` (in workers, or here); returns what stops it, and how to copy
+    an open delta for a backup. Workers that keep dying at start set ``stop`` and say why
+    in ``failed``."""
     if options.worker_count == 0:
         from lamina.serve.handshake import NbdService
 
@@ -160,7 +168,7 @@ async def _start_nbd(
             server.close()
             await service.close()
 
-        return stop_here
+        return stop_here, service.copy_delta
     from lamina.serve.workers import WorkerPool
 
     pool = WorkerPool(home, options, log)
@@ -181,7 +189,7 @@ async def _start_nbd(
         watch.cancel()
         await pool.stop()
 
-    return stop_workers
+    return stop_workers, pool.copy_delta
 
 
 def _lock_home(home: Home) -> int:
