@@ -1,7 +1,7 @@
 """Boot storm: N stateless machines on one image version, all booting at once.
 
     python bench/boot_storm.py [--machines 32,128] [--io-mib 128] [--stagger 1]
-                               [--only lamina,nbd-server,qemu-nbd]
+                               [--only lamina,nbd-server,qemu-nbd] [--store s3]
 
 The image: 1 GiB, of which the first 256 MiB is the boot set every machine reads (1 MiB
 pieces alternately compressible about 2:1 and random, as an OS disk's files and its
@@ -14,6 +14,14 @@ into its own copy-on-write state. Side by side, in one run, for each N:
   nbd-server  Debian's nbd-server, one export with `copyonwrite = true` (a COW file per
               client connection: how LTSP served thin clients), default worker threads
   qemu-nbd    one qemu-nbd per machine, each on its own qcow2 overlay of the raw image
+
+With ``--store s3`` the comparison is lamina against itself: the same storm on a home
+whose chunks are in an S3 bucket (the test suite's single-node Ceph RADOS Gateway, on this
+host), from a warm disk cache (one full read of the image through ``lamina serve`` fills
+it first), beside a home with the local store. Both start with the page cache dropped and
+with their decompressed image files cleared (the server does that at start), so the S3
+home reads every chunk from its disk cache and the local one from its packs. Prints
+``ratio s3/local N=...`` (target: within 10%, >= 0.9).
 
 The machines power on at random moments within ``--stagger`` seconds (1 by default).
 nbd-server loses connections in a storm unless SYN cookies are off (``Peers.nbd_server``);
@@ -38,6 +46,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -175,14 +184,22 @@ def phase(start: Callable[[], Running], io_mib: int, stagger: float, work: Path)
 
 
 class Peers:
-    def __init__(self, work: Path, raw: Path) -> None:
+    def __init__(self, work: Path, raw: Path, store_env: dict[str, str] | None = None) -> None:
+        """``store_env``: the environment of a bucket store, for a home of its own (the
+        ``lamina-s3`` phase)."""
         self.work, self.raw = work, raw
         self.home = work / "home"
         self.env = {"LAMINA_HOME": str(self.home)}
+        self.s3 = Peers(work / "s3", raw) if store_env is not None else None
+        if self.s3 is not None and store_env is not None:
+            self.s3.work.mkdir(exist_ok=True)
+            self.s3.env |= store_env
 
     def prepare_lamina(self, n: int) -> None:
         if not (self.home / "lamina.db").exists():
             run(LAMINA, "image", "import", "disk", str(self.raw), env=self.env)
+            if "LAMINA_STORE_URL" in self.env:
+                self.warm_cache()
         code = (
             "from lamina.home import Home\n"
             "from lamina.manager.services import machines\n"
@@ -196,6 +213,19 @@ class Peers:
         run(str(Path(LAMINA).with_name("python")), "-c", code, env=self.env)
         shutil.rmtree(self.home / "deltas", ignore_errors=True)  # every machine boots clean
 
+    def warm_cache(self) -> None:
+        """Read the whole image once through `lamina serve`: every chunk comes from the
+        bucket, is checked and lands in the home's disk cache."""
+        running = self.lamina(1)
+        try:
+            uri = running.uris[0].replace("/machine/m0", "/disk")
+            wait_export(uri)
+            run("nbdcopy", uri, "null:")
+        finally:
+            running.stop()
+        cached = sum(p.stat().st_size for p in (self.home / "store" / "cache").glob("*.seg"))
+        print(f"  (S3 home: disk cache warm with {cached / MiB:.0f} MiB)", flush=True)
+
     def lamina(self, n: int) -> Running:
         port = free_port()
         log = open(self.work / "lamina.log", "ab")  # noqa: SIM115 - the child keeps it
@@ -207,6 +237,10 @@ class Peers:
         )
         uris = [f"nbd://127.0.0.1:{port}/machine/m{i}" for i in range(n)]
         return Running([proc.pid], uris, [proc])
+
+    def lamina_s3(self, n: int) -> Running:
+        assert self.s3 is not None
+        return self.s3.lamina(n)
 
     def nbd_server(self, n: int) -> Running:
         """nbd-server listens with a backlog of 10: in a storm its accept queue overflows.
@@ -306,31 +340,67 @@ def attempts(
     raise AssertionError("unreachable")
 
 
+@contextlib.contextmanager
+def bucket_store(work: Path, wanted: bool) -> Iterator[dict[str, str] | None]:
+    """The environment of a bucket on a single-node Ceph cluster started here, or None."""
+    if not wanted:
+        yield None
+        return
+    need("radosgw", "ceph-osd", "ceph-mon")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test suite's cluster
+    from tests.ceph import CephCluster
+
+    cluster = CephCluster(work / "ceph").start()
+    try:
+        cluster.create_bucket("storm")
+        yield cluster.env("storm", "fleet")
+    finally:
+        cluster.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--machines", default="32,128")
     parser.add_argument("--io-mib", type=int, default=128, help="bytes each machine moves")
-    parser.add_argument("--only", default="lamina,nbd-server,qemu-nbd")
+    parser.add_argument("--only", default=None, help="[lamina,nbd-server,qemu-nbd]")
     parser.add_argument(
         "--stagger", type=float, default=1.0, help="seconds over which the machines power on"
+    )
+    parser.add_argument(
+        "--store",
+        choices=("local", "s3"),
+        default="local",
+        help="s3: lamina on a bucket store (warm disk cache) against lamina on a local one",
     )
     args = parser.parse_args()
     need("fio", "nbd-server", "qemu-nbd", "qemu-img", "nbdinfo")
     if os.geteuid() != 0:
         print("warning: not root, the page cache is not dropped between phases (not cold)")
+    default = "lamina,lamina-s3" if args.store == "s3" else "lamina,nbd-server,qemu-nbd"
+    systems = (args.only or default).split(",")
     work = scratch("storm")
     raw = work / "disk.raw"
     build_image(raw)
-    peers = Peers(work, raw)
-    systems = args.only.split(",")
+    with bucket_store(work, "lamina-s3" in systems) as store_env:
+        table = storms(Peers(work, raw, store_env), systems, args, work)
+    print("ratio " + " ".join(ratios(table)))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def storms(
+    peers: Peers, systems: list[str], args: argparse.Namespace, work: Path
+) -> dict[int, dict[str, Result]]:
     table: dict[int, dict[str, Result]] = {}
     for n in (int(x) for x in args.machines.split(",")):
         row = table[n] = {}
         for name in systems:
             if name == "lamina":
                 peers.prepare_lamina(n)
+            if name == "lamina-s3" and peers.s3 is not None:
+                peers.s3.prepare_lamina(n)
             start = {
                 "lamina": peers.lamina,
+                "lamina-s3": peers.lamina_s3,
                 "nbd-server": peers.nbd_server,
                 "qemu-nbd": peers.qemu_nbd,
             }[name]
@@ -346,9 +416,19 @@ def main() -> None:
                 flush=True,
             )
             time.sleep(1)
+    return table
+
+
+def ratios(table: dict[int, dict[str, Result]]) -> list[str]:
     parts = []
     for n, row in table.items():
-        peers_only = {k: v for k, v in row.items() if k != "lamina"}
+        if "lamina" in row and "lamina-s3" in row:
+            s3, local = row["lamina-s3"], row["lamina"]
+            parts.append(
+                f"s3/local N={n}={s3.mib_s / local.mib_s:.2f}x "
+                f"p99={s3.p99_ms:.1f}/{local.p99_ms:.1f}ms"
+            )
+        peers_only = {k: v for k, v in row.items() if not k.startswith("lamina")}
         if "lamina" not in row or not peers_only:
             continue
         best_name, best = max(peers_only.items(), key=lambda kv: kv[1].mib_s)
@@ -357,8 +437,7 @@ def main() -> None:
             f"N={n}={ours.mib_s / best.mib_s:.2f}x({best_name}) "
             f"p99={ours.p99_ms:.1f}/{best.p99_ms:.1f}ms"
         )
-    print("ratio " + " ".join(parts))
-    shutil.rmtree(work, ignore_errors=True)
+    return parts
 
 
 if __name__ == "__main__":

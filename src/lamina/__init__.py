@@ -18,7 +18,7 @@ trust      the home's certificate authority and what a TLS client proves
 home       a home: its folders, its store, its database (opened by whoever opens it)
 store      the content-addressed chunk store
 nbd        the NBD protocol (sans-I/O) and the block-device interface
-names, locks, files, logs, control, errors, settings, _tuning   shared foundations
+names, locks, files, logs, control, errors, settings, units, _tuning   shared foundations
 """
 
 from lamina.errors import (
@@ -27,10 +27,14 @@ from lamina.errors import (
     CorruptObject,
     InvalidInput,
     LaminaError,
+    NotAHome,
     NotFound,
     ProtocolError,
+    Refused,
     StoreError,
     ToolError,
+    Unconfirmed,
+    Unreachable,
     UnsafeArchive,
     UsageError,
 )
@@ -43,10 +47,14 @@ __all__ = [
     "CorruptObject",
     "InvalidInput",
     "LaminaError",
+    "NotAHome",
     "NotFound",
     "ProtocolError",
+    "Refused",
     "StoreError",
     "ToolError",
+    "Unconfirmed",
+    "Unreachable",
     "UnsafeArchive",
     "UsageError",
     "__version__",

@@ -26,7 +26,7 @@ def disk(tmp_path: Path, name: str) -> Path:
 
 def refused(result: object, *words: str) -> str:
     code, err = getattr(result, "code"), getattr(result, "err")  # noqa: B009
-    assert code == 13, err
+    assert code == 14, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     for word in words:

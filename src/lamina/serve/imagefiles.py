@@ -6,7 +6,8 @@ or per process.
                        (when the store keeps packs as local files)
     compressed chunks  decompressed and checked once, then written at their own offset
                        into a sparse file the size of the image (``NAME.data``); so are
-                       raw chunks of a store whose packs are not local files
+                       the chunks of a store whose packs are not local files, which
+                       come through the store (its disk cache, shared by every process)
     NAME.state         which chunks are ready, shared through a MAP_SHARED mmap:
 
         offset  size  field
@@ -81,7 +82,8 @@ class ImageFiles:
         self._where = array.array("I", bytes(4 * manifest.count))  # pack number + 1
         self._offset = array.array("Q", bytes(8 * manifest.count))
         self._length = array.array("I", bytes(4 * manifest.count))
-        self._locate_all()
+        if self._pack_root is not None:  # a bucket's chunks are looked up by the store
+            self._locate_all()
         self._lock = threading.Lock()
         self._busy: dict[int, threading.Event] = {}
         self.hydrations = 0  # chunks this process made ready (raw checked or decompressed)
@@ -188,22 +190,23 @@ class ImageFiles:
             busy.set()
 
     def _hydrate_one(self, index: int) -> None:
-        if not self._where[index]:
-            raise StoreError(
-                f"chunk {self._ids[index * 32 : index * 32 + 4].hex()}: not in the store"
-            )
         kind = self.state[index]
+        if kind == HYDRATED:
+            return
+        cid = self._ids[index * 32 : index * 32 + 32]
+        if self._pack_root is None:
+            self._hydrate_remote(index, cid)  # the store looks it up (in new packs too)
+            return
+        if not self._where[index]:
+            raise StoreError(f"chunk {cid[:4].hex()}: not in the store")
         if kind == RAW:  # checked by another process: only the pack is to be opened here
             self._pack_fd(self._where[index] - 1)
             return
-        if kind == HYDRATED:
-            return
         envelope = self._envelope(index)
-        cid = self._ids[index * 32 : index * 32 + 32]
         head = parse_header(envelope, f"chunk {cid.hex()[:16]}")
         if head.plain_len != self.manifest.chunk_len(index):
             raise CorruptObject(f"chunk {cid.hex()[:16]}: wrong plaintext length", chunk_id=cid)
-        if head.codec == CODEC_RAW and self._pack_root is not None:
+        if head.codec == CODEC_RAW:
             payload = memoryview(envelope)[HEADER_SIZE:]
             if head.chunk_id != cid or chunk_id(payload) != cid:
                 raise CorruptObject(f"chunk {cid.hex()[:16]}: hash mismatch", chunk_id=cid)
@@ -214,13 +217,22 @@ class ImageFiles:
             self.state[index] = HYDRATED
         self.hydrations += 1
 
+    def _hydrate_remote(self, index: int, cid: bytes) -> None:
+        """A chunk of a store whose packs are not local files (a bucket): through the
+        store, which checks it, keeps it in the home's disk cache (shared by every
+        process) and fetches the chunks after it in the same request."""
+        plain = self.store.get(cid)
+        if len(plain) != self.manifest.chunk_len(index):
+            raise CorruptObject(f"chunk {cid.hex()[:16]}: wrong plaintext length", chunk_id=cid)
+        _pwrite_all(self._data_fd, plain, index * self.chunk_size)
+        self.state[index] = HYDRATED
+        self.hydrations += 1
+
     def _envelope(self, index: int) -> bytes:
         """The stored envelope of a chunk; looked up again if gc moved it meanwhile."""
         for attempt in range(2):
             number, length = self._where[index] - 1, self._length[index]
             try:
-                if self._pack_root is None:
-                    return self.store.backend.read(self._packs[number], self._offset[index], length)
                 data = os.pread(self._pack_fd(number), length, self._offset[index])
             except FileNotFoundError:
                 if attempt:
