@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,14 @@ def base(cli: Cli, tmp_path: Path) -> bytes:
     cli("machine", "add", "sl", "--image", "base", "--mode", "stateless")
     cli("machine", "add", "sf", "--image", "base", "--mode", "stateful")
     return content
+
+
+@pytest.fixture
+def server(cli: Cli, tmp_path: Path) -> Iterator[Server]:
+    """Two worker processes (the default on two cores), whatever the host has."""
+    srv = Server(cli.home, tmp_path / "serve.log", args=("--workers", "2"))
+    yield srv
+    srv.stop()
 
 
 async def connect(server: Server, export: str) -> NbdClient:
@@ -149,37 +158,50 @@ def test_machine_reset_starts_a_new_boot(cli: Cli, server: Server, base: bytes) 
     assert run(boot()) == base[AT : AT + len(DATA)]
 
 
+@pytest.mark.parametrize("workers", ["2", "0"])
 def test_a_second_writer_gets_the_disk_read_only(
-    server: Server, base: bytes, tmp_path: Path
+    cli: Cli, base: bytes, tmp_path: Path, workers: str
 ) -> None:
+    """In worker processes (the second client's handshake lands in either) and in the
+    server's own process alike."""
+    server = Server(cli.home, tmp_path / "serve.log", args=("--workers", workers))
     server.start()
-
-    async def scenario() -> None:
-        first = await connect(server, "machine/sf")
-        assert not first.flags & TransmissionFlag.READ_ONLY
-        assert (await first.request(Cmd.WRITE, AT, data=DATA))[0] == 0
-
-        second = await connect(server, "machine/sf")
-        assert second.flags & TransmissionFlag.READ_ONLY
-        assert (await second.request(Cmd.WRITE, 0, data=b"y" * 4096))[0] == Errno.EPERM
-        assert await read(second) == DATA  # it reads the machine's disk as it is
-        # qemu opening it to write is refused; qemu-img reads it
-        assert qemu_io(server.url("machine/sf"), "write -P 7 0 4096").returncode != 0
-        out = tmp_path / "copy.raw"
-        subprocess.run(["qemu-img", "convert", "-O", "raw", server.url("machine/sf"), str(out)],
-                       check=True)  # fmt: skip
-        assert out.read_bytes()[AT : AT + len(DATA)] == DATA
-        await second.close()
-        assert await read(first) == DATA
-        await first.close()
-        while not (server.home / "deltas" / "sf" / "ended").exists():  # the writer is gone
-            await asyncio.sleep(0.02)
-
-        third = await connect(server, "machine/sf")  # the writer left: the next one writes
-        assert not third.flags & TransmissionFlag.READ_ONLY
-        await third.close()
-
-    run(scenario())
+    try:
+        run(second_writer(server, tmp_path))
+    finally:
+        server.stop()
     refused = [json.loads(ln) for ln in server.log_lines() if '"second-writer"' in ln]
-    assert len(refused) >= 3 and {r["export"] for r in refused} == {"machine/sf"}
+    assert len(refused) >= 4 and {r["export"] for r in refused} == {"machine/sf"}
     assert all(r["writer"] for r in refused)
+
+
+async def second_writer(server: Server, tmp_path: Path) -> None:
+    first = await connect(server, "machine/sf")
+    assert not first.flags & TransmissionFlag.READ_ONLY
+    assert (await first.request(Cmd.WRITE, AT, data=DATA))[0] == 0
+
+    second = await connect(server, "machine/sf")
+    assert second.flags & TransmissionFlag.READ_ONLY
+    assert (await second.request(Cmd.WRITE, 0, data=b"y" * 4096))[0] == Errno.EPERM
+    assert await read(second) == DATA  # it reads the machine's disk as it is
+    # qemu opening it to write is refused; nbdinfo sees it read-only; qemu-img reads it
+    assert qemu_io(server.url("machine/sf"), "write -P 7 0 4096").returncode != 0
+    for _ in range(2):  # in either worker
+        info = subprocess.run(
+            ["nbdinfo", "--json", server.url("machine/sf")],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert json.loads(info)["exports"][0]["is_read_only"]
+    out = tmp_path / "copy.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", server.url("machine/sf"), str(out)],
+                   check=True)  # fmt: skip
+    assert out.read_bytes()[AT : AT + len(DATA)] == DATA
+    await second.close()
+    assert await read(first) == DATA
+    await first.close()
+    while not (server.home / "deltas" / "sf" / "ended").exists():  # the writer is gone
+        await asyncio.sleep(0.02)
+
+    third = await connect(server, "machine/sf")  # the writer left: the next one writes
+    assert not third.flags & TransmissionFlag.READ_ONLY
+    await third.close()

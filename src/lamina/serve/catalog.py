@@ -9,9 +9,10 @@ same export (one delta, one chunk cache), then closed with the last one.
 
 A machine's disk has one writer: the first connection to open it writes; any other that
 opens it meanwhile gets it read-only (a ``ReadOnlyView``, its export flagged read-only in
-the GO reply) and the server logs ``second-writer``. (NBD_OPT_INFO answers from what this
-process knows; a worker that does not hold the machine may describe it as writable. The
-GO reply, answered where the disk is open, is what counts.) When the writer leaves with
+the GO reply) and the server logs ``second-writer``. NBD_OPT_INFO describes it alike: in a
+worker process that does not hold the machine, from what the parent tells of the
+siblings' open machines (``held_elsewhere``); the GO reply, answered where the disk is
+open, is what counts if the two ever differ. When the writer leaves with
 NBD_CMD_DISC (a power-off) the machine's boot has ended (``delta.file.mark_ended``); the
 first connection after that starts a new boot, and a stateless machine's delta goes
 (``delta.file.begin_boot``, logged ``new-boot``).
@@ -62,6 +63,7 @@ class ExportCatalog:
         self._seeds: dict[str, tuple[tuple[str, int], bytes]] = {}
         self._writers: dict[str, str] = {}  # machine export -> the client writing it
         self._copying: set[str] = set()  # machine exports a backup is copying
+        self._elsewhere: set[str] = set()  # machine exports a sibling process has open
         self._lock = threading.Lock()
         self.log = logging.getLogger(logs.LOGGER)
 
@@ -74,9 +76,18 @@ class ExportCatalog:
             return None
         if resolved is None:
             return None
-        if not resolved.info.read_only and name in self._writers:
+        if not resolved.info.read_only and (name in self._writers or name in self._elsewhere):
             return replace(resolved.info, read_only=True)  # what GO would give this client
         return resolved.info
+
+    def held_elsewhere(self, name: str, held: bool) -> None:
+        """Another serving process has machine export ``name`` open (``held``) or no more:
+        its writer is there, so an NBD_OPT_INFO here describes the disk read-only."""
+        with self._lock:
+            if held:
+                self._elsewhere.add(name)
+            else:
+                self._elsewhere.discard(name)
 
     def names(self) -> list[str]:
         out: list[str] = []

@@ -236,14 +236,25 @@ class WorkerPool:
             return
         if kind == "ready":
             worker.ready.set()
+            for export in self.owners:  # what its siblings hold (see ``_held``)
+                worker.channel.send(("held", export, True))
         elif kind == "load":
             worker.load, worker.sent = message[1], 0
         elif kind == "opened":
             self.owners[message[1]] = index
+            self._held(index, message[1], True)
         elif kind == "closed" and self.owners.get(message[1]) == index:
             del self.owners[message[1]]
+            self._held(index, message[1], False)
         elif kind == "copied":
             self._copied(message[1], message[2], message[3])
+
+    def _held(self, holder: int, export: str, held: bool) -> None:
+        """Tell the other workers that ``holder`` has machine ``export`` open (or no more):
+        their NBD_OPT_INFO then describes it as the holder's GO would, read-only."""
+        for w in self.workers.values():
+            if w.index != holder and not w.channel.closed:
+                w.channel.send(("held", export, held))
 
     def _route(self, sender: int, export: str, state: bytes, fd: int) -> None:
         """A connection whose machine a sibling holds: to the worker known to hold it, or
@@ -291,7 +302,9 @@ class WorkerPool:
         if code is None:
             asyncio.get_running_loop().call_later(0.05, self._lost, index)
             return
-        self.owners = {k: v for k, v in self.owners.items() if v != index}
+        for export in [k for k, v in self.owners.items() if v == index]:
+            del self.owners[export]
+            self._held(index, export, False)
         for request, (holder, _answer) in list(self._copies.items()):
             if holder == index:  # its deltas' locks are free now: copied as closed ones
                 self._copied(request, False, None)
@@ -401,6 +414,10 @@ async def _worker(config: dict[str, Any]) -> None:
             task = asyncio.ensure_future(_copy(service, channel, *msg[1:]))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+            return
+        if msg[0] == "held":
+            service.catalog.held_elsewhere(msg[1], msg[2])
+            return
         if msg[0] != "conn" or not fds:
             for fd in fds:
                 os.close(fd)
