@@ -18,7 +18,7 @@ import pytest
 from lamina.nbd import Cmd, Errno, TransmissionFlag
 from lamina.nbd.aioclient import NbdClient
 from tests.conftest import Cli, write_sparse
-from tests.nbdtools import qemu_io
+from tests.nbdtools import Session, ok, qemu_io
 from tests.servers import Server, wait_for
 
 MiB = 1 << 20
@@ -115,6 +115,34 @@ def test_a_restart_or_crash_of_the_server_keeps_a_stateless_disk(
     assert stateful == base[AT : AT + len(DATA)]  # (nothing written there)
     boots = [json.loads(ln) for ln in server.log_lines() if '"new-boot"' in ln]
     assert [(b["machine"], b["delta"]) for b in boots] == [("sl", "dropped")]
+
+
+def test_qemu_rides_out_a_kill_of_the_server_and_its_next_boot_is_clean(
+    server: Server, base: bytes
+) -> None:
+    """qemu's own NBD client with reconnect-delay (as a VM's disk is opened): it writes and
+    flushes, the server is killed and started again on the same port, the same qemu reads
+    its write back; it quits (NBD_CMD_DISC), and the stateless machine's next boot is clean."""
+    server.start()
+    opts = (
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,"
+        f"server.port={server.port},export=machine/sl,reconnect-delay=60"
+    )
+    qemu = Session(opts, image_opts=True)
+    try:
+        qemu.run(f"write -P 0x5a {AT} 65536")
+        qemu.run("flush")
+        server.stop(signal.SIGKILL)
+        server.start()
+        qemu.run(f"read -P 0x5a {AT} 65536")  # reconnected: what it wrote, not the image
+        qemu.run(f"write -P 0x5b {AT + 65536} 4096")  # and it goes on writing
+        qemu.run(f"read -P 0x5b {AT + 65536} 4096")
+    finally:
+        qemu.close()  # quits: NBD_CMD_DISC
+    wait_for((server.home / "deltas" / "sl" / "ended").exists, 30)
+    fresh = ok(qemu_io(server.url("machine/sl"), f"read -v {AT} 16", read_only=True))
+    first = base[AT : AT + 16].hex()
+    assert " ".join(first[i : i + 2] for i in range(0, 32, 2)) in fresh
 
 
 def test_a_stateful_disk_keeps_its_writes_across_boots(server: Server, base: bytes) -> None:

@@ -22,7 +22,7 @@ from lamina.image import Manifest
 from lamina.manager.home import open_home
 from lamina.store.codec import HEADER_SIZE, parse_header
 from tests.conftest import Cli, write_sparse
-from tests.nbdtools import ok, qemu_io
+from tests.nbdtools import Session, ok, qemu_io
 from tests.servers import Server, wait_for
 
 MiB = 1 << 20
@@ -69,43 +69,6 @@ def nbdcopy(url: str, out: Path, *options: str) -> str:
         return digest(out)
     finally:
         out.unlink()
-
-
-class Session:
-    """An interactive qemu-io holding one connection open."""
-
-    def __init__(self, url: str, *, read_only: bool = False) -> None:
-        self.proc = subprocess.Popen(
-            ["qemu-io", "-f", "raw", *(["-r"] if read_only else []), url],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self._until_prompt()
-
-    def _until_prompt(self) -> str:
-        assert self.proc.stdout is not None
-        out = ""
-        while not out.endswith("qemu-io> "):
-            c = self.proc.stdout.read(1)
-            if not c:
-                raise AssertionError(f"qemu-io ended: {out}")
-            out += c
-        return out
-
-    def run(self, command: str) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        out = self._until_prompt()
-        assert "failed" not in out.lower() and "error" not in out.lower(), out
-        return out
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
 
 
 def test_workers_share_one_image_and_make_each_chunk_ready_once(
