@@ -47,10 +47,12 @@ def shared(s3_env: dict[str, str], pg_cluster: PgCluster, monkeypatch: pytest.Mo
 
 @pytest.fixture
 def homes(shared: str, tmp_path: Path) -> tuple[Cli, Cli]:
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    return Cli(a), Cli(b)
+    """Two folders of one home (one database): one made by init, one joining it."""
+    a, b = Cli(tmp_path / "a"), Cli(tmp_path / "b")
+    a("init")
+    joined = b.json("init", "--join")
+    assert joined["id"] == a.json("init")["id"] and joined["created"]
+    return a, b
 
 
 @pytest.fixture
