@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import update
 
 from lamina.home import Home
@@ -83,3 +84,12 @@ def test_a_clean_stop_moves_stateless_machines_at_once(
         servers.stop(session, name="bs1")
     with home.session() as session:
         assert servers.server_for(session, "m") == servers.Assigned("bs2", "b:1", True)
+
+
+def test_joining_needs_a_postgresql_that_belongs_to_a_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LAMINA_DATABASE_URL", raising=False)
+    refused = Cli(tmp_path / "joining")("init", "--join", check=False)
+    assert refused.code == 2 and "needs the cluster's PostgreSQL" in refused.err
+    assert not (tmp_path / "joining" / "home.json").exists()
