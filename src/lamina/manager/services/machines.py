@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import secrets
+import hmac
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,12 +19,32 @@ from lamina.names import Ref, check_name, parse_ref
 
 if TYPE_CHECKING:
     from lamina.home import Home
+    from lamina.identity import AgentSeed, Identity
 
 MODES = ("stateless", "stateful")
 
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def derive_token(key: str, name: str, machine_id: str) -> str:
+    """A machine's agent token: HMAC-SHA256 of its name and machine-id under the
+    installation's token key, so the seed disk can hand it to the machine while only its
+    hash sits in the machine's row. A new machine-id gives a new token."""
+    mac = hmac.new(key.encode(), f"lamina agent token\0{name}\0{machine_id}".encode(), "sha256")
+    return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
+
+
+def seed_token(session: Session, machine: Machine) -> str | None:
+    """The token a machine's seed carries: the derived one while it is the machine's
+    token (None for a token made otherwise, which cannot be recovered from its hash)."""
+    from lamina.manager.services import settings
+
+    token = derive_token(
+        settings.secret(session, settings.TOKEN_KEY), machine.name, machine.machine_id
+    )
+    return token if hmac.compare_digest(hash_token(token), machine.token_hash) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +74,11 @@ def add(
 
     check_name(name, "machine name")
     version = images.get_version(session, parse_ref(image, "image name"))
+    from lamina.manager.services import settings
+
     identity = new_identity(name, hostname=hostname, mac=mac, domain=domain)
-    token = secrets.token_urlsafe(32)
+    key = settings.secret(session, settings.TOKEN_KEY)
+    token = derive_token(key, name, identity.machine_id)
     machine = Machine(
         name=name,
         image_version=version,
@@ -68,6 +92,18 @@ def add(
     except IntegrityError:
         raise AlreadyExists(f"a machine named {name!r} already exists") from None
     return Added(machine, token)
+
+
+def seed_of(session: Session, machine: Machine) -> tuple[Identity, AgentSeed | None]:
+    """What the machine's seed disk is made of: its identity, and the agent's settings
+    once the manager's URL for machines is known (``serve --agent-url``)."""
+    from lamina.identity import AgentSeed, identity_from_machine
+    from lamina.manager.services import settings
+
+    identity = identity_from_machine(machine)
+    url = settings.get(session, settings.AGENT_URL)
+    token = seed_token(session, machine) if url else None
+    return identity, AgentSeed(url, token) if url and token else None
 
 
 def get(session: Session, name: str) -> Machine:
@@ -145,9 +181,11 @@ def set_identity(
     new_host_keys: bool = False,
 ) -> Machine:
     """Change identity fields (hostname, domain, mac, network, extra_config); the identity
-    revision goes up when anything changed, which rebuilds the seed disk."""
+    revision goes up when anything changed, which rebuilds the seed disk. A new machine-id
+    gives the machine a new agent token (its seed carries it at the next boot)."""
     from lamina.identity import apply_identity, identity_from_machine
     from lamina.identity.model import update_identity
+    from lamina.manager.services import settings
 
     machine = get(session, name)
     current = identity_from_machine(machine)
@@ -155,5 +193,9 @@ def set_identity(
         current, **changes, new_machine_id=new_machine_id, new_host_keys=new_host_keys
     )
     if updated is not current:
+        derived = seed_token(session, machine) is not None
         apply_identity(machine, updated)
+        if derived and updated.machine_id != current.machine_id:
+            key = settings.secret(session, settings.TOKEN_KEY)
+            machine.token_hash = hash_token(derive_token(key, name, updated.machine_id))
     return machine
