@@ -85,12 +85,24 @@ def submounts(path: Path) -> list[MountInfo]:
 
 def compose(lowers: Sequence[Path], upper: Path, work: Path) -> int:
     """A detached overlay mount (its fd) of ``lowers`` (first wins) under ``upper``."""
-    params = [Param("lowerdir+", str(p)) for p in lowers]
-    params += [Param("upperdir", str(upper)), Param("workdir", str(work)), *OPTIONS]
+    rest = [Param("upperdir", str(upper)), Param("workdir", str(work)), *OPTIONS]
     try:
-        return mountapi.new_mount("overlay", params)
+        try:
+            return mountapi.new_mount("overlay", [*_lower_params(lowers, each=True), *rest])
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # Linux < 6.8 has no "lowerdir+": one colon-separated "lowerdir" (a page at most).
+            return mountapi.new_mount("overlay", [*_lower_params(lowers, each=False), *rest])
     except OSError as exc:
         raise mountapi.tool_error(exc, "overlay mount") from None
+
+
+def _lower_params(lowers: Sequence[Path], *, each: bool) -> list[Param]:
+    if each:
+        return [Param("lowerdir+", str(p)) for p in lowers]
+    escaped = (str(p).replace("\\", "\\\\").replace(":", "\\:") for p in lowers)
+    return [Param("lowerdir", ":".join(escaped))]
 
 
 def mount_new(fd: int, root: Path) -> None:
