@@ -29,6 +29,7 @@ from lamina.cli import (
     admin,
     agent,
     demo,
+    guest,
     image,
     layer,
     machine,
@@ -48,6 +49,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(image.app, name="image")
+image.app.command("build")(guest.image_build)
+app.add_typer(guest.app, name="guest")
 app.add_typer(store.app, name="store")
 app.add_typer(layer.app, name="layer")
 app.add_typer(machine.app, name="machine")

@@ -170,6 +170,10 @@ class SystemAgent(Agent):
 
     def logout(self, user: str) -> dict[str, Any]:
         with self.lock:
+            if user not in self.sessions and not self._mounted(self.session_root(user)):
+                # Its login was refused (an unknown user, another user's session): there
+                # is no session here to end.
+                return {"user": user, "ended": False, "saved": None}
             left = self.sessions.get(user, 1) - 1
             if left > 0:
                 self.sessions[user] = left
