@@ -7,11 +7,13 @@ the guest kit in (``lamina.guest.kit``), make the bootable disk (``lamina.guest.
 import it; then import the root file system from the disk itself as a layer (what the
 machines run is exactly what apps are captured on).
 
-Caching: downloaded packages are kept between builds (apt fetches only what changed), and
-so is each finished disk, by the digest of everything that went into it (release,
-packages, size, apt sources, the kit: lamina's own code and its dependency pins). A build
+Caching, in three levels: downloaded packages are kept between builds (apt fetches only
+what changed); the bootstrapped root, as a tar file, by the digest of what made it
+(release, packages, apt sources), so a change of lamina's code costs the kit and the disk,
+not the bootstrap; and each finished disk, by the digest of everything that went into it
+(the root's inputs, size, the kit: lamina's own code and its dependency pins), so a build
 whose inputs were built before imports the cached disk at once. Builds sharing a cache
-directory wait for each other.
+directory wait for each other; old entries are removed, two of each kind are kept.
 """
 
 from __future__ import annotations
@@ -109,10 +111,8 @@ def _make(spec: Spec, key: str, mirrors: list[str], cache: Path, log: Log) -> di
         work = Path(tmp)
         root = work / "root"
         started = time.monotonic()
-        log(
-            f"bootstrapping Debian {spec.suite} ({len(spec.packages)} packages and their dependencies)"
-        )
-        debian.bootstrap(root, spec.suite, spec.packages, mirrors, cache / "debs", log)
+        tarball = _root_tarball(spec, mirrors, cache, log)
+        debian.extract(tarball, root)
         steps["bootstrap"] = round(time.monotonic() - started, 1)
         started = time.monotonic()
         kit.install(root, base=spec.name if spec.layer else None, cache=cache / "python", log=log)
@@ -126,6 +126,26 @@ def _make(spec: Spec, key: str, mirrors: list[str], cache: Path, log: Log) -> di
     facts = {"kernel": kernel, "packages": spec.packages, "steps": steps}
     meta.write_text(json.dumps(facts, indent=2) + "\n")
     return facts
+
+
+def _root_tarball(spec: Spec, mirrors: list[str], cache: Path, log: Log) -> Path:
+    """The bootstrapped root of ``spec`` as a tar file, made once per (release, packages,
+    sources)."""
+    facts = {"recipe": RECIPE, "suite": spec.suite, "packages": spec.packages, "sources": mirrors}
+    key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+    tarball = cache / f"root-{spec.suite}-{key[:24]}.tar"
+    if tarball.exists():
+        log(f"using the Debian {spec.suite} root bootstrapped before ({tarball.name})")
+        os.utime(tarball)  # the newest stays in the cache
+        return tarball
+    log(f"bootstrapping Debian {spec.suite} ({len(spec.packages)} packages and what they need)")
+    partial = cache / f".{tarball.stem}.partial.tar"
+    try:
+        debian.bootstrap(partial, spec.suite, spec.packages, mirrors, cache / "debs", log)
+        os.replace(partial, tarball)
+    finally:
+        partial.unlink(missing_ok=True)
+    return tarball
 
 
 def _entry(cache: Path, key: str) -> tuple[Path, Path]:
@@ -227,11 +247,12 @@ def describe(built: Built) -> dict[str, Any]:
 
 
 def cleanup(cache: Path, keep: int = 2) -> list[Path]:
-    """Remove all but the ``keep`` newest cached disks (each is GBs, sparse)."""
-    disks = sorted(cache.glob("image-*.img"), key=lambda p: p.stat().st_mtime, reverse=True)
+    """Remove all but the ``keep`` newest cached disks and roots (each is GBs)."""
     gone = []
-    for old in disks[keep:]:
-        old.unlink(missing_ok=True)
-        old.with_suffix(".json").unlink(missing_ok=True)
-        gone.append(old)
+    for pattern in ("image-*.img", "root-*.tar"):
+        found = sorted(cache.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in found[keep:]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
+            gone.append(old)
     return gone

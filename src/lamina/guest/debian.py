@@ -151,7 +151,8 @@ def sources(suite: str) -> list[str]:
 def bootstrap(
     root: Path, suite: str, packages: Sequence[str], mirrors: Sequence[str], debs: Path, log: Log
 ) -> None:
-    """A Debian ``suite`` root at ``root`` (which must not exist) with ``packages``."""
+    """A Debian ``suite`` root with ``packages`` at ``root``: a directory (which must not
+    exist) or a ``.tar`` file."""
     exe = shutil.which("mmdebstrap")
     if exe is None:
         raise ToolError("mmdebstrap is not installed (Debian package mmdebstrap)")
@@ -188,6 +189,17 @@ def bootstrap(
     if proc.wait() != 0:
         errors = [t for t in tail if t.startswith("E: ")] or tail or ["no output"]
         raise ToolError(f"mmdebstrap failed: {errors[-1]}")
+
+
+def extract(tarball: Path, root: Path) -> None:
+    """Unpack a root made as a tar file (owners, modes, xattrs as they were)."""
+    root.mkdir(parents=True)
+    cmd = ["tar", "--extract", "--file", str(tarball), "--directory", str(root)]
+    cmd += ["--preserve-permissions", "--numeric-owner", "--xattrs", "--xattrs-include=*"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise ToolError(f"unpacking {tarball.name}: {lines[-1]}")
 
 
 def kernel_version(root: Path) -> str:

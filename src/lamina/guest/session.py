@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pwd
 from dataclasses import dataclass
@@ -164,7 +165,11 @@ class SystemAgent(Agent):
                     f"{owner}'s session holds this machine's layers: {user} gets the plain "
                     "system (one user at a time)"
                 )
-            result = super().login(user)
+            try:
+                result = super().login(user)
+            except LaminaError as exc:
+                logs.event(self.log, "login failed", logging.WARNING, user=user, error=str(exc))
+                raise
             self.sessions[user] = self.sessions.get(user, 0) + 1
             return result | {"sessions": self.sessions[user]}
 

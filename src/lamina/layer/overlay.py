@@ -85,24 +85,37 @@ def submounts(path: Path) -> list[MountInfo]:
 
 def compose(lowers: Sequence[Path], upper: Path, work: Path) -> int:
     """A detached overlay mount (its fd) of ``lowers`` (first wins) under ``upper``."""
-    rest = [Param("upperdir", str(upper)), Param("workdir", str(work)), *OPTIONS]
+    params = [Param("lowerdir+", str(p)) for p in lowers]
+    params += [Param("upperdir", str(upper)), Param("workdir", str(work)), *OPTIONS]
     try:
         try:
-            return mountapi.new_mount("overlay", [*_lower_params(lowers, each=True), *rest])
+            return mountapi.new_mount("overlay", params)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-            # Linux < 6.8 has no "lowerdir+": one colon-separated "lowerdir" (a page at most).
-            return mountapi.new_mount("overlay", [*_lower_params(lowers, each=False), *rest])
+            return _compose_legacy(lowers, upper, work)
     except OSError as exc:
         raise mountapi.tool_error(exc, "overlay mount") from None
 
 
-def _lower_params(lowers: Sequence[Path], *, each: bool) -> list[Param]:
-    if each:
-        return [Param("lowerdir+", str(p)) for p in lowers]
+def _compose_legacy(lowers: Sequence[Path], upper: Path, work: Path) -> int:
+    """Linux < 6.8 has no "lowerdir+", and fsconfig takes at most 255 bytes a value, so
+    several layers do not fit in one "lowerdir" there: mount(2) takes a page of options.
+    The overlay is mounted on a staging directory beside the work directory, cloned as a
+    detached mount, and the staging mount dropped."""
     escaped = (str(p).replace("\\", "\\\\").replace(":", "\\:") for p in lowers)
-    return [Param("lowerdir", ":".join(escaped))]
+    options = [f"lowerdir={':'.join(escaped)}", f"upperdir={upper}", f"workdir={work}"]
+    options += [f"{o.key}={o.value}" for o in OPTIONS]
+    stage = work.parent / f"{work.name}.stage"
+    stage.mkdir(exist_ok=True)
+    try:
+        mountapi.mount("overlay", stage, "overlay", 0, ",".join(options))
+        try:
+            return mountapi.clone_tree(stage)
+        finally:
+            mountapi.umount(stage, lazy=True)
+    finally:
+        stage.rmdir()
 
 
 def mount_new(fd: int, root: Path) -> None:
