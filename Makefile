@@ -7,16 +7,17 @@ STAMP := $(VENV)/.installed
 
 # Block tools and peers (qemu-img, qemu-nbd, nbdinfo, nbdcopy, fio), layer tools
 # (mkfs.erofs, fuse3), anchors for the benchmarks (borg, casync, nbdkit), and what the
-# demo image is built from (the VM, its bootloader, busybox, the ISO seed tools), and the
+# demo image is built from (the VM, its bootloader, busybox, the ISO seed tools), the
 # single-node Ceph cluster whose RADOS Gateway the object-store tests use (no ceph-mgr:
-# the gateway runs without one).
+# the gateway runs without one), and what `lamina image build` and the end-to-end runs
+# use (mmdebstrap, ssh into the machines).
 DEBS := qemu-utils libnbd-bin nbdkit fio erofs-utils fuse3 \
         borgbackup casync squashfs-tools e2fsprogs xorriso busybox-static \
         qemu-system-x86 extlinux syslinux-common dosfstools mtools cpio util-linux \
         kmod zstd curl ca-certificates postgresql chromium \
-        ceph-mon ceph-osd radosgw ceph-common
+        ceph-mon ceph-osd radosgw ceph-common mmdebstrap openssh-client
 
-.PHONY: install deps demo test bench lint clean
+.PHONY: install deps demo test e2e bench lint clean
 
 deps:
 	@tools/ensure-debs $(DEBS)
@@ -33,6 +34,12 @@ demo: install
 
 test: install
 	$(BIN)/pytest
+
+# Real Debian machines under qemu (TCG), from an image `lamina image build` makes and
+# caches in $$LAMINA_TEST_CACHE (default /var/tmp/lamina-test-cache): about 15 min, most
+# of it the first build.
+e2e: install
+	$(BIN)/pytest -m e2e tests/e2e -x
 
 bench: install
 	@set -e; for b in $(filter-out bench/common.py,$(wildcard bench/*.py)); do \

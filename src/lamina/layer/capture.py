@@ -107,7 +107,8 @@ def capture(
         }
         (work / "config.json").write_text(json.dumps(config))
         sandbox = [sys.executable, "-m", "lamina.layer.sandbox", str(work / "config.json")]
-        code = subprocess.run(sandbox, check=False).returncode
+        # The command's output is progress: on stderr, so stdout carries only the result.
+        code = subprocess.run(sandbox, check=False, stdout=sys.stderr).returncode
         if code != 0:
             raise ToolError(f"{command[0]} exited with status {code}: nothing was stored")
         left_out = 0 if keep_caches else drop_caches(work / "upper")
