@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import Cli
 from tests.demo.conftest import cache_root
-from tests.layer.conftest import needs_root
+from tests.trees import needs_root
 
 pytestmark = [pytest.mark.e2e, needs_root]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lamina.layer import mountapi, overlay
-from tests.layer.conftest import needs_root
+from tests.trees import needs_root
 
 pytestmark = needs_root
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.agent.conftest import AgentProc
+from tests.agent.agents import AgentProc
 from tests.conftest import Cli, write_sparse
-from tests.layer.conftest import needs_root, write_tree
 from tests.servers import Server, wait_for
+from tests.trees import needs_root, write_tree
 
 pytestmark = [pytest.mark.peers, needs_root]
 

@@ -111,7 +111,7 @@ def probe_root(tmp_path: Path) -> Path:
 def test_capture_gives_the_command_a_real_system_and_keeps_no_caches(
     cli: Cli, home: Home, tmp_path: Path
 ) -> None:
-    import_layer(home, "base", probe_root(tmp_path))
+    import_layer(home, DatabaseRecords(home), "base", probe_root(tmp_path))
     info = cli("layer", "capture", "app", "--on", "base", "--json", "--", "/bin/sh", "-c", PROBE)
     assert info.json()["caches_left_out"] == len("deb\n") + len("list\n")
     out = tmp_path / "out"
@@ -138,8 +138,9 @@ def test_capture_gives_the_command_a_real_system_and_keeps_no_caches(
 
 
 def test_a_layer_below_its_own_base_is_refused(cli: Cli, home: Home, tmp_path: Path) -> None:
-    import_layer(home, "base", busybox_root(tmp_path / "base"))
-    import_layer(home, "other", busybox_root(tmp_path / "other"))
+    records = DatabaseRecords(home)
+    import_layer(home, records, "base", busybox_root(tmp_path / "base"))
+    import_layer(home, records, "other", busybox_root(tmp_path / "other"))
     cli("layer", "capture", "tool", "--on", "base", "--", "/bin/sh", "-c", INSTALL)
     root = tmp_path / "root"
     root.mkdir()
@@ -150,10 +151,10 @@ def test_a_layer_below_its_own_base_is_refused(cli: Cli, home: Home, tmp_path: P
     ]
     assert not mounted(tmp_path)
     # attaching tool's base on top of it is refused the same way, and changes nothing
-    runtime.mount(home, root, ["tool", "other"])
+    roots.mount(home, records, root, ["tool", "other"])
     try:
         refused = cli("attach", str(root), "base", check=False)
         assert refused.code == 2 and "tool@1 was made on base@1" in refused.err
-        assert runtime.mounts(home)[0].layers == ["tool@1", "other@1"]
+        assert roots.mounts(home, records)[0].layers == ["tool@1", "other@1"]
     finally:
-        runtime.umount(home, root)
+        roots.umount(home, records, root)

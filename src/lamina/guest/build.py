@@ -227,6 +227,7 @@ def _import_layer(
 ) -> str:
     """The image's root file system as layer ``name``: read from the disk itself."""
     from lamina.layer.importer import import_layer
+    from lamina.manager.layer_records import DatabaseRecords
 
     size = image.stat().st_size - PART_START
     with (
@@ -237,7 +238,13 @@ def _import_layer(
         total = disk.tree_bytes(root)
         advance = progress(f"import layer {name}", total) if progress else None
         ref, _ = import_layer(
-            home, name, root, allow_devices=True, allow_setuid=True, progress=advance
+            home,
+            DatabaseRecords(home),
+            name,
+            root,
+            allow_devices=True,
+            allow_setuid=True,
+            progress=advance,
         )
     return ref
 

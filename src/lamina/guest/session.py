@@ -73,12 +73,6 @@ class SystemInfo:
         return cls(base if isinstance(base, str) else None)
 
 
-def _ref(text: str) -> Any:
-    from lamina.names import parse_ref
-
-    return parse_ref(text, "layer name")
-
-
 def home_of(user: str) -> str:
     """The user's home as a path below the root ("home/alice")."""
     try:
@@ -200,17 +194,15 @@ class SystemAgent(Agent):
         """Import what logins and live changes use, open the database, and take up the
         sessions this host has mounted (an agent restarted mid-session): under emulation
         the imports alone took 4 s of the first login."""
-        from lamina.agent import fetch  # noqa: F401
-        from lamina.layer import materialize, runtime, writable  # noqa: F401
-        from lamina.manager.services import access, replica  # noqa: F401
-        from lamina.manager.services import layers as svc
+        from lamina.agent import fetch, local_versions  # noqa: F401
+        from lamina.layer import attach, materialize, roots, writable  # noqa: F401
+        from lamina.manager.services import access  # noqa: F401
 
-        with self.home.session() as session:
-            for m in runtime.mounts(self.home):
-                if m.layers and Path(m.root).parent == self.root:
-                    version = svc.get_version(session, _ref(m.layers[-1]))
-                    prepare.provide(version.manifest_id, self.system)
-                    self.sessions.setdefault(Path(m.root).name, 1)
+        for m in roots.mounts(self.home, self.records):
+            if m.layers and Path(m.root).parent == self.root:
+                [base] = self.records.versions([m.layers[-1]])
+                prepare.provide(base.manifest_id, self.system)
+                self.sessions.setdefault(Path(m.root).name, 1)
 
     def reconcile(self, desired: dict[str, Any]) -> list[str]:
         for s in desired.get("sessions", []):
@@ -230,12 +222,13 @@ class SystemAgent(Agent):
 
     def _provide_base(self, base: dict[str, Any]) -> None:
         """The base layer's version, recorded here without its data: this system is it."""
-        from lamina.manager.services import replica
+        from lamina.agent import local_versions
 
-        if prepare.provided(base["manifest"]) is not None:
+        manifest_id = bytes.fromhex(base["manifest"])
+        if prepare.provided(manifest_id) is not None:
             return
         with self.home.session() as session:
-            replica.record(
+            local_versions.record(
                 session,
                 name=base["name"],
                 kind="app",
@@ -244,7 +237,7 @@ class SystemAgent(Agent):
                 files=0,
                 size=0,
             )
-        prepare.provide(base["manifest"], self.system)
+        prepare.provide(manifest_id, self.system)
         if self.info.base is not None and base["name"] != self.info.base:
             logs.event(
                 self.log,
