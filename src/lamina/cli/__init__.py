@@ -14,6 +14,7 @@ agent.py     lamina agent, lamina agent login|logout|status
 credentials.py   lamina machine credentials NAME | lamina admin credentials (TLS)
 admin.py     lamina admin token
 demo.py      lamina demo
+guest.py     lamina image build, lamina guest install
 """
 
 from __future__ import annotations

@@ -15,7 +15,13 @@ a root file system:
   cloud-init's locale step, ``FSTYPE`` for fsck in the initramfs, a persistent journal,
   the seed device readable by root only.
 
-Modules: ``paths`` (where things live in the guest), ``kit`` (installing the kit into a
-root), ``pyenv`` (the agent's Python packages for the guest's Python), ``session`` (the
-agent's system mode), ``debian`` and ``disk`` (``lamina image build``).
+paths.py     where the kit puts things in a machine; the manager's URL for seeds
+kit.py       the kit into a root (``lamina guest install ROOT``)
+pyenv.py     lamina and its dependencies for the guest's Python, cached
+chroot.py    running a root's own tools (update-initramfs, locale-gen) in it
+session.py   the agent's system mode: a user's layers in the running system
+debian.py    a Debian root with mmdebstrap, from this host's apt sources
+disk.py      the bootable disk of a root (MBR, ext4, extlinux)
+build.py     ``lamina image build``: bootstrap, kit, disk, imports, caches
+files/       what the kit installs as it is (unit, PAM hook, initramfs scripts, udev rule)
 """

@@ -108,8 +108,8 @@ class ClientCatalog:
             raise LaminaError(refused.reason)
         return self.catalog.open(name)
 
-    def release(self, name: str) -> None:
-        self.catalog.release(name)
+    def release(self, name: str, *, clean: bool = False) -> None:
+        self.catalog.release(name, clean=clean)
 
 
 def for_peer(catalog: ExportCatalog, der: bytes | None) -> tuple[ClientCatalog, str]:

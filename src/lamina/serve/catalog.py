@@ -144,7 +144,7 @@ class ExportCatalog:
         # A machine export opening is a boot: note the order of its first reads.
         return profile.record_boot(self.home, machine, manifest, r.manifest_id)
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, *, clean: bool = False) -> None:
         with self._lock:
             if name not in self._open:  # already closed by close_all at shutdown
                 return
@@ -154,6 +154,23 @@ class ExportCatalog:
                 return
             del self._open[name]
         device.close()
+        if clean and name.startswith(MACHINE_PREFIX) and not name.endswith(SEED_SUFFIX):
+            self._power_off(name.removeprefix(MACHINE_PREFIX))
+
+    def _power_off(self, machine: str) -> None:
+        """A machine's disk was closed by its last client, cleanly (NBD_CMD_DISC: qemu at
+        power-off, or after a reboot with -no-reboot): a stateless machine's next boot
+        starts clean. A connection dropped without a word keeps the delta (the machine may
+        still be running and reconnect)."""
+        from lamina.manager.services import machines
+
+        try:
+            with self.home.session() as session:
+                stateless = machines.get(session, machine).mode == "stateless"
+            if stateless:
+                uploads.discard_delta(self.home, machine)
+        except LaminaError:
+            pass  # removed meanwhile, or opened again already: that boot keeps it
 
     def close_all(self) -> None:
         """Close every open device (after their connections are gone)."""

@@ -168,7 +168,7 @@ class StreamCatalog:
             self.on_first()
         return device
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, *, clean: bool = False) -> None:
         if self.devices.get(name) is not self.device:
             return
         with self._lock:
