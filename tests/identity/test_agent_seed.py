@@ -75,3 +75,27 @@ def test_a_bad_agent_url_is_one_line(cli: Cli) -> None:
     assert result.code == 2 and result.err.strip().splitlines() == [
         "lamina: bad agent URL 'ftp://x': expected http://HOST[:PORT] or https://..."
     ]
+
+
+def test_an_https_manager_hands_machines_its_ca(cli: Cli, tmp_path: Path) -> None:
+    """Off loopback the manager answers HTTPS only: the seed carries the home's CA and
+    points the agent at it (LAMINA_CA), so the agent checks the manager it talks to."""
+    cli("image", "import", "base", str(write_sparse(tmp_path / "d.raw", 1 << 20, [])))
+    cli("machine", "add", "m1", "--image", "base")
+    server = Server(
+        cli.home, tmp_path / "serve.log", args=("--tls", "--agent-url", "https://10.0.2.2:8443")
+    )
+    server.start()
+    try:
+        out = tmp_path / "seed.iso"
+        creds = tmp_path / "admin"
+        cli("admin", "credentials", "--out", str(creds))
+        url = f"nbds://127.0.0.1:{server.port}/machine/m1/seed?tls-certificates={creds}"
+        subprocess.run(["nbdcopy", url, str(out)], check=True)
+        files = read_seed_iso(out.read_bytes())
+    finally:
+        server.stop()
+    assert files["lamina/ca-cert.pem"] == (cli.home / "tls" / "ca-cert.pem").read_bytes()
+    env = env_of(files)
+    assert env["LAMINA_MANAGER"] == "https://10.0.2.2:8443"
+    assert env["LAMINA_CA"] == "/etc/lamina/ca-cert.pem"

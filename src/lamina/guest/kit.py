@@ -162,9 +162,10 @@ def _scrub(root: Path) -> None:
 def _agent_home(root: Path) -> None:
     """The agent's home with its database created: migrating it at every boot of a
     stateless machine would take seconds under emulation."""
-    from lamina.home import Home
+    from lamina.manager.home import open_home
 
-    home = Home(root / paths.HOME)
+    where = root / paths.HOME
+    home = open_home(where, f"sqlite:///{where / 'lamina.db'}")
     try:
         with home.session():
             pass

@@ -28,6 +28,7 @@ SEED_LABEL = "cidata"
 SEED_FILES = ("meta-data", "user-data", "network-config")
 MACHINE_ID_PATH = "/etc/machine-id"
 KIT_DIR = "lamina"  # the guest kit's files on the seed
+AGENT_CA = "/etc/lamina/ca-cert.pem"  # where the kit puts the manager's CA in the machine
 
 # What the identity decides; extra config may not override it (use the identity's fields).
 RESERVED_KEYS = frozenset(
@@ -140,6 +141,7 @@ class AgentSeed:
 
     manager_url: str
     token: str = field(repr=False)
+    ca: bytes | None = field(default=None, repr=False)  # PEM, for an https:// manager
 
 
 def _env_value(value: str) -> str:
@@ -167,6 +169,9 @@ def kit_files(identity: Identity, agent: AgentSeed | None = None) -> dict[str, b
             f"LAMINA_TOKEN={_env_value(agent.token)}\n"
             f"LAMINA_MACHINE={_env_value(identity.name)}\n"
         )
+        if agent.ca is not None:
+            env += f"LAMINA_CA={_env_value(AGENT_CA)}\n"
+            files[f"{KIT_DIR}/ca-cert.pem"] = agent.ca
         files[f"{KIT_DIR}/agent.env"] = env.encode()
     return files
 

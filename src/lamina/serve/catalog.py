@@ -73,7 +73,7 @@ class ExportCatalog:
                 machine = machines.get(session, rest.removesuffix(SEED_SUFFIX))
                 version = machine.image_version
                 if seed:
-                    data = self._seed(*machines.seed_of(session, machine))
+                    data = self._seed(*machines.seed_of(session, machine, self.home))
                     info = ExportInfo(name, len(data), read_only=True, description="identity seed")
                     return Resolved(info, "seed", b"", machine.name, data)
                 info = ExportInfo(

@@ -203,7 +203,7 @@ def get_seed(name: str, caller: WhoDep, home: HomeDep) -> Response:
     streamed machine finds its identity offline too."""
     _machine(home, name, caller)
     with home.session() as session:
-        data = seed_image(*machines.seed_of(session, machines.get(session, name)))
+        data = seed_image(*machines.seed_of(session, machines.get(session, name), home))
     return Response(data, media_type=SEED_TYPE, headers={"Cache-Control": "no-store"})
 
 

@@ -94,16 +94,24 @@ def add(
     return Added(machine, token)
 
 
-def seed_of(session: Session, machine: Machine) -> tuple[Identity, AgentSeed | None]:
+def seed_of(
+    session: Session, machine: Machine, home: Home | None = None
+) -> tuple[Identity, AgentSeed | None]:
     """What the machine's seed disk is made of: its identity, and the agent's settings
-    once the manager's URL for machines is known (``serve --agent-url``)."""
+    once the manager's URL for machines is known (``serve --agent-url``), with the home's
+    CA certificate for an https:// URL."""
     from lamina.identity import AgentSeed, identity_from_machine
     from lamina.manager.services import settings
+    from lamina.trust.authority import CA_CERT
 
     identity = identity_from_machine(machine)
     url = settings.get(session, settings.AGENT_URL)
     token = seed_token(session, machine) if url else None
-    return identity, AgentSeed(url, token) if url and token else None
+    if not url or not token:
+        return identity, None
+    ca = home.tls_dir / CA_CERT if home is not None else None
+    pem = ca.read_bytes() if url.startswith("https:") and ca is not None and ca.exists() else None
+    return identity, AgentSeed(url, token, pem)
 
 
 def get(session: Session, name: str) -> Machine:
