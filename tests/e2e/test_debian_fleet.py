@@ -6,7 +6,7 @@ through ssh.
   22.4 finds nothing to complain about in the seed; the seed is root's only;
 - alice logs in (3 app layers captured with ``apt-get install``) and runs them; while her
   ssh session stays open the admin entitles a fourth, and her existing shell runs it
-  within 2 s; she writes a file in her home and logs out;
+  (timed; see LIVE_LIMIT); she writes a file in her home and logs out;
 - she logs in on the other machine: her file and all the apps;
 - the stateless machine reboots clean (a file written before is gone, its identity stays).
 
@@ -36,7 +36,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 APPS = ("cowsay", "sl", "hello")  # entitled before alice logs in
 LIVE = "figlet"  # entitled while she is logged in (its command is an /etc/alternatives link)
 BOOT_TIMEOUT = 900.0  # two machines under TCG on a shared 2-core host
-LIVE_LIMIT = 2.0
+# The agent's work between an entitlement and the app in the shell (fetch, an EROFS image,
+# an overlay switch, three binds) is Python that TCG runs 20-50 times slower than a real
+# CPU: it took 0.2 s natively, where tests/guest/test_session.py asserts the 2 s target,
+# and 2-6 s here depending on the host's load. This run asserts that the open shell gets the
+# app live, within a bound emulation keeps, and reports the time.
+LIVE_LIMIT = 15.0
 
 
 def capture(cli: Cli, app: str) -> dict[str, Any]:
@@ -178,6 +183,7 @@ def test_a_debian_fleet_from_lamina(
 
     identity_is_the_databases(e2e_cli, vm1)
     timings = alice_session(vm1, http)
+    print(f"alice's session on vm1: {timings}")
     wait_for(lambda: session_ended(http), 120)
     assert http.get("/users/alice").json()["writable_version"] >= 1
 
@@ -195,7 +201,8 @@ def test_a_debian_fleet_from_lamina(
     vm1.start()
     boots["vm1 again"] = vm1.wait_ssh(BOOT_TIMEOUT)
     assert vm1.root("test -e /var/tmp/marker && echo dirty || echo clean").strip() == "clean"
-    assert vm1.root("journalctl --list-boots --no-pager | wc -l").strip() == "1"
+    # one boot in its journal: the one before went with the delta (the header is IDX ...)
+    assert vm1.root("journalctl --list-boots --no-pager | grep -vc '^ *IDX'").strip() == "1"
     identity_is_the_databases(e2e_cli, vm1)
 
     report = {k: round(v, 2) for k, v in {**timings, **boots}.items()}
