@@ -39,9 +39,9 @@ BOOT_TIMEOUT = 900.0  # two machines under TCG on a shared 2-core host
 # The agent's work between an entitlement and the app in the shell (fetch, an EROFS image,
 # an overlay switch, three binds) is Python that TCG runs 20-50 times slower than a real
 # CPU: it took 0.2 s natively, where tests/guest/test_session.py asserts the 2 s target,
-# and 2-6 s here depending on the host's load. This run asserts that the open shell gets the
-# app live, within a bound emulation keeps, and reports the time.
-LIVE_LIMIT = 15.0
+# and 3-10 s here with the host's load average between 2 and 24. This run asserts that the
+# open shell gets the app live, within a bound emulation keeps, and reports the time.
+LIVE_LIMIT = 30.0
 
 
 def capture(cli: Cli, app: str) -> dict[str, Any]:
