@@ -3,7 +3,7 @@
 Design. A machine runs one golden image; a user's app layers must appear *installed* in
 it, for every process of the user's session (the shell, a desktop's ``systemd --user``
 services, D-Bus activated programs), and go when the user leaves. The agent composes the
-user's root as it always does (``lamina.layer.runtime``: the app layers first, the base
+user's root as it always does (``lamina.layer.roots``: the app layers first, the base
 last, the writable layer on top), with one difference: the base is not fetched and
 mounted from its image, the running system *is* the base (the image was built from that
 layer, see ``lamina image build``), so the composition's lowest layer is the system's
@@ -14,11 +14,11 @@ merges ``/usr`` and ``/opt`` and systemd-confext ``/etc``:
     /usr, /opt, /etc, and the user's home   <-  bind of ROOT/usr, ... (ROOT: the overlay)
 
 A live change (an entitlement granted or revoked) switches the composed root to a new
-overlay (``runtime.attach``/``detach``) and each merged directory's bind is replaced the
-same way: the new bind slides in beneath the old one, which is lazily detached, so
-lookups go from one view to the other in one step and nothing is copied. The home keeps
-its first bind (shells sit in it; both overlays share the upper directory). At logout the binds and the overlay are
-detached lazily (processes that started from the session's ``/usr``, such as the user's
+overlay (``lamina.layer.attach``) and each merged directory's bind is replaced the same
+way: the new bind slides in beneath the old one, which is lazily detached, so lookups go
+from one view to the other in one step and nothing is copied. The home keeps its first
+bind (shells sit in it; both overlays share the upper directory). At logout the binds and
+the overlay are detached lazily (processes that started from the session's ``/usr``, such as the user's
 ``systemd --user``, keep their view until they exit) and the writable layer is kept by its
 policy: ``profile`` keeps the home, ``apps`` what was installed into the merged
 directories, ``all`` both.
@@ -255,7 +255,7 @@ class SystemAgent(Agent):
         self.presenter.hide(user)
         if overlay.mounted_at(root) is not None:
             # Processes started from the session (a systemd --user, a daemon the user
-            # launched) keep the detached overlay until they exit; runtime.umount then
+            # launched) keep the detached overlay until they exit; roots.umount then
             # keeps the writable layer from the upper directory.
             for sub in overlay.submounts(root):
                 with contextlib.suppress(OSError):
