@@ -1,0 +1,346 @@
+"""A layer version's EROFS image as a local file whose bytes arrive on first read.
+
+``lamina.stream.layerfile`` runs one process per lazily attached layer version. It mounts
+a FUSE filesystem whose root is a read-only regular file the size of the image (the
+protocol is in ``fuse.py``); EROFS is then mounted on that file, file-backed, as the
+layer's lower directory. A read the cache cannot answer fetches the chunks covering it
+from the manager (``GET /chunks/{id}``, or ``POST /chunks/batch`` for several), checks
+each envelope against its chunk id (BLAKE3 of the plaintext) and writes it to the cache
+before the kernel sees a byte: a corrupt chunk is refused and fetched again, bypassing
+HTTP caches, up to ``ATTEMPTS`` times.
+
+The cache is a stream cache (``cache.py``: manifest, sparse data file, index of verified
+chunks), so a restarted process, or one with the manager away, serves what it has. A read
+of a missing chunk while the manager is unreachable fails with EIO at once (no retry
+loop: the caller is a process reading a file, and a hang there is worse than an error);
+the process then says it is offline in ``status.json`` and counts what it could not read.
+
+DIR/profile     chunk indices in the order reads first asked for them (``image.profile``
+                encoding), for the manager's read-ahead profile of the layer
+DIR/readahead   the manager's profile when the layer was attached: fetched first, in
+                batches, by a background thread
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from lamina.errors import CorruptObject, LaminaError, NotFound
+from lamina.files import write_atomic, write_json_atomic
+from lamina.image import profile as profiles
+from lamina.layer import mountapi
+from lamina.logs import event
+from lamina.stream import fuse
+from lamina.stream.cache import ChunkFiles, StreamConfig, read_config
+from lamina.stream.remote import API, Unreachable, _raise_for
+
+log = logging.getLogger("lamina.layerfile")
+ATTEMPTS = 3
+THREADS = 4  # concurrent kernel reads served (EROFS reads ahead on several at once)
+PERSIST_EVERY = 0.2  # seconds between index/status writes (a crash refetches that much)
+PREFETCH_BATCH = 256  # chunk ids per read-ahead request (16 MiB of 64 KiB chunks)
+FSTYPE = "fuse.lamina-layer"
+MOUNT_FLAGS = mountapi.MS_RDONLY | mountapi.MS_NOSUID | mountapi.MS_NODEV
+
+
+class Source(Protocol):
+    def fetch(self, ids: list[bytes], *, fresh: bool) -> Iterator[tuple[bytes, bytes]]:
+        """(id, envelope) of some of ``ids``, unverified; raises Unreachable."""
+        ...
+
+
+class HttpSource:
+    """The manager over HTTP (one pooled client shared by the serving threads)."""
+
+    def __init__(self, url: str, token: str, *, ca: Path | None = None, timeout: float = 5.0):
+        from lamina.trust.contexts import client_context
+
+        self.client = httpx.Client(
+            verify=client_context(ca) if url.startswith("https:") else True,
+            base_url=url.rstrip("/") + API,
+            headers={"Authorization": f"Bearer {token}", "User-Agent": "lamina-layerfile"},
+            limits=httpx.Limits(max_connections=THREADS + 2),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
+        )
+
+    def _post(self, path: str, what: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.client.request("POST" if "json" in kwargs else "GET", path, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unreachable(f"{what}: {type(exc).__name__}: {exc or 'no answer'}") from None
+        _raise_for(response, what)
+        return response
+
+    def fetch(self, ids: list[bytes], *, fresh: bool) -> Iterator[tuple[bytes, bytes]]:
+        headers = {"Cache-Control": "no-cache"} if fresh else {}
+        if len(ids) == 1:
+            cid = ids[0]
+            body = self._post(f"/chunks/{cid.hex()}", f"chunk {cid.hex()[:16]}", headers=headers)
+            yield cid, body.content
+            return
+        body = self._post(
+            "/chunks/batch", "chunks", json={"ids": [c.hex() for c in ids]}, headers=headers
+        ).content
+        pos, rec = 0, fuse.struct.Struct(">32sI")
+        while pos + rec.size <= len(body):
+            cid, size = rec.unpack_from(body, pos)
+            yield cid, body[pos + rec.size : pos + rec.size + size]
+            pos += rec.size + size
+
+
+class LayerFile:
+    """The image's bytes: from the cache, or fetched, verified and cached first."""
+
+    def __init__(self, root: Path, config: StreamConfig, source: Source) -> None:
+        self.root = root
+        self.config = config
+        self.files = ChunkFiles(root, config)
+        self.index = self.files.index
+        self.source = source
+        self.lock = threading.Lock()
+        self.inflight: dict[bytes, threading.Event] = {}
+        self.order: list[int] = []  # chunk indices in the order reads first needed them
+        self.seen: set[int] = set()
+        self.figures = {"fetched_chunks": 0, "fetched_bytes": 0, "corrupt": 0, "eio": 0}
+        self.offline = False
+        self.last_error = ""
+        self.missing: set[bytes] = set()  # chunks asked for while offline
+
+    # -- reads ---------------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset``; OSError(EIO) when they cannot be had."""
+        if size <= 0:
+            return b""
+        with self.lock:
+            self._note(offset, size)
+            wanted = self.index.missing(offset, size)
+        if wanted:
+            self.ensure(wanted)
+        return bytes(self.files.read(offset, size))
+
+    def _note(self, offset: int, size: int) -> None:
+        cs = self.index.manifest.chunk_size
+        for i in range(offset // cs, (offset + size - 1) // cs + 1):
+            if i not in self.seen:
+                self.seen.add(i)
+                self.order.append(i)
+
+    def ensure(self, ids: Iterable[bytes]) -> None:
+        """Have every chunk of ``ids`` in the cache, fetching those nobody is fetching."""
+        mine: list[bytes] = []
+        theirs: list[threading.Event] = []
+        with self.lock:
+            for cid in ids:
+                if self.index.id_cached(cid):
+                    continue
+                waiting = self.inflight.get(cid)
+                if waiting is not None:
+                    theirs.append(waiting)
+                else:
+                    self.inflight[cid] = threading.Event()
+                    mine.append(cid)
+        try:
+            if mine:
+                self._fetch(mine)
+        finally:
+            with self.lock:
+                for cid in mine:
+                    self.inflight.pop(cid).set()
+        for done in theirs:
+            done.wait()
+        with self.lock:
+            lacking = [c for c in mine if not self.index.id_cached(c)]
+        if lacking or any(not self.index.id_cached(c) for c in ids):
+            self.figures["eio"] += 1
+            raise OSError(errno.EIO, "layer data not available")
+
+    def _fetch(self, ids: list[bytes]) -> None:
+        pending = list(ids)
+        for attempt in range(ATTEMPTS):
+            if not pending:
+                return
+            try:
+                got = self._receive(pending, fresh=attempt > 0)
+            except (Unreachable, NotFound, LaminaError) as exc:
+                self._went_offline(pending, exc)
+                return
+            done = set(got)
+            pending = [c for c in pending if c not in done]
+        if pending:
+            self.last_error = f"{len(pending)} chunks arrived corrupt {ATTEMPTS} times"
+            event(log, logging.ERROR, "layerfile_corrupt", count=len(pending))
+
+    def _receive(self, ids: list[bytes], *, fresh: bool) -> list[bytes]:
+        wanted, got = set(ids), []
+        for cid, envelope in self.source.fetch(ids, fresh=fresh):
+            if cid not in wanted:
+                continue  # not asked for: ignored, never written
+            try:
+                self.files.store(cid, envelope)  # checked against cid before written
+            except CorruptObject:
+                self.figures["corrupt"] += 1
+                continue
+            with self.lock:
+                self.index.add(cid)
+                self.missing.discard(cid)
+            self.figures["fetched_chunks"] += 1
+            self.figures["fetched_bytes"] += len(envelope)
+            got.append(cid)
+        if self.offline:
+            self.offline = False
+            event(log, logging.INFO, "layerfile_online", layer=self.config.image)
+        return got
+
+    def _went_offline(self, ids: list[bytes], exc: Exception) -> None:
+        with self.lock:
+            self.missing.update(ids)
+        self.last_error = str(exc)
+        if not self.offline:
+            self.offline = True
+            event(log, logging.WARNING, "layerfile_offline", layer=self.config.image, error=str(exc))
+
+    # -- read-ahead ------------------------------------------------------------------
+
+    def prefetch(self, indices: list[int]) -> None:
+        """Fetch the chunks at ``indices`` in batches (the layer's read-ahead profile)."""
+        ids = list(dict.fromkeys(self.index.manifest.id_at(i) for i in indices if 0 <= i < self.index.manifest.count))
+        for start in range(0, len(ids), PREFETCH_BATCH):
+            with contextlib.suppress(OSError):
+                self.ensure(ids[start : start + PREFETCH_BATCH])
+            if self.offline:
+                return
+
+    # -- state on disk ---------------------------------------------------------------
+
+    def persist(self) -> None:
+        with self.lock:
+            positions = self.index.take_pending()
+            order = list(self.order)
+        self.files.persist(positions)
+        write_atomic(self.root / "profile", profiles.encode(order))
+        write_json_atomic(self.root / "status.json", self.status())
+
+    def status(self) -> dict[str, Any]:
+        index = self.index
+        return {
+            "layer": f"{self.config.image}@{self.config.version}",
+            "size": index.size,
+            "cached_bytes": index.cached_bytes,
+            "complete": index.complete,
+            "offline": self.offline,
+            "missing_chunks": len(self.missing),
+            "last_error": self.last_error,
+            "pid": os.getpid(),
+            **self.figures,
+        }
+
+
+# -- the FUSE side --------------------------------------------------------------------
+
+
+def _serve_one(fd: int, session: fuse.FuseFile, layer: LayerFile) -> bool:
+    """Answer one request; False once the filesystem is gone."""
+    try:
+        data = os.read(fd, fuse.BUFFER)
+    except OSError as exc:
+        if exc.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+            return True  # an interrupted request: the kernel dropped it
+        return False  # ENODEV: unmounted
+    request = fuse.parse(data)
+    answer = session.handle(request)
+    if isinstance(answer, fuse.ReadAsk):
+        try:
+            body = layer.read(answer.offset, answer.size)
+            answer = fuse.reply(answer.unique, body)
+        except OSError as exc:
+            answer = fuse.reply(answer.unique, error=exc.errno or errno.EIO)
+    if answer is not None:
+        with contextlib.suppress(OSError):  # ENOENT: the request was interrupted meanwhile
+            os.write(fd, answer)
+    return not session.destroyed
+
+
+def mount(target: Path, size: int) -> tuple[int, fuse.FuseFile]:
+    """Mount the file at ``target`` (an existing regular file); the /dev/fuse fd."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    options = (
+        f"fd={fd},rootmode=100444,user_id=0,group_id=0,allow_other,max_read={fuse.MAX_READ}"
+    )
+    try:
+        mountapi.mount("lamina-layer", target, FSTYPE, MOUNT_FLAGS, options)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, fuse.FuseFile(size)
+
+
+def serve(root: Path, target: Path, source: Source | None = None) -> None:
+    """Mount the layer's image at ``target`` and answer the kernel until it is unmounted."""
+    config = read_config(root)
+    if source is None:
+        from lamina.stream.cache import ca_file
+
+        source = HttpSource(config.url, config.token, ca=ca_file(root))
+    layer = LayerFile(root, config, source)
+    fd, session = mount(target, config.size)
+    print("ready", flush=True)
+    stop = threading.Event()
+    workers = [
+        threading.Thread(target=_loop, args=(fd, session, layer, stop), daemon=True)
+        for _ in range(THREADS)
+    ]
+    for worker in workers:
+        worker.start()
+    readahead = root / "readahead"
+    if readahead.exists():
+        order = profiles.decode(readahead.read_bytes())
+        threading.Thread(target=layer.prefetch, args=(order,), daemon=True).start()
+    try:
+        while not stop.wait(PERSIST_EVERY):
+            layer.persist()
+    finally:
+        layer.persist()
+        os.close(fd)
+
+
+def _loop(fd: int, session: fuse.FuseFile, layer: LayerFile, stop: threading.Event) -> None:
+    try:
+        while _serve_one(fd, session, layer):
+            pass
+    except Exception:
+        log.exception("layerfile: serving failed")
+    finally:
+        stop.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m lamina.stream.layerfile CACHE_DIR FILE", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    serve(Path(args[0]), Path(args[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+def wait_ready(proc_stdout: Any, deadline: float) -> bool:
+    """Whether the server printed "ready" before ``deadline`` (time.monotonic)."""
+    line = proc_stdout.readline()
+    return bool(line.strip() == b"ready" or line.strip() == "ready") and time.monotonic() < deadline
