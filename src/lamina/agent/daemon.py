@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from lamina import logs
-from lamina.agent import fetch
+from lamina.agent import fetch, lazy
 from lamina.agent.reconcile import Attach, Detach, Have, Pending, Stale, Want, plan
 from lamina.errors import AlreadyExists, Conflict, InvalidInput, LaminaError, NotFound, UsageError
 from lamina.files import write_atomic
@@ -85,7 +85,11 @@ class Agent:
         *,
         etc: Path | None = None,
         log: logging.Logger | None = None,
+        lazy: bool = False,
+        ca: Path | None = None,
     ) -> None:
+        self.lazy = lazy  # app layers attached lazily (lamina.agent.lazy)
+        self.ca = ca
         self.home = home
         self.client = client
         self.root = root.absolute()
@@ -201,7 +205,10 @@ class Agent:
     def fetch_layers(self, layers: list[dict[str, Any]]) -> None:
         """Make a login's read-only layers mountable here."""
         for layer in layers:
-            fetch.ensure_version(self.home, self.client, layer, "app")
+            self.ensure_app(layer)
+
+    def ensure_app(self, layer: dict[str, Any]) -> None:
+        fetch.ensure_version(self.home, self.client, layer, "app", lazy=self.lazy, ca=self.ca)
 
     def composed(self, user: str, root: Path) -> None:
         """``root`` (the user's composed root) was mounted or changed."""
@@ -369,7 +376,7 @@ class Agent:
                 root = self.session_root(action.user)
                 try:
                     if isinstance(action, Attach):
-                        fetch.ensure_version(self.home, self.client, layers[action.ref], "app")
+                        self.ensure_app(layers[action.ref])
                         attach.attach(self.home, self.records, root, action.ref)
                         self.composed(action.user, root)
                         done.append(f"attach {action.user} {action.ref}")
@@ -476,6 +483,7 @@ def status(home: Home) -> dict[str, Any]:
         "refused_logouts": [
             json.loads(p.read_text()) | {"file": str(p)} for p in sorted(failed.glob("*.json"))
         ],
+        "lazy_layers": lazy.status(home),
     }
 
 

@@ -11,7 +11,7 @@ from lamina import __version__
 from lamina.errors import AlreadyExists, Conflict, InvalidInput, LaminaError, NotFound, UsageError
 from lamina.home import Home
 from lamina.manager.console import router as console_router
-from lamina.manager.routers import admin, agent, data, stream
+from lamina.manager.routers import admin, agent, data, layer_images, stream
 
 # Lamina's errors as HTTP statuses (anything else stays a 500).
 STATUS: list[tuple[type[LaminaError], int]] = [
@@ -27,6 +27,7 @@ def create_app(home: Home) -> FastAPI:
     app = FastAPI(title="lamina manager", version=__version__, openapi_url="/openapi.json")
     app.state.home = home
     app.include_router(data.router)
+    app.include_router(layer_images.router)
     app.include_router(agent.router)
     app.include_router(admin.router)
     app.include_router(console_router)

@@ -27,8 +27,8 @@ import contextlib
 import errno
 import logging
 import os
+import struct
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +50,7 @@ THREADS = 4  # concurrent kernel reads served (EROFS reads ahead on several at o
 PERSIST_EVERY = 0.2  # seconds between index/status writes (a crash refetches that much)
 PREFETCH_BATCH = 256  # chunk ids per read-ahead request (16 MiB of 64 KiB chunks)
 FSTYPE = "fuse.lamina-layer"
+_RECORD = struct.Struct(">32sI")
 MOUNT_FLAGS = mountapi.MS_RDONLY | mountapi.MS_NOSUID | mountapi.MS_NODEV
 
 
@@ -73,9 +74,9 @@ class HttpSource:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
         )
 
-    def _post(self, path: str, what: str, **kwargs: Any) -> httpx.Response:
+    def _request(self, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = self.client.request("POST" if "json" in kwargs else "GET", path, **kwargs)
+            response = self.client.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise Unreachable(f"{what}: {type(exc).__name__}: {exc or 'no answer'}") from None
         _raise_for(response, what)
@@ -85,17 +86,19 @@ class HttpSource:
         headers = {"Cache-Control": "no-cache"} if fresh else {}
         if len(ids) == 1:
             cid = ids[0]
-            body = self._post(f"/chunks/{cid.hex()}", f"chunk {cid.hex()[:16]}", headers=headers)
-            yield cid, body.content
+            path, what = f"/chunks/{cid.hex()}", f"chunk {cid.hex()[:16]}"
+            yield cid, self._request("GET", path, what, headers=headers).content
             return
-        body = self._post(
-            "/chunks/batch", "chunks", json={"ids": [c.hex() for c in ids]}, headers=headers
+        # The batch answers a prefix of the ids asked (framed as uploads are); the caller
+        # asks again for what is still missing.
+        body = self._request(
+            "POST", "/chunks/batch", "chunks", json={"ids": [c.hex() for c in ids]}, headers=headers
         ).content
-        pos, rec = 0, fuse.struct.Struct(">32sI")
-        while pos + rec.size <= len(body):
-            cid, size = rec.unpack_from(body, pos)
-            yield cid, body[pos + rec.size : pos + rec.size + size]
-            pos += rec.size + size
+        pos = 0
+        while pos + _RECORD.size <= len(body):
+            cid, size = _RECORD.unpack_from(body, pos)
+            yield cid, body[pos + _RECORD.size : pos + _RECORD.size + size]
+            pos += _RECORD.size + size
 
 
 class LayerFile:
@@ -179,7 +182,7 @@ class LayerFile:
             pending = [c for c in pending if c not in done]
         if pending:
             self.last_error = f"{len(pending)} chunks arrived corrupt {ATTEMPTS} times"
-            event(log, logging.ERROR, "layerfile_corrupt", count=len(pending))
+            event(log, "layerfile_corrupt", logging.ERROR, count=len(pending))
 
     def _receive(self, ids: list[bytes], *, fresh: bool) -> list[bytes]:
         wanted, got = set(ids), []
@@ -199,7 +202,7 @@ class LayerFile:
             got.append(cid)
         if self.offline:
             self.offline = False
-            event(log, logging.INFO, "layerfile_online", layer=self.config.image)
+            event(log, "layerfile_online", logging.INFO, layer=self.config.image)
         return got
 
     def _went_offline(self, ids: list[bytes], exc: Exception) -> None:
@@ -208,13 +211,19 @@ class LayerFile:
         self.last_error = str(exc)
         if not self.offline:
             self.offline = True
-            event(log, logging.WARNING, "layerfile_offline", layer=self.config.image, error=str(exc))
+            event(
+                log, "layerfile_offline", logging.WARNING, layer=self.config.image, error=str(exc)
+            )
 
     # -- read-ahead ------------------------------------------------------------------
 
     def prefetch(self, indices: list[int]) -> None:
         """Fetch the chunks at ``indices`` in batches (the layer's read-ahead profile)."""
-        ids = list(dict.fromkeys(self.index.manifest.id_at(i) for i in indices if 0 <= i < self.index.manifest.count))
+        ids = list(
+            dict.fromkeys(
+                self.index.manifest.id_at(i) for i in indices if 0 <= i < self.index.manifest.count
+            )
+        )
         for start in range(0, len(ids), PREFETCH_BATCH):
             with contextlib.suppress(OSError):
                 self.ensure(ids[start : start + PREFETCH_BATCH])
@@ -236,7 +245,9 @@ class LayerFile:
         return {
             "layer": f"{self.config.image}@{self.config.version}",
             "size": index.size,
-            "cached_bytes": index.cached_bytes,
+            "cached_bytes": index.cached_bytes,  # zero chunks included
+            "data_bytes": index.data_bytes,
+            "cached_data_bytes": index.cached_data_bytes,
             "complete": index.complete,
             "offline": self.offline,
             "missing_chunks": len(self.missing),
@@ -254,17 +265,16 @@ def _serve_one(fd: int, session: fuse.FuseFile, layer: LayerFile) -> bool:
     try:
         data = os.read(fd, fuse.BUFFER)
     except OSError as exc:
-        if exc.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
-            return True  # an interrupted request: the kernel dropped it
-        return False  # ENODEV: unmounted
+        # EINTR/ENOENT: an interrupted request the kernel dropped; ENODEV: unmounted.
+        return exc.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN)
     request = fuse.parse(data)
     answer = session.handle(request)
     if isinstance(answer, fuse.ReadAsk):
+        ask = answer
         try:
-            body = layer.read(answer.offset, answer.size)
-            answer = fuse.reply(answer.unique, body)
+            answer = fuse.reply(ask.unique, layer.read(ask.offset, ask.size))
         except OSError as exc:
-            answer = fuse.reply(answer.unique, error=exc.errno or errno.EIO)
+            answer = fuse.reply(ask.unique, error=exc.errno or errno.EIO)
     if answer is not None:
         with contextlib.suppress(OSError):  # ENOENT: the request was interrupted meanwhile
             os.write(fd, answer)
@@ -274,9 +284,7 @@ def _serve_one(fd: int, session: fuse.FuseFile, layer: LayerFile) -> bool:
 def mount(target: Path, size: int) -> tuple[int, fuse.FuseFile]:
     """Mount the file at ``target`` (an existing regular file); the /dev/fuse fd."""
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    options = (
-        f"fd={fd},rootmode=100444,user_id=0,group_id=0,allow_other,max_read={fuse.MAX_READ}"
-    )
+    options = f"fd={fd},rootmode=100444,user_id=0,group_id=0,allow_other,max_read={fuse.MAX_READ}"
     try:
         mountapi.mount("lamina-layer", target, FSTYPE, MOUNT_FLAGS, options)
     except OSError:
@@ -338,9 +346,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def wait_ready(proc_stdout: Any, deadline: float) -> bool:
-    """Whether the server printed "ready" before ``deadline`` (time.monotonic)."""
-    line = proc_stdout.readline()
-    return bool(line.strip() == b"ready" or line.strip() == "ready") and time.monotonic() < deadline
