@@ -184,15 +184,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def upload_profile(home: Home, client: ManagerClient, layer: dict[str, Any]) -> bool:
-    """Send this host's first-read order of a lazily attached version to the manager (for
-    the layer's read-ahead profile); False when there is none."""
-    root = cache_root(home, bytes.fromhex(layer["manifest"]))
-    if root is None or not (root / "profile").exists():
-        return False
-    order = profiles.decode((root / "profile").read_bytes())
-    if not order:
-        return False
-    path = f"/layers/{layer['name']}/versions/{layer['version']}/profile"
-    client.json("PUT", path, json={"chunks": order})
-    return True
+def upload_profiles(home: Home, client: ManagerClient) -> int:
+    """Send each lazily attached version's first-read order to the manager, once it grew
+    since the last time (for the layer's read-ahead profile); how many were sent."""
+    sent = 0
+    base = lazy_dir(home)
+    for root in sorted(base.iterdir()) if base.is_dir() else []:
+        path, mark = root / "profile", root / "profile.sent"
+        if not path.exists():
+            continue
+        blob = path.read_bytes()
+        if not blob or (mark.exists() and mark.stat().st_size >= len(blob)):
+            continue
+        config = cache.read_config(root)
+        url = f"/layers/{config.image}/versions/{config.version}/profile"
+        client.json("PUT", url, json={"chunks": profiles.decode(blob)})
+        write_atomic(mark, blob)
+        sent += 1
+    return sent
