@@ -41,6 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import LAMINA, MiB, free_port, need, run, scratch, wait_port
+
 from lamina.agent.daemon import request
 from lamina.home import Home
 
@@ -144,6 +145,78 @@ def unmount_under(base: Path) -> None:
             subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
+def set_up(base: Path, env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    """The layer, three machines, alice entitled; the app's start set."""
+    started = time.perf_counter()
+    files = make_layer(base / "src", args.size_mib * MiB, args.small, args.seed)
+    rng = random.Random(args.seed)
+    picks = rng.sample(files[4:], max(1, round(args.opens * len(files[4:]))))
+    raw = base / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(MiB)
+    run(LAMINA, "image", "import", "base", str(raw), env=env)
+    tokens = {}
+    for m in ("today", "first", "second"):
+        out = run(LAMINA, "machine", "add", m, "--image", "base", "--json", env=env)
+        tokens[m] = json.loads(out)["token"]
+    imported = json.loads(
+        run(LAMINA, "layer", "import", "app", str(base / "src"), "--json", env=env)
+    )
+    run(LAMINA, "user", "add", "alice", env=env)
+    run(LAMINA, "entitle", "app", "--user", "alice", env=env)
+    start = [files[0], *picks]
+    print(
+        f"layer: {imported['size'] / MiB:.0f} MiB, {imported['files']} files, start set "
+        f"{len(start)} files; set-up {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
+    return {
+        "start": start,
+        "tokens": tokens,
+        "size": int(imported["size"]),
+        "admin": run(LAMINA, "admin", "token", env=env).strip(),
+    }
+
+
+def image_info(url: str, admin: str) -> dict[str, Any]:
+    import httpx
+
+    answer = httpx.get(
+        f"{url}/api/v1/layers/app/versions/1/image",
+        headers={"Authorization": f"Bearer {admin}"},
+        timeout=3600,
+    )
+    info: dict[str, Any] = answer.json()
+    return info
+
+
+def try_hosts(base: Path, url: str, fleet: dict[str, Any], hosts: list[Host]) -> str:
+    results: dict[str, dict[str, float]] = {}
+    for name, lazy in (("today", False), ("first", True), ("second", True)):
+        host = Host(base / name, url, fleet["tokens"][name], lazy=lazy)
+        hosts.append(host)
+        r = results[name] = first_use(host, fleet["start"])
+        r["fetched"] = host.lazy_figures().get("fetched_bytes", 0) if lazy else fleet["size"]
+        host.ask("logout", "alice")
+        if name == "first":  # the profile its logout uploaded
+            profile = image_info(url, fleet["admin"])["profile"]
+            print(f"read-ahead profile: {len(profile)} chunks", flush=True)
+        print(
+            f"{name:>6}: login {r['login'] * 1000:.0f} ms, first read "
+            f"{r['first'] * 1000:.0f} ms, start set {r['start_set'] * 1000:.0f} ms, "
+            f"fetched {r['fetched'] / MiB:.1f} MiB",
+            flush=True,
+        )
+    a = results["first"]["first"] * 1000
+    f_pct = 100 * results["first"]["fetched"] / fleet["size"]
+    ratio = results["first"]["start_set"] / results["second"]["start_set"]
+    b = results["today"]["first"] * 1000
+    return (
+        f"first use: {a:.0f} ms to first read, {f_pct:.1f}% of the layer fetched, "
+        f"second host {ratio:.1f}x faster (today's path: {b:.0f} ms)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=2048)
@@ -159,30 +232,7 @@ def main() -> None:
     hosts: list[Host] = []
     server: subprocess.Popen[bytes] | None = None
     try:
-        started = time.perf_counter()
-        files = make_layer(base / "src", args.size_mib * MiB, args.small, args.seed)
-        rng = random.Random(args.seed)
-        picks = rng.sample(files[4:], max(1, round(args.opens * len(files[4:]))))
-        start = [files[0], *picks]
-        raw = base / "disk.raw"
-        with open(raw, "wb") as f:
-            f.truncate(MiB)
-        run(LAMINA, "image", "import", "base", str(raw), env=env)
-        tokens = {}
-        for m in ("today", "first", "second"):
-            out = run(LAMINA, "machine", "add", m, "--image", "base", "--json", env=env)
-            tokens[m] = json.loads(out)["token"]
-        imported = json.loads(
-            run(LAMINA, "layer", "import", "app", str(base / "src"), "--json", env=env)
-        )
-        run(LAMINA, "user", "add", "alice", env=env)
-        run(LAMINA, "entitle", "app", "--user", "alice", env=env)
-        admin = run(LAMINA, "admin", "token", env=env).strip()
-        print(
-            f"layer: {imported['size'] / MiB:.0f} MiB, {imported['files']} files, start set "
-            f"{len(start)} files; set-up {time.perf_counter() - started:.0f} s",
-            flush=True,
-        )
+        fleet = set_up(base, env, args)
         port = free_port()
         cmd = [LAMINA, "serve", "--no-nbd", "--http", f"127.0.0.1:{port}"]
         with open(base / "serve.log", "ab") as log:
@@ -191,49 +241,12 @@ def main() -> None:
             )
         wait_port(port, server)
         url = f"http://127.0.0.1:{port}"
-        import httpx
-
         t0 = time.perf_counter()
-        image = httpx.get(
-            f"{url}/api/v1/layers/app/versions/1/image",
-            headers={"Authorization": f"Bearer {admin}"},
-            timeout=3600,
-        ).json()
+        image_info(url, fleet["admin"])
         print(f"image built once on the manager: {time.perf_counter() - t0:.1f} s", flush=True)
-        size = int(imported["size"])
-
-        results: dict[str, dict[str, float]] = {}
-        for name, lazy in (("today", False), ("first", True), ("second", True)):
-            host = Host(base / name, url, tokens[name], lazy=lazy)
-            hosts.append(host)
-            results[name] = first_use(host, start)
-            figures = host.lazy_figures() if lazy else {}
-            fetched = figures.get("fetched_bytes", size)
-            results[name]["fetched"] = fetched
-            host.ask("logout", "alice")
-            if name == "first":  # the profile the logout uploaded
-                profile = httpx.get(
-                    f"{url}/api/v1/layers/app/versions/1/image",
-                    headers={"Authorization": f"Bearer {admin}"},
-                    timeout=60,
-                ).json()["profile"]
-                print(f"read-ahead profile: {len(profile)} chunks of {image['chunk_size']} B")
-            r = results[name]
-            print(
-                f"{name:>6}: login {r['login'] * 1000:.0f} ms, first read "
-                f"{r['first'] * 1000:.0f} ms, start set {r['start_set'] * 1000:.0f} ms, "
-                f"fetched {fetched / MiB:.1f} MiB",
-                flush=True,
-            )
-        a = results["first"]["first"] * 1000
-        f_pct = 100 * results["first"]["fetched"] / size
-        ratio = results["first"]["start_set"] / results["second"]["start_set"]
-        b = results["today"]["first"] * 1000
+        last = try_hosts(base, url, fleet, hosts)
         print("(measured on a host shared with other work: figures vary between runs)")
-        print(
-            f"first use: {a:.0f} ms to first read, {f_pct:.1f}% of the layer fetched, "
-            f"second host {ratio:.1f}x faster (today's path: {b:.0f} ms)"
-        )
+        print(last)
     finally:
         for host in hosts:
             host.stop()
