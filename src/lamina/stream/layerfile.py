@@ -48,7 +48,9 @@ log = logging.getLogger("lamina.layerfile")
 ATTEMPTS = 3
 THREADS = 4  # concurrent kernel reads served (EROFS reads ahead on several at once)
 PERSIST_EVERY = 0.2  # seconds between index/status writes (a crash refetches that much)
-PREFETCH_BATCH = 256  # chunk ids per read-ahead request (16 MiB of 64 KiB chunks)
+# Chunk ids per read-ahead request: 4 MiB of 64 KiB chunks. A read needing a chunk of a
+# batch in flight waits for the whole batch, so batches stay small.
+PREFETCH_BATCH = 64
 FSTYPE = "fuse.lamina-layer"
 _RECORD = struct.Struct(">32sI")
 API: Final = "/api/v1"
@@ -202,15 +204,18 @@ class LayerFile:
             raise OSError(errno.EIO, "layer data not available")
 
     def _fetch(self, ids: list[bytes]) -> None:
-        pending = list(ids)
-        for attempt in range(ATTEMPTS):
-            if not pending:
-                return
+        """Fetch ``ids`` until all arrived whole; a round that brings nothing new (every
+        envelope corrupt) counts as an attempt. A batch may answer a prefix only: that is
+        progress, and the rest is asked for again."""
+        pending, attempts = list(ids), 0
+        while pending and attempts < ATTEMPTS:
             try:
-                got = self._receive(pending, fresh=attempt > 0)
+                got = self._receive(pending, fresh=attempts > 0)
             except LaminaError as exc:
                 self._went_offline(pending, exc)
                 return
+            if not got:
+                attempts += 1
             done = set(got)
             pending = [c for c in pending if c not in done]
         if pending:
