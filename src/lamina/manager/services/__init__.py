@@ -4,6 +4,7 @@ images.py           images and their versions
 machines.py         machines: add, show, change, re-pin, remove
 commit.py           a machine's delta committed as a new image version
 layers.py           layers, their versions and bases, mounted roots
+layer_images.py     layer versions' EROFS images, built once and recorded; read-ahead profiles
 versions.py         numbering NAME@1, NAME@2, ... (images and layers alike)
 access.py           users, groups, memberships, entitlements
 agents.py           what agents ask for: boot, login, logout, desired state
