@@ -142,10 +142,11 @@ def test_stateful_write_survives_kill_9_and_restart(server: Server, image: Path)
 
 
 def test_machine_reset_discards_a_delta(server: Server, cli: Cli, image: Path) -> None:
+    """A stateful one (qemu-io's goodbye already ends a stateless machine's delta)."""
     server.start()
     ok(qemu_io(server.url("machine/m1"), "write -P 0x77 4096 4096"))
     assert cli.json("machine", "show", "m1")["delta_bytes"] == 4096
-    cli("machine", "reset", "m1")
+    cli("machine", "reset", "m1", "--force")
     assert cli.json("machine", "show", "m1")["delta_bytes"] == 0
     out = ok(qemu_io(server.url("machine/m1"), "read -v 4096 16", read_only=True))
     assert "77 77 77" not in out
