@@ -142,10 +142,11 @@ def test_stateful_write_survives_kill_9_and_restart(server: Server, image: Path)
 
 
 def test_machine_reset_discards_a_delta(server: Server, cli: Cli, image: Path) -> None:
+    """A stateful one (qemu-io's goodbye already ends a stateless machine's delta)."""
     server.start()
     ok(qemu_io(server.url("machine/m1"), "write -P 0x77 4096 4096"))
     assert cli.json("machine", "show", "m1")["delta_bytes"] == 4096
-    cli("machine", "reset", "m1")
+    cli("machine", "reset", "m1", "--force")
     assert cli.json("machine", "show", "m1")["delta_bytes"] == 0
     out = ok(qemu_io(server.url("machine/m1"), "read -v 4096 16", read_only=True))
     assert "77 77 77" not in out
@@ -271,8 +272,14 @@ def test_repin_keeps_the_delta_until_the_target_is_known(
     assert cli.json("machine", "show", "m1")["delta_bytes"] == 65536
     assert cli("machine", "set", "m1", "--image", "base@1", check=False).code == 2  # no change
     assert cli.json("machine", "show", "m1")["delta_bytes"] == 65536
-    cli("image", "import", "base", str(image))
-    shown = cli.json("machine", "set", "m1", "--image", "base@2")
+    with open(image, "r+b") as f:  # a new version of the disk
+        f.write(b"v2")
+    assert cli("image", "import", "base", str(image)).out.strip() == "base@2"
+    # m1 is stateful: its delta is its data, and re-pinning goes only when confirmed
+    refused = cli("machine", "set", "m1", "--image", "base@2", check=False)
+    assert refused.code == 13 and "holds 64.0 KiB" in refused.err
+    assert cli.json("machine", "show", "m1")["delta_bytes"] == 65536
+    shown = cli.json("machine", "set", "m1", "--image", "base@2", "--force")
     assert shown["image"] == "base@2" and shown["delta_bytes"] == 0
 
 

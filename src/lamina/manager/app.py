@@ -8,19 +8,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from lamina import __version__
-from lamina.errors import AlreadyExists, Conflict, InvalidInput, LaminaError, NotFound, UsageError
+from lamina.errors import LaminaError, http_body, http_status
 from lamina.home import Home
 from lamina.manager.console import router as console_router
 from lamina.manager.routers import admin, agent, data, layer_images, stream
-
-# Lamina's errors as HTTP statuses (anything else stays a 500).
-STATUS: list[tuple[type[LaminaError], int]] = [
-    (NotFound, 404),
-    (AlreadyExists, 409),
-    (Conflict, 409),
-    (UsageError, 422),
-    (InvalidInput, 422),
-]
 
 
 def create_app(home: Home) -> FastAPI:
@@ -35,8 +26,7 @@ def create_app(home: Home) -> FastAPI:
 
     @app.exception_handler(LaminaError)
     def lamina_error(_request: Request, exc: LaminaError) -> JSONResponse:
-        code = next((c for kind, c in STATUS if isinstance(exc, kind)), 500)
-        return JSONResponse({"detail": str(exc)}, status_code=code)
+        return JSONResponse(http_body(exc), status_code=http_status(exc))
 
     @app.get("/api/v1/health", tags=["meta"])
     def health() -> dict[str, Any]:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
-from lamina.errors import CorruptObject, LaminaError
+from lamina.errors import CorruptObject, LaminaError, Unreachable, from_http
 from lamina.files import write_atomic, write_json_atomic
 from lamina.image import profile as profiles
 from lamina.layer import mountapi
@@ -59,14 +59,8 @@ MOUNT_FLAGS = mountapi.MS_RDONLY | mountapi.MS_NOSUID | mountapi.MS_NODEV
 
 class Source(Protocol):
     def fetch(self, ids: list[bytes], *, fresh: bool) -> Iterator[tuple[bytes, bytes]]:
-        """(id, envelope) of some of ``ids``, unverified; raises Unavailable."""
+        """(id, envelope) of some of ``ids``, unverified; raises Unreachable (or what the manager answered)."""
         ...
-
-
-class Unavailable(LaminaError):
-    """The manager did not answer, or refused: the data cannot be had now."""
-
-    exit_code = 11
 
 
 class HttpSource:
@@ -113,11 +107,11 @@ class HttpSource:
                 self.local.conn = None
                 if attempt == 0 and isinstance(exc, http.client.RemoteDisconnected):
                     continue
-                raise Unavailable(f"{path}: {type(exc).__name__}: {exc}") from None
+                raise Unreachable(f"{path}: {type(exc).__name__}: {exc}") from None
             if response.status >= 400:
-                raise Unavailable(f"{path}: {response.status} {data[:200]!r}")
+                raise from_http(response.status, data, what=path)
             return data
-        raise Unavailable(f"{path}: no answer")
+        raise Unreachable(f"{path}: no answer")
 
     def fetch(self, ids: list[bytes], *, fresh: bool) -> Iterator[tuple[bytes, bytes]]:
         headers = {"Cache-Control": "no-cache"} if fresh else {}

@@ -23,11 +23,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Response, status
+from fastapi import APIRouter, Header, Response, status
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from lamina.errors import NotFound
+from lamina.errors import NotFound, Refused
 from lamina.home import Home
 from lamina.image import Manifest
 from lamina.image.manifest import MAGIC as IMAGE_MAGIC
@@ -111,16 +111,9 @@ def get_manifest(
     home: HomeDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    try:
-        found = images.get_version(session, Ref(check_name(name, "image name"), version))
-    except (NotFound, ValueError) as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
-    except Exception as exc:  # UsageError from a malformed name
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
-    if not caller.admin and (
-        caller.machine is None or caller.machine.image_version.image_id != found.image_id
-    ):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "this machine is not pinned to that image")
+    found = images.get_version(session, Ref(check_name(name, "image name"), version))
+    pinned = caller.machine.image_version.image_id if caller.machine is not None else None
+    images.check_readable(found, admin=caller.admin, pinned_image_id=pinned)
     etag = f'"{found.manifest_id}"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
     if _etag_matches(if_none_match, etag):
@@ -146,7 +139,7 @@ def get_chunk(
     except ValueError:
         cid = b""
     if len(cid) != 32:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "chunk ids are 64 hex digits")
+        raise NotFound("chunk ids are 64 hex digits")
     _check_readable(caller, home, session, cid)
     etag = f'"{chunk_id.lower()}"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
@@ -155,12 +148,12 @@ def get_chunk(
     try:
         body = home.store.get_envelope(cid)
     except NotFound:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such chunk") from None
+        raise NotFound("no such chunk") from None
     return Response(body, media_type=CHUNK_TYPE, headers=headers)
 
 
 def _check_readable(caller: Caller, home: Home, session: Session, cid: bytes) -> None:
-    """403 unless the caller may read ``cid`` (the admin anything, a machine what its
+    """Refused (403) unless the caller may read ``cid`` (the admin anything, a machine what its
     image version and its layers reference)."""
     if caller.admin:
         return
@@ -168,7 +161,7 @@ def _check_readable(caller: Caller, home: Home, session: Session, cid: bytes) ->
     assert machine is not None
     allowed = REFERENCED.get(home, bytes.fromhex(machine.image_version.manifest_id))
     if cid not in allowed and not _layer_allows(session, home, machine, cid):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "chunk not referenced by this machine")
+        raise Refused("chunk not referenced by this machine")
 
 
 @router.post(
@@ -188,7 +181,7 @@ def get_chunks(
         try:
             envelope = home.store.get_envelope(cid)
         except NotFound:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no chunk {cid.hex()}") from None
+            raise NotFound(f"no chunk {cid.hex()}") from None
         if out and len(out) + len(envelope) > BATCH_BYTES:
             break
         out += RECORD.pack(cid, len(envelope)) + envelope
