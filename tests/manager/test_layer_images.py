@@ -18,7 +18,10 @@ pytestmark = needs_root  # the manager writes the tree out as its owners (mkfs.e
 
 
 def client(url: str, token: str) -> httpx.Client:
-    return httpx.Client(base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {token}"})
+    # the first image request builds it: seconds on a loaded host
+    return httpx.Client(
+        base_url=f"{url}/api/v1", headers={"Authorization": f"Bearer {token}"}, timeout=120
+    )
 
 
 def test_the_image_is_built_once_and_only_entitled_machines_read_it(

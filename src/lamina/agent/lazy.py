@@ -39,6 +39,7 @@ from lamina.store import codec
 from lamina.stream import cache
 from lamina.stream.cache import StreamConfig
 
+BUILD_WITHIN = 1800.0
 READY_WITHIN = 20.0  # seconds for a server to mount its file (Python's start: ~0.3 s idle)
 
 
@@ -65,7 +66,9 @@ def attach(
     """Make version ``layer`` ({name, version, manifest}) mountable here, fetching only
     its image's manifest and read-ahead profile; returns the image's description."""
     name, version, manifest = layer["name"], int(layer["version"]), layer["manifest"]
-    info: dict[str, Any] = client.json("GET", f"/layers/{name}/versions/{version}/image")
+    # The first demand of a version builds its image on the manager: a minute for 2 GiB.
+    path = f"/layers/{name}/versions/{version}/image"
+    info: dict[str, Any] = client.json("GET", path, timeout=BUILD_WITHIN)
     if info.get("manifest") != manifest:
         raise CorruptObject(f"image of {name}@{version} is for another tree manifest")
     image_id = bytes.fromhex(info["image"])
