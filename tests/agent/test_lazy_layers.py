@@ -18,12 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from lamina.layer import prepare
 from tests.agent.agents import AgentProc
 from tests.conftest import Cli, write_sparse
-from tests.servers import Server
+from tests.servers import Server, wait_for
 from tests.stream.proxy import Proxy
 from tests.trees import needs_root, rich_tree, snapshot
 
@@ -123,5 +124,19 @@ def test_lazy_layer_reads_like_the_exported_one_offline_and_corrupt(
         # the whole layer, as a reader sees it, is the layer exported whole
         assert snapshot(lower) == snapshot(exported)
         assert (agent.root / "alice/usr/bin/tool").read_bytes() == tool
+
+        # logout sends the order chunks were first read in: the layer's read-ahead profile
+        agent.run("logout", "alice")
+        admin = cli("admin", "token").out.strip()
+        answer = httpx.get(
+            f"{server.http_url}/api/v1/layers/app/versions/1/image",
+            headers={"Authorization": f"Bearer {admin}"},
+            timeout=60,
+        ).json()
+        assert len(answer["profile"]) > 1, answer
+        # removing the version's image here ends its file server
+        prepare.forget(agent.home, bytes.fromhex(manifest))
+        assert not image.exists()
+        wait_for(lambda: not os.path.exists(f"/proc/{status['pid']}"), 10.0)
     finally:
         proxy.close()

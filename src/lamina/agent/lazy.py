@@ -18,8 +18,10 @@ read is there, offline or not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -134,6 +136,7 @@ def serve(home: Home, manifest_id: bytes) -> bool:
         _wait_ready(proc, root)
     finally:
         proc.stdout.close()
+        proc.wait()  # the server forked away from it at once
     return True
 
 
@@ -148,7 +151,8 @@ def _wait_ready(proc: subprocess.Popen[bytes], root: Path) -> None:
                 return
             if not line:
                 break
-    proc.kill()
+    with contextlib.suppress(ProcessLookupError):  # the server: in the group it leads
+        os.killpg(proc.pid, signal.SIGKILL)
     tail = (root / "log").read_bytes()[-300:].decode(errors="replace").strip().splitlines()
     raise ToolError(f"layer file server did not start: {tail[-1] if tail else proc.poll()}")
 

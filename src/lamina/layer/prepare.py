@@ -225,5 +225,8 @@ def forget(home_root: Path, manifest_id: bytes) -> None:
     target = mountpoint(home_root, manifest_id)
     if mounted_at(target) is not None:
         mountapi.umount(target, lazy=True)
-    for suffix in (".erofs", ".fp", ".lock"):
+    image = cache_dir(home_root) / f"{manifest_id.hex()}.erofs"
+    if mounted_at(image) is not None:  # a lazily attached image's file (its server ends)
+        mountapi.umount(image, lazy=True)
+    for suffix in (".erofs", ".fp", ".lock", ".lazy"):
         (cache_dir(home_root) / f"{manifest_id.hex()}{suffix}").unlink(missing_ok=True)

@@ -365,12 +365,17 @@ def _loop(fd: int, session: fuse.FuseFile, layer: LayerFile, stop: threading.Eve
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m lamina.stream.layerfile CACHE_DIR FILE``: mount and serve; prints
+    "ready" once mounted. The process forks first, and its parent exits at once, so the
+    caller reaps it and the server is nobody's child (no zombie in a long-lived agent)."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print("usage: python -m lamina.stream.layerfile CACHE_DIR FILE", file=sys.stderr)
         return 2
+    if os.fork() != 0:
+        os._exit(0)  # before any thread exists: the child is a clean copy
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     serve(Path(args[0]), Path(args[1]))
     return 0
