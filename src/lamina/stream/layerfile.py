@@ -31,7 +31,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
@@ -168,7 +168,7 @@ class LayerFile:
                 self.seen.add(i)
                 self.order.append(i)
 
-    def ensure(self, ids: Iterable[bytes]) -> None:
+    def ensure(self, ids: list[bytes]) -> None:
         """Have every chunk of ``ids`` in the cache, fetching those nobody is fetching."""
         mine: list[bytes] = []
         theirs: list[threading.Event] = []
@@ -193,8 +193,10 @@ class LayerFile:
             done.wait()
         with self.lock:
             lacking = [c for c in mine if not self.index.id_cached(c)]
-        if lacking or any(not self.index.id_cached(c) for c in ids):
-            self.figures["eio"] += 1
+            lacking += [c for c in ids if not self.index.id_cached(c)]
+            if lacking:
+                self.figures["eio"] += 1
+        if lacking:
             raise OSError(errno.EIO, "layer data not available")
 
     def _fetch(self, ids: list[bytes]) -> None:
@@ -224,13 +226,14 @@ class LayerFile:
             try:
                 self.files.store(cid, envelope)  # checked against cid before written
             except CorruptObject:
-                self.figures["corrupt"] += 1
+                with self.lock:
+                    self.figures["corrupt"] += 1
                 continue
             with self.lock:
                 self.index.add(cid)
                 self.missing.discard(cid)
-            self.figures["fetched_chunks"] += 1
-            self.figures["fetched_bytes"] += len(envelope)
+                self.figures["fetched_chunks"] += 1
+                self.figures["fetched_bytes"] += len(envelope)
             got.append(cid)
         if self.offline:
             self.offline = False
