@@ -84,6 +84,11 @@ class Server:
         if self.nbd:
             wait_port(self.port, self.proc)
         wait_port(self.http_port, self.proc)
+        # The port is bound before the manager answers (on a loaded host its first answer
+        # took 10 s): wait for one, whatever its status, so tests' short timeouts hold.
+        import httpx
+
+        httpx.get(f"{self.http_url}/api/v1/", timeout=120, verify=False)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
