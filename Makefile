@@ -36,8 +36,8 @@ test: install
 	$(BIN)/pytest
 
 # Real Debian machines under qemu (TCG), from an image `lamina image build` makes and
-# caches in $$LAMINA_TEST_CACHE (default /var/tmp/lamina-test-cache): about 15 min, most
-# of it the first build.
+# caches in $$LAMINA_TEST_CACHE (default /var/tmp/lamina-test-cache): 15-27 min on a
+# shared 2-core host, most of it the machines' boots under TCG.
 e2e: install
 	$(BIN)/pytest -m e2e tests/e2e -x
 

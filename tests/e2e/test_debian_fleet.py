@@ -159,6 +159,9 @@ def alice_session(vm: Machine, http: httpx.Client) -> dict[str, float]:
         out = shell.run(f"until command -v {LIVE} >/dev/null; do sleep 0.05; done; {LIVE} live")
         timings["entitlement_to_visible"] = time.monotonic() - started
         assert "_" in out  # figlet's letters
+        # where the agent's part of it went (fetch, mount, show), from its log
+        steps = vm.root("journalctl -b -u lamina-agent -o cat --no-pager | grep '\"reconciled\"'")
+        print(f"the agent's live change: {steps.strip().splitlines()[-1]}")
         assert shell.run("readlink /etc/alternatives/figlet").strip() == "/usr/bin/figlet-figlet"
         shell.run("echo remember > ~/notes.txt")
         assert shell.run("pwd").strip() == "/home/alice"

@@ -46,3 +46,31 @@ def test_a_refused_legacy_mount_leaves_no_staging_directory(tmp_path: Path) -> N
     with pytest.raises(OSError):
         overlay._compose_legacy([tmp_path / "missing"], tmp_path / "upper", tmp_path / "work")
     assert not (tmp_path / "work.stage").exists()
+
+
+def test_a_kernel_without_lowerdir_plus_is_asked_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each refusal is a line in the kernel's log: after the first, mount(2) directly.
+    (Linux < 6.8 cannot run here: its refusal is played by a stand-in for new_mount.)"""
+    asked: list[int] = []
+
+    def refuse(fstype: str, params: object) -> int:
+        asked.append(1)
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(mountapi, "new_mount", refuse)
+    monkeypatch.setattr(overlay, "_REFUSED", set())
+    layer = tmp_path / "layer"
+    layer.mkdir()
+    (layer / "f").write_text("f\n")
+    for i in range(2):
+        for sub in (f"upper{i}", f"work{i}", f"root{i}"):
+            (tmp_path / sub).mkdir()
+        fd = overlay.compose([layer], tmp_path / f"upper{i}", tmp_path / f"work{i}")
+        overlay.mount_new(fd, tmp_path / f"root{i}")
+        try:
+            assert (tmp_path / f"root{i}/f").read_text() == "f\n"
+        finally:
+            mountapi.umount(tmp_path / f"root{i}")
+    assert len(asked) == 1

@@ -385,16 +385,20 @@ class Agent:
             done = []
             for action in plan(wants, haves):
                 root = self.session_root(action.user)
+                clock = logs.Steps()
                 try:
                     if isinstance(action, Attach):
                         self.ensure_app(layers[action.ref])
+                        clock.step("fetch")
                         attach.attach(self.home, self.records, root, action.ref)
+                        clock.step("mount")
                         self.composed(action.user, root)
-                        done.append(f"attach {action.user} {action.ref}")
+                        done.append(f"attach {action.user} {action.ref} ({clock.step('show')})")
                     elif isinstance(action, Detach):
                         attach.detach(self.home, self.records, root, action.name)
+                        clock.step("mount")
                         self.composed(action.user, root)
-                        done.append(f"detach {action.user} {action.name}")
+                        done.append(f"detach {action.user} {action.name} ({clock.step('show')})")
                     elif isinstance(action, Pending):
                         logs.event(self.log, "pending", user=action.user, why=action.why)
                     elif isinstance(action, Stale):

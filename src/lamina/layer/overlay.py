@@ -32,6 +32,9 @@ from lamina.layer.mountapi import Param
 
 OPTIONS = (Param("index", "off"), Param("redirect_dir", "off"), Param("metacopy", "off"))
 _ESCAPE = re.compile(r"\\([0-7]{3})")
+# Set once this kernel has refused "lowerdir+" (Linux < 6.8): every refusal is a line in
+# the kernel's log, which a guest's admin would find at each login.
+_REFUSED: set[str] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +91,14 @@ def compose(lowers: Sequence[Path], upper: Path, work: Path) -> int:
     params = [Param("lowerdir+", str(p)) for p in lowers]
     params += [Param("upperdir", str(upper)), Param("workdir", str(work)), *OPTIONS]
     try:
+        if "lowerdir+" in _REFUSED:
+            return _compose_legacy(lowers, upper, work)
         try:
             return mountapi.new_mount("overlay", params)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
+            _REFUSED.add("lowerdir+")
             return _compose_legacy(lowers, upper, work)
     except OSError as exc:
         raise mountapi.tool_error(exc, "overlay mount") from None
