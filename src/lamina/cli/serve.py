@@ -82,6 +82,14 @@ def serve(
             help="Seconds between heartbeats; lost after three missed.",
         ),
     ] = 5.0,
+    agent_url: Annotated[
+        str | None,
+        typer.Option(
+            "--agent-url",
+            envvar="LAMINA_AGENT_URL",
+            help="The manager's URL as machines reach it, for their seeds (kept; '' clears).",
+        ),
+    ] = None,
     home: HomeOpt = None,
 ) -> None:
     """Serve image versions and machines over NBD, and the manager over HTTP."""
@@ -92,6 +100,11 @@ def serve(
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     from lamina.serve.tls import want_tls
+
+    if agent_url is not None:
+        from lamina.guest.paths import set_agent_url
+
+        set_agent_url(open_home(home), agent_url)
 
     options = ServeOptions(
         nbd=None if no_nbd else parse_address(nbd, "--nbd"),
