@@ -13,7 +13,6 @@ depending on the manager.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,7 +36,10 @@ READ_ONLY: Final = "lamina_read_only"
 
 
 def default_home() -> Path:
-    return Path(os.environ.get("LAMINA_HOME") or Path.home() / ".local" / "share" / "lamina")
+    """The configured home (``lamina.settings``: file, LAMINA_HOME), else the default."""
+    from lamina.settings import load
+
+    return load().home
 
 
 class Home:
@@ -50,16 +52,21 @@ class Home:
     ) -> None:
         self.root = (root or default_home()).expanduser().absolute()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.database_url = (
-            database_url
-            or os.environ.get("LAMINA_DATABASE_URL")
-            or f"sqlite:///{self.root / 'lamina.db'}"
-        )
+        self._database_url = database_url
         self._connect = connect
         self._db_lock = threading.Lock()
         self._sessionmaker: sessionmaker[Session] | None = None
         self._read_only: SessionFactory[Session] | None = None
         self._warming: threading.Thread | None = None
+
+    @cached_property
+    def database_url(self) -> str:
+        """The given URL, else the configured one (LAMINA_DATABASE_URL), else SQLite here."""
+        if self._database_url:
+            return self._database_url
+        from lamina.settings import load
+
+        return load().database_url or f"sqlite:///{self.root / 'lamina.db'}"
 
     @property
     def store_dir(self) -> Path:

@@ -20,10 +20,10 @@ app = typer.Typer(
 def agent(
     ctx: typer.Context,
     manager: Annotated[
-        str | None, typer.Option("--manager", envvar="LAMINA_MANAGER", help="Manager URL.")
+        str | None, typer.Option("--manager", help="Manager URL [LAMINA_MANAGER].")
     ] = None,
     token: Annotated[
-        str | None, typer.Option("--token", envvar="LAMINA_TOKEN", help="This machine's token.")
+        str | None, typer.Option("--token", help="This machine's token [LAMINA_TOKEN].")
     ] = None,
     root: Annotated[
         Path | None,
@@ -44,7 +44,11 @@ def agent(
     from lamina.agent.daemon import Agent
     from lamina.errors import UsageError
     from lamina.manager.client import ManagerClient
+    from lamina.settings import load
 
+    settings = load()
+    manager, token = manager or settings.manager, token or settings.token
+    root, etc = root or settings.agent.root, etc or settings.agent.etc
     if not manager or not token:
         raise UsageError("lamina agent needs --manager URL and --token T")
     h = open_home(home)

@@ -23,9 +23,9 @@ HomeOpt = Annotated[
     Path | None,
     typer.Option(
         "--home",
-        envvar="LAMINA_HOME",
-        help="Lamina home (database, store, deltas).",
-        show_default="~/.local/share/lamina",
+        help="Lamina home (database, store, deltas) [home in lamina.toml, LAMINA_HOME,"
+        " ~/.local/share/lamina].",
+        show_default=False,
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -33,21 +33,18 @@ CaOpt = Annotated[
     Path | None,
     typer.Option(
         "--ca",
-        envvar="LAMINA_CA",
         help="CA certificate of an https:// manager (a PEM file, or a credentials folder"
-        " with ca-cert.pem) [the system's trust store].",
+        " with ca-cert.pem) [LAMINA_CA, else the system's trust store].",
         show_default=False,
     ),
 ]
 
 ManagerOpt = Annotated[
     str | None,
-    typer.Option(
-        "--manager", envvar="LAMINA_MANAGER", help="Manager URL (else the --home's database)."
-    ),
+    typer.Option("--manager", help="Manager URL [LAMINA_MANAGER, else the --home's database]."),
 ]
 TokenOpt = Annotated[
-    str | None, typer.Option("--token", envvar="LAMINA_TOKEN", help="Admin token for --manager.")
+    str | None, typer.Option("--token", help="Admin token for --manager [LAMINA_TOKEN].")
 ]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Confirm a change that loses data (it says what).")
@@ -72,7 +69,11 @@ def admin(
 ) -> Admin:
     """The admin operations on the --home's database, or through --manager's API."""
     from lamina.manager.admin import HomeAdmin, RemoteAdmin
+    from lamina.settings import load
 
+    settings = load()
+    manager = manager or settings.manager
+    token = token or settings.token
     if manager is None:
         return HomeAdmin(open_home(home))
     from lamina.errors import UsageError

@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 
 from lamina.cli.common import CaOpt, HomeOpt, JsonOpt, emit_json, human, open_home, out
 from lamina.errors import UsageError
+from lamina.settings import load
 
 
 class _DefaultRun(TyperGroup):
@@ -72,8 +73,8 @@ def run(
         str | None,
         typer.Option(
             "--token",
-            envvar="LAMINA_TOKEN",
-            help="Admin or machine token [the admin token of --home's manager, if it has one].",
+            help="Admin or machine token [LAMINA_TOKEN, else the admin token of --home's"
+            " manager, if it has one].",
         ),
     ] = None,
     cache: Annotated[
@@ -109,6 +110,7 @@ def run(
     check_names(image, machine)
     if cache is None:
         cache = open_home(home).root / "stream" / (machine or image.replace("@", "-"))
+    token = token or load().token
     if token is None and not (cache / "config.json").exists():
         token = _local_admin_token(home)
     options = StreamOptions(
@@ -130,12 +132,10 @@ def run(
 def _local_admin_token(home: Path | None) -> str | None:
     """On the manager's own host (``--home`` holds its database) a new cache needs no
     ``--token``: the admin token is read from there. Elsewhere there is none."""
-    import os
-
     from lamina.manager.services import settings
 
     h = open_home(home)
-    if not os.environ.get("LAMINA_DATABASE_URL") and not (h.root / "lamina.db").exists():
+    if not load().database_url and not (h.root / "lamina.db").exists():
         return None
     with h.session() as session:
         return settings.admin_token(session)
@@ -210,7 +210,7 @@ def status(
 def sync(
     cache: CacheOpt,
     token: Annotated[
-        str | None, typer.Option("--token", envvar="LAMINA_TOKEN", help="Overrides the cache's.")
+        str | None, typer.Option("--token", help="Overrides the cache's [LAMINA_TOKEN].")
     ] = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,  # accepted like everywhere; a cache directory stands alone
@@ -219,7 +219,7 @@ def sync(
     from lamina.stream.cache import is_locked
 
     answer = _ask(cache, "sync", None) if is_locked(cache) else None
-    result = answer["result"] if answer is not None else _sync_here(cache, token)
+    result = answer["result"] if answer is not None else _sync_here(cache, token or load().token)
     if as_json:
         emit_json(result)
     else:
