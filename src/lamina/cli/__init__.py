@@ -2,6 +2,7 @@
 
 options.py   global options before the subcommand, --version
 config.py    lamina config show
+service.py   lamina service install [serve|agent] (systemd units)
 common.py    what every command shares: --home, --json, one-line errors, progress, tables
 image.py     lamina image import|export|list|log|rm
 layer.py     lamina layer import|capture|list|log|export|diff|rm
@@ -39,6 +40,7 @@ from lamina.cli import (
     options,
     rebase,
     serve,
+    service,
     store,
     stream,
 )
@@ -56,6 +58,7 @@ app = typer.Typer(
 )
 app.callback()(options.root)
 app.add_typer(config.app, name="config")
+app.add_typer(service.app, name="service")
 app.add_typer(image.app, name="image")
 app.add_typer(store.app, name="store")
 app.add_typer(layer.app, name="layer")
