@@ -13,6 +13,7 @@ from lamina.cli.common import HomeOpt, JsonOpt, emit_json, open_home, out
 from lamina.files import write_atomic
 from lamina.trust.authority import CA_CERT, CLIENT_CERT, CLIENT_DAYS, CLIENT_KEY, Issued
 from lamina.trust.principal import Kind
+from lamina.units import timestamp
 
 OutOpt = Annotated[
     Path,
@@ -122,7 +123,7 @@ def issue_and_write(
                 "holder": holder,
                 "dir": str(directory),
                 "serial": format(issued.serial, "x"),
-                "expires": issued.not_after.isoformat(timespec="seconds"),
+                "expires": timestamp(issued.not_after),
                 "rotated": rotate,
                 **lines,
             }

@@ -24,6 +24,7 @@ from lamina.cli.common import (
     table,
 )
 from lamina.names import check_name, parse_ref
+from lamina.units import timestamp
 
 app = typer.Typer(help="Block images and their versions.", no_args_is_help=True)
 
@@ -86,11 +87,17 @@ def import_(
 def export(
     ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (latest when omitted).")],
     dest: Annotated[Path, typer.Argument(metavar="OUT", help="Output file.")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="raw (sparse) or qcow2.")] = "raw",
+    fmt: Annotated[
+        str,
+        typer.Option("--format", "-f", help="raw (sparse), qcow2, vmdk, vhdx or vpc."),
+    ] = "raw",
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write an image version to a file."""
+    """Write an image version to a file, in any format import takes.
+
+    Example: lamina image export base@2 base.vmdk --format vmdk
+    """
     h = open_home(home)
     from lamina.manager.services import images
 
@@ -154,7 +161,7 @@ def log(
                 "stored_bytes": usage[v.ref].stored,
                 "unique_bytes": usage[v.ref].unique,
                 "added_bytes": v.stored_bytes,
-                "created": v.created_at.isoformat(timespec="seconds"),
+                "created": timestamp(v.created_at),
                 "source": v.source,
             }
             for v in versions

@@ -26,6 +26,7 @@ from lamina.cli.common import (
     table,
 )
 from lamina.names import parse_ref
+from lamina.units import timestamp
 
 app = typer.Typer(
     help="File-tree layers: base OS, applications, writable layers.", no_args_is_help=True
@@ -177,7 +178,7 @@ def log(
                 if v.parent_id
                 else None,
                 "policy": v.policy,
-                "created": v.created_at.isoformat(timespec="seconds"),
+                "created": timestamp(v.created_at),
                 "source": v.source,
                 "manifest": v.manifest_id,
             }
@@ -242,7 +243,10 @@ def diff(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Paths added (A), removed (D) and changed (M) from the first version to the second."""
+    """Paths added (A), removed (D) and changed (M) from the first version to the second.
+
+    Example: lamina layer diff office@1 office@2
+    """
     h = open_home(home)
     from lamina.layer.changes import diff as tree_diff
     from lamina.layer.importer import load_tree
@@ -259,9 +263,10 @@ def diff(
             {
                 "from": refs[0],
                 "to": refs[1],
-                "added": d.added,
-                "removed": d.removed,
-                "changed": d.changed,
+                # paths as the text shows them: absolute in the composed root
+                "added": [f"/{p}" for p in d.added],
+                "removed": [f"/{p}" for p in d.removed],
+                "changed": [f"/{p}" for p in d.changed],
             }
         )
         return

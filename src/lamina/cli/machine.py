@@ -20,17 +20,22 @@ from lamina.cli.common import (
     ManagerOpt,
     TokenOpt,
     admin,
+    each,
     emit_json,
+    fields,
     human,
     open_home,
-    out,
     say,
     table,
 )
+from lamina.units import timestamp
 
 app = typer.Typer(help="Machines: identity, pinned image version, delta.", no_args_is_help=True)
 delta_app = typer.Typer(help="Machine deltas.", no_args_is_help=True)
 app.command("credentials")(credentials.machine_credentials)
+
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Extra #cloud-config YAML file.")]
 
 
 @app.command("add")
@@ -45,32 +50,61 @@ def add(
     domain: Annotated[
         str | None, typer.Option("--domain", help="DNS domain (FQDN = host.domain).")
     ] = None,
+    config: ConfigOpt = None,
     manager: ManagerOpt = None,
     token: TokenOpt = None,
     ca: CaOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add a machine pinned to an image version; --json shows its agent token."""
+    """Add a machine pinned to an image version; --json shows its agent token.
+
+    Example: lamina machine add desk-001 --image base --mode stateful --config site.yaml
+    """
+    from lamina.identity import parse_extra_config
     from lamina.manager.schemas import MachineCreate, build
 
     body = build(
-        MachineCreate, name=name, image=image, mode=mode, hostname=hostname, mac=mac, domain=domain
+        MachineCreate,
+        name=name,
+        image=image,
+        mode=mode,
+        hostname=hostname,
+        mac=mac,
+        domain=domain,
+        extra_config=parse_extra_config(config.read_text()) if config is not None else None,
     )
     added = admin(home, manager, token, ca).add_machine(body)
     emit_json(added) if as_json else say(added.summary())
 
 
 @app.command("list")
-def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Machines with their image version, mode and delta size."""
+def list_(
+    image: Annotated[str | None, typer.Option("--image", help="Only machines of IMAGE.")] = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", help="Only stateless or stateful machines.")
+    ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            "--state", help="Only machines never booted (new), booted, or with a user (in-use)."
+        ),
+    ] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Machines with their image version, mode and delta size.
+
+    Example: lamina machine list --image base --state in-use
+    """
     from lamina.delta.file import BLOCK, delta_usage
-    from lamina.manager.services import machines
+    from lamina.manager.services import fleet
 
     h = open_home(home)
     rows: list[dict[str, Any]] = []
     with h.session(read_only=True) as session:
-        for m in machines.list_all(session):
+        found, _ = fleet.list_machines(session, image=image, mode=mode, state=state, limit=1 << 30)
+        for m in found:
             blocks, stored = delta_usage(h.deltas_dir / m.name)
             rows.append(
                 {
@@ -80,6 +114,7 @@ def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
                     "hostname": m.hostname,
                     "fqdn": m.fqdn,
                     "mac": m.mac,
+                    "last_boot_at": timestamp(m.last_boot_at) if m.last_boot_at else None,
                     "delta_bytes": blocks * BLOCK,
                     "delta_stored_bytes": stored,
                 }
@@ -105,15 +140,15 @@ def show(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Everything about one machine, identity included."""
+    """Everything about one machine, identity included, as key: value lines.
+
+    Example: lamina machine show desk-001
+    """
     detail = admin(home, manager, token, ca).show_machine(name)
     if as_json:
         emit_json(detail)
         return
-    from rich.markup import escape
-
-    for key, value in detail.model_dump(mode="json").items():
-        out.print(f"[bold]{key}[/bold]: {escape(str(value))}")
+    fields(detail.model_dump(mode="json"))
 
 
 @app.command("set")
@@ -126,9 +161,7 @@ def set_(
     image: Annotated[
         str | None, typer.Option("--image", help="Re-pin to IMAGE[@V]; discards the delta.")
     ] = None,
-    config: Annotated[
-        Path | None, typer.Option("--config", help="Extra #cloud-config YAML file.")
-    ] = None,
+    config: ConfigOpt = None,
     new_machine_id: Annotated[bool, typer.Option("--new-machine-id")] = False,
     new_host_keys: Annotated[bool, typer.Option("--new-host-keys")] = False,
     force: ForceOpt = False,
@@ -139,7 +172,11 @@ def set_(
     as_json: JsonOpt = False,
 ) -> None:
     """Change a machine's identity, mode or pinned image version (a stateful machine's
-    delta is kept unless --force: re-pinning discards it)."""
+    delta is kept unless --force: re-pinning discards it). Asking for what it already
+    has changes nothing and says "unchanged".
+
+    Example: lamina machine set desk-001 --image base@3 --force
+    """
     from lamina.identity import parse_extra_config
     from lamina.manager.schemas import MachineUpdate, build
 
@@ -154,13 +191,24 @@ def set_(
         new_machine_id=new_machine_id,
         new_host_keys=new_host_keys,
     )
-    changed = admin(home, manager, token, ca).change_machine(name, body, force=force)
-    emit_json(changed) if as_json else say(changed.summary())
+    ops = admin(home, manager, token, ca)
+    before = ops.show_machine(name)
+    changed = ops.change_machine(name, body, force=force)
+    same = _settled(before) == _settled(changed)
+    if as_json:
+        emit_json({**changed.model_dump(mode="json"), "changed": not same})
+    else:
+        say(f"{name}: unchanged" if same else changed.summary())
+
+
+def _settled(detail: Any) -> tuple[Any, ...]:
+    """What a change can change: the pin, the mode, the identity (its revision)."""
+    return detail.image, detail.mode, detail.identity_rev
 
 
 @app.command("reset")
 def reset(
-    name: Annotated[str, typer.Argument()],
+    names: Annotated[list[str], typer.Argument(metavar="NAME...")],
     force: ForceOpt = False,
     manager: ManagerOpt = None,
     token: TokenOpt = None,
@@ -168,15 +216,18 @@ def reset(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Discard a machine's delta: it boots the pristine image version again (a stateful
-    machine's data needs --force)."""
-    done = admin(home, manager, token, ca).reset_machine(name, force=force)
-    emit_json(done) if as_json else say(done.summary())
+    """Discard machines' deltas: they boot the pristine image version again (a stateful
+    machine's data needs --force).
+
+    Example: lamina machine reset desk-001 desk-002
+    """
+    ops = admin(home, manager, token, ca)
+    each(names, lambda name: ops.reset_machine(name, force=force), as_json)
 
 
 @app.command("rm")
 def rm(
-    name: Annotated[str, typer.Argument()],
+    names: Annotated[list[str], typer.Argument(metavar="NAME...")],
     force: ForceOpt = False,
     manager: ManagerOpt = None,
     token: TokenOpt = None,
@@ -184,9 +235,12 @@ def rm(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove a machine and its delta (a stateful machine's data needs --force)."""
-    done = admin(home, manager, token, ca).remove_machine(name, force=force)
-    emit_json(done) if as_json else say(done.summary())
+    """Remove machines and their deltas (a stateful machine's data needs --force).
+
+    Example: lamina machine rm desk-001 desk-002 desk-003
+    """
+    ops = admin(home, manager, token, ca)
+    each(names, lambda name: ops.remove_machine(name, force=force), as_json)
 
 
 @delta_app.command("commit")

@@ -79,8 +79,8 @@ def move_globals(command: Any, argv: list[str]) -> list[str]:
             i += 1
         else:
             break
-    if moved and path:
-        _check_accepts(current, path, moved)
+    if moved and path and _subcommands(current) is None:
+        _check_accepts(current, path, moved)  # a group (stream IMAGE) leaves it to click
     elif moved:
         return argv  # no subcommand: click's own message about the root
     return path + moved + argv[i:]
