@@ -16,10 +16,10 @@ DEBS_DEMO := qemu-utils qemu-system-x86 extlinux syslinux-common e2fsprogs mount
 # layer and image tools, PostgreSQL, Chromium for the console's browser tests, the
 # single-node Ceph cluster whose RADOS Gateway the object-store tests use (no ceph-mgr:
 # the gateway runs without one), systemd-analyze for the service units, and libvirt's
-# client with its test driver and schemas for the domain XML.
+# client with its test driver and schemas (checked with xmllint) for the domain XML.
 DEBS_TEST := $(DEBS_BASE) $(DEBS_DEMO) libnbd-bin nbdkit nbd-server fio squashfs-tools \
         xorriso busybox-static dosfstools mtools cpio kmod zstd curl postgresql chromium \
-        ceph-mon ceph-osd radosgw ceph-common systemd libvirt-clients
+        ceph-mon ceph-osd radosgw ceph-common systemd libvirt-clients libxml2-utils
 # The VM end-to-end runs: the demo's packages and the NBD clients.
 DEBS_E2E := $(DEBS_BASE) $(DEBS_DEMO) libnbd-bin
 # The benchmarks: their anchors (qemu-nbd, borg, casync, nbdkit, nbd-server) and fio.

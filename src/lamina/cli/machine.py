@@ -1,4 +1,4 @@
-"""lamina machine add|list|show|set|reset|rm, and lamina delta commit.
+"""lamina machine add|list|show|set|reset|rm|libvirt|qemu, and lamina delta commit.
 
 Every command but ``list`` works on the --home's database or through --manager's API, by
 the one code path of ``lamina.manager.admin``: the same rules, output and refusals.
@@ -6,6 +6,7 @@ the one code path of ``lamina.manager.admin``: the same rules, output and refusa
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -267,3 +268,119 @@ def commit(
     body = build(DeltaCommit, image=as_image, repin=repin)
     done = admin(home, manager, token, ca).commit_delta(machine, body)
     emit_json(done) if as_json else say(done.summary())
+
+
+ServerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        help="HOST:PORT the hypervisor reaches lamina serve's NBD at [serve.nbd of the"
+        " configuration; a wildcard address as this host's name].",
+        show_default=False,
+    ),
+]
+TlsOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--tls/--no-tls",
+        help="NBD over TLS [as the server: on for an address that is not loopback].",
+        show_default=False,
+    ),
+]
+MemoryOpt = Annotated[int, typer.Option("--memory", help="MiB of guest memory.")]
+VcpusOpt = Annotated[int, typer.Option("--vcpus", help="Virtual CPUs.")]
+
+
+def _target(
+    name: str, memory: int, vcpus: int, server: str | None, tls: bool | None, ops: Any
+) -> tuple[Any, Any]:
+    """The machine as a guest, and the NBD endpoint its hypervisor dials."""
+    from lamina.manager.services.hypervisor import Endpoint, Guest
+    from lamina.serve.tls import want_tls
+    from lamina.settings import load
+
+    serve = load().serve
+    address = server or serve.nbd
+    host = address.rpartition(":")[0].strip("[]")
+    server_tls = want_tls(
+        [host or "0.0.0.0"],
+        tls=serve.tls,
+        insecure=serve.insecure,
+    )
+    detail = ops.show_machine(name)
+    return Guest(detail.name, detail.mac, memory, vcpus), Endpoint.of(
+        address, tls=tls, server_tls=server_tls
+    )
+
+
+@app.command("libvirt")
+def libvirt(
+    name: Annotated[str, typer.Argument(help="Machine name.")],
+    server: ServerOpt = None,
+    tls: TlsOpt = None,
+    network: Annotated[
+        str, typer.Option("--network", help="libvirt network of the NIC.")
+    ] = "default",
+    memory: MemoryOpt = 2048,
+    vcpus: VcpusOpt = 2,
+    manager: ManagerOpt = None,
+    token: TokenOpt = None,
+    ca: CaOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Print a libvirt domain for the machine: its disk and seed over NBD, its MAC.
+
+    Example: lamina machine libvirt desk-001 --server lamina.corp:10809 > desk-001.xml
+    && virsh define desk-001.xml
+    """
+    from lamina.manager.services.hypervisor import libvirt_domain
+
+    guest, nbd = _target(name, memory, vcpus, server, tls, admin(home, manager, token, ca))
+    sys.stdout.write(libvirt_domain(guest, nbd, network=network))
+
+
+@app.command("qemu")
+def qemu(
+    name: Annotated[str, typer.Argument(help="Machine name.")],
+    server: ServerOpt = None,
+    tls: TlsOpt = None,
+    credentials_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--credentials",
+            help="Folder of the machine's TLS credential (lamina machine credentials NAME"
+            " --out DIR); implies --tls.",
+        ),
+    ] = None,
+    memory: MemoryOpt = 2048,
+    vcpus: VcpusOpt = 2,
+    manager: ManagerOpt = None,
+    token: TokenOpt = None,
+    ca: CaOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the qemu command line that boots the machine from lamina (--json: its
+    arguments as a list).
+
+    Example: lamina machine qemu desk-001 --credentials /etc/lamina/desk-001
+    """
+    import shlex
+
+    from lamina.manager.services.hypervisor import qemu_argv
+
+    if credentials_dir is not None and tls is None:
+        tls = True  # a credential is given to be used
+    guest, nbd = _target(name, memory, vcpus, server, tls, admin(home, manager, token, ca))
+    creds = credentials_dir.expanduser().absolute() if credentials_dir else None
+    argv = qemu_argv(guest, nbd, credentials=creds)
+    if as_json:
+        emit_json(argv)
+        return
+    # one option and its value per line, ready to paste
+    parts, i = [shlex.quote(argv[0])], 1
+    while i < len(argv):
+        takes = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+        parts.append(" ".join(shlex.quote(a) for a in argv[i : i + 1 + takes]))
+        i += 1 + takes
+    sys.stdout.write(" \\\n    ".join(parts) + "\n")

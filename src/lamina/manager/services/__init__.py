@@ -18,4 +18,5 @@ console_access.py   the console's views of layers, users and groups
 store.py            what the chunk store must keep (the roots), for gc and verify
 settings.py         installation settings kept in the database
 credentials.py      TLS client credentials: issue, rotate, whom a certificate stands for
+hypervisor.py       a machine as a libvirt domain or a qemu command line (NBD disk, seed, MAC)
 """
