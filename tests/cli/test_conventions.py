@@ -183,3 +183,27 @@ def test_export_to_every_format_import_takes(cli: Cli, tmp_path: Path) -> None:
         raw = tmp_path / f"back-{fmt}.raw"
         cli("image", "export", f"back-{fmt}", str(raw))
         assert raw.read_bytes() == disk.read_bytes(), fmt
+
+
+def test_every_command_has_an_example_of_itself() -> None:
+    import typer
+
+    from lamina.cli import app
+
+    # the subcommands a group runs when none is named: lamina stream IMAGE, entitle LAYER
+    defaults = {("stream", "run"), ("entitle", "to")}
+    missing = []
+
+    def walk(command: object, path: list[str]) -> None:
+        subs = getattr(command, "commands", None)
+        if isinstance(subs, dict):
+            for name, sub in subs.items():
+                walk(sub, [*path, name])
+            return
+        example = re.search(r"Example: (.+)", getattr(command, "help", None) or "")
+        said = path[:-1] if tuple(path[-2:]) in defaults else path
+        if example is None or not example[1].startswith(" ".join(["lamina", *said])):
+            missing.append(" ".join(path))
+
+    walk(typer.main.get_command(app), [])
+    assert not missing, f"without an example of themselves: {missing}"

@@ -56,7 +56,10 @@ def user_add(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add a user (with an empty writable layer) to groups."""
+    """Add a user (with an empty writable layer) to groups.
+
+    Example: lamina user add alice --group finance
+    """
     from lamina.manager.schemas import UserCreate, build
 
     body = build(UserCreate, name=name, groups=group or [], policy=policy)
@@ -80,7 +83,10 @@ def user_set(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Change a user's groups or writable-layer policy (its sessions follow live)."""
+    """Change a user's groups or writable-layer policy (its sessions follow live).
+
+    Example: lamina user set alice --group finance --group eng --policy profile
+    """
     from lamina.manager.schemas import UserUpdate, build
 
     groups = [] if no_groups else group
@@ -100,7 +106,10 @@ def user_list(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Users, their groups and where their writable layer is in use."""
+    """Users, their groups and where their writable layer is in use.
+
+    Example: lamina user list
+    """
     users = admin(home, manager, token, ca).list_users()
     if as_json:
         emit_json([u.model_dump(exclude={"created_at"}) for u in users])
@@ -181,7 +190,10 @@ def group_add(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add a group."""
+    """Add a group.
+
+    Example: lamina group add finance
+    """
     from lamina.manager.schemas import GroupCreate, build
 
     admin(home, manager, token, ca).add_group(build(GroupCreate, name=name))
@@ -196,7 +208,10 @@ def group_list(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Groups and how many members each has."""
+    """Groups and how many members each has.
+
+    Example: lamina group list
+    """
     rows = [
         {"name": g.name, "members": g.members}
         for g in admin(home, manager, token, ca).list_groups()

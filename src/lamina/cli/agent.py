@@ -20,10 +20,10 @@ app = typer.Typer(
 def agent(
     ctx: typer.Context,
     manager: Annotated[
-        str | None, typer.Option("--manager", help="Manager URL [LAMINA_MANAGER].")
+        str | None, typer.Option("--manager", help="Manager URL; default: LAMINA_MANAGER.")
     ] = None,
     token: Annotated[
-        str | None, typer.Option("--token", help="This machine's token [LAMINA_TOKEN].")
+        str | None, typer.Option("--token", help="This machine's token; default: LAMINA_TOKEN.")
     ] = None,
     root: Annotated[
         Path | None,
@@ -63,7 +63,10 @@ def login(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Mount USER's layers and writable layer (asks the running agent)."""
+    """Mount USER's layers and writable layer (asks the running agent).
+
+    Example: lamina agent login alice
+    """
     from lamina.agent.daemon import request
 
     result = request(open_home(home), "login", user)
@@ -79,7 +82,10 @@ def logout(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Unmount USER's session; the writable layer's new version goes to the manager."""
+    """Unmount USER's session; the writable layer's new version goes to the manager.
+
+    Example: lamina agent logout alice
+    """
     from lamina.agent.daemon import request
 
     result = request(open_home(home), "logout", user)
@@ -92,7 +98,10 @@ def logout(
 
 @app.command("status")
 def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Logouts waiting for the manager, and those it refused (kept for recovery)."""
+    """Logouts waiting for the manager, and those it refused (kept for recovery).
+
+    Example: lamina agent status --json
+    """
     from lamina.agent import daemon
 
     result = daemon.status(open_home(home))

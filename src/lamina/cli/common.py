@@ -24,8 +24,8 @@ HomeOpt = Annotated[
     Path | None,
     typer.Option(
         "--home",
-        help="Lamina home (database, store, deltas) [home in lamina.toml, LAMINA_HOME,"
-        " ~/.local/share/lamina].",
+        help="Lamina home (database, store, deltas); default: home in lamina.toml,"
+        " LAMINA_HOME, else ~/.local/share/lamina.",
         show_default=False,
     ),
 ]
@@ -35,17 +35,19 @@ CaOpt = Annotated[
     typer.Option(
         "--ca",
         help="CA certificate of an https:// manager (a PEM file, or a credentials folder"
-        " with ca-cert.pem) [LAMINA_CA, else the system's trust store].",
+        " with ca-cert.pem); default: LAMINA_CA, else the system's trust store.",
         show_default=False,
     ),
 ]
 
 ManagerOpt = Annotated[
     str | None,
-    typer.Option("--manager", help="Manager URL [LAMINA_MANAGER, else the --home's database]."),
+    typer.Option(
+        "--manager", help="Manager URL; default: LAMINA_MANAGER, else the --home's database."
+    ),
 ]
 TokenOpt = Annotated[
-    str | None, typer.Option("--token", help="Admin token for --manager [LAMINA_TOKEN].")
+    str | None, typer.Option("--token", help="Admin token for --manager; default: LAMINA_TOKEN.")
 ]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Confirm a change that loses data (it says what).")

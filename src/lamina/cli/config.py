@@ -18,7 +18,7 @@ def show(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Print the settings in force and the file they were read from; the TOML printed
     is itself a valid lamina.toml.
 
-    Example: LAMINA_CONFIG=./lamina.toml lamina config show --json
+    Example: lamina config show --json
     """
     from lamina.settings import config_path, load
 

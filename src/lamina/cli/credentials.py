@@ -142,7 +142,10 @@ def machine_credentials(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a TLS client credential that opens only machine NAME's disk, seed and image
-    version (qemu's ca-cert.pem, client-cert.pem, client-key.pem); print how to use it."""
+    version (qemu's ca-cert.pem, client-cert.pem, client-key.pem); print how to use it.
+
+    Example: lamina machine credentials desk-001 --out /etc/lamina/desk-001
+    """
     issue_and_write(
         home,
         Kind.MACHINE,
@@ -163,7 +166,10 @@ def admin_credentials(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a TLS client credential that opens every export; print how to use it."""
+    """Write a TLS client credential that opens every export; print how to use it.
+
+    Example: lamina admin credentials --out ~/.config/lamina/admin
+    """
     issue_and_write(
         home, Kind.ADMIN, "admin", directory, rotate=rotate, days=days, server=server,
         as_json=as_json,

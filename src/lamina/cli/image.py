@@ -43,7 +43,10 @@ def import_(
     as_json: JsonOpt = False,
 ) -> None:
     """Import a disk image as a new version; prints NAME@VERSION ("unchanged, NAME@N" when
-    a version of NAME has this very content already)."""
+    a version of NAME has this very content already).
+
+    Example: lamina image import win-golden ./golden.qcow2
+    """
     from lamina.manager.services import images
 
     started = time.monotonic()
@@ -117,7 +120,10 @@ def export(
 
 @app.command("list")
 def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Images with their latest version."""
+    """Images with their latest version.
+
+    Example: lamina image list --json
+    """
     h = open_home(home)
     from lamina.manager.services import images
 
@@ -146,7 +152,10 @@ def log(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Versions of an image: logical size, stored bytes, bytes unique to each version."""
+    """Versions of an image: logical size, stored bytes, bytes unique to each version.
+
+    Example: lamina image log win-golden
+    """
     h = open_home(home)
     from lamina.manager.services import images
 
@@ -195,6 +204,9 @@ def rm(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove an image or one version, none pinned by a machine (chunks are freed by
-    `lamina store gc`)."""
+    `lamina store gc`).
+
+    Example: lamina image rm win-golden@1
+    """
     done = admin(home, manager, token, ca).remove_image(ref)
     emit_json(done) if as_json else say(done.summary())

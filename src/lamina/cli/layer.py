@@ -52,7 +52,10 @@ def import_(
     as_json: JsonOpt = False,
 ) -> None:
     """Import a file tree as a new layer version; prints NAME@VERSION ("unchanged, NAME@N"
-    when the newest version with this very tree is NAME@N)."""
+    when the newest version with this very tree is NAME@N).
+
+    Example: lamina layer import office ./office-tree
+    """
     from lamina.layer.importer import import_layer
     from lamina.manager.layer_records import DatabaseRecords
 
@@ -97,7 +100,10 @@ def capture(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run `-- COMMAND...` chrooted on the layers; keep only what it changed."""
+    """Run `-- COMMAND...` chrooted on the layers; keep only what it changed.
+
+    Example: lamina layer capture htop --on base -- apt-get install -y htop
+    """
     from lamina.layer.capture import capture as run_capture
     from lamina.manager.layer_records import DatabaseRecords
 
@@ -120,7 +126,10 @@ def capture(
 
 @app.command("list")
 def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Layers with their latest version."""
+    """Layers with their latest version.
+
+    Example: lamina layer list
+    """
     h = open_home(home)
     from lamina.manager.services import layers as svc
 
@@ -161,7 +170,10 @@ def log(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Versions of a layer: files, size, bytes added, what each was made on."""
+    """Versions of a layer: files, size, bytes added, what each was made on.
+
+    Example: lamina layer log office
+    """
     h = open_home(home)
     from lamina.manager.services import layers as svc
 
@@ -217,7 +229,10 @@ def export(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a layer version out as files (whiteouts as 0/0 devices, as overlayfs reads)."""
+    """Write a layer version out as files (whiteouts as 0/0 devices, as overlayfs reads).
+
+    Example: lamina layer export office@2 ./office-v2
+    """
     h = open_home(home)
     from lamina.layer.importer import load_tree
     from lamina.layer.materialize import materialize
@@ -291,6 +306,9 @@ def rm(
 ) -> None:
     """Remove a layer or one version (chunks are freed by `lamina store gc`). A user's
     saved files (a writable layer's versions) or entitlements go only with --force; a
-    layer that is mounted or held by a user's session is refused."""
+    layer that is mounted or held by a user's session is refused.
+
+    Example: lamina layer rm office@1
+    """
     done = admin(home, manager, token, ca).remove_layer(ref, force=force)
     emit_json(done) if as_json else say(done.summary())

@@ -262,7 +262,10 @@ def commit(
     as_json: JsonOpt = False,
 ) -> None:
     """Turn a machine's delta into a new image version (an empty delta, or one that gives
-    an existing version's content, answers "unchanged, NAME@N")."""
+    an existing version's content, answers "unchanged, NAME@N").
+
+    Example: lamina delta commit desk-001 --as win-golden --repin
+    """
     from lamina.manager.schemas import DeltaCommit, build
 
     body = build(DeltaCommit, image=as_image, repin=repin)
@@ -274,8 +277,8 @@ ServerOpt = Annotated[
     str | None,
     typer.Option(
         "--server",
-        help="HOST:PORT the hypervisor reaches lamina serve's NBD at [serve.nbd of the"
-        " configuration; a wildcard address as this host's name].",
+        help="HOST:PORT the hypervisor reaches lamina serve's NBD at; default: serve.nbd of"
+        " the configuration, a wildcard address as this host's name.",
         show_default=False,
     ),
 ]
@@ -283,7 +286,7 @@ TlsOpt = Annotated[
     bool | None,
     typer.Option(
         "--tls/--no-tls",
-        help="NBD over TLS [as the server: on for an address that is not loopback].",
+        help="NBD over TLS; default: as the server, on for an address that is not loopback.",
         show_default=False,
     ),
 ]

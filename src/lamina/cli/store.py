@@ -13,7 +13,10 @@ app = typer.Typer(help="The content-addressed chunk store.", no_args_is_help=Tru
 
 @app.command()
 def verify(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Re-hash every chunk; name each corrupt one (exit 7 when any is found)."""
+    """Re-hash every chunk; name each corrupt one (exit 7 when any is found).
+
+    Example: lamina store verify
+    """
     h = open_home(home)
     total = h.store.usage().pack_bytes
     with progress("verify", total, enabled=not as_json) as advance:
@@ -50,7 +53,10 @@ def _missing_references(h: Home) -> list[tuple[str, str]]:
 
 @app.command()
 def gc(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Remove chunks no manifest references (waits for running imports)."""
+    """Remove chunks no manifest references (waits for running imports).
+
+    Example: lamina store gc
+    """
     h = open_home(home)
     from lamina.manager.services.store import live_chunks
 
@@ -78,7 +84,10 @@ def gc(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
 @app.command()
 def du(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Store usage: packs, chunks, stored bytes, logical bytes and dedup ratio."""
+    """Store usage: packs, chunks, stored bytes, logical bytes and dedup ratio.
+
+    Example: lamina store du --json
+    """
     from lamina.manager.services.store import logical_bytes
 
     h = open_home(home)
@@ -106,7 +115,10 @@ def du(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 @app.command()
 def reindex(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Index the packs the chunk index does not know (all of them in a fresh home over a
-    bucket), reading only their trailers; forget packs that are gone."""
+    bucket), reading only their trailers; forget packs that are gone.
+
+    Example: lamina store reindex
+    """
     h = open_home(home)
     changes = h.store.reindex()
     usage = h.store.usage()
