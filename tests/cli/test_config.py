@@ -4,6 +4,7 @@ lamina.toml (LAMINA_CONFIG) < LAMINA_* variables < flags; and a bad file is one 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,17 @@ def test_bad_configuration_is_one_line(tmp_path: Path) -> None:
         assert len(result.err.strip().splitlines()) == 1
     missing = run(tmp_path, "image", "list", file=None, LAMINA_CONFIG=str(tmp_path / "no.toml"))
     assert missing.code == 2 and "no such configuration file" in missing.err
+
+
+def test_only_the_settings_read_lamina_variables() -> None:
+    """Every LAMINA_* variable is read by lamina.settings (file < variable < flag); no
+    module reads one from os.environ, nor a typer option by envvar=."""
+    src = Path(__file__).resolve().parents[2] / "src" / "lamina"
+    reads = re.compile(r"(environ|getenv|envvar=)[^\n]*LAMINA_")
+    found = [
+        f"{path.relative_to(src)}: {match.group(0)}"
+        for path in src.rglob("*.py")
+        if path.parent.name != "settings"
+        for match in reads.finditer(path.read_text())
+    ]
+    assert not found, found
