@@ -53,12 +53,24 @@ def test_libvirt_defines_the_domain(cli: Cli, machine: dict[str, str], tmp_path:
     assert domain.find("devices/interface/mac").get("address") == machine["mac"]  # type: ignore[union-attr]
 
 
-def test_tls_follows_the_server(cli: Cli, machine: dict[str, str]) -> None:
-    """Loopback without --tls: plain NBD; an address that is not loopback: TLS."""
+def test_tls_follows_the_server(
+    cli: Cli, machine: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loopback without --tls: plain NBD; an address that is not loopback: TLS; with no
+    --server, the configured serve.nbd, serve.tls and serve.insecure decide."""
     assert "tls=" not in cli("machine", "libvirt", "desk-1", "--server", "127.0.0.1:10809").out
     assert 'tls="yes"' in cli("machine", "libvirt", "desk-1", "--server", "10.1.2.3:10809").out
     refused = cli("machine", "qemu", "desk-1", "--server", "10.1.2.3:10809", check=False)
     assert refused.code == 2 and "--credentials DIR" in refused.err
+    monkeypatch.setenv("LAMINA_SERVE__NBD", "0.0.0.0:10999")
+    wild = cli("machine", "libvirt", "desk-1").out
+    assert 'port="10999"' in wild and 'tls="yes"' in wild
+    monkeypatch.setenv("LAMINA_SERVE__INSECURE", "true")
+    assert "tls=" not in cli("machine", "libvirt", "desk-1").out
+    monkeypatch.setenv("LAMINA_SERVE__NBD", "127.0.0.1:10999")
+    monkeypatch.setenv("LAMINA_SERVE__TLS", "true")
+    monkeypatch.delenv("LAMINA_SERVE__INSECURE")
+    assert 'tls="yes"' in cli("machine", "libvirt", "desk-1").out
     missing = cli("machine", "libvirt", "nope", check=False)
     assert missing.code == 3 and missing.err == "lamina: no machine named 'nope'\n"
 

@@ -124,9 +124,17 @@ def list_(
         emit_json(rows)
         return
     table(
-        ["NAME", "IMAGE", "MODE", "HOSTNAME", "MAC", "DELTA"],
+        ["NAME", "IMAGE", "MODE", "HOSTNAME", "MAC", "LAST BOOT", "DELTA"],
         [
-            [r["name"], r["image"], r["mode"], r["fqdn"], r["mac"], human(r["delta_bytes"])]
+            [
+                r["name"],
+                r["image"],
+                r["mode"],
+                r["fqdn"],
+                r["mac"],
+                r["last_boot_at"] or "never",
+                human(r["delta_bytes"]),
+            ]
             for r in rows
         ],
     )
@@ -298,22 +306,11 @@ def _target(
     name: str, memory: int, vcpus: int, server: str | None, tls: bool | None, ops: Any
 ) -> tuple[Any, Any]:
     """The machine as a guest, and the NBD endpoint its hypervisor dials."""
-    from lamina.manager.services.hypervisor import Endpoint, Guest
-    from lamina.serve.tls import want_tls
-    from lamina.settings import load
+    from lamina.manager.services.hypervisor import Guest, endpoint
 
-    serve = load().serve
-    address = server or serve.nbd
-    host = address.rpartition(":")[0].strip("[]")
-    server_tls = want_tls(
-        [host or "0.0.0.0"],
-        tls=serve.tls,
-        insecure=serve.insecure,
-    )
+    nbd = endpoint(server, tls=tls)
     detail = ops.show_machine(name)
-    return Guest(detail.name, detail.mac, memory, vcpus), Endpoint.of(
-        address, tls=tls, server_tls=server_tls
-    )
+    return Guest(detail.name, detail.mac, memory, vcpus), nbd
 
 
 @app.command("libvirt")

@@ -45,6 +45,21 @@ class Endpoint:
         return cls(host, port, server_tls if tls is None else tls)
 
 
+def endpoint(server: str | None = None, *, tls: bool | None = None) -> Endpoint:
+    """Where this installation's block server is dialled: ``server`` (HOST:PORT), else
+    serve.nbd of the configuration. TLS as asked, else as ``lamina serve`` decides it with
+    the same configuration: with serve.tls, or on an address that is not loopback unless
+    serve.insecure."""
+    from lamina.settings import load
+    from lamina.trust.addresses import is_loopback
+
+    serve = load().serve
+    address = server or serve.nbd
+    host = address.rpartition(":")[0].strip("[]") or "0.0.0.0"
+    server_tls = serve.tls or (not serve.insecure and not is_loopback(host))
+    return Endpoint.of(address, tls=tls, server_tls=server_tls)
+
+
 @dataclass(frozen=True)
 class Guest:
     name: str
