@@ -207,3 +207,13 @@ def test_every_command_has_an_example_of_itself() -> None:
 
     walk(typer.main.get_command(app), [])
     assert not missing, f"without an example of themselves: {missing}"
+
+
+def test_image_rm_takes_several(cli: Cli, tmp_path: Path) -> None:
+    for name, fill in (("a", b"a"), ("b", b"b"), ("c", b"c")):
+        disk = tmp_path / f"{name}.raw"
+        disk.write_bytes(fill * 4096)
+        cli("image", "import", name, str(disk))
+    gone = cli.json("image", "rm", "a", "c")
+    assert [g["removed"] for g in gone] == [["a@1"], ["c@1"]]
+    assert [i["name"] for i in cli.json("image", "list")] == ["b"]

@@ -15,6 +15,7 @@ from lamina.cli.common import (
     ManagerOpt,
     TokenOpt,
     admin,
+    each,
     emit_json,
     human,
     open_home,
@@ -196,7 +197,10 @@ def log(
 
 @app.command("rm")
 def rm(
-    ref: Annotated[str, typer.Argument(help="NAME (every version) or NAME@VERSION.")],
+    refs: Annotated[
+        list[str],
+        typer.Argument(metavar="REF...", help="NAME (every version) or NAME@VERSION."),
+    ],
     manager: ManagerOpt = None,
     token: TokenOpt = None,
     ca: CaOpt = None,
@@ -206,7 +210,7 @@ def rm(
     """Remove an image or one version, none pinned by a machine (chunks are freed by
     `lamina store gc`).
 
-    Example: lamina image rm win-golden@1
+    Example: lamina image rm win-golden@1 win-golden@2
     """
-    done = admin(home, manager, token, ca).remove_image(ref)
-    emit_json(done) if as_json else say(done.summary())
+    ops = admin(home, manager, token, ca)
+    each(refs, ops.remove_image, as_json)

@@ -16,6 +16,7 @@ from lamina.cli.common import (
     ManagerOpt,
     TokenOpt,
     admin,
+    each,
     emit_json,
     err,
     human,
@@ -296,7 +297,10 @@ def diff(
 
 @app.command("rm")
 def rm(
-    ref: Annotated[str, typer.Argument(help="NAME (every version) or NAME@VERSION.")],
+    refs: Annotated[
+        list[str],
+        typer.Argument(metavar="REF...", help="NAME (every version) or NAME@VERSION."),
+    ],
     force: ForceOpt = False,
     manager: ManagerOpt = None,
     token: TokenOpt = None,
@@ -308,7 +312,7 @@ def rm(
     saved files (a writable layer's versions) or entitlements go only with --force; a
     layer that is mounted or held by a user's session is refused.
 
-    Example: lamina layer rm office@1
+    Example: lamina layer rm office@1 office@2
     """
-    done = admin(home, manager, token, ca).remove_layer(ref, force=force)
-    emit_json(done) if as_json else say(done.summary())
+    ops = admin(home, manager, token, ca)
+    each(refs, lambda ref: ops.remove_layer(ref, force=force), as_json)
