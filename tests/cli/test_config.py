@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,33 @@ def test_only_the_settings_read_lamina_variables() -> None:
         for match in reads.finditer(path.read_text())
     ]
     assert not found, found
+
+
+def test_serve_listens_where_the_file_and_variables_say(tmp_path: Path) -> None:
+    """lamina serve with no flag: NBD on the file's port, HTTP on the variable's (which
+    beats the file's); a flag beats both (--no-nbd)."""
+    from tests.servers import free_port, wait_port
+
+    nbd, http_file, http_env = free_port(), free_port(), free_port()
+    (tmp_path / "lamina.toml").write_text(
+        f'home = "{tmp_path / "home"}"\n[serve]\n'
+        f'nbd = "127.0.0.1:{nbd}"\nhttp = "127.0.0.1:{http_file}"\nworkers = 0\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMINA_")}
+    env |= {"LAMINA_CONFIG": str(tmp_path / "lamina.toml")}
+    env |= {"LAMINA_SERVE__HTTP": f"127.0.0.1:{http_env}"}
+    for flags, ports in (((), (nbd, http_env)), (("--no-nbd",), (http_env,))):
+        log = open(tmp_path / "serve.log", "ab")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen([LAMINA, "serve", *flags], env=env, stdout=log, stderr=log)
+        try:
+            for port in ports:
+                wait_port(port, proc, timeout=60)
+            with socket.socket() as s:  # the file's HTTP port was overridden: free
+                s.bind(("127.0.0.1", http_file))
+            if flags:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", nbd))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            log.close()
