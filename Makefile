@@ -46,6 +46,7 @@ test: $(STAMP)
 	@tools/ensure-debs $(sort $(DEBS_TEST))
 	$(BIN)/pytest
 
+# The heavy end-to-end runs (VMs under TCG for minutes), left out of `make test`.
 e2e: $(STAMP)
 	@tools/ensure-debs $(sort $(DEBS_E2E))
 	$(BIN)/pytest -m e2e

@@ -68,8 +68,9 @@ def test_flags_override_the_variables(tmp_path: Path) -> None:
 
 def test_a_command_uses_the_home_of_the_file(tmp_path: Path) -> None:
     home = tmp_path / "configured"
+    assert run(tmp_path, "init", file=f'home = "{home}"\n').code == 0
+    assert (home / "home.json").exists()
     assert run(tmp_path, "image", "list", file=f'home = "{home}"\n').code == 0
-    assert (home / "lamina.db").exists()
 
 
 def test_the_token_is_not_printed(tmp_path: Path) -> None:
@@ -118,6 +119,7 @@ def test_serve_listens_where_the_file_and_variables_say(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAMINA_")}
     env |= {"LAMINA_CONFIG": str(tmp_path / "lamina.toml")}
     env |= {"LAMINA_SERVE__HTTP": f"127.0.0.1:{http_env}"}
+    subprocess.run([LAMINA, "init"], env=env, check=True, capture_output=True)
     for flags, ports in (((), (nbd, http_env)), (("--no-nbd",), (http_env,))):
         log = open(tmp_path / "serve.log", "ab")  # noqa: SIM115 - closed below
         proc = subprocess.Popen([LAMINA, "serve", *flags], env=env, stdout=log, stderr=log)

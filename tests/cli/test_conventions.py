@@ -29,13 +29,16 @@ def test_version() -> None:
 
 def test_home_and_json_before_or_after_the_subcommand(tmp_path: Path) -> None:
     before, after, equals = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert bare("--home", str(before), "init").returncode == 0
+    assert bare("init", "--home", str(after)).returncode == 0
+    assert bare(f"--home={equals}", "--json", "init").returncode == 0
     first = bare("--home", str(before), "--json", "machine", "list")
     second = bare("machine", "list", "--home", str(after), "--json")
     third = bare("--json", f"--home={equals}", "machine", "list")
     for result in (first, second, third):
         assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
     for home in (before, after, equals):
-        assert (home / "lamina.db").exists()
+        assert (home / "home.json").exists() and (home / "lamina.db").exists()
 
 
 def test_a_global_option_a_command_does_not_take_is_one_line(tmp_path: Path) -> None:

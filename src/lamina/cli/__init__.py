@@ -4,6 +4,7 @@ options.py   global options before the subcommand, --version
 config.py    lamina config show
 service.py   lamina service install [serve|agent] (systemd units)
 common.py    what every command shares: --home, --json, one-line errors, progress, tables
+home.py      lamina init, lamina backup DEST, lamina restore SRC
 image.py     lamina image import|export|list|log|rm
 layer.py     lamina layer import|capture|list|log|export|diff|rm
 mount.py     lamina mount|umount|attach|detach
@@ -33,6 +34,7 @@ from lamina.cli import (
     agent,
     config,
     demo,
+    home,
     image,
     layer,
     machine,
@@ -68,6 +70,7 @@ app.add_typer(admin.app, name="admin")
 app.add_typer(agent.app, name="agent")
 app.add_typer(stream.app, name="stream")
 app.add_typer(rebase.app, name="rebase")
+home.register(app)
 mount.register(app)
 serve.register(app)
 demo.register(app)

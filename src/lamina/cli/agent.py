@@ -44,6 +44,7 @@ def agent(
     from lamina.agent.daemon import Agent
     from lamina.errors import UsageError
     from lamina.manager.client import ManagerClient
+    from lamina.manager.home import init_home
     from lamina.settings import load
 
     settings = load()
@@ -51,7 +52,8 @@ def agent(
     root, etc = root or settings.agent.root, etc or settings.agent.etc
     if not manager or not token:
         raise UsageError("lamina agent needs --manager URL and --token T")
-    h = open_home(home)
+    # The agent's home is the machine's cache of what the manager holds: made on first run.
+    h = init_home(home).home
     root = root if root is not None else h.root / "sessions"
     root.mkdir(parents=True, exist_ok=True)
     Agent(h, ManagerClient(manager, token, ca=ca), root, etc=etc).run()
