@@ -19,9 +19,11 @@ DEBS_DEMO := qemu-utils qemu-system-x86 extlinux syslinux-common e2fsprogs mount
 # client with its test driver and schemas (checked with xmllint) for the domain XML.
 DEBS_TEST := $(DEBS_BASE) $(DEBS_DEMO) libnbd-bin nbdkit nbd-server fio squashfs-tools \
         xorriso busybox-static dosfstools mtools cpio kmod zstd curl postgresql chromium \
-        ceph-mon ceph-osd radosgw ceph-common systemd libvirt-clients libxml2-utils
-# The VM end-to-end runs: the demo's packages and the NBD clients.
-DEBS_E2E := $(DEBS_BASE) $(DEBS_DEMO) libnbd-bin
+        ceph-mon ceph-osd radosgw ceph-common systemd libvirt-clients libxml2-utils \
+        mmdebstrap openssh-client
+# The VM end-to-end runs: the demo's packages, the NBD clients, and what `lamina image
+# build` makes the Debian machines with (mmdebstrap) and reaches them by (ssh).
+DEBS_E2E := $(DEBS_BASE) $(DEBS_DEMO) libnbd-bin mmdebstrap openssh-client
 # The benchmarks: their anchors (qemu-nbd, borg, casync, nbdkit, nbd-server) and fio.
 DEBS_BENCH := $(DEBS_BASE) $(DEBS_DEMO) libnbd-bin nbdkit nbd-server fio borgbackup casync \
         ceph-mon ceph-osd radosgw ceph-common
@@ -46,7 +48,10 @@ test: $(STAMP)
 	@tools/ensure-debs $(sort $(DEBS_TEST))
 	$(BIN)/pytest
 
-# The heavy end-to-end runs (VMs under TCG for minutes), left out of `make test`.
+# The heavy end-to-end runs, left out of `make test`: real Debian machines under qemu
+# (TCG) from an image `lamina image build` makes and caches in $$LAMINA_TEST_CACHE
+# (default /var/tmp/lamina-test-cache), and VMs riding out server kills: 15-27 min on a
+# shared 2-core host, most of it the machines' boots under TCG.
 e2e: $(STAMP)
 	@tools/ensure-debs $(sort $(DEBS_E2E))
 	$(BIN)/pytest -m e2e

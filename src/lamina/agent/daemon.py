@@ -172,8 +172,7 @@ class Agent:
                 lambda: self.client.json("POST", "/agent/login", json={"user": user}), timeout=60
             )
             try:
-                for layer in state["layers"]:
-                    fetch.ensure_version(self.home, self.client, layer, "app")
+                self.fetch_layers(state["layers"])
                 writable = state["writable"]
                 if writable is not None:
                     if writable["version"] is not None:
@@ -192,6 +191,7 @@ class Agent:
                         writable=writable["name"] if writable else None,
                         policy=writable["policy"] if writable else "all",
                     )
+                self.composed(user, root)
             except BaseException:
                 # Give the session (and the writable layer) back only if nothing of it is
                 # mounted here. While ROOT/USER is mounted the writable layer is in use: ending
@@ -203,6 +203,19 @@ class Agent:
                 raise
         logs.event(self.log, "login", user=user, layers=[la["ref"] for la in state["layers"]])
         return {"user": user, "root": str(root), "layers": [la["ref"] for la in state["layers"]]}
+
+    # -- where a system agent (lamina.guest.session) differs --------------------------------
+
+    def fetch_layers(self, layers: list[dict[str, Any]]) -> None:
+        """Make a login's read-only layers mountable here."""
+        for layer in layers:
+            fetch.ensure_version(self.home, self.client, layer, "app")
+
+    def composed(self, user: str, root: Path) -> None:
+        """``root`` (the user's composed root) was mounted or changed."""
+
+    def leaving(self, user: str, root: Path) -> None:
+        """``root`` is about to be unmounted and its writable layer kept."""
 
     def _mounted(self, root: Path) -> bool:
         from lamina.layer import roots
@@ -216,6 +229,7 @@ class Agent:
         with self.lock:
             saved = None
             if self._mounted(root):
+                self.leaving(user, root)
                 saved = roots.umount(self.home, self.records, root).saved
             self.pending_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(
@@ -361,14 +375,20 @@ class Agent:
             done = []
             for action in plan(wants, haves):
                 root = self.session_root(action.user)
+                clock = logs.Steps()
                 try:
                     if isinstance(action, Attach):
                         fetch.ensure_version(self.home, self.client, layers[action.ref], "app")
+                        clock.step("fetch")
                         attach.attach(self.home, self.records, root, action.ref)
-                        done.append(f"attach {action.user} {action.ref}")
+                        clock.step("mount")
+                        self.composed(action.user, root)
+                        done.append(f"attach {action.user} {action.ref} ({clock.step('show')})")
                     elif isinstance(action, Detach):
                         attach.detach(self.home, self.records, root, action.name)
-                        done.append(f"detach {action.user} {action.name}")
+                        clock.step("mount")
+                        self.composed(action.user, root)
+                        done.append(f"detach {action.user} {action.name} ({clock.step('show')})")
                     elif isinstance(action, Pending):
                         logs.event(self.log, "pending", user=action.user, why=action.why)
                     elif isinstance(action, Stale):

@@ -18,6 +18,7 @@ agent.py     lamina agent, lamina agent login|logout|status
 credentials.py   lamina machine credentials NAME | lamina admin credentials (TLS)
 admin.py     lamina admin token
 demo.py      lamina demo
+guest.py     lamina image build, lamina guest install
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from lamina.cli import (
     agent,
     config,
     demo,
+    guest,
     home,
     image,
     layer,
@@ -62,6 +64,8 @@ app.callback()(options.root)
 app.add_typer(config.app, name="config")
 app.add_typer(service.app, name="service")
 app.add_typer(image.app, name="image")
+image.app.command("build")(guest.image_build)
+app.add_typer(guest.app, name="guest")
 app.add_typer(store.app, name="store")
 app.add_typer(layer.app, name="layer")
 app.add_typer(machine.app, name="machine")

@@ -36,6 +36,14 @@ def agent(
         typer.Option("--etc", help="Write hostname, machine-id, SSH host keys here (e.g. /etc)."),
     ] = None,
     ca: CaOpt = None,
+    system_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--system-root",
+            help="Compose sessions into this running system (/ on a machine): "
+            "/usr, /opt, /etc and the user's home.",
+        ),
+    ] = None,
     home: HomeOpt = None,
 ) -> None:
     """Run the agent: report boot, apply identity, serve logins, follow the manager."""
@@ -56,7 +64,13 @@ def agent(
     h = init_home(home).home
     root = root if root is not None else h.root / "sessions"
     root.mkdir(parents=True, exist_ok=True)
-    Agent(h, ManagerClient(manager, token, ca=ca), root, etc=etc).run()
+    client = ManagerClient(manager, token, ca=ca)
+    if system_root is None:
+        Agent(h, client, root, etc=etc).run()
+        return
+    from lamina.guest.session import SystemAgent
+
+    SystemAgent(h, client, root, etc=etc, system_root=system_root).run()
 
 
 @app.command("login")

@@ -64,6 +64,14 @@ def serve(
     https_key: Annotated[
         Path | None, typer.Option("--https-key", help="Key of --https-cert.")
     ] = None,
+    agent_url: Annotated[
+        str | None,
+        typer.Option(
+            "--agent-url",
+            help="The manager's URL as machines reach it, for their seeds (kept; '' clears);"
+            " default: serve.agent_url of the configuration, LAMINA_SERVE__AGENT_URL.",
+        ),
+    ] = None,
     home: HomeOpt = None,
 ) -> None:
     """Serve image versions and machines over NBD, and the manager over HTTP.
@@ -86,8 +94,14 @@ def serve(
         "tls_names": tls_names or None,
         "https_cert": https_cert,
         "https_key": https_key,
+        "agent_url": agent_url,
     }
     s = load(serve={k: v for k, v in flags.items() if v is not None}).serve
+    if s.agent_url is not None:
+        from lamina.guest.paths import set_agent_url
+
+        set_agent_url(open_home(home), s.agent_url)
+
     options = ServeOptions(
         nbd=None if no_nbd else parse_address(s.nbd, "--nbd"),
         http=None if no_http else parse_address(s.http, "--http"),

@@ -31,6 +31,8 @@ class ServeSettings(BaseModel):
     tls_names: list[str] = []
     https_cert: Path | None = None
     https_key: Path | None = None
+    # The manager's URL as machines reach it, for their seeds ('' clears the kept one).
+    agent_url: str | None = None
 
 
 class AgentSettings(BaseModel):
