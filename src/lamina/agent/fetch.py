@@ -14,6 +14,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from lamina.errors import CorruptObject, NotFound, ProtocolError
@@ -105,19 +106,34 @@ def _fetch_all(home: Home, client: ManagerClient, ids: Iterable[bytes]) -> tuple
     return len(wanted), total
 
 
-def ensure_version(home: Home, client: ManagerClient, layer: dict[str, Any], kind: str) -> Fetched:
-    """Make ``layer`` ({name, version, manifest}) mountable here; fetch what is missing."""
+def ensure_version(
+    home: Home,
+    client: ManagerClient,
+    layer: dict[str, Any],
+    kind: str,
+    *,
+    lazy: bool = False,
+    ca: Path | None = None,
+) -> Fetched:
+    """Make ``layer`` ({name, version, manifest}) mountable here; fetch what is missing
+    (``lazy``: only its metadata, its data when read, see ``lamina.agent.lazy``)."""
+    from lamina.agent import lazy as lazily
     from lamina.agent import local_versions
 
     name, version, manifest = layer["name"], int(layer["version"]), layer["manifest"]
     ref = f"{name}@{version}"
+    mid = bytes.fromhex(manifest)
     with home.session() as session:
         if local_versions.has_version(session, name=name, version=version, manifest=manifest):
+            lazily.serve(home, mid)  # a lazily attached version's server, after a restart
             return Fetched(ref, 0, 0)
-    mid = bytes.fromhex(manifest)
     chunks, size = _fetch_all(home, client, [mid])
     tree = load_tree(home.store, mid)
-    more, more_bytes = _fetch_all(home, client, tree.referenced())
+    if lazy and kind == "app":
+        lazily.attach(home, client, layer, tree, ca=ca)
+        more, more_bytes = 0, 0
+    else:
+        more, more_bytes = _fetch_all(home, client, tree.referenced())
     with home.session() as session:
         local_versions.record(
             session,

@@ -11,13 +11,14 @@ from lamina import __version__
 from lamina.errors import LaminaError, http_body, http_status
 from lamina.home import Home
 from lamina.manager.console import router as console_router
-from lamina.manager.routers import admin, agent, data, stream
+from lamina.manager.routers import admin, agent, data, layer_images, stream
 
 
 def create_app(home: Home) -> FastAPI:
     app = FastAPI(title="lamina manager", version=__version__, openapi_url="/openapi.json")
     app.state.home = home
     app.include_router(data.router)
+    app.include_router(layer_images.router)
     app.include_router(agent.router)
     app.include_router(admin.router)
     app.include_router(console_router)

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from lamina.errors import NotFound, Refused
 from lamina.home import Home
 from lamina.image import Manifest
+from lamina.image.manifest import MAGIC as IMAGE_MAGIC
 from lamina.layer.importer import load_tree
 from lamina.manager.deps import Caller, CallerDep, HomeDep, ReadSessionDep
 from lamina.manager.models import Machine
@@ -83,6 +84,10 @@ def _image_refs(home: Home, manifest_id: bytes) -> frozenset[bytes]:
 
 
 def _tree_refs(home: Home, manifest_id: bytes) -> frozenset[bytes]:
+    """A layer version's references: its tree's, or its EROFS image's (an image manifest)."""
+    data = home.store.get(manifest_id)
+    if data[:4] == IMAGE_MAGIC:
+        return frozenset(Manifest.from_bytes(data).referenced() | {manifest_id})
     return frozenset(load_tree(home.store, manifest_id).referenced() | {manifest_id})
 
 
