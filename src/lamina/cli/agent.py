@@ -48,9 +48,9 @@ def agent(
         bool,
         typer.Option(
             "--lazy-layers",
-            envvar="LAMINA_LAZY_LAYERS",
             help="Attach app layers after fetching their metadata only; their data comes "
-            "from the manager when first read.",
+            "from the manager when first read; default: lazy_layers of the configuration,"
+            " LAMINA_LAZY_LAYERS.",
         ),
     ] = False,
     home: HomeOpt = None,
@@ -67,6 +67,7 @@ def agent(
     settings = load()
     manager, token = manager or settings.manager, token or settings.token
     root, etc = root or settings.agent.root, etc or settings.agent.etc
+    lazy = lazy or settings.lazy_layers
     if not manager or not token:
         raise UsageError("lamina agent needs --manager URL and --token T")
     # The agent's home is the machine's cache of what the manager holds: made on first run.

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     token: str | None = None
     ca: Path | None = None
     debug: bool = False
+    # The agent attaches app layers on their metadata, their data read on demand.
+    lazy_layers: bool = False
     serve: ServeSettings = ServeSettings()
     agent: AgentSettings = AgentSettings()
 
