@@ -53,7 +53,10 @@ _OLDER_HOME: Final = ("lamina.db", "store", "deltas")
 
 
 def default_home() -> Path:
-    return Path(os.environ.get("LAMINA_HOME") or Path.home() / ".local" / "share" / "lamina")
+    """The configured home (``lamina.settings``: file, LAMINA_HOME), else the default."""
+    from lamina.settings import load
+
+    return load().home
 
 
 def home_path(root: Path | None) -> Path:
@@ -140,17 +143,22 @@ class Home:
         if ident is None:
             raise not_a_home(self.root)
         self.id = ident
-        self.database_url = (
-            database_url
-            or os.environ.get("LAMINA_DATABASE_URL")
-            or f"sqlite:///{self.root / 'lamina.db'}"
-        )
+        self._database_url = database_url
         self._connect = connect
         self._store_leases = store_leases
         self._db_lock = threading.Lock()
         self._sessionmaker: sessionmaker[Session] | None = None
         self._read_only: SessionFactory[Session] | None = None
         self._warming: threading.Thread | None = None
+
+    @cached_property
+    def database_url(self) -> str:
+        """The given URL, else the configured one (LAMINA_DATABASE_URL), else SQLite here."""
+        if self._database_url:
+            return self._database_url
+        from lamina.settings import load
+
+        return load().database_url or f"sqlite:///{self.root / 'lamina.db'}"
 
     @property
     def store_dir(self) -> Path:

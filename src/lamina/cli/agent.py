@@ -20,10 +20,10 @@ app = typer.Typer(
 def agent(
     ctx: typer.Context,
     manager: Annotated[
-        str | None, typer.Option("--manager", envvar="LAMINA_MANAGER", help="Manager URL.")
+        str | None, typer.Option("--manager", help="Manager URL; default: LAMINA_MANAGER.")
     ] = None,
     token: Annotated[
-        str | None, typer.Option("--token", envvar="LAMINA_TOKEN", help="This machine's token.")
+        str | None, typer.Option("--token", help="This machine's token; default: LAMINA_TOKEN.")
     ] = None,
     root: Annotated[
         Path | None,
@@ -48,9 +48,9 @@ def agent(
         bool,
         typer.Option(
             "--lazy-layers",
-            envvar="LAMINA_LAZY_LAYERS",
             help="Attach app layers after fetching their metadata only; their data comes "
-            "from the manager when first read.",
+            "from the manager when first read; default: lazy_layers of the configuration,"
+            " LAMINA_LAZY_LAYERS.",
         ),
     ] = False,
     home: HomeOpt = None,
@@ -62,7 +62,12 @@ def agent(
     from lamina.errors import UsageError
     from lamina.manager.client import ManagerClient
     from lamina.manager.home import init_home
+    from lamina.settings import load
 
+    settings = load()
+    manager, token = manager or settings.manager, token or settings.token
+    root, etc = root or settings.agent.root, etc or settings.agent.etc
+    lazy = lazy or settings.lazy_layers
     if not manager or not token:
         raise UsageError("lamina agent needs --manager URL and --token T")
     # The agent's home is the machine's cache of what the manager holds: made on first run.
@@ -84,7 +89,10 @@ def login(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Mount USER's layers and writable layer (asks the running agent)."""
+    """Mount USER's layers and writable layer (asks the running agent).
+
+    Example: lamina agent login alice
+    """
     from lamina.agent.daemon import request
 
     result = request(open_home(home), "login", user)
@@ -100,7 +108,10 @@ def logout(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Unmount USER's session; the writable layer's new version goes to the manager."""
+    """Unmount USER's session; the writable layer's new version goes to the manager.
+
+    Example: lamina agent logout alice
+    """
     from lamina.agent.daemon import request
 
     result = request(open_home(home), "logout", user)
@@ -113,7 +124,10 @@ def logout(
 
 @app.command("status")
 def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Logouts waiting for the manager, and those it refused (kept for recovery)."""
+    """Logouts waiting for the manager, and those it refused (kept for recovery).
+
+    Example: lamina agent status --json
+    """
     from lamina.agent import daemon
 
     result = daemon.status(open_home(home))

@@ -13,6 +13,7 @@ from lamina.cli.common import HomeOpt, JsonOpt, emit_json, open_home, out
 from lamina.files import write_atomic
 from lamina.trust.authority import CA_CERT, CLIENT_CERT, CLIENT_DAYS, CLIENT_KEY, Issued
 from lamina.trust.principal import Kind
+from lamina.units import timestamp
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -137,7 +138,7 @@ def issue_and_write(
                 "holder": holder,
                 "dir": str(directory),
                 "serial": format(issued.serial, "x"),
-                "expires": issued.not_after.isoformat(timespec="seconds"),
+                "expires": timestamp(issued.not_after),
                 "rotated": rotate,
                 **lines,
             }
@@ -156,7 +157,10 @@ def machine_credentials(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a TLS client credential that opens only machine NAME's disk, seed and image
-    version (qemu's ca-cert.pem, client-cert.pem, client-key.pem); print how to use it."""
+    version (qemu's ca-cert.pem, client-cert.pem, client-key.pem); print how to use it.
+
+    Example: lamina machine credentials desk-001 --out /etc/lamina/desk-001
+    """
     issue_and_write(
         home,
         Kind.MACHINE,
@@ -177,7 +181,10 @@ def admin_credentials(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a TLS client credential that opens every export; print how to use it."""
+    """Write a TLS client credential that opens every export; print how to use it.
+
+    Example: lamina admin credentials --out ~/.config/lamina/admin
+    """
     issue_and_write(
         home, Kind.ADMIN, "admin", directory, rotate=rotate, days=days, server=server,
         as_json=as_json,

@@ -21,7 +21,10 @@ def demo(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """End-to-end showcase: one image, two machines, two boots each, on embedded defaults."""
+    """End-to-end showcase: one image, two machines, two boots each, on embedded defaults.
+
+    Example: lamina demo --nbd-port 10809 --http-port 8480
+    """
     from lamina.demo.showcase import run_demo
     from lamina.manager.home import init_home
 

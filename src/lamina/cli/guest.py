@@ -65,7 +65,10 @@ def image_build(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Build a bootable Debian image with the guest kit and import it as NAME@N."""
+    """Build a bootable Debian image with the guest kit and import it as NAME@N.
+
+    Example: lamina image build desktop --debian bookworm --include firefox-esr
+    """
     from lamina.guest import build, disk
 
     spec = build.Spec(
@@ -98,7 +101,10 @@ def install(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Put the guest kit into ROOT: agent, systemd unit, PAM hook, initramfs identity."""
+    """Put the guest kit into ROOT: agent, systemd unit, PAM hook, initramfs identity.
+
+    Example: lamina guest install /mnt/golden-root
+    """
     from dataclasses import asdict
 
     from lamina.guest import kit

@@ -28,7 +28,10 @@ def init(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Make a folder a lamina home (its identity and database); on a home, check it."""
+    """Make a folder a lamina home (its identity and database); on a home, check it.
+
+    Example: lamina init --home /var/lib/lamina
+    """
     from lamina.manager.home import init_home
 
     done = init_home(home, join=join)
@@ -50,7 +53,10 @@ def backup(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """A consistent copy of a home, also while `lamina serve` runs on it."""
+    """A consistent copy of a home, also while `lamina serve` runs on it.
+
+    Example: lamina backup /srv/backup/lamina-monday
+    """
     from lamina.cli.common import open_home
     from lamina.manager.backup import make_backup
 
@@ -70,7 +76,10 @@ def restore(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Bring a backup back into a new home, or into its own home whose database was lost."""
+    """Bring a backup back into a new home, or into its own home whose database was lost.
+
+    Example: lamina restore /srv/backup/lamina-monday --home /var/lib/lamina
+    """
     from lamina.home import home_path
     from lamina.manager.backup import restore_backup
 

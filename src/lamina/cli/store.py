@@ -15,7 +15,10 @@ app = typer.Typer(help="The content-addressed chunk store.", no_args_is_help=Tru
 
 @app.command()
 def verify(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Re-hash every chunk; name each corrupt one (exit 7 when any is found)."""
+    """Re-hash every chunk; name each corrupt one (exit 7 when any is found).
+
+    Example: lamina store verify
+    """
     h = open_home(home)
     total = h.store.usage().pack_bytes
     with progress("verify", total, enabled=not as_json) as advance:
@@ -59,7 +62,10 @@ def gc(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove chunks no version references (waits for running imports). Manifests the
-    database neither knows nor removed stay, with their chunks: `store reindex` lists them."""
+    database neither knows nor removed stay, with their chunks: `store reindex` lists them.
+
+    Example: lamina store gc --dry-run
+    """
     from lamina.manager.services import recovery
     from lamina.manager.services.store import live_chunks
 
@@ -114,7 +120,10 @@ def gc(
 
 @app.command()
 def du(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Store usage: packs, chunks, stored bytes, logical bytes and dedup ratio."""
+    """Store usage: packs, chunks, stored bytes, logical bytes and dedup ratio.
+
+    Example: lamina store du --json
+    """
     from lamina.manager.services.store import logical_bytes
 
     h = open_home(home)
@@ -143,7 +152,10 @@ def du(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 def reindex(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Rebuild what the packs can tell: the chunk index (all of it in a fresh home over a
     bucket), and a version for every manifest the database neither knows nor removed
-    (all of them when the database was lost: it is made anew)."""
+    (all of them when the database was lost: it is made anew).
+
+    Example: lamina store reindex
+    """
     from lamina.home import home_path
     from lamina.manager.home import open_home as open_or_create
     from lamina.manager.services import recovery

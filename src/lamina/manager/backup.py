@@ -89,7 +89,7 @@ def make_backup(home: Home, dest: Path) -> BackupReport:
     dest = dest.expanduser().absolute()
     _ = home.sessionmaker  # the home's own database, or a one-line refusal
     _prepare_dest(dest, home)
-    location = resolve(home.store_dir, {})
+    location = resolve(home.store_dir, None, None)  # the recorded location
     report = BackupReport(str(home.root), str(dest), _kind(home.database_url), location.url)
     with home.store.backend.lock(exclusive=False, timeout=LOCK_TIMEOUT):
         _dump_database(home.database_url, dest / "database")

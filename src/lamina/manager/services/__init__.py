@@ -21,5 +21,6 @@ recovery.py         roots in the store the database does not know: kept by gc, l
                     by reindex (what the packs can tell)
 settings.py         installation settings kept in the database
 credentials.py      TLS client credentials: issue, rotate, whom a certificate stands for
+hypervisor.py       a machine as a libvirt domain or a qemu command line (NBD disk, seed, MAC)
 servers.py          block servers and their heartbeats; which one serves each machine
 """

@@ -100,15 +100,19 @@ def add(
     hostname: str | None = None,
     mac: str | None = None,
     domain: str | None = None,
+    extra_config: dict[str, Any] | None = None,
 ) -> Added:
-    """Create a machine pinned to ``image`` (NAME for its latest version, or NAME@V)."""
+    """Create a machine pinned to ``image`` (NAME for its latest version, or NAME@V), its
+    first identity revision holding ``extra_config`` (#cloud-config keys) if given."""
     from lamina.identity import identity_columns, new_identity
 
     check_name(name, "machine name")
     version = images.get_version(session, parse_ref(image, "image name"))
     from lamina.manager.services import settings
 
-    identity = new_identity(name, hostname=hostname, mac=mac, domain=domain)
+    identity = new_identity(
+        name, hostname=hostname, mac=mac, domain=domain, extra_config=extra_config or None
+    )
     if session.scalar(select(Machine.id).where(Machine.name == name)) is not None:
         raise AlreadyExists(f"a machine named {name!r} already exists")
     _check_unique(session, machine_id=None, mac=identity.mac, fqdn=identity.fqdn)
@@ -286,7 +290,7 @@ def _repin_target(session: Session, machine: Machine, image: str | None) -> Imag
         return None
     version = images.get_version(session, parse_ref(image, "image name"))
     if version.id == machine.image_version_id:
-        raise UsageError(f"{machine.name} already runs {version.ref}")
+        return None  # already pinned there: nothing to re-pin, its delta stays
     return version
 
 
