@@ -68,7 +68,6 @@ def serve(
         str | None,
         typer.Option(
             "--server-name",
-            envvar="LAMINA_SERVER_NAME",
             help="Join the block servers of this database under this name (machines are"
             " assigned to the least loaded).",
         ),
@@ -77,19 +76,17 @@ def serve(
         str | None,
         typer.Option(
             "--advertise",
-            envvar="LAMINA_ADVERTISE",
             help="HOST:PORT machines dial for this server's NBD [the --nbd address].",
         ),
     ] = None,
     heartbeat: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--heartbeat",
-            envvar="LAMINA_HEARTBEAT",
             min=0.1,
-            help="Seconds between heartbeats; lost after three missed.",
+            help="Seconds between heartbeats; lost after three missed [5].",
         ),
-    ] = 5.0,
+    ] = None,
     agent_url: Annotated[
         str | None,
         typer.Option(
@@ -127,7 +124,9 @@ def serve(
         "https_key": https_key,
         "agent_url": agent_url,
     }
-    s = load(serve={k: v for k, v in flags.items() if v is not None}).serve
+    top = {"server_name": server_name, "advertise": advertise, "heartbeat": heartbeat}
+    settings = load(serve={k: v for k, v in flags.items() if v is not None}, **top)
+    s = settings.serve
     if s.agent_url is not None:
         from lamina.guest.paths import set_agent_url
 
@@ -140,9 +139,9 @@ def serve(
         tls_names=tuple(s.tls_names),
         https_cert=s.https_cert,
         https_key=s.https_key,
-        server_name=server_name,
-        advertise=str_address(advertise) if advertise else None,
-        heartbeat=heartbeat,
+        server_name=settings.server_name,
+        advertise=str_address(settings.advertise) if settings.advertise else None,
+        heartbeat=settings.heartbeat,
     )
     options.tls = want_tls(
         options.hosts, tls=s.tls, insecure=s.insecure, https_cert=s.https_cert is not None

@@ -146,9 +146,7 @@ def _record(store_dir: Path, location: StoreLocation) -> StoreLocation:
     return found
 
 
-def open_store(
-    store_dir: Path, *, leases: Callable[[], Leases | None] | None = None
-) -> ChunkStore:
+def open_store(store_dir: Path, *, leases: Callable[[], Leases | None] | None = None) -> ChunkStore:
     """The home's chunk store: local, or a bucket with a bounded disk cache beside it.
     ``leases`` gives a bucket's writers and gc their leases when other homes may share it
     (else the home's file lock keeps them apart)."""
