@@ -51,9 +51,32 @@ def serve(
     https_key: Annotated[
         Path | None, typer.Option("--https-key", help="Key of --https-cert.")
     ] = None,
+    boot_nbd: Annotated[
+        str | None,
+        typer.Option(
+            "--boot-nbd",
+            help="NBD address written into network boot scripts"
+            " [the address served, else the host machines reach HTTP at].",
+        ),
+    ] = None,
+    auto_add: Annotated[
+        str | None,
+        typer.Option(
+            "--auto-add",
+            help="A MAC that boots from the network and is no machine becomes one of IMAGE.",
+            metavar="IMAGE",
+        ),
+    ] = None,
+    auto_add_name: Annotated[
+        str, typer.Option("--auto-add-name", help="Names of auto-added machines ('#': number).")
+    ] = "pxe-###",
+    auto_add_mode: Annotated[
+        str, typer.Option("--auto-add-mode", help="Mode of auto-added machines.")
+    ] = "stateless",
     home: HomeOpt = None,
 ) -> None:
     """Serve image versions and machines over NBD, and the manager over HTTP."""
+    from lamina.manager.services.netboot import AutoAdd
     from lamina.serve.server import ServeOptions, parse_address, run
     from lamina.serve.tls import want_tls
 
@@ -64,6 +87,8 @@ def serve(
         tls_names=tuple(tls_names or ()),
         https_cert=https_cert,
         https_key=https_key,
+        boot_nbd=parse_address(boot_nbd, "--boot-nbd") if boot_nbd else None,
+        auto_add=AutoAdd(auto_add, auto_add_name, auto_add_mode) if auto_add else None,
     )
     options.tls = want_tls(
         options.hosts, tls=tls, insecure=insecure, https_cert=https_cert is not None

@@ -95,3 +95,23 @@ def extract(deb: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     run(["dpkg-deb", "-x", str(deb), str(dest)], f"extracting {deb.name}")
     return dest
+
+
+def library_packages(package: str) -> list[str]:
+    """``package`` and the library packages it depends on, recursively (``lib*`` only: a
+    program's run-time libraries, not its maintainer scripts' tools such as debconf)."""
+    wanted, todo = [package], [package]
+    while todo:
+        out = run(
+            ["apt-cache", "depends", "--no-recommends", "--no-suggests", "--no-conflicts",
+             "--no-breaks", "--no-replaces", "--no-enhances", *todo],
+            f"looking up what {package} depends on",
+        )  # fmt: skip
+        todo = []
+        for line in out.splitlines():
+            kind, _, dep = line.strip().partition(": ")
+            dep = dep.strip("<>")
+            if kind in ("Depends", "PreDepends") and dep.startswith("lib") and dep not in wanted:
+                wanted.append(dep)
+                todo.append(dep)
+    return wanted

@@ -11,7 +11,8 @@ from lamina import __version__
 from lamina.errors import AlreadyExists, Conflict, InvalidInput, LaminaError, NotFound, UsageError
 from lamina.home import Home
 from lamina.manager.console import router as console_router
-from lamina.manager.routers import admin, agent, data, stream
+from lamina.manager.routers import admin, agent, boot, data, stream
+from lamina.manager.services.netboot import NetbootSettings
 
 # Lamina's errors as HTTP statuses (anything else stays a 500).
 STATUS: list[tuple[type[LaminaError], int]] = [
@@ -23,14 +24,19 @@ STATUS: list[tuple[type[LaminaError], int]] = [
 ]
 
 
-def create_app(home: Home) -> FastAPI:
+def create_app(home: Home, netboot: NetbootSettings | None = None) -> FastAPI:
+    from lamina.netboot.bootfiles import BootCache
+
     app = FastAPI(title="lamina manager", version=__version__, openapi_url="/openapi.json")
     app.state.home = home
+    app.state.netboot = netboot or NetbootSettings()
+    app.state.boot_cache = BootCache(home.root / "cache" / "boot")
     app.include_router(data.router)
     app.include_router(agent.router)
     app.include_router(admin.router)
     app.include_router(console_router)
     app.include_router(stream.router)
+    app.include_router(boot.router)
 
     @app.exception_handler(LaminaError)
     def lamina_error(_request: Request, exc: LaminaError) -> JSONResponse:

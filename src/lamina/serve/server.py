@@ -26,6 +26,7 @@ from lamina.locks import try_lock
 from lamina.manager.app import create_app
 from lamina.manager.console.auth import print_login_url
 from lamina.manager.services import machines
+from lamina.manager.services.netboot import AutoAdd, NetbootSettings, check_auto_add
 from lamina.nbd.aio import NbdServerProtocol
 from lamina.serve.catalog import ExportCatalog
 from lamina.serve.tls import ServeTls, tls_setup, warn_if_exposed
@@ -53,10 +54,31 @@ class ServeOptions:
     tls_names: tuple[str, ...] = ()  # more names for the server certificate
     https_cert: Path | None = None  # a certificate of one's own for HTTPS (else the CA's)
     https_key: Path | None = None
+    boot_nbd: tuple[str, int] | None = None  # the NBD address written into boot scripts
+    auto_add: AutoAdd | None = None  # a MAC that boots and is no machine becomes one
 
     @property
     def hosts(self) -> list[str]:
         return [a[0] for a in (self.nbd, self.http) if a is not None]
+
+    def netboot(self) -> NetbootSettings:
+        """What network-booted machines are told: the NBD address they reach (the one
+        given, the one served unless it is loopback or a wildcard, else the host they
+        reached the HTTP port at, with the NBD port)."""
+        host, port = self.boot_nbd or self.nbd or (None, None)
+        if self.boot_nbd is None and host is not None and _unspecific(host):
+            host = None
+        return NetbootSettings(nbd_host=host, nbd_port=port, tls=self.tls, auto_add=self.auto_add)
+
+
+def _unspecific(host: str) -> bool:
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    return address.is_loopback or address.is_unspecified
 
 
 def reset_stateless(home: Home) -> list[str]:
@@ -97,6 +119,9 @@ async def _serve(
     stop: asyncio.Event | None,
 ) -> None:
     log = logs.setup(options.log_level)
+    if options.auto_add is not None:
+        with home.session(read_only=True) as session:
+            check_auto_add(session, options.auto_add)
     reset = reset_stateless(home) if options.nbd is not None else []
     cache = ChunkCache(options.cache_bytes)
     catalog = ExportCatalog(home, cache)
@@ -119,7 +144,7 @@ async def _serve(
     http_sock = _listen(options.http, "--http") if options.http is not None else None
     nbd = await loop.create_server(connection, sock=nbd_sock) if nbd_sock is not None else None
     stop = stop or asyncio.Event()
-    http = _http_server(home, options.http, tls) if options.http is not None else None
+    http = _http_server(home, options, tls) if options.http is not None else None
     http_task = asyncio.create_task(http.serve(sockets=[http_sock])) if http is not None else None
     if http_task is not None:
         http_task.add_done_callback(lambda _task: stop.set())  # the manager died: stop all
@@ -189,8 +214,11 @@ def _listen(address: tuple[str, int], what: str) -> socket.socket:
     return sock
 
 
-def _http_server(home: Home, address: tuple[str, int], tls: ServeTls | None) -> Any:
+def _http_server(home: Home, options: ServeOptions, tls: ServeTls | None) -> Any:
     import uvicorn
+
+    assert options.http is not None
+    address = options.http
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -200,7 +228,7 @@ def _http_server(home: Home, address: tuple[str, int], tls: ServeTls | None) -> 
     # httptools parses requests in C: 623 logins/s in the login storm where h11 (pure
     # Python) gave 516. A deep backlog absorbs a login storm's connection burst.
     config = uvicorn.Config(
-        create_app(home),
+        create_app(home, options.netboot()),
         host=address[0],
         port=address[1],
         log_level="warning",

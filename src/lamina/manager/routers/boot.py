@@ -1,0 +1,179 @@
+"""Network boot over HTTP, for firmware that holds no token (iPXE):
+
+    GET /boot.ipxe                               the entry script: chains the per-MAC URL
+    GET /boot/{mac}.ipxe                         the machine's script (or why it must wait)
+    GET /boot/{mac}/{image}/{version}/vmlinuz    its pinned version's kernel
+    GET /boot/{mac}/{image}/{version}/initrd.img and initrd
+
+A MAC opens only the boot files of the version a machine with that MAC is pinned to.
+Kernel and initrd are read from the version's own file system once and kept per version
+(``HOME/cache/boot``). Scripts name this server as the machine reached it (the request's
+scheme and Host), and the NBD server at that host and the NBD port, unless
+``serve --boot-nbd`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, PlainTextResponse
+
+from lamina import logs
+from lamina.errors import InvalidInput, LaminaError, NotFound, UsageError
+from lamina.home import Home
+from lamina.identity.validate import check_mac
+from lamina.image import ImageReader, Manifest
+from lamina.manager.models import Machine
+from lamina.manager.services import netboot
+from lamina.manager.services.netboot import DeviceReport, NetbootSettings
+from lamina.netboot import ipxe
+from lamina.netboot.bootfiles import BootCache, BootInfo
+from lamina.store import ChunkCache
+
+router = APIRouter(tags=["netboot"])
+IPXE_TYPE = "text/plain; charset=utf-8"
+_auto_add_lock = threading.Lock()  # one auto-add at a time, committed before the next
+_log = logging.getLogger(logs.LOGGER)
+
+
+def _settings(request: Request) -> NetbootSettings:
+    settings: NetbootSettings = request.app.state.netboot
+    return settings
+
+
+def _home(request: Request) -> Home:
+    home: Home = request.app.state.home
+    return home
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def _script(text: str) -> PlainTextResponse:
+    return PlainTextResponse(text, media_type=IPXE_TYPE, headers={"Cache-Control": "no-store"})
+
+
+def boot_files(request: Request, manifest_id: str, size: int) -> tuple[Path, BootInfo]:
+    """The version's boot files, read from its file system on first use."""
+    cache: BootCache = request.app.state.boot_cache
+    home = _home(request)
+
+    def read(offset: int, length: int) -> bytes:
+        return reader.read(offset, length)
+
+    manifest = Manifest.from_bytes(home.store.get(bytes.fromhex(manifest_id)))
+    reader = ImageReader(home.store, manifest, ChunkCache(16 << 20))
+    return cache.get(manifest_id, read, size)
+
+
+@router.get("/boot.ipxe", response_class=PlainTextResponse)
+def entry(request: Request) -> PlainTextResponse:
+    """The script network-booting firmware starts with (no token)."""
+    return _script(ipxe.entry_script(_base_url(request)))
+
+
+def _report(request: Request) -> DeviceReport:
+    q = request.query_params
+    return DeviceReport(
+        address=request.client.host if request.client else None,
+        platform=q.get("platform"),
+        arch=q.get("buildarch"),
+        manufacturer=q.get("manufacturer"),
+        product=q.get("product"),
+        serial=q.get("serial"),
+        uuid=q.get("uuid"),
+    )
+
+
+def _machine_for(request: Request, mac: str) -> Machine | list[str]:
+    """The machine that boots as ``mac``, or the lines that tell the machine why not."""
+    home, settings = _home(request), _settings(request)
+    with home.session(read_only=True) as session:
+        found = netboot.by_mac(session, mac)
+    if len(found) > 1:
+        names = ", ".join(m.name for m in found)
+        return [f"MAC {mac} is claimed by machines {names}.", "give each machine its own MAC."]
+    if found:
+        return found[0]
+    if settings.auto_add is None:
+        with home.session() as session:
+            netboot.note_new_device(session, mac, _report(request))
+        logs.event(_log, "netboot-unknown", mac=mac, address=_report(request).address)
+        return ipxe.unknown_reason(mac)
+    with _auto_add_lock, home.session() as session:
+        machine = netboot.auto_add(session, mac, settings.auto_add)
+        logs.event(_log, "netboot-auto-added", mac=mac, machine=machine.name)
+    return machine
+
+
+@router.get("/boot/{mac}.ipxe", response_class=PlainTextResponse)
+def machine_script(
+    request: Request, mac: Annotated[str, PathParam(max_length=32)]
+) -> PlainTextResponse:
+    """The boot script of the machine with this MAC, or a message and a retry."""
+    base, settings = _base_url(request), _settings(request)
+    try:
+        mac = check_mac(mac)
+    except UsageError as exc:
+        raise HTTPException(422, str(exc)) from None
+    found = _machine_for(request, mac)
+    if isinstance(found, list):
+        return _script(ipxe.wait_script(base, found, settings.retry_seconds))
+    version = found.image_version
+    if settings.nbd_port is None:
+        return _script(ipxe.wait_script(base, ["this manager serves no NBD (serve --boot-nbd)."]))
+    try:
+        _folder, info = boot_files(request, version.manifest_id, version.size)
+    except (NotFound, InvalidInput) as exc:
+        reason = [f"{version.ref} cannot boot from the network:", str(exc)]
+        logs.event(
+            _log, "netboot-no-kernel", level=logging.WARNING, image=version.ref, error=str(exc)
+        )
+        return _script(ipxe.wait_script(base, reason, settings.retry_seconds))
+    target = ipxe.NbdTarget(
+        settings.nbd_host or request.url.hostname or "127.0.0.1", settings.nbd_port, settings.tls
+    )
+    args = ipxe.kernel_args(
+        info.args, machine=found.name, mac=mac, root_partition=info.root_partition, nbd=target
+    )
+    files = f"/boot/{ipxe.hyphenated(mac)}/{version.image.name}/{version.version}"
+    logs.event(_log, "netboot", mac=mac, machine=found.name, image=version.ref)
+    return _script(
+        ipxe.boot_script(
+            base, machine=found.name, mac=mac, ref=version.ref, files_path=files, args=args
+        )
+    )
+
+
+@router.get("/boot/{mac}/{image}/{version}/{name}")
+def boot_file(
+    request: Request,
+    mac: Annotated[str, PathParam(max_length=32)],
+    image: str,
+    version: int,
+    name: Literal["vmlinuz", "initrd.img"],
+) -> FileResponse:
+    """A kernel or initrd, to a MAC whose machine is pinned to that version."""
+    try:
+        mac = check_mac(mac)
+    except UsageError as exc:
+        raise HTTPException(422, str(exc)) from None
+    with _home(request).session(read_only=True) as session:
+        pinned = [
+            m.image_version
+            for m in netboot.by_mac(session, mac)
+            if m.image_version.image.name == image and m.image_version.version == version
+        ]
+    if not pinned:
+        raise HTTPException(404, f"no machine with MAC {mac} is pinned to {image}@{version}")
+    try:
+        folder, _info = boot_files(request, pinned[0].manifest_id, pinned[0].size)
+    except LaminaError as exc:
+        raise HTTPException(404, str(exc)) from None
+    return FileResponse(folder / name, media_type="application/octet-stream")
