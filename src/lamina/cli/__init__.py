@@ -14,6 +14,7 @@ agent.py     lamina agent, lamina agent login|logout|status
 credentials.py   lamina machine credentials NAME | lamina admin credentials (TLS)
 admin.py     lamina admin token
 demo.py      lamina demo
+netboot.py   lamina netboot dnsmasq
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from lamina.cli import (
     layer,
     machine,
     mount,
+    netboot,
     rebase,
     serve,
     store,
@@ -56,6 +58,7 @@ app.add_typer(admin.app, name="admin")
 app.add_typer(agent.app, name="agent")
 app.add_typer(stream.app, name="stream")
 app.add_typer(rebase.app, name="rebase")
+app.add_typer(netboot.app, name="netboot")
 mount.register(app)
 serve.register(app)
 demo.register(app)

@@ -18,11 +18,18 @@ def register(root: typer.Typer) -> None:
 def demo(
     nbd_port: Annotated[int, typer.Option("--nbd-port", help="Preferred NBD port.")] = 10809,
     http_port: Annotated[int, typer.Option("--http-port", help="Preferred HTTP port.")] = 8480,
+    pxe: Annotated[
+        bool,
+        typer.Option("--pxe", help="The machines have no disk: they boot from the network."),
+    ] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """End-to-end showcase: one image, two machines, two boots each, on embedded defaults."""
+    from lamina.demo.netboot_demo import run_pxe_demo
     from lamina.demo.showcase import run_demo
+
+    run = run_pxe_demo if pxe else run_demo
 
     h = open_home(home)
     started = time.monotonic()
@@ -32,10 +39,10 @@ def demo(
             out.print(f"[dim]{time.monotonic() - started:6.1f}s[/dim]  {line}", soft_wrap=True)
 
     if as_json:
-        result = run_demo(h, say, nbd_port=nbd_port, http_port=http_port)
+        result = run(h, say, nbd_port=nbd_port, http_port=http_port)
     else:
         with out.status("lamina demo", spinner="dots"):
-            result = run_demo(h, say, nbd_port=nbd_port, http_port=http_port)
+            result = run(h, say, nbd_port=nbd_port, http_port=http_port)
     if as_json:
         emit_json(dataclasses.asdict(result))
     else:

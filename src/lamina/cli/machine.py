@@ -80,11 +80,20 @@ def add(
 
 
 @app.command("list")
-def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def list_(
+    new: Annotated[
+        bool, typer.Option("--new", help="Devices that asked to boot and are no machine yet.")
+    ] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Machines with their image version, mode and delta size."""
     from lamina.manager.services import machines
 
     h = open_home(home)
+    if new:
+        _list_new(h, as_json)
+        return
     with h.session(read_only=True) as session:
         rows = [_describe(h, m) for m in machines.list_all(session)]
     if as_json:
@@ -94,6 +103,46 @@ def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         ["NAME", "IMAGE", "MODE", "HOSTNAME", "MAC", "DELTA"],
         [
             [r["name"], r["image"], r["mode"], r["fqdn"], r["mac"], human(r["delta_bytes"])]
+            for r in rows
+        ],
+    )
+
+
+def _list_new(h: Home, as_json: bool) -> None:
+    from lamina.manager.services import netboot
+
+    with h.session(read_only=True) as session:
+        rows: list[dict[str, Any]] = [
+            {
+                "mac": d.mac,
+                "first_seen": d.first_seen.isoformat(timespec="seconds"),
+                "last_seen": d.last_seen.isoformat(timespec="seconds"),
+                "requests": d.requests,
+                "address": d.address,
+                "platform": d.platform,
+                "arch": d.arch,
+                "manufacturer": d.manufacturer,
+                "product": d.product,
+                "serial": d.serial,
+                "uuid": d.uuid,
+            }
+            for d in netboot.new_devices(session)
+        ]
+    if as_json:
+        emit_json(rows)
+        return
+    table(
+        ["MAC", "LAST SEEN", "REQUESTS", "ADDRESS", "FIRMWARE", "PRODUCT", "SERIAL"],
+        [
+            [
+                r["mac"],
+                r["last_seen"],
+                r["requests"],
+                r["address"] or "-",
+                "/".join(filter(None, (r["platform"], r["arch"]))) or "-",
+                " ".join(filter(None, (r["manufacturer"], r["product"]))) or "-",
+                r["serial"] or "-",
+            ]
             for r in rows
         ],
     )

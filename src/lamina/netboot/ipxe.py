@@ -91,21 +91,28 @@ def _echo(text: str) -> str:
     return "echo " + text.replace("$", "")
 
 
-def entry_script(base_url: str) -> str:
+def entry_script(base_url: str, retry: int = RETRY_SECONDS) -> str:
     """``/boot.ipxe``: identify the machine by its first interface's MAC, fetch its script."""
     query = "&".join(f"{name}=${{{name}}}" for name in REPORTED)
     return _lines(
         "# lamina network boot: this machine is known by the MAC of its first interface",
         f"chain --autofree --replace {base_url}/boot/${{net0/mac}}.ipxe?{query} || goto failed",
         ":failed",
-        _echo(f"lamina: the boot script could not be fetched; again in {RETRY_SECONDS} s"),
-        f"sleep {RETRY_SECONDS}",
+        _echo(f"lamina: the boot script could not be fetched; again in {retry} s"),
+        f"sleep {retry}",
         f"chain --autofree --replace {base_url}{ENTRY_PATH}",
     )
 
 
 def boot_script(
-    base_url: str, *, machine: str, mac: str, ref: str, files_path: str, args: str
+    base_url: str,
+    *,
+    machine: str,
+    mac: str,
+    ref: str,
+    files_path: str,
+    args: str,
+    retry: int = RETRY_SECONDS,
 ) -> str:
     """A known machine: its version's kernel and initrd, and its command line."""
     return _lines(
@@ -115,8 +122,8 @@ def boot_script(
         f"initrd {base_url}{files_path}/initrd.img || goto failed",
         "boot || goto failed",
         ":failed",
-        _echo(f"lamina: booting {machine} failed; again in {RETRY_SECONDS} s"),
-        f"sleep {RETRY_SECONDS}",
+        _echo(f"lamina: booting {machine} failed; again in {retry} s"),
+        f"sleep {retry}",
         f"chain --autofree --replace {base_url}{ENTRY_PATH}",
     )
 

@@ -56,6 +56,7 @@ class ServeOptions:
     https_key: Path | None = None
     boot_nbd: tuple[str, int] | None = None  # the NBD address written into boot scripts
     auto_add: AutoAdd | None = None  # a MAC that boots and is no machine becomes one
+    boot_retry_seconds: int = 10  # how soon a machine that cannot boot yet asks again
 
     @property
     def hosts(self) -> list[str]:
@@ -68,7 +69,13 @@ class ServeOptions:
         host, port = self.boot_nbd or self.nbd or (None, None)
         if self.boot_nbd is None and host is not None and _unspecific(host):
             host = None
-        return NetbootSettings(nbd_host=host, nbd_port=port, tls=self.tls, auto_add=self.auto_add)
+        return NetbootSettings(
+            nbd_host=host,
+            nbd_port=port,
+            tls=self.tls,
+            auto_add=self.auto_add,
+            retry_seconds=self.boot_retry_seconds,
+        )
 
 
 def _unspecific(host: str) -> bool:

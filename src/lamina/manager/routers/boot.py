@@ -75,7 +75,7 @@ def boot_files(request: Request, manifest_id: str, size: int) -> tuple[Path, Boo
 @router.get("/boot.ipxe", response_class=PlainTextResponse)
 def entry(request: Request) -> PlainTextResponse:
     """The script network-booting firmware starts with (no token)."""
-    return _script(ipxe.entry_script(_base_url(request)))
+    return _script(ipxe.entry_script(_base_url(request), _settings(request).retry_seconds))
 
 
 def _report(request: Request) -> DeviceReport:
@@ -127,7 +127,8 @@ def machine_script(
         return _script(ipxe.wait_script(base, found, settings.retry_seconds))
     version = found.image_version
     if settings.nbd_port is None:
-        return _script(ipxe.wait_script(base, ["this manager serves no NBD (serve --boot-nbd)."]))
+        reason = ["this manager serves no NBD and was given no --boot-nbd."]
+        return _script(ipxe.wait_script(base, reason, settings.retry_seconds))
     try:
         _folder, info = boot_files(request, version.manifest_id, version.size)
     except (NotFound, InvalidInput) as exc:
@@ -146,7 +147,13 @@ def machine_script(
     logs.event(_log, "netboot", mac=mac, machine=found.name, image=version.ref)
     return _script(
         ipxe.boot_script(
-            base, machine=found.name, mac=mac, ref=version.ref, files_path=files, args=args
+            base,
+            machine=found.name,
+            mac=mac,
+            ref=version.ref,
+            files_path=files,
+            args=args,
+            retry=settings.retry_seconds,
         )
     )
 
