@@ -9,12 +9,15 @@ STAMP := $(VENV)/.installed
 # (mkfs.erofs, fuse3), anchors for the benchmarks (borg, casync, nbdkit), and what the
 # demo image is built from (the VM, its bootloader, busybox, the ISO seed tools), and the
 # single-node Ceph cluster whose RADOS Gateway the object-store tests use (no ceph-mgr:
-# the gateway runs without one).
+# the gateway runs without one), and network boot: qemu's iPXE ROMs, iPXE's binaries for
+# chainloading, UEFI firmware, dnsmasq (its --test checks the proxy-DHCP configuration
+# and the end-to-end run serves it), sfdisk (partition tables the reader is checked on).
 DEBS := qemu-utils libnbd-bin nbdkit fio erofs-utils fuse3 \
         borgbackup casync squashfs-tools e2fsprogs xorriso busybox-static \
         qemu-system-x86 extlinux syslinux-common dosfstools mtools cpio util-linux \
         kmod zstd curl ca-certificates postgresql chromium \
-        ceph-mon ceph-osd radosgw ceph-common
+        ceph-mon ceph-osd radosgw ceph-common \
+        ipxe ipxe-qemu ovmf dnsmasq-base fdisk iproute2
 
 .PHONY: install deps demo test bench lint clean
 

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from lamina.home import Home
 
 # Bump when what goes into the image changes: older cached images are then rebuilt.
-# 2: nbd-client, its libraries, virtio_net and nbd in the initramfs (network boot).
-RECIPE = 2
+# 3: nbd-client, its libraries, virtio_net and nbd in the initramfs (network boot).
+RECIPE = 3
 KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
 MiB = 1 << 20

@@ -18,7 +18,6 @@ holding ``/etc/os-release`` or ``/usr/lib/os-release`` (Linux numbers it for
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -64,11 +63,15 @@ class BootFiles:
 
 
 def _file_systems(read: ReadAt, size: int) -> list[tuple[Partition, Ext4]]:
-    found = []
+    found, refused = [], []
     for part in partitions(read, size):
         if is_ext(read, part.offset):
-            with contextlib.suppress(InvalidInput):
+            try:
                 found.append((part, Ext4(read, part.offset)))
+            except InvalidInput as exc:
+                refused.append(f"partition {part.number}: {exc}")
+    if not found and refused:
+        raise InvalidInput("; ".join(refused))
     return found
 
 

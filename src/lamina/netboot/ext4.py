@@ -95,6 +95,7 @@ class Ext4:
         self.desc_size = struct.unpack_from("<H", sb, 0xFE)[0] if wide else 32
         if self.inodes_per_group == 0 or self.inode_size < 128 or self.desc_size < 32:
             raise InvalidInput("ext4 superblock is damaged (zero inodes per group or sizes)")
+        self._dirs: dict[int, dict[str, int]] = {}  # directories read, by inode number
 
     # -- blocks and inodes ------------------------------------------------------------
 
@@ -199,6 +200,9 @@ class Ext4:
         """A directory's names and their inode numbers (``.`` and ``..`` included)."""
         if not directory.is_dir:
             raise InvalidInput(f"ext4 inode {directory.number} is not a directory")
+        cached = self._dirs.get(directory.number)
+        if cached is not None:
+            return cached
         data = self.data(directory)
         names: dict[str, int] = {}
         for base in range(0, len(data), self.block_size):
@@ -210,10 +214,10 @@ class Ext4:
                 if rec_len < 8 or pos + rec_len > end or 8 + name_len > rec_len:
                     raise InvalidInput(f"ext4 directory inode {directory.number} is damaged")
                 if number:
-                    names[data[pos + 8 : pos + 8 + name_len].decode(errors="surrogateescape")] = (
-                        number
-                    )
+                    name = data[pos + 8 : pos + 8 + name_len].decode(errors="surrogateescape")
+                    names[name] = number
                 pos += rec_len
+        self._dirs[directory.number] = names
         return names
 
     def link_target(self, inode: Inode) -> str:
@@ -223,6 +227,14 @@ class Ext4:
         else:
             raw = self.data(inode)
         return raw.decode(errors="surrogateescape")
+
+    def lookup_no_follow(self, path: str) -> Inode:
+        """The inode at ``path``; a symlink at its end is returned, not followed."""
+        parent, _, name = path.rstrip("/").rpartition("/")
+        number = self.entries(self.lookup(parent or "/")).get(name)
+        if number is None:
+            raise NotFound(f"{path}: no such file in the image")
+        return self.inode(number)
 
     def lookup(self, path: str) -> Inode:
         """The inode at ``path`` (absolute, from the file system's root), following
