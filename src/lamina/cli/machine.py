@@ -132,16 +132,14 @@ def _list_new(h: Home, as_json: bool) -> None:
         emit_json(rows)
         return
     table(
-        ["MAC", "LAST SEEN", "REQUESTS", "ADDRESS", "FIRMWARE", "PRODUCT", "SERIAL"],
+        ["MAC", "LAST SEEN", "TRIES", "FIRMWARE", "DEVICE"],
         [
             [
                 r["mac"],
-                r["last_seen"],
+                r["last_seen"][:16].replace("T", " "),
                 r["requests"],
-                r["address"] or "-",
                 "/".join(filter(None, (r["platform"], r["arch"]))) or "-",
-                " ".join(filter(None, (r["manufacturer"], r["product"]))) or "-",
-                r["serial"] or "-",
+                " ".join(filter(None, (r["manufacturer"], r["product"], r["serial"]))) or "-",
             ]
             for r in rows
         ],

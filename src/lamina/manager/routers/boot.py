@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -91,13 +92,30 @@ def _report(request: Request) -> DeviceReport:
     )
 
 
-def _machine_for(request: Request, mac: str) -> Machine | list[str]:
-    """The machine that boots as ``mac``, or the lines that tell the machine why not."""
+@dataclass(frozen=True, slots=True)
+class Booting:
+    """What a machine boots, read out of the database session."""
+
+    machine: str
+    image: str
+    version: int
+    ref: str
+    manifest_id: str
+    size: int
+
+    @classmethod
+    def of(cls, machine: Machine) -> Booting:
+        v = machine.image_version
+        return cls(machine.name, v.image.name, v.version, v.ref, v.manifest_id, v.size)
+
+
+def _machine_for(request: Request, mac: str) -> Booting | list[str]:
+    """What the machine with ``mac`` boots, or the lines that tell the machine why not."""
     home, settings = _home(request), _settings(request)
     with home.session(read_only=True) as session:
-        found = netboot.by_mac(session, mac)
+        found = [Booting.of(m) for m in netboot.by_mac(session, mac)]
     if len(found) > 1:
-        names = ", ".join(m.name for m in found)
+        names = ", ".join(b.machine for b in found)
         return [f"MAC {mac} is claimed by machines {names}.", "give each machine its own MAC."]
     if found:
         return found[0]
@@ -107,9 +125,10 @@ def _machine_for(request: Request, mac: str) -> Machine | list[str]:
         logs.event(_log, "netboot-unknown", mac=mac, address=_report(request).address)
         return ipxe.unknown_reason(mac)
     with _auto_add_lock, home.session() as session:
-        machine = netboot.auto_add(session, mac, settings.auto_add)
-        logs.event(_log, "netboot-auto-added", mac=mac, machine=machine.name)
-    return machine
+        added = netboot.auto_add(session, mac, settings.auto_add)
+        booting = Booting.of(netboot.by_mac(session, mac)[0])
+        logs.event(_log, "netboot-auto-added", mac=mac, machine=added.name)
+    return booting
 
 
 @router.get("/boot/{mac}.ipxe", response_class=PlainTextResponse)
@@ -125,32 +144,31 @@ def machine_script(
     found = _machine_for(request, mac)
     if isinstance(found, list):
         return _script(ipxe.wait_script(base, found, settings.retry_seconds))
-    version = found.image_version
     if settings.nbd_port is None:
         reason = ["this manager serves no NBD and was given no --boot-nbd."]
         return _script(ipxe.wait_script(base, reason, settings.retry_seconds))
     try:
-        _folder, info = boot_files(request, version.manifest_id, version.size)
+        _folder, info = boot_files(request, found.manifest_id, found.size)
     except (NotFound, InvalidInput) as exc:
-        reason = [f"{version.ref} cannot boot from the network:", str(exc)]
+        reason = [f"{found.ref} cannot boot from the network:", str(exc)]
         logs.event(
-            _log, "netboot-no-kernel", level=logging.WARNING, image=version.ref, error=str(exc)
+            _log, "netboot-no-kernel", level=logging.WARNING, image=found.ref, error=str(exc)
         )
         return _script(ipxe.wait_script(base, reason, settings.retry_seconds))
     target = ipxe.NbdTarget(
         settings.nbd_host or request.url.hostname or "127.0.0.1", settings.nbd_port, settings.tls
     )
     args = ipxe.kernel_args(
-        info.args, machine=found.name, mac=mac, root_partition=info.root_partition, nbd=target
+        info.args, machine=found.machine, mac=mac, root_partition=info.root_partition, nbd=target
     )
-    files = f"/boot/{ipxe.hyphenated(mac)}/{version.image.name}/{version.version}"
-    logs.event(_log, "netboot", mac=mac, machine=found.name, image=version.ref)
+    files = f"/boot/{ipxe.hyphenated(mac)}/{found.image}/{found.version}"
+    logs.event(_log, "netboot", mac=mac, machine=found.machine, image=found.ref)
     return _script(
         ipxe.boot_script(
             base,
-            machine=found.name,
+            machine=found.machine,
             mac=mac,
-            ref=version.ref,
+            ref=found.ref,
             files_path=files,
             args=args,
             retry=settings.retry_seconds,
@@ -173,9 +191,9 @@ def boot_file(
         raise HTTPException(422, str(exc)) from None
     with _home(request).session(read_only=True) as session:
         pinned = [
-            m.image_version
-            for m in netboot.by_mac(session, mac)
-            if m.image_version.image.name == image and m.image_version.version == version
+            b
+            for b in map(Booting.of, netboot.by_mac(session, mac))
+            if (b.image, b.version) == (image, version)
         ]
     if not pinned:
         raise HTTPException(404, f"no machine with MAC {mac} is pinned to {image}@{version}")
