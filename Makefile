@@ -19,7 +19,7 @@ DEBS := qemu-utils libnbd-bin nbdkit fio erofs-utils fuse3 \
         ceph-mon ceph-osd radosgw ceph-common \
         ipxe ipxe-qemu ovmf dnsmasq-base fdisk iproute2
 
-.PHONY: install deps demo test bench lint clean
+.PHONY: install deps demo test e2e bench lint clean
 
 deps:
 	@tools/ensure-debs $(DEBS)
@@ -36,6 +36,11 @@ demo: install
 
 test: install
 	$(BIN)/pytest
+
+# Long machine runs under qemu (TCG): network boot through a real dnsmasq in network
+# namespaces, a root disk riding out a link loss.
+e2e: install
+	$(BIN)/pytest -m e2e tests/e2e -x
 
 bench: install
 	@set -e; for b in $(filter-out bench/common.py,$(wildcard bench/*.py)); do \

@@ -54,8 +54,12 @@ def pxe_command(
     memory_mib: int | None = None,
     accel: str = "tcg",
     monitor: Path | None = None,
+    netdev: str | None = None,
+    option_rom: bool = True,
 ) -> list[str]:
-    """qemu for a diskless machine booting from its NIC (``bootindex=0``)."""
+    """qemu for a diskless machine booting from its NIC (``bootindex=0``). ``netdev``
+    replaces qemu's user networking (a tap on a bridge where a real DHCP server answers);
+    without ``option_rom`` the NIC has no iPXE ROM, so UEFI boots with OVMF's own PXE."""
     if firmware not in FIRMWARES:
         raise ToolError(f"firmware must be bios or uefi, not {firmware!r}")
     # graphics=off: SeaBIOS writes its text screen (where iPXE's messages go) to the serial port
@@ -66,8 +70,9 @@ def pxe_command(
         "-nodefaults", "-display", "none", "-no-reboot",
         "-machine", f"{machine},accel={accel}", "-m", str(memory), "-smp", "1",
         "-serial", "stdio",
-        "-netdev", f"user,id=net0,tftp={tftp},bootfile={TFTP_BOOTFILE}",
-        "-device", f"virtio-net-pci,netdev=net0,mac={check_mac(mac)},bootindex=0,id=nic0",
+        "-netdev", netdev or f"user,id=net0,tftp={tftp},bootfile={TFTP_BOOTFILE}",
+        "-device", f"virtio-net-pci,netdev=net0,mac={check_mac(mac)},bootindex=0,id=nic0"
+        + ("" if option_rom else ",romfile="),
     ]  # fmt: skip
     if firmware == "uefi":
         if vars_file is None:
@@ -103,7 +108,11 @@ class PxeVm:
         memory_mib: int | None = None,
         accel: str = "tcg",
         monitor: bool = False,
+        netdev: str | None = None,
+        option_rom: bool = True,
+        launcher: tuple[str, ...] = (),
     ) -> None:
+        """``launcher``: what runs qemu (``ip netns exec NS``: a machine on another network)."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.console_path = workdir / f"{name}.console"
@@ -112,15 +121,20 @@ class PxeVm:
         if firmware == "uefi":
             vars_file = workdir / f"{name}.vars.fd"
             shutil.copyfile(OVMF_VARS, vars_file)
-        self.command = pxe_command(
-            mac=mac,
-            tftp=tftp_folder(workdir / "tftp", http_base),
-            firmware=firmware,
-            vars_file=vars_file,
-            memory_mib=memory_mib,
-            accel=accel,
-            monitor=self.monitor_path,
-        )
+        self.command = [
+            *launcher,
+            *pxe_command(
+                mac=mac,
+                tftp=tftp_folder(workdir / "tftp", http_base),
+                firmware=firmware,
+                vars_file=vars_file,
+                memory_mib=memory_mib,
+                accel=accel,
+                monitor=self.monitor_path,
+                netdev=netdev,
+                option_rom=option_rom,
+            ),
+        ]
         self._proc: subprocess.Popen[bytes] | None = None
         self._started = 0.0
 
