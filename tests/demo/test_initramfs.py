@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lamina.demo import cpio
+from lamina.netboot import cpio
 from lamina.demo.initramfs import BOOT_PREFIX, INIT, build_initramfs
 from lamina.demo.kmod import load_order, modinfo
 from lamina.errors import NotFound

@@ -59,6 +59,18 @@ def serve(
             " [the address served, else the host machines reach HTTP at].",
         ),
     ] = None,
+    boot_http: Annotated[
+        str | None,
+        typer.Option(
+            "--boot-http",
+            help="Serve network boot on this plain-HTTP address too (with TLS, the one way"
+            " firmware gets it).",
+        ),
+    ] = None,
+    boot_allow: Annotated[
+        list[str] | None,
+        typer.Option("--boot-allow", help="Serve network boot to this network only (repeatable)."),
+    ] = None,
     auto_add: Annotated[
         str | None,
         typer.Option(
@@ -88,6 +100,8 @@ def serve(
         https_cert=https_cert,
         https_key=https_key,
         boot_nbd=parse_address(boot_nbd, "--boot-nbd") if boot_nbd else None,
+        boot_http=parse_address(boot_http, "--boot-http") if boot_http else None,
+        boot_allow=tuple(boot_allow or ()),
         auto_add=AutoAdd(auto_add, auto_add_name, auto_add_mode) if auto_add else None,
     )
     options.tls = want_tls(

@@ -19,8 +19,9 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-from lamina.demo import cpio
 from lamina.identity.seed import MACHINE_ID_PATH, SEED_LABEL
+from lamina.netboot import cpio
+from lamina.netboot.tlsfiles import CA, CERT, KEY, TLS_DIR
 
 ROOT_LABEL = "lamina-root"
 MARKER = "var/lib/lamina-demo/marker"
@@ -29,7 +30,6 @@ MARKER = "var/lib/lamina-demo/marker"
 MODULES = ("virtio_pci", "virtio_blk", "ext4", "isofs", "virtio_net", "nbd")
 BOOT_PREFIX = "lamina-boot "
 HOLD_PREFIX = "lamina-hold "
-TLS_DIR = "lamina/tls"  # where a network boot's credential lands (an initrd of its own)
 _ID_PATH_RE = MACHINE_ID_PATH.replace("/", "\\/")  # inside an awk /regex/
 
 INIT = r"""#!/bin/sh
@@ -72,8 +72,8 @@ nic() {
 attach() { # attach HOST:PORT/EXPORT DEVICE
     host=${1%%:*}; rest=${1#*:}; port=${rest%%/*}; name=${rest#*/}
     set -- "$host" -N "$name" "$port" "$2"
-    [ -n "$tls" ] && set -- "$@" -certfile /@TLS@/client-cert.pem \
-        -keyfile /@TLS@/client-key.pem -cacertfile /@TLS@/ca-cert.pem
+    [ -n "$tls" ] && set -- "$@" -certfile /@TLS@/@CERT@ -keyfile /@TLS@/@KEY@ \
+        -cacertfile /@TLS@/@CA@
     nbd-client "$@" >/tmp/nbd.log 2>&1 || fail "nbd-client-$name:$(tail -n 1 /tmp/nbd.log | tr ' ' -)"
 }
 if [ -n "$nbdroot" ]; then
@@ -136,6 +136,9 @@ for _marker, _value in (
     ("@BOOT@", BOOT_PREFIX),
     ("@HOLD@", HOLD_PREFIX),
     ("@TLS@", TLS_DIR),
+    ("@CERT@", CERT),
+    ("@KEY@", KEY),
+    ("@CA@", CA),
     ("@ROOT@", ROOT_LABEL),
     ("@SEED@", SEED_LABEL),
     ("@IDRE@", _ID_PATH_RE),

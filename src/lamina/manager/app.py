@@ -38,13 +38,30 @@ def create_app(home: Home, netboot: NetbootSettings | None = None) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(boot.router)
 
-    @app.exception_handler(LaminaError)
-    def lamina_error(_request: Request, exc: LaminaError) -> JSONResponse:
-        code = next((c for kind, c in STATUS if isinstance(exc, kind)), 500)
-        return JSONResponse({"detail": str(exc)}, status_code=code)
+    _errors(app)
 
     @app.get("/api/v1/health", tags=["meta"])
     def health() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
 
     return app
+
+
+def create_boot_app(home: Home, netboot: NetbootSettings) -> FastAPI:
+    """Network boot alone (``serve --boot-http``): the routes firmware uses, nothing else."""
+    from lamina.netboot.bootfiles import BootCache
+
+    app = FastAPI(title="lamina network boot", version=__version__, openapi_url=None)
+    app.state.home = home
+    app.state.netboot = netboot
+    app.state.boot_cache = BootCache(home.root / "cache" / "boot")
+    app.include_router(boot.router)
+    _errors(app)
+    return app
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(LaminaError)
+    def lamina_error(_request: Request, exc: LaminaError) -> JSONResponse:
+        code = next((c for kind, c in STATUS if isinstance(exc, kind)), 500)
+        return JSONResponse({"detail": str(exc)}, status_code=code)

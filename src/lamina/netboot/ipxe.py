@@ -17,7 +17,8 @@ The kernel command line, beside the image's own arguments:
     nbdroot=HOST:PORT/machine/NAME         Debian's initramfs-tools form (nbd-client's hook)
     root=/dev/nbd0pN nbd.max_part=16       the root partition of that disk
     lamina.seed=HOST:PORT/machine/NAME/seed   the identity seed, a second NBD disk
-    lamina.tls=1                           both over TLS, with the credential in the initrd
+    lamina.tls=1                           both over TLS, with the credential in a second
+                                           initrd (credential.cpio, issued for this boot)
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import re
 from dataclasses import dataclass
 
 ENTRY_PATH = "/boot.ipxe"
+KERNEL = "vmlinuz"
+INITRD = "initrd.img"
+CREDENTIAL = "credential.cpio"  # a machine's TLS credential, a second initrd
 RETRY_SECONDS = 10
 # What an image's own kernel argument may contain to reach an iPXE ``kernel`` line
 # unchanged: iPXE expands ``${...}`` and reads ``||``/``&&`` in a script line.
@@ -62,14 +66,21 @@ def safe_args(args: str) -> tuple[str, list[str]]:
 
 
 def kernel_args(
-    image_args: str, *, machine: str, mac: str, root_partition: int, nbd: NbdTarget
+    image_args: str,
+    *,
+    machine: str,
+    mac: str,
+    root_partition: int,
+    nbd: NbdTarget,
+    initrds: tuple[str, ...] = (INITRD,),
 ) -> str:
     """The whole command line for a machine booted from the network."""
     root = f"/dev/nbd0p{root_partition}" if root_partition else "/dev/nbd0"
     export = f"machine/{machine}"
     words = [
         safe_args(image_args)[0],
-        "initrd=initrd.img",  # the name iPXE gives the initrd, for the kernel's EFI stub
+        # the names iPXE gives the initrds, for the kernel's EFI stub to load
+        *(f"initrd={name}" for name in initrds),
         "ip=dhcp",
         f"BOOTIF=01-{hyphenated(mac)}",
         f"nbdroot={nbd.address()}/{export}",
@@ -112,14 +123,15 @@ def boot_script(
     ref: str,
     files_path: str,
     args: str,
+    initrds: tuple[str, ...] = (INITRD,),
     retry: int = RETRY_SECONDS,
 ) -> str:
-    """A known machine: its version's kernel and initrd, and its command line."""
+    """A known machine: its version's kernel and initrd(s), and its command line."""
     return _lines(
         f"# lamina: {machine} ({mac}) boots {ref}",
         _echo(f"lamina: {mac} is {machine}, booting {ref}"),
-        f"kernel {base_url}{files_path}/vmlinuz {args} || goto failed",
-        f"initrd {base_url}{files_path}/initrd.img || goto failed",
+        f"kernel {base_url}{files_path}/{KERNEL} {args} || goto failed",
+        *(f"initrd {base_url}{files_path}/{name} || goto failed" for name in initrds),
         "boot || goto failed",
         ":failed",
         _echo(f"lamina: booting {machine} failed; again in {retry} s"),

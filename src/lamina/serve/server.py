@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ from lamina.delta.file import discard
 from lamina.errors import Conflict, LaminaError, UsageError
 from lamina.home import Home
 from lamina.locks import try_lock
-from lamina.manager.app import create_app
+from lamina.manager.app import create_app, create_boot_app
 from lamina.manager.console.auth import print_login_url
 from lamina.manager.services import machines
 from lamina.manager.services.netboot import AutoAdd, NetbootSettings, check_auto_add
@@ -57,6 +58,8 @@ class ServeOptions:
     boot_nbd: tuple[str, int] | None = None  # the NBD address written into boot scripts
     auto_add: AutoAdd | None = None  # a MAC that boots and is no machine becomes one
     boot_retry_seconds: int = 10  # how soon a machine that cannot boot yet asks again
+    boot_http: tuple[str, int] | None = None  # network boot on a plain-HTTP port of its own
+    boot_allow: tuple[str, ...] = ()  # networks network boot is served to (all when empty)
 
     @property
     def hosts(self) -> list[str]:
@@ -75,12 +78,18 @@ class ServeOptions:
             tls=self.tls,
             auto_add=self.auto_add,
             retry_seconds=self.boot_retry_seconds,
+            allow=tuple(_network(n) for n in self.boot_allow),
         )
 
 
-def _unspecific(host: str) -> bool:
-    import ipaddress
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise UsageError(f"bad --boot-allow {text!r}: expected ADDRESS/PREFIX") from None
 
+
+def _unspecific(host: str) -> bool:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -149,12 +158,10 @@ async def _serve(
     # not a manager that silently never came up beside a working block server.
     nbd_sock = _listen(options.nbd, "--nbd") if options.nbd is not None else None
     http_sock = _listen(options.http, "--http") if options.http is not None else None
+    boot_sock = _listen(options.boot_http, "--boot-http") if options.boot_http else None
     nbd = await loop.create_server(connection, sock=nbd_sock) if nbd_sock is not None else None
     stop = stop or asyncio.Event()
-    http = _http_server(home, options, tls) if options.http is not None else None
-    http_task = asyncio.create_task(http.serve(sockets=[http_sock])) if http is not None else None
-    if http_task is not None:
-        http_task.add_done_callback(lambda _task: stop.set())  # the manager died: stop all
+    https = _start_https(home, options, tls, (http_sock, boot_sock), stop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -163,6 +170,7 @@ async def _serve(
         "serving",
         nbd=f"{options.nbd[0]}:{options.nbd[1]}" if options.nbd else None,
         http=f"{options.http[0]}:{options.http[1]}" if options.http else None,
+        boot_http=f"{options.boot_http[0]}:{options.boot_http[1]}" if options.boot_http else None,
         tls=options.tls,
         reset_stateless=reset,
     )
@@ -184,16 +192,55 @@ async def _serve(
             if not connections:
                 break
             await asyncio.sleep(0.01)
-        if http is not None and http_task is not None:
-            http.should_exit = True
-            with contextlib.suppress(asyncio.CancelledError):
-                await http_task
+        await _stop_https(https)
         executor.shutdown(wait=True)
         catalog.close_all()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
         logs.event(log, "stopped")
+
+
+HttpServers = list[tuple[Any, "asyncio.Task[None]"]]  # uvicorn servers and their tasks
+
+
+def _start_https(
+    home: Home,
+    options: ServeOptions,
+    tls: ServeTls | None,
+    socks: tuple[socket.socket | None, socket.socket | None],
+    stop: asyncio.Event,
+) -> HttpServers:
+    """The manager on --http and, when asked, network boot alone on --boot-http."""
+    https = []
+    netboot = options.netboot()
+    if options.http is not None:
+        https.append(_start_http(create_app(home, netboot), options.http, tls, socks[0], stop))
+    if options.boot_http is not None:
+        # plain HTTP whatever TLS says: firmware can check no certificate of ours
+        app = create_boot_app(home, netboot)
+        https.append(_start_http(app, options.boot_http, None, socks[1], stop))
+    return https
+
+
+async def _stop_https(https: HttpServers) -> None:
+    for http, task in https:
+        http.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _start_http(
+    app: Any,
+    address: tuple[str, int],
+    tls: ServeTls | None,
+    sock: socket.socket | None,
+    stop: asyncio.Event,
+) -> tuple[Any, asyncio.Task[None]]:
+    http = _http_server(app, address, tls)
+    task = asyncio.create_task(http.serve(sockets=[sock]))
+    task.add_done_callback(lambda _task: stop.set())  # the manager died: stop all
+    return http, task
 
 
 def _lock_home(home: Home) -> int:
@@ -221,11 +268,8 @@ def _listen(address: tuple[str, int], what: str) -> socket.socket:
     return sock
 
 
-def _http_server(home: Home, options: ServeOptions, tls: ServeTls | None) -> Any:
+def _http_server(app: Any, address: tuple[str, int], tls: ServeTls | None) -> Any:
     import uvicorn
-
-    assert options.http is not None
-    address = options.http
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -235,7 +279,7 @@ def _http_server(home: Home, options: ServeOptions, tls: ServeTls | None) -> Any
     # httptools parses requests in C: 623 logins/s in the login storm where h11 (pure
     # Python) gave 516. A deep backlog absorbs a login storm's connection burst.
     config = uvicorn.Config(
-        create_app(home, options.netboot()),
+        app,
         host=address[0],
         port=address[1],
         log_level="warning",

@@ -4,8 +4,11 @@
     GET /boot/{mac}.ipxe                         the machine's script (or why it must wait)
     GET /boot/{mac}/{image}/{version}/vmlinuz    its pinned version's kernel
     GET /boot/{mac}/{image}/{version}/initrd.img and initrd
+    GET /boot/{mac}/{image}/{version}/credential.cpio   with TLS on: a machine credential
+                                                 for this boot (valid one hour), as an initrd
 
-A MAC opens only the boot files of the version a machine with that MAC is pinned to.
+A MAC opens only the boot files of the version a machine with that MAC is pinned to;
+``serve --boot-allow NETWORK`` limits all of these to clients of those networks.
 Kernel and initrd are read from the version's own file system once and kept per version
 (``HOME/cache/boot``). Scripts name this server as the machine reached it (the request's
 scheme and Host), and the NBD server at that host and the NBD port, unless
@@ -14,15 +17,17 @@ scheme and Host), and the NBD server at that host and the NBD port, unless
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response
 
 from lamina import logs
 from lamina.errors import InvalidInput, LaminaError, NotFound, UsageError
@@ -30,13 +35,26 @@ from lamina.home import Home
 from lamina.identity.validate import check_mac
 from lamina.image import ImageReader, Manifest
 from lamina.manager.models import Machine
-from lamina.manager.services import netboot
+from lamina.manager.services import credentials, netboot
 from lamina.manager.services.netboot import DeviceReport, NetbootSettings
-from lamina.netboot import ipxe
+from lamina.netboot import ipxe, tlsfiles
 from lamina.netboot.bootfiles import BootCache, BootInfo
 from lamina.store import ChunkCache
+from lamina.trust.authority import Authority
+from lamina.trust.principal import Kind
 
-router = APIRouter(tags=["netboot"])
+
+def _allowed(request: Request) -> None:
+    """Only clients of the networks ``--boot-allow`` names (all when it names none)."""
+    allow = _settings(request).allow
+    if not allow:
+        return
+    address = ipaddress.ip_address(request.client.host) if request.client else None
+    if address is None or not any(address in network for network in allow):
+        raise HTTPException(403, "network boot is not served to this address")
+
+
+router = APIRouter(tags=["netboot"], dependencies=[Depends(_allowed)])
 IPXE_TYPE = "text/plain; charset=utf-8"
 _auto_add_lock = threading.Lock()  # one auto-add at a time, committed before the next
 _log = logging.getLogger(logs.LOGGER)
@@ -158,8 +176,14 @@ def machine_script(
     target = ipxe.NbdTarget(
         settings.nbd_host or request.url.hostname or "127.0.0.1", settings.nbd_port, settings.tls
     )
+    initrds = (ipxe.INITRD, ipxe.CREDENTIAL) if settings.tls else (ipxe.INITRD,)
     args = ipxe.kernel_args(
-        info.args, machine=found.machine, mac=mac, root_partition=info.root_partition, nbd=target
+        info.args,
+        machine=found.machine,
+        mac=mac,
+        root_partition=info.root_partition,
+        nbd=target,
+        initrds=initrds,
     )
     files = f"/boot/{ipxe.hyphenated(mac)}/{found.image}/{found.version}"
     logs.event(_log, "netboot", mac=mac, machine=found.machine, image=found.ref)
@@ -171,20 +195,13 @@ def machine_script(
             ref=found.ref,
             files_path=files,
             args=args,
+            initrds=initrds,
             retry=settings.retry_seconds,
         )
     )
 
 
-@router.get("/boot/{mac}/{image}/{version}/{name}")
-def boot_file(
-    request: Request,
-    mac: Annotated[str, PathParam(max_length=32)],
-    image: str,
-    version: int,
-    name: Literal["vmlinuz", "initrd.img"],
-) -> FileResponse:
-    """A kernel or initrd, to a MAC whose machine is pinned to that version."""
+def _pinned(request: Request, mac: str, image: str, version: int) -> Booting:
     try:
         mac = check_mac(mac)
     except UsageError as exc:
@@ -197,8 +214,49 @@ def boot_file(
         ]
     if not pinned:
         raise HTTPException(404, f"no machine with MAC {mac} is pinned to {image}@{version}")
+    return pinned[0]
+
+
+@router.get("/boot/{mac}/{image}/{version}/credential.cpio")
+def credential(
+    request: Request,
+    mac: Annotated[str, PathParam(max_length=32)],
+    image: str,
+    version: int,
+) -> Response:
+    """A machine credential for this boot, as an initrd (only when NBD requires TLS)."""
+    if not _settings(request).tls:
+        raise HTTPException(404, "NBD needs no credential: this server runs without TLS")
+    booting = _pinned(request, mac, image, version)
+    home = _home(request)
+    authority = Authority.open(home.tls_dir)
+    with home.session() as session:
+        issued = credentials.issue(
+            session,
+            authority,
+            Kind.MACHINE,
+            booting.machine,
+            not_after=datetime.now(UTC) + tlsfiles.VALIDITY,
+        )
+    logs.event(_log, "netboot-credential", mac=mac, machine=booting.machine, serial=issued.serial)
+    body = tlsfiles.archive(authority.cert_pem, issued.cert_pem, issued.key_pem)
+    return Response(
+        body, media_type="application/octet-stream", headers={"Cache-Control": "no-store"}
+    )
+
+
+@router.get("/boot/{mac}/{image}/{version}/{name}")
+def boot_file(
+    request: Request,
+    mac: Annotated[str, PathParam(max_length=32)],
+    image: str,
+    version: int,
+    name: Literal["vmlinuz", "initrd.img"],
+) -> FileResponse:
+    """A kernel or initrd, to a MAC whose machine is pinned to that version."""
+    booting = _pinned(request, mac, image, version)
     try:
-        folder, _info = boot_files(request, pinned[0].manifest_id, pinned[0].size)
+        folder, _info = boot_files(request, booting.manifest_id, booting.size)
     except LaminaError as exc:
         raise HTTPException(404, str(exc)) from None
     return FileResponse(folder / name, media_type="application/octet-stream")

@@ -8,6 +8,7 @@ firmware reported is kept only to help an administrator recognise the device.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -144,3 +145,4 @@ class NetbootSettings:
     tls: bool = False  # NBD requires TLS: machines get a credential with their initrd
     auto_add: AutoAdd | None = None
     retry_seconds: int = 10
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # all when empty
