@@ -192,7 +192,7 @@ def _load(cache_dir: Path) -> DemoImage | None:
 
 
 def demo_image(cache_dir: Path, *, rebuild: bool = False, log: Log | None = None) -> DemoImage:
-    """The demo disk image under ``cache_dir``, built on first use (about 5 s and 27 MB
+    """The demo disk image under ``cache_dir``, built on first use (10-30 s and 33 MB
     downloaded) and reused after. Safe to call from several processes at once: one
     builds, the others wait for it and reuse its image.
     """

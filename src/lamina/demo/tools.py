@@ -99,19 +99,27 @@ def extract(deb: Path, dest: Path) -> Path:
 
 def library_packages(package: str) -> list[str]:
     """``package`` and the library packages it depends on, recursively (``lib*`` only: a
-    program's run-time libraries, not its maintainer scripts' tools such as debconf)."""
+    program's run-time libraries, not its maintainer scripts' tools such as debconf).
+    One ``apt-cache`` call lists the whole graph; the walk keeps to libraries."""
+    out = run(
+        ["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+         "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", package],
+        f"looking up what {package} depends on",
+    )  # fmt: skip
+    graph: dict[str, list[str]] = {}
+    current = ""
+    for line in out.splitlines():
+        if not line.startswith(" "):
+            current = line.strip()
+            graph.setdefault(current, [])
+            continue
+        kind, _, dep = line.strip().lstrip("|").partition(": ")
+        if kind in ("Depends", "PreDepends"):
+            graph[current].append(dep.strip("<>"))
     wanted, todo = [package], [package]
     while todo:
-        out = run(
-            ["apt-cache", "depends", "--no-recommends", "--no-suggests", "--no-conflicts",
-             "--no-breaks", "--no-replaces", "--no-enhances", *todo],
-            f"looking up what {package} depends on",
-        )  # fmt: skip
-        todo = []
-        for line in out.splitlines():
-            kind, _, dep = line.strip().partition(": ")
-            dep = dep.strip("<>")
-            if kind in ("Depends", "PreDepends") and dep.startswith("lib") and dep not in wanted:
+        for dep in graph.get(todo.pop(0), []):
+            if dep.startswith("lib") and dep not in wanted:
                 wanted.append(dep)
                 todo.append(dep)
     return wanted

@@ -65,15 +65,15 @@ def closure(root: Path) -> dict[str, bytes]:
     """nbd-client and every library it loads, from a tree the packages were extracted
     into; keyed by where they go in the initramfs."""
     client = (root / CLIENT_PATH).read_bytes()
+    loader = interpreter(client)
     libs: dict[str, bytes] = {}
     todo = needed(client)
     while todo:
         name = todo.pop()
-        if name in libs:
+        if name in libs or name == Path(loader).name:  # libc names the loader: it goes apart
             continue
         libs[name] = _find(root, name).read_bytes()
         todo += needed(libs[name])
-    loader = interpreter(client)
     files = {CLIENT_PATH: client, loader.lstrip("/"): _find(root, Path(loader).name).read_bytes()}
     files |= {f"lib/x86_64-linux-gnu/{name}": data for name, data in sorted(libs.items())}
     return files
