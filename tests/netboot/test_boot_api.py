@@ -208,3 +208,19 @@ def test_patching_the_image_patches_what_machines_boot(
     assert httpx.get(before).status_code == 404  # no longer its version
     cached = sorted(p.name for p in (cli.home / "cache" / "boot").iterdir())
     assert len(cached) == 2  # one folder of boot files per version booted
+
+
+def test_the_console_lists_new_devices_as_text(cli: Cli, served: Callable[..., Server]) -> None:
+    from tests.console.test_http import signed_in
+
+    server = served()
+    hostile = quote("<script>alert(1)</script>", safe="")
+    httpx.get(script_url(server, MAC, platform="pcbios", product=hostile))
+    with signed_in(server.http_url, cli("admin", "token").out.strip()) as (client, _csrf):
+        page = client.get("/machines").text
+    table = page[page.index('id="new-devices"') :]
+    assert f'data-key="{MAC}"' in table and "pcbios" in table
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in table and "<script>alert" not in table
+    cli("machine", "add", "desk-001", "--image", "demo", "--mac", MAC)
+    with signed_in(server.http_url, cli("admin", "token").out.strip()) as (client, _csrf):
+        assert 'id="new-devices"' not in client.get("/machines").text

@@ -101,11 +101,11 @@ def note_new_device(session: Session, mac: str, report: DeviceReport) -> NewDevi
     return row
 
 
-def new_devices(session: Session) -> list[NewDevice]:
+def new_devices(session: Session, limit: int | None = None) -> list[NewDevice]:
     """Devices that asked to boot and are still no machine, newest request first."""
     known = select(Machine.mac)
     query = select(NewDevice).where(NewDevice.mac.not_in(known))
-    return list(session.scalars(query.order_by(NewDevice.last_seen.desc())))
+    return list(session.scalars(query.order_by(NewDevice.last_seen.desc()).limit(limit)))
 
 
 def forget(session: Session, mac: str) -> None:
