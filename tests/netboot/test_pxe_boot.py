@@ -5,6 +5,7 @@ demo init rooting itself on machine/NAME with nbd-client."""
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -107,3 +108,22 @@ def test_a_uefi_machine_boots_the_same_way(
     assert (report.hostname, report.machine_id) == ("desk-001", fleet["desk-001"])
     scripts = [line for line in server.log_lines() if '"event": "netboot"' in line]
     assert len(scripts) == 1 and '"machine": "desk-001"' in scripts[0]
+
+
+def test_lamina_demo_pxe(cli: Cli, demo: DemoImage) -> None:
+    """`lamina demo --pxe` for a newcomer: two diskless machines and one added while it waits."""
+    cache = cli.home / "cache" / "demo"
+    cache.mkdir(parents=True)
+    for item in demo.path.parent.iterdir():
+        if item.is_file():
+            (cache / item.name).write_bytes(item.read_bytes())
+    result = json.loads(
+        cli("demo", "--pxe", "--json", "--nbd-port", "0", "--http-port", "0", timeout=600).out
+    )
+    assert result["pxe"] is True and result["newcomers"] == ["desk-003"]
+    boots = {(b["round"], b["machine"]): b for b in result["boots"]}
+    assert {m for r, m in boots if r == "boot 1"} == {"desk-001", "desk-002", "desk-003"}
+    assert all(b["hostname"] == m for (_, m), b in boots.items())
+    assert not boots[("boot 2", "desk-001")]["marker"]  # stateless: clean again
+    assert boots[("boot 2", "desk-002")]["marker"]  # stateful: kept its marker
+    assert cli.json("machine", "list", "--new") == []  # the newcomer became desk-003
