@@ -151,7 +151,9 @@ def test_the_cache_reads_the_image_once_per_version(tmp_path: Path) -> None:
 
     cache = BootCache(tmp_path / "cache")
     version = "ab" * 32
+    assert cache.lookup(version) is None
     folder, info = cache.get(version, counted, size)
+    assert cache.lookup(version) == (folder, info)
     assert (folder / "vmlinuz").read_bytes() == KERNEL_A
     assert (folder / "initrd.img").read_bytes() == INITRD_A
     reads = len(calls)

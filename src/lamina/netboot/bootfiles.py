@@ -204,6 +204,12 @@ class BootCache:
             raise InvalidInput(f"bad manifest id {manifest_id!r}")
         return self.root / manifest_id
 
+    def lookup(self, manifest_id: str) -> tuple[Path, BootInfo] | None:
+        """The version's boot files if they were read out already (no image read)."""
+        folder = self.folder(manifest_id)
+        info = self._load(folder)
+        return None if info is None else (folder, info)
+
     def get(self, manifest_id: str, read: ReadAt, size: int) -> tuple[Path, BootInfo]:
         """The folder holding ``vmlinuz``, ``initrd.img`` and ``boot.json`` for the
         version, extracted on first use (one thread per version does it)."""

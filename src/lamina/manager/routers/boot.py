@@ -81,6 +81,9 @@ def _script(text: str) -> PlainTextResponse:
 def boot_files(request: Request, manifest_id: str, size: int) -> tuple[Path, BootInfo]:
     """The version's boot files, read from its file system on first use."""
     cache: BootCache = request.app.state.boot_cache
+    hit = cache.lookup(manifest_id)  # every boot after the version's first
+    if hit is not None:
+        return hit
     home = _home(request)
 
     def read(offset: int, length: int) -> bytes:
