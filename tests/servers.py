@@ -67,6 +67,7 @@ class Server:
 
     def start(self) -> None:
         env = {**os.environ, "LAMINA_HOME": str(self.home)}
+        before = self._served()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -84,6 +85,16 @@ class Server:
         if self.nbd:
             wait_port(self.port, self.proc)
         wait_port(self.http_port, self.proc)
+        # the ports listen before the NBD workers are up and the manager serves: on a
+        # loaded host that took longer than a client's 5 s timeout
+        proc = self.proc
+        wait_for(lambda: self._served() > before or proc.poll() is not None, 120)
+
+    def _served(self) -> int:
+        """How many times the log says a server started serving."""
+        if not self.log.exists():
+            return 0
+        return self.log.read_text(errors="replace").count('"event": "serving"')
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:

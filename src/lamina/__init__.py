@@ -10,6 +10,7 @@ agent      the guest agent: identity, layers at login, live attach, writable lay
 manager    database, services, HTTP API and console
 rebase     3-way rebase of writable layers onto patched bases
 stream     the streaming endpoint (``lamina stream``)
+netboot    network boot: boot files read from an image's ext4, iPXE scripts, dnsmasq
 delta      machine deltas: the delta files, blobs, staged uploads, the machine's disk
 layer      file-tree layers: import, capture, mount a composed root, live attach
 image      block images: import, export, manifests, reads, boot-profile format
@@ -18,7 +19,7 @@ trust      the home's certificate authority and what a TLS client proves
 home       a home: its folders, its store, its database (opened by whoever opens it)
 store      the content-addressed chunk store
 nbd        the NBD protocol (sans-I/O) and the block-device interface
-names, locks, files, logs, control, errors, settings, _tuning   shared foundations
+names, locks, files, logs, control, errors, settings, units, _tuning   shared foundations
 """
 
 from lamina.errors import (
@@ -29,8 +30,11 @@ from lamina.errors import (
     LaminaError,
     NotFound,
     ProtocolError,
+    Refused,
     StoreError,
     ToolError,
+    Unconfirmed,
+    Unreachable,
     UnsafeArchive,
     UsageError,
 )
@@ -45,8 +49,11 @@ __all__ = [
     "LaminaError",
     "NotFound",
     "ProtocolError",
+    "Refused",
     "StoreError",
     "ToolError",
+    "Unconfirmed",
+    "Unreachable",
     "UnsafeArchive",
     "UsageError",
     "__version__",

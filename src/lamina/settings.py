@@ -17,5 +17,3 @@ class Settings(BaseSettings):
     home: Path = default_home()
     # SQLite file under home when unset; postgresql+psycopg://... for several managers.
     database_url: str | None = None
-    # Bytes of decompressed chunks kept in memory by a block server.
-    cache_bytes: int = 512 << 20

@@ -101,9 +101,10 @@ async def _round(
 
 
 def _forget_newcomer(home: Home) -> None:
-    with home.session() as session:
-        if any(m.name == NEWCOMER for m in machines.list_all(session)):
-            machines.remove(session, name=NEWCOMER)
+    with home.session(read_only=True) as session:
+        present = any(m.name == NEWCOMER for m in machines.list_all(session))
+    if present:
+        machines.remove(home, name=NEWCOMER, force=True)
     discard(home.deltas_dir / NEWCOMER)
 
 
@@ -119,9 +120,8 @@ def run_pxe_demo(
     result.nbd, result.http = f"nbd://{nbd[0]}:{nbd[1]}", f"http://{http[0]}:{http[1]}"
     say(f"serving {result.nbd} and {result.http}; the VMs reach them at {HOST_FROM_GUEST}")
     options = ServeOptions(
-        nbd=nbd, http=http, cache_bytes=128 << 20, log_level="warning",
-        boot_retry_seconds=RETRY_SECONDS,
-    )  # fmt: skip
+        nbd=nbd, http=http, log_level="warning", boot_retry_seconds=RETRY_SECONDS
+    )
     with tempfile.TemporaryDirectory(prefix="pxe-", dir=home.tmp_dir) as tmp:
         workdir = Path(tmp)
         newcomer = (generate_mac(), ref)

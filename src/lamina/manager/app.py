@@ -8,20 +8,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from lamina import __version__
-from lamina.errors import AlreadyExists, Conflict, InvalidInput, LaminaError, NotFound, UsageError
+from lamina.errors import LaminaError, http_body, http_status
 from lamina.home import Home
 from lamina.manager.console import router as console_router
 from lamina.manager.routers import admin, agent, boot, data, stream
 from lamina.manager.services.netboot import NetbootSettings
-
-# Lamina's errors as HTTP statuses (anything else stays a 500).
-STATUS: list[tuple[type[LaminaError], int]] = [
-    (NotFound, 404),
-    (AlreadyExists, 409),
-    (Conflict, 409),
-    (UsageError, 422),
-    (InvalidInput, 422),
-]
 
 
 def create_app(home: Home, netboot: NetbootSettings | None = None) -> FastAPI:
@@ -63,5 +54,4 @@ def create_boot_app(home: Home, netboot: NetbootSettings) -> FastAPI:
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(LaminaError)
     def lamina_error(_request: Request, exc: LaminaError) -> JSONResponse:
-        code = next((c for kind, c in STATUS if isinstance(exc, kind)), 500)
-        return JSONResponse({"detail": str(exc)}, status_code=code)
+        return JSONResponse(http_body(exc), status_code=http_status(exc))

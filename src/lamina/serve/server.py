@@ -1,7 +1,9 @@
-"""``lamina serve``: the block server (NBD) and the manager (HTTP) in one process.
+"""``lamina serve``: the manager (HTTP) and the block server (NBD).
 
-One event loop (uvloop when available) runs both; disk-bound work goes to a small thread
-pool. Stateless machines start from an empty delta every time the server starts.
+This process runs the manager and accepts NBD connections on one event loop (uvloop when
+available); the connections are served by worker processes, one per core by default
+(``serve.workers``), or in this process with ``workers=0``. Stateless machines start from
+an empty delta every time the server starts.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import contextlib
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import socket
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,8 @@ from lamina.manager.app import create_app, create_boot_app
 from lamina.manager.console.auth import print_login_url
 from lamina.manager.services import machines
 from lamina.manager.services.netboot import AutoAdd, NetbootSettings, check_auto_add
-from lamina.nbd.aio import NbdServerProtocol
-from lamina.serve.catalog import ExportCatalog
+from lamina.serve.imagefiles import hydrated_dir
 from lamina.serve.tls import ServeTls, tls_setup, warn_if_exposed
-from lamina.store import ChunkCache
 
 DEFAULT_NBD = "127.0.0.1:10809"
 DEFAULT_HTTP = "127.0.0.1:8480"
@@ -48,8 +48,8 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
 class ServeOptions:
     nbd: tuple[str, int] | None  # None: manager only (a second manager on one database)
     http: tuple[str, int] | None
-    cache_bytes: int = 512 << 20
-    workers: int = 8
+    workers: int | None = None  # NBD worker processes; None: one per core; 0: in this one
+    io_threads: int = 8  # per serving process, for disk-bound work
     log_level: str = "info"
     tls: bool = False  # NBD requires STARTTLS and a client certificate; HTTP is HTTPS
     tls_names: tuple[str, ...] = ()  # more names for the server certificate
@@ -64,6 +64,10 @@ class ServeOptions:
     @property
     def hosts(self) -> list[str]:
         return [a[0] for a in (self.nbd, self.http) if a is not None]
+
+    @property
+    def worker_count(self) -> int:
+        return len(os.sched_getaffinity(0)) if self.workers is None else self.workers
 
     def netboot(self) -> NetbootSettings:
         """What network-booted machines are told: the NBD address they reach (the one
@@ -139,28 +143,19 @@ async def _serve(
         with home.session(read_only=True) as session:
             check_auto_add(session, options.auto_add)
     reset = reset_stateless(home) if options.nbd is not None else []
-    cache = ChunkCache(options.cache_bytes)
-    catalog = ExportCatalog(home, cache)
-    executor = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="io")
+    if options.nbd is not None:  # derived data of the last run (see serve.imagefiles)
+        shutil.rmtree(hydrated_dir(home.cache_dir), ignore_errors=True)
     loop = asyncio.get_running_loop()
-    connections: set[NbdServerProtocol] = set()
-
-    tls = tls_setup(home, options, catalog) if options.tls else None
-
-    def connection() -> NbdServerProtocol:
-        proto = NbdServerProtocol(
-            catalog, executor, log, on_close=connections.discard, tls=tls.nbd if tls else None
-        )
-        connections.add(proto)
-        return proto
-
+    # The server certificate is issued (or renewed) here, once: the NBD workers find it.
+    tls = tls_setup(home, options, None) if options.tls else None
     # Bind both ports before anything else: a port in use is a one-line error at start,
     # not a manager that silently never came up beside a working block server.
     nbd_sock = _listen(options.nbd, "--nbd") if options.nbd is not None else None
     http_sock = _listen(options.http, "--http") if options.http is not None else None
     boot_sock = _listen(options.boot_http, "--boot-http") if options.boot_http else None
-    nbd = await loop.create_server(connection, sock=nbd_sock) if nbd_sock is not None else None
     stop = stop or asyncio.Event()
+    failed: list[str] = []
+    block = await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else None
     https = _start_https(home, options, tls, (http_sock, boot_sock), stop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -172,6 +167,7 @@ async def _serve(
         http=f"{options.http[0]}:{options.http[1]}" if options.http else None,
         boot_http=f"{options.boot_http[0]}:{options.boot_http[1]}" if options.boot_http else None,
         tls=options.tls,
+        workers=options.worker_count if options.nbd else None,
         reset_stateless=reset,
     )
     if not options.tls:
@@ -184,21 +180,59 @@ async def _serve(
     try:
         await stop.wait()
     finally:
-        if nbd is not None:
-            nbd.close()
-        for proto in list(connections):
-            proto.abort()
-        for _ in range(100):  # connection_lost callbacks run on the next loop turns
-            if not connections:
-                break
-            await asyncio.sleep(0.01)
+        if block is not None:
+            await block()
         await _stop_https(https)
-        executor.shutdown(wait=True)
-        catalog.close_all()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
         logs.event(log, "stopped")
+    if failed:
+        raise LaminaError(failed[0])
+
+
+async def _start_nbd(
+    home: Home,
+    options: ServeOptions,
+    log: logging.Logger,
+    sock: socket.socket,
+    stop: asyncio.Event,
+    failed: list[str],
+) -> Callable[[], Awaitable[None]]:
+    """Serve NBD on ``sock`` (in workers, or here); returns what stops it. Workers that
+    keep dying at start set ``stop`` and say why in ``failed``."""
+    if options.worker_count == 0:
+        from lamina.serve.handshake import NbdService
+
+        service = NbdService(home, log, io_threads=options.io_threads, options=options)
+        server = await asyncio.get_running_loop().create_server(service.protocol, sock=sock)
+
+        async def stop_here() -> None:
+            server.close()
+            await service.close()
+
+        return stop_here
+    from lamina.serve.workers import WorkerPool
+
+    pool = WorkerPool(home, options, log)
+    try:
+        await pool.start(sock)
+    except BaseException:
+        await pool.stop()
+        raise
+
+    async def watch_pool() -> None:
+        await pool.failed.wait()
+        failed.append("NBD workers keep exiting at start (see the log above)")
+        stop.set()
+
+    watch = asyncio.create_task(watch_pool())
+
+    async def stop_workers() -> None:
+        watch.cancel()
+        await pool.stop()
+
+    return stop_workers
 
 
 HttpServers = list[tuple[Any, "asyncio.Task[None]"]]  # uvicorn servers and their tasks
