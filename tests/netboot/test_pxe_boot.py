@@ -1,7 +1,10 @@
 """Machines with no disk boot the demo image from a real `lamina serve` over the network:
 qemu's iPXE ROM, qemu's user networking (its DHCP and TFTP; the guest reaches the host's
 loopback at 10.0.2.2 and nothing else), lamina's boot script chosen by MAC, and the
-demo init rooting itself on machine/NAME with nbd-client."""
+demo init rooting itself on machine/NAME with nbd-client.
+
+The first test (two machines and a newcomer at once) runs in ``make test``; the others
+boot more VMs one after another under TCG and run in ``make e2e``."""
 
 from __future__ import annotations
 
@@ -77,6 +80,7 @@ def test_two_machines_boot_by_mac_and_a_newcomer_waits_until_added(
     assert any('"export": "machine/desk-003/seed"' in line for line in connects)
 
 
+@pytest.mark.e2e
 def test_a_stateless_machine_reboots_clean(
     cli: Cli, server: Server, fleet: dict[str, str], tmp_path: Path
 ) -> None:
@@ -99,6 +103,7 @@ def test_a_stateless_machine_reboots_clean(
     assert boot_both("again") == {"desk-001": False, "desk-002": True}
 
 
+@pytest.mark.e2e
 def test_a_uefi_machine_boots_the_same_way(
     server: Server, fleet: dict[str, str], tmp_path: Path
 ) -> None:
@@ -110,6 +115,7 @@ def test_a_uefi_machine_boots_the_same_way(
     assert len(scripts) == 1 and '"machine": "desk-001"' in scripts[0]
 
 
+@pytest.mark.e2e
 def test_lamina_demo_pxe(cli: Cli, demo: DemoImage) -> None:
     """`lamina demo --pxe` for a newcomer: two diskless machines and one added while it waits."""
     cache = cli.home / "cache" / "demo"
