@@ -59,8 +59,8 @@ def test_two_machines_boot_by_mac_and_a_newcomer_waits_until_added(
     try:
         for vm in [*vms.values(), newcomer]:
             vm.start()
-        newcomer.wait_for(UNKNOWN)
-        assert f"--mac {NEWCOMER}" in newcomer.console()
+        newcomer.wait_for("asking again in")  # the message's last line: all of it is shown
+        assert UNKNOWN in newcomer.console() and f"--mac {NEWCOMER}" in newcomer.console()
         (new,) = cli.json("machine", "list", "--new")
         assert (new["mac"], new["platform"]) == (NEWCOMER, "pcbios")
         cli("machine", "add", "desk-003", "--image", "demo", "--mac", NEWCOMER)
