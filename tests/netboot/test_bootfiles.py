@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lamina.demo.image import DemoImage
+from lamina.demo.image import KERNEL_ARGS, DemoImage
 from lamina.errors import NotFound
 from lamina.netboot.bootfiles import BootCache, extlinux_args, find_boot_files, grub_args
 
@@ -181,5 +181,5 @@ def test_the_demo_image_matches_debugfs(demo: DemoImage, tmp_path: Path) -> None
         capture_output=True,
     )
     assert found.kernel == dumped.read_bytes()
-    assert found.info.args == "console=ttyS0 quiet panic=-1"
+    assert found.info.args == KERNEL_ARGS  # extlinux's APPEND
     assert found.info.root_partition == 1

@@ -116,7 +116,7 @@ def run_pxe_demo(
     ref = prepare(home, say)
     result = DemoResult(image=ref, pxe=True, newcomers=[NEWCOMER])
     nbd = ("127.0.0.1", free_port(nbd_port))
-    http = ("127.0.0.1", free_port(http_port))
+    http = ("127.0.0.1", free_port(http_port, avoid=nbd[1]))
     result.nbd, result.http = f"nbd://{nbd[0]}:{nbd[1]}", f"http://{http[0]}:{http[1]}"
     say(f"serving {result.nbd} and {result.http}; the VMs reach them at {HOST_FROM_GUEST}")
     options = ServeOptions(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -45,15 +46,21 @@ class DemoResult:
     newcomers: list[str] = field(default_factory=list)  # machines added at their first boot
 
 
-def free_port(preferred: int) -> int:
+def free_port(preferred: int, avoid: int | None = None) -> int:
     """``preferred`` when it is free on loopback, else a free port below the kernel's
     ephemeral range: the demo listens on it twice (the server restarts), and a port
     from the ephemeral range may meanwhile become some outgoing connection's source
-    port (seen under a loaded test run), which would refuse the second listen."""
+    port (seen under a loaded test run), which would refuse the second listen. ``avoid``:
+    a port picked before and not listened on yet (the NBD one, when picking HTTP's)."""
     low = _ephemeral_start()
-    candidates = [preferred] if preferred else []
-    candidates += list(range(max(1024, low - 12000), low))
+    below = list(range(max(1024, low - 12000), low))
+    # in random order: demos and test runs started at once on one host each took the
+    # lowest free port, the same one, and all but one failed to listen on it
+    random.shuffle(below)
+    candidates = ([preferred] if preferred else []) + below
     for port in candidates:
+        if port == avoid:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -176,7 +183,7 @@ def run_demo(home: Home, say: Say, *, nbd_port: int = 10809, http_port: int = 84
     started = time.monotonic()
     result = DemoResult(image=prepare(home, say))
     nbd = ("127.0.0.1", free_port(nbd_port))
-    http = ("127.0.0.1", free_port(http_port))
+    http = ("127.0.0.1", free_port(http_port, avoid=nbd[1]))
     result.nbd, result.http = f"nbd://{nbd[0]}:{nbd[1]}", f"http://{http[0]}:{http[1]}"
     say(f"serving {result.nbd} and {result.http}")
     asyncio.run(_round(home, nbd, http, "boot 1", say, result))
