@@ -182,6 +182,10 @@ async def _serve(
     finally:
         if block is not None:
             await block()
+        # the workers' parent accepts on it: left open, a server started again in this
+        # process (the demo's second round) cannot listen on the port
+        if nbd_sock is not None:
+            nbd_sock.close()
         await _stop_https(https)
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
