@@ -37,8 +37,7 @@ demo: install
 test: install
 	$(BIN)/pytest
 
-# Long machine runs under qemu (TCG): network boot through a real dnsmasq in network
-# namespaces, a root disk riding out a link loss.
+# The heavy end-to-end runs (VMs under TCG for minutes), left out of `make test`.
 e2e: install
 	$(BIN)/pytest -m e2e
 

@@ -99,6 +99,7 @@ def main() -> None:
     cache = Path(os.environ.get("LAMINA_TEST_CACHE") or "/var/tmp/lamina-test-cache") / "demo"
     disk = demo_image(cache).path
     env = {"LAMINA_HOME": str(work / "home")}
+    run(LAMINA, "init", env=env)  # the home: its identity, its migrated database
     run(LAMINA, "image", "import", "demo", str(disk), env=env)
     run(
         LAMINA,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from lamina.cli.common import HomeOpt, JsonOpt, emit_json, open_home, out
+from lamina.cli.common import HomeOpt, JsonOpt, emit_json, out
 
 
 def register(root: typer.Typer) -> None:
@@ -28,10 +28,11 @@ def demo(
     """End-to-end showcase: one image, two machines, two boots each, on embedded defaults."""
     from lamina.demo.netboot_demo import run_pxe_demo
     from lamina.demo.showcase import run_demo
+    from lamina.manager.home import init_home
 
     run = run_pxe_demo if pxe else run_demo
 
-    h = open_home(home)
+    h = init_home(home).home  # the demo makes its home (the default one) on first run
     started = time.monotonic()
 
     def say(line: str) -> None:

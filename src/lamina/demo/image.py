@@ -31,9 +31,9 @@ if TYPE_CHECKING:
     from lamina.home import Home
 
 # Bump when what goes into the image changes: older cached images are then rebuilt.
-# 3: nbd-client, its libraries, virtio_net and nbd in the initramfs (network boot).
-# 4: no_timer_check.
-RECIPE = 4
+# 2: a script disk (lmscript) the init sources. 3: nbd-client, its libraries, virtio_net
+# and nbd in the initramfs (network boot). 4: no_timer_check. 5: all of these together.
+RECIPE = 5
 KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
 MiB = 1 << 20

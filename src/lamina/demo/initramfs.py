@@ -12,6 +12,10 @@ disconnected cleanly (NBD_CMD_DISC), as qemu does for its own disks.
 
 ``lamina.hold=SECONDS`` keeps the machine up that long after its report, reading its
 root again every second (``lamina-hold`` lines), to watch a disk ride out a link loss.
+
+Given a third disk labelled ``lmscript`` (an ISO with ``run.sh``), the init sources that
+script with the root file system mounted at /mnt/root before it powers off: tests drive a
+running machine that way (write, wait on the console for the go-ahead, read back).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ MARKER = "var/lib/lamina-demo/marker"
 MODULES = ("virtio_pci", "virtio_blk", "ext4", "isofs", "virtio_net", "nbd")
 BOOT_PREFIX = "lamina-boot "
 HOLD_PREFIX = "lamina-hold "
+SCRIPT_LABEL = "lmscript"
 _ID_PATH_RE = MACHINE_ID_PATH.replace("/", "\\/")  # inside an awk /regex/
 
 INIT = r"""#!/bin/sh
@@ -122,6 +127,16 @@ if [ -n "$hold" ]; then
         sleep 1
     done
 fi
+# A third virtio disk (device id 2: block) is the script disk: wait for it as for the others.
+if [ "$(cat /sys/bus/virtio/devices/*/device | grep -c 0x0002)" -gt 2 ]; then
+    i=0
+    until s=$(findfs LABEL=@SCRIPT@); do
+        i=$((i + 1)); [ $i -gt 100 ] && fail "script-disk-not-found"; usleep 100000
+    done 2>/dev/null
+    mkdir -p /mnt/script && mount -t iso9660 -o ro "$s" /mnt/script || fail "cannot-mount-script"
+    . /mnt/script/run.sh
+    umount /mnt/script
+fi
 umount /mnt/root
 umount /mnt/seed
 sync
@@ -143,6 +158,7 @@ for _marker, _value in (
     ("@SEED@", SEED_LABEL),
     ("@IDRE@", _ID_PATH_RE),
     ("@MARKER@", MARKER),
+    ("@SCRIPT@", SCRIPT_LABEL),
 ):
     INIT = INIT.replace(_marker, _value)
 

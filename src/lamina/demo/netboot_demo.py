@@ -21,11 +21,11 @@ from lamina.demo.showcase import (
     MACHINES,
     DemoResult,
     Say,
+    between_rounds,
     finish,
     free_port,
     prepare,
     record,
-    reset_between_rounds,
     serving,
 )
 from lamina.demo.vm import BootReport
@@ -126,6 +126,6 @@ def run_pxe_demo(
         workdir = Path(tmp)
         newcomer = (generate_mac(), ref)
         asyncio.run(_round(home, options, "boot 1", say, result, workdir, newcomer))
-        reset_between_rounds(home, say)
+        between_rounds(say)
         asyncio.run(_round(home, options, "boot 2", say, result, workdir))
     return finish(home, result, started, say)

@@ -2,8 +2,10 @@
 
 This process runs the manager and accepts NBD connections on one event loop (uvloop when
 available); the connections are served by worker processes, one per core by default
-(``serve.workers``), or in this process with ``workers=0``. Stateless machines start from
-an empty delta every time the server starts.
+(``serve.workers``), or in this process with ``workers=0``. Starting or stopping the
+server changes no delta: a stateless machine starts clean at its next boot
+(``serve.catalog``), so a client that reconnects across a restart or a crash of the server
+(qemu's ``reconnect-delay``) reads what it wrote.
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from lamina import logs
-from lamina.delta.file import discard
-from lamina.errors import Conflict, LaminaError, UsageError
+from lamina.errors import LaminaError, UsageError
 from lamina.home import Home
 from lamina.locks import try_lock
 from lamina.manager.app import create_app, create_boot_app
 from lamina.manager.console.auth import print_login_url
-from lamina.manager.services import machines
 from lamina.manager.services.netboot import AutoAdd, NetbootSettings, check_auto_add
+from lamina.serve.control import Control, CopyOpen
 from lamina.serve.imagefiles import hydrated_dir
 from lamina.serve.tls import ServeTls, tls_setup, warn_if_exposed
 
@@ -101,18 +102,6 @@ def _unspecific(host: str) -> bool:
     return address.is_loopback or address.is_unspecified
 
 
-def reset_stateless(home: Home) -> list[str]:
-    """Discard the delta of every stateless machine; returns their names."""
-    with home.session() as session:
-        names = [m.name for m in machines.list_all(session) if m.mode == "stateless"]
-    for name in names:
-        try:
-            discard(home.deltas_dir / name)
-        except Conflict as exc:
-            raise Conflict(f"{exc}; is another `lamina serve` running on this home?") from None
-    return names
-
-
 async def serve(
     home: Home,
     options: ServeOptions,
@@ -142,7 +131,6 @@ async def _serve(
     if options.auto_add is not None:
         with home.session(read_only=True) as session:
             check_auto_add(session, options.auto_add)
-    reset = reset_stateless(home) if options.nbd is not None else []
     if options.nbd is not None:  # derived data of the last run (see serve.imagefiles)
         shutil.rmtree(hydrated_dir(home.cache_dir), ignore_errors=True)
     loop = asyncio.get_running_loop()
@@ -156,6 +144,10 @@ async def _serve(
     stop = stop or asyncio.Event()
     failed: list[str] = []
     block = await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else None
+    # `lamina backup` asks the block server (the deltas' owner) to copy them at flush points
+    control = None
+    if block is not None:
+        control = await Control(home.root, home.deltas_dir, block[1], log).start()
     https = _start_https(home, options, tls, (http_sock, boot_sock), stop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -168,7 +160,6 @@ async def _serve(
         boot_http=f"{options.boot_http[0]}:{options.boot_http[1]}" if options.boot_http else None,
         tls=options.tls,
         workers=options.worker_count if options.nbd else None,
-        reset_stateless=reset,
     )
     if not options.tls:
         warn_if_exposed(log, options.hosts)
@@ -180,8 +171,10 @@ async def _serve(
     try:
         await stop.wait()
     finally:
+        if control is not None:
+            control.close()
         if block is not None:
-            await block()
+            await block[0]()
         # the workers' parent accepts on it: left open, a server started again in this
         # process (the demo's second round) cannot listen on the port
         if nbd_sock is not None:
@@ -202,9 +195,10 @@ async def _start_nbd(
     sock: socket.socket,
     stop: asyncio.Event,
     failed: list[str],
-) -> Callable[[], Awaitable[None]]:
-    """Serve NBD on ``sock`` (in workers, or here); returns what stops it. Workers that
-    keep dying at start set ``stop`` and say why in ``failed``."""
+) -> tuple[Callable[[], Awaitable[None]], CopyOpen]:
+    """Serve NBD on ``sock`` (in workers, or here); returns what stops it, and how to copy
+    an open delta for a backup. Workers that keep dying at start set ``stop`` and say why
+    in ``failed``."""
     if options.worker_count == 0:
         from lamina.serve.handshake import NbdService
 
@@ -215,7 +209,7 @@ async def _start_nbd(
             server.close()
             await service.close()
 
-        return stop_here
+        return stop_here, service.copy_delta
     from lamina.serve.workers import WorkerPool
 
     pool = WorkerPool(home, options, log)
@@ -236,7 +230,7 @@ async def _start_nbd(
         watch.cancel()
         await pool.stop()
 
-    return stop_workers
+    return stop_workers, pool.copy_delta
 
 
 HttpServers = list[tuple[Any, "asyncio.Task[None]"]]  # uvicorn servers and their tasks
