@@ -98,7 +98,7 @@ def test_a_stateless_machine_reboots_clean(
     # each powered off after disconnecting its disks cleanly (NBD_CMD_DISC)
     disconnects = [line for line in server.log_lines() if '"event": "disconnect"' in line]
     assert sum('"export": "machine/desk-00' in line for line in disconnects) >= 4
-    server.stop(signal.SIGTERM)  # a stateless machine's delta goes when the server restarts
+    server.stop(signal.SIGTERM)  # a restart keeps deltas: clean only after a clean power-off
     server.start()
     assert boot_both("again") == {"desk-001": False, "desk-002": True}
 
