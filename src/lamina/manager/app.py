@@ -11,7 +11,7 @@ from lamina import __version__
 from lamina.errors import LaminaError, http_body, http_status
 from lamina.home import Home
 from lamina.manager.console import router as console_router
-from lamina.manager.routers import admin, agent, boot, data, stream
+from lamina.manager.routers import admin, agent, boot, data, layer_images, stream
 from lamina.manager.services.netboot import NetbootSettings
 
 
@@ -23,6 +23,7 @@ def create_app(home: Home, netboot: NetbootSettings | None = None) -> FastAPI:
     app.state.netboot = netboot or NetbootSettings()
     app.state.boot_cache = BootCache(home.root / "cache" / "boot")
     app.include_router(data.router)
+    app.include_router(layer_images.router)
     app.include_router(agent.router)
     app.include_router(admin.router)
     app.include_router(console_router)
