@@ -56,6 +56,32 @@ def serve(
     https_key: Annotated[
         Path | None, typer.Option("--https-key", help="Key of --https-cert.")
     ] = None,
+    server_name: Annotated[
+        str | None,
+        typer.Option(
+            "--server-name",
+            envvar="LAMINA_SERVER_NAME",
+            help="Join the block servers of this database under this name (machines are"
+            " assigned to the least loaded).",
+        ),
+    ] = None,
+    advertise: Annotated[
+        str | None,
+        typer.Option(
+            "--advertise",
+            envvar="LAMINA_ADVERTISE",
+            help="HOST:PORT machines dial for this server's NBD [the --nbd address].",
+        ),
+    ] = None,
+    heartbeat: Annotated[
+        float,
+        typer.Option(
+            "--heartbeat",
+            envvar="LAMINA_HEARTBEAT",
+            min=0.1,
+            help="Seconds between heartbeats; lost after three missed.",
+        ),
+    ] = 5.0,
     agent_url: Annotated[
         str | None,
         typer.Option(
@@ -103,6 +129,11 @@ def serve(
     """Serve image versions and machines over NBD, and the manager over HTTP."""
     from lamina.manager.services.netboot import AutoAdd
     from lamina.serve.server import ServeOptions, parse_address, run
+
+    def str_address(text: str) -> str:
+        host, port = parse_address(text, "--advertise")
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     from lamina.serve.tls import want_tls
 
     if agent_url is not None:
@@ -121,6 +152,9 @@ def serve(
         boot_http=parse_address(boot_http, "--boot-http") if boot_http else None,
         boot_allow=tuple(boot_allow or ()),
         auto_add=AutoAdd(auto_add, auto_add_name, auto_add_mode) if auto_add else None,
+        server_name=server_name,
+        advertise=str_address(advertise) if advertise else None,
+        heartbeat=heartbeat,
     )
     options.tls = want_tls(
         options.hosts, tls=tls, insecure=insecure, https_cert=https_cert is not None

@@ -61,6 +61,9 @@ class ServeOptions:
     boot_retry_seconds: int = 10  # how soon a machine that cannot boot yet asks again
     boot_http: tuple[str, int] | None = None  # network boot on a plain-HTTP port of its own
     boot_allow: tuple[str, ...] = ()  # networks network boot is served to (all when empty)
+    server_name: str | None = None  # joins a cluster of block servers under this name
+    advertise: str | None = None  # HOST:PORT its NBD clients dial (default: from ``nbd``)
+    heartbeat: float = 5.0  # seconds between its heartbeats in the database
 
     @property
     def hosts(self) -> list[str]:
@@ -144,6 +147,12 @@ async def _serve(
     stop = stop or asyncio.Event()
     failed: list[str] = []
     block = await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else None
+    leave = None
+    if options.server_name is not None and options.nbd is not None:
+        from lamina.serve.cluster import advertised, join
+
+        address = advertised(options.nbd, options.advertise)
+        leave = await join(home, options.server_name, address, options.heartbeat, log)
     # `lamina backup` asks the block server (the deltas' owner) to copy them at flush points
     control = None
     if block is not None:
@@ -171,6 +180,8 @@ async def _serve(
     try:
         await stop.wait()
     finally:
+        if leave is not None:
+            await leave()
         if control is not None:
             control.close()
         if block is not None:

@@ -9,6 +9,7 @@ access.py     users, groups, entitlements, writable layers, user sessions
 stream.py     boot profiles
 credentials.py   TLS client credentials issued by the home's CA, by serial
 roots.py      removed roots: the manifests of removed versions, which gc may collect
+cluster.py    block servers and heartbeats, store leases, condemned packs
 """
 
 from lamina.manager.models.access import (
@@ -21,6 +22,7 @@ from lamina.manager.models.access import (
     WritableLayer,
 )
 from lamina.manager.models.base import Base, utcnow
+from lamina.manager.models.cluster import BlockServer, CondemnedPack, StoreLease
 from lamina.manager.models.credentials import Credential
 from lamina.manager.models.images import Image, ImageVersion, Setting, VersionCounter
 from lamina.manager.models.layers import (
@@ -36,8 +38,10 @@ from lamina.manager.models.stream import BootProfile
 
 __all__ = [
     "Base",
+    "BlockServer",
     "BootProfile",
     "Change",
+    "CondemnedPack",
     "Credential",
     "Entitlement",
     "Group",
@@ -53,6 +57,7 @@ __all__ = [
     "NewDevice",
     "RemovedRoot",
     "Setting",
+    "StoreLease",
     "User",
     "UserSession",
     "VersionCounter",
