@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from lamina import __version__
 from lamina.errors import LaminaError, http_body, http_status
 from lamina.home import Home
+from lamina.manager import metrics
 from lamina.manager.console import router as console_router
 from lamina.manager.routers import admin, agent, data, stream
 
@@ -17,11 +18,15 @@ from lamina.manager.routers import admin, agent, data, stream
 def create_app(home: Home) -> FastAPI:
     app = FastAPI(title="lamina manager", version=__version__, openapi_url="/openapi.json")
     app.state.home = home
+    app.state.http_meter = metrics.HttpMeter()
+    app.state.nbd_totals = None  # set by `lamina serve` when it serves NBD too
+    app.add_middleware(metrics.HttpMetrics, meter=app.state.http_meter)
     app.include_router(data.router)
     app.include_router(agent.router)
     app.include_router(admin.router)
     app.include_router(console_router)
     app.include_router(stream.router)
+    app.include_router(metrics.router)
 
     @app.exception_handler(LaminaError)
     def lamina_error(_request: Request, exc: LaminaError) -> JSONResponse:

@@ -92,3 +92,4 @@ def require_machine(caller: CallerDep) -> Machine:
 
 AdminDep = Annotated[Caller, Depends(require_admin)]
 MachineDep = Annotated[Machine, Depends(require_machine)]
+ReaderDep = AdminDep  # routes that only read the admin API

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 from lamina.errors import Conflict, LaminaError
 from lamina.home import Home
 from lamina.logs import event as log_event
+from lamina.manager.metrics import NbdTotals
 from lamina.names import MACHINE_PREFIX
 from lamina.nbd import ExportInfo, Phase, ServerConnection
 from lamina.nbd.aio import DeviceProvider, NbdServerProtocol, ServerTls
@@ -294,6 +295,8 @@ class NbdService:
 
     def forget(self, proto: NbdServerProtocol) -> None:
         self.protocols.discard(proto)
+        if proto.export is not None and not getattr(proto, "moved", False):
+            self.shared.meter.record(proto.export.name, proto.stats)
         if self.on_change is not None:
             self.on_change()
 
@@ -305,6 +308,12 @@ class NbdService:
     def counters(self) -> dict[str, int]:
         """What this process did: connections, chunks it made ready (see ImageFiles)."""
         return {"connections": self.connections, "hydrated": self.catalog.hydrations()}
+
+    def totals(self) -> NbdTotals:
+        """This process's NBD counters, live connections included (see serve.meter)."""
+        live = [(p.export.name, p.stats) for p in self.protocols if p.export is not None]
+        live += [(c.export.name, c.stats) for c in self.shared.connections]
+        return self.shared.meter.snapshot(live)
 
     def note_open(self, name: str) -> None:
         if self.hub is not None:

@@ -27,6 +27,7 @@ from lamina.home import Home
 from lamina.locks import try_lock
 from lamina.manager.app import create_app
 from lamina.manager.console.auth import print_login_url
+from lamina.manager.metrics import NbdTotals
 from lamina.manager.services import machines
 from lamina.serve.imagefiles import hydrated_dir
 from lamina.serve.tls import ServeTls, tls_setup, warn_if_exposed
@@ -113,8 +114,10 @@ async def _serve(
     http_sock = _listen(options.http, "--http") if options.http is not None else None
     stop = stop or asyncio.Event()
     failed: list[str] = []
-    block = await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else None
-    http = _http_server(home, options.http, tls) if options.http is not None else None
+    block, totals = (
+        await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else (None, None)
+    )
+    http = _http_server(home, options.http, tls, totals) if options.http is not None else None
     http_task = asyncio.create_task(http.serve(sockets=[http_sock])) if http is not None else None
     if http_task is not None:
         http_task.add_done_callback(lambda _task: stop.set())  # the manager died: stop all
@@ -161,20 +164,24 @@ async def _start_nbd(
     sock: socket.socket,
     stop: asyncio.Event,
     failed: list[str],
-) -> Callable[[], Awaitable[None]]:
-    """Serve NBD on ``sock`` (in workers, or here); returns what stops it. Workers that
-    keep dying at start set ``stop`` and say why in ``failed``."""
+) -> tuple[Callable[[], Awaitable[None]], Callable[[], NbdTotals]]:
+    """Serve NBD on ``sock`` (in workers, or here); returns what stops it and what
+    gives its counters (for /metrics). Workers that keep dying at start set ``stop`` and
+    say why in ``failed``."""
     if options.worker_count == 0:
         from lamina.serve.handshake import NbdService
 
         service = NbdService(home, log, io_threads=options.io_threads, options=options)
+        counting = service.shared.meter.filter()
+        log.addFilter(counting)
         server = await asyncio.get_running_loop().create_server(service.protocol, sock=sock)
 
         async def stop_here() -> None:
+            log.removeFilter(counting)
             server.close()
             await service.close()
 
-        return stop_here
+        return stop_here, service.totals
     from lamina.serve.workers import WorkerPool
 
     pool = WorkerPool(home, options, log)
@@ -195,7 +202,7 @@ async def _start_nbd(
         watch.cancel()
         await pool.stop()
 
-    return stop_workers
+    return stop_workers, pool.totals
 
 
 def _lock_home(home: Home) -> int:
@@ -223,7 +230,12 @@ def _listen(address: tuple[str, int], what: str) -> socket.socket:
     return sock
 
 
-def _http_server(home: Home, address: tuple[str, int], tls: ServeTls | None) -> Any:
+def _http_server(
+    home: Home,
+    address: tuple[str, int],
+    tls: ServeTls | None,
+    totals: Callable[[], NbdTotals] | None,
+) -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -233,8 +245,10 @@ def _http_server(home: Home, address: tuple[str, int], tls: ServeTls | None) -> 
 
     # httptools parses requests in C: 623 logins/s in the login storm where h11 (pure
     # Python) gave 516. A deep backlog absorbs a login storm's connection burst.
+    app = create_app(home)
+    app.state.nbd_totals = totals
     config = uvicorn.Config(
-        create_app(home),
+        app,
         host=address[0],
         port=address[1],
         log_level="warning",
