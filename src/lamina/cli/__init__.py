@@ -12,7 +12,7 @@ stream.py    lamina stream IMAGE | stream status | stream sync
 store.py     lamina store verify|gc|du
 agent.py     lamina agent, lamina agent login|logout|status
 credentials.py   lamina machine credentials NAME | lamina admin credentials (TLS)
-admin.py     lamina admin token
+admin.py     lamina admin token|account, lamina audit
 demo.py      lamina demo
 """
 
@@ -60,6 +60,7 @@ mount.register(app)
 serve.register(app)
 demo.register(app)
 access.register(app)
+app.command("audit")(admin.audit)
 
 
 def _fail(message: str, code: int) -> None:

@@ -1,4 +1,4 @@
-"""Console pages (GET): dashboard, machines, images, layers, users and groups.
+"""Console pages (GET): dashboard, machines, images, layers, users, groups, the audit log.
 
 Every list is paged and filtered in the database (``page``, ``per``, ``q`` and per-page
 filters), so a page costs the same at 10 machines and at 10,000.
@@ -24,7 +24,7 @@ from lamina.manager.console.params import (
     Text,
     ViewDep,
 )
-from lamina.manager.services import access, fleet, images, layers
+from lamina.manager.services import access, audit, fleet, images, layers
 from lamina.manager.services import console as svc
 from lamina.manager.services import console_access as people
 
@@ -178,3 +178,12 @@ def groups_page(view: ViewDep, paging: PagingDep) -> HTMLResponse:
         p=p,
         live=f"/live/groups?{p.query()}",
     )
+
+
+@router.get("/audit", response_class=HTMLResponse)
+def audit_page(view: ViewDep, q: Text = "") -> HTMLResponse:
+    """The newest 200 entries of the audit log, those whose actor, action or target hold
+    ``q`` when given."""
+    with view.home.session() as db:
+        rows = [audit.as_dict(e) for e in audit.entries(db, limit=200, q=q or None)]
+    return view.page("audit.html", rows=rows, q=q)

@@ -8,6 +8,7 @@ layers.py     layers, their versions and bases, mounted roots
 access.py     users, groups, entitlements, writable layers, user sessions
 stream.py     boot profiles
 credentials.py   TLS client credentials issued by the home's CA, by serial
+admins.py     named admin accounts (role, token) and the audit log
 """
 
 from lamina.manager.models.access import (
@@ -19,6 +20,7 @@ from lamina.manager.models.access import (
     UserSession,
     WritableLayer,
 )
+from lamina.manager.models.admins import AdminAccount, AuditEntry
 from lamina.manager.models.base import Base, utcnow
 from lamina.manager.models.credentials import Credential
 from lamina.manager.models.images import Image, ImageVersion, Setting, VersionCounter
@@ -33,6 +35,8 @@ from lamina.manager.models.machines import Machine
 from lamina.manager.models.stream import BootProfile
 
 __all__ = [
+    "AdminAccount",
+    "AuditEntry",
     "Base",
     "BootProfile",
     "Change",
