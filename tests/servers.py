@@ -84,6 +84,25 @@ class Server:
         if self.nbd:
             wait_port(self.port, self.proc)
         wait_port(self.http_port, self.proc)
+        self._wait_answering()
+
+    def _wait_answering(self, timeout: float = 120) -> None:
+        """Until the manager answers: its port takes connections from the moment it is
+        bound, before the NBD workers are up and the HTTP loop serves (seconds on a loaded
+        host, longer than a client's default timeout)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"lamina serve exited with {self.proc.returncode}")
+            try:
+                httpx.get(f"{self.http_url}/api/v1/health", verify=False, timeout=5)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise AssertionError(f"the manager did not answer within {timeout} s")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -20,6 +20,7 @@ def create_app(home: Home) -> FastAPI:
     app.state.home = home
     app.state.http_meter = metrics.HttpMeter()
     app.state.nbd_totals = None  # set by `lamina serve` when it serves NBD too
+    app.state.nbd_address = None  # (host, port, tls), likewise
     app.add_middleware(metrics.HttpMetrics, meter=app.state.http_meter)
     app.include_router(data.router)
     app.include_router(agent.router)

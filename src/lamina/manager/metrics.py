@@ -45,12 +45,13 @@ LOGIN_ROUTES = {"/api/v1/agent/login": "agent", "/console/login": "console"}
 class NbdTotals:
     """What NBD serving did: per export, the ``STATS`` of its connections (ended ones
     and live ones); errors by kind (the log event that reported them); live connections
-    and the machine exports they hold. Travels between processes as ``to_wire()``."""
+    and the machine exports they hold, with the client's address (HOST:PORT). Travels
+    between processes as ``to_wire()``."""
 
     exports: dict[str, list[int]] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     connections: int = 0
-    machines: set[str] = field(default_factory=set)
+    machines: dict[str, str] = field(default_factory=dict)
 
     def count(self, export: str, stats: MutableMapping[str, int]) -> None:
         row = self.exports.setdefault(export, [0] * len(STATS))
@@ -65,7 +66,7 @@ class NbdTotals:
         for kind, n in other.errors.items():
             self.errors[kind] = self.errors.get(kind, 0) + n
         self.connections += other.connections
-        self.machines |= other.machines
+        self.machines.update(other.machines)
 
     def ended(self) -> NbdTotals:
         """The counters only (what is left of a process that has gone)."""
@@ -76,7 +77,7 @@ class NbdTotals:
             "exports": self.exports,
             "errors": self.errors,
             "connections": self.connections,
-            "machines": sorted(self.machines),
+            "machines": self.machines,
         }
 
     @classmethod
@@ -85,7 +86,7 @@ class NbdTotals:
             {str(k): [int(x) for x in v] for k, v in data["exports"].items()},
             {str(k): int(v) for k, v in data["errors"].items()},
             int(data["connections"]),
-            set(data["machines"]),
+            {str(k): str(v) for k, v in data["machines"].items()},
         )
 
 

@@ -311,8 +311,8 @@ class NbdService:
 
     def totals(self) -> NbdTotals:
         """This process's NBD counters, live connections included (see serve.meter)."""
-        live = [(p.export.name, p.stats) for p in self.protocols if p.export is not None]
-        live += [(c.export.name, c.stats) for c in self.shared.connections]
+        live = [(p.export.name, p.stats, p.peer) for p in self.protocols if p.export is not None]
+        live += [(c.export.name, c.stats, c.peer) for c in self.shared.connections]
         return self.shared.meter.snapshot(live)
 
     def note_open(self, name: str) -> None:

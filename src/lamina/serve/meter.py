@@ -34,15 +34,15 @@ class Meter:
         with self._lock:
             self.ended.errors[kind] = self.ended.errors.get(kind, 0) + 1
 
-    def snapshot(self, live: Iterable[tuple[str, MutableMapping[str, int]]]) -> NbdTotals:
-        """The counters so far, with the live connections' (export, stats) added."""
+    def snapshot(self, live: Iterable[tuple[str, MutableMapping[str, int], str]]) -> NbdTotals:
+        """The counters so far, with the live connections' (export, stats, peer) added."""
         with self._lock:
             out = self.ended.ended()
-        for export, stats in live:
+        for export, stats, peer in live:
             out.count(export, stats)
             out.connections += 1
             if export.startswith(MACHINE_PREFIX):
-                out.machines.add(export)
+                out.machines[export] = peer
         return out
 
     def filter(self) -> logging.Filter:

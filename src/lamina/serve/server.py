@@ -117,7 +117,7 @@ async def _serve(
     block, totals = (
         await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else (None, None)
     )
-    http = _http_server(home, options.http, tls, totals) if options.http is not None else None
+    http = _http_server(home, options, tls, totals) if options.http is not None else None
     http_task = asyncio.create_task(http.serve(sockets=[http_sock])) if http is not None else None
     if http_task is not None:
         http_task.add_done_callback(lambda _task: stop.set())  # the manager died: stop all
@@ -232,7 +232,7 @@ def _listen(address: tuple[str, int], what: str) -> socket.socket:
 
 def _http_server(
     home: Home,
-    address: tuple[str, int],
+    options: ServeOptions,
     tls: ServeTls | None,
     totals: Callable[[], NbdTotals] | None,
 ) -> Any:
@@ -245,8 +245,12 @@ def _http_server(
 
     # httptools parses requests in C: 623 logins/s in the login storm where h11 (pure
     # Python) gave 516. A deep backlog absorbs a login storm's connection burst.
+    address = options.http
+    assert address is not None
     app = create_app(home)
-    app.state.nbd_totals = totals
+    app.state.nbd_totals = totals  # for /metrics and the console
+    if options.nbd is not None:  # the console shows the NBD URLs of machines
+        app.state.nbd_address = (*options.nbd, options.tls)
     config = uvicorn.Config(
         app,
         host=address[0],

@@ -19,22 +19,32 @@ from lamina.manager.console.params import (
     Kind,
     Mode,
     ObjName,
+    Order,
     Paging,
     PagingDep,
+    Sort,
     Text,
     ViewDep,
 )
 from lamina.manager.services import access, audit, fleet, images, layers
 from lamina.manager.services import console as svc
 from lamina.manager.services import console_access as people
+from lamina.names import MACHINE_PREFIX
 
 router = APIRouter()
 
 
 def page_machines(
-    db: Session, home: Home, paging: Paging, *, image: str, mode: str
+    db: Session,
+    home: Home,
+    paging: Paging,
+    *,
+    image: str,
+    mode: str,
+    sort: str = "",
+    order: str = "",
 ) -> tuple[list[svc.MachineRow], int]:
-    """The machines page's rows: one page, filtered as its form says."""
+    """The machines page's rows: one page, filtered and sorted as its form says."""
     return svc.list_machines(
         db,
         deltas=home.deltas_dir,
@@ -43,6 +53,8 @@ def page_machines(
         q=paging.q,
         image=image or None,
         mode=mode or None,
+        sort=sort or "name",
+        descending=order == "desc",
     )
 
 
@@ -70,21 +82,31 @@ def dashboard(view: ViewDep) -> HTMLResponse:
 
 @router.get("/machines", response_class=HTMLResponse)
 def machines_page(
-    view: ViewDep, paging: PagingDep, image: Text = "", mode: Mode = ""
+    view: ViewDep,
+    paging: PagingDep,
+    image: Text = "",
+    mode: Mode = "",
+    sort: Sort = "",
+    order: Order = "",
 ) -> HTMLResponse:
     with view.home.session() as db:
-        rows, total = page_machines(db, view.home, paging, image=image, mode=mode)
+        rows, total = page_machines(
+            db, view.home, paging, image=image, mode=mode, sort=sort, order=order
+        )
         versions = svc.versions_of(db, images=[r.image_name for r in rows])
         names = svc.image_names(db)
-    p = view.pager(paging, total, q=paging.q, image=image, mode=mode)
+    p = view.pager(paging, total, q=paging.q, image=image, mode=mode, sort=sort, order=order)
     return view.page(
         "machines.html",
         rows=rows,
         versions=versions,
         image_names=names,
+        clients=view.clients(),
         q=paging.q,
         image=image,
         mode=mode,
+        sort=sort or "name",
+        order=order or "asc",
         p=p,
         live=f"/live/machines?{p.query()}",
     )
@@ -95,9 +117,18 @@ def machine_page(view: ViewDep, name: ObjName) -> HTMLResponse:
     try:
         with view.home.session() as db:
             detail = svc.machine_detail(db, deltas=view.home.deltas_dir, name=name)
+            versions = svc.versions_of(db, images=[detail.row.image_name])
     except NotFound as exc:
         return view.missing(str(exc))
-    return view.page("machine.html", m=detail, live=f"/live/machines?name={name}")
+    return view.page(
+        "machine.html",
+        m=detail,
+        versions=versions.get(detail.row.image_name, []),
+        client=view.clients().get(name),
+        nbd_url=view.nbd_url(f"{MACHINE_PREFIX}{name}"),
+        seed_url=view.nbd_url(f"{MACHINE_PREFIX}{name}/seed"),
+        live=f"/live/machines?name={name}",
+    )
 
 
 @router.get("/images", response_class=HTMLResponse)
