@@ -112,7 +112,11 @@ def watch_delta_then_reset(fleet: Fleet, page: Page) -> None:
         page.goto(f"{base}/")
         expect(page.locator('[data-field="online"]')).to_have_text("2")
         expect(page.locator('[data-field="delta_bytes"]')).to_have_text("64.0 KiB")
-        page.set_viewport_size({"width": 1360, "height": 500})
+        # the last day's charts, drawn on the server: qemu-io's open of m1's disk a boot
+        expect(page.locator("#charts svg.chart")).to_have_count(3)
+        expect(page.locator("#charts figcaption").first).to_have_text("boots: 1")
+        assert page.locator("#charts svg.chart").first.locator("rect").count() == 2  # frame, bar
+        page.set_viewport_size({"width": 1360, "height": 720})
         page.screenshot(path=str(DOCS / "console-dashboard.png"))
         page.set_viewport_size({"width": 1360, "height": 820})
 

@@ -76,6 +76,7 @@ def test_metrics_count_what_nbd_clients_and_http_callers_do(
         wait_for(moved, 30)
         during = scrape(served, admin)
         assert value(during, "lamina_machines_connected") == 1
+        assert value(during, "lamina_machine_boots_total") == 1  # its disk, not its seed
         assert value(during, "lamina_nbd_connections") >= 1
         assert value(during, "lamina_nbd_requests_total", export="machine/m1") >= 2
         assert value(during, "lamina_delta_bytes") >= MiB

@@ -12,6 +12,7 @@ from lamina.errors import LaminaError, http_body, http_status
 from lamina.home import Home
 from lamina.manager import metrics
 from lamina.manager.console import router as console_router
+from lamina.manager.history import History
 from lamina.manager.routers import admin, agent, data, stream
 
 
@@ -19,6 +20,7 @@ def create_app(home: Home) -> FastAPI:
     app = FastAPI(title="lamina manager", version=__version__, openapi_url="/openapi.json")
     app.state.home = home
     app.state.http_meter = metrics.HttpMeter()
+    app.state.history = History()  # the dashboard's last day (see manager.history)
     app.state.nbd_totals = None  # set by `lamina serve` when it serves NBD too
     app.state.nbd_address = None  # (host, port, tls), likewise
     app.add_middleware(metrics.HttpMetrics, meter=app.state.http_meter)

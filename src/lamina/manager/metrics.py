@@ -52,6 +52,7 @@ class NbdTotals:
     errors: dict[str, int] = field(default_factory=dict)
     connections: int = 0
     machines: dict[str, str] = field(default_factory=dict)
+    boots: int = 0  # machine disks opened (a VM starting, or reconnecting)
 
     def count(self, export: str, stats: MutableMapping[str, int]) -> None:
         row = self.exports.setdefault(export, [0] * len(STATS))
@@ -67,10 +68,16 @@ class NbdTotals:
             self.errors[kind] = self.errors.get(kind, 0) + n
         self.connections += other.connections
         self.machines.update(other.machines)
+        self.boots += other.boots
 
     def ended(self) -> NbdTotals:
         """The counters only (what is left of a process that has gone)."""
-        return NbdTotals({k: list(v) for k, v in self.exports.items()}, dict(self.errors))
+        out = NbdTotals({k: list(v) for k, v in self.exports.items()}, dict(self.errors))
+        out.boots = self.boots
+        return out
+
+    def read_bytes(self) -> int:
+        return sum(row[1] for row in self.exports.values())
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -78,6 +85,7 @@ class NbdTotals:
             "errors": self.errors,
             "connections": self.connections,
             "machines": self.machines,
+            "boots": self.boots,
         }
 
     @classmethod
@@ -87,6 +95,7 @@ class NbdTotals:
             {str(k): int(v) for k, v in data["errors"].items()},
             int(data["connections"]),
             {str(k): str(v) for k, v in data["machines"].items()},
+            int(data.get("boots", 0)),
         )
 
 
@@ -236,6 +245,12 @@ def _nbd(out: Exposition, nbd: NbdTotals) -> None:
         )
     ):
         out.family(name, "counter", what, (({"export": e}, row[i]) for e, row in rows))
+    out.family(
+        "lamina_machine_boots_total",
+        "counter",
+        "Machine disks opened over NBD (a VM starting, or reconnecting).",
+        [({}, nbd.boots)],
+    )
     out.family(
         "lamina_errors_total",
         "counter",

@@ -316,6 +316,7 @@ class NbdService:
         return self.shared.meter.snapshot(live)
 
     def note_open(self, name: str) -> None:
+        self.shared.meter.opened(name)
         if self.hub is not None:
             self.hub.opened(name)
 

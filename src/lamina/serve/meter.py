@@ -30,6 +30,11 @@ class Meter:
         """A connection ended (on the loop's thread)."""
         self.ended.count(export, stats)
 
+    def opened(self, export: str) -> None:
+        """A machine's export was opened (on the loop's thread); its disk counts a boot."""
+        if "/" not in export.removeprefix(MACHINE_PREFIX):  # not machine/NAME/seed
+            self.ended.boots += 1
+
     def error(self, kind: str) -> None:
         with self._lock:
             self.ended.errors[kind] = self.ended.errors.get(kind, 0) + 1

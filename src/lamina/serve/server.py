@@ -25,6 +25,7 @@ from lamina.delta.file import discard
 from lamina.errors import Conflict, LaminaError, UsageError
 from lamina.home import Home
 from lamina.locks import try_lock
+from lamina.manager import history
 from lamina.manager.app import create_app
 from lamina.manager.console.auth import print_login_url
 from lamina.manager.metrics import NbdTotals
@@ -121,6 +122,11 @@ async def _serve(
     http_task = asyncio.create_task(http.serve(sockets=[http_sock])) if http is not None else None
     if http_task is not None:
         http_task.add_done_callback(lambda _task: stop.set())  # the manager died: stop all
+    sampler = (
+        asyncio.create_task(_sample_history(home, http.config.app, totals))
+        if http is not None and totals is not None
+        else None
+    )
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -143,6 +149,8 @@ async def _serve(
     try:
         await stop.wait()
     finally:
+        if sampler is not None:
+            sampler.cancel()
         if block is not None:
             await block()
         if http is not None and http_task is not None:
@@ -203,6 +211,15 @@ async def _start_nbd(
         await pool.stop()
 
     return stop_workers, pool.totals
+
+
+async def _sample_history(home: Home, app: Any, totals: Callable[[], NbdTotals]) -> None:
+    """Feed the dashboard's charts a sample a minute (see manager.history)."""
+    while True:
+        nbd = totals()
+        usage = await asyncio.to_thread(home.store.usage)
+        app.state.history.add(history.now_sample(nbd.boots, nbd.read_bytes(), usage.pack_bytes))
+        await asyncio.sleep(history.EVERY)
 
 
 def _lock_home(home: Home) -> int:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from lamina.errors import NotFound
 from lamina.home import Home
+from lamina.manager import history
 from lamina.manager.console import auth
 from lamina.manager.console.params import (
     GroupName,
@@ -30,6 +31,7 @@ from lamina.manager.services import access, audit, fleet, images, layers
 from lamina.manager.services import console as svc
 from lamina.manager.services import console_access as people
 from lamina.names import MACHINE_PREFIX
+from lamina.units import human_bytes
 
 router = APIRouter()
 
@@ -77,7 +79,21 @@ def dashboard(view: ViewDep) -> HTMLResponse:
     home = view.home
     with home.session() as db:
         d = svc.dashboard(db, store=home.store, deltas=home.deltas_dir)
-    return view.page("dashboard.html", d=d, live="/live/dashboard")
+    state = view.request.app.state
+    nbd = state.nbd_totals() if state.nbd_totals is not None else None
+    now = history.now_sample(nbd.boots if nbd else 0, nbd.read_bytes() if nbd else 0, d.store_bytes)
+    charts = history.charts(state.history, now)
+    return view.page(
+        "dashboard.html",
+        d=d,
+        charts=charts,
+        chart_captions=[
+            f"boots: {now.boots}",
+            f"bytes served: {human_bytes(now.read_bytes)}",
+            f"store: {human_bytes(now.store_bytes)}",
+        ],
+        live="/live/dashboard",
+    )
 
 
 @router.get("/machines", response_class=HTMLResponse)

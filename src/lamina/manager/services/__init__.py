@@ -18,4 +18,6 @@ console_access.py   the console's views of layers, users and groups
 store.py            what the chunk store must keep (the roots), for gc and verify
 settings.py         installation settings kept in the database
 credentials.py      TLS client credentials: issue, rotate, whom a certificate stands for
+accounts.py         named admin accounts: roles (admin, helpdesk) and tokens
+audit.py            the audit log: who changed what, when, from where (each service records)
 """
