@@ -139,3 +139,21 @@ def test_since_durations_and_times() -> None:
     assert parse_since("30m", now) == datetime(2026, 12, 7, 11, 30, tzinfo=UTC)
     assert parse_since("2d", now) == datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
     assert parse_since("2026-12-01T08:00:00") == datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+
+
+def test_a_database_of_the_previous_schema_gains_the_tables(tmp_path: Path) -> None:
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from lamina.manager import db
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    cfg = db._config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0007")
+    assert db.current_revision(engine) == "0007"
+    db.migrate(engine)
+    assert db.current_revision(engine) == db.SCHEMA_HEAD == "0008_admins"
+    assert {"admin_accounts", "audit_log"} <= set(inspect(engine).get_table_names())
+    engine.dispose()
