@@ -101,6 +101,10 @@ def test_accounts_roles_and_audit_over_http(cli: Cli, server: Server, tmp_path: 
         assert http.get(f"{api}/machines", headers=bearer(alice)).status_code == 401
         assert http.get(f"{api}/machines", headers=bearer(new)).status_code == 200
         assert http.get(f"{api}/machines", headers=bearer(bob)).status_code == 401
+    lines = [json.loads(x) for x in server.log_lines() if x.startswith("{")]
+    dead = [x for x in lines if x.get("reason") == "invalid token"]
+    assert len(dead) == 2 and dead[0]["address"] == "127.0.0.1"
+    assert dead[0]["path"] == "/api/v1/machines"
     assert cli("admin", "account", "rm", "admin", check=False).code == 5
     assert [e["action"] for e in audit(cli, "--limit", "2")] == ["account.remove", "account.token"]
 

@@ -83,6 +83,15 @@ def get_caller(request: Request, session: ReadSessionDep) -> Caller:
         return Caller(True, None, account.name, account.role, client_address(request))
     machine = machines.by_token(session, token)
     if machine is None:
+        log_event(
+            logging.getLogger(logs.LOGGER),
+            "refused",
+            logging.WARNING,
+            address=client_address(request),
+            method=request.method,
+            path=request.url.path,
+            reason="invalid token",
+        )
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "invalid token", {"WWW-Authenticate": "Bearer"}
         )

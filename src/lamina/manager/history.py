@@ -95,6 +95,9 @@ def line_chart(values: list[float | None], label: str, total: str) -> Markup:
         if v is not None
     )
     line = f'<polyline points="{points}" fill="none" stroke="#3b6fb6" stroke-width="2"/>'
+    if known:  # the latest value as a dot: a line of one point draws nothing
+        x, y = points.rsplit(" ", 1)[-1].split(",")
+        line += f'<circle cx="{x}" cy="{y}" r="3" fill="#3b6fb6"/>'
     return _frame(line if known else "", label, total)
 
 
