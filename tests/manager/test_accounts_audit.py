@@ -161,3 +161,20 @@ def test_a_database_of_the_previous_schema_gains_the_tables(tmp_path: Path) -> N
     assert db.current_revision(engine) == db.SCHEMA_HEAD == "0008_admins"
     assert {"admin_accounts", "audit_log"} <= set(inspect(engine).get_table_names())
     engine.dispose()
+
+
+def test_credentials_issued_and_revoked_are_audited(cli: Cli, tmp_path: Path) -> None:
+    image = write_sparse(tmp_path / "base.raw", 4 << 20, [(0, os.urandom(1 << 20))])
+    cli("image", "import", "base", str(image))
+    cli("machine", "add", "m1", "--image", "base")
+    cli("machine", "credentials", "m1", "--out", str(tmp_path / "c1"))
+    cli("machine", "credentials", "m1", "--out", str(tmp_path / "c2"), "--rotate")
+    top = audit(cli, "--limit", "3")
+    assert [(e["action"], e["target"]) for e in top] == [
+        ("credential.issue", "machine m1"),
+        ("credential.revoke", "machine m1"),
+        ("credential.issue", "machine m1"),
+    ]
+    assert top[0]["detail"]["rotate"] is True and top[1]["detail"] == {"revoked": 1}
+    text = cli("audit").out
+    assert "credential.issue" in text and "machine m1" in text
