@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
+from xml.etree import ElementTree
 
 import httpx
 import pytest
@@ -159,6 +160,14 @@ def sort_search_machine_page_bulk_audit(fleet: Fleet, page: Page) -> None:
     page.goto(f"{base}/machines/m1")
     expect(page.locator("#nbd-url")).to_have_text(fleet.server.url("machine/m1"))
     expect(page.locator("#seed-url")).to_have_text(fleet.server.url("machine/m1/seed"))
+    # the libvirt devices it shows are XML naming its disk, seed and MAC address
+    devices = ElementTree.fromstring(f"<devices>{page.locator('#libvirt').inner_text()}</devices>")
+    sources = devices.findall("disk/source")
+    assert [s.get("name") for s in sources] == ["machine/m1", "machine/m1/seed"]
+    assert sources[0].find("host").get("port") == str(fleet.server.port)  # type: ignore[union-attr]
+    mac = devices.find("interface/mac")
+    assert mac is not None and mac.get("address") == fleet.cli.json("machine", "show", "m1")["mac"]
+    assert devices.find("disk[2]/readonly") is not None
     picker = page.locator('form[action="/machines/m1/repin"] select[name="image"]')
     expect(picker.locator("option")).to_have_text(["base@1"])
     _settle(page)

@@ -143,6 +143,7 @@ def machine_page(view: ViewDep, name: ObjName) -> HTMLResponse:
         client=view.clients().get(name),
         nbd_url=view.nbd_url(f"{MACHINE_PREFIX}{name}"),
         seed_url=view.nbd_url(f"{MACHINE_PREFIX}{name}/seed"),
+        nbd=view.nbd_endpoint(),
         live=f"/live/machines?name={name}",
     )
 

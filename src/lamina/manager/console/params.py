@@ -87,13 +87,23 @@ class View:
             return {}
         return {e.removeprefix(MACHINE_PREFIX): peer for e, peer in source().machines.items()}
 
-    def nbd_url(self, export: str) -> str | None:
-        """The URL a hypervisor opens ``export`` at (when this manager serves NBD too)."""
+    def nbd_endpoint(self) -> tuple[str, int, bool] | None:
+        """(host, port, TLS) of the block server beside this manager, if any; a wildcard
+        address is named as the browser named this manager."""
         address = getattr(self.request.app.state, "nbd_address", None)
         if address is None:
             return None
         host, port, tls = address
-        host = self.request.url.hostname or host if host in ("0.0.0.0", "::") else host
+        if host in ("0.0.0.0", "::", ""):
+            host = self.request.url.hostname or "127.0.0.1"
+        return host, int(port), bool(tls)
+
+    def nbd_url(self, export: str) -> str | None:
+        """The URL a hypervisor opens ``export`` at (when this manager serves NBD too)."""
+        endpoint = self.nbd_endpoint()
+        if endpoint is None:
+            return None
+        host, port, tls = endpoint
         host = f"[{host}]" if ":" in host else host
         return f"{'nbds' if tls else 'nbd'}://{host}:{port}/{export}"
 
