@@ -16,7 +16,7 @@ DEBS := qemu-utils libnbd-bin nbdkit nbd-server fio erofs-utils fuse3 \
         kmod zstd curl ca-certificates postgresql chromium \
         ceph-mon ceph-osd radosgw ceph-common
 
-.PHONY: install deps demo test bench lint clean
+.PHONY: install deps demo test e2e bench lint clean
 
 deps:
 	@tools/ensure-debs $(DEBS)
@@ -33,6 +33,10 @@ demo: install
 
 test: install
 	$(BIN)/pytest
+
+# The heavy end-to-end runs (VMs under TCG for minutes), left out of `make test`.
+e2e: install
+	$(BIN)/pytest -m e2e
 
 bench: install
 	@set -e; for b in $(filter-out bench/common.py,$(wildcard bench/*.py)); do \

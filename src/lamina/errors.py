@@ -15,7 +15,9 @@
     │   └── Unconfirmed (13)      a change that would lose data, asked without --force
     ├── ProtocolError (10)        a peer broke a wire protocol (NBD, HTTP API)
     ├── Unreachable (11)          the manager did not answer, or answered 5xx: retry later
-    └── Refused (12)              the manager refused the token (401), or what it opens (403)
+    ├── Refused (12)              the manager refused the token (401), or what it opens (403)
+    └── NotAHome (14)             not a lamina home, or a home whose database is missing,
+                                  empty or another home's
 
 Adapters catch their library's exceptions (OSError, subprocess, sqlite, zstd) at the edge
 and raise one of these, so callers deal with one tree and the CLI prints one line.
@@ -111,6 +113,13 @@ class Refused(LaminaError):
     """The manager refused the token (401) or what it asked for (403)."""
 
     exit_code = 12
+
+
+class NotAHome(LaminaError):
+    """A folder that is not a lamina home, or a home whose database does not describe its
+    store (missing, empty, or another home's): nothing is created or changed."""
+
+    exit_code = 14
 
 
 def kinds() -> dict[str, type[LaminaError]]:

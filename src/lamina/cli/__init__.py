@@ -1,6 +1,7 @@
 """The ``lamina`` command line: one module per noun, errors as one line on stderr.
 
 common.py    what every command shares: --home, --json, one-line errors, progress, tables
+home.py      lamina init, lamina backup DEST, lamina restore SRC
 image.py     lamina image import|export|list|log|rm
 layer.py     lamina layer import|capture|list|log|export|diff|rm
 mount.py     lamina mount|umount|attach|detach
@@ -29,6 +30,7 @@ from lamina.cli import (
     admin,
     agent,
     demo,
+    home,
     image,
     layer,
     machine,
@@ -56,6 +58,7 @@ app.add_typer(admin.app, name="admin")
 app.add_typer(agent.app, name="agent")
 app.add_typer(stream.app, name="stream")
 app.add_typer(rebase.app, name="rebase")
+home.register(app)
 mount.register(app)
 serve.register(app)
 demo.register(app)

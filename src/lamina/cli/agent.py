@@ -44,10 +44,12 @@ def agent(
     from lamina.agent.daemon import Agent
     from lamina.errors import UsageError
     from lamina.manager.client import ManagerClient
+    from lamina.manager.home import init_home
 
     if not manager or not token:
         raise UsageError("lamina agent needs --manager URL and --token T")
-    h = open_home(home)
+    # The agent's home is the machine's cache of what the manager holds: made on first run.
+    h = init_home(home).home
     root = root if root is not None else h.root / "sessions"
     root.mkdir(parents=True, exist_ok=True)
     Agent(h, ManagerClient(manager, token, ca=ca), root, etc=etc).run()

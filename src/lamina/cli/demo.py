@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from lamina.cli.common import HomeOpt, JsonOpt, emit_json, open_home, out
+from lamina.cli.common import HomeOpt, JsonOpt, emit_json, out
 
 
 def register(root: typer.Typer) -> None:
@@ -23,8 +23,9 @@ def demo(
 ) -> None:
     """End-to-end showcase: one image, two machines, two boots each, on embedded defaults."""
     from lamina.demo.showcase import run_demo
+    from lamina.manager.home import init_home
 
-    h = open_home(home)
+    h = init_home(home).home  # the demo makes its home (the default one) on first run
     started = time.monotonic()
 
     def say(line: str) -> None:

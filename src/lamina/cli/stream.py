@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 
 from lamina.cli.common import CaOpt, HomeOpt, JsonOpt, emit_json, human, open_home, out
 from lamina.errors import UsageError
+from lamina.home import home_path
 
 
 class _DefaultRun(TyperGroup):
@@ -108,7 +109,8 @@ def run(
     # Before anything touches the filesystem: the default cache path is made of these names.
     check_names(image, machine)
     if cache is None:
-        cache = open_home(home).root / "stream" / (machine or image.replace("@", "-"))
+        # A host that streams needs no home of its own: the folder only holds the caches.
+        cache = home_path(home) / "stream" / (machine or image.replace("@", "-"))
     if token is None and not (cache / "config.json").exists():
         token = _local_admin_token(home)
     options = StreamOptions(
@@ -130,13 +132,12 @@ def run(
 def _local_admin_token(home: Path | None) -> str | None:
     """On the manager's own host (``--home`` holds its database) a new cache needs no
     ``--token``: the admin token is read from there. Elsewhere there is none."""
-    import os
-
+    from lamina.home import read_identity
     from lamina.manager.services import settings
 
-    h = open_home(home)
-    if not os.environ.get("LAMINA_DATABASE_URL") and not (h.root / "lamina.db").exists():
+    if read_identity(home_path(home)) is None:
         return None
+    h = open_home(home)
     with h.session() as session:
         return settings.admin_token(session)
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from lamina.home import Home
 
 # Bump when what goes into the image changes: older cached images are then rebuilt.
-RECIPE = 1
+RECIPE = 2
 KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
 MiB = 1 << 20

@@ -1,7 +1,8 @@
 """The manager: the database, the services that hold its rules, the HTTP API and console.
 
 db.py               engines, sessions and migrations (SQLite with WAL, PostgreSQL)
-home.py             open_home: a home with the manager's database
+home.py             open_home: a home with the manager's database; init_home makes one
+backup.py           lamina backup and restore: a consistent copy of a home, brought back
 models/             the tables (SQLAlchemy), one module per area
 migrations/         their schema changes (Alembic)
 services/           the operations, one transaction's worth of work each, with their rules

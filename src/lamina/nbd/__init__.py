@@ -8,7 +8,8 @@ negotiate.py   negotiate (the replies to a handshake event for an export catalog
                check_request (which requests an export refuses, with which error)
 batch.py       transmission requests parsed in batches as tuples, for a server's hot path
 device.py      BlockDevice, the one interface between the server and what it serves
-aio.py         asyncio adapters: the server protocol and a small client
+aio.py         the asyncio adapter of the server (and its hold, for backups)
+aioclient.py   a small asyncio client, for lamina's tools and tests
 """
 
 from lamina.nbd.client import ClientConnection

@@ -1,6 +1,6 @@
-"""asyncio adapters: an NBD server protocol and a small client, both thin shells around
-the sans-I/O state machines. The server answers requests from the event loop when the
-data is in memory and hands disk-bound work (chunk loads, fdatasync) to a thread pool.
+"""The asyncio adapter of the NBD server: a thin shell around the sans-I/O state machine.
+It answers requests from the event loop when the data is in memory and hands disk-bound
+work (chunk loads, fdatasync) to a thread pool.
 
 With ``ServerTls`` the server requires TLS: after its ACK to NBD_OPT_STARTTLS it upgrades
 its own transport (``loop.start_tls``, which uvloop implements too), so TLS lives in the
@@ -10,18 +10,18 @@ shown in the handshake picks the catalogue the connection negotiates against."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
-import struct
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, cast
 
 from lamina.errors import LaminaError, ProtocolError
 from lamina.logs import event as log_event
-from lamina.nbd.client import ChunkReceived, ClientConnection, Greeting, SimpleReplyReceived
-from lamina.nbd.constants import PARTIAL_REPLIES, Cmd, CmdFlag, Errno, Info, Opt, Rep, ReplyType
+from lamina.nbd.constants import Cmd, CmdFlag, Errno, Opt, Rep
 from lamina.nbd.device import BlockDevice
 from lamina.nbd.events import (
     NEED_DATA,
@@ -32,25 +32,41 @@ from lamina.nbd.events import (
     Disconnect,
     ErrorReply,
     Event,
+    OptExportName,
     OptInfo,
     OptionReply,
     ReadData,
     Request,
     SimpleReply,
 )
-from lamina.nbd.negotiate import BASE_ALLOCATION_ID, Catalog, ExportInfo, check_request, negotiate
+from lamina.nbd.negotiate import (
+    BASE_ALLOCATION_ID,
+    Catalog,
+    ExportInfo,
+    check_request,
+    negotiate,
+    opening,
+)
 from lamina.nbd.server import Phase, ServerConnection
 
 # Stop reading from a client whose replies pile up beyond this (it is not reading).
 _HIGH_WATER = 64 << 20
 # Logged as "refused": a name that is not served, or not to this client.
 _REFUSALS = (Rep.ERR_POLICY, Rep.ERR_UNKNOWN)
+# TCP keepalive: probe after 30 s of silence, give up after 3 probes 10 s apart.
+_KEEPALIVE = (30, 10, 3)
 
 
 class DeviceProvider(Catalog, Protocol):
-    def open(self, name: str) -> BlockDevice: ...
+    def open(self, name: str, client: str) -> BlockDevice:
+        """The device behind export ``name`` for ``client`` (its address, for the log). Its
+        ``info`` may narrow the export's: read-only for a second writer of one disk."""
+        ...
 
-    def release(self, name: str) -> None: ...
+    def release(self, name: str, device: BlockDevice, *, ended: bool) -> None:
+        """The connection that opened ``device`` is gone; ``ended``: it said NBD_CMD_DISC
+        and its writes were flushed (qemu does so at power-off)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,18 @@ class ServerTls:
     # pool.
     authorize: Callable[[bytes | None], tuple[DeviceProvider, str]]
     handshake_timeout: float = 10.0
+
+
+def _keepalive(sock: socket.socket | None) -> None:
+    """Notice a client whose host died or whose link broke within about a minute: such a
+    connection would otherwise hold its machine's disk (one writer) for hours."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _KEEPALIVE[0])
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _KEEPALIVE[1])
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _KEEPALIVE[2])
 
 
 class NbdServerProtocol(asyncio.Protocol):
@@ -86,11 +114,14 @@ class NbdServerProtocol(asyncio.Protocol):
         self._upgrade: asyncio.Task[None] | None = None  # the STARTTLS upgrade under way
         self.device: BlockDevice | None = None
         self.export: ExportInfo | None = None
+        self._ended = False  # NBD_CMD_DISC received and the flush after it done
         self.peer = "?"
         self.stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0, "errors": 0}
         self._transport: asyncio.Transport | None = None
         self._closing = False
         self._disconnecting = False
+        self._holds = 0  # ``hold`` calls not yet undone
+        self._write_paused = False  # the transport's buffer is full
         # Replies produced while handling one batch of received bytes go out in one
         # gathered write: one send syscall per batch instead of per reply (a 4 KiB
         # random-write load spent 43% of its time in per-reply sends).
@@ -103,6 +134,7 @@ class NbdServerProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._transport.set_write_buffer_limits(high=_HIGH_WATER)
+        _keepalive(transport.get_extra_info("socket"))
         self._transport.write(self.conn.initiate())
 
     def data_received(self, data: bytes) -> None:
@@ -114,14 +146,32 @@ class NbdServerProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
         self._pump()
-        return False
+        # Hanging up is ours once a disconnect is under way: its flush (and, after
+        # NBD_CMD_DISC, the end of the machine's boot) comes before the connection is lost.
+        return self._disconnecting and not self._closing
 
     def pause_writing(self) -> None:
+        self._write_paused = True
         if self._transport is not None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
+        self._resume_reading()
+
+    def hold(self) -> None:
+        """Stop reading this client's requests (its writes wait in the socket) until
+        ``unhold``: a backup copies the disk at a flush point meanwhile."""
+        self._holds += 1
         if self._transport is not None and not self._closing:
+            self._transport.pause_reading()
+
+    def unhold(self) -> None:
+        self._holds -= 1
+        self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        if self._transport is not None and not (self._closing or self._holds or self._write_paused):
             self._transport.resume_reading()
 
     def abort(self) -> None:
@@ -139,10 +189,11 @@ class NbdServerProtocol(asyncio.Protocol):
             log_event(
                 self.log, "disconnect", client=self.peer, export=self.export.name, **self.stats
             )
-            name = self.export.name
+            name, device = self.export.name, self.device
             self.export = None
             self.device = None
-            self.provider.release(name)
+            if device is not None:
+                self.provider.release(name, device, ended=self._ended)
 
     # -- event pump ---------------------------------------------------------------------
 
@@ -177,16 +228,18 @@ class NbdServerProtocol(asyncio.Protocol):
                 if isinstance(event, Request):
                     self._request(event)
                 elif isinstance(event, Disconnect | Closed):
-                    self._disconnect()
+                    self._disconnect(said_goodbye=isinstance(event, Disconnect))
                     return
                 elif not isinstance(event, ClientFlags):
                     self._option(event)  # type: ignore[arg-type]
         except ProtocolError as exc:
             self._hang_up(str(exc))
 
-    def _disconnect(self) -> None:
+    def _disconnect(self, *, said_goodbye: bool) -> None:
         """The client is done: make its writes durable, then hang up. The flush runs on the
-        pool like NBD_CMD_FLUSH: an fdatasync on the loop would stall every connection."""
+        pool like NBD_CMD_FLUSH: an fdatasync on the loop would stall every connection.
+        Only a client that said NBD_CMD_DISC ended its session cleanly; end of stream
+        alone is a crash or a lost link, after which it may come back."""
         self._disconnecting = True
         device = self.device
         if device is None:
@@ -196,11 +249,13 @@ class NbdServerProtocol(asyncio.Protocol):
             future = asyncio.get_running_loop().run_in_executor(self.executor, device.flush)
         except RuntimeError:  # the pool is gone: the server is stopping
             device.flush()
+            self._ended = said_goodbye
             self._hang_up("")
             return
 
         def done(f: asyncio.Future[None]) -> None:
             exc = None if f.cancelled() else f.exception()
+            self._ended = said_goodbye and exc is None and not f.cancelled()
             self._hang_up(f"flush at disconnect failed: {exc}" if exc is not None else "")
 
         future.add_done_callback(done)
@@ -213,7 +268,7 @@ class NbdServerProtocol(asyncio.Protocol):
             # can read after NBD_OPT_GO, not a hang-up. NBD_OPT_EXPORT_NAME cannot fail
             # politely: the spec says hang up.
             try:
-                self.device = self.provider.open(decision.export.name)
+                self.device = self.provider.open(decision.export.name, self.peer)
             except (LaminaError, OSError) as exc:
                 if isinstance(event, OptInfo):
                     log_event(
@@ -229,6 +284,12 @@ class NbdServerProtocol(asyncio.Protocol):
                 else:
                     self._hang_up(f"cannot open {decision.export.name}: {exc}")
                 return
+            if self.device.info.read_only != decision.export.read_only:
+                # the device decides: a second writer's view is read-only (and the lookup
+                # before it may have been answered while another client wrote)
+                assert isinstance(event, OptExportName | OptInfo)
+                ro = self.device.info.read_only
+                decision = opening(event, replace(decision.export, read_only=ro))
             self.export = decision.export
         for reply in decision.replies:
             self._send(reply)
@@ -396,87 +457,3 @@ class NbdServerProtocol(asyncio.Protocol):
             message=message,
         )
         self._send(ErrorReply(req.handle, error, message))
-
-
-# -- client --------------------------------------------------------------------------------
-
-
-class NbdClient:
-    """A minimal asyncio NBD client (GO, structured replies, base:allocation), one request
-    at a time. For lamina's own tools and tests; qemu and libnbd are the real clients."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.conn = ClientConnection()
-        self.size = 0
-        self.flags = 0
-        self._handle = 0
-
-    @classmethod
-    async def connect(cls, host: str, port: int, export: str, *, meta: bool = False) -> NbdClient:
-        reader, writer = await asyncio.open_connection(host, port)
-        client = cls(reader, writer)
-        await client._handshake(export, meta)
-        return client
-
-    async def _next(self) -> Event:
-        while True:
-            event = self.conn.next_event()
-            if event is not NEED_DATA:
-                if isinstance(event, Closed):
-                    raise ProtocolError("server closed the connection")
-                assert isinstance(event, Event)
-                return event
-            self.conn.receive_data(await self.reader.read(1 << 20))
-
-    async def _option(self, data: bytes) -> list[OptionReply]:
-        self.writer.write(data)
-        replies = []
-        while True:
-            event = await self._next()
-            assert isinstance(event, OptionReply)
-            replies.append(event)
-            if event.reply not in PARTIAL_REPLIES:
-                return replies
-
-    async def _handshake(self, export: str, meta: bool) -> None:
-        greeting = await self._next()
-        assert isinstance(greeting, Greeting)
-        self.writer.write(self.conn.client_flags())
-        await self._option(self.conn.option(Opt.STRUCTURED_REPLY))
-        if meta:
-            await self._option(self.conn.set_meta_context(export, ("base:allocation",)))
-        replies = await self._option(self.conn.go(export, (Info.BLOCK_SIZE,)))
-        if replies[-1].reply != Rep.ACK:
-            raise ProtocolError(
-                f"export {export!r} refused: {replies[-1].data.decode(errors='replace')}"
-            )
-        for r in replies:
-            if r.reply == Rep.INFO and struct.unpack(">H", r.data[:2])[0] == Info.EXPORT:
-                self.size, self.flags = struct.unpack(">QH", r.data[2:12])
-
-    async def request(
-        self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0, data: bytes | None = None
-    ) -> tuple[int, bytes]:
-        """Send one request and wait for its whole reply: (error, data)."""
-        self._handle += 1
-        self.writer.write(self.conn.request(cmd, self._handle, offset, length, flags, data))
-        out = bytearray()
-        while True:
-            event = await self._next()
-            if isinstance(event, SimpleReplyReceived):
-                return event.error, event.data
-            assert isinstance(event, ChunkReceived)
-            if event.kind == ReplyType.OFFSET_DATA:
-                out += event.payload[8:]
-            elif event.kind in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
-                return struct.unpack(">I", event.payload[:4])[0], b""
-            elif event.kind == ReplyType.BLOCK_STATUS:
-                out += event.payload
-            if event.flags & 1:
-                return 0, bytes(out)
-
-    async def close(self) -> None:
-        self.writer.write(self.conn.request(Cmd.DISC, 0))
-        await self.writer.drain()
-        self.writer.close()

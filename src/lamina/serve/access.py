@@ -102,14 +102,14 @@ class ClientCatalog:
         everything = self.catalog.names()
         return everything if names is None else [n for n in everything if n in names]
 
-    def open(self, name: str) -> BlockDevice:
+    def open(self, name: str, client: str) -> BlockDevice:
         refused = self._check(name)
         if refused is not None:
             raise LaminaError(refused.reason)
-        return self.catalog.open(name)
+        return self.catalog.open(name, client)
 
-    def release(self, name: str) -> None:
-        self.catalog.release(name)
+    def release(self, name: str, device: BlockDevice, *, ended: bool) -> None:
+        self.catalog.release(name, device, ended=ended)
 
 
 def for_peer(catalog: ExportCatalog, der: bytes | None) -> tuple[ClientCatalog, str]:

@@ -69,7 +69,7 @@ class FastConnection:
         device: BlockDevice,
         export: ExportInfo,
         peer: str,
-        release: Callable[[], None],
+        release: Callable[[bool], None],
     ) -> None:
         self.shared = shared
         self.sock = sock
@@ -91,6 +91,8 @@ class FastConnection:
         self.inflight = 0
         self.closing = False
         self.reading = False
+        self.held = 0  # ``hold`` calls not yet undone: no requests are taken meanwhile
+        self.ended = False  # NBD_CMD_DISC, and the flush after it succeeded
         self.stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0, "errors": 0}
         shared.connections.add(self)
         sock.setblocking(False)
@@ -107,9 +109,22 @@ class FastConnection:
         self._process()
 
     def _resume_reading(self) -> None:
-        if not self.reading and not self.closing and not self.reader.disconnected:
+        if not (self.reading or self.closing or self.held or self.reader.disconnected):
             self.reading = True
             self.shared.loop.add_reader(self.fd, self._readable)
+
+    def hold(self) -> None:
+        """Take no more requests (they wait in the socket) until ``unhold``: a backup
+        copies the disk meanwhile, after the writes taken so far."""
+        self.held += 1
+        self._pause_reading()
+
+    def unhold(self) -> None:
+        self.held -= 1
+        if not self.pending:
+            self._resume_reading()
+            if self.end > self.start and self.reading:  # a request that came in whole
+                self._process()
 
     def _pause_reading(self) -> None:
         if self.reading:
@@ -408,6 +423,7 @@ class FastConnection:
 
         def done(error: BaseException | None) -> None:
             self.inflight -= 1
+            self.ended = error is None  # a clean end of the session: see ExportCatalog
             if error is not None:
                 log_event(
                     self.shared.log,
@@ -448,14 +464,15 @@ class FastConnection:
         if not self.closing or self.inflight or self._release is _released:
             return
         release, self._release = self._release, _released
-        self._writer.after(release, lambda error: None)
+        ended = self.ended
+        self._writer.after(lambda: release(ended), lambda error: None)
 
 
 def _zeros(n: int) -> list[Buffer]:
     return [_ZEROS[: min(len(_ZEROS), n - i)] for i in range(0, n, len(_ZEROS))]
 
 
-def _released() -> None:
+def _released(_ended: bool) -> None:
     pass
 
 

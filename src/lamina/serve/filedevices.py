@@ -147,13 +147,13 @@ class FileCatalog(ExportCatalog):
         self._opening: dict[str, threading.Lock] = {}
         self.directory: Path = hydrated_dir(home.cache_dir)
 
-    def open(self, name: str) -> BlockDevice:
+    def open(self, name: str, client: str = "-") -> BlockDevice:
         """As the base class, with one opening of a name at a time in this process: opens
         run on threads here, and two at once would find each other's delta lock."""
         with self._files_lock:
             lock = self._opening.setdefault(name, threading.Lock())
         with lock:
-            return super().open(name)
+            return super().open(name, client)
 
     def open_count(self) -> int:
         return len(self._open)
@@ -163,9 +163,9 @@ class FileCatalog(ExportCatalog):
         with self._files_lock:
             return self._hydrated + sum(f.hydrations for f in self._files.values())
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, device: BlockDevice, *, ended: bool = False) -> None:
         """One user fewer; the last one closes the device (and says so to ``on_close``)."""
-        super().release(name)
+        super().release(name, device, ended=ended)
         if self._on_close is not None and name not in self._open:
             self._on_close(name)
 
@@ -185,6 +185,7 @@ class FileCatalog(ExportCatalog):
             return super()._build(r)
         assert r.machine is not None
         uploads.recover(self.home, r.machine)  # finish a synced upload a crash interrupted
+        self._begin_boot(r)
         base = FileImageDevice(r.info, self.image_files(r.manifest_id))
         delta = Delta(self.home.deltas_dir / r.machine, size=base.files.size, base_id=r.manifest_id)
         try:

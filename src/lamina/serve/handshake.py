@@ -26,8 +26,10 @@ import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from lamina.delta.file import copy_files
 from lamina.errors import Conflict, LaminaError
 from lamina.home import Home
 from lamina.logs import event as log_event
@@ -90,15 +92,15 @@ class _Opened:
     def names(self) -> list[str]:
         return self.catalog.names()
 
-    def open(self, name: str) -> BlockDevice:
+    def open(self, name: str, client: str) -> BlockDevice:
         if isinstance(self.result, BaseException):
             raise self.result
         assert name == self.name and self.result is not None
         device, self.result = self.result, None  # handed out once: one reference
         return device  # type: ignore[return-value]
 
-    def release(self, name: str) -> None:
-        self.catalog.release(name)
+    def release(self, name: str, device: BlockDevice, *, ended: bool) -> None:
+        self.catalog.release(name, device, ended=ended)
 
 
 class WorkerProtocol(NbdServerProtocol):
@@ -147,7 +149,7 @@ class WorkerProtocol(NbdServerProtocol):
         if not isinstance(info, ExportInfo):
             return info, None
         try:
-            return info, provider.open(name)
+            return info, provider.open(name, self.peer)
         except (LaminaError, OSError) as exc:
             return info, exc
 
@@ -157,7 +159,7 @@ class WorkerProtocol(NbdServerProtocol):
         info, result = future.result()
         if self._closing:
             if isinstance(info, ExportInfo) and not isinstance(result, BaseException):
-                self.provider.release(name)
+                self.provider.release(name, result, ended=False)  # type: ignore[arg-type]
             return
         if isinstance(result, Conflict) and self._can_move(name):
             self._hand_over(name, event)
@@ -242,16 +244,16 @@ class WorkerProtocol(NbdServerProtocol):
             asyncio.get_running_loop().call_later(0.001, self._pump)  # the GO reply is queued
             return
         assert self.device is not None and self.export is not None
-        name = self.export.name
+        name, device = self.export.name, self.device
         leftover = self.conn.unconsumed()
         fast = FastConnection(
             self.service.shared,
             sock,
             self.conn,
-            self.device,
+            device,
             self.export,
             self.peer,
-            release=lambda: self.provider.release(name),
+            release=lambda ended: self.provider.release(name, device, ended=ended),
         )
         if leftover:
             fast.feed(leftover)
@@ -314,6 +316,43 @@ class NbdService:
         live = [(p.export.name, p.stats, p.peer) for p in self.protocols if p.export is not None]
         live += [(c.export.name, c.stats, c.peer) for c in self.shared.connections]
         return self.shared.meter.snapshot(live)
+
+    async def copy_delta(self, export: str, src: Path, dest: Path) -> bool:
+        """Copy the delta of machine export ``export`` into ``dest`` at a flush point, if
+        this process has it open (False: it has not). Its connections take no requests
+        meanwhile, and no new one may start writing it; the copy runs on the pool once the
+        writes taken before are done (see ``serve.control``)."""
+        device = self.catalog.opened(export)
+        if device is None:
+            return False
+        with self.catalog.copying(export):
+            held: list[NbdServerProtocol | FastConnection] = [
+                c for c in self.shared.connections if c.export.name == export
+            ]
+            held += [p for p in self.protocols if p.export is not None and p.export.name == export]
+            for conn in held:
+                conn.hold()
+            done: asyncio.Future[None] = self.loop.create_future()
+
+            def copy() -> None:
+                device.flush()
+                copy_files(src, dest)
+
+            def finished(error: BaseException | None) -> None:
+                if not done.done():
+                    done.set_exception(error) if error else done.set_result(None)
+
+            try:
+                self.shared.writer.after(copy, finished)
+                await done
+            except (OSError, ValueError):
+                if self.catalog.opened(export) is device:
+                    raise
+                return False  # closed meanwhile by its last client: copied as a closed one
+            finally:
+                for conn in held:
+                    conn.unhold()
+        return True
 
     def note_open(self, name: str) -> None:
         self.shared.meter.opened(name)

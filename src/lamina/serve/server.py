@@ -2,8 +2,10 @@
 
 This process runs the manager and accepts NBD connections on one event loop (uvloop when
 available); the connections are served by worker processes, one per core by default
-(``serve.workers``), or in this process with ``workers=0``. Stateless machines start from
-an empty delta every time the server starts.
+(``serve.workers``), or in this process with ``workers=0``. Starting or stopping the
+server changes no delta: a stateless machine starts clean at its next boot
+(``serve.catalog``), so a client that reconnects across a restart or a crash of the server
+(qemu's ``reconnect-delay``) reads what it wrote.
 """
 
 from __future__ import annotations
@@ -21,15 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from lamina import logs
-from lamina.delta.file import discard
-from lamina.errors import Conflict, LaminaError, UsageError
+from lamina.errors import LaminaError, UsageError
 from lamina.home import Home
 from lamina.locks import try_lock
 from lamina.manager import history
 from lamina.manager.app import create_app
 from lamina.manager.console.auth import print_login_url
 from lamina.manager.metrics import NbdTotals
-from lamina.manager.services import machines
+from lamina.serve.control import Control, CopyOpen
 from lamina.serve.imagefiles import hydrated_dir
 from lamina.serve.tls import ServeTls, tls_setup, warn_if_exposed
 
@@ -65,18 +66,6 @@ class ServeOptions:
         return len(os.sched_getaffinity(0)) if self.workers is None else self.workers
 
 
-def reset_stateless(home: Home) -> list[str]:
-    """Discard the delta of every stateless machine; returns their names."""
-    with home.session() as session:
-        names = [m.name for m in machines.list_all(session) if m.mode == "stateless"]
-    for name in names:
-        try:
-            discard(home.deltas_dir / name)
-        except Conflict as exc:
-            raise Conflict(f"{exc}; is another `lamina serve` running on this home?") from None
-    return names
-
-
 async def serve(
     home: Home,
     options: ServeOptions,
@@ -103,7 +92,6 @@ async def _serve(
     stop: asyncio.Event | None,
 ) -> None:
     log = logs.setup(options.log_level)
-    reset = reset_stateless(home) if options.nbd is not None else []
     if options.nbd is not None:  # derived data of the last run (see serve.imagefiles)
         shutil.rmtree(hydrated_dir(home.cache_dir), ignore_errors=True)
     loop = asyncio.get_running_loop()
@@ -115,9 +103,12 @@ async def _serve(
     http_sock = _listen(options.http, "--http") if options.http is not None else None
     stop = stop or asyncio.Event()
     failed: list[str] = []
-    block, totals = (
-        await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else (None, None)
-    )
+    block = await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else None
+    totals = block[2] if block is not None else None
+    # `lamina backup` asks the block server (the deltas' owner) to copy them at flush points
+    control = None
+    if block is not None:
+        control = await Control(home.root, home.deltas_dir, block[1], log).start()
     http = _http_server(home, options, tls, totals) if options.http is not None else None
     http_task = asyncio.create_task(http.serve(sockets=[http_sock])) if http is not None else None
     if http_task is not None:
@@ -137,7 +128,6 @@ async def _serve(
         http=f"{options.http[0]}:{options.http[1]}" if options.http else None,
         tls=options.tls,
         workers=options.worker_count if options.nbd else None,
-        reset_stateless=reset,
     )
     if not options.tls:
         warn_if_exposed(log, options.hosts)
@@ -151,8 +141,10 @@ async def _serve(
     finally:
         if sampler is not None:
             sampler.cancel()
+        if control is not None:
+            control.close()
         if block is not None:
-            await block()
+            await block[0]()
         if http is not None and http_task is not None:
             http.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):
@@ -172,10 +164,10 @@ async def _start_nbd(
     sock: socket.socket,
     stop: asyncio.Event,
     failed: list[str],
-) -> tuple[Callable[[], Awaitable[None]], Callable[[], NbdTotals]]:
-    """Serve NBD on ``sock`` (in workers, or here); returns what stops it and what
-    gives its counters (for /metrics). Workers that keep dying at start set ``stop`` and
-    say why in ``failed``."""
+) -> tuple[Callable[[], Awaitable[None]], CopyOpen, Callable[[], NbdTotals]]:
+    """Serve NBD on ``sock`` (in workers, or here); returns what stops it, how to copy
+    an open delta for a backup, and what gives its counters (for /metrics). Workers that
+    keep dying at start set ``stop`` and say why in ``failed``."""
     if options.worker_count == 0:
         from lamina.serve.handshake import NbdService
 
@@ -189,7 +181,7 @@ async def _start_nbd(
             server.close()
             await service.close()
 
-        return stop_here, service.totals
+        return stop_here, service.copy_delta, service.totals
     from lamina.serve.workers import WorkerPool
 
     pool = WorkerPool(home, options, log)
@@ -210,7 +202,7 @@ async def _start_nbd(
         watch.cancel()
         await pool.stop()
 
-    return stop_workers, pool.totals
+    return stop_workers, pool.copy_delta, pool.totals
 
 
 async def _sample_history(home: Home, app: Any, totals: Callable[[], NbdTotals]) -> None:

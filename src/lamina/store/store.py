@@ -62,6 +62,7 @@ class VerifyReport:
 @dataclass(slots=True)
 class GcReport:
     chunks_removed: int = 0
+    chunks_spared: int = 0  # unreferenced, but kept: see ``ChunkStore.gc``'s ``spare``
     packs_removed: int = 0
     packs_rewritten: int = 0
     bytes_freed: int = 0
@@ -206,6 +207,10 @@ class ChunkStore:
                     raise StoreError(f"chunk {cid.hex()}: pack {loc.pack} vanished") from None
         raise AssertionError("unreachable")
 
+    def peek(self, cid: bytes, n: int) -> bytes:
+        """The first ``n`` bytes of a chunk, unchecked (see ``codec.peek``)."""
+        return b"" if cid == codec.ZERO_ID else codec.peek(self.get_envelope(cid), n)
+
     def get(self, cid: bytes, verify: bool = True) -> bytes:
         """The plaintext of a chunk; the zero id reads as an empty bytes (caller pads)."""
         if cid == codec.ZERO_ID:
@@ -287,45 +292,76 @@ class ChunkStore:
         live: Callable[[], set[bytes]],
         progress: Progress = _noop,
         *,
+        spare: Callable[[list[bytes]], set[bytes]] | None = None,
+        dry_run: bool = False,
         timeout: float = LOCK_TIMEOUT,
     ) -> GcReport:
-        """Remove every chunk not in ``live()``, rewriting packs that are mostly dead."""
+        """Remove every chunk not in ``live()``, rewriting packs that are mostly dead.
+
+        ``spare(dead)`` names chunks among (or under) the dead that must stay all the same
+        (what the caller cannot vouch for); ``dry_run`` reports what would go and changes
+        nothing."""
         report = GcReport()
         with self.backend.lock(exclusive=True, timeout=timeout):
             self.reconcile()
             keep = live()
             dead = [cid for cid, _ in self.index.all_chunks() if cid not in keep]
+            if spare is not None and dead:
+                spared = spare(dead)
+                report.chunks_spared = sum(1 for c in dead if c in spared)
+                dead = [c for c in dead if c not in spared]
+            if dry_run:
+                return self._plan(set(dead), report)
             self.index.remove_chunks(dead)
             report.chunks_removed = len(dead)
-            rewriter = Writer(self, codec.DEFAULT_LEVEL)
-            doomed: list[str] = []
-            try:
-                for name, size in sorted(self.index.packs().items()):
-                    live_here = self._live_entries(name, size, self.index.chunks_in(name))
-                    if sum(e.size for e in live_here) < REPACK_BELOW * size:
-                        if live_here:
-                            self._rewrite(name, live_here, rewriter)
-                            report.packs_rewritten += 1
-                        doomed.append(name)
-                        report.bytes_freed += size
-                    progress(size)
-                rewriter.flush()
-            finally:
-                rewriter.close()  # its writer thread, also when a corrupt chunk stops gc
-            # The rewriter's packs were indexed with INSERT OR IGNORE, which kept the old
-            # locations; point the index at the new copies before the old packs go.
-            for pack_name, entries in rewriter.sealed:
-                self.index.move((e.chunk_id, pack_name, e.offset) for e in entries)
-            for name in doomed:
-                self.index.remove_pack(name)
-                self.backend.delete(name)
+            self._collect(report, progress)
+        return report
+
+    def _collect(self, report: GcReport, progress: Progress) -> None:
+        """Drop or rewrite the packs whose indexed chunks are now mostly gone (lock held)."""
+        rewriter = Writer(self, codec.DEFAULT_LEVEL)
+        doomed: list[str] = []
+        try:
+            for name, size in sorted(self.index.packs().items()):
+                live_here = self._live_entries(name, size, self.index.chunks_in(name))
+                if sum(e.size for e in live_here) < REPACK_BELOW * size:
+                    if live_here:
+                        self._rewrite(name, live_here, rewriter)
+                        report.packs_rewritten += 1
+                    doomed.append(name)
+                    report.bytes_freed += size
+                progress(size)
+            rewriter.flush()
+        finally:
+            rewriter.close()  # its writer thread, also when a corrupt chunk stops gc
+        # The rewriter's packs were indexed with INSERT OR IGNORE, which kept the old
+        # locations; point the index at the new copies before the old packs go.
+        for pack_name, entries in rewriter.sealed:
+            self.index.move((e.chunk_id, pack_name, e.offset) for e in entries)
+        for name in doomed:
+            self.index.remove_pack(name)
+            self.backend.delete(name)
+            report.packs_removed += 1
+        report.bytes_freed -= rewriter.added_bytes
+        # Every put happens under the shared lock (writers) or here: with the exclusive
+        # lock held, any temporary left is from a writer that was killed.
+        clean = getattr(self.backend, "clean_temporaries", None)
+        if clean is not None:
+            clean(older_than=0.0)
+
+    def _plan(self, dead: set[bytes], report: GcReport) -> GcReport:
+        """What ``gc`` would remove and rewrite, from the index alone (lock held)."""
+        kept: dict[str, int] = {}
+        for cid, loc in self.index.all_chunks():
+            if cid not in dead:
+                kept[loc.pack] = kept.get(loc.pack, 0) + loc.size
+        report.chunks_removed = len(dead)
+        for name, size in self.index.packs().items():
+            live_bytes = kept.get(name, 0)
+            if live_bytes < REPACK_BELOW * size:
                 report.packs_removed += 1
-            report.bytes_freed -= rewriter.added_bytes
-            # Every put happens under the shared lock (writers) or here: with the exclusive
-            # lock held, any temporary left is from a writer that was killed.
-            clean = getattr(self.backend, "clean_temporaries", None)
-            if clean is not None:
-                clean(older_than=0.0)
+                report.packs_rewritten += 1 if live_bytes else 0
+                report.bytes_freed += size - live_bytes
         return report
 
     def _live_entries(self, name: str, size: int, live_here: dict[bytes, int]) -> list[Entry]:

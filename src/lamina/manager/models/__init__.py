@@ -8,6 +8,7 @@ layers.py     layers, their versions and bases, mounted roots
 access.py     users, groups, entitlements, writable layers, user sessions
 stream.py     boot profiles
 credentials.py   TLS client credentials issued by the home's CA, by serial
+roots.py      removed roots: the manifests of removed versions, which gc may collect
 admins.py     named admin accounts (role, token) and the audit log
 """
 
@@ -32,6 +33,7 @@ from lamina.manager.models.layers import (
     LayerVersionBase,
 )
 from lamina.manager.models.machines import Machine
+from lamina.manager.models.roots import RemovedRoot
 from lamina.manager.models.stream import BootProfile
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "LayerVersionBase",
     "Machine",
     "Membership",
+    "RemovedRoot",
     "Setting",
     "User",
     "UserSession",
