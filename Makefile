@@ -7,14 +7,15 @@ STAMP := $(VENV)/.installed
 
 # Block tools and peers (qemu-img, qemu-nbd, nbdinfo, nbdcopy, fio), layer tools
 # (mkfs.erofs, fuse3), anchors for the benchmarks (borg, casync, nbdkit, nbd-server), what
-# the demo image is built from (the VM, its bootloader, busybox, the ISO seed tools), and
-# the single-node Ceph cluster whose RADOS Gateway the object-store tests use (no ceph-mgr:
-# the gateway runs without one).
+# the demo image is built from (the VM, its bootloader, busybox, the ISO seed tools), the
+# single-node Ceph cluster whose RADOS Gateway the object-store tests use (no ceph-mgr:
+# the gateway runs without one), and what `lamina image build` and the end-to-end runs
+# use (mmdebstrap, ssh into the machines).
 DEBS := qemu-utils libnbd-bin nbdkit nbd-server fio erofs-utils fuse3 \
         borgbackup casync squashfs-tools e2fsprogs xorriso busybox-static \
         qemu-system-x86 extlinux syslinux-common dosfstools mtools cpio util-linux \
         kmod zstd curl ca-certificates postgresql chromium \
-        ceph-mon ceph-osd radosgw ceph-common
+        ceph-mon ceph-osd radosgw ceph-common mmdebstrap openssh-client
 
 .PHONY: install deps demo test e2e bench lint clean
 
@@ -34,7 +35,10 @@ demo: install
 test: install
 	$(BIN)/pytest
 
-# The heavy end-to-end runs (VMs under TCG for minutes), left out of `make test`.
+# The heavy end-to-end runs, left out of `make test`: real Debian machines under qemu
+# (TCG) from an image `lamina image build` makes and caches in $$LAMINA_TEST_CACHE
+# (default /var/tmp/lamina-test-cache), and VMs riding out server kills: 15-27 min on a
+# shared 2-core host, most of it the machines' boots under TCG.
 e2e: install
 	$(BIN)/pytest -m e2e
 

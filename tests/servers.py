@@ -103,6 +103,11 @@ class Server:
             wait_port(self.port, self.proc)
         wait_port(self.http_port, self.proc)
         self._wait_serving(offset)
+        # Even after it logs so, its first answer took 10 s on a loaded host: wait for one,
+        # whatever its status, so tests' short timeouts hold.
+        import httpx
+
+        httpx.get(f"{self.http_url}/api/v1/", timeout=120, verify=False)
 
     def _wait_serving(self, offset: int, timeout: float = 90) -> None:
         """Until the server logs that it serves: its ports listen from the start, but

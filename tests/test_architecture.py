@@ -37,6 +37,7 @@ TIERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("manager: database, services, API, console", frozenset({"manager"})),
     ("block server, guest agent", frozenset({"serve", "agent"})),
     ("demo", frozenset({"demo"})),
+    ("guest kit, golden images", frozenset({"guest"})),
     ("command line", frozenset({"cli"})),
 )
 RANK = {pkg: rank for rank, (_, pkgs) in enumerate(TIERS) for pkg in pkgs}

@@ -166,6 +166,12 @@ def test_devices_and_setuid_need_their_flags(cli: Cli, tmp_path: Path) -> None:
             ]
         )
     )
+    # one attempt names both, and both flags
+    refused = cli("layer", "import", "d", str(tar), check=False)
+    assert refused.code == 5 and refused.err.strip().splitlines() == [
+        "lamina: refused 1 device nodes ('dev/null'); 1 setuid/setgid files ('bin/su'): "
+        "allow with --allow-devices --allow-setuid"
+    ]
     assert cli("layer", "import", "d", str(tar), "--allow-devices", check=False).code == 5
     cli("layer", "import", "d", str(tar), "--allow-devices", "--allow-setuid")
     out = tmp_path / "out"

@@ -15,6 +15,7 @@ agent.py     lamina agent, lamina agent login|logout|status
 credentials.py   lamina machine credentials NAME | lamina admin credentials (TLS)
 admin.py     lamina admin token|account, lamina audit
 demo.py      lamina demo
+guest.py     lamina image build, lamina guest install
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lamina.cli import (
     admin,
     agent,
     demo,
+    guest,
     home,
     image,
     layer,
@@ -50,6 +52,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(image.app, name="image")
+image.app.command("build")(guest.image_build)
+app.add_typer(guest.app, name="guest")
 app.add_typer(store.app, name="store")
 app.add_typer(layer.app, name="layer")
 app.add_typer(machine.app, name="machine")

@@ -36,6 +36,23 @@ def agent(
         typer.Option("--etc", help="Write hostname, machine-id, SSH host keys here (e.g. /etc)."),
     ] = None,
     ca: CaOpt = None,
+    system_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--system-root",
+            help="Compose sessions into this running system (/ on a machine): "
+            "/usr, /opt, /etc and the user's home.",
+        ),
+    ] = None,
+    lazy: Annotated[
+        bool,
+        typer.Option(
+            "--lazy-layers",
+            envvar="LAMINA_LAZY_LAYERS",
+            help="Attach app layers after fetching their metadata only; their data comes "
+            "from the manager when first read.",
+        ),
+    ] = False,
     home: HomeOpt = None,
 ) -> None:
     """Run the agent: report boot, apply identity, serve logins, follow the manager."""
@@ -52,7 +69,13 @@ def agent(
     h = init_home(home).home
     root = root if root is not None else h.root / "sessions"
     root.mkdir(parents=True, exist_ok=True)
-    Agent(h, ManagerClient(manager, token, ca=ca), root, etc=etc).run()
+    client = ManagerClient(manager, token, ca=ca)
+    if system_root is None:
+        Agent(h, client, root, etc=etc, lazy=lazy, ca=ca).run()
+        return
+    from lamina.guest.session import SystemAgent
+
+    SystemAgent(h, client, root, etc=etc, system_root=system_root, lazy=lazy, ca=ca).run()
 
 
 @app.command("login")
@@ -104,3 +127,14 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         saved = r.get("saved") or "nothing saved"
         text = f"refused logout: {r['user']} ({saved}) at {r['at']}: {r['reason']} [{r['file']}]"
         out.print(text, markup=False)
+    for layer in result["lazy_layers"]:
+        held = f"{layer.get('cached_bytes', 0) >> 20}/{layer.get('size', 0) >> 20} MiB"
+        state = "offline" if layer.get("offline") else "online"
+        if not layer.get("running", True):
+            state = "not running"
+        lacks = layer.get("missing_chunks", 0)
+        lacking = f", {lacks} chunks asked for and missing" if lacks else ""
+        out.print(
+            f"lazy layer {layer.get('layer') or layer.get('image')}: {held} here, {state}{lacking}",
+            markup=False,
+        )

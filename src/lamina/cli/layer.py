@@ -93,6 +93,10 @@ def capture(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Layer to add the captured version to.")],
     on: Annotated[list[str], typer.Option("--on", help="Layer to run on (repeat; first wins).")],
+    keep_caches: Annotated[
+        bool,
+        typer.Option("--keep-caches", help="Keep package-manager caches (apt lists, archives)."),
+    ] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -101,7 +105,7 @@ def capture(
     from lamina.manager.layer_records import DatabaseRecords
 
     h = open_home(home)
-    result = run_capture(h, DatabaseRecords(h), name, on, list(ctx.args))
+    result = run_capture(h, DatabaseRecords(h), name, on, list(ctx.args), keep_caches=keep_caches)
     if as_json:
         emit_json(
             {
@@ -111,6 +115,7 @@ def capture(
                 "size": result.imported.size,
                 "stored_bytes": result.imported.stored_bytes,
                 "prepared": result.prepared,
+                "caches_left_out": result.left_out,
             }
         )
     else:

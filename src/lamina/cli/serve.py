@@ -56,11 +56,24 @@ def serve(
     https_key: Annotated[
         Path | None, typer.Option("--https-key", help="Key of --https-cert.")
     ] = None,
+    agent_url: Annotated[
+        str | None,
+        typer.Option(
+            "--agent-url",
+            envvar="LAMINA_AGENT_URL",
+            help="The manager's URL as machines reach it, for their seeds (kept; '' clears).",
+        ),
+    ] = None,
     home: HomeOpt = None,
 ) -> None:
     """Serve image versions and machines over NBD, and the manager over HTTP."""
     from lamina.serve.server import ServeOptions, parse_address, run
     from lamina.serve.tls import want_tls
+
+    if agent_url is not None:
+        from lamina.guest.paths import set_agent_url
+
+        set_agent_url(open_home(home), agent_url)
 
     options = ServeOptions(
         nbd=None if no_nbd else parse_address(nbd, "--nbd"),

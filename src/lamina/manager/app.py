@@ -13,7 +13,7 @@ from lamina.home import Home
 from lamina.manager import metrics
 from lamina.manager.console import router as console_router
 from lamina.manager.history import History
-from lamina.manager.routers import admin, agent, data, stream
+from lamina.manager.routers import admin, agent, data, layer_images, stream
 
 
 def create_app(home: Home) -> FastAPI:
@@ -25,6 +25,7 @@ def create_app(home: Home) -> FastAPI:
     app.state.nbd_address = None  # (host, port, tls), likewise
     app.add_middleware(metrics.HttpMetrics, meter=app.state.http_meter)
     app.include_router(data.router)
+    app.include_router(layer_images.router)
     app.include_router(agent.router)
     app.include_router(admin.router)
     app.include_router(console_router)

@@ -33,7 +33,7 @@ from lamina.delta.device import machine_device
 from lamina.delta.file import begin_boot, exclusive, mark_ended
 from lamina.errors import Conflict, LaminaError
 from lamina.home import Home
-from lamina.identity import MachineRow, identity_from_machine, seed_image
+from lamina.identity import AgentSeed, Identity, seed_image
 from lamina.image import ImageReader, Manifest
 from lamina.image.device import ImageDevice
 from lamina.manager.services import images, machines
@@ -60,7 +60,7 @@ class ExportCatalog:
         self.cache = cache
         self._manifests: dict[bytes, Manifest] = {}
         self._open: dict[str, tuple[BlockDevice, int]] = {}
-        self._seeds: dict[str, tuple[tuple[str, int], bytes]] = {}
+        self._seeds: dict[str, tuple[object, bytes]] = {}
         self._writers: dict[str, str] = {}  # machine export -> the client writing it
         self._copying: set[str] = set()  # machine exports a backup is copying
         self._elsewhere: set[str] = set()  # machine exports a sibling process has open
@@ -107,7 +107,7 @@ class ExportCatalog:
                 machine = machines.get(session, rest.removesuffix(SEED_SUFFIX))
                 version = machine.image_version
                 if seed:
-                    data = self._seed(machine)
+                    data = self._seed(*machines.seed_of(session, machine, self.home))
                     info = ExportInfo(name, len(data), read_only=True, description="identity seed")
                     return Resolved(info, "seed", b"", machine.name, data)
                 info = ExportInfo(
@@ -124,14 +124,13 @@ class ExportCatalog:
             info = ExportInfo(name, version.size, read_only=True, description=version.ref)
             return Resolved(info, "image", bytes.fromhex(version.manifest_id))
 
-    def _seed(self, machine: MachineRow) -> bytes:
-        identity = identity_from_machine(machine)
+    def _seed(self, identity: Identity, agent: AgentSeed | None) -> bytes:
         # The machine-id tells a re-created machine from the removed one of the same name
         # (both start at identity revision 1); one seed is kept per machine name.
-        key = (identity.machine_id, identity.identity_rev)
+        key = (identity.machine_id, identity.identity_rev, agent)
         cached = self._seeds.get(identity.name)
         if cached is None or cached[0] != key:
-            cached = self._seeds[identity.name] = (key, seed_image(identity))
+            cached = self._seeds[identity.name] = (key, seed_image(identity, agent))
         return cached[1]
 
     # -- devices ----------------------------------------------------------------------

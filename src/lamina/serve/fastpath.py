@@ -79,7 +79,8 @@ class FastConnection:
         self.device = device
         self.export = export
         self.peer = peer
-        self._release = release
+        self._release = release  # called with True after NBD_CMD_DISC, False after EOF
+        self._goodbye = False
         self._locate = getattr(device, "locate", None)
         self._writer = shared.writer
         self.reader = RequestReader()
@@ -418,6 +419,7 @@ class FastConnection:
 
     def _disconnect(self) -> None:
         """NBD_CMD_DISC: make the writes durable, then hang up (after the requests in flight)."""
+        self._goodbye = True
         self._pause_reading()
         self.inflight += 1
 

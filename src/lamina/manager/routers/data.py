@@ -2,6 +2,11 @@
 
     GET /api/v1/images/{name}/versions/{version}/manifest   the serialized manifest
     GET /api/v1/chunks/{id}                                  a chunk's stored envelope
+    POST /api/v1/chunks/batch  {"ids": [...]}                several envelopes, framed as
+        uploads are (32-byte id, 4-byte big-endian length, envelope), for a prefix of the
+        ids asked (at least one, up to BATCH_BYTES): the caller asks again for the rest.
+        A small layer comes in one round trip instead of one per file (under emulation,
+        the per-request cost made fetching a 100-file layer take 0.74 s).
 
 Chunks travel as stored (compressed envelope, see ``lamina.store.codec``): the receiver
 checks the BLAKE3 id of the plaintext, so a corrupt transfer is never used. Both carry a
@@ -11,6 +16,7 @@ A machine token may read what its pinned image version references; the admin any
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -18,14 +24,17 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response, status
+from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from lamina.errors import NotFound, Refused
 from lamina.home import Home
 from lamina.image import Manifest
+from lamina.image.manifest import MAGIC as IMAGE_MAGIC
 from lamina.layer.importer import load_tree
-from lamina.manager.deps import CallerDep, HomeDep, ReadSessionDep
+from lamina.manager.deps import Caller, CallerDep, HomeDep, ReadSessionDep
 from lamina.manager.models import Machine
+from lamina.manager.schemas import HexId
 from lamina.manager.services import agents, images
 from lamina.names import Ref, check_name
 
@@ -35,6 +44,14 @@ router = APIRouter(prefix="/api/v1", tags=["data"])
 IMMUTABLE = "private, max-age=31536000, immutable"
 CHUNK_TYPE = "application/vnd.lamina.chunk"
 MANIFEST_TYPE = "application/vnd.lamina.manifest"
+BATCH_TYPE = "application/vnd.lamina.chunks"
+BATCH_IDS = 4096
+BATCH_BYTES = 32 << 20
+RECORD = struct.Struct(">32sI")
+
+
+class ChunkBatch(BaseModel):
+    ids: list[HexId] = Field(min_length=1, max_length=BATCH_IDS)
 
 
 class _Referenced:
@@ -67,6 +84,10 @@ def _image_refs(home: Home, manifest_id: bytes) -> frozenset[bytes]:
 
 
 def _tree_refs(home: Home, manifest_id: bytes) -> frozenset[bytes]:
+    """A layer version's references: its tree's, or its EROFS image's (an image manifest)."""
+    data = home.store.get(manifest_id)
+    if data[:4] == IMAGE_MAGIC:
+        return frozenset(Manifest.from_bytes(data).referenced() | {manifest_id})
     return frozenset(load_tree(home.store, manifest_id).referenced() | {manifest_id})
 
 
@@ -119,12 +140,7 @@ def get_chunk(
         cid = b""
     if len(cid) != 32:
         raise NotFound("chunk ids are 64 hex digits")
-    if not caller.admin:
-        machine = caller.machine
-        assert machine is not None
-        allowed = REFERENCED.get(home, bytes.fromhex(machine.image_version.manifest_id))
-        if cid not in allowed and not _layer_allows(session, home, machine, cid):
-            raise Refused("chunk not referenced by this machine")
+    _check_readable(caller, home, session, cid)
     etag = f'"{chunk_id.lower()}"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
     if _etag_matches(if_none_match, etag):
@@ -134,6 +150,42 @@ def get_chunk(
     except NotFound:
         raise NotFound("no such chunk") from None
     return Response(body, media_type=CHUNK_TYPE, headers=headers)
+
+
+def _check_readable(caller: Caller, home: Home, session: Session, cid: bytes) -> None:
+    """Refused (403) unless the caller may read ``cid`` (the admin anything, a machine what its
+    image version and its layers reference)."""
+    if caller.admin:
+        return
+    machine = caller.machine
+    assert machine is not None
+    allowed = REFERENCED.get(home, bytes.fromhex(machine.image_version.manifest_id))
+    if cid not in allowed and not _layer_allows(session, home, machine, cid):
+        raise Refused("chunk not referenced by this machine")
+
+
+@router.post(
+    "/chunks/batch",
+    response_class=Response,
+    responses={200: {"content": {BATCH_TYPE: {}}}, 401: {}, 403: {}, 404: {}, 422: {}},
+)
+def get_chunks(
+    body: ChunkBatch, caller: CallerDep, home: HomeDep, session: ReadSessionDep
+) -> Response:
+    """Several chunks' envelopes in one answer (a prefix of ``ids``; ask for the rest)."""
+    ids = [bytes.fromhex(c) for c in body.ids]
+    for cid in ids:  # every one checked before anything is read: no existence answers
+        _check_readable(caller, home, session, cid)
+    out = bytearray()
+    for cid in ids:
+        try:
+            envelope = home.store.get_envelope(cid)
+        except NotFound:
+            raise NotFound(f"no chunk {cid.hex()}") from None
+        if out and len(out) + len(envelope) > BATCH_BYTES:
+            break
+        out += RECORD.pack(cid, len(envelope)) + envelope
+    return Response(bytes(out), media_type=BATCH_TYPE, headers={"Cache-Control": "no-store"})
 
 
 class _Allowed:

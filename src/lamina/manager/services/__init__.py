@@ -6,6 +6,7 @@ images.py           images and their versions
 machines.py         machines: add, show, change (identity, mode, re-pin), reset, remove
 commit.py           a machine's delta committed as a new image version
 layers.py           layers, their versions and bases, mounted roots; removing them
+layer_images.py     layer versions' EROFS images, built once and recorded; read-ahead profiles
 versions.py         numbering NAME@1, NAME@2, ... (images and layers alike)
 access.py           users, groups, memberships, entitlements
 changes.py          telling agents their desired state changed (the changes table)
