@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import sessionmaker as SessionFactory  # noqa: N812 - the property shadows the name
 
     from lamina.store import ChunkStore
+    from lamina.store.leases import Leases
 
     Connect = Callable[["Home"], sessionmaker[Session]]
 
@@ -91,9 +92,10 @@ def not_a_home(root: Path) -> NotAHome:
     )
 
 
-def write_identity(root: Path) -> str:
+def write_identity(root: Path, ident: str | None = None) -> str:
     """Give ``root`` an identity unless it has one (another process may be doing the same:
-    the first link wins); returns the id."""
+    the first link wins); returns the id. ``ident``: the id of the home whose database
+    another folder joins (a cluster's block servers are folders of one home)."""
     from datetime import UTC, datetime
 
     from lamina.files import fsync_dir
@@ -104,7 +106,7 @@ def write_identity(root: Path) -> str:
         return found
     body = {
         "format": IDENTITY_FORMAT,
-        "id": uuid.uuid4().hex,
+        "id": ident or uuid.uuid4().hex,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     tmp = root / f".{IDENTITY}.{os.getpid()}.tmp"
@@ -131,6 +133,7 @@ class Home:
         database_url: str | None = None,
         *,
         connect: Connect | None = None,
+        store_leases: Callable[[Home], Leases | None] | None = None,
     ) -> None:
         self.root = home_path(root)
         ident = read_identity(self.root)
@@ -143,6 +146,7 @@ class Home:
             or f"sqlite:///{self.root / 'lamina.db'}"
         )
         self._connect = connect
+        self._store_leases = store_leases
         self._db_lock = threading.Lock()
         self._sessionmaker: sessionmaker[Session] | None = None
         self._read_only: SessionFactory[Session] | None = None
@@ -180,7 +184,8 @@ class Home:
         # blake3, zstd (and boto3 for a bucket): not every command needs them
         from lamina.store.location import open_store
 
-        return open_store(self.store_dir)
+        leases = self._store_leases
+        return open_store(self.store_dir, leases=(lambda: leases(self)) if leases else None)
 
     @property
     def sessionmaker(self) -> sessionmaker[Session]:

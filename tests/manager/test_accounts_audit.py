@@ -155,10 +155,10 @@ def test_a_database_of_the_previous_schema_gains_the_tables(tmp_path: Path) -> N
     cfg = db._config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0009")
-    assert db.current_revision(engine) == "0009"
+        command.upgrade(cfg, "0010")
+    assert db.current_revision(engine) == "0010"
     db.migrate(engine)
-    assert db.current_revision(engine) == db.SCHEMA_HEAD == "0010"
+    assert db.current_revision(engine) == db.SCHEMA_HEAD == "0011"
     assert {"admin_accounts", "audit_log"} <= set(inspect(engine).get_table_names())
     engine.dispose()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,6 +13,9 @@ from lamina.cli.common import HomeOpt, JsonOpt, emit_json, open_home, out
 from lamina.files import write_atomic
 from lamina.trust.authority import CA_CERT, CLIENT_CERT, CLIENT_DAYS, CLIENT_KEY, Issued
 from lamina.trust.principal import Kind
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 OutOpt = Annotated[
     Path,
@@ -27,7 +30,9 @@ DaysOpt = Annotated[int, typer.Option("--days", help="Days the credential is val
 ServerOpt = Annotated[
     str | None,
     typer.Option(
-        "--server", help="HOST:PORT of `lamina serve` for the printed lines [this host:10809]."
+        "--server",
+        help="HOST:PORT of `lamina serve` for the printed lines [the machine's block server"
+        " in a cluster, else this host:10809].",
     ),
 ]
 
@@ -44,6 +49,14 @@ def _server(server: str | None) -> tuple[str, int]:
     from lamina.serve.server import parse_address
 
     return parse_address(server or f"{socket.getfqdn()}:10809", "--server")
+
+
+def _assigned(session: Session, machine: str) -> str | None:
+    """The machine's block server in a cluster (None: this host's, as without one)."""
+    from lamina.manager.services import servers
+
+    found = servers.server_for(session, machine)
+    return found.nbd_address if found else None
 
 
 def _nbd(host: str, port: int, export: str) -> str:
@@ -112,6 +125,8 @@ def issue_and_write(
         issued = credentials.issue(session, authority, kind, name, days=days, rotate=rotate)
         # written before the commit: a credential recorded is one its holder has
         write(directory, authority.cert_pem, issued)
+        if server is None and kind is Kind.MACHINE:
+            server = _assigned(session, name)
     host, port = _server(server)
     exports = [f"machine/{name}", f"machine/{name}/seed"] if kind is Kind.MACHINE else []
     lines = usage(directory, host, port, exports or ["IMAGE"])

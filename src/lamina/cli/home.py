@@ -16,11 +16,22 @@ def register(root: typer.Typer) -> None:
     root.command("restore")(restore)
 
 
-def init(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def init(
+    join: Annotated[
+        bool,
+        typer.Option(
+            "--join",
+            help="Another block server's folder of the home whose PostgreSQL"
+            " (LAMINA_DATABASE_URL) this is: take its id.",
+        ),
+    ] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Make a folder a lamina home (its identity and database); on a home, check it."""
     from lamina.manager.home import init_home
 
-    done = init_home(home)
+    done = init_home(home, join=join)
     h = done.home
     if as_json:
         emit_json(

@@ -1,7 +1,8 @@
-"""lamina machine add|list|show|set|reset|rm, and lamina delta commit.
+"""lamina machine add|list|show|set|reset|move|rm, and lamina delta commit.
 
 Every command but ``list`` works on the --home's database or through --manager's API, by
-the one code path of ``lamina.manager.admin``: the same rules, output and refusals.
+the one code path of ``lamina.manager.admin``: the same rules, output and refusals
+(``move`` works on the home of the machine's block server, where its delta is).
 """
 
 from __future__ import annotations
@@ -63,13 +64,14 @@ def add(
 
 @app.command("list")
 def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Machines with their image version, mode and delta size."""
+    """Machines with their image version, mode, delta size (and block server)."""
     from lamina.delta.file import BLOCK, delta_usage
-    from lamina.manager.services import machines
+    from lamina.manager.services import machines, servers
 
     h = open_home(home)
     rows: list[dict[str, Any]] = []
     with h.session(read_only=True) as session:
+        server_names = {s.id: s.name for s in servers.all_servers(session)}
         for m in machines.list_all(session):
             blocks, stored = delta_usage(h.deltas_dir / m.name)
             rows.append(
@@ -82,18 +84,22 @@ def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
                     "mac": m.mac,
                     "delta_bytes": blocks * BLOCK,
                     "delta_stored_bytes": stored,
+                    "server": server_names.get(m.server_id) if m.server_id else None,
                 }
             )
     if as_json:
         emit_json(rows)
         return
-    table(
-        ["NAME", "IMAGE", "MODE", "HOSTNAME", "MAC", "DELTA"],
-        [
-            [r["name"], r["image"], r["mode"], r["fqdn"], r["mac"], human(r["delta_bytes"])]
-            for r in rows
-        ],
-    )
+    columns = ["NAME", "IMAGE", "MODE", "HOSTNAME", "MAC", "DELTA"]
+    cells = [
+        [r["name"], r["image"], r["mode"], r["fqdn"], r["mac"], human(r["delta_bytes"])]
+        for r in rows
+    ]
+    if server_names:  # a cluster: which block server serves each
+        columns.append("SERVER")
+        for cell, r in zip(cells, rows, strict=True):
+            cell.append(r["server"] or "-")
+    table(columns, cells)
 
 
 @app.command("show")
@@ -172,6 +178,38 @@ def reset(
     machine's data needs --force)."""
     done = admin(home, manager, token, ca).reset_machine(name, force=force)
     emit_json(done) if as_json else say(done.summary())
+
+
+@app.command("move")
+def move(
+    name: Annotated[str, typer.Argument()],
+    to: Annotated[str, typer.Option("--to", help="The block server to serve it from.")],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="A stateful machine of a lost server: move it without its delta."
+        ),
+    ] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve a machine from another block server from its next boot; a stateful
+    machine's delta goes with it through the store (committed as NAME.state@N, the
+    machine re-pinned to it). Run it on the home of the machine's current server."""
+    from lamina.manager.services import servers
+
+    moved = servers.move(open_home(home), name=name, to=to, force=force)
+    data = {
+        "name": name,
+        "server": moved.server.name,
+        "nbd_server": moved.server.nbd_address,
+        "committed": moved.committed,
+    }
+    if as_json:
+        emit_json(data)
+    else:
+        via = f" (its delta is {moved.committed})" if moved.committed else ""
+        say(f"{name}: served by {moved.server.name} at {moved.server.nbd_address}{via}")
 
 
 @app.command("rm")

@@ -56,6 +56,32 @@ def serve(
     https_key: Annotated[
         Path | None, typer.Option("--https-key", help="Key of --https-cert.")
     ] = None,
+    server_name: Annotated[
+        str | None,
+        typer.Option(
+            "--server-name",
+            envvar="LAMINA_SERVER_NAME",
+            help="Join the block servers of this database under this name (machines are"
+            " assigned to the least loaded).",
+        ),
+    ] = None,
+    advertise: Annotated[
+        str | None,
+        typer.Option(
+            "--advertise",
+            envvar="LAMINA_ADVERTISE",
+            help="HOST:PORT machines dial for this server's NBD [the --nbd address].",
+        ),
+    ] = None,
+    heartbeat: Annotated[
+        float,
+        typer.Option(
+            "--heartbeat",
+            envvar="LAMINA_HEARTBEAT",
+            min=0.1,
+            help="Seconds between heartbeats; lost after three missed.",
+        ),
+    ] = 5.0,
     agent_url: Annotated[
         str | None,
         typer.Option(
@@ -68,6 +94,11 @@ def serve(
 ) -> None:
     """Serve image versions and machines over NBD, and the manager over HTTP."""
     from lamina.serve.server import ServeOptions, parse_address, run
+
+    def str_address(text: str) -> str:
+        host, port = parse_address(text, "--advertise")
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     from lamina.serve.tls import want_tls
 
     if agent_url is not None:
@@ -82,6 +113,9 @@ def serve(
         tls_names=tuple(tls_names or ()),
         https_cert=https_cert,
         https_key=https_key,
+        server_name=server_name,
+        advertise=str_address(advertise) if advertise else None,
+        heartbeat=heartbeat,
     )
     options.tls = want_tls(
         options.hosts, tls=tls, insecure=insecure, https_cert=https_cert is not None

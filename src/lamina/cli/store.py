@@ -89,6 +89,8 @@ def gc(
                 "packs_removed": report.packs_removed,
                 "packs_rewritten": report.packs_rewritten,
                 "bytes_freed": report.bytes_freed,
+                "packs_condemned": report.packs_condemned,
+                "packs_pardoned": report.packs_pardoned,
                 "chunks_kept_unknown": report.chunks_spared,
                 "unknown_manifests": unknown,
             }
@@ -97,7 +99,10 @@ def gc(
     verb = ("would remove", "would free") if dry_run else ("removed", "freed")
     out.print(
         f"{verb[0]} {report.chunks_removed} chunks, {verb[1]} {human(report.bytes_freed)} "
-        f"({report.packs_removed} packs removed, {report.packs_rewritten} rewritten)"
+        f"({report.packs_removed} packs removed, {report.packs_rewritten} rewritten"
+        + (f", {report.packs_condemned} condemned" if report.packs_condemned else "")
+        + (f", {report.packs_pardoned} pardoned" if report.packs_pardoned else "")
+        + ")"
     )
     if kept:
         err.print(

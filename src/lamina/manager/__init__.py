@@ -20,4 +20,5 @@ client.py           a small client of the HTTP API (CLI ``--manager``, the agent
 entitlements.py     which layers a user gets on a machine, in which order (pure)
 layer_records.py    the layer code's LayerRecords over a home's database
 rebase_records.py   the rebase code's RebaseRecords over a home's database
+store_leases.py     a shared bucket's import leases and condemned packs as database rows
 """

@@ -159,6 +159,20 @@ def _check_home(engine: Engine, home: Home, shown: str, opening: Opening) -> Non
         )
 
 
+def recorded_home(url: str) -> str | None:
+    """The id of the home a database belongs to (None: none yet, or no lamina tables)."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(
+                text("SELECT value FROM settings WHERE key = :k"), {"k": HOME_KEY}
+            ).scalar()
+    except SQLAlchemyError:
+        return None
+    finally:
+        engine.dispose()
+
+
 def _config() -> Any:
     from alembic.config import Config
 
@@ -169,7 +183,7 @@ def _config() -> Any:
 
 # The newest migration. Checked against Alembic's own view by the tests; kept here so that
 # an up-to-date database is recognized without importing Alembic (100 ms per command).
-SCHEMA_HEAD = "0010"
+SCHEMA_HEAD = "0011"
 
 
 def head_revision() -> str | None:

@@ -184,11 +184,13 @@ class MachinePublic(BaseModel):
     last_boot_at: datetime | None
     users: list[str]
     created_at: datetime
+    server: str | None = None  # the block server assigned to it (in a cluster)
 
     def summary(self) -> str:
+        served = f", served by {self.server}" if self.server else ""
         return (
             f"{self.name}: {self.image}, {self.mode}, hostname {self.fqdn}, "
-            f"identity rev {self.identity_rev}"
+            f"identity rev {self.identity_rev}{served}"
         )
 
 
@@ -201,6 +203,8 @@ class MachineDetail(MachinePublic):
     network: dict[str, Any] | None
     extra_config: dict[str, Any] | None
     exports: list[str]
+    nbd_server: str | None = None  # HOST:PORT of its block server
+    server_live: bool | None = None  # False: its server missed its heartbeats
 
 
 class MachineCreated(MachineDetail):

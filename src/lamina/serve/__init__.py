@@ -14,4 +14,5 @@ profile.py      boot recording: the order a booting machine first reads its imag
 access.py       which exports a TLS client may open, by the credential it showed
 control.py      the control socket: deltas copied at flush points for ``lamina backup``
 tls.py          TLS for ``lamina serve``: the server certificate, NBD and HTTPS settings
+cluster.py      a block server among several: its row in the database, its heartbeat
 """

@@ -26,22 +26,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lamina import logs
 from lamina.delta import uploads
 from lamina.delta.device import machine_device
 from lamina.delta.file import begin_boot, exclusive, mark_ended
-from lamina.errors import Conflict, LaminaError
+from lamina.errors import Conflict, LaminaError, Refused
 from lamina.home import Home
 from lamina.identity import AgentSeed, Identity, seed_image
 from lamina.image import ImageReader, Manifest
 from lamina.image.device import ImageDevice
-from lamina.manager.services import images, machines
+from lamina.manager.models import Machine
+from lamina.manager.services import images, machines, servers
 from lamina.names import MACHINE_PREFIX, SEED_SUFFIX, parse_ref
 from lamina.nbd import ExportInfo
 from lamina.nbd.device import BlockDevice, MemoryDevice, ReadOnlyView
 from lamina.serve import profile
 from lamina.store import ChunkCache
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,9 @@ class ExportCatalog:
         self._copying: set[str] = set()  # machine exports a backup is copying
         self._elsewhere: set[str] = set()  # machine exports a sibling process has open
         self._lock = threading.Lock()
+        # This block server's name in a cluster: a stateful machine assigned to another
+        # server is not served here (its delta is on that server's home).
+        self.server: str | None = None
         self.log = logging.getLogger(logs.LOGGER)
 
     # -- Catalog protocol (negotiation) ----------------------------------------------
@@ -110,6 +118,7 @@ class ExportCatalog:
                     data = self._seed(*machines.seed_of(session, machine, self.home))
                     info = ExportInfo(name, len(data), read_only=True, description="identity seed")
                     return Resolved(info, "seed", b"", machine.name, data)
+                self._check_served_here(session, machine)
                 info = ExportInfo(
                     name, version.size, read_only=False, description=f"{version.ref} + delta"
                 )
@@ -123,6 +132,13 @@ class ExportCatalog:
             version = images.get_version(session, parse_ref(name, "image name"))
             info = ExportInfo(name, version.size, read_only=True, description=version.ref)
             return Resolved(info, "image", bytes.fromhex(version.manifest_id))
+
+    def _check_served_here(self, session: Session, machine: Machine) -> None:
+        if self.server is None or machine.mode != machines.STATEFUL:
+            return
+        found = servers.assigned(session, machine)
+        if found is not None and found.name != self.server:
+            raise Refused(f"{machine.name} is stateful and served by {found.name}")
 
     def _seed(self, identity: Identity, agent: AgentSeed | None) -> bytes:
         # The machine-id tells a re-created machine from the removed one of the same name

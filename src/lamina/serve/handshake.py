@@ -277,6 +277,7 @@ class NbdService:
         self.hub = hub
         self.siblings = siblings  # other processes a connection may be handed to
         self.catalog = FileCatalog(home, on_close=self._device_closed)
+        self.catalog.server = options.server_name if options is not None else None
         self.tls: ServerTls | None = None
         if options is not None and options.tls:
             from lamina.serve.tls import tls_setup

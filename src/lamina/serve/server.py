@@ -56,6 +56,9 @@ class ServeOptions:
     tls_names: tuple[str, ...] = ()  # more names for the server certificate
     https_cert: Path | None = None  # a certificate of one's own for HTTPS (else the CA's)
     https_key: Path | None = None
+    server_name: str | None = None  # joins a cluster of block servers under this name
+    advertise: str | None = None  # HOST:PORT its NBD clients dial (default: from ``nbd``)
+    heartbeat: float = 5.0  # seconds between its heartbeats in the database
 
     @property
     def hosts(self) -> list[str]:
@@ -105,6 +108,12 @@ async def _serve(
     failed: list[str] = []
     block = await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else None
     totals = block[2] if block is not None else None
+    leave = None
+    if options.server_name is not None and options.nbd is not None:
+        from lamina.serve.cluster import advertised, join
+
+        address = advertised(options.nbd, options.advertise)
+        leave = await join(home, options.server_name, address, options.heartbeat, log)
     # `lamina backup` asks the block server (the deltas' owner) to copy them at flush points
     control = None
     if block is not None:
@@ -141,6 +150,8 @@ async def _serve(
     finally:
         if sampler is not None:
             sampler.cancel()
+        if leave is not None:
+            await leave()
         if control is not None:
             control.close()
         if block is not None:

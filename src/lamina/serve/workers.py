@@ -166,6 +166,7 @@ class WorkerPool:
             "tls_names": options.tls_names,
             "https_cert": str(options.https_cert) if options.https_cert else None,
             "https_key": str(options.https_key) if options.https_key else None,
+            "server_name": options.server_name,
         }
         self.workers: dict[int, _Worker] = {}
         self.owners: dict[str, int] = {}  # machine export -> the worker holding its delta
@@ -502,6 +503,7 @@ def _options(config: dict[str, Any]) -> ServeOptions:
         tls_names=tuple(config["tls_names"]),
         https_cert=Path(config["https_cert"]) if config["https_cert"] else None,
         https_key=Path(config["https_key"]) if config["https_key"] else None,
+        server_name=config.get("server_name"),
     )
 
 

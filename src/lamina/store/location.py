@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Final
 from lamina.errors import StoreError, UsageError
 
 if TYPE_CHECKING:
+    from lamina.store.leases import Leases
     from lamina.store.store import ChunkStore
 
 RECORD: Final = "location.json"
@@ -146,8 +147,15 @@ def _record(store_dir: Path, location: StoreLocation) -> StoreLocation:
     return found
 
 
-def open_store(store_dir: Path, env: Mapping[str, str] | None = None) -> ChunkStore:
-    """The home's chunk store: local, or a bucket with a bounded disk cache beside it."""
+def open_store(
+    store_dir: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    leases: Callable[[], Leases | None] | None = None,
+) -> ChunkStore:
+    """The home's chunk store: local, or a bucket with a bounded disk cache beside it.
+    ``leases`` gives a bucket's writers and gc their leases when other homes may share it
+    (else the home's file lock keeps them apart)."""
     from lamina.store.store import ChunkStore
 
     env = os.environ if env is None else env
@@ -167,7 +175,9 @@ def open_store(store_dir: Path, env: Mapping[str, str] | None = None) -> ChunkSt
         location.bucket,
         location.prefix,
         endpoint_url=location.endpoint_url,
-        lock=LocalBackend(store_dir).lock,  # one home per bucket prefix: its file lock
+        lock=LocalBackend(store_dir).lock,  # verify and reindex within this home
     )
     cache = DiskChunkCache(store_dir / "cache", capacity)
-    return RemoteChunkStore(backend, Index(store_dir / "index.sqlite"), cache)
+    store = RemoteChunkStore(backend, Index(store_dir / "index.sqlite"), cache)
+    store.leases = leases() if leases is not None else None
+    return store

@@ -9,6 +9,7 @@ access.py     users, groups, entitlements, writable layers, user sessions
 stream.py     boot profiles
 credentials.py   TLS client credentials issued by the home's CA, by serial
 roots.py      removed roots: the manifests of removed versions, which gc may collect
+cluster.py    block servers and heartbeats, store leases, condemned packs
 admins.py     named admin accounts (role, token) and the audit log
 """
 
@@ -23,6 +24,7 @@ from lamina.manager.models.access import (
 )
 from lamina.manager.models.admins import AdminAccount, AuditEntry
 from lamina.manager.models.base import Base, utcnow
+from lamina.manager.models.cluster import BlockServer, CondemnedPack, StoreLease
 from lamina.manager.models.credentials import Credential
 from lamina.manager.models.images import Image, ImageVersion, Setting, VersionCounter
 from lamina.manager.models.layers import (
@@ -40,8 +42,10 @@ __all__ = [
     "AdminAccount",
     "AuditEntry",
     "Base",
+    "BlockServer",
     "BootProfile",
     "Change",
+    "CondemnedPack",
     "Credential",
     "Entitlement",
     "Group",
@@ -56,6 +60,7 @@ __all__ = [
     "Membership",
     "RemovedRoot",
     "Setting",
+    "StoreLease",
     "User",
     "UserSession",
     "VersionCounter",

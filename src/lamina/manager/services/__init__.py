@@ -21,6 +21,7 @@ recovery.py         roots in the store the database does not know: kept by gc, l
                     by reindex (what the packs can tell)
 settings.py         installation settings kept in the database
 credentials.py      TLS client credentials: issue, rotate, whom a certificate stands for
+servers.py          block servers and their heartbeats; which one serves each machine
 accounts.py         named admin accounts: roles (admin, helpdesk) and tokens
 audit.py            the audit log: who changed what, when, from where (each service records)
 """

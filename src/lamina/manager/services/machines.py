@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, joinedload
 
 from lamina.errors import AlreadyExists, NotFound, Unconfirmed, UsageError
 from lamina.manager.models import ImageVersion, Machine
-from lamina.manager.services import audit, images
+from lamina.manager.services import audit, images, servers
 from lamina.names import check_name, parse_ref
 from lamina.units import human_bytes
 
@@ -126,6 +126,7 @@ def add(
         session.flush()
     except IntegrityError:
         raise AlreadyExists(f"a machine named {name!r} already exists") from None
+    servers.assign(session, machine)  # the least loaded block server, in a cluster
     audit.record(session, "machine.add", name, image=version.ref, mode=machine.mode)
     return Added(machine, token)
 
@@ -180,6 +181,11 @@ def pin(session: Session, *, machine: Machine, version: ImageVersion) -> None:
 
 
 # -- what touches the delta -------------------------------------------------------------------
+
+
+def delta_blocks(home: Home, name: str) -> int:
+    """Blocks a machine's delta holds on this home."""
+    return _held_blocks(home, name)
 
 
 def _held_blocks(home: Home, name: str) -> int:
