@@ -87,7 +87,7 @@ async def serve(
             os.close(home_lock)
 
 
-async def _serve(
+async def _serve(  # noqa: PLR0915 (one start-up and shutdown sequence, in order)
     home: Home,
     options: ServeOptions,
     *,
