@@ -10,7 +10,9 @@ from fastapi.responses import JSONResponse
 from lamina import __version__
 from lamina.errors import LaminaError, http_body, http_status
 from lamina.home import Home
+from lamina.manager import metrics
 from lamina.manager.console import router as console_router
+from lamina.manager.history import History
 from lamina.manager.routers import admin, agent, boot, data, layer_images, stream
 from lamina.manager.services.netboot import NetbootSettings
 
@@ -22,6 +24,11 @@ def create_app(home: Home, netboot: NetbootSettings | None = None) -> FastAPI:
     app.state.home = home
     app.state.netboot = netboot or NetbootSettings()
     app.state.boot_cache = BootCache(home.root / "cache" / "boot")
+    app.state.http_meter = metrics.HttpMeter()
+    app.state.history = History()  # the dashboard's last day (see manager.history)
+    app.state.nbd_totals = None  # set by `lamina serve` when it serves NBD too
+    app.state.nbd_address = None  # (host, port, tls), likewise
+    app.add_middleware(metrics.HttpMetrics, meter=app.state.http_meter)
     app.include_router(data.router)
     app.include_router(layer_images.router)
     app.include_router(agent.router)
@@ -29,6 +36,7 @@ def create_app(home: Home, netboot: NetbootSettings | None = None) -> FastAPI:
     app.include_router(console_router)
     app.include_router(stream.router)
     app.include_router(boot.router)
+    app.include_router(metrics.router)
 
     _errors(app)
 

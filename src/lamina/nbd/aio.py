@@ -51,6 +51,8 @@ from lamina.nbd.server import Phase, ServerConnection
 
 # Stop reading from a client whose replies pile up beyond this (it is not reading).
 _HIGH_WATER = 64 << 20
+# Logged as "refused": a name that is not served, or not to this client.
+_REFUSALS = (Rep.ERR_POLICY, Rep.ERR_UNKNOWN)
 # TCP keepalive: probe after 30 s of silence, give up after 3 probes 10 s apart.
 _KEEPALIVE = (30, 10, 3)
 
@@ -291,13 +293,14 @@ class NbdServerProtocol(asyncio.Protocol):
             self.export = decision.export
         for reply in decision.replies:
             self._send(reply)
-            if isinstance(reply, OptionReply) and reply.reply == Rep.ERR_POLICY:
+            if isinstance(reply, OptionReply) and reply.reply in _REFUSALS:
                 log_event(
                     self.log,
                     "refused",
                     logging.WARNING,
                     client=self.peer,
                     credential=self.client,
+                    export=getattr(event, "name", None),
                     reason=reply.data.decode(errors="replace"),
                 )
         if self.conn.phase is Phase.STARTTLS and self._transport is not None:

@@ -452,7 +452,7 @@ class FastConnection:
         self.shared.loop.remove_writer(self.fd)
         self.pending.clear()
         self.sock.close()
-        self.shared.connections.discard(self)
+        self.shared.retire(self)
         if self.shared.on_close is not None:
             self.shared.on_close()
         log_event(

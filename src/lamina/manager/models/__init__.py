@@ -10,6 +10,7 @@ stream.py     boot profiles
 credentials.py   TLS client credentials issued by the home's CA, by serial
 roots.py      removed roots: the manifests of removed versions, which gc may collect
 cluster.py    block servers and heartbeats, store leases, condemned packs
+admins.py     named admin accounts (role, token) and the audit log
 """
 
 from lamina.manager.models.access import (
@@ -21,6 +22,7 @@ from lamina.manager.models.access import (
     UserSession,
     WritableLayer,
 )
+from lamina.manager.models.admins import AdminAccount, AuditEntry
 from lamina.manager.models.base import Base, utcnow
 from lamina.manager.models.cluster import BlockServer, CondemnedPack, StoreLease
 from lamina.manager.models.credentials import Credential
@@ -37,6 +39,8 @@ from lamina.manager.models.roots import RemovedRoot
 from lamina.manager.models.stream import BootProfile
 
 __all__ = [
+    "AdminAccount",
+    "AuditEntry",
     "Base",
     "BlockServer",
     "BootProfile",
