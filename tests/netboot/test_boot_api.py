@@ -15,7 +15,6 @@ from sqlalchemy import update
 
 from lamina.demo.image import DemoImage
 from lamina.home import Home
-from lamina.home import Home
 from lamina.manager.models import Machine
 from tests.conftest import Cli
 from tests.servers import Server
