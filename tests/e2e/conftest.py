@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from lamina.manager.home import init_home
 from tests.conftest import Cli
 from tests.demo.conftest import cache_root
 from tests.trees import needs_root
@@ -29,7 +30,7 @@ def image_cache() -> Path:
 @pytest.fixture(scope="module")
 def e2e_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("e2e") / "home"
-    home.mkdir()
+    init_home(home).home.close()  # an explicit home, as `lamina init` makes
     return home
 
 
