@@ -162,10 +162,10 @@ def _scrub(root: Path) -> None:
 def _agent_home(root: Path) -> None:
     """The agent's home with its database created: migrating it at every boot of a
     stateless machine would take seconds under emulation."""
-    from lamina.manager.home import open_home
+    from lamina.manager.home import init_home
 
     where = root / paths.HOME
-    home = open_home(where, f"sqlite:///{where / 'lamina.db'}")
+    home = init_home(where, f"sqlite:///{where / 'lamina.db'}").home  # a home, as `lamina init`
     try:
         with home.session():
             pass
