@@ -19,3 +19,20 @@ class Settings(BaseSettings):
     database_url: str | None = None
     # Bytes of decompressed chunks kept in memory by a block server.
     cache_bytes: int = 512 << 20
+    # The block server's limits on what any client may cost it (lamina.nbd.limits, and
+    # docs/security.md); unset: the defaults there.
+    nbd_connections_per_address: int | None = None
+    nbd_handshake_timeout: float | None = None
+    nbd_idle_timeout: float | None = None
+    nbd_stall_timeout: float | None = None
+    nbd_reply_bytes: int | None = None
+    nbd_total_reply_bytes: int | None = None
+
+    def nbd_limits(self) -> dict[str, float | int]:
+        """The NBD limits set in the environment, by ``Limits`` field name."""
+        prefix = "nbd_"
+        return {
+            name.removeprefix(prefix): value
+            for name, value in self.model_dump().items()
+            if name.startswith(prefix) and value is not None
+        }

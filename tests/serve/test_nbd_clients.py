@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lamina.nbd import Cmd, Errno
-from lamina.nbd.aio import NbdClient
+from lamina.nbd.aio_client import NbdClient
 from tests.conftest import Cli, write_sparse
 from tests.nbdtools import ok, qemu_io
 from tests.servers import Server

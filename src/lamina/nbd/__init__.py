@@ -7,7 +7,11 @@ client.py      ClientConnection: the same for the client side
 negotiate.py   negotiate (the replies to a handshake event for an export catalogue) and
                check_request (which requests an export refuses, with which error)
 device.py      BlockDevice, the one interface between the server and what it serves
-aio.py         asyncio adapters: the server protocol and a small client
+limits.py      what a client may cost a server (Limits) and the server-wide Budget
+lanes.py       threads that run each connection's writes in order, off the event loop
+flow.py        FlowControl: one connection's budgets, timeouts and event pump
+aio.py         NbdServerProtocol, the asyncio server adapter (over FlowControl)
+aio_client.py  NbdClient, a small asyncio client for lamina's tools and tests
 """
 
 from lamina.nbd.client import ClientConnection

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from lamina.delta import uploads
 from lamina.delta.device import machine_device
-from lamina.errors import LaminaError
+from lamina.errors import LaminaError, UsageError
 from lamina.home import Home
 from lamina.identity import MachineRow, identity_from_machine, seed_image
 from lamina.image import ImageReader, Manifest
@@ -24,6 +24,7 @@ from lamina.manager.services import images, machines
 from lamina.names import MACHINE_PREFIX, SEED_SUFFIX, parse_ref
 from lamina.nbd import ExportInfo
 from lamina.nbd.device import BlockDevice, MemoryDevice
+from lamina.nbd.negotiate import Unknown
 from lamina.serve import profile
 from lamina.store import ChunkCache
 
@@ -45,12 +46,17 @@ class ExportCatalog:
         self._open: dict[str, tuple[BlockDevice, int]] = {}
         self._seeds: dict[str, tuple[tuple[str, int], bytes]] = {}
         self._lock = threading.Lock()
+        # Devices are opened on the handshake threads: one opening per export at a time
+        # (a second Delta on one machine would find its lock taken).
+        self._opening: dict[str, threading.Lock] = {}
 
     # -- Catalog protocol (negotiation) ----------------------------------------------
 
-    def lookup(self, name: str) -> ExportInfo | None:
+    def lookup(self, name: str) -> ExportInfo | Unknown | None:
         try:
             resolved = self.resolve(name)
+        except UsageError as exc:  # a malformed name, a version out of range
+            return Unknown(str(exc))
         except LaminaError:
             return None
         return resolved.info if resolved else None
@@ -108,22 +114,25 @@ class ExportCatalog:
         )
 
     def open(self, name: str) -> BlockDevice:
-        """The shared device behind export ``name`` (opened on first use)."""
+        """The shared device behind export ``name`` (opened on first use; from any
+        thread)."""
         with self._lock:
             shared = self._acquire(name)
-        if shared is not None:
-            return shared
-        resolved = self.resolve(name)
-        if resolved is None:
-            raise LaminaError(f"no export {name!r}")
-        device = self._build(resolved)
-        with self._lock:
-            shared = self._acquire(name)  # another connection won the race
-            if shared is None:
+            if shared is not None:
+                return shared
+            opening = self._opening.setdefault(name, threading.Lock())
+        with opening:
+            with self._lock:
+                shared = self._acquire(name)  # opened while this one waited
+            if shared is not None:
+                return shared
+            resolved = self.resolve(name)
+            if resolved is None:
+                raise LaminaError(f"no export {name!r}")
+            device = self._build(resolved)
+            with self._lock:
                 self._open[name] = (device, 1)
-                return device
-        device.close()
-        return shared
+            return device
 
     def _acquire(self, name: str) -> BlockDevice | None:
         """One more user of the open device ``name``, if it is open (lock held)."""

@@ -27,8 +27,11 @@ from lamina.manager.app import create_app
 from lamina.manager.console.auth import print_login_url
 from lamina.manager.services import machines
 from lamina.nbd.aio import NbdServerProtocol
+from lamina.nbd.lanes import Lanes
+from lamina.nbd.limits import Budget, Limits
 from lamina.serve.catalog import ExportCatalog
 from lamina.serve.tls import ServeTls, tls_setup, warn_if_exposed
+from lamina.settings import Settings
 from lamina.store import ChunkCache
 
 DEFAULT_NBD = "127.0.0.1:10809"
@@ -53,6 +56,7 @@ class ServeOptions:
     tls_names: tuple[str, ...] = ()  # more names for the server certificate
     https_cert: Path | None = None  # a certificate of one's own for HTTPS (else the CA's)
     https_key: Path | None = None
+    limits: Limits | None = None  # what clients may cost (None: from the environment)
 
     @property
     def hosts(self) -> list[str]:
@@ -100,7 +104,8 @@ async def _serve(
     reset = reset_stateless(home) if options.nbd is not None else []
     cache = ChunkCache(options.cache_bytes)
     catalog = ExportCatalog(home, cache)
-    executor = ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="io")
+    threads = _Threads(options.workers)
+    budget = Budget(options.limits or Limits(**Settings().nbd_limits()))  # type: ignore[arg-type]
     loop = asyncio.get_running_loop()
     connections: set[NbdServerProtocol] = set()
 
@@ -108,7 +113,14 @@ async def _serve(
 
     def connection() -> NbdServerProtocol:
         proto = NbdServerProtocol(
-            catalog, executor, log, on_close=connections.discard, tls=tls.nbd if tls else None
+            catalog,
+            threads.io,
+            log,
+            on_close=connections.discard,
+            tls=tls.nbd if tls else None,
+            budget=budget,
+            handshake_executor=threads.handshakes,
+            lanes=threads.lanes,
         )
         connections.add(proto)
         return proto
@@ -156,12 +168,29 @@ async def _serve(
             http.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):
                 await http_task
-        executor.shutdown(wait=True)
+        threads.close()
         catalog.close_all()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
         logs.event(log, "stopped")
+
+
+class _Threads:
+    """Where the block server's disk and database work runs, off the event loop."""
+
+    def __init__(self, workers: int) -> None:
+        self.io = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="io")
+        # Handshake options read the database: two threads of their own, so that a flood
+        # of them waits for these while reads and writes go on elsewhere.
+        self.handshakes = ThreadPoolExecutor(max_workers=2, thread_name_prefix="handshake")
+        self.lanes = Lanes(max(2, workers // 2))  # the connections' writes, in order
+
+    def close(self) -> None:
+        """Finish what was handed over (the devices are closed after this)."""
+        self.handshakes.shutdown(wait=True)
+        self.lanes.close()
+        self.io.shutdown(wait=True)
 
 
 def _lock_home(home: Home) -> int:

@@ -1,0 +1,195 @@
+"""The block server under attack by clients that never log in: unread pipelined reads,
+option floods, idle and half-open connections, many connections from one address. Each
+attack runs against a real `lamina serve`, bounded in time and in the server's memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lamina.nbd.constants import Opt, Rep
+from tests.attacks import MiB, RawNbd, RssWatch, rss
+from tests.conftest import Cli, write_sparse
+from tests.nbdtools import ok, qemu_io
+from tests.servers import Server
+
+RSS_LIMIT = 256 * MiB
+
+
+@pytest.fixture
+def disk(cli: Cli, tmp_path: Path) -> Path:
+    src = write_sparse(tmp_path / "base.raw", 64 * MiB, [(0, os.urandom(4 * MiB))])
+    cli("image", "import", "base", str(src))
+    cli("machine", "add", "m1", "--image", "base", "--mode", "stateful")
+    return src
+
+
+def _serve(cli: Cli, tmp_path: Path, **env: str) -> Iterator[Server]:
+    srv = Server(cli.home, tmp_path / "serve.log", env={k.upper(): v for k, v in env.items()})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def served(cli: Cli, tmp_path: Path, disk: Path) -> Iterator[Server]:
+    yield from _serve(cli, tmp_path)
+
+
+def _events(server: Server, name: str) -> list[dict[str, object]]:
+    out = []
+    for line in server.log_lines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            if event.get("event") == name:
+                out.append(event)
+    return out
+
+
+def _health_seconds(server: Server, timeout: float = 10) -> float:
+    started = time.monotonic()
+    httpx.get(f"{server.http_url}/api/v1/health", timeout=timeout).raise_for_status()
+    return time.monotonic() - started
+
+
+def test_unread_pipelined_reads_keep_the_server_small_and_the_api_answering(
+    served: Server,
+) -> None:
+    """Three clients each pipeline 40 reads of 32 MiB over blocks of the delta and never
+    read a reply (1,120 bytes sent each): the server stays under 256 MiB, the API answers
+    meanwhile, and real clients are served."""
+    ok(qemu_io(served.url("machine/m1"), "write -P 0x5a 0 32M", "flush"))
+    assert served.proc is not None
+    pid = served.proc.pid
+    before = rss(pid)
+    attackers = [RawNbd(served.port) for _ in range(3)]
+    for attacker in attackers:
+        assert attacker.go("machine/m1")[-1].reply == Rep.ACK
+    slowest = 0.0
+    with RssWatch(pid, RSS_LIMIT) as watch:
+        for attacker in attackers:
+            attacker.sock.sendall(attacker.reads(40, 32 * MiB))
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline and not watch.killed:
+            try:
+                slowest = max(slowest, _health_seconds(served, timeout=5))
+            except httpx.HTTPError:
+                assert watch.killed, "the API failed while the server was alive"
+            time.sleep(0.05)
+    for attacker in attackers:
+        attacker.close()
+    print(
+        f"server RSS {before / MiB:.0f} MiB before, {watch.peak / MiB:.0f} MiB at peak;"
+        f" slowest API answer {slowest:.3f} s"
+    )
+    assert not watch.killed and watch.peak < RSS_LIMIT
+    assert slowest < 2.0
+    ok(qemu_io(served.url("machine/m1"), "read -P 0x5a 0 32M", read_only=True))
+
+
+def test_a_client_that_reads_no_reply_is_dropped_after_the_stall_timeout(
+    cli: Cli, tmp_path: Path, disk: Path
+) -> None:
+    for server in _serve(cli, tmp_path, lamina_nbd_stall_timeout="1"):
+        attacker = RawNbd(server.port)
+        assert attacker.go("base")[-1].reply == Rep.ACK
+        attacker.sock.sendall(attacker.reads(8, 32 * MiB))
+        time.sleep(3)  # not reading: the server's buffer fills, then the timer runs out
+        assert not attacker.alive(wait=5)
+        assert _events(server, "stalled")
+
+
+def test_a_connection_that_does_not_finish_its_handshake_is_closed(
+    cli: Cli, tmp_path: Path, disk: Path
+) -> None:
+    for server in _serve(cli, tmp_path, lamina_nbd_handshake_timeout="2"):
+        silent = socket.create_connection(("127.0.0.1", server.port))
+        chatty = RawNbd(server.port)
+        chatty.greet()
+        started = time.monotonic()
+        with pytest.raises(AssertionError, match="end of stream"):
+            for _ in range(100):  # options, but never NBD_OPT_GO
+                chatty.option(chatty.conn.option(Opt.LIST))
+                time.sleep(0.1)
+        assert 1.5 < time.monotonic() - started < 5
+        silent.settimeout(5)
+        assert silent.recv(1 << 16)  # the greeting ...
+        assert _drained(silent)  # ... then the end
+        assert len(_events(server, "handshake-timeout")) == 2
+        # a client that negotiates in time is served
+        ok(qemu_io(server.url("base"), "read 0 4096", read_only=True))
+
+
+def _drained(sock: socket.socket) -> bool:
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout(
+    cli: Cli, tmp_path: Path, disk: Path
+) -> None:
+    for server in _serve(cli, tmp_path, lamina_nbd_idle_timeout="1"):
+        idle = RawNbd(server.port)
+        assert idle.go("base")[-1].reply == Rep.ACK
+        assert not idle.alive(wait=5)
+        assert _events(server, "idle-timeout")
+
+
+def test_connections_per_address_are_limited(cli: Cli, tmp_path: Path, disk: Path) -> None:
+    for server in _serve(cli, tmp_path, lamina_nbd_connections_per_address="4"):
+        held = [RawNbd(server.port) for _ in range(4)]
+        for conn in held:
+            conn.greet()
+        extra = socket.create_connection(("127.0.0.1", server.port))
+        extra.settimeout(5)
+        assert _drained(extra)  # closed at once, before any greeting
+        refused = qemu_io(server.url("base"), "read 0 4096", read_only=True)
+        assert refused.returncode != 0
+        assert _events(server, "too-many-connections")
+        for conn in held:
+            conn.close()
+        time.sleep(0.2)
+        ok(qemu_io(server.url("base"), "read 0 4096", read_only=True))
+
+
+def test_an_option_list_flood_does_not_stall_the_api(served: Server) -> None:
+    """Clients pipelining NBD_OPT_LIST by the thousand: the API answers within a second
+    throughout, and the flooding clients are held back by their unread replies."""
+    floods = []
+    for _ in range(4):
+        flood = RawNbd(served.port)
+        flood.greet()
+        flood.sock.sendall(flood.list_options(20_000))
+        floods.append(flood)
+    slowest = max(_health_seconds(served) for _ in range(20))
+    assert slowest < 2.0
+    for flood in floods:
+        flood.close()
+    ok(qemu_io(served.url("base"), "read 0 4096", read_only=True))
+
+
+@pytest.mark.parametrize(
+    "export", ["base@18446744073709551616", "base@99999999999999999999999999", "base@0", "base@١"]
+)
+def test_an_out_of_range_version_is_refused_and_the_connection_goes_on(
+    served: Server, export: str
+) -> None:
+    client = RawNbd(served.port)
+    client.greet()
+    refused = client.option(client.conn.go(export))[-1]
+    assert refused.reply == Rep.ERR_UNKNOWN
+    assert b"version" in refused.data
+    assert client.option(client.conn.go("base"))[-1].reply == Rep.ACK
