@@ -12,7 +12,9 @@
     │   └── StoreBusy (6)         the store lock could not be taken in time
     ├── ToolError (8)             an external tool (qemu-img, mkfs.erofs, ...) failed
     ├── Conflict (9)              in use elsewhere, pinned, conflicting layers (--strict)
-    └── ProtocolError (10)        a peer broke a wire protocol (NBD, HTTP API)
+    ├── ProtocolError (10)        a peer broke a wire protocol (NBD, HTTP API)
+    ├── Forbidden (11)            not the caller's to use: a chunk a machine may not read
+    └── LimitExceeded (12)        over a limit set on what a caller may cost: a quota
 
 Adapters catch their library's exceptions (OSError, subprocess, sqlite, zstd) at the edge
 and raise one of these, so callers deal with one tree and the CLI prints one line.
@@ -80,3 +82,11 @@ class Conflict(LaminaError):
 
 class ProtocolError(LaminaError):
     exit_code = 10
+
+
+class Forbidden(LaminaError):
+    exit_code = 11
+
+
+class LimitExceeded(LaminaError):
+    exit_code = 12

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     nbd_reply_bytes: int | None = None
     nbd_total_reply_bytes: int | None = None
 
+    # The manager's: the cap on request bodies other than uploads (lamina.manager.limits),
+    # and the bytes of chunks a machine may have uploaded that no saved layer holds yet.
+    http_body_bytes: int | None = None
+    upload_quota_bytes: int | None = None
+
     def nbd_limits(self) -> dict[str, float | int]:
         """The NBD limits set in the environment, by ``Limits`` field name."""
         prefix = "nbd_"

@@ -106,7 +106,9 @@ class ClientCatalog:
         refused = self._check(name)
         if refused is not None:
             raise LaminaError(refused.reason)
-        return self.catalog.open(name)
+        # Only the machine itself boots: an admin's backup read is not a boot profile.
+        own = self.principal.kind is Kind.MACHINE and name == MACHINE_PREFIX + self.principal.name
+        return self.catalog.open(name, boot=own)
 
     def release(self, name: str) -> None:
         self.catalog.release(name)

@@ -5,7 +5,10 @@
     machine/NAME/seed         its NoCloud identity seed, read-only
 
 Devices are opened on a client's first connection and shared by every connection to the
-same export (one delta, one chunk cache), then closed with the last one.
+same export (one delta, one chunk cache), then closed with the last one. A machine export
+opened as a boot records its boot profile (``serve.profile``): on a server without TLS
+every client counts (the network is trusted), with TLS only the machine's own credential
+(``serve.access``), so no other client rewrites the order a machine boots in.
 """
 
 from __future__ import annotations
@@ -113,9 +116,9 @@ class ExportCatalog:
             info, ImageReader(self.home.store, self._manifest(manifest_id), self.cache)
         )
 
-    def open(self, name: str) -> BlockDevice:
+    def open(self, name: str, *, boot: bool = True) -> BlockDevice:
         """The shared device behind export ``name`` (opened on first use; from any
-        thread)."""
+        thread). ``boot``: a machine export opened now records a boot profile."""
         with self._lock:
             shared = self._acquire(name)
             if shared is not None:
@@ -129,7 +132,7 @@ class ExportCatalog:
             resolved = self.resolve(name)
             if resolved is None:
                 raise LaminaError(f"no export {name!r}")
-            device = self._build(resolved)
+            device = self._build(resolved, boot)
             with self._lock:
                 self._open[name] = (device, 1)
             return device
@@ -142,7 +145,7 @@ class ExportCatalog:
         self._open[name] = (device, refs + 1)
         return device
 
-    def _build(self, r: Resolved) -> BlockDevice:
+    def _build(self, r: Resolved, boot: bool) -> BlockDevice:
         if r.kind == "image":
             return self._image_device(r.info, r.manifest_id)
         assert r.machine is not None
@@ -151,6 +154,8 @@ class ExportCatalog:
         uploads.recover(self.home, r.machine)  # finish a synced upload a crash interrupted
         manifest = self._manifest(r.manifest_id)
         machine = machine_device(self.home, r.machine, r.info, manifest, r.manifest_id, self.cache)
+        if not boot:
+            return machine
         # A machine export opening is a boot: note the order of its first reads.
         return profile.record_boot(self.home, machine, manifest, r.manifest_id)
 

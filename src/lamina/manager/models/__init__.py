@@ -8,6 +8,7 @@ layers.py     layers, their versions and bases, mounted roots
 access.py     users, groups, entitlements, writable layers, user sessions
 stream.py     boot profiles
 credentials.py   TLS client credentials issued by the home's CA, by serial
+uploads.py    chunks machines uploaded that no saved layer version holds yet
 """
 
 from lamina.manager.models.access import (
@@ -31,6 +32,7 @@ from lamina.manager.models.layers import (
 )
 from lamina.manager.models.machines import Machine
 from lamina.manager.models.stream import BootProfile
+from lamina.manager.models.uploads import StagedChunk
 
 __all__ = [
     "Base",
@@ -49,6 +51,7 @@ __all__ = [
     "Machine",
     "Membership",
     "Setting",
+    "StagedChunk",
     "User",
     "UserSession",
     "VersionCounter",

@@ -6,28 +6,22 @@
 Chunks travel as stored (compressed envelope, see ``lamina.store.codec``): the receiver
 checks the BLAKE3 id of the plaintext, so a corrupt transfer is never used. Both carry a
 strong ETag and ``Cache-Control: immutable`` so any HTTP cache can front several managers.
-A machine token may read what its pinned image version references; the admin anything.
+A machine token may read what its pinned image version references, and what the layers
+it may read reference (``services.readable``, asked afresh at every request); the admin
+anything.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Response, status
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Header, HTTPException, Path, Response, status
 
 from lamina.errors import NotFound
-from lamina.home import Home
-from lamina.image import Manifest
-from lamina.layer.importer import load_tree
 from lamina.manager.deps import CallerDep, HomeDep, ReadSessionDep
-from lamina.manager.models import Machine
 from lamina.manager.services import agents, images
-from lamina.names import Ref, check_name
+from lamina.manager.services.readable import Readable
+from lamina.names import MAX_VERSION, Ref, check_name
 
 router = APIRouter(prefix="/api/v1", tags=["data"])
 # Private: each answer was checked against the caller's token, so a shared cache must not
@@ -35,42 +29,6 @@ router = APIRouter(prefix="/api/v1", tags=["data"])
 IMMUTABLE = "private, max-age=31536000, immutable"
 CHUNK_TYPE = "application/vnd.lamina.chunk"
 MANIFEST_TYPE = "application/vnd.lamina.manifest"
-
-
-class _Referenced:
-    """Chunk ids referenced by recently used manifests, for access checks (bounded)."""
-
-    def __init__(
-        self, capacity: int = 64, load: Callable[[Home, bytes], frozenset[bytes]] | None = None
-    ) -> None:
-        self._sets: OrderedDict[bytes, frozenset[bytes]] = OrderedDict()
-        self._load = load or _image_refs
-        self._lock = threading.Lock()
-        self.capacity = capacity
-
-    def get(self, home: Home, manifest_id: bytes) -> frozenset[bytes]:
-        with self._lock:
-            found = self._sets.get(manifest_id)
-            if found is not None:
-                self._sets.move_to_end(manifest_id)
-                return found
-        refs = self._load(home, manifest_id)
-        with self._lock:
-            self._sets[manifest_id] = refs
-            while len(self._sets) > self.capacity:
-                self._sets.popitem(last=False)
-        return refs
-
-
-def _image_refs(home: Home, manifest_id: bytes) -> frozenset[bytes]:
-    return frozenset(Manifest.from_bytes(home.store.get(manifest_id)).referenced() | {manifest_id})
-
-
-def _tree_refs(home: Home, manifest_id: bytes) -> frozenset[bytes]:
-    return frozenset(load_tree(home.store, manifest_id).referenced() | {manifest_id})
-
-
-REFERENCED = _Referenced()
 
 
 def _etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -84,7 +42,7 @@ def _etag_matches(if_none_match: str | None, etag: str) -> bool:
 )
 def get_manifest(
     name: str,
-    version: int,
+    version: Annotated[int, Path(ge=1, le=MAX_VERSION)],
     caller: CallerDep,
     session: ReadSessionDep,
     home: HomeDep,
@@ -129,8 +87,13 @@ def get_chunk(
     if not caller.admin:
         machine = caller.machine
         assert machine is not None
-        allowed = REFERENCED.get(home, bytes.fromhex(machine.image_version.manifest_id))
-        if cid not in allowed and not _layer_allows(session, home, machine, cid):
+        conn = session.connection()
+        may = Readable(
+            home.store,
+            machine.image_version.manifest_id,
+            lambda: agents.allowed_manifests(conn, machine_id=machine.id),
+        )
+        if not may.allows(cid):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "chunk not referenced by this machine")
     etag = f'"{chunk_id.lower()}"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
@@ -141,45 +104,3 @@ def get_chunk(
     except NotFound:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such chunk") from None
     return Response(body, media_type=CHUNK_TYPE, headers=headers)
-
-
-class _Allowed:
-    """Per machine, the layer manifests it may read, remembered for ``TTL`` seconds (a
-    cache of the database: a chunk not allowed by the cached set is checked afresh)."""
-
-    TTL = 2.0
-
-    def __init__(self) -> None:
-        self._sets: dict[int, tuple[float, frozenset[str]]] = {}
-        self._lock = threading.Lock()
-
-    def manifests(self, session: Session, machine_id: int, *, fresh: bool) -> frozenset[str]:
-        now = time.monotonic()
-        with self._lock:
-            found = self._sets.get(machine_id)
-        if found is not None and not fresh and now - found[0] < self.TTL:
-            return found[1]
-        conn = session.connection()
-        manifests = frozenset(agents.allowed_manifests(conn, machine_id=machine_id))
-        with self._lock:
-            if len(self._sets) > 10_000:
-                self._sets.clear()
-            self._sets[machine_id] = (now, manifests)
-        return manifests
-
-
-ALLOWED = _Allowed()
-TREES = _Referenced(capacity=256, load=_tree_refs)
-
-
-def _layer_allows(session: Session, home: Home, machine: Machine, cid: bytes) -> bool:
-    """Whether one of the layers entitled to this machine (or its logged-in users), or one
-    of those users' writable layers, references ``cid``; layers reach agents through this
-    same endpoint."""
-    for fresh in (False, True):
-        manifests = ALLOWED.manifests(session, machine.id, fresh=fresh)
-        if cid.hex() in manifests:
-            return True
-        if any(cid in TREES.get(home, bytes.fromhex(m)) for m in manifests):
-            return True
-    return False
