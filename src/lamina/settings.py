@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     # and the bytes of chunks a machine may have uploaded that no saved layer holds yet.
     http_body_bytes: int | None = None
     upload_quota_bytes: int | None = None
+    # Bytes a compressed image archive may unpack to in HOME/tmp (lamina.layer.unpack).
+    import_unpack_bytes: int | None = None
 
     def nbd_limits(self) -> dict[str, float | int]:
         """The NBD limits set in the environment, by ``Limits`` field name."""
