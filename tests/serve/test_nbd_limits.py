@@ -98,12 +98,25 @@ def test_a_client_that_reads_no_reply_is_dropped_after_the_stall_timeout(
     cli: Cli, tmp_path: Path, disk: Path
 ) -> None:
     for server in _serve(cli, tmp_path, lamina_nbd_stall_timeout="1"):
-        attacker = RawNbd(server.port)
-        assert attacker.go("base")[-1].reply == Rep.ACK
-        attacker.sock.sendall(attacker.reads(8, 32 * MiB))
-        time.sleep(3)  # not reading: the server's buffer fills, then the timer runs out
-        assert not attacker.alive(wait=5)
-        assert _events(server, "stalled")
+        # many reads, and a single one: it holds its share of the budget all the same
+        for count in (8, 1):
+            attacker = RawNbd(server.port)
+            assert attacker.go("base")[-1].reply == Rep.ACK
+            attacker.sock.sendall(attacker.reads(count, 32 * MiB))
+            time.sleep(3)  # not reading: the server's buffer fills, then the timer runs out
+            assert not attacker.alive(wait=5)
+        assert len(_events(server, "stalled")) == 2
+        # a client that reads slowly but steadily is not stalled
+        slow = RawNbd(server.port)
+        assert slow.go("base")[-1].reply == Rep.ACK
+        slow.sock.sendall(slow.reads(4, 32 * MiB))
+        slow.sock.settimeout(5)
+        got, started = 0, time.monotonic()
+        while got < 4 * 32 * MiB + 4 * 16:
+            got += len(slow.sock.recv(4 << 20))
+            time.sleep(0.15)  # about 25 MiB/s: each stall timeout sees progress
+        assert time.monotonic() - started > 2
+        assert len(_events(server, "stalled")) == 2
 
 
 def test_a_connection_that_does_not_finish_its_handshake_is_closed(

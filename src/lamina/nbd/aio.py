@@ -60,6 +60,10 @@ _DEVICE_ERRORS = (LaminaError, OSError)
 _WRITES = (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM)
 
 
+# The most one NBD_CMD_BLOCK_STATUS reply describes (65,536 delta blocks: about 5 ms).
+BLOCK_STATUS_SPAN = 256 << 20
+
+
 class DeviceProvider(Catalog, Protocol):
     def open(self, name: str) -> BlockDevice: ...
 
@@ -377,7 +381,9 @@ class NbdServerProtocol(FlowControl):
         self._send(SimpleReply(req.handle))
 
     def _block_status(self, req: Request, device: BlockDevice) -> None:
-        extents = device.extents(req.offset, req.length)
+        # The spec lets a reply cover less than was asked (the client asks again): a 4 GiB
+        # query walks a million delta blocks, on the loop.
+        extents = device.extents(req.offset, min(req.length, BLOCK_STATUS_SPAN))
         if req.flags & CmdFlag.REQ_ONE:
             extents = extents[:1]
         self._send(BlockStatus(req.handle, BASE_ALLOCATION_ID, extents))

@@ -46,6 +46,7 @@ class FlowControl(asyncio.Protocol):
         # random-write load spent 43% of its time in per-reply sends).
         self._out: list[Buffer] = []
         self._out_bytes = 0
+        self._handed = 0  # reply bytes given to the transport, ever
         self._held = 0  # reply bytes being read and write payloads queued
         self._jobs = 0  # pool and lane jobs of this connection not finished
         self._option_busy = False  # a catalogue option is being answered on the pool
@@ -84,7 +85,9 @@ class FlowControl(asyncio.Protocol):
         self._address = address
         self._handshake_timer = call_later(self.limits.handshake_timeout, self._handshake_over)
         self._buffer_limits()
-        self._transport.write(self.conn.initiate())
+        greeting = self.conn.initiate()
+        self._transport.write(greeting)
+        self._handed += len(greeting)
 
     def _buffer_limits(self) -> None:
         assert self._transport is not None
@@ -163,6 +166,15 @@ class FlowControl(asyncio.Protocol):
         self.budget.set(self, self._unsent())
         if self._waiting and self._can_go():
             asyncio.get_running_loop().call_soon(self.wake)
+        if self._stall_timer is None and self._buffered():
+            # Replies wait in the transport: the client has stall_timeout to take some.
+            # (Whether or not it sends more: one unread read holds its share all along.)
+            self._stall_mark = self._taken()
+            self._stall_timer = call_later(self.limits.stall_timeout, self._stall_check)
+
+    def _taken(self) -> int:
+        """Reply bytes the client has taken (the kernel accepted them), ever."""
+        return self._handed - self._buffered()
 
     def wake(self) -> None:
         if self._waiting and not self._closing:
@@ -179,22 +191,19 @@ class FlowControl(asyncio.Protocol):
         self._waiting = True
         self._set_reading()
         self.budget.wait(self)
-        if self._buffered() and self._stall_timer is None:
-            self._stall_mark = self._buffered()
-            self._stall_timer = call_later(self.limits.stall_timeout, self._stall_check)
 
     def _stall_check(self) -> None:
         self._stall_timer = None
-        if self._closing or not self._waiting:
+        waiting = self._buffered()
+        if self._closing or not waiting:
             return
-        now = self._buffered()
-        if now and now >= self._stall_mark:
+        if self._taken() == self._stall_mark:
             self._drop(
                 "stalled",
-                f"stalled: {now} bytes of replies unread for {self.limits.stall_timeout:g} s",
+                f"stalled: {waiting} bytes of replies unread for {self.limits.stall_timeout:g} s",
             )
             return
-        self._stall_mark = now
+        self._stall_mark = self._taken()
         self._stall_timer = call_later(self.limits.stall_timeout, self._stall_check)
 
     def _set_reading(self) -> None:
@@ -244,6 +253,7 @@ class FlowControl(asyncio.Protocol):
     def _flush_out(self) -> None:
         if self._out and self._transport is not None and not self._closing:
             self._transport.writelines(self._out)
+            self._handed += self._out_bytes
         self._out = []
         self._out_bytes = 0
 

@@ -6,8 +6,8 @@ A client that pipelines large reads and never reads a reply would otherwise make
 server hold every reply: 40 reads of 32 MiB (1,120 bytes sent) cost 1.49 GB, three such
 clients 4.86 GB. With these limits a connection whose unsent replies reach
 ``reply_bytes`` is not read from until they drain below it, every connection waits
-while the server's total reaches ``total_reply_bytes``, and a connection whose unsent
-replies do not shrink for ``stall_timeout`` seconds is dropped.
+while the server's total reaches ``total_reply_bytes``, and a connection whose
+client takes none of its replies for ``stall_timeout`` seconds is dropped.
 
 ``Budget`` is the server-wide account (one per server, used from its event loop only);
 each connection settles its own share (``settle``) whenever it may have changed.
@@ -121,9 +121,12 @@ class Budget:
                 self._wake()
 
     def _wake(self) -> None:
+        """Each waiting connection goes on at the loop's next turn (not from inside the
+        call that made room: a thousand waiting connections would nest a thousand deep)."""
         waiting, self._waiting = list(self._waiting), {}
+        loop = asyncio.get_running_loop()
         for debtor in waiting:
-            debtor.wake()
+            loop.call_soon(debtor.wake)
 
 
 def call_later(delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle | None:
