@@ -6,11 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Block tools and peers (qemu-img, qemu-nbd, nbdinfo, nbdcopy, fio), layer tools
-# (mkfs.erofs, fuse3), anchors for the benchmarks (borg, casync, nbdkit), and what the
-# demo image is built from (the VM, its bootloader, busybox, the ISO seed tools), and the
-# single-node Ceph cluster whose RADOS Gateway the object-store tests use (no ceph-mgr:
+# (mkfs.erofs, fuse3), anchors for the benchmarks (borg, casync, nbdkit, nbd-server), what
+# the demo image is built from (the VM, its bootloader, busybox, the ISO seed tools), and
+# the single-node Ceph cluster whose RADOS Gateway the object-store tests use (no ceph-mgr:
 # the gateway runs without one).
-DEBS := qemu-utils libnbd-bin nbdkit fio erofs-utils fuse3 \
+DEBS := qemu-utils libnbd-bin nbdkit nbd-server fio erofs-utils fuse3 \
         borgbackup casync squashfs-tools e2fsprogs xorriso busybox-static \
         qemu-system-x86 extlinux syslinux-common dosfstools mtools cpio util-linux \
         kmod zstd curl ca-certificates postgresql chromium \

@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -74,3 +75,86 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None) -> None:
                 return
         time.sleep(0.05)
     raise SystemExit(f"nothing listens on {port}")
+
+
+def wait_export(uri: str) -> None:
+    """Until the export answers a real NBD handshake (a bare TCP probe makes qemu-nbd
+    complain about a failed negotiation)."""
+    for _ in range(600):
+        probe = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"{uri} does not answer")
+
+
+def drop_caches() -> bool:
+    """Write back and drop the page cache (root only): the next read of any file comes
+    from the disk. Returns False when not permitted."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def pss_bytes(pids: list[int]) -> int:
+    """Proportional set size summed over ``pids``: shared pages (a forked server's, the
+    interpreter's) counted once in total, not once per process as RSS would."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue  # gone meanwhile
+    return total
+
+
+class MemorySampler:
+    """The peak of ``pss_bytes`` over the process trees of ``roots``, sampled on a thread
+    every ``interval`` seconds until ``stop``."""
+
+    def __init__(self, roots: list[int], interval: float = 0.5) -> None:
+        self.roots, self.interval = roots, interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            pids = [p for root in self.roots for p in process_tree(root)]
+            self.peak = max(self.peak, pss_bytes(pids))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -1,5 +1,11 @@
 """NBD throughput: lamina serve vs qemu-nbd, with fio's nbd engine, in one run.
 
+  cold_read   one sequential pass of 1 MiB reads, iodepth 8, over the whole image right
+              after import, no warm-up: the page cache is dropped first (as root) and the
+              server is fresh; read-only export vs qemu-nbd on the raw file
+  cold_cached the same first pass of a fresh server with its files (packs, raw file) in
+              the page cache: the server's own cold path (index, verification,
+              decompression) against reading a cached raw file
   seq_read    1 MiB sequential reads, iodepth 8, read-only export vs qemu-nbd on the raw file
   rand_read   4 KiB random reads, iodepth 16, same exports
   rand_write  4 KiB random writes, iodepth 16, machine/NAME (fresh delta) vs qemu-nbd on a
@@ -9,9 +15,9 @@
               raw file, both with the home CA's server certificate, fio (libnbd) showing an
               admin client certificate (nbds:// URIs)
 
-Each pair runs back to back after a warm-up pass; the last line is
-``ratio seq_read=… rand_read=… rand_write=… seq_read_tls=… rand_read_tls=…`` (lamina /
-qemu-nbd, higher is better).
+The cold pairs run first; the others run back to back after a warm-up pass. The last
+line is ``ratio cold_read=… cold_cached=… seq_read=… rand_read=… rand_write=…
+seq_read_tls=… rand_read_tls=…`` (lamina / qemu-nbd, higher is better).
 """
 
 from __future__ import annotations
@@ -20,24 +26,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-from common import LAMINA, MiB, free_port, need, run, scratch
+from common import LAMINA, MiB, drop_caches, free_port, need, run, scratch, wait_export
 
 SIZE = 1024 * MiB
 RUNTIME = int(os.environ.get("LAMINA_BENCH_RUNTIME", "10"))
-
-
-def wait_export(uri: str) -> None:
-    """Until the export answers a real NBD handshake (a bare TCP probe makes qemu-nbd
-    complain about a failed negotiation)."""
-    for _ in range(400):
-        probe = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, check=False)
-        if probe.returncode == 0:
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"{uri} does not answer")
 
 
 # fio's nbd engine cannot name a TLS credentials folder in its URI (libnbd allows that
@@ -47,11 +41,21 @@ NOBODY = 65534
 
 
 def fio(
-    uri: str, rw: str, bs: str, depth: int, runtime: int = RUNTIME, *, home: Path | None = None
+    uri: str,
+    rw: str,
+    bs: str,
+    depth: int,
+    runtime: int | None = RUNTIME,
+    *,
+    home: Path | None = None,
 ) -> float:
-    """IOPS of one fio job (MiB/s = IOPS x bs); ``home``: run as nobody with that HOME."""
+    """IOPS of one fio job (MiB/s = IOPS x bs); ``runtime`` None: one pass, no ramp;
+    ``home``: run as nobody with that HOME."""
     user = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     prefix = [*user, "env", f"HOME={home}"] if home is not None else []
+    timing = (
+        [f"--runtime={runtime}", "--time_based", "--ramp_time=2"] if runtime is not None else []
+    )
     out = subprocess.run(
         [
             *prefix,
@@ -63,9 +67,7 @@ def fio(
             f"--bs={bs}",
             f"--iodepth={depth}",
             f"--size={SIZE}",
-            f"--runtime={runtime}",
-            "--time_based",
-            "--ramp_time=2",
+            *timing,
             "--output-format=json",
         ],
         capture_output=True,
@@ -79,8 +81,7 @@ def fio(
 
 def lamina_serve(port: int, env: dict[str, str], *tls: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [LAMINA, "serve", "--no-http", "--nbd", f"127.0.0.1:{port}",
-         "--cache-mib", str(SIZE // MiB + 256), *tls],
+        [LAMINA, "serve", "--no-http", "--nbd", f"127.0.0.1:{port}", *tls],
         env={**os.environ, **env},
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -101,6 +102,40 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 Results = dict[str, tuple[float, float]]
+
+
+def read_file(path: Path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.read(8 * MiB):
+            pass
+
+
+def cold_pairs(env: dict[str, str], home: Path, raw: Path) -> Results:
+    """The first pass over the data of a fresh server: from the disk (page cache dropped
+    for each), then with its files cached (a fresh server again)."""
+    ports = {name: free_port() for name in ("lamina", "raw")}
+    lamina_uri = f"nbd://127.0.0.1:{ports['lamina']}/disk"
+    qemu_uri = f"nbd://127.0.0.1:{ports['raw']}/disk"
+    qemu = qemu_nbd(ports["raw"], "raw", raw)
+    try:
+        out = []
+        for files in ([], [raw, *sorted((home / "store").rglob("*.pack"))]):
+            lamina = lamina_serve(ports["lamina"], env)
+            try:
+                for uri in (lamina_uri, qemu_uri):
+                    wait_export(uri)
+                for uri in (lamina_uri, qemu_uri):
+                    if files:
+                        for path in files:
+                            read_file(path)
+                    else:
+                        drop_caches()
+                    out.append(fio(uri, "read", "1M", 8, runtime=None))
+            finally:
+                stop([lamina])
+        return {"cold_read": (out[0], out[1]), "cold_cached": (out[2], out[3])}
+    finally:
+        stop([qemu])
 
 
 def plain_pairs(env: dict[str, str], raw: Path, overlay: Path) -> Results:
@@ -176,10 +211,11 @@ def main() -> None:
     overlay = work / "overlay.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(raw), "-F", "raw", str(overlay))
 
-    results = plain_pairs(env, raw, overlay)
+    results = cold_pairs(env, home, raw)
+    results |= plain_pairs(env, raw, overlay)
     results |= tls_pairs(env, home, raw, work / "fio-home")
     for name, (ours, theirs) in results.items():
-        unit = "MiB/s" if name.startswith("seq") else "IOPS"  # 1 MiB blocks: IOPS = MiB/s
+        unit = "IOPS" if name.startswith("rand") else "MiB/s"  # 1 MiB blocks: IOPS = MiB/s
         print(f"{name:13s} lamina {ours:10.0f} {unit}   qemu-nbd {theirs:10.0f} {unit}")
     print("ratio " + " ".join(f"{k}={v[0] / v[1]:.2f}" for k, v in results.items()))
     run("rm", "-rf", str(work))

@@ -5,6 +5,7 @@ is not driven out of memory by it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ import threading
 
 from lamina.nbd.client import ClientConnection
 from lamina.nbd.constants import REQUEST, REQUEST_MAGIC, Cmd, Opt, Rep
-from lamina.nbd.events import NEED_DATA, OptionReply
+from lamina.nbd.events import NEED_DATA, Closed, OptionReply
 
 MiB = 1 << 20
 
@@ -27,15 +28,50 @@ def rss(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-class RssWatch:
-    """The highest RSS of a process while the block runs, sampled every 5 ms on a thread
-    of its own; a process that passes ``limit`` is killed there and then (SIGKILL), so an
-    attack that works costs the machine no more than that."""
+def family(pid: int) -> list[int]:
+    """``pid`` and its descendants (a server's worker processes)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+    return found
 
-    def __init__(self, pid: int, limit: int) -> None:
+
+def family_rss(pid: int) -> tuple[int, int]:
+    """The resident sets of ``pid`` and of its descendants, summed: (all, descendants)."""
+    own = rss(pid)
+    children = 0
+    for p in family(pid)[1:]:
+        try:
+            children += rss(p)
+        except (OSError, AssertionError):
+            continue  # exited meanwhile
+    return own + children, children
+
+
+class RssWatch:
+    """The highest RSS of a process and its descendants (a server and its workers) while
+    the block runs, summed, sampled every 5 ms on a thread of its own; when the sum
+    passes ``limit`` they are killed there and then (SIGKILL), so an attack that works
+    costs the machine no more than that. ``peak``: the whole family's; ``workers``: the
+    descendants' alone."""
+
+    def __init__(self, pid: int, limit: int, *, workers_only: bool = False) -> None:
         self.pid = pid
         self.limit = limit
+        self.workers_only = workers_only
         self.peak = 0
+        self.workers = 0
         self.killed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -43,11 +79,15 @@ class RssWatch:
     def _run(self) -> None:
         while not self._stop.wait(0.005):
             try:
-                self.peak = max(self.peak, rss(self.pid))
+                total, children = family_rss(self.pid)
             except (OSError, AssertionError):
                 return  # the process is gone
-            if self.peak > self.limit:
-                os.kill(self.pid, signal.SIGKILL)
+            self.peak = max(self.peak, total)
+            self.workers = max(self.workers, children)
+            if (children if self.workers_only else total) > self.limit:
+                for p in family(self.pid):
+                    with contextlib.suppress(OSError):
+                        os.kill(p, signal.SIGKILL)
                 self.killed = True
                 return
 
@@ -77,9 +117,12 @@ class RawNbd:
             if not data:
                 return self.conn.next_event()
 
-    def greet(self) -> None:
-        self._event()  # the greeting
+    def greet(self) -> bool:
+        """Take the greeting and answer it; False when the server hung up instead."""
+        if isinstance(self._event(), Closed):
+            return False
         self.sock.sendall(self.conn.client_flags())
+        return True
 
     def option(self, data: bytes) -> list[OptionReply]:
         self.sock.sendall(data)

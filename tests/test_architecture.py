@@ -27,7 +27,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 # The layering, lowest first: a package imports only from packages of a lower tier, so
 # packages of one tier know nothing of each other. A new package must be placed here.
 TIERS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("foundations", frozenset({"errors", "files", "logs", "_tuning", "settings"})),
+    ("foundations", frozenset({"errors", "files", "logs", "_tuning", "settings", "units"})),
     ("names and locks", frozenset({"names", "locks", "control", "lamina"})),
     ("chunk store, NBD protocol, TLS trust", frozenset({"store", "nbd", "trust"})),
     ("a home's folders, identities", frozenset({"home", "identity"})),

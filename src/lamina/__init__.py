@@ -18,7 +18,7 @@ trust      the home's certificate authority and what a TLS client proves
 home       a home: its folders, its store, its database (opened by whoever opens it)
 store      the content-addressed chunk store
 nbd        the NBD protocol (sans-I/O) and the block-device interface
-names, locks, files, logs, control, errors, settings, _tuning   shared foundations
+names, locks, files, logs, control, errors, settings, units, _tuning   shared foundations
 """
 
 from lamina.errors import (
@@ -29,8 +29,11 @@ from lamina.errors import (
     LaminaError,
     NotFound,
     ProtocolError,
+    Refused,
     StoreError,
     ToolError,
+    Unconfirmed,
+    Unreachable,
     UnsafeArchive,
     UsageError,
 )
@@ -45,8 +48,11 @@ __all__ = [
     "LaminaError",
     "NotFound",
     "ProtocolError",
+    "Refused",
     "StoreError",
     "ToolError",
+    "Unconfirmed",
+    "Unreachable",
     "UnsafeArchive",
     "UsageError",
     "__version__",

@@ -17,8 +17,6 @@ class Settings(BaseSettings):
     home: Path = default_home()
     # SQLite file under home when unset; postgresql+psycopg://... for several managers.
     database_url: str | None = None
-    # Bytes of decompressed chunks kept in memory by a block server.
-    cache_bytes: int = 512 << 20
     # The block server's limits on what any client may cost it (lamina.nbd.limits, and
     # docs/security.md); unset: the defaults there.
     nbd_connections_per_address: int | None = None

@@ -59,7 +59,7 @@ def live_entitlements(http: httpx.Client, alice: Path) -> None:
     # and one taken back goes
     assert http.request(
         "DELETE", "/entitlements", params={"layer": "app1", "group": "staff"}
-    ).json() == {"removed": 1}
+    ).json() == {"layer": "app1", "kind": "group", "target": "staff", "removed": 1}
     wait_for(lambda: not (alice / "opt/app1").exists(), 2.0)
     assert (alice / "opt/app2/run").exists()
 

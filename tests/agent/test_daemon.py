@@ -16,10 +16,10 @@ import pytest
 from lamina import logs
 from lamina.agent import daemon, fetch
 from lamina.agent.daemon import Agent
-from lamina.errors import Conflict, CorruptObject, LaminaError, ProtocolError
+from lamina.errors import Conflict, CorruptObject, LaminaError, ProtocolError, Unreachable
 from lamina.home import Home
 from lamina.layer import roots
-from lamina.manager.client import ManagerClient, Unreachable
+from lamina.manager.client import ManagerClient
 from tests.conftest import Cli
 
 Answer = Callable[[dict[str, Any]], Any]
@@ -172,7 +172,7 @@ def test_a_manager_away_for_one_pending_logout_does_not_hold_up_the_rest(
 
     def logout(body: dict[str, Any]) -> dict[str, Any]:
         if body["user"] == "bob":
-            raise Unreachable("manager error 502: bad gateway")
+            raise Unreachable("manager: 502 bad gateway")
         return ended(body)
 
     manager = Manager({("POST", "/agent/logout"): logout})

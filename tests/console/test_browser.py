@@ -137,7 +137,7 @@ def entitle_layer(fleet: Fleet, page: Page) -> None:
     form.locator('select[name="kind"]').select_option("user")
     form.locator('input[name="target"]').fill("alice")
     form.locator('button[type="submit"]').click()
-    expect(page.locator(".flash.ok")).to_have_text("office entitled to user alice")
+    expect(page.locator(".flash.ok")).to_have_text("entitled office to user alice")
     expect(page.locator('#entitlements tr[data-key="user:alice"]')).to_have_count(1)
     admin = {"Authorization": f"Bearer {fleet.admin_token()}"}
     listed = httpx.get(f"{fleet.base}/api/v1/entitlements?layer=office&user=alice", headers=admin)
@@ -159,6 +159,8 @@ def hostile_text_is_text(fleet: Fleet, page: Page) -> None:
 
 
 def actions_need_the_csrf_token(fleet: Fleet, page: Page) -> None:
+    from playwright.sync_api import expect
+
     m2 = fleet.cli.home / "deltas" / "m2"
     ok(qemu_io(fleet.server.url("machine/m2"), "write -P 2 0 64k"))
     assert delta_usage(m2)[0] == 16
@@ -172,7 +174,16 @@ def actions_need_the_csrf_token(fleet: Fleet, page: Page) -> None:
     )
     assert cross_site.status == 403
     assert delta_usage(m2)[0] == 16  # nothing was reset
-    # the same request with the token goes through: the token is what was missing
-    done = page.request.post(reset, form={"csrf": csrf, "next": "/machines"}, max_redirects=0)
-    assert done.status == 303
+    # with the token it goes through, to the confirmation step: m2 is stateful, and its
+    # delta is its data
+    asked = page.request.post(reset, form={"csrf": csrf, "next": "/machines"}, max_redirects=0)
+    assert asked.status == 200 and "that a reset would discard" in asked.text()
+    assert delta_usage(m2)[0] == 16
+    # in the browser: the Reset button, then the page that says what goes, then its button
+    page.goto(f"{fleet.base}/machines")
+    page.locator('#machines tr[data-key="m2"] button[name="reset"]').click()
+    expect(page.locator("#why")).to_contain_text("64.0 KiB that a reset would discard")
+    assert delta_usage(m2)[0] == 16
+    page.locator('button[name="confirmed"]').click()
+    expect(page.locator(".flash.ok")).to_have_text("m2: delta discarded (64.0 KiB)")
     assert delta_usage(m2) == (0, 0)

@@ -124,12 +124,21 @@ def test_commit_and_repin(fleet: Fleet) -> None:
         client.post("/machines/m2/commit", data={"csrf": csrf})
         assert _flash(client, "/machines") == "ok: m2: delta committed as base@2 (1 chunks changed)"
         assert delta_usage(fleet.cli.home / "deltas" / "m2")[0] == 2  # kept: not re-pinned
-        # committing an empty delta is refused
+        # committing an empty delta makes no new version
         client.post("/machines/m1/commit", data={"csrf": csrf})
-        assert _flash(client, "/machines").startswith("error: Commit m1: the delta is empty")
-        # re-pin m2 to the new version: its delta (made on base@1) goes
-        client.post("/machines/m2/repin", data={"csrf": csrf, "image": "base@2"})
-        assert _flash(client, "/machines") == "ok: m2: re-pinned to base@2, delta discarded"
+        assert _flash(client, "/machines") == "ok: m1: unchanged, base@1"
+        # re-pin m2 (stateful) to the new version: its delta (made on base@1) would go, so
+        # the console asks first, and nothing changes until it is confirmed
+        asked = client.post("/machines/m2/repin", data={"csrf": csrf, "image": "base@2"})
+        assert asked.status_code == 200 and "Confirm: Re-pin m2" in asked.text
+        assert "its delta holds 8.0 KiB that re-pinning it to base@2 would discard" in asked.text
+        assert fleet.cli.json("machine", "show", "m2")["image"] == "base@1"
+        form = dict(re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)">', asked.text))
+        assert form["confirm"] == "1" and form["image"] == "base@2"
+        client.post("/machines/m2/repin", data=form)
+        assert _flash(client, "/machines") == (
+            "ok: m2: base@2, stateful, hostname m2, identity rev 2; delta discarded"
+        )
         assert delta_usage(fleet.cli.home / "deltas" / "m2") == (0, 0)
         assert fleet.cli.json("machine", "show", "m2")["image"] == "base@2"
         client.post("/machines/m2/repin", data={"csrf": csrf, "image": "base@9"})
@@ -152,7 +161,7 @@ def test_every_page_and_asset(database: str, fleet: Fleet) -> None:
             "/layers/office/entitle",
             data={"csrf": found.group(1), "kind": "group", "target": "staff", "version": "1"},
         )
-        assert _flash(client, "/layers/office") == "ok: office@1 entitled to group staff"
+        assert _flash(client, "/layers/office") == "ok: entitled office@1 to group staff"
         for page in (
             "/",
             "/machines",

@@ -224,10 +224,26 @@ def test_images_that_refer_to_other_files_are_refused(cli: Cli, tmp_path: Path) 
 
 
 def test_version_numbers_are_never_handed_out_twice(cli: Cli, tmp_path: Path) -> None:
-    src = _image(tmp_path / "disk.raw")
-    cli("image", "import", "base", str(src))
-    cli("image", "import", "base", str(src))
+    disks = [_image(tmp_path / f"disk{i}.raw") for i in range(4)]  # four different disks
+    cli("image", "import", "base", str(disks[0]))
+    cli("image", "import", "base", str(disks[1]))
     cli("image", "rm", "base@2")
-    assert cli("image", "import", "base", str(src)).out.strip() == "base@3"
+    assert cli("image", "import", "base", str(disks[2])).out.strip() == "base@3"
     cli("image", "rm", "base")
-    assert cli("image", "import", "base", str(src)).out.strip() == "base@4"
+    assert cli("image", "import", "base", str(disks[3])).out.strip() == "base@4"
+
+
+def test_an_identical_disk_gives_back_its_version(cli: Cli, tmp_path: Path) -> None:
+    src = _image(tmp_path / "disk.raw")
+    assert cli("image", "import", "base", str(src)).out.strip() == "base@1"
+    again = cli.json("image", "import", "base", str(src))
+    assert again["ref"] == "base@1" and again["unchanged"] and again["new_chunks"] == 0
+    qcow = tmp_path / "disk.qcow2"  # the same disk in another format is the same content
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(src), str(qcow)], check=True)
+    assert cli("image", "import", "base", str(qcow)).out.strip() == "unchanged, base@1"
+    with open(src, "r+b") as f:
+        f.write(b"changed")
+    assert cli("image", "import", "base", str(src)).out.strip() == "base@2"
+    assert [v["ref"] for v in cli.json("image", "log", "base")] == ["base@1", "base@2"]
+    # under another name it is a version of that image
+    assert cli("image", "import", "copy", str(qcow)).out.strip() == "copy@1"

@@ -246,8 +246,14 @@ def test_repin_keeps_the_delta_until_the_target_is_known(
     assert cli.json("machine", "show", "m1")["delta_bytes"] == 65536
     assert cli("machine", "set", "m1", "--image", "base@1", check=False).code == 2  # no change
     assert cli.json("machine", "show", "m1")["delta_bytes"] == 65536
-    cli("image", "import", "base", str(image))
-    shown = cli.json("machine", "set", "m1", "--image", "base@2")
+    with open(image, "r+b") as f:  # a new version of the disk
+        f.write(b"v2")
+    assert cli("image", "import", "base", str(image)).out.strip() == "base@2"
+    # m1 is stateful: its delta is its data, and re-pinning goes only when confirmed
+    refused = cli("machine", "set", "m1", "--image", "base@2", check=False)
+    assert refused.code == 13 and "holds 64.0 KiB" in refused.err
+    assert cli.json("machine", "show", "m1")["delta_bytes"] == 65536
+    shown = cli.json("machine", "set", "m1", "--image", "base@2", "--force")
     assert shown["image"] == "base@2" and shown["delta_bytes"] == 0
 
 

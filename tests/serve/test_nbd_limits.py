@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from lamina.nbd.constants import Opt, Rep
-from tests.attacks import MiB, RawNbd, RssWatch, rss
+from tests.attacks import MiB, RawNbd, RssWatch, family_rss
 from tests.conftest import Cli, write_sparse
 from tests.nbdtools import ok, qemu_io
 from tests.servers import Server
@@ -63,17 +63,17 @@ def test_unread_pipelined_reads_keep_the_server_small_and_the_api_answering(
     served: Server,
 ) -> None:
     """Three clients each pipeline 40 reads of 32 MiB over blocks of the delta and never
-    read a reply (1,120 bytes sent each): the server stays under 256 MiB, the API answers
-    meanwhile, and real clients are served."""
+    read a reply (1,120 bytes sent each): the server's worker processes stay under
+    256 MiB together, the API answers meanwhile, and real clients are served."""
     ok(qemu_io(served.url("machine/m1"), "write -P 0x5a 0 32M", "flush"))
     assert served.proc is not None
     pid = served.proc.pid
-    before = rss(pid)
+    before = family_rss(pid)
     attackers = [RawNbd(served.port) for _ in range(3)]
     for attacker in attackers:
         assert attacker.go("machine/m1")[-1].reply == Rep.ACK
     slowest = 0.0
-    with RssWatch(pid, RSS_LIMIT) as watch:
+    with RssWatch(pid, RSS_LIMIT, workers_only=True) as watch:
         for attacker in attackers:
             attacker.sock.sendall(attacker.reads(40, 32 * MiB))
         deadline = time.monotonic() + 4
@@ -86,12 +86,21 @@ def test_unread_pipelined_reads_keep_the_server_small_and_the_api_answering(
     for attacker in attackers:
         attacker.close()
     print(
-        f"server RSS {before / MiB:.0f} MiB before, {watch.peak / MiB:.0f} MiB at peak;"
+        f"workers' RSS {before[1] / MiB:.0f} MiB before, {watch.workers / MiB:.0f} MiB at peak;"
+        f" with the manager's process {before[0] / MiB:.0f} and {watch.peak / MiB:.0f} MiB;"
         f" slowest API answer {slowest:.3f} s"
     )
-    assert not watch.killed and watch.peak < RSS_LIMIT
+    assert not watch.killed and watch.workers < RSS_LIMIT
     assert slowest < 2.0
-    ok(qemu_io(served.url("machine/m1"), "read -P 0x5a 0 32M", read_only=True))
+    # served again once the attackers' connections are gone (their reads in flight end,
+    # then the process serving them lets the delta go: a moment on a loaded host)
+    deadline = time.monotonic() + 20
+    while True:
+        check = qemu_io(served.url("machine/m1"), "read -P 0x5a 0 32M", read_only=True)
+        if check.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    ok(check)
 
 
 def test_a_client_that_reads_no_reply_is_dropped_after_the_stall_timeout(
@@ -161,11 +170,23 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout(
         assert _events(server, "idle-timeout")
 
 
+def _greeted(port: int, timeout: float = 10) -> RawNbd:
+    """A connection the server greets. A connection it counted a moment ago may still be
+    on its way out (the server's readiness probe: the NBD workers report its end to the
+    process that counts), so a refusal is tried again for a while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = RawNbd(port)
+        if conn.greet():
+            return conn
+        conn.close()
+        assert time.monotonic() < deadline, "every connection refused"
+        time.sleep(0.1)
+
+
 def test_connections_per_address_are_limited(cli: Cli, tmp_path: Path, disk: Path) -> None:
     for server in _serve(cli, tmp_path, lamina_nbd_connections_per_address="4"):
-        held = [RawNbd(server.port) for _ in range(4)]
-        for conn in held:
-            conn.greet()
+        held = [_greeted(server.port) for _ in range(4)]
         extra = socket.create_connection(("127.0.0.1", server.port))
         extra.settimeout(5)
         assert _drained(extra)  # closed at once, before any greeting

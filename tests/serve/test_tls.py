@@ -121,7 +121,11 @@ def test_an_admin_credential_opens_every_export(
 def test_a_repin_moves_what_a_machine_may_open(
     cli: Cli, tls_server: Server, disk: Path, tmp_path: Path
 ) -> None:
-    cli("image", "import", "base", str(disk))  # base@2, same bytes
+    v2 = tmp_path / "v2.raw"
+    v2.write_bytes(disk.read_bytes())
+    with open(v2, "r+b") as f:
+        f.write(b"v2")
+    cli("image", "import", "base", str(v2))  # base@2
     tls_server.start()
     m1 = credentials(cli, tls_server, tmp_path / "m1", "m1")
     # pinned to base@1 (the newest when it was added): base means base@2 now

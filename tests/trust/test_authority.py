@@ -169,8 +169,7 @@ def test_a_removed_machine_credential_stays_refused_when_the_name_returns(fleet:
     ca = Authority.open(fleet.tls_dir)
     with fleet.session() as session:
         issued = credentials.issue(session, ca, Kind.MACHINE, "desk-002")
-    with fleet.session() as session:
-        machines.remove(session, name="desk-002")
+    machines.remove(fleet, name="desk-002")
     assert who(fleet, issued)[0] is Kind.NOBODY
     with fleet.session() as session:
         machines.add(session, name="desk-002", image="base")

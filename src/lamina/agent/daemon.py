@@ -38,10 +38,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from lamina import logs
 from lamina.agent import fetch
 from lamina.agent.reconcile import Attach, Detach, Have, Pending, Stale, Want, plan
-from lamina.errors import AlreadyExists, Conflict, InvalidInput, LaminaError, NotFound, UsageError
+from lamina.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidInput,
+    LaminaError,
+    NotFound,
+    Unreachable,
+    UsageError,
+)
 from lamina.files import write_atomic
 from lamina.home import Home
-from lamina.manager.client import ManagerClient, Unreachable
+from lamina.manager.client import ManagerClient
 from lamina.names import check_user_name
 
 if TYPE_CHECKING:

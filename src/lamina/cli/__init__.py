@@ -5,7 +5,7 @@ image.py     lamina image import|export|list|log|rm
 layer.py     lamina layer import|capture|list|log|export|diff|rm
 mount.py     lamina mount|umount|attach|detach
 machine.py   lamina machine add|list|show|set|reset|rm, lamina delta commit
-access.py    lamina user|group add|list|rm, lamina entitle|unentitle
+access.py    lamina user add|set|list|rm, group add|list|rm|add-member|rm-member, entitle, unentitle
 rebase.py    lamina rebase ... and lamina rebase policy ...
 serve.py     lamina serve
 stream.py    lamina stream IMAGE | stream status | stream sync

@@ -7,13 +7,17 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from lamina.home import Home
 from lamina.manager.home import open_home as _open_home
+from lamina.units import human_bytes
+
+if TYPE_CHECKING:
+    from lamina.manager.admin import Admin
 
 HomeOpt = Annotated[
     Path | None,
@@ -36,24 +40,57 @@ CaOpt = Annotated[
     ),
 ]
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+ManagerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--manager", envvar="LAMINA_MANAGER", help="Manager URL (else the --home's database)."
+    ),
+]
+TokenOpt = Annotated[
+    str | None, typer.Option("--token", envvar="LAMINA_TOKEN", help="Admin token for --manager.")
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Confirm a change that loses data (it says what).")
+]
+
+# No emoji codes: a MAC address such as 4a:cd:05:... would print a disc for ":cd:".
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
+
+
+def say(text: str) -> None:
+    """One line of plain text (names and messages are not markup)."""
+    out.print(text, markup=False)
 
 
 def open_home(home: Path | None) -> Home:
     return _open_home(home)
 
 
+def admin(
+    home: Path | None, manager: str | None, token: str | None, ca: Path | None = None
+) -> Admin:
+    """The admin operations on the --home's database, or through --manager's API."""
+    from lamina.manager.admin import HomeAdmin, RemoteAdmin
+
+    if manager is None:
+        return HomeAdmin(open_home(home))
+    from lamina.errors import UsageError
+    from lamina.manager.client import ManagerClient
+
+    if not token:
+        raise UsageError("--manager needs --token (the admin token: lamina admin token)")
+    return RemoteAdmin(ManagerClient(manager, token, ca=ca))
+
+
 def emit_json(data: Any) -> None:
+    if hasattr(data, "model_dump"):  # an API schema (pydantic)
+        data = data.model_dump(mode="json")
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    return human_bytes(n)
 
 
 def table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:

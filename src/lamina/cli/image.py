@@ -8,7 +8,21 @@ from typing import Annotated, Any
 
 import typer
 
-from lamina.cli.common import HomeOpt, JsonOpt, emit_json, human, open_home, out, progress, table
+from lamina.cli.common import (
+    CaOpt,
+    HomeOpt,
+    JsonOpt,
+    ManagerOpt,
+    TokenOpt,
+    admin,
+    emit_json,
+    human,
+    open_home,
+    out,
+    progress,
+    say,
+    table,
+)
 from lamina.names import check_name, parse_ref
 
 app = typer.Typer(help="Block images and their versions.", no_args_is_help=True)
@@ -27,45 +41,45 @@ def import_(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Import a disk image as a new version; prints NAME@VERSION."""
-    from lamina.image import Imported
-    from lamina.image.importer import import_and_commit
+    """Import a disk image as a new version; prints NAME@VERSION ("unchanged, NAME@N" when
+    a version of NAME has this very content already)."""
+    from lamina.manager.services import images
 
     started = time.monotonic()
     h = open_home(home)
     h.warm_database()  # SQLAlchemy loads and migrates while the file is being chunked
     check_name(name, "image name")
-
-    def commit(imported: Imported) -> str:
-        from lamina.manager.services import images
-
-        with h.session() as session:
-            return images.add_version(session, name=name, imported=imported, source=str(file)).ref
-
     size = file.stat().st_size if file.is_file() else None
     with progress(f"import {file.name}", size, enabled=not as_json) as advance:
-        ref, imported = import_and_commit(
-            h.store, file, commit, fmt=fmt, tmp_dir=h.tmp_dir, progress=advance
+        done = images.import_image(
+            store=h.store,
+            session=h.session,
+            name=name,
+            path=file,
+            fmt=fmt,
+            tmp_dir=h.tmp_dir,
+            progress=advance,
         )
-    stats = imported.stats
+    stats = done.imported.stats
     if as_json:
         emit_json(
             {
-                "ref": ref,
+                "ref": done.ref,
                 "name": name,
-                "version": parse_ref(ref).version,
+                "version": parse_ref(done.ref).version,
+                "unchanged": done.unchanged,
                 "size": stats.size,
                 "format": stats.source_format,
                 "bytes_read": stats.bytes_read,
                 "chunks": stats.chunks,
                 "new_chunks": stats.new_chunks,
                 "stored_bytes": stats.stored_bytes,
-                "manifest": imported.manifest_id.hex(),
+                "manifest": done.imported.manifest_id.hex(),
                 "seconds": round(time.monotonic() - started, 3),
             }
         )
     else:
-        out.print(ref)
+        say(f"unchanged, {done.ref}" if done.unchanged else done.ref)
 
 
 @app.command("export")
@@ -167,16 +181,13 @@ def log(
 @app.command("rm")
 def rm(
     ref: Annotated[str, typer.Argument(help="NAME (every version) or NAME@VERSION.")],
+    manager: ManagerOpt = None,
+    token: TokenOpt = None,
+    ca: CaOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove an image or one version (chunks are freed by `lamina store gc`)."""
-    h = open_home(home)
-    from lamina.manager.services import images
-
-    with h.session() as session:
-        gone = images.remove(session, ref=parse_ref(ref, "image name"))
-    if as_json:
-        emit_json({"removed": gone})
-    else:
-        out.print("removed " + ", ".join(gone))
+    """Remove an image or one version, none pinned by a machine (chunks are freed by
+    `lamina store gc`)."""
+    done = admin(home, manager, token, ca).remove_image(ref)
+    emit_json(done) if as_json else say(done.summary())

@@ -9,14 +9,20 @@ from typing import Annotated, Any
 import typer
 
 from lamina.cli.common import (
+    CaOpt,
+    ForceOpt,
     HomeOpt,
     JsonOpt,
+    ManagerOpt,
+    TokenOpt,
+    admin,
     emit_json,
     err,
     human,
     open_home,
     out,
     progress,
+    say,
     table,
 )
 from lamina.names import parse_ref
@@ -44,17 +50,19 @@ def import_(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Import a file tree as a new layer version; prints NAME@VERSION."""
+    """Import a file tree as a new layer version; prints NAME@VERSION ("unchanged, NAME@N"
+    when the newest version with this very tree is NAME@N)."""
     from lamina.layer.importer import import_layer
     from lamina.manager.layer_records import DatabaseRecords
 
     started = time.monotonic()
     h = open_home(home)
     h.warm_database()
+    records = DatabaseRecords(h)
     with progress(f"import {src.name}", None, enabled=not as_json) as advance:
         ref, imported = import_layer(
             h,
-            DatabaseRecords(h),
+            records,
             name,
             src,
             allow_devices=allow_devices,
@@ -67,6 +75,7 @@ def import_(
                 "ref": ref,
                 "name": name,
                 "version": parse_ref(ref).version,
+                "unchanged": ref in records.unchanged,
                 "files": imported.files,
                 "size": imported.size,
                 "new_chunks": imported.new_chunks,
@@ -76,7 +85,7 @@ def import_(
             }
         )
     else:
-        out.print(ref)
+        say(f"unchanged, {ref}" if ref in records.unchanged else ref)
 
 
 @app.command("capture", context_settings={"allow_extra_args": True})
@@ -268,19 +277,15 @@ def diff(
 @app.command("rm")
 def rm(
     ref: Annotated[str, typer.Argument(help="NAME (every version) or NAME@VERSION.")],
+    force: ForceOpt = False,
+    manager: ManagerOpt = None,
+    token: TokenOpt = None,
+    ca: CaOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove a layer or one version (chunks are freed by `lamina store gc`)."""
-    h = open_home(home)
-    from lamina.layer import prepare
-    from lamina.manager.services import layers as svc
-
-    with h.session() as session:
-        gone, unused = svc.remove(session, ref=parse_ref(ref, "layer name"))
-    for manifest in unused:
-        prepare.forget(h.root, bytes.fromhex(manifest))
-    if as_json:
-        emit_json({"removed": gone})
-    else:
-        out.print("removed " + ", ".join(gone))
+    """Remove a layer or one version (chunks are freed by `lamina store gc`). A user's
+    saved files (a writable layer's versions) or entitlements go only with --force; a
+    layer that is mounted or held by a user's session is refused."""
+    done = admin(home, manager, token, ca).remove_layer(ref, force=force)
+    emit_json(done) if as_json else say(done.summary())

@@ -1,4 +1,8 @@
-"""lamina machine add|list|show|set|reset|rm, and lamina delta commit."""
+"""lamina machine add|list|show|set|reset|rm, and lamina delta commit.
+
+Every command but ``list`` works on the --home's database or through --manager's API, by
+the one code path of ``lamina.manager.admin``: the same rules, output and refusals.
+"""
 
 from __future__ import annotations
 
@@ -8,45 +12,25 @@ from typing import Annotated, Any
 import typer
 
 from lamina.cli import credentials
-from lamina.cli.common import HomeOpt, JsonOpt, emit_json, human, open_home, out, table
-from lamina.home import Home
+from lamina.cli.common import (
+    CaOpt,
+    ForceOpt,
+    HomeOpt,
+    JsonOpt,
+    ManagerOpt,
+    TokenOpt,
+    admin,
+    emit_json,
+    human,
+    open_home,
+    out,
+    say,
+    table,
+)
 
 app = typer.Typer(help="Machines: identity, pinned image version, delta.", no_args_is_help=True)
 delta_app = typer.Typer(help="Machine deltas.", no_args_is_help=True)
 app.command("credentials")(credentials.machine_credentials)
-
-
-def _describe(h: Home, m: Any, *, full: bool = False) -> dict[str, Any]:
-    from lamina.delta.file import delta_usage
-
-    blocks, stored = delta_usage(h.deltas_dir / m.name)
-    data: dict[str, Any] = {
-        "name": m.name,
-        "image": m.image_version.ref,
-        "mode": m.mode,
-        "hostname": m.hostname,
-        "fqdn": m.fqdn,
-        "mac": m.mac,
-        "delta_bytes": blocks * 4096,
-        "delta_stored_bytes": stored,
-    }
-    if full:
-        from lamina.identity import identity_from_machine, instance_id
-
-        identity = identity_from_machine(m)
-        data |= {
-            "machine_id": m.machine_id,
-            "domain": m.domain,
-            "identity_rev": m.identity_rev,
-            "instance_id": instance_id(identity),
-            "ssh_host_keys": {k: v["public"] for k, v in identity.ssh_host_keys.items()},
-            "network": identity.network,
-            "extra_config": identity.extra_config,
-            "created": m.created_at.isoformat(timespec="seconds"),
-            "last_boot": m.last_boot_at.isoformat(timespec="seconds") if m.last_boot_at else None,
-            "exports": [f"machine/{m.name}", f"machine/{m.name}/seed"],
-        }
-    return data
 
 
 @app.command("add")
@@ -54,39 +38,52 @@ def add(
     name: Annotated[str, typer.Argument(help="Machine name.")],
     image: Annotated[str, typer.Option("--image", help="IMAGE (latest version) or IMAGE@VERSION.")],
     mode: Annotated[
-        str, typer.Option("--mode", help="stateless (delta dropped at reset) or stateful.")
+        str, typer.Option("--mode", help="stateless (clean at each boot) or stateful.")
     ] = "stateless",
     hostname: Annotated[str | None, typer.Option("--hostname", help="Defaults to NAME.")] = None,
     mac: Annotated[str | None, typer.Option("--mac", help="Generated when omitted.")] = None,
     domain: Annotated[
         str | None, typer.Option("--domain", help="DNS domain (FQDN = host.domain).")
     ] = None,
+    manager: ManagerOpt = None,
+    token: TokenOpt = None,
+    ca: CaOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add a machine pinned to an image version; --json shows its agent token."""
-    from lamina.manager.services import machines
+    from lamina.manager.schemas import MachineCreate, build
 
-    h = open_home(home)
-    with h.session() as session:
-        added = machines.add(
-            session, name=name, image=image, mode=mode, hostname=hostname, mac=mac, domain=domain
-        )
-        data = _describe(h, added.machine, full=True)
-    if as_json:
-        emit_json(data | {"token": added.token})
-    else:
-        out.print(f"{name}: {data['image']}, {mode}, hostname {data['fqdn']}, mac {data['mac']}")
+    body = build(
+        MachineCreate, name=name, image=image, mode=mode, hostname=hostname, mac=mac, domain=domain
+    )
+    added = admin(home, manager, token, ca).add_machine(body)
+    emit_json(added) if as_json else say(added.summary())
 
 
 @app.command("list")
 def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Machines with their image version, mode and delta size."""
+    from lamina.delta.file import BLOCK, delta_usage
     from lamina.manager.services import machines
 
     h = open_home(home)
+    rows: list[dict[str, Any]] = []
     with h.session(read_only=True) as session:
-        rows = [_describe(h, m) for m in machines.list_all(session)]
+        for m in machines.list_all(session):
+            blocks, stored = delta_usage(h.deltas_dir / m.name)
+            rows.append(
+                {
+                    "name": m.name,
+                    "image": m.image_version.ref,
+                    "mode": m.mode,
+                    "hostname": m.hostname,
+                    "fqdn": m.fqdn,
+                    "mac": m.mac,
+                    "delta_bytes": blocks * BLOCK,
+                    "delta_stored_bytes": stored,
+                }
+            )
     if as_json:
         emit_json(rows)
         return
@@ -101,19 +98,22 @@ def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
 @app.command("show")
 def show(
-    name: Annotated[str, typer.Argument()], home: HomeOpt = None, as_json: JsonOpt = False
+    name: Annotated[str, typer.Argument()],
+    manager: ManagerOpt = None,
+    token: TokenOpt = None,
+    ca: CaOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Everything about one machine, identity included."""
-    from lamina.manager.services import machines
-
-    h = open_home(home)
-    with h.session(read_only=True) as session:
-        data = _describe(h, machines.get(session, name), full=True)
+    detail = admin(home, manager, token, ca).show_machine(name)
     if as_json:
-        emit_json(data)
+        emit_json(detail)
         return
-    for key, value in data.items():
-        out.print(f"[bold]{key}[/bold]: {value}")
+    from rich.markup import escape
+
+    for key, value in detail.model_dump(mode="json").items():
+        out.print(f"[bold]{key}[/bold]: {escape(str(value))}")
 
 
 @app.command("set")
@@ -131,86 +131,62 @@ def set_(
     ] = None,
     new_machine_id: Annotated[bool, typer.Option("--new-machine-id")] = False,
     new_host_keys: Annotated[bool, typer.Option("--new-host-keys")] = False,
+    force: ForceOpt = False,
+    manager: ManagerOpt = None,
+    token: TokenOpt = None,
+    ca: CaOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Change a machine's identity, mode or pinned image version."""
+    """Change a machine's identity, mode or pinned image version (a stateful machine's
+    delta is kept unless --force: re-pinning discards it)."""
     from lamina.identity import parse_extra_config
-    from lamina.manager.services import machines
-    from lamina.names import parse_ref
+    from lamina.manager.schemas import MachineUpdate, build
 
-    h = open_home(home)
-    changes: dict[str, Any] = {}
-    if hostname is not None:
-        changes["hostname"] = hostname
-    if domain is not None:
-        changes["domain"] = domain or None
-    if mac is not None:
-        changes["mac"] = mac
-    if config is not None:
-        changes["extra_config"] = parse_extra_config(config.read_text())
-    with h.session() as session:
-        if image is not None:
-            machines.repin(session, name=name, image=parse_ref(image, "image name"), home=h)
-        if mode is not None:
-            machines.set_mode(session, name=name, mode=mode, home=h)
-        m = machines.set_identity(
-            session,
-            name=name,
-            changes=changes,
-            new_machine_id=new_machine_id,
-            new_host_keys=new_host_keys,
-        )
-        session.flush()
-        data = _describe(h, m, full=True)
-    if as_json:
-        emit_json(data)
-    else:
-        out.print(
-            f"{name}: {data['image']}, {data['mode']}, hostname {data['fqdn']}, identity rev {data['identity_rev']}"
-        )
+    body = build(
+        MachineUpdate,
+        image=image,
+        mode=mode,
+        hostname=hostname,
+        domain=domain,
+        mac=mac,
+        extra_config=parse_extra_config(config.read_text()) if config is not None else None,
+        new_machine_id=new_machine_id,
+        new_host_keys=new_host_keys,
+    )
+    changed = admin(home, manager, token, ca).change_machine(name, body, force=force)
+    emit_json(changed) if as_json else say(changed.summary())
 
 
 @app.command("reset")
 def reset(
-    name: Annotated[str, typer.Argument()], home: HomeOpt = None, as_json: JsonOpt = False
+    name: Annotated[str, typer.Argument()],
+    force: ForceOpt = False,
+    manager: ManagerOpt = None,
+    token: TokenOpt = None,
+    ca: CaOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Discard a machine's delta (it boots the pristine image version again)."""
-    from lamina.delta import uploads
-    from lamina.delta.file import delta_usage
-    from lamina.manager.services import machines
-
-    h = open_home(home)
-    with h.session() as session:
-        machines.get(session, name)
-    before = delta_usage(h.deltas_dir / name)[1]
-    uploads.discard_delta(h, name)
-    if as_json:
-        emit_json({"name": name, "freed_bytes": before})
-    else:
-        out.print(f"{name}: delta discarded ({human(before)})")
+    """Discard a machine's delta: it boots the pristine image version again (a stateful
+    machine's data needs --force)."""
+    done = admin(home, manager, token, ca).reset_machine(name, force=force)
+    emit_json(done) if as_json else say(done.summary())
 
 
 @app.command("rm")
 def rm(
-    name: Annotated[str, typer.Argument()], home: HomeOpt = None, as_json: JsonOpt = False
+    name: Annotated[str, typer.Argument()],
+    force: ForceOpt = False,
+    manager: ManagerOpt = None,
+    token: TokenOpt = None,
+    ca: CaOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Remove a machine and its delta."""
-    import shutil
-
-    from lamina.delta import uploads
-    from lamina.manager.services import machines
-
-    h = open_home(home)
-    with h.session() as session:
-        machines.get(session, name)
-        uploads.discard_delta(h, name)
-        machines.remove(session, name=name)
-    shutil.rmtree(h.deltas_dir / name, ignore_errors=True)
-    if as_json:
-        emit_json({"removed": name})
-    else:
-        out.print(f"removed {name}")
+    """Remove a machine and its delta (a stateful machine's data needs --force)."""
+    done = admin(home, manager, token, ca).remove_machine(name, force=force)
+    emit_json(done) if as_json else say(done.summary())
 
 
 @delta_app.command("commit")
@@ -224,15 +200,16 @@ def commit(
         bool,
         typer.Option("--repin", help="Pin the machine to the new version and clear its delta."),
     ] = False,
+    manager: ManagerOpt = None,
+    token: TokenOpt = None,
+    ca: CaOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Turn a machine's delta into a new image version."""
-    from lamina.manager.services.commit import commit_delta
+    """Turn a machine's delta into a new image version (an empty delta, or one that gives
+    an existing version's content, answers "unchanged, NAME@N")."""
+    from lamina.manager.schemas import DeltaCommit, build
 
-    h = open_home(home)
-    result = commit_delta(h, machine=machine, image=as_image, repin=repin)
-    if as_json:
-        emit_json(result)
-    else:
-        out.print(result["ref"])
+    body = build(DeltaCommit, image=as_image, repin=repin)
+    done = admin(home, manager, token, ca).commit_delta(machine, body)
+    emit_json(done) if as_json else say(done.summary())

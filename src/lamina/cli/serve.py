@@ -23,9 +23,14 @@ def serve(
     no_nbd: Annotated[
         bool, typer.Option("--no-nbd", help="Serve the manager only (extra managers).")
     ] = False,
-    cache: Annotated[
-        int, typer.Option("--cache-mib", help="Memory for decompressed chunks.")
-    ] = 512,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=0,
+            help="NBD worker processes (default: one per core; 0: none, serve NBD in the main process).",
+        ),
+    ] = None,
     tls: Annotated[
         bool,
         typer.Option(
@@ -54,13 +59,14 @@ def serve(
     home: HomeOpt = None,
 ) -> None:
     """Serve image versions and machines over NBD, and the manager over HTTP."""
-    from lamina.serve.server import ServeOptions, parse_address, run
+    from lamina.serve.options import ServeOptions
+    from lamina.serve.server import parse_address, run
     from lamina.serve.tls import want_tls
 
     options = ServeOptions(
         nbd=None if no_nbd else parse_address(nbd, "--nbd"),
         http=None if no_http else parse_address(http, "--http"),
-        cache_bytes=cache << 20,
+        workers=workers,
         tls_names=tuple(tls_names or ()),
         https_cert=https_cert,
         https_key=https_key,

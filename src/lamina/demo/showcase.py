@@ -13,16 +13,19 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lamina.delta.file import delta_usage, discard
 from lamina.demo.image import home_demo_image
 from lamina.demo.vm import BootReport, boot_async
+from lamina.errors import LaminaError
 from lamina.home import Home
 from lamina.image import Imported
 from lamina.image.importer import import_and_commit
 from lamina.manager.services import images, machines
-from lamina.serve.server import ServeOptions, serve
+from lamina.serve.options import ServeOptions
+from lamina.serve.server import serve
 
 MACHINES = (("desk-001", "stateless"), ("desk-002", "stateful"))
 IMAGE = "demo"
@@ -41,13 +44,28 @@ class DemoResult:
 
 
 def _port(preferred: int) -> int:
-    """``preferred`` when it is free on loopback, else any free port."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """``preferred`` when it is free on loopback, else a free port below the kernel's
+    ephemeral range: the demo listens on it twice (the server restarts), and a port
+    from the ephemeral range may meanwhile become some outgoing connection's source
+    port (seen under a loaded test run), which would refuse the second listen."""
+    low = _ephemeral_start()
+    candidates = [preferred] if preferred else []
+    candidates += list(range(max(1024, low - 12000), low))
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise LaminaError("no free port on 127.0.0.1 for the demo")
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _image_ref(home: Home, say: Say) -> str:
@@ -75,13 +93,14 @@ def _image_ref(home: Home, say: Say) -> str:
 def prepare(home: Home, say: Say) -> str:
     """Demo image imported, demo machines (re)created; returns the image version."""
     ref = _image_ref(home, say)
-    with home.session() as session:
+    with home.session(read_only=True) as session:
         present = {m.name for m in machines.list_all(session)}
+    for name, _mode in MACHINES:
+        discard(home.deltas_dir / name)
+        if name in present:  # a new identity and an empty delta each run
+            machines.remove(home, name=name, force=True)
+    with home.session() as session:
         for name, mode in MACHINES:
-            discard(home.deltas_dir / name)
-            if name in present:  # a new identity and an empty delta each run
-                machines.remove(session, name=name)
-                session.flush()
             machines.add(session, name=name, image=ref, mode=mode)
     say("machines " + ", ".join(f"{n} ({m})" for n, m in MACHINES))
     return ref
@@ -97,7 +116,7 @@ async def _round(
 ) -> None:
     started = asyncio.Event()
     stop = asyncio.Event()
-    options = ServeOptions(nbd=nbd, http=http, cache_bytes=128 << 20, log_level="warning")
+    options = ServeOptions(nbd=nbd, http=http, log_level="warning")
     task = asyncio.create_task(serve(home, options, ready=started.set, stop=stop))
     await asyncio.wait(
         [task, asyncio.create_task(started.wait())], return_when=asyncio.FIRST_COMPLETED

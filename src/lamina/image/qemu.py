@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from lamina.errors import InvalidInput, ToolError
+from lamina.errors import InvalidInput, LaminaError, ToolError
 
 FORMATS = ("raw", "qcow2", "vmdk", "vhdx", "vpc")
 
@@ -21,12 +21,15 @@ def _qemu_img() -> str:
     return exe
 
 
-def _run(args: list[str], what: str) -> str:
+def _run(args: list[str], what: str, error: type[LaminaError]) -> str:
+    """Run qemu-img; a failure raises ``error``: what it means depends on what was asked
+    (``info`` and ``check`` judge the input, ``convert`` of checked input fails for the
+    tool's own reasons: a full disk, an unwritable output)."""
     proc = subprocess.run([_qemu_img(), *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         detail = (proc.stderr.strip().splitlines() or ["failed"])[-1]
         detail = detail.removeprefix("qemu-img: ")
-        raise InvalidInput(f"{what}: {detail}")
+        raise error(f"{what}: {detail}")
     return proc.stdout
 
 
@@ -63,7 +66,7 @@ def info(path: Path, fmt: str | None = None) -> dict[str, Any]:
     args = ["info", "--output=json"]
     if fmt:
         args += ["-f", fmt]
-    result: dict[str, Any] = json.loads(_run([*args, str(path)], str(path)))
+    result: dict[str, Any] = json.loads(_run([*args, str(path)], str(path), InvalidInput))
     return result
 
 
@@ -95,13 +98,24 @@ def check_self_contained(path: Path, fmt: str) -> None:
 def check(path: Path, fmt: str) -> None:
     """Structural check of formats that have one (qcow2, vmdk, vhdx)."""
     if fmt in ("qcow2", "vmdk", "vhdx"):
-        _run(["check", "-q", "-f", fmt, str(path)], f"{path} is not a valid {fmt} image")
+        _run(
+            ["check", "-q", "-f", fmt, str(path)],
+            f"{path} is not a valid {fmt} image",
+            InvalidInput,
+        )
 
 
 def convert(src: Path, dst: Path, *, src_fmt: str, dst_fmt: str) -> None:
-    """Convert keeping holes (-S 4k: runs of zeros become holes in the output)."""
+    """Convert keeping holes (-S 4k: runs of zeros become holes in the output).
+
+    A failure to open or read ``src`` is the input's fault (InvalidInput: a format with no
+    structural check, such as vpc, is first read here); any other (the output cannot be
+    created, the disk is full) is the tool's (ToolError)."""
     opts = ["-o", "preallocation=off"] if dst_fmt == "qcow2" else []
-    _run(
-        ["convert", "-q", "-S", "4k", "-f", src_fmt, "-O", dst_fmt, *opts, str(src), str(dst)],
-        f"converting {src} from {src_fmt}",
-    )
+    args = ["convert", "-q", "-S", "4k", "-f", src_fmt, "-O", dst_fmt, *opts, str(src), str(dst)]
+    try:
+        _run(args, f"converting {src} from {src_fmt} to {dst_fmt}", ToolError)
+    except ToolError as exc:
+        if f"Could not open '{src}'" in exc.message or "error while reading" in exc.message:
+            raise InvalidInput(exc.message) from None
+        raise

@@ -4,7 +4,9 @@ db.py               engines, sessions and migrations (SQLite with WAL, PostgreSQ
 home.py             open_home: a home with the manager's database
 models/             the tables (SQLAlchemy), one module per area
 migrations/         their schema changes (Alembic)
-services/           the operations, one transaction's worth of work each
+services/           the operations, one transaction's worth of work each, with their rules
+admin.py            the admin operations as one interface: on a home, or through the API
+views.py            rows as the API's Public schemas (the API, CLI and console show the same)
 schemas.py          the API's request and response bodies (pydantic)
 deps.py             FastAPI dependencies: home, database session, caller
 routers/            the HTTP API: admin, agent, data (manifests, chunks), stream

@@ -9,33 +9,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from lamina import __version__
-from lamina.errors import (
-    AlreadyExists,
-    Conflict,
-    Forbidden,
-    InvalidInput,
-    LaminaError,
-    LimitExceeded,
-    NotFound,
-    UsageError,
-)
+from lamina.errors import LaminaError, http_body, http_status
 from lamina.home import Home
 from lamina.manager.console import router as console_router
 from lamina.manager.limits import BodyLimit, invalid_request
 from lamina.manager.routers import admin, agent, data, stream
-
-# Lamina's errors as HTTP statuses (anything else stays a 500).
-STATUS: list[tuple[type[LaminaError], int]] = [
-    (NotFound, 404),
-    (AlreadyExists, 409),
-    (Conflict, 409),
-    (UsageError, 422),
-    (InvalidInput, 422),
-    (Forbidden, 403),
-    (LimitExceeded, 413),
-]
-# An error's message is said, never at any length (it may quote what was asked).
-_DETAIL = 500
 
 
 def create_app(home: Home, *, body_bytes: int | None = None) -> FastAPI:
@@ -52,11 +30,7 @@ def create_app(home: Home, *, body_bytes: int | None = None) -> FastAPI:
 
     @app.exception_handler(LaminaError)
     def lamina_error(_request: Request, exc: LaminaError) -> JSONResponse:
-        code = next((c for kind, c in STATUS if isinstance(exc, kind)), 500)
-        detail = str(exc)
-        if len(detail) > _DETAIL:
-            detail = detail[:_DETAIL] + "..."
-        return JSONResponse({"detail": detail}, status_code=code)
+        return JSONResponse(http_body(exc), status_code=http_status(exc))
 
     @app.get("/api/v1/health", tags=["meta"])
     def health() -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """A small client of the manager's HTTP API (the CLI's ``--manager`` mode and the agent).
 
-HTTP errors come back as lamina's errors (404 NotFound, 409 Conflict, 422 UsageError, ...),
-so a command prints the same one line whether it ran on the embedded database or remotely.
+HTTP errors come back as lamina's errors through ``lamina.errors.from_http`` (the kind
+named in the answer's body, else the status), so a command prints the same one line
+whether it ran on the embedded database or remotely.
 """
 
 from __future__ import annotations
@@ -11,47 +12,9 @@ from typing import Any
 
 import httpx
 
-from lamina.errors import (
-    AlreadyExists,
-    Conflict,
-    InvalidInput,
-    LaminaError,
-    NotFound,
-    ProtocolError,
-    UsageError,
-)
+from lamina.errors import Unreachable, from_http
 
-
-class Unreachable(ProtocolError):
-    """The manager did not answer (connection refused, reset, timed out, 5xx)."""
-
-
-def _detail(response: httpx.Response) -> str:
-    try:
-        detail = response.json().get("detail")
-    except ValueError:
-        detail = None
-    if isinstance(detail, list):  # pydantic validation errors
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail
-        )
-    return str(detail or response.reason_phrase)
-
-
-def error_of(response: httpx.Response) -> LaminaError:
-    detail = _detail(response)
-    code = response.status_code
-    if code == 404:
-        return NotFound(detail)
-    if code == 409:
-        return AlreadyExists(detail) if "already" in detail else Conflict(detail)
-    if code == 422:
-        return UsageError(detail) if "upload" not in detail else InvalidInput(detail)
-    if code in (401, 403):
-        return LaminaError(f"manager refused the token: {detail}")
-    if code >= 500:
-        return Unreachable(f"manager error {code}: {detail}")
-    return ProtocolError(f"manager answered {code}: {detail}")
+__all__ = ["ManagerClient"]
 
 
 class ManagerClient:
@@ -74,7 +37,7 @@ class ManagerClient:
         except httpx.TransportError as exc:
             raise Unreachable(f"manager {self.url}: {exc or type(exc).__name__}") from None
         if response.status_code >= 400:
-            raise error_of(response)
+            raise from_http(response.status_code, response.content, what=f"manager {self.url}")
         return response
 
     def json(self, method: str, path: str, **kwargs: Any) -> Any:

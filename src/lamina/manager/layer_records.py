@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from lamina.home import Home
-from lamina.layer.records import WRITABLE, MountRecord, NewVersion, VersionInfo, WritableState
+from lamina.layer.records import APP, WRITABLE, MountRecord, NewVersion, VersionInfo, WritableState
 from lamina.manager.models import LayerMount, LayerVersion
 from lamina.manager.services import layers as svc
 from lamina.names import parse_ref
@@ -34,6 +34,7 @@ class DatabaseRecords:
 
     def __init__(self, home: Home) -> None:
         self.home = home
+        self.unchanged: list[str] = []  # refs add_version gave back instead of making new
 
     def versions(self, refs: Sequence[str]) -> list[VersionInfo]:
         with self.home.session() as session:
@@ -59,8 +60,17 @@ class DatabaseRecords:
     def add_version(
         self, *, name: str, kind: str, new: NewVersion, bases: Sequence[VersionInfo] = ()
     ) -> str:
+        """A new version; an app layer's identical tree on the same bases gives back the
+        version that has it (its ref is then kept in ``unchanged``)."""
         with self.home.session() as session:
             rows = [session.get_one(LayerVersion, b.id) for b in bases]
+            if kind == APP:
+                same = svc.same_version(
+                    session, name=name, manifest_id=new.manifest_id.hex(), bases=rows
+                )
+                if same is not None:
+                    self.unchanged.append(same.ref)
+                    return same.ref
             return svc.add_version(session, name=name, kind=kind, new=new, bases=rows).ref
 
     def find_mount(self, host: str, root: str) -> MountRecord | None:

@@ -119,7 +119,7 @@ async def _buffered(receive: Receive, cap: int) -> Message | None:
 
 async def _too_large(send: Send, cap: int) -> None:
     response = JSONResponse(
-        {"detail": f"request body larger than {_size(cap)}"},
+        {"detail": f"request body larger than {_size(cap)}", "kind": "LimitExceeded"},
         status_code=413,
         headers={"Connection": "close"},  # the rest of the body is not read
     )

@@ -1,13 +1,28 @@
-"""API schemas (pydantic): Create/Update bodies and Public views, FastAPI-template style."""
+"""API schemas (pydantic): Create/Update bodies and Public views, FastAPI-template style.
+
+The same bodies carry an operation from every front end: the API receives them, the CLI
+(on a home or through ``--manager``) and the console build them with ``build``, so a bad
+field is refused with the same words everywhere. Results that a person reads have a
+``summary()``: the line the CLI prints and the console shows.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
+from lamina.errors import UsageError
 from lamina.names import NAME_PATTERN, REF_PATTERN, USER_PATTERN
+from lamina.units import human_bytes
 
 # User and group names.
 Name = Annotated[str, StringConstraints(pattern=USER_PATTERN)]
@@ -15,9 +30,27 @@ Name = Annotated[str, StringConstraints(pattern=USER_PATTERN)]
 ObjName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Ref = Annotated[str, StringConstraints(pattern=REF_PATTERN)]
 Policy = Literal["all", "profile", "apps"]
+Mode = Literal["stateless", "stateful"]
 HexId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+# Identity fields are checked by lamina.identity (its messages say what is expected).
+Short = Annotated[str, StringConstraints(max_length=253)]
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+def build(model: type[M], **fields: Any) -> M:
+    """``model(**fields)``, refused as the API refuses a bad body: a UsageError naming each
+    field and what is wrong with it."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        raise UsageError(
+            "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+                for e in exc.errors()
+            )
+        ) from None
 
 
 class Page(BaseModel, Generic[T]):
@@ -49,6 +82,10 @@ class UserPublic(BaseModel):
     writable_version: int | None
     in_use_on: str | None  # machine holding the writable layer
     created_at: datetime
+
+    def summary(self, verb: str = "added") -> str:
+        groups = f", groups {', '.join(self.groups)}" if self.groups else ""
+        return f"{verb} user {self.name}{groups}, writable layer {self.writable}"
 
 
 class GroupCreate(BaseModel):
@@ -93,26 +130,46 @@ class EntitlementPublic(BaseModel):
     priority: int
     created_at: datetime
 
+    def summary(self) -> str:
+        ref = self.layer if self.version is None else f"{self.layer}@{self.version}"
+        return f"entitled {ref} to {self.kind} {self.target}"
 
-class Removed(BaseModel):
+
+class Unentitled(BaseModel):
+    layer: str
+    kind: Literal["user", "group", "machine"]
+    target: str
     removed: int
 
+    def summary(self) -> str:
+        return f"unentitled {self.layer} from {self.kind} {self.target}"
 
-# -- machines, images, layers, sessions -------------------------------------------------------
+
+# -- machines ---------------------------------------------------------------------------------
 
 
 class MachineCreate(BaseModel):
     name: ObjName
     image: Ref
-    mode: Literal["stateless", "stateful"] = "stateless"
-    hostname: (
-        Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")]
-        | None
-    ) = None
+    mode: Mode = "stateless"
+    hostname: Short | None = None  # defaults to the name
+    mac: Short | None = None  # generated when omitted
+    domain: Short | None = None
 
 
 class MachineUpdate(BaseModel):
-    mode: Literal["stateless", "stateful"] | None = None
+    """What ``machine set`` changes; fields left out stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: Ref | None = None  # re-pin: the delta was made on the old version and goes
+    mode: Mode | None = None
+    hostname: Short | None = None  # "" gives back the default (the name)
+    domain: Short | None = None  # "" clears it
+    mac: Short | None = None  # "" generates a new one
+    extra_config: dict[str, Any] | None = None  # #cloud-config keys; {} clears them
+    new_machine_id: bool = False
+    new_host_keys: bool = False
 
 
 class MachinePublic(BaseModel):
@@ -121,15 +178,81 @@ class MachinePublic(BaseModel):
     mode: str
     hostname: str
     fqdn: str
+    domain: str | None
     mac: str
     identity_rev: int
     last_boot_at: datetime | None
     users: list[str]
     created_at: datetime
 
+    def summary(self) -> str:
+        return (
+            f"{self.name}: {self.image}, {self.mode}, hostname {self.fqdn}, "
+            f"identity rev {self.identity_rev}"
+        )
 
-class MachineCreated(MachinePublic):
+
+class MachineDetail(MachinePublic):
+    delta_bytes: int  # blocks the delta holds, in bytes
+    delta_stored_bytes: int  # size of its data file
+    machine_id: str
+    instance_id: str
+    ssh_host_keys: dict[str, str]  # type -> public key
+    network: dict[str, Any] | None
+    extra_config: dict[str, Any] | None
+    exports: list[str]
+
+
+class MachineCreated(MachineDetail):
     token: str  # shown once
+
+    def summary(self) -> str:
+        return f"{self.name}: {self.image}, {self.mode}, hostname {self.fqdn}, mac {self.mac}"
+
+
+class MachineReset(BaseModel):
+    name: str
+    freed_bytes: int
+
+    def summary(self) -> str:
+        return f"{self.name}: delta discarded ({human_bytes(self.freed_bytes)})"
+
+
+class MachineRemoved(BaseModel):
+    removed: str
+    freed_bytes: int  # its delta's data
+
+    def summary(self) -> str:
+        delta = f" and its delta ({human_bytes(self.freed_bytes)})" if self.freed_bytes else ""
+        return f"removed {self.removed}{delta}"
+
+
+class DeltaCommit(BaseModel):
+    image: ObjName | None = None  # the image to add the version to (default: the machine's)
+    repin: bool = False  # pin the machine to the new version, with an empty delta
+
+
+class DeltaCommitted(BaseModel):
+    ref: str  # NAME@N, new or (unchanged) the existing version with this content
+    machine: str
+    base: str
+    changed_chunks: int
+    stored_bytes: int
+    repinned: bool
+    unchanged: bool
+
+    def summary(self) -> str:
+        return f"unchanged, {self.ref}" if self.unchanged else self.ref
+
+
+# -- images, layers, sessions -----------------------------------------------------------------
+
+
+class VersionsRemoved(BaseModel):
+    removed: list[str]  # NAME@V, each
+
+    def summary(self) -> str:
+        return "removed " + ", ".join(self.removed)
 
 
 class ImageVersionPublic(BaseModel):

@@ -6,6 +6,7 @@ server.py      ServerConnection: bytes in -> events; replies -> bytes (server si
 client.py      ClientConnection: the same for the client side
 negotiate.py   negotiate (the replies to a handshake event for an export catalogue) and
                check_request (which requests an export refuses, with which error)
+batch.py       transmission requests parsed in batches as tuples, for a server's hot path
 device.py      BlockDevice, the one interface between the server and what it serves
 limits.py      what a client may cost a server (Limits) and the server-wide Budget
 lanes.py       threads that run each connection's writes in order, off the event loop

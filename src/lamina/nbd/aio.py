@@ -83,7 +83,7 @@ class ServerTls:
 
 
 @dataclass(frozen=True, slots=True)
-class _Opened:
+class Opened:
     """What a catalogue option came to, worked out on the handshake pool."""
 
     decision: Decision
@@ -164,7 +164,7 @@ class NbdServerProtocol(FlowControl):
 
     def _option(self, event: Event) -> None:
         if not isinstance(event, _CATALOG_OPTIONS):
-            self._decided(event, _Opened(negotiate(event, self.provider, self.conn)))
+            self._decided(event, Opened(negotiate(event, self.provider, self.conn)))
             return
         self._option_busy = True
         self._set_reading()
@@ -173,20 +173,20 @@ class NbdServerProtocol(FlowControl):
         future = loop.run_in_executor(self.handshake_executor, self._open, event)
         future.add_done_callback(lambda f: self._option_done(event, f))
 
-    def _open(self, event: Event) -> _Opened:
+    def _open(self, event: Event) -> Opened:
         """On the handshake pool: the decision, and the device it starts on. Open before
         the reply that starts transmission: a device that cannot be opened (its delta
         locked by a commit or reset) is then an error the client can read after
         NBD_OPT_GO, not a hang-up."""
         decision = negotiate(event, self.provider, self.conn)
         if decision.export is None:
-            return _Opened(decision)
+            return Opened(decision)
         try:
-            return _Opened(decision, self.provider.open(decision.export.name))
+            return Opened(decision, self.provider.open(decision.export.name))
         except _DEVICE_ERRORS as exc:
-            return _Opened(decision, error=exc)
+            return Opened(decision, error=exc)
 
-    def _option_done(self, event: Event, future: asyncio.Future[_Opened]) -> None:
+    def _option_done(self, event: Event, future: asyncio.Future[Opened]) -> None:
         self._jobs -= 1
         self._option_busy = False
         exc = None if future.cancelled() else future.exception()
@@ -204,7 +204,7 @@ class NbdServerProtocol(FlowControl):
         self._set_reading()
         self._pump()
 
-    def _decided(self, event: Event, opened: _Opened) -> None:
+    def _decided(self, event: Event, opened: Opened) -> None:
         decision = opened.decision
         export = decision.export
         if export is not None and opened.device is None:

@@ -201,6 +201,11 @@ class ServerConnection:
             self._pos = 0
         self._buf += data
 
+    def unconsumed(self) -> bytes:
+        """Bytes received but not yet made into an event (part of the next one), for an
+        adapter that parses the rest of the stream itself."""
+        return bytes(self._buf[self._pos :])
+
     def _available(self) -> int:
         return len(self._buf) - self._pos
 

@@ -1,9 +1,18 @@
-"""The block server: ``lamina serve`` runs the NBD exports and the manager's HTTP app in
-one process.
+"""The block server: ``lamina serve`` runs the manager's HTTP app and the NBD exports, the
+NBD connections in worker processes (one per core).
 
-server.py    ``lamina serve``: one event loop for NBD and HTTP, startup and shutdown
-catalog.py   the exports (IMAGE@V, machine/NAME, machine/NAME/seed) resolved per handshake
-profile.py   boot recording: the order a booting machine first reads its image's chunks
-access.py    which exports a TLS client may open, by the credential it showed
-tls.py       TLS for ``lamina serve``: the server certificate, NBD and HTTPS settings
+server.py       ``lamina serve``: startup and shutdown of the manager and the block server
+options.py      what ``lamina serve`` is asked to do, and what NBD clients may cost it
+workers.py      NBD worker processes: fed connections by the parent (connections per client
+                address counted there), replaced if they die
+handshake.py    one serving process: handshakes, opening exports off the loop, hand-overs
+fastpath.py     the transmission phase of a plain connection on its raw socket, bounded as
+                the handshake's path is (nbd.limits)
+shared.py       what a process's fast connections share: the writer thread, the pool
+catalog.py      the exports (IMAGE@V, machine/NAME, machine/NAME/seed) resolved per handshake
+filedevices.py  the exports' devices as ranges of files (what the fast path reads)
+imagefiles.py   an image version as files shared by every process: packs, a hydrated cache
+profile.py      boot recording: the order a booting machine first reads its image's chunks
+access.py       which exports a TLS client may open, by the credential it showed
+tls.py          TLS for ``lamina serve``: the server certificate, NBD and HTTPS settings
 """

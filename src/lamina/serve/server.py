@@ -1,7 +1,9 @@
-"""``lamina serve``: the block server (NBD) and the manager (HTTP) in one process.
+"""``lamina serve``: the manager (HTTP) and the block server (NBD).
 
-One event loop (uvloop when available) runs both; disk-bound work goes to a small thread
-pool. Stateless machines start from an empty delta every time the server starts.
+This process runs the manager and accepts NBD connections on one event loop (uvloop when
+available); the connections are served by worker processes, one per core by default
+(``serve.workers``), or in this process with ``workers=0``. Stateless machines start from
+an empty delta every time the server starts.
 """
 
 from __future__ import annotations
@@ -10,12 +12,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from lamina import logs
@@ -26,13 +26,9 @@ from lamina.locks import try_lock
 from lamina.manager.app import create_app
 from lamina.manager.console.auth import print_login_url
 from lamina.manager.services import machines
-from lamina.nbd.aio import NbdServerProtocol
-from lamina.nbd.lanes import Lanes
-from lamina.nbd.limits import Budget, Limits
-from lamina.serve.catalog import ExportCatalog
+from lamina.serve.imagefiles import hydrated_dir
+from lamina.serve.options import ServeOptions
 from lamina.serve.tls import ServeTls, tls_setup, warn_if_exposed
-from lamina.settings import Settings
-from lamina.store import ChunkCache
 
 DEFAULT_NBD = "127.0.0.1:10809"
 DEFAULT_HTTP = "127.0.0.1:8480"
@@ -43,24 +39,6 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise UsageError(f"bad {what} address {text!r}: expected HOST:PORT")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-@dataclass
-class ServeOptions:
-    nbd: tuple[str, int] | None  # None: manager only (a second manager on one database)
-    http: tuple[str, int] | None
-    cache_bytes: int = 512 << 20
-    workers: int = 8
-    log_level: str = "info"
-    tls: bool = False  # NBD requires STARTTLS and a client certificate; HTTP is HTTPS
-    tls_names: tuple[str, ...] = ()  # more names for the server certificate
-    https_cert: Path | None = None  # a certificate of one's own for HTTPS (else the CA's)
-    https_key: Path | None = None
-    limits: Limits | None = None  # what clients may cost (None: from the environment)
-
-    @property
-    def hosts(self) -> list[str]:
-        return [a[0] for a in (self.nbd, self.http) if a is not None]
 
 
 def reset_stateless(home: Home) -> list[str]:
@@ -102,35 +80,18 @@ async def _serve(
 ) -> None:
     log = logs.setup(options.log_level)
     reset = reset_stateless(home) if options.nbd is not None else []
-    cache = ChunkCache(options.cache_bytes)
-    catalog = ExportCatalog(home, cache)
-    threads = _Threads(options.workers)
-    budget = Budget(options.limits or Limits(**Settings().nbd_limits()))  # type: ignore[arg-type]
+    if options.nbd is not None:  # derived data of the last run (see serve.imagefiles)
+        shutil.rmtree(hydrated_dir(home.cache_dir), ignore_errors=True)
     loop = asyncio.get_running_loop()
-    connections: set[NbdServerProtocol] = set()
-
-    tls = tls_setup(home, options, catalog) if options.tls else None
-
-    def connection() -> NbdServerProtocol:
-        proto = NbdServerProtocol(
-            catalog,
-            threads.io,
-            log,
-            on_close=connections.discard,
-            tls=tls.nbd if tls else None,
-            budget=budget,
-            handshake_executor=threads.handshakes,
-            lanes=threads.lanes,
-        )
-        connections.add(proto)
-        return proto
-
+    # The server certificate is issued (or renewed) here, once: the NBD workers find it.
+    tls = tls_setup(home, options, None) if options.tls else None
     # Bind both ports before anything else: a port in use is a one-line error at start,
     # not a manager that silently never came up beside a working block server.
     nbd_sock = _listen(options.nbd, "--nbd") if options.nbd is not None else None
     http_sock = _listen(options.http, "--http") if options.http is not None else None
-    nbd = await loop.create_server(connection, sock=nbd_sock) if nbd_sock is not None else None
     stop = stop or asyncio.Event()
+    failed: list[str] = []
+    block = await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else None
     http = _http_server(home, options.http, tls) if options.http is not None else None
     http_task = asyncio.create_task(http.serve(sockets=[http_sock])) if http is not None else None
     if http_task is not None:
@@ -144,6 +105,7 @@ async def _serve(
         nbd=f"{options.nbd[0]}:{options.nbd[1]}" if options.nbd else None,
         http=f"{options.http[0]}:{options.http[1]}" if options.http else None,
         tls=options.tls,
+        workers=options.worker_count if options.nbd else None,
         reset_stateless=reset,
     )
     if not options.tls:
@@ -156,41 +118,62 @@ async def _serve(
     try:
         await stop.wait()
     finally:
-        if nbd is not None:
-            nbd.close()
-        for proto in list(connections):
-            proto.abort()
-        for _ in range(100):  # connection_lost callbacks run on the next loop turns
-            if not connections:
-                break
-            await asyncio.sleep(0.01)
+        if block is not None:
+            await block()
         if http is not None and http_task is not None:
             http.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):
                 await http_task
-        threads.close()
-        catalog.close_all()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
         logs.event(log, "stopped")
+    if failed:
+        raise LaminaError(failed[0])
 
 
-class _Threads:
-    """Where the block server's disk and database work runs, off the event loop."""
+async def _start_nbd(
+    home: Home,
+    options: ServeOptions,
+    log: logging.Logger,
+    sock: socket.socket,
+    stop: asyncio.Event,
+    failed: list[str],
+) -> Callable[[], Awaitable[None]]:
+    """Serve NBD on ``sock`` (in workers, or here); returns what stops it. Workers that
+    keep dying at start set ``stop`` and say why in ``failed``."""
+    if options.worker_count == 0:
+        from lamina.serve.handshake import NbdService
 
-    def __init__(self, workers: int) -> None:
-        self.io = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="io")
-        # Handshake options read the database: two threads of their own, so that a flood
-        # of them waits for these while reads and writes go on elsewhere.
-        self.handshakes = ThreadPoolExecutor(max_workers=2, thread_name_prefix="handshake")
-        self.lanes = Lanes(max(2, workers // 2))  # the connections' writes, in order
+        service = NbdService(home, log, io_threads=options.io_threads, options=options)
+        server = await asyncio.get_running_loop().create_server(service.protocol, sock=sock)
 
-    def close(self) -> None:
-        """Finish what was handed over (the devices are closed after this)."""
-        self.handshakes.shutdown(wait=True)
-        self.lanes.close()
-        self.io.shutdown(wait=True)
+        async def stop_here() -> None:
+            server.close()
+            await service.close()
+
+        return stop_here
+    from lamina.serve.workers import WorkerPool
+
+    pool = WorkerPool(home, options, log)
+    try:
+        await pool.start(sock)
+    except BaseException:
+        await pool.stop()
+        raise
+
+    async def watch_pool() -> None:
+        await pool.failed.wait()
+        failed.append("NBD workers keep exiting at start (see the log above)")
+        stop.set()
+
+    watch = asyncio.create_task(watch_pool())
+
+    async def stop_workers() -> None:
+        watch.cancel()
+        await pool.stop()
+
+    return stop_workers
 
 
 def _lock_home(home: Home) -> int:

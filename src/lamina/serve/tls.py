@@ -16,7 +16,7 @@ from lamina.trust.addresses import is_loopback
 if TYPE_CHECKING:
     from lamina.home import Home
     from lamina.serve.catalog import ExportCatalog
-    from lamina.serve.server import ServeOptions
+    from lamina.serve.options import ServeOptions
 
 
 def want_tls(hosts: list[str], *, tls: bool, insecure: bool, https_cert: bool = False) -> bool:
@@ -32,14 +32,15 @@ def want_tls(hosts: list[str], *, tls: bool, insecure: bool, https_cert: bool = 
 
 @dataclass(frozen=True)
 class ServeTls:
-    nbd: ServerTls
+    nbd: ServerTls | None  # None where no NBD is served (the parent of NBD workers)
     http_cert: Path
     http_key: Path
 
 
-def tls_setup(home: Home, options: ServeOptions, catalog: ExportCatalog) -> ServeTls:
+def tls_setup(home: Home, options: ServeOptions, catalog: ExportCatalog | None) -> ServeTls:
     """The server certificate for every address served (issued or renewed now, once per
-    server: worker processes inherit what this returns) and what NBD and HTTPS use."""
+    server: NBD worker processes call this after their parent did, and find it) and what
+    NBD (over ``catalog``) and HTTPS use."""
     from lamina.locks import locked
     from lamina.serve import access
     from lamina.trust.addresses import server_names
@@ -53,7 +54,11 @@ def tls_setup(home: Home, options: ServeOptions, catalog: ExportCatalog) -> Serv
     with locked(home.tls_dir / "lock"):  # managers of one home starting at once
         cert, key = authority.server_certificate(names)
         context = server_context(cert, key, authority.directory / CA_CERT)
-    nbd = ServerTls(context, lambda der: access.for_peer(catalog, der))
+    nbd = (
+        ServerTls(context, lambda der: access.for_peer(catalog, der))
+        if catalog is not None
+        else None
+    )
     return ServeTls(nbd, options.https_cert or cert, options.https_key or key)
 
 

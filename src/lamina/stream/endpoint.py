@@ -28,7 +28,7 @@ from typing import Any
 from lamina import logs
 from lamina.delta import transfer
 from lamina.delta.convert import apply_runs
-from lamina.errors import Conflict, LaminaError, UsageError
+from lamina.errors import Conflict, LaminaError, Unreachable, UsageError
 from lamina.files import write_atomic
 from lamina.files import write_json_atomic as write_json
 from lamina.names import check_name, parse_ref
@@ -41,7 +41,7 @@ from lamina.stream.device import StreamCatalog, StreamImageDevice, StreamMachine
 from lamina.stream.fetch import Fetcher
 from lamina.stream.hydrate import Hydrator
 from lamina.stream.rate import Backoff, TokenBucket
-from lamina.stream.remote import Remote, Unreachable
+from lamina.stream.remote import Remote
 from lamina.stream.schedule import Hydration
 from lamina.stream.stack import DeltaStack
 from lamina.stream.sync import sync

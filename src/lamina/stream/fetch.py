@@ -18,12 +18,12 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from lamina.errors import CorruptObject, LaminaError
+from lamina.errors import CorruptObject, LaminaError, Unreachable
 from lamina.image.profile import WINDOW
 from lamina.logs import event
 from lamina.stream.cache import ChunkFiles
 from lamina.stream.rate import Backoff, RateMeter, TokenBucket
-from lamina.stream.remote import Remote, Unreachable
+from lamina.stream.remote import Remote
 from lamina.stream.schedule import Hydration
 
 # While a machine boots (its first connection, for as long as the server records boot

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from lamina.errors import CorruptObject, LaminaError
+from lamina.errors import CorruptObject, LaminaError, Unreachable, from_http
 from lamina.store import codec
 from lamina.stream.cache import ChunkFiles
 from lamina.stream.fetch import Fetcher
 from lamina.stream.rate import Backoff
-from lamina.stream.remote import API, Refused, Unreachable
+from lamina.stream.remote import API
 from lamina.stream.schedule import Hydration
 
 T = TypeVar("T")
@@ -92,12 +92,8 @@ class _Connection:
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             raise Unreachable(f"{type(exc).__name__}: {exc or 'no answer'}") from None
-        if response.status >= 500 or response.status == 429:
-            raise Unreachable(f"chunks: {response.status}")
-        if response.status in (401, 403):
-            raise Refused(f"chunks: {response.status} {body[:200]!r}")
         if response.status != 200:
-            raise LaminaError(f"chunks: {response.status} {body[:200]!r}")
+            raise from_http(response.status, body, what="chunks")
         return body
 
     def close(self) -> None:

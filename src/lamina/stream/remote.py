@@ -1,8 +1,9 @@
 """The manager, seen from a stream endpoint: one pooled HTTP/1.1 client (httpx, async).
 
-Errors come in two kinds: ``Unreachable`` (connection refused or reset, timeouts, 5xx: the
-network or the manager is away, try again later) and the lamina errors for answers that
-will not change by retrying (401/403 token refused, 404, 409).
+Errors come in two kinds: ``Unreachable`` (connection refused or reset, timeouts, 429 and
+5xx: the network or the manager is away, try again later) and the other lamina errors for
+answers that will not change by retrying (``Refused`` for 401/403, 404, 409), each made by
+``lamina.errors.from_http``, the table every HTTP client of the manager uses.
 """
 
 from __future__ import annotations
@@ -12,43 +13,14 @@ from typing import Any
 
 import httpx
 
-from lamina.errors import Conflict, LaminaError, NotFound, ProtocolError
+from lamina.errors import ProtocolError, Unreachable, from_http
 
 API = "/api/v1"
 
 
-class Unreachable(LaminaError):
-    """The manager did not answer (or answered 5xx): worth retrying later."""
-
-    exit_code = 11
-
-
-class Refused(LaminaError):
-    """The manager refused the token (401/403)."""
-
-    exit_code = 12
-
-
 def _raise_for(response: httpx.Response, what: str) -> None:
-    code = response.status_code
-    if code < 400:
-        return
-    detail = ""
-    try:
-        body = response.json()
-        detail = str(body.get("detail", "")) if isinstance(body, dict) else ""
-    except ValueError:
-        detail = response.text[:200]
-    message = f"{what}: {code} {detail}".strip()
-    if code >= 500 or code == 429:
-        raise Unreachable(message)
-    if code in (401, 403):
-        raise Refused(message)
-    if code == 404:
-        raise NotFound(message)
-    if code == 409:
-        raise Conflict(message)
-    raise ProtocolError(message)
+    if response.status_code >= 400:
+        raise from_http(response.status_code, response.content, what=what)
 
 
 class Remote:

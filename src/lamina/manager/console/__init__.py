@@ -7,11 +7,14 @@ params.py   what pages take: query parameters, paging, the view they render thro
 render.py   the Jinja2 environment, formatting filters, pagination, security headers
 pages.py    pages (GET): dashboard, machines, images, layers, users and groups
 live.py     live JSON fragments the page script polls
-actions.py  actions (POST): sign in and out, reset, commit, re-pin, entitle, ...
+act.py      how an action runs an admin operation: message, or a confirmation step
+actions.py  actions (POST): sign in and out; machines, images, layers
+access_actions.py   actions (POST): users, groups, members, entitlements
 """
 
 from fastapi import APIRouter
 
+from lamina.manager.console.access_actions import router as access_actions_router
 from lamina.manager.console.actions import router as actions_router
 from lamina.manager.console.live import router as live_router
 from lamina.manager.console.pages import router as pages_router
@@ -19,6 +22,7 @@ from lamina.manager.console.pages import router as pages_router
 router = APIRouter(include_in_schema=False)
 router.include_router(pages_router)
 router.include_router(actions_router)
+router.include_router(access_actions_router)
 router.include_router(live_router)
 
 __all__ = ["router"]

@@ -1,8 +1,11 @@
-"""Console sign-in and actions (POST, each behind the session's CSRF token).
+"""Console sign-in and the actions on machines, images and layers (POST, each behind the
+sign-in's CSRF token).
 
 Actions answer with a redirect back to the page they came from (``next``, a local path)
-and leave a message for it, so a reload never repeats one; failures such as a machine that
-is connected while its delta is reset come back as messages, not error pages.
+and leave a message for it, so a reload never repeats one; refusals (a machine that is
+connected while its delta is reset) come back as messages, and a change that would lose
+data as a confirmation page (see ``act.py``). Each runs the one service of its operation,
+through ``HomeAdmin``, as the API and the CLI do.
 """
 
 from __future__ import annotations
@@ -12,44 +15,18 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from lamina.delta import uploads
-from lamina.delta.file import delta_usage
-from lamina.errors import LaminaError, UsageError
-from lamina.home import Home
+from lamina.manager.admin import HomeAdmin
 from lamina.manager.console import auth
+from lamina.manager.console.act import ActDep, Confirm, Next
 from lamina.manager.console.params import ObjName
-from lamina.manager.console.render import SECURITY_HEADERS, human_bytes, render
+from lamina.manager.console.render import SECURITY_HEADERS, render
 from lamina.manager.deps import HomeDep
-from lamina.manager.services import access, machines
-from lamina.manager.services import console as svc
-from lamina.manager.services import console_access as people
-from lamina.manager.services.commit import commit_delta
-from lamina.names import parse_ref
+from lamina.manager.schemas import DeltaCommit, MachineCreate, MachineUpdate, build
 
 router = APIRouter()
 
-Next = Annotated[str, Form(alias="next", max_length=2000)]
-TARGET_KINDS = ("user", "group", "machine")
-
-
-def _local(path: str, default: str) -> str:
-    """``path`` if it stays on this site (no scheme, no host, no header tricks)."""
-    if (
-        path.startswith("/")
-        and not path.startswith("//")
-        and "\\" not in path
-        and not any(c in path for c in "\r\n\t")
-    ):
-        return path
-    return default
-
-
-def _back(
-    home: Home, console: auth.ConsoleSignIn, next_: str, default: str, kind: str, text: str
-) -> RedirectResponse:
-    with home.session() as db:
-        auth.flash(db, console, kind, text)
-    return RedirectResponse(_local(next_, default), status_code=303)
+Field = Annotated[str, Form(max_length=253)]
+Version = Annotated[str, Form(max_length=12)]
 
 
 # -- sign in and out --------------------------------------------------------------------------
@@ -102,106 +79,137 @@ def logout(home: HomeDep, console: auth.CsrfDep) -> RedirectResponse:
 # -- machines ---------------------------------------------------------------------------------
 
 
-@router.post("/machines/{name}/reset")
-def reset(
-    home: HomeDep, console: auth.CsrfDep, name: ObjName, next_: Next = ""
-) -> RedirectResponse:
-    try:
-        with home.session() as db:
-            machines.get(db, name)
-        before = svc.delta_state(home.deltas_dir, name, set()).delta_bytes
-        uploads.discard_delta(home, name)  # refuses while the machine is connected
-    except LaminaError as exc:
-        return _back(home, console, next_, "/machines", "error", f"Reset {name}: {exc}")
-    return _back(
-        home, console, next_, "/machines", "ok", f"{name}: delta discarded ({human_bytes(before)})"
+@router.post("/machines/add", response_model=None)
+def add_machine(
+    act: ActDep,
+    name: Field,
+    image: Field,
+    mode: Field = "stateless",
+    hostname: Field = "",
+    mac: Field = "",
+    domain: Field = "",
+    next_: Next = "",
+) -> Response:
+    def run(admin: HomeAdmin) -> str:
+        fields = {"hostname": hostname, "mac": mac, "domain": domain}
+        given = {k: v.strip() for k, v in fields.items() if v.strip()}
+        body = build(MachineCreate, name=name.strip(), image=image.strip(), mode=mode, **given)
+        added = admin.add_machine(body)
+        return f"{added.summary()}; its agent token (shown once): {added.token}"
+
+    return act.run(f"Add {name}", next_, "/machines", run)
+
+
+@router.post("/machines/{name}/set", response_model=None)
+def set_machine(
+    act: ActDep,
+    name: ObjName,
+    hostname: Field = "",
+    domain: Field = "",
+    mac: Field = "",
+    mode: Field = "",
+    clear_domain: Annotated[bool, Form()] = False,
+    next_: Next = "",
+    confirm: Confirm = False,
+) -> Response:
+    """Identity and mode; empty fields stay as they are."""
+    form = {"hostname": hostname, "domain": domain, "mac": mac, "mode": mode}
+
+    def run(admin: HomeAdmin) -> str:
+        given = {k: v.strip() for k, v in form.items() if v.strip()}
+        if clear_domain:
+            given["domain"] = ""
+        body = build(MachineUpdate, **given)
+        return admin.change_machine(name, body, force=confirm).summary()
+
+    form_sent = form | ({"clear_domain": "1"} if clear_domain else {})
+    return act.run(f"Change {name}", next_, f"/machines/{name}", run, form=form_sent)
+
+
+@router.post("/machines/{name}/repin", response_model=None)
+def repin(
+    act: ActDep,
+    name: ObjName,
+    image: Annotated[str, Form(max_length=120)],
+    next_: Next = "",
+    confirm: Confirm = False,
+) -> Response:
+    def run(admin: HomeAdmin) -> str:
+        body = build(MachineUpdate, image=image.strip())
+        return f"{admin.change_machine(name, body, force=confirm).summary()}; delta discarded"
+
+    return act.run(f"Re-pin {name}", next_, "/machines", run, form={"image": image})
+
+
+@router.post("/machines/{name}/reset", response_model=None)
+def reset(act: ActDep, name: ObjName, next_: Next = "", confirm: Confirm = False) -> Response:
+    return act.run(
+        f"Reset {name}",
+        next_,
+        "/machines",
+        lambda admin: admin.reset_machine(name, force=confirm).summary(),
+        form={},
     )
 
 
-@router.post("/machines/{name}/commit")
+@router.post("/machines/{name}/commit", response_model=None)
 def commit(
-    home: HomeDep,
-    console: auth.CsrfDep,
+    act: ActDep,
     name: ObjName,
     next_: Next = "",
     as_image: Annotated[str, Form(max_length=100)] = "",
     repin: Annotated[bool, Form()] = False,
-) -> RedirectResponse:
-    try:
-        with home.session() as db:
-            machines.get(db, name)
-        if delta_usage(home.deltas_dir / name)[0] == 0:
-            raise UsageError("the delta is empty: nothing to commit")
-        result = commit_delta(home, machine=name, image=as_image.strip() or None, repin=repin)
-    except LaminaError as exc:
-        return _back(home, console, next_, "/machines", "error", f"Commit {name}: {exc}")
-    text = f"{name}: delta committed as {result['ref']} ({result['changed_chunks']} chunks changed)"
-    if repin:
-        text += f"; {name} now runs {result['ref']} with an empty delta"
-    return _back(home, console, next_, "/machines", "ok", text)
+) -> Response:
+    def run(admin: HomeAdmin) -> str:
+        body = build(DeltaCommit, image=as_image.strip() or None, repin=repin)
+        done = admin.commit_delta(name, body)
+        if done.unchanged:
+            return f"{name}: {done.summary()}"
+        text = f"{name}: delta committed as {done.ref} ({done.changed_chunks} chunks changed)"
+        if repin:
+            text += f"; {name} now runs {done.ref} with an empty delta"
+        return text
+
+    return act.run(f"Commit {name}", next_, "/machines", run)
 
 
-@router.post("/machines/{name}/repin")
-def repin(
-    home: HomeDep,
-    console: auth.CsrfDep,
-    name: ObjName,
-    image: Annotated[str, Form(max_length=120)],
-    next_: Next = "",
-) -> RedirectResponse:
-    try:
-        ref = parse_ref(image.strip(), "image name")
-        with home.session() as db:
-            _, target = machines.repin(db, name=name, image=ref, home=home)
-            done = target.ref
-    except LaminaError as exc:
-        return _back(home, console, next_, "/machines", "error", f"Re-pin {name}: {exc}")
-    return _back(
-        home, console, next_, "/machines", "ok", f"{name}: re-pinned to {done}, delta discarded"
+@router.post("/machines/{name}/remove", response_model=None)
+def remove_machine(
+    act: ActDep, name: ObjName, next_: Next = "", confirm: Confirm = False
+) -> Response:
+    return act.run(
+        f"Remove {name}",
+        next_,
+        "/machines",
+        lambda admin: admin.remove_machine(name, force=confirm).summary(),
+        form={},
     )
 
 
-# -- entitlements -----------------------------------------------------------------------------
+# -- images and layers ------------------------------------------------------------------------
 
 
-@router.post("/layers/{name}/entitle")
-def entitle(
-    home: HomeDep,
-    console: auth.CsrfDep,
-    name: ObjName,
-    kind: Annotated[str, Form(max_length=10)],
-    target: Annotated[str, Form(max_length=100)],
-    version: Annotated[str, Form(max_length=12)] = "",
-    priority: Annotated[int, Form(ge=0, le=1_000_000)] = 100,
-    next_: Next = "",
-) -> RedirectResponse:
-    page = f"/layers/{name}"
-    try:
-        if kind not in TARGET_KINDS:
-            raise UsageError(f"entitle to a user, a group or a machine, not {kind!r}")
-        if version and not version.isdigit():
-            raise UsageError(f"bad version {version!r}")
-        layer = f"{name}@{version}" if version else name
-        with home.session() as db:
-            to = access.target(db, **{kind: target.strip()})
-            access.entitle(db, layer=layer, to=to, priority=priority)
-    except LaminaError as exc:
-        return _back(home, console, next_, page, "error", f"Entitle {name}: {exc}")
-    return _back(home, console, next_, page, "ok", f"{layer} entitled to {kind} {target.strip()}")
+def _ref(name: str, version: str) -> str:
+    return f"{name}@{version.strip()}" if version.strip() else name
 
 
-@router.post("/layers/{name}/unentitle")
-def unentitle(
-    home: HomeDep,
-    console: auth.CsrfDep,
-    name: ObjName,
-    id: Annotated[int, Form(ge=1, le=2**31 - 1)],
-    next_: Next = "",
-) -> RedirectResponse:
-    page = f"/layers/{name}"
-    try:
-        with home.session() as db:
-            kind, target = people.remove_layer_entitlement(db, layer=name, id=id)
-    except LaminaError as exc:
-        return _back(home, console, next_, page, "error", f"Unentitle {name}: {exc}")
-    return _back(home, console, next_, page, "ok", f"{name} no longer entitled to {kind} {target}")
+@router.post("/images/{name}/remove", response_model=None)
+def remove_image(act: ActDep, name: ObjName, version: Version = "", next_: Next = "") -> Response:
+    ref = _ref(name, version)
+    return act.run(
+        f"Remove {ref}", next_, "/images", lambda admin: admin.remove_image(ref).summary()
+    )
+
+
+@router.post("/layers/{name}/remove", response_model=None)
+def remove_layer(
+    act: ActDep, name: ObjName, version: Version = "", next_: Next = "", confirm: Confirm = False
+) -> Response:
+    ref = _ref(name, version)
+    return act.run(
+        f"Remove {ref}",
+        next_,
+        "/layers",
+        lambda admin: admin.remove_layer(ref, force=confirm).summary(),
+        form={"version": version},
+    )

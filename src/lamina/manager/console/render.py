@@ -13,6 +13,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from lamina import units
 from lamina.names import NAME_PATTERN, USER_PATTERN, html_pattern
 
 # No inline script or style is ever needed, so a strict policy turns any markup that got
@@ -31,13 +32,7 @@ SECURITY_HEADERS = {
 
 
 def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
+    return "—" if n is None else units.human_bytes(n)
 
 
 def ago(when: datetime | None, now: datetime | None = None) -> str:

@@ -38,7 +38,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, 
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Connection
 
-from lamina.errors import CorruptObject
+from lamina.errors import CorruptObject, InvalidInput
 from lamina.home import Home
 from lamina.layer import tree
 from lamina.manager.agent_db import AgentDb, Batcher, Watcher
@@ -260,7 +260,7 @@ def _checked_records(view: memoryview) -> list[tuple[bytes, memoryview]]:
             codec.decode(envelope, expected=cid)
             records.append((cid, envelope))
     except (struct.error, CorruptObject) as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"bad upload: {exc}") from None
+        raise InvalidInput(f"bad upload: {exc}") from None
     return records
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Path, Response, status
+from fastapi import APIRouter, Header, Path, Response, status
 
-from lamina.errors import NotFound
+from lamina.errors import NotFound, Refused
 from lamina.manager.deps import CallerDep, HomeDep, ReadSessionDep
 from lamina.manager.services import agents, images
 from lamina.manager.services.readable import Readable
@@ -48,16 +48,9 @@ def get_manifest(
     home: HomeDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    try:
-        found = images.get_version(session, Ref(check_name(name, "image name"), version))
-    except (NotFound, ValueError) as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
-    except Exception as exc:  # UsageError from a malformed name
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
-    if not caller.admin and (
-        caller.machine is None or caller.machine.image_version.image_id != found.image_id
-    ):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "this machine is not pinned to that image")
+    found = images.get_version(session, Ref(check_name(name, "image name"), version))
+    pinned = caller.machine.image_version.image_id if caller.machine is not None else None
+    images.check_readable(found, admin=caller.admin, pinned_image_id=pinned)
     etag = f'"{found.manifest_id}"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
     if _etag_matches(if_none_match, etag):
@@ -83,7 +76,7 @@ def get_chunk(
     except ValueError:
         cid = b""
     if len(cid) != 32:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "chunk ids are 64 hex digits")
+        raise NotFound("chunk ids are 64 hex digits")
     if not caller.admin:
         machine = caller.machine
         assert machine is not None
@@ -94,7 +87,7 @@ def get_chunk(
             lambda: agents.allowed_manifests(conn, machine_id=machine.id),
         )
         if not may.allows(cid):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, "chunk not referenced by this machine")
+            raise Refused("chunk not referenced by this machine")
     etag = f'"{chunk_id.lower()}"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
     if _etag_matches(if_none_match, etag):
@@ -102,5 +95,5 @@ def get_chunk(
     try:
         body = home.store.get_envelope(cid)
     except NotFound:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such chunk") from None
+        raise NotFound("no such chunk") from None
     return Response(body, media_type=CHUNK_TYPE, headers=headers)

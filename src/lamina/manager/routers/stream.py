@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from lamina.delta import transfer, uploads
-from lamina.errors import Conflict
+from lamina.errors import Conflict, Refused
 from lamina.home import Home
 from lamina.identity import identity_from_machine, seed_image
 from lamina.manager.deps import HomeDep, get_caller
@@ -105,16 +105,13 @@ WhoDep = Annotated[Who, Depends(who)]
 def _version(home: Home, name: str, version: int | None, caller: Who) -> dict[str, Any]:
     with home.session() as session:
         found = images.get_version(session, Ref(check_name(name, "image name"), version))
-        if not caller.admin and caller.image_id != found.image_id:
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN, "this machine is not pinned to that image"
-            )
+        images.check_readable(found, admin=caller.admin, pinned_image_id=caller.image_id)
         return _streamable(found)
 
 
 def _machine(home: Home, name: str, caller: Who) -> dict[str, Any]:
     if not caller.admin and caller.machine != name:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "a machine token opens only its machine")
+        raise Refused("a machine token opens only its machine")
     with home.session() as session:
         m = machines.get(session, check_name(name, "machine name"))
         return _streamable(m.image_version) | {"machine": m.name, "mode": m.mode}
@@ -171,7 +168,7 @@ def get_chunks(
         assert caller.manifest_id is not None
         allowed = IMAGES.get(home.store, bytes.fromhex(caller.manifest_id))
         if any(c not in allowed for c in wanted):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, "chunk not referenced by this machine")
+            raise Refused("chunk not referenced by this machine")
     body = b"".join(home.store.get_envelope(c) for c in wanted)
     return Response(body, media_type=CHUNK_TYPE, headers={"Cache-Control": IMMUTABLE})
 

@@ -1,11 +1,14 @@
 """Service functions: keyword-only, one transaction's worth of work each; SQL lives here.
+Each admin operation is one function holding all its rules, called by every front end
+(through ``lamina.manager.admin``).
 
 images.py           images and their versions
-machines.py         machines: add, show, change, re-pin, remove
+machines.py         machines: add, show, change (identity, mode, re-pin), reset, remove
 commit.py           a machine's delta committed as a new image version
-layers.py           layers, their versions and bases, mounted roots
+layers.py           layers, their versions and bases, mounted roots; removing them
 versions.py         numbering NAME@1, NAME@2, ... (images and layers alike)
 access.py           users, groups, memberships, entitlements
+changes.py          telling agents their desired state changed (the changes table)
 agents.py           what agents ask for: boot, login, logout, desired state
 readable.py         which chunks a machine may read (asked afresh at every request)
 staged.py           chunks a machine uploaded and has not saved yet: its upload quota

@@ -7,11 +7,10 @@ long-polling agents hear about it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, insert, select
+from sqlalchemy import and_, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -19,7 +18,6 @@ from lamina.errors import AlreadyExists, Conflict, NotFound, UsageError
 from lamina.layer.changes import WritablePolicy
 from lamina.layer.records import APP
 from lamina.manager.models import (
-    Change,
     Entitlement,
     Group,
     Layer,
@@ -30,13 +28,13 @@ from lamina.manager.models import (
     UserSession,
     WritableLayer,
 )
+from lamina.manager.schemas import Unentitled
 from lamina.manager.services import fleet
 from lamina.manager.services import layers as layer_svc
+from lamina.manager.services.changes import machines_of_user, machines_of_users, touch
 from lamina.names import check_user_name, parse_ref
 
 POLICIES = tuple(p.value for p in WritablePolicy)
-# Past this many machines, one "everyone" change is cheaper than one row per machine.
-FAN_OUT = 500
 
 
 def writable_name(user: str) -> str:
@@ -58,32 +56,6 @@ def _add_unique(session: Session, row: object, taken: str) -> None:
             session.flush()
     except IntegrityError:
         raise AlreadyExists(taken) from None
-
-
-def touch(session: Session, machine_ids: Iterable[int] | None) -> None:
-    """Record that these machines' desired state changed (None: possibly every machine)."""
-    if machine_ids is None:
-        session.execute(insert(Change).values(machine_id=None))
-        return
-    ids = sorted(set(machine_ids))
-    if len(ids) > FAN_OUT:
-        session.execute(insert(Change).values(machine_id=None))
-    elif ids:
-        session.execute(insert(Change), [{"machine_id": i} for i in ids])
-
-
-def _machines_of_users(session: Session, user_ids: Select[Any]) -> list[int]:
-    return list(
-        session.scalars(
-            select(UserSession.machine_id).where(UserSession.user_id.in_(user_ids)).distinct()
-        )
-    )
-
-
-def _machines_of_user(session: Session, user_id: int) -> list[int]:
-    """The machines where the user is logged in."""
-    query = select(UserSession.machine_id).where(UserSession.user_id == user_id).distinct()
-    return list(session.scalars(query))
 
 
 # -- users ------------------------------------------------------------------------------------
@@ -131,7 +103,7 @@ def update_user(
         session.execute(delete(Membership).where(Membership.user_id == user.id))
         session.add_all(Membership(user_id=user.id, group_id=g) for g in sorted(wanted))
     session.flush()
-    touch(session, _machines_of_user(session, user.id))
+    touch(session, machines_of_user(session, user.id))
     return user
 
 
@@ -234,7 +206,7 @@ def add_group(session: Session, *, name: str) -> Group:
 def remove_group(session: Session, *, name: str) -> None:
     group = get_group(session, name)
     members = select(Membership.user_id).where(Membership.group_id == group.id)
-    touch(session, _machines_of_users(session, members))
+    touch(session, machines_of_users(session, members))
     session.delete(group)
     session.flush()
 
@@ -262,7 +234,7 @@ def add_member(session: Session, *, group: str, user: str) -> None:
     _add_unique(
         session, Membership(user_id=u.id, group_id=g.id), f"{user!r} is already in {group!r}"
     )
-    touch(session, _machines_of_user(session, u.id))
+    touch(session, machines_of_user(session, u.id))
 
 
 def remove_member(session: Session, *, group: str, user: str) -> None:
@@ -272,7 +244,7 @@ def remove_member(session: Session, *, group: str, user: str) -> None:
     )
     if not gone.rowcount:  # type: ignore[attr-defined]
         raise NotFound(f"{user!r} is not in {group!r}")
-    touch(session, _machines_of_user(session, u.id))
+    touch(session, machines_of_user(session, u.id))
 
 
 # -- entitlements -----------------------------------------------------------------------------
@@ -313,10 +285,8 @@ def _affected(session: Session, t: Target) -> list[int]:
     if t.kind == "machine":
         return [t.id]
     if t.kind == "user":
-        return _machines_of_user(session, t.id)
-    return _machines_of_users(
-        session, select(Membership.user_id).where(Membership.group_id == t.id)
-    )
+        return machines_of_user(session, t.id)
+    return machines_of_users(session, select(Membership.user_id).where(Membership.group_id == t.id))
 
 
 def entitle(session: Session, *, layer: str, to: Target, priority: int = 100) -> Entitlement:
@@ -340,27 +310,53 @@ def entitle(session: Session, *, layer: str, to: Target, priority: int = 100) ->
     return ent
 
 
-def unentitle(session: Session, *, layer: str, to: Target) -> int:
-    found = layer_svc.get_layer(session, parse_ref(layer, "layer name").name)
-    gone = session.execute(
-        delete(Entitlement).where(
-            and_(Entitlement.layer_id == found.id, Entitlement.target == to.key)
-        )
-    ).rowcount  # type: ignore[attr-defined]
-    if not gone:
-        raise NotFound(f"{found.name} is not entitled to {to.kind} {to.name}")
+def unentitle(
+    session: Session,
+    *,
+    layer: str | None = None,
+    id: int | None = None,
+    user: str | None = None,
+    group: str | None = None,
+    machine: str | None = None,
+) -> Unentitled:
+    """Take an entitlement back: number ``id`` (which must be ``layer``'s when a layer is
+    given), or ``layer``'s to one target. The layer detaches live where it was attached."""
+    if id is not None:
+        ent = session.get(Entitlement, id)
+        found = layer_svc.get_layer(session, layer) if layer is not None else None
+        if ent is None or (found is not None and ent.layer_id != found.id):
+            raise NotFound(f"{layer} has no entitlement {id}" if layer else f"no entitlement {id}")
+        to = _target_of(session, ent)
+        name = session.get_one(Layer, ent.layer_id).name
+        session.delete(ent)
+        session.flush()
+        gone = 1
+    else:
+        if layer is None:
+            raise UsageError("name the layer to unentitle")
+        to = target(session, user=user, group=group, machine=machine)
+        found = layer_svc.get_layer(session, parse_ref(layer, "layer name").name)
+        name = found.name
+        gone = session.execute(
+            delete(Entitlement).where(
+                and_(Entitlement.layer_id == found.id, Entitlement.target == to.key)
+            )
+        ).rowcount  # type: ignore[attr-defined]
+        if not gone:
+            raise NotFound(f"{found.name} is not entitled to {to.kind} {to.name}")
     touch(session, _affected(session, to))
-    return int(gone)
+    return Unentitled.model_validate(
+        {"layer": name, "kind": to.kind, "target": to.name, "removed": int(gone)}
+    )
 
 
-def remove_entitlement(session: Session, *, id: int) -> None:
-    ent = session.get(Entitlement, id)
-    if ent is None:
-        raise NotFound(f"no entitlement {id}")
-    kind, tid = ent.target.split(":")
-    session.delete(ent)
-    session.flush()
-    touch(session, _affected(session, Target(kind, int(tid), "")))
+def _target_of(session: Session, ent: Entitlement) -> Target:
+    if ent.user_id is not None:
+        return Target("user", ent.user_id, session.get_one(User, ent.user_id).name)
+    if ent.group_id is not None:
+        return Target("group", ent.group_id, session.get_one(Group, ent.group_id).name)
+    assert ent.machine_id is not None
+    return Target("machine", ent.machine_id, session.get_one(Machine, ent.machine_id).name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +377,7 @@ def list_entitlements(
     user: str | None = None,
     group: str | None = None,
     machine: str | None = None,
+    id: int | None = None,
     offset: int = 0,
     limit: int = 100,
 ) -> tuple[list[EntitlementRow], int]:
@@ -409,6 +406,8 @@ def list_entitlements(
         query = query.where(Group.name == group)
     if machine is not None:
         query = query.where(Machine.name == machine)
+    if id is not None:
+        query = query.where(Entitlement.id == id)
     total = fleet.count_of(session, query)
     rows = session.execute(
         query.order_by(Layer.name, Entitlement.target).offset(offset).limit(limit)
@@ -420,3 +419,10 @@ def list_entitlements(
         for i, lname, version, tkey, prio, created, uname, gname, mname in rows
     ]
     return out, total
+
+
+def entitlement_row(session: Session, *, id: int) -> EntitlementRow:
+    rows, _ = list_entitlements(session, id=id, limit=1)
+    if not rows:
+        raise NotFound(f"no entitlement {id}")
+    return rows[0]

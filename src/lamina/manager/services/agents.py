@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from lamina.errors import Conflict, Forbidden, InvalidInput, NotFound
+from lamina.errors import Conflict, InvalidInput, NotFound, Refused
 from lamina.layer.importer import load_tree
 from lamina.layer.records import WRITABLE, NewVersion
 from lamina.manager.entitlements import Grant, layers_for
@@ -396,7 +396,7 @@ def _check_named(
         may = Readable(store, image, lambda: allowed_manifests(conn, machine_id=machine.id))
         unproven = {c for c in unproven if not may.allows(c)}
     if unproven:
-        raise Forbidden(
+        raise Refused(
             f"the writable layer names {len(unproven)} chunks that {machine.name} neither"
             f" uploaded nor may read (the first: {min(unproven).hex()[:16]})"
         )

@@ -2,26 +2,27 @@
 
 Only chunks the delta touches are rebuilt: each is read from the machine's view (image
 version + delta), stored (deduplicated like any import) and swapped into a copy of the
-manifest. The delta is locked for the duration, so a connected machine is refused.
+manifest. The delta is locked for the duration, so a connected machine is refused. A
+view that some version of the image already is (an empty delta) gives that version back,
+marked unchanged, instead of a copy of it.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from lamina.delta.device import machine_device
 from lamina.delta.file import BLOCK, discard
 from lamina.home import Home
 from lamina.image import Imported, ImportStats, Manifest
+from lamina.manager.schemas import DeltaCommitted
 from lamina.manager.services import images, machines
-from lamina.names import MACHINE_PREFIX, check_name, parse_ref
+from lamina.names import MACHINE_PREFIX, check_name
 from lamina.nbd import ExportInfo
 from lamina.store import ChunkCache
 
 
 def commit_delta(
     home: Home, *, machine: str, image: str | None = None, repin: bool = False
-) -> dict[str, Any]:
+) -> DeltaCommitted:
     with home.session() as session:
         m = machines.get(session, machine)
         version = m.image_version
@@ -35,21 +36,19 @@ def commit_delta(
     per_chunk = manifest.chunk_size // BLOCK
     try:
 
-        def commit(imported: Imported) -> str:
+        def commit(imported: Imported) -> images.Recorded:
             with home.session() as session:
-                ref = images.add_version(
+                recorded = images.add_version(
                     session,
                     name=target,
                     imported=imported,
                     source=f"delta of {machine} on {base_ref}",
-                ).ref
+                )
                 if repin:
                     machines.pin(
-                        session,
-                        machine=machines.get(session, machine),
-                        version=images.get_version(session, parse_ref(ref)),
+                        session, machine=machines.get(session, machine), version=recorded.version
                     )
-                return ref
+                return recorded
 
         with home.store.writer() as writer:
             changes: dict[int, bytes] = {}
@@ -73,16 +72,17 @@ def commit_delta(
                 "delta",
             )
             writer.flush()
-            ref = commit(Imported(result, put.chunk_id, stats))
+            recorded = commit(Imported(result, put.chunk_id, stats))
     finally:
         delta.close()
     if repin:
         discard(home.deltas_dir / machine)
-    return {
-        "ref": ref,
-        "machine": machine,
-        "base": base_ref,
-        "changed_chunks": len(changes),
-        "stored_bytes": stats.stored_bytes,
-        "repinned": repin,
-    }
+    return DeltaCommitted(
+        ref=recorded.ref,
+        machine=machine,
+        base=base_ref,
+        changed_chunks=len(changes),
+        stored_bytes=stats.stored_bytes if recorded.created else 0,
+        repinned=repin,
+        unchanged=not recorded.created,
+    )

@@ -9,10 +9,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
-from lamina.errors import NotFound
 from lamina.manager.models import (
     Entitlement,
-    Group,
     Layer,
     LayerVersion,
     LayerVersionBase,
@@ -22,7 +20,7 @@ from lamina.manager.models import (
     UserSession,
     WritableLayer,
 )
-from lamina.manager.services import access, layers
+from lamina.manager.services import layers
 
 # -- layers -----------------------------------------------------------------------------------
 
@@ -147,22 +145,3 @@ def group_members(
         if len(names) < limit:
             names.append(name)
     return out
-
-
-def remove_layer_entitlement(session: Session, *, layer: str, id: int) -> tuple[str, str]:
-    """Remove entitlement ``id`` of ``layer``; returns (target kind, target name)."""
-    found = layers.get_layer(session, layer)
-    ent = session.get(Entitlement, id)
-    if ent is None or ent.layer_id != found.id:
-        raise NotFound(f"{layer} has no entitlement {id}")
-    if ent.user_id is not None:
-        kind, name = "user", session.scalar(select(User.name).where(User.id == ent.user_id))
-    elif ent.group_id is not None:
-        kind, name = "group", session.scalar(select(Group.name).where(Group.id == ent.group_id))
-    else:
-        kind, name = (
-            "machine",
-            session.scalar(select(Machine.name).where(Machine.id == ent.machine_id)),
-        )
-    access.remove_entitlement(session, id=id)
-    return kind, name or ""

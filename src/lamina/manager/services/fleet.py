@@ -10,7 +10,6 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
-from lamina.errors import Conflict
 from lamina.manager.models import (
     Entitlement,
     Image,
@@ -102,20 +101,6 @@ def list_images(
     return [(i, [VersionRow(v, pinned.get(v.id, 0)) for v in i.versions]) for i in images], total
 
 
-def check_image_unpinned(session: Session, *, name: str, version: int | None) -> None:
-    query = (
-        select(Machine.name)
-        .join(ImageVersion, ImageVersion.id == Machine.image_version_id)
-        .join(Image, Image.id == ImageVersion.image_id)
-        .where(Image.name == name)
-    )
-    if version is not None:
-        query = query.where(ImageVersion.version == version)
-    found = session.scalars(query.limit(1)).first()
-    if found is not None:
-        raise Conflict(f"machine {found} is pinned to {name}")
-
-
 def list_layers(
     session: Session, *, offset: int = 0, limit: int = 100, q: str = "", kind: str | None = None
 ) -> tuple[list[tuple[Layer, int]], int]:
@@ -141,18 +126,6 @@ def list_layers(
         ).all()
     )
     return [(la, counts.get(la.id, 0)) for la in layers], total
-
-
-def check_layer_unused(session: Session, *, layer: Layer) -> None:
-    """A writable layer held by a session is not removed under it."""
-    holder = session.scalars(
-        select(User.name)
-        .join(WritableLayer, WritableLayer.user_id == User.id)
-        .join(UserSession, UserSession.writable_id == WritableLayer.id)
-        .where(WritableLayer.layer_id == layer.id)
-    ).first()
-    if holder is not None:
-        raise Conflict(f"{layer.name} is in use by {holder}'s session")
 
 
 @dataclass(frozen=True, slots=True)

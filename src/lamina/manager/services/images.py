@@ -1,4 +1,5 @@
-"""Images and their versions."""
+"""Images and their versions: import (identical content gives back the version that has
+it), remove (refused while a machine is pinned to it), who may read one, usage."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from lamina.errors import Conflict, NotFound
+from lamina.errors import Conflict, NotFound, Refused
 from lamina.image import Imported, Manifest
 from lamina.image.importer import import_and_commit
 from lamina.manager.models import Image, ImageVersion
@@ -32,13 +33,30 @@ def _image(session: Session, name: str, *, create: bool = False) -> Image:
     return image
 
 
-def add_version(session: Session, *, name: str, imported: Imported, source: str) -> ImageVersion:
-    """Record a new version NAME@N+1 for an imported manifest.
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    version: ImageVersion
+    ref: str  # NAME@N
+    created: bool  # False: a version of the image had this content already
+
+
+def add_version(session: Session, *, name: str, imported: Imported, source: str) -> Recorded:
+    """Record an imported manifest as NAME@N+1, or give back the newest version of NAME
+    with that very manifest (importing the same disk twice, committing an empty delta).
 
     Two imports of one name may race for N+1: the unique (image, version) constraint
     decides, and the loser retries with the next number.
     """
     check_name(name, "image name")
+    same = session.scalars(
+        select(ImageVersion)
+        .join(Image)
+        .where(Image.name == name, ImageVersion.manifest_id == imported.manifest_id.hex())
+        .order_by(ImageVersion.version.desc())
+        .limit(1)
+    ).first()
+    if same is not None:
+        return Recorded(same, same.ref, created=False)
 
     def create(number: int) -> ImageVersion:
         version = ImageVersion(
@@ -59,7 +77,15 @@ def add_version(session: Session, *, name: str, imported: Imported, source: str)
             select(func.max(ImageVersion.version)).join(Image).where(Image.name == name)
         )
 
-    return versions.next_version(session, "image", name, create, highest)
+    version = versions.next_version(session, "image", name, create, highest)
+    return Recorded(version, version.ref, created=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageImported:
+    ref: str
+    imported: Imported
+    unchanged: bool  # the image had a version with this content: no new one was made
 
 
 def import_image(
@@ -71,15 +97,22 @@ def import_image(
     fmt: str | None = None,
     tmp_dir: Path | None = None,
     progress: Callable[[int], None] | None = None,
-) -> tuple[str, Imported]:
-    """Import a file as the next version of ``name``; returns ``NAME@N``."""
+) -> ImageImported:
+    """Import a file as the next version of ``name`` (or find the version it already is)."""
     check_name(name, "image name")
+    created = True
 
     def commit(imported: Imported) -> str:
+        nonlocal created
         with session() as db:
-            return add_version(db, name=name, imported=imported, source=str(path)).ref
+            recorded = add_version(db, name=name, imported=imported, source=str(path))
+            created = recorded.created
+            return recorded.ref
 
-    return import_and_commit(store, path, commit, fmt=fmt, tmp_dir=tmp_dir, progress=progress)
+    ref, imported = import_and_commit(
+        store, path, commit, fmt=fmt, tmp_dir=tmp_dir, progress=progress
+    )
+    return ImageImported(ref, imported, unchanged=not created)
 
 
 def get_version(session: Session, ref: Ref) -> ImageVersion:
@@ -128,6 +161,7 @@ def remove(session: Session, *, ref: Ref) -> list[str]:
 
 
 def _refuse_pinned(session: Session, versions: list[ImageVersion]) -> None:
+    """The one rule for removing image versions: none a machine is pinned to."""
     from lamina.manager.models import Machine
 
     ids = {v.id: v.ref for v in versions}
@@ -137,6 +171,13 @@ def _refuse_pinned(session: Session, versions: list[ImageVersion]) -> None:
     if rows:
         pinned = ", ".join(f"{name} ({ids[vid]})" for name, vid in rows)
         raise Conflict(f"machines are pinned to what you want to remove: {pinned}")
+
+
+def check_readable(version: ImageVersion, *, admin: bool, pinned_image_id: int | None) -> None:
+    """A machine's token reads the image its machine is pinned to (any version of it: a
+    re-pin to a newer one streams what changed); the admin token reads every image."""
+    if not admin and pinned_image_id != version.image_id:
+        raise Refused("this machine is not pinned to that image")
 
 
 def load_manifest(store: ChunkStore, version: ImageVersion) -> Manifest:

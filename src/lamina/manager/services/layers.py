@@ -1,25 +1,36 @@
-"""Layers, their versions and bases, and the roots they are mounted on."""
+"""Layers, their versions and bases, and the roots they are mounted on; removing them."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from lamina.errors import Conflict, NotFound, UsageError
+from lamina.errors import Conflict, NotFound, Unconfirmed, UsageError
+from lamina.layer import prepare
 from lamina.layer.records import WRITABLE, NewVersion
 from lamina.manager.models import (
+    Entitlement,
+    Group,
     Layer,
     LayerMount,
     LayerMountLayer,
     LayerVersion,
     LayerVersionBase,
+    Machine,
+    User,
+    UserSession,
+    WritableLayer,
 )
 from lamina.manager.services import versions
+from lamina.manager.services.changes import touch
 from lamina.names import Ref, check_name
+
+if TYPE_CHECKING:
+    from lamina.home import Home
 
 
 def get_layer(session: Session, name: str) -> Layer:
@@ -87,6 +98,21 @@ def add_version(
     return versions.next_version(session, "layer", name, create, highest)
 
 
+def same_version(
+    session: Session, *, name: str, manifest_id: str, bases: Sequence[LayerVersion]
+) -> LayerVersion | None:
+    """The newest version of NAME with this very tree made on these bases, if any: an
+    identical import gives it back instead of a new version."""
+    base_ids = [b.id for b in bases]
+    found = session.scalars(
+        select(LayerVersion)
+        .join(Layer)
+        .where(Layer.name == name, LayerVersion.manifest_id == manifest_id)
+        .order_by(LayerVersion.version.desc())
+    )
+    return next((v for v in found if [b.base_id for b in v.bases] == base_ids), None)
+
+
 def get_version(session: Session, ref: Ref) -> LayerVersion:
     """``NAME@V``, or the latest version of ``NAME``."""
     layer = get_layer(session, ref.name)
@@ -149,16 +175,75 @@ def _in_use(session: Session, versions: Sequence[LayerVersion]) -> str | None:
     return f"mounted on {mount.host}:{mount.root}" if mount is not None else None
 
 
-def remove(session: Session, *, ref: Ref) -> tuple[list[str], list[str]]:
-    """Delete one version or a whole layer: (refs removed, manifests no longer used).
+def remove(home: Home, *, ref: Ref, force: bool = False) -> list[str]:
+    """Delete one version or a whole layer; returns the refs removed. The one place the
+    rules of removing a layer live:
 
-    Refused while a version is mounted, or while a writable layer's version was made on
-    it (a rebase of that writable layer needs its base)."""
+    - refused (Conflict) while a version is mounted, while a writable layer is held by a
+      user's session, or while a writable layer's version was made on it (a rebase of
+      that writable layer needs its base);
+    - refused unless ``force`` (Unconfirmed) when it would delete a user's saved files (a
+      writable layer's versions) or take entitlements away.
+
+    A writable layer whose user still exists keeps its (now empty) row, so the user's next
+    sessions save again. The layer images prepared for manifests no longer used go too.
+    """
+    with home.session() as session:
+        gone, manifests = _remove(session, ref=ref, force=force)
+    for manifest in manifests:
+        prepare.forget(home.root, bytes.fromhex(manifest))
+    return gone
+
+
+def _remove(session: Session, *, ref: Ref, force: bool) -> tuple[list[str], list[str]]:
     layer = get_layer(session, ref.name)
-    versions = list(layer.versions) if ref.version is None else [get_version(session, ref)]
+    doomed = list(layer.versions) if ref.version is None else [get_version(session, ref)]
+    _refuse_in_use(session, layer, doomed, ref)
+    owner = _writable_owner(session, layer)
+    if not doomed and owner is not None:
+        raise UsageError(f"{layer.name} has no versions: it stays {owner}'s writable layer")
+    drops_layer = layer.kind != WRITABLE or owner is None
+    drops_layer = drops_layer and len(doomed) == len(layer.versions)
+    if not force:
+        _refuse_unconfirmed(session, layer, doomed, owner, drops_layer)
+    gone = [v.ref for v in doomed]
+    manifests = {v.manifest_id for v in doomed}
+    entitled = _entitlements(session, layer, doomed, whole=drops_layer)
+    if drops_layer:
+        session.delete(layer)
+    else:
+        for v in doomed:
+            session.delete(v)
+    session.flush()
+    if entitled:
+        touch(session, None)  # agents re-read what they are entitled to
+    still = set(
+        session.scalars(
+            select(LayerVersion.manifest_id).where(LayerVersion.manifest_id.in_(manifests))
+        )
+    )
+    return gone, sorted(manifests - still)
+
+
+def _refuse_in_use(
+    session: Session, layer: Layer, versions: Sequence[LayerVersion], ref: Ref
+) -> None:
     why = _in_use(session, versions)
     if why is not None:
         raise Conflict(f"{ref} is {why}")
+    if layer.kind == WRITABLE:
+        held = session.execute(
+            select(User.name, Machine.name)
+            .join(WritableLayer, WritableLayer.user_id == User.id)
+            .join(UserSession, UserSession.writable_id == WritableLayer.id)
+            .join(Machine, Machine.id == UserSession.machine_id)
+            .where(WritableLayer.layer_id == layer.id)
+        ).first()
+        if held is not None:
+            raise Conflict(
+                f"{layer.name} is in use by {held[0]}'s session on {held[1]}: "
+                f"log {held[0]} out first"
+            )
     doomed = {v.id for v in versions}
     for v in versions:
         for dependent in based_on(session, version=v):
@@ -167,24 +252,57 @@ def remove(session: Session, *, ref: Ref) -> tuple[list[str], list[str]]:
                     f"{v.ref} is the base of writable layer version {dependent.ref} "
                     f"(remove or rebase that first)"
                 )
-    gone = [v.ref for v in versions]
-    manifests = {v.manifest_id for v in versions}
-    if ref.version is None:
-        session.delete(layer)
-    else:
-        session.delete(versions[0])
-    session.flush()
-    still = set(
-        session.scalars(
-            select(LayerVersion.manifest_id).where(LayerVersion.manifest_id.in_(manifests))
+
+
+def _writable_owner(session: Session, layer: Layer) -> str | None:
+    return session.scalar(
+        select(User.name)
+        .join(WritableLayer, WritableLayer.user_id == User.id)
+        .where(WritableLayer.layer_id == layer.id)
+    )
+
+
+def _entitlements(
+    session: Session, layer: Layer, versions: Sequence[LayerVersion], *, whole: bool
+) -> list[str]:
+    """What the removal takes away: every entitlement of a layer that goes, those pinned
+    to a removed version otherwise, each as "kind name"."""
+    query = (
+        select(Entitlement.target, User.name, Group.name, Machine.name, Entitlement.version)
+        .outerjoin(User, User.id == Entitlement.user_id)
+        .outerjoin(Group, Group.id == Entitlement.group_id)
+        .outerjoin(Machine, Machine.id == Entitlement.machine_id)
+        .where(Entitlement.layer_id == layer.id)
+        .order_by(Entitlement.target)
+    )
+    if not whole:
+        query = query.where(Entitlement.version.in_([v.version for v in versions]))
+    rows = session.execute(query).all()
+    return [f"{t.split(':')[0]} {u or g or m}" for t, u, g, m, _v in rows]
+
+
+def _refuse_unconfirmed(
+    session: Session,
+    layer: Layer,
+    versions: Sequence[LayerVersion],
+    owner: str | None,
+    whole: bool,
+) -> None:
+    if layer.kind == WRITABLE and versions:
+        whose = f"{owner}'s" if owner else "its user's"
+        count = f"{len(versions)} version{'s' if len(versions) > 1 else ''}"
+        raise Unconfirmed(
+            f"{layer.name} holds {whose} saved files ({count}: "
+            f"{', '.join(v.ref for v in versions)}) that removing would delete: "
+            f"confirm (--force)"
         )
-    )
-    left = session.scalar(
-        select(func.count()).select_from(LayerVersion).where(LayerVersion.layer_id == layer.id)
-    )
-    if ref.version is not None and not left and layer.kind != WRITABLE:
-        session.delete(layer)
-    return gone, sorted(manifests - still)
+    entitled = _entitlements(session, layer, versions, whole=whole)
+    if entitled:
+        raise Unconfirmed(
+            f"{layer.name} is entitled to {', '.join(entitled)}: removing "
+            f"{'it' if whole else ', '.join(v.ref for v in versions)} takes "
+            f"{'that' if len(entitled) == 1 else 'those'} away: confirm (--force)"
+        )
 
 
 def manifest_ids(session: Session) -> list[str]:
