@@ -4,6 +4,7 @@ attack runs against a real `lamina serve`, bounded in time and in the server's m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -31,16 +32,20 @@ def disk(cli: Cli, tmp_path: Path) -> Path:
     return src
 
 
+@contextlib.contextmanager
 def _serve(cli: Cli, tmp_path: Path, **env: str) -> Iterator[Server]:
     srv = Server(cli.home, tmp_path / "serve.log", env={k.upper(): v for k, v in env.items()})
     srv.start()
-    yield srv
-    srv.stop()
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 @pytest.fixture
 def served(cli: Cli, tmp_path: Path, disk: Path) -> Iterator[Server]:
-    yield from _serve(cli, tmp_path)
+    with _serve(cli, tmp_path) as server:
+        yield server
 
 
 def _events(server: Server, name: str) -> list[dict[str, object]]:
@@ -106,7 +111,7 @@ def test_unread_pipelined_reads_keep_the_server_small_and_the_api_answering(
 def test_a_client_that_reads_no_reply_is_dropped_after_the_stall_timeout(
     cli: Cli, tmp_path: Path, disk: Path
 ) -> None:
-    for server in _serve(cli, tmp_path, lamina_nbd_stall_timeout="1"):
+    with _serve(cli, tmp_path, lamina_nbd_stall_timeout="1") as server:
         # many reads, and a single one: it holds its share of the budget all the same
         for count in (8, 1):
             attacker = RawNbd(server.port)
@@ -131,7 +136,7 @@ def test_a_client_that_reads_no_reply_is_dropped_after_the_stall_timeout(
 def test_a_connection_that_does_not_finish_its_handshake_is_closed(
     cli: Cli, tmp_path: Path, disk: Path
 ) -> None:
-    for server in _serve(cli, tmp_path, lamina_nbd_handshake_timeout="2"):
+    with _serve(cli, tmp_path, lamina_nbd_handshake_timeout="2") as server:
         silent = socket.create_connection(("127.0.0.1", server.port))
         chatty = RawNbd(server.port)
         chatty.greet()
@@ -163,7 +168,7 @@ def _drained(sock: socket.socket) -> bool:
 def test_an_idle_connection_is_closed_after_the_idle_timeout(
     cli: Cli, tmp_path: Path, disk: Path
 ) -> None:
-    for server in _serve(cli, tmp_path, lamina_nbd_idle_timeout="1"):
+    with _serve(cli, tmp_path, lamina_nbd_idle_timeout="1") as server:
         idle = RawNbd(server.port)
         assert idle.go("base")[-1].reply == Rep.ACK
         assert not idle.alive(wait=5)
@@ -185,7 +190,7 @@ def _greeted(port: int, timeout: float = 10) -> RawNbd:
 
 
 def test_connections_per_address_are_limited(cli: Cli, tmp_path: Path, disk: Path) -> None:
-    for server in _serve(cli, tmp_path, lamina_nbd_connections_per_address="4"):
+    with _serve(cli, tmp_path, lamina_nbd_connections_per_address="4") as server:
         held = [_greeted(server.port) for _ in range(4)]
         extra = socket.create_connection(("127.0.0.1", server.port))
         extra.settimeout(5)

@@ -153,8 +153,9 @@ class FlowControl(asyncio.Protocol):
         own = self._unsent()
         if own and own + req.length > self.limits.reply_bytes:
             return True
-        if self.budget.used + req.length <= self.limits.total_reply_bytes:
-            return False
+        used = self.budget.used
+        if used <= own or used + req.length <= self.limits.total_reply_bytes:
+            return False  # (alone on the server: even a read past the total may run)
         return own > 0 or req.length > SMALL_READ
 
     def _can_go(self) -> bool:

@@ -8,6 +8,7 @@ workers.py      NBD worker processes: fed connections by the parent (connections
 handshake.py    one serving process: handshakes, opening exports off the loop, hand-overs
 fastpath.py     the transmission phase of a plain connection on its raw socket, bounded as
                 the handshake's path is (nbd.limits)
+fastbounds.py   what a fast connection may hold, and its stall and idle timers
 shared.py       what a process's fast connections share: the writer thread, the pool
 catalog.py      the exports (IMAGE@V, machine/NAME, machine/NAME/seed) resolved per handshake
 filedevices.py  the exports' devices as ranges of files (what the fast path reads)

@@ -43,8 +43,8 @@ from lamina.nbd.batch import HEAD, RequestReader, Tuple, as_event, ok_reply, rea
 from lamina.nbd.constants import Cmd, CmdFlag, Errno
 from lamina.nbd.device import BlockDevice
 from lamina.nbd.events import BlockStatus, Buffer, ErrorReply, Event
-from lamina.nbd.flow import SMALL_READ
 from lamina.nbd.negotiate import BASE_ALLOCATION_ID
+from lamina.serve.fastbounds import Bounds, owned
 from lamina.serve.imagefiles import Segment
 from lamina.serve.shared import ARENA, Shared
 
@@ -63,7 +63,7 @@ _WRITE_FLAGS: Final = int(CmdFlag.FUA)
 What = tuple[int, int, int, int]  # a request as its error log names it: cmd, handle, offset, length
 
 
-class FastConnection:
+class FastConnection(Bounds):
     """One client in transmission, after its handshake."""
 
     def __init__(
@@ -100,18 +100,7 @@ class FastConnection:
         self.closing = False
         self.reading = False
         self.stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0, "errors": 0}
-        self.budget = shared.budget
-        self.limits = shared.budget.limits
-        self.stash: list[Tuple] = []  # requests waiting for room in the budget
-        self._reading_bytes = 0  # reads in flight on the pool
-        self._batch_bytes = 0  # read data in the outbox
-        self._pending_bytes = 0
-        self._share = 0  # what the budget counts for this connection
-        self._sent = 0  # reply bytes the socket took, ever
-        self._stall: asyncio.TimerHandle | None = None
-        self._stall_mark = 0
-        self._idle: asyncio.TimerHandle | None = None
-        self._last = shared.loop.time()
+        self._bound(shared)
         shared.connections.add(self)
         self._idle_check()
         sock.setblocking(False)
@@ -187,9 +176,9 @@ class FastConnection:
     def _run(self, requests: list[Tuple]) -> None:
         used = 0
         for i, req in enumerate(requests):
-            if req[0] == _READ and self._held_back(req[4]):
+            if self._held_back(req):
                 # the rest waits, out of the receive buffer (which may be reused)
-                self.stash = [_owned(r) for r in requests[i:]]
+                self.stash = [owned(r) for r in requests[i:]]
                 break
             used = self._request(req, used)
         self.flush()
@@ -198,40 +187,6 @@ class FastConnection:
             self.budget.wait(self)
         elif self.reader.disconnected:
             self._disconnect()
-
-    # -- the budget (limits.Debtor) ------------------------------------------------
-
-    def _unsent(self) -> int:
-        return self._reading_bytes + self._batch_bytes + self._pending_bytes
-
-    def _held_back(self, length: int) -> bool:
-        """Whether a read must wait for replies to be taken (as ``FlowControl``'s)."""
-        own = self._unsent()
-        if own and own + length > self.limits.reply_bytes:
-            return True
-        if self.budget.used - self._share + own + length <= self.limits.total_reply_bytes:
-            return False
-        return own > 0 or length > SMALL_READ
-
-    def settle(self) -> None:
-        if self.closing:
-            return
-        share = self._unsent()
-        if share != self._share:
-            self._share = share
-            self.budget.set(self, share)
-        if self.stash and not self._held_back(self.stash[0][4]):
-            self.shared.loop.call_soon(self.wake)
-
-    def wake(self) -> None:
-        if self.closing or not self.stash:
-            return
-        requests, self.stash = self.stash, []
-        self._run(requests)
-        if not self.stash:
-            self._resume_reading()
-            if self.end > self.start and self.reading:
-                self._process()
 
     def _request(self, req: Tuple, used: int) -> int:
         """Answer one request; returns how much of the scratch buffer is in use."""
@@ -324,10 +279,17 @@ class FastConnection:
         self.stats["bytes_written"] += len(data)
         device = self.device
         what = (_WRITE, handle, offset, len(data))
-        self._serial(what, lambda: device.write(offset, data, False), fua=fua)
+        self._writing += len(data)
+        self._serial(what, lambda: device.write(offset, data, False), fua=fua, size=len(data))
 
     def _serial(
-        self, what: What, job: Callable[[], object], *, pooled: bool = False, fua: bool = False
+        self,
+        what: What,
+        job: Callable[[], object],
+        *,
+        pooled: bool = False,
+        fua: bool = False,
+        size: int = 0,
     ) -> None:
         """Run ``job`` on the writer thread (``pooled``: on the pool after the writes
         before it); answer OK, or its error, when it is done (``fua``: once it is also
@@ -336,6 +298,7 @@ class FastConnection:
 
         def done(error: BaseException | None) -> None:
             self.inflight -= 1
+            self._writing -= size  # the payload is applied (or failed): no longer held
             if fua and error is None and not self.closing:
                 self._serial(what, self.device.flush, pooled=True)
                 return
@@ -481,40 +444,6 @@ class FastConnection:
         if self.end > self.start and self.reading:
             self._process()
 
-    # -- timeouts --------------------------------------------------------------------
-
-    def _stall_watch(self) -> None:
-        """Replies wait for the socket: the client has ``stall_timeout`` to take some."""
-        if self._stall is None and self.limits.stall_timeout > 0:
-            self._stall_mark = self._sent
-            self._stall = self.shared.loop.call_later(self.limits.stall_timeout, self._stalled)
-
-    def _stalled(self) -> None:
-        self._stall = None
-        if self.closing or not self.pending:
-            return
-        if self._sent != self._stall_mark:
-            self._stall_watch()
-            return
-        limit = self.limits.stall_timeout
-        reason = f"stalled: {self._pending_bytes} bytes of replies unread for {limit:g} s"
-        self._drop("stalled", reason)
-
-    def _idle_check(self) -> None:
-        self._idle = None
-        idle = self.limits.idle_timeout
-        if self.closing or idle <= 0:
-            return
-        quiet = self.shared.loop.time() - self._last
-        if self.inflight or self.pending or self.stash or quiet < idle:
-            self._idle = self.shared.loop.call_later(max(idle - quiet, 0.1), self._idle_check)
-            return
-        self._drop("idle-timeout", f"no request for {idle:g} s")
-
-    def _drop(self, what: str, reason: str) -> None:
-        log_event(self.shared.log, what, logging.WARNING, client=self.peer, reason=reason)
-        self.close()
-
     # -- the end ---------------------------------------------------------------------
 
     def _disconnect(self) -> None:
@@ -549,11 +478,7 @@ class FastConnection:
         self._pause_reading()
         self.shared.loop.remove_writer(self.fd)
         self.pending.clear()
-        self.stash.clear()
-        for timer in (self._stall, self._idle):
-            if timer is not None:
-                timer.cancel()
-        self.budget.forget(self)
+        self._unbound()
         self.sock.close()
         self.shared.connections.discard(self)
         self._gone()
@@ -571,12 +496,6 @@ class FastConnection:
             return
         release, self._release = self._release, _released
         self._writer.after(release, lambda error: None)
-
-
-def _owned(req: Tuple) -> Tuple:
-    """A request whose payload no longer points into the receive buffer."""
-    data = req[5]
-    return req if data is None else (*req[:5], memoryview(bytes(data)))
 
 
 def _zeros(n: int) -> list[Buffer]:
