@@ -9,8 +9,10 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import struct
 import threading
+from pathlib import Path
 
 from lamina.nbd.client import ClientConnection
 from lamina.nbd.constants import REQUEST, REQUEST_MAGIC, Cmd, Opt, Rep
@@ -134,8 +136,16 @@ class RawNbd:
             if event.reply in (Rep.ACK,) or event.reply >= 1 << 31:
                 return replies
 
-    def go(self, export: str) -> list[OptionReply]:
+    def go(self, export: str, *, tls: Path | None = None) -> list[OptionReply]:
+        """Choose ``export``; with ``tls`` (a folder of qemu's credential files), after
+        NBD_OPT_STARTTLS with that client certificate."""
         self.greet()
+        if tls is not None:
+            assert self.option(self.conn.option(Opt.STARTTLS))[-1].reply == Rep.ACK
+            context = ssl.create_default_context(cafile=tls / "ca-cert.pem")
+            context.load_cert_chain(tls / "client-cert.pem", tls / "client-key.pem")
+            host = self.sock.getpeername()[0]
+            self.sock = context.wrap_socket(self.sock, server_hostname=host)
         return self.option(self.conn.go(export))
 
     def reads(self, count: int, length: int, offset: int = 0) -> bytes:
