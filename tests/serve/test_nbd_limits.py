@@ -22,6 +22,10 @@ from tests.nbdtools import ok, qemu_io
 from tests.servers import Server
 
 RSS_LIMIT = 256 * MiB
+# What two worker processes may grow by under the TLS attack, each holding one 32 MiB
+# reply and the working memory of reading and encrypting it (121 MiB measured), while
+# the attack asks for 2.5 GiB of replies.
+GROWTH_LIMIT = 160 * MiB
 
 
 @pytest.fixture
@@ -109,6 +113,42 @@ def test_unread_pipelined_reads_keep_the_server_small_and_the_api_answering(
             break
         time.sleep(0.2)
     ok(check)
+
+
+def test_unread_pipelined_reads_over_tls_keep_the_server_small(
+    cli: Cli, tmp_path: Path, disk: Path
+) -> None:
+    """The same attack by two clients with an admin credential over TLS (served by the
+    handshake's protocol, not the fast path): each worker process grows by about one
+    connection's reply limit and what reading and encrypting it takes, not by what was
+    asked (given to asyncio's TLS layer whole, each reply was held four times over: 486
+    MiB in all), and each client is dropped once it has taken nothing for the stall
+    timeout."""
+    with _serve(cli, tmp_path, ("--tls",), lamina_nbd_stall_timeout="3") as server:
+        creds = tmp_path / "admin"
+        cli("admin", "credentials", "--out", str(creds), "--server", f"127.0.0.1:{server.port}")
+        assert server.proc is not None
+        pid = server.proc.pid
+        attackers = [RawNbd(server.port) for _ in range(2)]
+        for attacker in attackers:
+            # (an image: a TLS connection stays in the process that accepted it, and two
+            # processes cannot both hold a machine's delta)
+            assert attacker.go("base", tls=creds)[-1].reply == Rep.ACK
+        before = family_rss(pid)[1]  # TLS sessions open, nothing asked yet
+        with RssWatch(pid, before + GROWTH_LIMIT, workers_only=True) as watch:
+            for attacker in attackers:
+                attacker.sock.sendall(attacker.reads(40, 32 * MiB))
+            time.sleep(2)
+            assert not watch.killed, f"workers grew past {GROWTH_LIMIT / MiB:.0f} MiB"
+            assert _health_seconds(server, timeout=5) < 2.0
+            deadline = time.monotonic() + 10
+            while len(_events(server, "stalled")) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+        print(f"TLS: workers' RSS {before / MiB:.0f} MiB before, {watch.workers / MiB:.0f} at peak")
+        assert not watch.killed and watch.workers - before < GROWTH_LIMIT
+        assert len(_events(server, "stalled")) == 2
+        for attacker in attackers:
+            attacker.close()
 
 
 def test_a_client_that_reads_no_reply_is_dropped_after_the_stall_timeout(

@@ -281,8 +281,9 @@ class NbdServerProtocol(FlowControl):
             return
         if transport is None or self._closing:
             return
-        self._transport = transport
+        self._raw, self._transport = self._transport, transport
         self._reading = True
+        self._write_paused = False
         self._buffer_limits()
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None

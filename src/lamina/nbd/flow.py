@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import cast
 
 from lamina.errors import ProtocolError
@@ -26,6 +27,11 @@ from lamina.nbd.server import Phase, ServerConnection
 
 # Reads up to this size run while the server is over its reply budget, one per connection.
 SMALL_READ = 128 << 10
+# Over TLS, replies go to the TLS transport this much at a time, the rest waiting here:
+# asyncio's TLS layer encrypts all it is given at once and hands all of it to the socket's
+# transport, so a 32 MiB reply given whole was held four times over (two such readers
+# took two worker processes to 486 MiB).
+TLS_SLICE = 256 << 10
 
 
 class FlowControl(asyncio.Protocol):
@@ -39,6 +45,11 @@ class FlowControl(asyncio.Protocol):
         self.peer = "?"
         self._address: str | None = None  # counted in the budget's connections
         self._transport: asyncio.Transport | None = None
+        self._raw: asyncio.Transport | None = None  # under a TLS transport: the socket's
+        self._tls_queue: deque[memoryview] = deque()  # replies not yet given to TLS
+        self._tls_queued = 0
+        self._write_paused = False
+        self._close_fed = False  # close once the TLS queue is given
         self._closing = False
         self._disconnecting = False
         # Replies produced while handling one batch of received bytes go out in one
@@ -91,7 +102,7 @@ class FlowControl(asyncio.Protocol):
 
     def _buffer_limits(self) -> None:
         assert self._transport is not None
-        high = self.limits.reply_bytes
+        high = TLS_SLICE if self._raw is not None else self.limits.reply_bytes
         self._transport.set_write_buffer_limits(high=high, low=high // 4)
 
     def data_received(self, data: bytes) -> None:
@@ -106,9 +117,12 @@ class FlowControl(asyncio.Protocol):
         return False
 
     def pause_writing(self) -> None:
+        self._write_paused = True
         self.settle()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
+        self._feed_tls()
         self.settle()
 
     def abort(self) -> None:
@@ -122,6 +136,8 @@ class FlowControl(asyncio.Protocol):
         for timer in (self._handshake_timer, self._idle_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
+        self._tls_queue.clear()
+        self._tls_queued = 0
         self.budget.forget(self)
         if self._address is not None:
             self.budget.leave(self._address)
@@ -130,8 +146,13 @@ class FlowControl(asyncio.Protocol):
     # -- budget (limits.Debtor) ---------------------------------------------------------
 
     def _buffered(self) -> int:
+        """Reply bytes given to the transport and not yet taken by the kernel (over TLS:
+        waiting for the TLS layer, in it, and in the socket's transport under it)."""
         transport = self._transport
-        return transport.get_write_buffer_size() if transport is not None else 0
+        size = transport.get_write_buffer_size() if transport is not None else 0
+        if self._raw is not None:
+            size += self._raw.get_write_buffer_size() + self._tls_queued
+        return size
 
     def _unsent(self) -> int:
         """Reply bytes this connection holds: being produced, gathered, or in its
@@ -253,10 +274,33 @@ class FlowControl(asyncio.Protocol):
 
     def _flush_out(self) -> None:
         if self._out and self._transport is not None and not self._closing:
-            self._transport.writelines(self._out)
+            if self._raw is not None:
+                self._tls_queue += (memoryview(p).cast("B") for p in self._out)
+                self._tls_queued += self._out_bytes
+                self._feed_tls()
+            else:
+                self._transport.writelines(self._out)
             self._handed += self._out_bytes
         self._out = []
         self._out_bytes = 0
+
+    def _feed_tls(self) -> None:
+        """Give the TLS transport queued replies, a slice at a time, until it says it has
+        enough (``pause_writing``); ``resume_writing`` asks for more."""
+        transport = self._transport
+        if transport is None or (self._closing and not self._close_fed):
+            return
+        queue = self._tls_queue
+        while queue and not self._write_paused:
+            part = queue.popleft()
+            if len(part) > TLS_SLICE:
+                queue.appendleft(part[TLS_SLICE:])
+                part = part[:TLS_SLICE]
+            self._tls_queued -= len(part)
+            transport.write(part)
+        if self._close_fed and not queue:
+            self._close_fed = False
+            transport.close()
 
     def _hang_up(self, reason: str) -> None:
         self._flush_out()
@@ -264,7 +308,10 @@ class FlowControl(asyncio.Protocol):
             if reason:
                 log_event(self.log, "hang-up", logging.WARNING, client=self.peer, reason=reason)
             self._closing = True
-            self._transport.close()
+            if self._tls_queue:
+                self._close_fed = True  # the replies before the hang-up go first
+            else:
+                self._transport.close()
 
     def _pump(self) -> None:
         try:
