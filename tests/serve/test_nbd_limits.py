@@ -22,6 +22,9 @@ from tests.nbdtools import ok, qemu_io
 from tests.servers import Server
 
 RSS_LIMIT = 256 * MiB
+# The API answers within this while NBD is attacked: it runs in its own process, so what
+# is left is the host's load (0.5-0.6 s measured; 2.1 s with eight test runs at once).
+API_LIMIT = 5.0
 # What two worker processes may grow by under the TLS attack, each holding one 32 MiB
 # reply and the working memory of reading and encrypting it (121 MiB measured), while
 # the attack asks for 2.5 GiB of replies.
@@ -40,8 +43,8 @@ def disk(cli: Cli, tmp_path: Path) -> Path:
 def _serve(cli: Cli, tmp_path: Path, args: tuple[str, ...] = (), **env: str) -> Iterator[Server]:
     environment = {k.upper(): v for k, v in env.items()}
     srv = Server(cli.home, tmp_path / "serve.log", args=args, env=environment)
-    srv.start()
     try:
+        srv.start()  # (a start that times out leaves a process to stop too)
         yield srv
     finally:
         srv.stop()
@@ -103,7 +106,7 @@ def test_unread_pipelined_reads_keep_the_server_small_and_the_api_answering(
         f" slowest API answer {slowest:.3f} s"
     )
     assert not watch.killed and watch.workers < RSS_LIMIT
-    assert slowest < 2.0
+    assert slowest < API_LIMIT
     # served again once the attackers' connections are gone (their reads in flight end,
     # then the process serving them lets the delta go: a moment on a loaded host)
     deadline = time.monotonic() + 20
@@ -140,7 +143,7 @@ def test_unread_pipelined_reads_over_tls_keep_the_server_small(
                 attacker.sock.sendall(attacker.reads(40, 32 * MiB))
             time.sleep(2)
             assert not watch.killed, f"workers grew past {GROWTH_LIMIT / MiB:.0f} MiB"
-            assert _health_seconds(server, timeout=5) < 2.0
+            assert _health_seconds(server, timeout=10) < API_LIMIT
             deadline = time.monotonic() + 10
             while len(_events(server, "stalled")) < 2 and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -248,8 +251,7 @@ def test_connections_per_address_are_limited(cli: Cli, tmp_path: Path, disk: Pat
 
 
 def test_an_option_list_flood_does_not_stall_the_api(served: Server) -> None:
-    """Clients pipelining NBD_OPT_LIST by the thousand: the API answers within a second
-    throughout, and the flooding clients are held back by their unread replies."""
+    """Clients pipelining NBD_OPT_LIST by the thousand: the API answers throughout, and the flooding clients are held back by their unread replies."""
     floods = []
     for _ in range(4):
         flood = RawNbd(served.port)
@@ -257,7 +259,7 @@ def test_an_option_list_flood_does_not_stall_the_api(served: Server) -> None:
         flood.sock.sendall(flood.list_options(20_000))
         floods.append(flood)
     slowest = max(_health_seconds(served) for _ in range(20))
-    assert slowest < 2.0
+    assert slowest < API_LIMIT
     for flood in floods:
         flood.close()
     ok(qemu_io(served.url("base"), "read 0 4096", read_only=True))
