@@ -16,7 +16,7 @@
     ├── ProtocolError (10)        a peer broke a wire protocol (NBD, HTTP API)
     ├── Unreachable (11)          the manager did not answer, or answered 5xx: retry later
     ├── Refused (12)              the manager refused the token (401), or what it opens (403)
-    └── LimitExceeded (15)        over a limit on what a caller may cost: an upload quota
+    └── LimitExceeded (14)        over a limit on what a caller may cost: an upload quota
 
 Adapters catch their library's exceptions (OSError, subprocess, sqlite, zstd) at the edge
 and raise one of these, so callers deal with one tree and the CLI prints one line.
@@ -116,10 +116,9 @@ class Refused(LaminaError):
 
 class LimitExceeded(LaminaError):
     """Over a limit set on what one caller may cost the server (a machine's upload quota);
-    what it already has stays, and the same request may succeed once some is released.
-    (Exit code 15: 14 is taken by a home that is not one.)"""
+    what it already has stays, and the same request may succeed once some is released."""
 
-    exit_code = 15
+    exit_code = 14
 
 
 def kinds() -> dict[str, type[LaminaError]]:
