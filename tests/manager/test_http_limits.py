@@ -77,7 +77,7 @@ def test_a_large_json_body_is_refused_before_it_is_read_and_before_the_401(
         took = time.monotonic() - started
     assert not watch.killed
     assert status == 413, body
-    assert took < 2
+    assert took < 4.5  # at once: measured 0.02 s, 3.4 s on a host running eight suites
     assert b"1 MiB" in body
 
 
