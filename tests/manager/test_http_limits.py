@@ -60,7 +60,7 @@ def _answer(sock: socket.socket, timeout: float) -> tuple[int, bytes]:
 def test_a_large_json_body_is_refused_before_it_is_read_and_before_the_401(
     server: Server, token: str
 ) -> None:
-    """400 MB announced, 1 MiB sent, no token: refused at once (on main the server waited
+    """400 MB announced, 1 MiB sent, no token: refused at once (without the limit the server waited
     for all of it to answer 401)."""
     server.start()
     assert server.proc is not None
@@ -186,7 +186,7 @@ def _record(cid: bytes, envelope: bytes) -> bytes:
 def test_a_record_claiming_a_huge_manifest_is_refused_before_it_is_unpacked(
     server: Server, token: str
 ) -> None:
-    """Six uploads at once of a small record claiming a 256 MiB layer manifest (on main:
+    """Six uploads at once of a small record claiming a 256 MiB layer manifest (without the check:
     27 s of both cores and 1.9 GB of RSS): refused at once."""
     server.start()
     assert server.proc is not None
