@@ -22,7 +22,7 @@ from common import LAMINA, median, need, run, scratch
 from lamina.home import Home
 from lamina.layer import attach, prepare, roots
 from lamina.layer.importer import import_layer, load_tree
-from lamina.manager.home import open_home
+from lamina.manager.home import init_home
 from lamina.manager.layer_records import DatabaseRecords
 
 ROUNDS = 7
@@ -80,7 +80,7 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("bench/attach.py mounts overlays: run it as root")
     base = scratch("attach")
-    home = open_home(base / "home")
+    home = init_home(base / "home").home
     sources = {
         "base": make_tree(base / "src-base", 200, "base"),
         "tools": make_tree(base / "src-tools", 100, "tools"),

@@ -201,9 +201,9 @@ class Peers:
             if "LAMINA_STORE_URL" in self.env:
                 self.warm_cache()
         code = (
-            "from lamina.home import Home\n"
+            "from lamina.manager.home import open_home\n"
             "from lamina.manager.services import machines\n"
-            "h = Home()\n"
+            "h = open_home()\n"
             "with h.session() as s:\n"
             "    have = {m.name for m in machines.list_all(s)}\n"
             f"    for i in range({n}):\n"

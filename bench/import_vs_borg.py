@@ -41,7 +41,7 @@ def main() -> None:
 
     def fresh_lamina() -> None:
         shutil.rmtree(home, ignore_errors=True)
-        run(LAMINA, "store", "du", env=env)  # creates and migrates the database
+        run(LAMINA, "init", env=env)  # the home: its identity, its migrated database
 
     def fresh_borg() -> None:
         shutil.rmtree(repo, ignore_errors=True)

@@ -92,6 +92,7 @@ def setup(home: Path, agents: int, env: dict[str, str]) -> list[str]:
     disk = work / "disk.raw"
     with open(disk, "wb") as f:
         f.truncate(1 << 20)
+    run(LAMINA, "init", env=env)
     run(LAMINA, "image", "import", "base", str(disk), env=env)
     for name in ("os", "office", "browser", "extra"):
         tree = work / "layers" / name / "opt" / name

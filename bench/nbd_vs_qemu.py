@@ -206,6 +206,7 @@ def main() -> None:
             f.write(os.urandom(64 * MiB))
     home = work / "home"
     env = {"LAMINA_HOME": str(home)}
+    run(LAMINA, "init", env=env)
     run(LAMINA, "image", "import", "disk", str(raw), env=env)
     run(LAMINA, "machine", "add", "bench", "--image", "disk", "--mode", "stateful", env=env)
     overlay = work / "overlay.qcow2"

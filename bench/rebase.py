@@ -28,7 +28,7 @@ from lamina.home import Home
 from lamina.layer.importer import store_manifest
 from lamina.layer.records import APP, WRITABLE, NewVersion
 from lamina.layer.tree import Entry, Kind, Tree
-from lamina.manager.home import open_home
+from lamina.manager.home import init_home
 from lamina.manager.services import layers as svc
 from lamina.names import parse_ref
 from lamina.store import Writer
@@ -167,7 +167,7 @@ def user_changes(
 
 def main() -> None:
     work = scratch("rebase")
-    home = open_home(work / "home")
+    home = init_home(work / "home").home
     started = time.perf_counter()
     setup(home)
     built = time.perf_counter() - started

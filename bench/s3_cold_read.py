@@ -96,6 +96,7 @@ def main() -> None:
         cluster.create_bucket("bench")
         env = cluster.env("bench", "lamina")
         home = work / "home"
+        run(LAMINA, "init", env={**env, "LAMINA_HOME": str(home)})
         run(LAMINA, "image", "import", "random", str(image), env={**env, "LAMINA_HOME": str(home)})
         ranges = work / "ranges.json"
         chunks = envelope_ranges(home, env, ranges)

@@ -77,7 +77,7 @@ def main() -> None:
             env = {**cluster.env("bench", f"lamina{r}"), "LAMINA_HOME": str(work / f"home{r}")}
 
             def fresh_home(env: dict[str, str] = env) -> None:
-                run(LAMINA, "store", "du", env=env)  # creates the home and its database
+                run(LAMINA, "init", env=env)  # the home: its identity, its migrated database
 
             def lamina(env: dict[str, str] = env) -> None:
                 run(LAMINA, "image", "import", "random", str(image), env=env)

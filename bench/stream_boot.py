@@ -268,6 +268,7 @@ def prepare(work: Path) -> tuple[Setup, Proc]:
     demo = demo_image(work / "demo-cache")
     golden, payload = build_golden(demo.path, work)
     env = {"LAMINA_HOME": str(work / "home")}
+    lamina(env, "init")
     lamina(env, "image", "import", "golden", str(golden))
     lamina(env, "image", "import", "demo", str(demo.path))
     lamina(env, "machine", "add", "desk", "--image", "golden")

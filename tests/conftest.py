@@ -1,4 +1,5 @@
-"""Fixtures shared by every test: a fresh lamina home and the real CLI as a subprocess, a
+"""Fixtures shared by every test: a fresh lamina home (made with ``init_home``, as
+``lamina init`` makes one) and the real CLI as a subprocess, a
 `lamina serve` on free ports, the database (SQLite, and a real PostgreSQL started here on
 loopback, as the postgres user in a temp dir, stopped at the end), and the cleanup of
 whatever a test left mounted."""
@@ -18,7 +19,7 @@ import pytest
 
 from lamina.home import Home
 from lamina.layer.overlay import mountinfo
-from lamina.manager.home import open_home
+from lamina.manager.home import init_home, open_home
 
 if TYPE_CHECKING:
     from tests.pg import PgCluster
@@ -58,9 +59,12 @@ class Cli:
 
 
 @pytest.fixture
-def home_dir(tmp_path: Path) -> Path:
+def home_dir(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """An initialized home: its identity and its (migrated, empty) database."""
+    if "database" in request.fixturenames:
+        request.getfixturevalue("database")  # the home's database is chosen first
     path = tmp_path / "home"
-    path.mkdir()
+    init_home(path).home.close()
     return path
 
 
@@ -123,12 +127,13 @@ def pg_cluster() -> Iterator[PgCluster]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, home_dir: Path
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> str:
-    """Which database the home (and every process started by the test) uses."""
+    """Which database the home (and every process started by the test) uses; chosen
+    before the home is made (``home_dir``), which makes it the home's."""
     if request.param == "sqlite":
         monkeypatch.delenv("LAMINA_DATABASE_URL", raising=False)
-        return f"sqlite:///{home_dir / 'lamina.db'}"
+        return f"sqlite:///{tmp_path / 'home' / 'lamina.db'}"
     from tests.pg import fresh_database
 
     url = fresh_database(request.getfixturevalue("pg_cluster"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,10 +14,26 @@ from pathlib import Path
 from tests.conftest import LAMINA
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port below the kernel's ephemeral range: a server restarted on it
+    cannot find it taken meanwhile as some outgoing connection's source port."""
+    high = _ephemeral_start()
+    for _ in range(200):
+        port = random.randrange(max(1024, high - 12000), high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free loopback port")
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -75,6 +92,7 @@ class Server:
 
     def start(self) -> None:
         env = {**os.environ, "LAMINA_HOME": str(self.home), **self.env}
+        offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -92,6 +110,28 @@ class Server:
         if self.nbd:
             wait_port(self.port, self.proc)
         wait_port(self.http_port, self.proc)
+        self._wait_serving(offset)
+        # Even after it logs so, its first answer took 10 s on a loaded host: wait for one,
+        # whatever its status, so tests' short timeouts hold.
+        import httpx
+
+        httpx.get(f"{self.http_url}/api/v1/", timeout=120, verify=False)
+
+    def _wait_serving(self, offset: int, timeout: float = 90) -> None:
+        """Until the server logs that it serves: its ports listen from the start, but
+        requests wait in the backlog while its workers start (seconds on a loaded host)."""
+        proc = self.proc
+        assert proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log, "rb") as f:
+                f.seek(offset)
+                if b'"event": "serving"' in f.read():
+                    return
+            if proc.poll() is not None:
+                raise AssertionError(f"lamina serve exited with {proc.returncode}")
+            time.sleep(0.05)
+        raise AssertionError(f"lamina serve did not start within {timeout} s")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -27,8 +27,8 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 # The layering, lowest first: a package imports only from packages of a lower tier, so
 # packages of one tier know nothing of each other. A new package must be placed here.
 TIERS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("foundations", frozenset({"errors", "files", "logs", "_tuning", "settings", "units"})),
-    ("names and locks", frozenset({"names", "locks", "control", "lamina"})),
+    ("foundations", frozenset({"errors", "files", "logs", "_tuning", "units"})),
+    ("names, locks, settings", frozenset({"names", "locks", "control", "settings", "lamina"})),
     ("chunk store, NBD protocol, TLS trust", frozenset({"store", "nbd", "trust"})),
     ("a home's folders, identities", frozenset({"home", "identity"})),
     ("images", frozenset({"image"})),
@@ -37,6 +37,7 @@ TIERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("manager: database, services, API, console", frozenset({"manager"})),
     ("block server, guest agent", frozenset({"serve", "agent"})),
     ("demo", frozenset({"demo"})),
+    ("guest kit, golden images", frozenset({"guest"})),
     ("command line", frozenset({"cli"})),
 )
 RANK = {pkg: rank for rank, (_, pkgs) in enumerate(TIERS) for pkg in pkgs}

@@ -4,6 +4,7 @@ The public surface is small: the errors below. Subsystems live in subpackages, i
 (``docs/architecture.md``; each imports only from those below it):
 
 cli        the ``lamina`` command
+guest      the guest kit, golden Debian images, users' layers in the running system
 demo       ``lamina demo``: a VM booted from lamina
 serve      the block server process: NBD exports, the manager's HTTP app, boot recording
 agent      the guest agent: identity, layers at login, live attach, writable layers
@@ -27,6 +28,8 @@ from lamina.errors import (
     CorruptObject,
     InvalidInput,
     LaminaError,
+    LimitExceeded,
+    NotAHome,
     NotFound,
     ProtocolError,
     Refused,
@@ -46,6 +49,8 @@ __all__ = [
     "CorruptObject",
     "InvalidInput",
     "LaminaError",
+    "LimitExceeded",
+    "NotAHome",
     "NotFound",
     "ProtocolError",
     "Refused",

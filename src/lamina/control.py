@@ -6,11 +6,20 @@ is ``{"ok": true, ...}`` or ``{"ok": false, "error": TEXT, "code": EXIT_CODE}``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
+from pathlib import Path
 from typing import Any
 
 from lamina.errors import LaminaError
+
+
+def abstract_address(kind: str, folder: Path) -> str:
+    """An abstract unix socket address for the ``kind`` server working on ``folder``
+    (abstract: no path length limit, nothing left behind by a ``kill -9``)."""
+    key = hashlib.sha256(str(folder).encode()).hexdigest()[:24]
+    return f"\0lamina-{kind}-{key}"
 
 
 class NotListening(Exception):

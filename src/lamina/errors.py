@@ -16,7 +16,9 @@
     ├── ProtocolError (10)        a peer broke a wire protocol (NBD, HTTP API)
     ├── Unreachable (11)          the manager did not answer, or answered 5xx: retry later
     ├── Refused (12)              the manager refused the token (401), or what it opens (403)
-    └── LimitExceeded (14)        over a limit on what a caller may cost: an upload quota
+    ├── NotAHome (14)             not a lamina home, or a home whose database is missing,
+    │                             empty or another home's
+    └── LimitExceeded (15)        over a limit on what a caller may cost: an upload quota
 
 Adapters catch their library's exceptions (OSError, subprocess, sqlite, zstd) at the edge
 and raise one of these, so callers deal with one tree and the CLI prints one line.
@@ -114,11 +116,18 @@ class Refused(LaminaError):
     exit_code = 12
 
 
+class NotAHome(LaminaError):
+    """A folder that is not a lamina home, or a home whose database does not describe its
+    store (missing, empty, or another home's): nothing is created or changed."""
+
+    exit_code = 14
+
+
 class LimitExceeded(LaminaError):
     """Over a limit set on what one caller may cost the server (a machine's upload quota);
     what it already has stays, and the same request may succeed once some is released."""
 
-    exit_code = 14
+    exit_code = 15
 
 
 def kinds() -> dict[str, type[LaminaError]]:

@@ -14,12 +14,13 @@ from tests.conftest import LAMINA
 class AgentProc:
     """A real ``lamina agent`` process with its own home (the machine's cache)."""
 
-    def __init__(self, base: Path, manager: str, token: str) -> None:
+    def __init__(self, base: Path, manager: str, token: str, *args: str) -> None:
+        """``args``: more options of ``lamina agent``."""
         self.home = base / "home"
         self.root = self.home / "sessions"  # the default: started without --root
         self.etc = base / "etc"
         self.log = base / "agent.log"
-        self.manager, self.token = manager, token
+        self.manager, self.token, self.args = manager, token, args
         base.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -28,7 +29,7 @@ class AgentProc:
 
     def start(self) -> AgentProc:
         cmd = [LAMINA, "agent", "--manager", self.manager, "--token", self.token]
-        cmd += ["--etc", str(self.etc)]
+        cmd += ["--etc", str(self.etc), *self.args]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=log)
         sock = self.home / "run" / "agent.sock"

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from lamina.identity import (
+    AgentSeed,
     Identity,
     build_seed_iso,
     new_identity,
@@ -25,11 +26,12 @@ from lamina.identity import (
     update_identity,
 )
 
-NAMES = ["meta-data", "network-config", "user-data"]
+NAMES = ["lamina", "meta-data", "network-config", "user-data"]
+CLOUD_INIT = ("meta-data", "user-data", "network-config")
 
 
 def parsed(identity: Identity) -> dict[str, Any]:
-    return {name: yaml.safe_load(data) for name, data in seed_files(identity).items()}
+    return {name: yaml.safe_load(seed_files(identity)[name]) for name in CLOUD_INIT}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,9 @@ def test_user_data(two: tuple[Identity, Identity]) -> None:
         False,
     )
     for config, identity in ((a, a_id), (b, b_id)):
-        assert config["ssh_genkeytypes"] == [] and config["ssh_deletekeys"] is True
+        # no ssh_genkeytypes: with ssh_keys given cloud-init generates nothing, and its
+        # schema refuses the empty list
+        assert "ssh_genkeytypes" not in config and config["ssh_deletekeys"] is True
         for kind, pair in identity.ssh_host_keys.items():
             assert config["ssh_keys"][f"{kind}_private"] == pair["private"]
             assert config["ssh_keys"][f"{kind}_public"] == pair["public"]
@@ -178,7 +182,8 @@ def test_files_read_back_by_xorriso(
 ) -> None:
     out = tmp_path / "out"
     xorriso("-osirrox", "on", "-indev", str(iso), "-extract", "/", str(out))
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == seed_files(two[1])
+    found = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert found == seed_files(two[1])
 
 
 def test_build_seed_iso_any_files() -> None:
@@ -186,3 +191,46 @@ def test_build_seed_iso_any_files() -> None:
     image = build_seed_iso(files, label="CIDATA")
     assert read_seed_iso(image) == files
     assert image[16 * 2048 + 40 : 16 * 2048 + 46] == b"CIDATA"
+
+
+def test_kit_files_hold_the_identity_one_value_a_file(two: tuple[Identity, Identity]) -> None:
+    a, b = two
+    files = seed_files(b)
+    assert files["lamina/hostname"] == b"desk-002\n"
+    assert files["lamina/fqdn"] == b"desk-002.corp.example\n"
+    assert files["lamina/machine-id"] == f"{b.machine_id}\n".encode()
+    for kind, pair in b.ssh_host_keys.items():
+        assert files[f"lamina/ssh_host_{kind}_key"] == pair["private"].encode()
+        assert files[f"lamina/ssh_host_{kind}_key.pub"] == (pair["public"] + "\n").encode()
+    assert "lamina/fqdn" not in seed_files(a)
+    assert "lamina/agent.env" not in files  # no manager known: the agent is not configured
+
+
+def test_agent_env_carries_manager_and_token(two: tuple[Identity, Identity]) -> None:
+    agent = AgentSeed("http://10.0.2.100:8480", "s3cr3t-T0ken_x")
+    env = seed_files(two[0], agent)["lamina/agent.env"].decode()
+    assert env.splitlines() == [
+        "LAMINA_MANAGER='http://10.0.2.100:8480'",
+        "LAMINA_TOKEN='s3cr3t-T0ken_x'",
+        "LAMINA_MACHINE='desk-001'",
+    ]
+    # a POSIX shell reads it back as written (systemd's EnvironmentFile too)
+    out = subprocess.run(
+        ["sh", "-c", '. "$0" && printf %s "$LAMINA_TOKEN"', "/dev/stdin"],
+        input=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out == "s3cr3t-T0ken_x"
+    assert "s3cr3t" not in repr(agent)
+    # the agent settings change the seed, not the cloud-init files
+    without = seed_files(two[0])
+    with_agent = seed_files(two[0], agent)
+    assert {n: with_agent[n] for n in CLOUD_INIT} == {n: without[n] for n in CLOUD_INIT}
+    assert read_seed_iso(seed_image(two[0], agent)) == with_agent
+
+
+def test_build_seed_iso_refuses_deep_paths() -> None:
+    with pytest.raises(ValueError, match="one directory level"):
+        build_seed_iso({"a/b/c": b""})

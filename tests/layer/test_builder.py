@@ -104,8 +104,26 @@ def test_hard_link_to_nothing_is_invalid() -> None:
     ],
 )
 def test_unsafe_members_are_refused(member: Member) -> None:
-    with pytest.raises(UnsafeArchive):
-        TreeBuilder().add(member)
+    builder = TreeBuilder()
+    with pytest.raises(UnsafeArchive):  # at once (paths, links) or once all are seen
+        builder.add(member)
+        builder.finish()
+
+
+def test_everything_a_policy_refuses_is_named_in_one_message() -> None:
+    builder = TreeBuilder()
+    for name in ("console", "null", "zero", "tty", "sda"):
+        builder.add(Member(f"dev/{name}", Kind.CHAR, rdev=259))
+    builder.add(Member("bin/su", Kind.FILE, 0o4755))
+    builder.add(Member("bin/ping", Kind.FILE, 0o755, xattrs=(("security.capability", b"x"),)))
+    builder.add(Member("etc/motd", Kind.FILE))
+    with pytest.raises(UnsafeArchive) as refused:
+        builder.finish()
+    assert str(refused.value) == (
+        "refused 5 device nodes ('dev/console', 'dev/null', 'dev/zero' and 2 more); "
+        "1 setuid/setgid files ('bin/su'); 1 files with capabilities ('bin/ping'): "
+        "allow with --allow-devices --allow-setuid"
+    )
 
 
 def test_devices_and_setuid_pass_when_allowed() -> None:

@@ -97,8 +97,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     "solo-m" is pinned to, an app layer "office", a group "staff"; a console signed in."""
     tmp = tmp_path_factory.mktemp("front-ends")
     home = tmp / "home"
-    home.mkdir()
     cli = Cli(home)
+    cli("init")
     disk = write_sparse(tmp / "d.raw", 4 << 20, [(0, b"one" * 1000)])
     cli("image", "import", "base", str(disk))
     disk.write_bytes(disk.read_bytes()[:-3] + b"two")

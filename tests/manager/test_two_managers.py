@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from lamina.home import Home
-from lamina.manager.home import open_home
+from lamina.manager.home import init_home
 from lamina.manager.layer_records import DatabaseRecords
 from tests.conftest import LAMINA
 from tests.pg import PgCluster, fresh_database
@@ -47,10 +47,10 @@ class Manager:
 
 @pytest.fixture
 def managers(
-    pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch, home_dir: Path, tmp_path: Path
+    pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> Iterator[tuple[Home, list[Manager]]]:
     monkeypatch.setenv("LAMINA_DATABASE_URL", fresh_database(pg_cluster))
-    home = open_home(home_dir)
+    home = init_home(tmp_path / "home").home  # one home, its database in PostgreSQL
     started: list[Manager] = []
     try:
         yield home, started

@@ -140,9 +140,11 @@ def test_a_fresh_home_rebuilds_the_index_from_the_bucket(
     first.close()
 
     fresh = Cli(tmp_path / "fresh")
-    fresh.home.mkdir()
+    fresh("init")
     report = fresh.json("store", "reindex")
     assert report["chunks"] == len(expected) and report["changes"] == report["packs"] > 0
+    # the new home's database knew nothing: the image version is back, under a new name
+    assert [r.split("@")[0][:10] for r in report["recovered"]] == ["recovered-"]
     assert fresh.json("store", "reindex")["changes"] == 0
     second = Home(fresh.home)
     assert dict(second.store.index.all_chunks()) == expected

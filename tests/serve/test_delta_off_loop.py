@@ -15,7 +15,7 @@ from lamina.delta.device import MachineDevice
 from lamina.delta.file import Delta
 from lamina.nbd import Cmd, ExportInfo
 from lamina.nbd.aio import NbdServerProtocol
-from lamina.nbd.aio_client import NbdClient
+from lamina.nbd.aioclient import NbdClient
 from lamina.nbd.device import BlockDevice
 from lamina.nbd.lanes import Lanes
 from lamina.store import ChunkStore

@@ -22,7 +22,7 @@ from lamina.image import Manifest
 from lamina.manager.home import open_home
 from lamina.store.codec import HEADER_SIZE, parse_header
 from tests.conftest import Cli, write_sparse
-from tests.nbdtools import ok, qemu_io
+from tests.nbdtools import Session, ok, qemu_io
 from tests.servers import Server, wait_for
 
 MiB = 1 << 20
@@ -71,43 +71,6 @@ def nbdcopy(url: str, out: Path, *options: str) -> str:
         out.unlink()
 
 
-class Session:
-    """An interactive qemu-io holding one connection open."""
-
-    def __init__(self, url: str, *, read_only: bool = False) -> None:
-        self.proc = subprocess.Popen(
-            ["qemu-io", "-f", "raw", *(["-r"] if read_only else []), url],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self._until_prompt()
-
-    def _until_prompt(self) -> str:
-        assert self.proc.stdout is not None
-        out = ""
-        while not out.endswith("qemu-io> "):
-            c = self.proc.stdout.read(1)
-            if not c:
-                raise AssertionError(f"qemu-io ended: {out}")
-            out += c
-        return out
-
-    def run(self, command: str) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        out = self._until_prompt()
-        assert "failed" not in out.lower() and "error" not in out.lower(), out
-        return out
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-
-
 def test_workers_share_one_image_and_make_each_chunk_ready_once(
     workers: Server, image: Path, tmp_path: Path
 ) -> None:
@@ -153,10 +116,11 @@ def test_a_second_connection_goes_to_the_worker_holding_the_machine(
     workers.start()
     holder = Session(workers.url("machine/m1"))
     try:
+        holder.run("write -P 0x77 8192 4096")
         # the least loaded worker is the other one: it takes this connection, then hands it
-        # over (before answering its GO) to the worker whose delta lock it ran into
-        ok(qemu_io(workers.url("machine/m1"), "write -P 0x77 8192 4096"))
-        holder.run("read -P 0x77 8192 4096")  # the same delta, seen at once
+        # over (before answering its GO) to the worker whose delta lock it ran into; there
+        # it reads the same delta (read-only: the machine has its writer)
+        ok(qemu_io(workers.url("machine/m1"), "read -P 0x77 8192 4096", read_only=True))
     finally:
         holder.close()
     connects = [e for e in events(workers, "connect") if e["export"] == "machine/m1"]
@@ -266,8 +230,8 @@ def test_a_write_stuck_on_a_frozen_disk_does_not_stall_other_machines(
     server = Server(cli.home, tmp_path / "serve.log", args=("--workers", "1"))
     server.start()  # one worker: every connection is on the same event loop
     try:
-        ok(qemu_io(server.url("machine/m2"), "write -P 0x21 0 65536"))  # in m2's delta
         other = Session(server.url("machine/m2"))
+        other.run("write -P 0x21 0 65536")  # in m2's delta
         subprocess.run(["fsfreeze", "-f", str(frozen_deltas)], check=True)
         started = time.monotonic()
         stuck = subprocess.Popen(

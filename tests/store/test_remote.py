@@ -272,13 +272,13 @@ def test_store_urls_and_sizes_are_checked() -> None:
 
 def test_the_first_choice_is_recorded_and_kept(tmp_path: Path) -> None:
     env = {"LAMINA_STORE_URL": "s3://bucket/p", "LAMINA_S3_ENDPOINT_URL": "http://a:1"}
-    first = resolve(tmp_path, env)
+    first = resolve(tmp_path, env["LAMINA_STORE_URL"], env["LAMINA_S3_ENDPOINT_URL"])
     assert (first.bucket, first.prefix, first.endpoint_url) == ("bucket", "p", "http://a:1")
-    assert resolve(tmp_path, {}) == first  # no variable: the record
-    moved = resolve(tmp_path, {"LAMINA_S3_ENDPOINT_URL": "http://b:2"})
+    assert resolve(tmp_path, None, None) == first  # no variable: the record
+    moved = resolve(tmp_path, None, "http://b:2")
     assert moved.url == first.url and moved.endpoint_url == "http://b:2"
     with pytest.raises(UsageError, match="keeps its chunks in s3://bucket/p"):
-        resolve(tmp_path, {"LAMINA_STORE_URL": "s3://bucket/q"})
-    assert resolve(tmp_path / "other", {}).is_local
+        resolve(tmp_path, "s3://bucket/q", None)
+    assert resolve(tmp_path / "other", None, None).is_local
     with pytest.raises(UsageError, match="its local store"):
-        resolve(tmp_path / "other", env)
+        resolve(tmp_path / "other", env["LAMINA_STORE_URL"], None)

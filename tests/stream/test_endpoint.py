@@ -195,8 +195,8 @@ def test_a_cache_whose_version_the_manager_holds_with_other_content_is_refused(
     ep.stop()
     # the manager is rebuilt (a new database): img@1 comes back with other content
     other_home = tmp_path / "other-home"
-    other_home.mkdir()
     other = Cli(other_home)
+    other("init")
     other("image", "import", "img", str(make_image(tmp_path / "other.raw")))
     assert other("image", "list", "--json").json()[0]["latest"] == 1
     rebuilt = Server(other_home, tmp_path / "other-serve.log")

@@ -4,5 +4,6 @@ machine what the manager wants (layers at login, live attach/detach, writable la
 daemon.py           ``lamina agent``: the process, its control socket, login/logout, the long-poll
 reconcile.py        desired state vs mounted state -> attach/detach actions (pure)
 fetch.py            layer data between the manager and this host's store
+lazy.py             layer versions attached lazily: metadata now, data on first read
 local_versions.py   the agent's local copy of the manager's layer versions (its own database)
 """

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from lamina import logs
-from lamina.agent import fetch
+from lamina.agent import fetch, lazy
 from lamina.agent.reconcile import Attach, Detach, Have, Pending, Stale, Want, plan
 from lamina.errors import (
     AlreadyExists,
@@ -93,7 +93,11 @@ class Agent:
         *,
         etc: Path | None = None,
         log: logging.Logger | None = None,
+        lazy: bool = False,
+        ca: Path | None = None,
     ) -> None:
+        self.lazy = lazy  # app layers attached lazily (lamina.agent.lazy)
+        self.ca = ca
         self.home = home
         self.client = client
         self.root = root.absolute()
@@ -172,8 +176,7 @@ class Agent:
                 lambda: self.client.json("POST", "/agent/login", json={"user": user}), timeout=60
             )
             try:
-                for layer in state["layers"]:
-                    fetch.ensure_version(self.home, self.client, layer, "app")
+                self.fetch_layers(state["layers"])
                 writable = state["writable"]
                 if writable is not None:
                     if writable["version"] is not None:
@@ -192,6 +195,7 @@ class Agent:
                         writable=writable["name"] if writable else None,
                         policy=writable["policy"] if writable else "all",
                     )
+                self.composed(user, root)
             except BaseException:
                 # Give the session (and the writable layer) back only if nothing of it is
                 # mounted here. While ROOT/USER is mounted the writable layer is in use: ending
@@ -203,6 +207,22 @@ class Agent:
                 raise
         logs.event(self.log, "login", user=user, layers=[la["ref"] for la in state["layers"]])
         return {"user": user, "root": str(root), "layers": [la["ref"] for la in state["layers"]]}
+
+    # -- where a system agent (lamina.guest.session) differs --------------------------------
+
+    def fetch_layers(self, layers: list[dict[str, Any]]) -> None:
+        """Make a login's read-only layers mountable here."""
+        for layer in layers:
+            self.ensure_app(layer)
+
+    def ensure_app(self, layer: dict[str, Any]) -> None:
+        fetch.ensure_version(self.home, self.client, layer, "app", lazy=self.lazy, ca=self.ca)
+
+    def composed(self, user: str, root: Path) -> None:
+        """``root`` (the user's composed root) was mounted or changed."""
+
+    def leaving(self, user: str, root: Path) -> None:
+        """``root`` is about to be unmounted and its writable layer kept."""
 
     def _mounted(self, root: Path) -> bool:
         from lamina.layer import roots
@@ -216,11 +236,15 @@ class Agent:
         with self.lock:
             saved = None
             if self._mounted(root):
+                self.leaving(user, root)
                 saved = roots.umount(self.home, self.records, root).saved
             self.pending_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(
                 self.pending_dir / f"{user}.json", json.dumps({"saved": saved}), mode=0o600
             )
+            if self.lazy:  # what this session read first: the layers' read-ahead profiles
+                with contextlib.suppress(LaminaError, OSError):
+                    lazy.upload_profiles(self.home, self.client)
             try:
                 result = self._flush_pending(user, timeout=HANDOVER)
             except Unreachable:
@@ -361,14 +385,20 @@ class Agent:
             done = []
             for action in plan(wants, haves):
                 root = self.session_root(action.user)
+                clock = logs.Steps()
                 try:
                     if isinstance(action, Attach):
-                        fetch.ensure_version(self.home, self.client, layers[action.ref], "app")
+                        self.ensure_app(layers[action.ref])
+                        clock.step("fetch")
                         attach.attach(self.home, self.records, root, action.ref)
-                        done.append(f"attach {action.user} {action.ref}")
+                        clock.step("mount")
+                        self.composed(action.user, root)
+                        done.append(f"attach {action.user} {action.ref} ({clock.step('show')})")
                     elif isinstance(action, Detach):
                         attach.detach(self.home, self.records, root, action.name)
-                        done.append(f"detach {action.user} {action.name}")
+                        clock.step("mount")
+                        self.composed(action.user, root)
+                        done.append(f"detach {action.user} {action.name} ({clock.step('show')})")
                     elif isinstance(action, Pending):
                         logs.event(self.log, "pending", user=action.user, why=action.why)
                     elif isinstance(action, Stale):
@@ -420,6 +450,10 @@ class Agent:
 
     def run(self) -> None:
         """Boot, then serve the control socket and long-poll until stopped."""
+        # What a login imports, imported now: 0.5 s of a first login on a loaded host.
+        from lamina.agent import local_versions  # noqa: F401
+        from lamina.layer import attach, prepare, roots  # noqa: F401
+
         self.boot()
         server = _control_server(self)
         threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
@@ -468,6 +502,7 @@ def status(home: Home) -> dict[str, Any]:
         "refused_logouts": [
             json.loads(p.read_text()) | {"file": str(p)} for p in sorted(failed.glob("*.json"))
         ],
+        "lazy_layers": lazy.status(home),
     }
 
 

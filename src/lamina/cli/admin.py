@@ -13,7 +13,10 @@ app.command("credentials")(credentials.admin_credentials)
 
 @app.command("token")
 def token(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Show the admin token of the manager API (created on first use)."""
+    """Show the admin token of the manager API (created on first use).
+
+    Example: lamina admin token
+    """
     from lamina.manager.services import settings
 
     h = open_home(home)

@@ -20,10 +20,10 @@ app = typer.Typer(
 def agent(
     ctx: typer.Context,
     manager: Annotated[
-        str | None, typer.Option("--manager", envvar="LAMINA_MANAGER", help="Manager URL.")
+        str | None, typer.Option("--manager", help="Manager URL; default: LAMINA_MANAGER.")
     ] = None,
     token: Annotated[
-        str | None, typer.Option("--token", envvar="LAMINA_TOKEN", help="This machine's token.")
+        str | None, typer.Option("--token", help="This machine's token; default: LAMINA_TOKEN.")
     ] = None,
     root: Annotated[
         Path | None,
@@ -36,6 +36,23 @@ def agent(
         typer.Option("--etc", help="Write hostname, machine-id, SSH host keys here (e.g. /etc)."),
     ] = None,
     ca: CaOpt = None,
+    system_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--system-root",
+            help="Compose sessions into this running system (/ on a machine): "
+            "/usr, /opt, /etc and the user's home.",
+        ),
+    ] = None,
+    lazy: Annotated[
+        bool,
+        typer.Option(
+            "--lazy-layers",
+            help="Attach app layers after fetching their metadata only; their data comes "
+            "from the manager when first read; default: lazy_layers of the configuration,"
+            " LAMINA_LAZY_LAYERS.",
+        ),
+    ] = False,
     home: HomeOpt = None,
 ) -> None:
     """Run the agent: report boot, apply identity, serve logins, follow the manager."""
@@ -44,13 +61,26 @@ def agent(
     from lamina.agent.daemon import Agent
     from lamina.errors import UsageError
     from lamina.manager.client import ManagerClient
+    from lamina.manager.home import init_home
+    from lamina.settings import load
 
+    settings = load()
+    manager, token = manager or settings.manager, token or settings.token
+    root, etc = root or settings.agent.root, etc or settings.agent.etc
+    lazy = lazy or settings.lazy_layers
     if not manager or not token:
         raise UsageError("lamina agent needs --manager URL and --token T")
-    h = open_home(home)
+    # The agent's home is the machine's cache of what the manager holds: made on first run.
+    h = init_home(home).home
     root = root if root is not None else h.root / "sessions"
     root.mkdir(parents=True, exist_ok=True)
-    Agent(h, ManagerClient(manager, token, ca=ca), root, etc=etc).run()
+    client = ManagerClient(manager, token, ca=ca)
+    if system_root is None:
+        Agent(h, client, root, etc=etc, lazy=lazy, ca=ca).run()
+        return
+    from lamina.guest.session import SystemAgent
+
+    SystemAgent(h, client, root, etc=etc, system_root=system_root, lazy=lazy, ca=ca).run()
 
 
 @app.command("login")
@@ -59,7 +89,10 @@ def login(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Mount USER's layers and writable layer (asks the running agent)."""
+    """Mount USER's layers and writable layer (asks the running agent).
+
+    Example: lamina agent login alice
+    """
     from lamina.agent.daemon import request
 
     result = request(open_home(home), "login", user)
@@ -75,7 +108,10 @@ def logout(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Unmount USER's session; the writable layer's new version goes to the manager."""
+    """Unmount USER's session; the writable layer's new version goes to the manager.
+
+    Example: lamina agent logout alice
+    """
     from lamina.agent.daemon import request
 
     result = request(open_home(home), "logout", user)
@@ -88,7 +124,10 @@ def logout(
 
 @app.command("status")
 def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Logouts waiting for the manager, and those it refused (kept for recovery)."""
+    """Logouts waiting for the manager, and those it refused (kept for recovery).
+
+    Example: lamina agent status --json
+    """
     from lamina.agent import daemon
 
     result = daemon.status(open_home(home))
@@ -102,3 +141,14 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         saved = r.get("saved") or "nothing saved"
         text = f"refused logout: {r['user']} ({saved}) at {r['at']}: {r['reason']} [{r['file']}]"
         out.print(text, markup=False)
+    for layer in result["lazy_layers"]:
+        held = f"{layer.get('cached_bytes', 0) >> 20}/{layer.get('size', 0) >> 20} MiB"
+        state = "offline" if layer.get("offline") else "online"
+        if not layer.get("running", True):
+            state = "not running"
+        lacks = layer.get("missing_chunks", 0)
+        lacking = f", {lacks} chunks asked for and missing" if lacks else ""
+        out.print(
+            f"lazy layer {layer.get('layer') or layer.get('image')}: {held} here, {state}{lacking}",
+            markup=False,
+        )

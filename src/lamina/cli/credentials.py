@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,6 +13,10 @@ from lamina.cli.common import HomeOpt, JsonOpt, emit_json, open_home, out
 from lamina.files import write_atomic
 from lamina.trust.authority import CA_CERT, CLIENT_CERT, CLIENT_DAYS, CLIENT_KEY, Issued
 from lamina.trust.principal import Kind
+from lamina.units import timestamp
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 OutOpt = Annotated[
     Path,
@@ -27,7 +31,9 @@ DaysOpt = Annotated[int, typer.Option("--days", help="Days the credential is val
 ServerOpt = Annotated[
     str | None,
     typer.Option(
-        "--server", help="HOST:PORT of `lamina serve` for the printed lines [this host:10809]."
+        "--server",
+        help="HOST:PORT of `lamina serve` for the printed lines [the machine's block server"
+        " in a cluster, else this host:10809].",
     ),
 ]
 
@@ -44,6 +50,14 @@ def _server(server: str | None) -> tuple[str, int]:
     from lamina.serve.server import parse_address
 
     return parse_address(server or f"{socket.getfqdn()}:10809", "--server")
+
+
+def _assigned(session: Session, machine: str) -> str | None:
+    """The machine's block server in a cluster (None: this host's, as without one)."""
+    from lamina.manager.services import servers
+
+    found = servers.server_for(session, machine)
+    return found.nbd_address if found else None
 
 
 def _nbd(host: str, port: int, export: str) -> str:
@@ -112,6 +126,8 @@ def issue_and_write(
         issued = credentials.issue(session, authority, kind, name, days=days, rotate=rotate)
         # written before the commit: a credential recorded is one its holder has
         write(directory, authority.cert_pem, issued)
+        if server is None and kind is Kind.MACHINE:
+            server = _assigned(session, name)
     host, port = _server(server)
     exports = [f"machine/{name}", f"machine/{name}/seed"] if kind is Kind.MACHINE else []
     lines = usage(directory, host, port, exports or ["IMAGE"])
@@ -122,7 +138,7 @@ def issue_and_write(
                 "holder": holder,
                 "dir": str(directory),
                 "serial": format(issued.serial, "x"),
-                "expires": issued.not_after.isoformat(timespec="seconds"),
+                "expires": timestamp(issued.not_after),
                 "rotated": rotate,
                 **lines,
             }
@@ -141,7 +157,10 @@ def machine_credentials(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a TLS client credential that opens only machine NAME's disk, seed and image
-    version (qemu's ca-cert.pem, client-cert.pem, client-key.pem); print how to use it."""
+    version (qemu's ca-cert.pem, client-cert.pem, client-key.pem); print how to use it.
+
+    Example: lamina machine credentials desk-001 --out /etc/lamina/desk-001
+    """
     issue_and_write(
         home,
         Kind.MACHINE,
@@ -162,7 +181,10 @@ def admin_credentials(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a TLS client credential that opens every export; print how to use it."""
+    """Write a TLS client credential that opens every export; print how to use it.
+
+    Example: lamina admin credentials --out ~/.config/lamina/admin
+    """
     issue_and_write(
         home, Kind.ADMIN, "admin", directory, rotate=rotate, days=days, server=server,
         as_json=as_json,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from lamina.cli.common import HomeOpt, JsonOpt, emit_json, open_home, out
+from lamina.cli.common import HomeOpt, JsonOpt, emit_json, out
 
 
 def register(root: typer.Typer) -> None:
@@ -21,10 +21,14 @@ def demo(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """End-to-end showcase: one image, two machines, two boots each, on embedded defaults."""
-    from lamina.demo.showcase import run_demo
+    """End-to-end showcase: one image, two machines, two boots each, on embedded defaults.
 
-    h = open_home(home)
+    Example: lamina demo --nbd-port 10809 --http-port 8480
+    """
+    from lamina.demo.showcase import run_demo
+    from lamina.manager.home import init_home
+
+    h = init_home(home).home  # the demo makes its home (the default one) on first run
     started = time.monotonic()
 
     def say(line: str) -> None:

@@ -15,6 +15,7 @@ from lamina.cli.common import (
     ManagerOpt,
     TokenOpt,
     admin,
+    each,
     emit_json,
     human,
     open_home,
@@ -24,6 +25,7 @@ from lamina.cli.common import (
     table,
 )
 from lamina.names import check_name, parse_ref
+from lamina.units import timestamp
 
 app = typer.Typer(help="Block images and their versions.", no_args_is_help=True)
 
@@ -42,7 +44,10 @@ def import_(
     as_json: JsonOpt = False,
 ) -> None:
     """Import a disk image as a new version; prints NAME@VERSION ("unchanged, NAME@N" when
-    a version of NAME has this very content already)."""
+    a version of NAME has this very content already).
+
+    Example: lamina image import win-golden ./golden.qcow2
+    """
     from lamina.manager.services import images
 
     started = time.monotonic()
@@ -86,11 +91,17 @@ def import_(
 def export(
     ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (latest when omitted).")],
     dest: Annotated[Path, typer.Argument(metavar="OUT", help="Output file.")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="raw (sparse) or qcow2.")] = "raw",
+    fmt: Annotated[
+        str,
+        typer.Option("--format", "-f", help="raw (sparse), qcow2, vmdk, vhdx or vpc."),
+    ] = "raw",
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write an image version to a file."""
+    """Write an image version to a file, in any format import takes.
+
+    Example: lamina image export base@2 base.vmdk --format vmdk
+    """
     h = open_home(home)
     from lamina.manager.services import images
 
@@ -110,7 +121,10 @@ def export(
 
 @app.command("list")
 def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Images with their latest version."""
+    """Images with their latest version.
+
+    Example: lamina image list --json
+    """
     h = open_home(home)
     from lamina.manager.services import images
 
@@ -139,7 +153,10 @@ def log(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Versions of an image: logical size, stored bytes, bytes unique to each version."""
+    """Versions of an image: logical size, stored bytes, bytes unique to each version.
+
+    Example: lamina image log win-golden
+    """
     h = open_home(home)
     from lamina.manager.services import images
 
@@ -154,7 +171,7 @@ def log(
                 "stored_bytes": usage[v.ref].stored,
                 "unique_bytes": usage[v.ref].unique,
                 "added_bytes": v.stored_bytes,
-                "created": v.created_at.isoformat(timespec="seconds"),
+                "created": timestamp(v.created_at),
                 "source": v.source,
             }
             for v in versions
@@ -180,7 +197,10 @@ def log(
 
 @app.command("rm")
 def rm(
-    ref: Annotated[str, typer.Argument(help="NAME (every version) or NAME@VERSION.")],
+    refs: Annotated[
+        list[str],
+        typer.Argument(metavar="REF...", help="NAME (every version) or NAME@VERSION."),
+    ],
     manager: ManagerOpt = None,
     token: TokenOpt = None,
     ca: CaOpt = None,
@@ -188,6 +208,9 @@ def rm(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove an image or one version, none pinned by a machine (chunks are freed by
-    `lamina store gc`)."""
-    done = admin(home, manager, token, ca).remove_image(ref)
-    emit_json(done) if as_json else say(done.summary())
+    `lamina store gc`).
+
+    Example: lamina image rm win-golden@1 win-golden@2
+    """
+    ops = admin(home, manager, token, ca)
+    each(refs, ops.remove_image, as_json)

@@ -16,6 +16,7 @@ from lamina.cli.common import (
     ManagerOpt,
     TokenOpt,
     admin,
+    each,
     emit_json,
     err,
     human,
@@ -26,6 +27,7 @@ from lamina.cli.common import (
     table,
 )
 from lamina.names import parse_ref
+from lamina.units import timestamp
 
 app = typer.Typer(
     help="File-tree layers: base OS, applications, writable layers.", no_args_is_help=True
@@ -51,7 +53,10 @@ def import_(
     as_json: JsonOpt = False,
 ) -> None:
     """Import a file tree as a new layer version; prints NAME@VERSION ("unchanged, NAME@N"
-    when the newest version with this very tree is NAME@N)."""
+    when the newest version with this very tree is NAME@N).
+
+    Example: lamina layer import office ./office-tree
+    """
     from lamina.layer.importer import import_layer
     from lamina.manager.layer_records import DatabaseRecords
 
@@ -93,15 +98,22 @@ def capture(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Layer to add the captured version to.")],
     on: Annotated[list[str], typer.Option("--on", help="Layer to run on (repeat; first wins).")],
+    keep_caches: Annotated[
+        bool,
+        typer.Option("--keep-caches", help="Keep package-manager caches (apt lists, archives)."),
+    ] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run `-- COMMAND...` chrooted on the layers; keep only what it changed."""
+    """Run `-- COMMAND...` chrooted on the layers; keep only what it changed.
+
+    Example: lamina layer capture htop --on base -- apt-get install -y htop
+    """
     from lamina.layer.capture import capture as run_capture
     from lamina.manager.layer_records import DatabaseRecords
 
     h = open_home(home)
-    result = run_capture(h, DatabaseRecords(h), name, on, list(ctx.args))
+    result = run_capture(h, DatabaseRecords(h), name, on, list(ctx.args), keep_caches=keep_caches)
     if as_json:
         emit_json(
             {
@@ -111,6 +123,7 @@ def capture(
                 "size": result.imported.size,
                 "stored_bytes": result.imported.stored_bytes,
                 "prepared": result.prepared,
+                "caches_left_out": result.left_out,
             }
         )
     else:
@@ -119,7 +132,10 @@ def capture(
 
 @app.command("list")
 def list_(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Layers with their latest version."""
+    """Layers with their latest version.
+
+    Example: lamina layer list
+    """
     h = open_home(home)
     from lamina.manager.services import layers as svc
 
@@ -160,7 +176,10 @@ def log(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Versions of a layer: files, size, bytes added, what each was made on."""
+    """Versions of a layer: files, size, bytes added, what each was made on.
+
+    Example: lamina layer log office
+    """
     h = open_home(home)
     from lamina.manager.services import layers as svc
 
@@ -177,7 +196,7 @@ def log(
                 if v.parent_id
                 else None,
                 "policy": v.policy,
-                "created": v.created_at.isoformat(timespec="seconds"),
+                "created": timestamp(v.created_at),
                 "source": v.source,
                 "manifest": v.manifest_id,
             }
@@ -216,7 +235,10 @@ def export(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a layer version out as files (whiteouts as 0/0 devices, as overlayfs reads)."""
+    """Write a layer version out as files (whiteouts as 0/0 devices, as overlayfs reads).
+
+    Example: lamina layer export office@2 ./office-v2
+    """
     h = open_home(home)
     from lamina.layer.importer import load_tree
     from lamina.layer.materialize import materialize
@@ -242,7 +264,10 @@ def diff(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Paths added (A), removed (D) and changed (M) from the first version to the second."""
+    """Paths added (A), removed (D) and changed (M) from the first version to the second.
+
+    Example: lamina layer diff office@1 office@2
+    """
     h = open_home(home)
     from lamina.layer.changes import diff as tree_diff
     from lamina.layer.importer import load_tree
@@ -259,9 +284,10 @@ def diff(
             {
                 "from": refs[0],
                 "to": refs[1],
-                "added": d.added,
-                "removed": d.removed,
-                "changed": d.changed,
+                # paths as the text shows them: absolute in the composed root
+                "added": [f"/{p}" for p in d.added],
+                "removed": [f"/{p}" for p in d.removed],
+                "changed": [f"/{p}" for p in d.changed],
             }
         )
         return
@@ -276,7 +302,10 @@ def diff(
 
 @app.command("rm")
 def rm(
-    ref: Annotated[str, typer.Argument(help="NAME (every version) or NAME@VERSION.")],
+    refs: Annotated[
+        list[str],
+        typer.Argument(metavar="REF...", help="NAME (every version) or NAME@VERSION."),
+    ],
     force: ForceOpt = False,
     manager: ManagerOpt = None,
     token: TokenOpt = None,
@@ -286,6 +315,9 @@ def rm(
 ) -> None:
     """Remove a layer or one version (chunks are freed by `lamina store gc`). A user's
     saved files (a writable layer's versions) or entitlements go only with --force; a
-    layer that is mounted or held by a user's session is refused."""
-    done = admin(home, manager, token, ca).remove_layer(ref, force=force)
-    emit_json(done) if as_json else say(done.summary())
+    layer that is mounted or held by a user's session is refused.
+
+    Example: lamina layer rm office@1 office@2
+    """
+    ops = admin(home, manager, token, ca)
+    each(refs, lambda ref: ops.remove_layer(ref, force=force), as_json)

@@ -62,7 +62,10 @@ def mount(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compose layers on ROOT with overlayfs (changes kept in --writable, if given)."""
+    """Compose layers on ROOT with overlayfs (changes kept in --writable, if given).
+
+    Example: lamina mount /mnt/alice --layer base-apps --layer office --writable writable-alice
+    """
     from lamina.errors import UsageError
     from lamina.layer import roots
     from lamina.layer.changes import WritablePolicy
@@ -77,7 +80,10 @@ def mount(
 
 
 def umount(root: RootArg, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Unmount ROOT; the writable layer keeps what its policy keeps, as a new version."""
+    """Unmount ROOT; the writable layer keeps what its policy keeps, as a new version.
+
+    Example: lamina umount /mnt/alice
+    """
     from lamina.layer import roots
     from lamina.manager.layer_records import DatabaseRecords
 
@@ -110,7 +116,10 @@ def attach(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Attach a layer to a mounted ROOT, live (processes inside keep running)."""
+    """Attach a layer to a mounted ROOT, live (processes inside keep running).
+
+    Example: lamina attach /mnt/alice office@2
+    """
     from lamina.layer import attach
     from lamina.manager.layer_records import DatabaseRecords
 
@@ -124,7 +133,10 @@ def detach(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Detach a layer from a mounted ROOT, live."""
+    """Detach a layer from a mounted ROOT, live.
+
+    Example: lamina detach /mnt/alice office
+    """
     from lamina.layer import attach
     from lamina.manager.layer_records import DatabaseRecords
 

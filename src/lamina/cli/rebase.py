@@ -83,7 +83,10 @@ def run(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Rebase one writable layer, or every one made on --from (--all)."""
+    """Rebase one writable layer, or every one made on --from (--all).
+
+    Example: lamina rebase run writable-alice --onto base@3
+    """
     if onto is None:
         raise UsageError("rebase needs --onto LAYER@VERSION")
     h = open_home(home)
@@ -228,7 +231,10 @@ def _rules_json(rules: Any) -> list[dict[str, str]]:
 
 @policy_app.command("show")
 def policy_show(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """The rule table, in the order it is matched."""
+    """The rule table, in the order it is matched.
+
+    Example: lamina rebase policy show
+    """
     from lamina.manager.services import rebase as svc
 
     with open_home(home).session() as session:
@@ -249,7 +255,10 @@ def policy_set(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add GLOB (matched first unless --at) or change its rule."""
+    """Add GLOB (matched first unless --at) or change its rule.
+
+    Example: lamina rebase policy set '/etc/app/*.conf' merge
+    """
     from lamina.manager.services import rebase as svc
 
     with open_home(home).session() as session:
@@ -264,7 +273,10 @@ def policy_rm(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove GLOB from the table."""
+    """Remove GLOB from the table.
+
+    Example: lamina rebase policy rm '/etc/app/*.conf'
+    """
     from lamina.manager.services import rebase as svc
 
     with open_home(home).session() as session:
@@ -275,7 +287,10 @@ def policy_rm(
 
 @policy_app.command("reset")
 def policy_reset(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Back to the default table."""
+    """Back to the default table.
+
+    Example: lamina rebase policy reset
+    """
     from lamina.manager.services import rebase as svc
     from lamina.rebase.rules import RuleTable
 
@@ -290,7 +305,10 @@ def policy_which(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The rule a path gets, and the glob that gives it."""
+    """The rule a path gets, and the glob that gives it.
+
+    Example: lamina rebase policy which /etc/hosts
+    """
     from lamina.manager.services import rebase as svc
 
     if not path.startswith("/"):

@@ -15,10 +15,13 @@ def register(root: typer.Typer) -> None:
 
 
 def serve(
-    nbd: Annotated[str, typer.Option("--nbd", help="NBD listen address.")] = "127.0.0.1:10809",
+    nbd: Annotated[
+        str | None, typer.Option("--nbd", help="NBD listen address [127.0.0.1:10809].")
+    ] = None,
     http: Annotated[
-        str, typer.Option("--http", help="HTTP listen address (manager API).")
-    ] = "127.0.0.1:8480",
+        str | None,
+        typer.Option("--http", help="HTTP listen address (manager API) [127.0.0.1:8480]."),
+    ] = None,
     no_http: Annotated[bool, typer.Option("--no-http", help="Serve block devices only.")] = False,
     no_nbd: Annotated[
         bool, typer.Option("--no-nbd", help="Serve the manager only (extra managers).")
@@ -32,17 +35,22 @@ def serve(
         ),
     ] = None,
     tls: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--tls",
             help="Require TLS: NBD with STARTTLS and a client certificate, HTTPS"
             " [default on any address that is not loopback].",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
     insecure: Annotated[
-        bool,
-        typer.Option("--insecure", help="No TLS, even on an address that is not loopback."),
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--insecure",
+            help="No TLS, even on an address that is not loopback.",
+            show_default=False,
+        ),
+    ] = None,
     tls_names: Annotated[
         list[str] | None,
         typer.Option(
@@ -56,22 +64,88 @@ def serve(
     https_key: Annotated[
         Path | None, typer.Option("--https-key", help="Key of --https-cert.")
     ] = None,
+    server_name: Annotated[
+        str | None,
+        typer.Option(
+            "--server-name",
+            envvar="LAMINA_SERVER_NAME",
+            help="Join the block servers of this database under this name (machines are"
+            " assigned to the least loaded).",
+        ),
+    ] = None,
+    advertise: Annotated[
+        str | None,
+        typer.Option(
+            "--advertise",
+            envvar="LAMINA_ADVERTISE",
+            help="HOST:PORT machines dial for this server's NBD [the --nbd address].",
+        ),
+    ] = None,
+    heartbeat: Annotated[
+        float,
+        typer.Option(
+            "--heartbeat",
+            envvar="LAMINA_HEARTBEAT",
+            min=0.1,
+            help="Seconds between heartbeats; lost after three missed.",
+        ),
+    ] = 5.0,
+    agent_url: Annotated[
+        str | None,
+        typer.Option(
+            "--agent-url",
+            help="The manager's URL as machines reach it, for their seeds (kept; '' clears);"
+            " default: serve.agent_url of the configuration, LAMINA_SERVE__AGENT_URL.",
+        ),
+    ] = None,
     home: HomeOpt = None,
 ) -> None:
-    """Serve image versions and machines over NBD, and the manager over HTTP."""
+    """Serve image versions and machines over NBD, and the manager over HTTP.
+
+    Every option may also come from the [serve] table of lamina.toml or from
+    LAMINA_SERVE__<OPTION> (a flag wins over the variable, the variable over the file).
+
+    Example: lamina serve --nbd 0.0.0.0:10809 --http 0.0.0.0:8480 --tls
+    """
     from lamina.serve.options import ServeOptions
     from lamina.serve.server import parse_address, run
+
+    def str_address(text: str) -> str:
+        host, port = parse_address(text, "--advertise")
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     from lamina.serve.tls import want_tls
+    from lamina.settings import load
+
+    flags = {
+        "nbd": nbd,
+        "http": http,
+        "workers": workers,
+        "tls": tls,
+        "insecure": insecure,
+        "tls_names": tls_names or None,
+        "https_cert": https_cert,
+        "https_key": https_key,
+        "agent_url": agent_url,
+    }
+    s = load(serve={k: v for k, v in flags.items() if v is not None}).serve
+    if s.agent_url is not None:
+        from lamina.guest.paths import set_agent_url
+
+        set_agent_url(open_home(home), s.agent_url)
 
     options = ServeOptions(
-        nbd=None if no_nbd else parse_address(nbd, "--nbd"),
-        http=None if no_http else parse_address(http, "--http"),
-        workers=workers,
-        tls_names=tuple(tls_names or ()),
-        https_cert=https_cert,
-        https_key=https_key,
+        nbd=None if no_nbd else parse_address(s.nbd, "--nbd"),
+        http=None if no_http else parse_address(s.http, "--http"),
+        workers=s.workers,
+        tls_names=tuple(s.tls_names),
+        https_cert=s.https_cert,
+        https_key=s.https_key,
+        server_name=server_name,
+        advertise=str_address(advertise) if advertise else None,
+        heartbeat=heartbeat,
     )
     options.tls = want_tls(
-        options.hosts, tls=tls, insecure=insecure, https_cert=https_cert is not None
+        options.hosts, tls=s.tls, insecure=s.insecure, https_cert=s.https_cert is not None
     )
     run(open_home(home), options)

@@ -12,6 +12,8 @@ from typer.core import TyperGroup
 
 from lamina.cli.common import CaOpt, HomeOpt, JsonOpt, emit_json, human, open_home, out
 from lamina.errors import UsageError
+from lamina.home import home_path
+from lamina.settings import load
 
 
 class _DefaultRun(TyperGroup):
@@ -72,8 +74,8 @@ def run(
         str | None,
         typer.Option(
             "--token",
-            envvar="LAMINA_TOKEN",
-            help="Admin or machine token [the admin token of --home's manager, if it has one].",
+            help="Admin or machine token; default: LAMINA_TOKEN, else the admin token of"
+            " --home's manager, if it has one.",
         ),
     ] = None,
     cache: Annotated[
@@ -98,7 +100,10 @@ def run(
     ca: CaOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Serve IMAGE as a local NBD export at once; fetch chunks as they are read."""
+    """Serve IMAGE as a local NBD export at once; fetch chunks as they are read.
+
+    Example: lamina stream run base --from https://manager:8480 --nbd 127.0.0.1:10810
+    """
     from lamina.serve.server import parse_address
     from lamina.stream.endpoint import StreamOptions, check_names
     from lamina.stream.endpoint import run as run_endpoint
@@ -108,7 +113,9 @@ def run(
     # Before anything touches the filesystem: the default cache path is made of these names.
     check_names(image, machine)
     if cache is None:
-        cache = open_home(home).root / "stream" / (machine or image.replace("@", "-"))
+        # A host that streams needs no home of its own: the folder only holds the caches.
+        cache = home_path(home) / "stream" / (machine or image.replace("@", "-"))
+    token = token or load().token
     if token is None and not (cache / "config.json").exists():
         token = _local_admin_token(home)
     options = StreamOptions(
@@ -130,13 +137,12 @@ def run(
 def _local_admin_token(home: Path | None) -> str | None:
     """On the manager's own host (``--home`` holds its database) a new cache needs no
     ``--token``: the admin token is read from there. Elsewhere there is none."""
-    import os
-
+    from lamina.home import read_identity
     from lamina.manager.services import settings
 
-    h = open_home(home)
-    if not os.environ.get("LAMINA_DATABASE_URL") and not (h.root / "lamina.db").exists():
+    if read_identity(home_path(home)) is None:
         return None
+    h = open_home(home)
     with h.session() as session:
         return settings.admin_token(session)
 
@@ -185,7 +191,10 @@ def status(
     watch: Annotated[bool, typer.Option("--watch", help="Follow until complete.")] = False,
     home: HomeOpt = None,  # accepted like everywhere; a cache directory stands alone
 ) -> None:
-    """Size, cached bytes, completeness and fetch rate of a stream's cache."""
+    """Size, cached bytes, completeness and fetch rate of a stream's cache.
+
+    Example: lamina stream status --cache /var/lib/lamina/stream/base --watch
+    """
     import sys
 
     while True:
@@ -210,16 +219,19 @@ def status(
 def sync(
     cache: CacheOpt,
     token: Annotated[
-        str | None, typer.Option("--token", envvar="LAMINA_TOKEN", help="Overrides the cache's.")
+        str | None, typer.Option("--token", help="Overrides the cache's; default: LAMINA_TOKEN.")
     ] = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,  # accepted like everywhere; a cache directory stands alone
 ) -> None:
-    """Upload a stateful machine's local writes to the manager as its delta."""
+    """Upload a stateful machine's local writes to the manager as its delta.
+
+    Example: lamina stream sync --cache /var/lib/lamina/stream/desk-001
+    """
     from lamina.stream.cache import is_locked
 
     answer = _ask(cache, "sync", None) if is_locked(cache) else None
-    result = answer["result"] if answer is not None else _sync_here(cache, token)
+    result = answer["result"] if answer is not None else _sync_here(cache, token or load().token)
     if as_json:
         emit_json(result)
     else:

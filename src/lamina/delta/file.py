@@ -5,6 +5,12 @@
                 0 = not in the delta (read the image), 0xFFFFFFFF = zeros, n = data slot n-1
     delta.data  slots of one block each, appended as blocks are first written
     lock        flock'ed by whoever has the delta open (the server, a commit, a reset)
+    ended       present when the machine's last boot ended cleanly (its writer sent
+                NBD_CMD_DISC after its writes were flushed, as qemu does at power-off);
+                empty, made durable before the server hangs up, removed when the next
+                connection opens the disk (which is then a new boot: a stateless machine's
+                delta is dropped first). A server restart or crash leaves no marker, so a
+                client that reconnects finds every write it made.
 
 Why this shape (measured against qcow2 overlays, see README): a 4 KiB write is one pwrite
 into the data file and one 4-byte store into the mmap'ed map - no read of the image, where
@@ -21,6 +27,7 @@ import contextlib
 import errno
 import mmap
 import os
+import shutil
 import struct
 import threading
 from collections.abc import Iterator
@@ -29,6 +36,7 @@ from pathlib import Path
 from typing import Final
 
 from lamina.errors import Conflict, CorruptObject
+from lamina.files import fsync_dir
 from lamina.locks import try_lock
 
 MAGIC: Final = b"LMDM"
@@ -37,6 +45,7 @@ BLOCK: Final = 4096
 HEADER_SIZE: Final = 4096
 ZERO: Final = 0xFFFFFFFF
 ABSENT: Final = 0
+ENDED: Final = "ended"
 _HEAD = struct.Struct("<4sBxxxIQ32s")
 
 
@@ -197,6 +206,19 @@ class Delta:
             self._synced = target
 
 
+def delta_base(directory: Path) -> bytes | None:
+    """The manifest id of the image version a delta was made on (None: no delta there)."""
+    try:
+        with open(directory / "delta.map", "rb") as f:
+            head = f.read(_HEAD.size)
+    except FileNotFoundError:
+        return None
+    if len(head) < _HEAD.size:
+        return None
+    magic, version, _block, _size, base = _HEAD.unpack(head)
+    return bytes(base) if magic == MAGIC and version == VERSION else None
+
+
 def delta_usage(directory: Path) -> tuple[int, int]:
     """(blocks in the delta, bytes of its data file), without opening it."""
     data = directory / "delta.data"
@@ -228,8 +250,54 @@ def exclusive(directory: Path) -> Iterator[None]:
 
 def remove_files(directory: Path) -> None:
     """Delete a delta's files; call with its lock held (``exclusive``)."""
-    for name in ("delta.map", "delta.data"):
+    for name in ("delta.map", "delta.data", ENDED):
         (directory / name).unlink(missing_ok=True)
+
+
+def copy_files(directory: Path, dest: Path) -> list[str]:
+    """Copy a delta's files (flushed, and not written meanwhile: the caller holds its lock
+    or keeps its writers waiting) into ``dest``, durably; returns the names copied."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in ("delta.map", "delta.data", ENDED):
+        if not (directory / name).exists():
+            continue
+        shutil.copyfile(directory / name, dest / name)  # copy_file_range: no user-space copy
+        fd = os.open(dest / name, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        copied.append(name)
+    fsync_dir(dest)
+    return copied
+
+
+def mark_ended(directory: Path) -> None:
+    """Record, durably, that the machine's boot ended cleanly (its writes are flushed)."""
+    fd = os.open(directory / ENDED, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(directory)
+
+
+def begin_boot(directory: Path, *, stateless: bool) -> bool:
+    """A connection opens the machine's disk: when its last boot ended cleanly, this is a
+    new one, and a stateless machine's delta is dropped. Call with the delta's lock held
+    (``exclusive``). True when a delta was dropped."""
+    if not (directory / ENDED).exists():
+        return False
+    dropped = stateless and (directory / "delta.map").exists()
+    if stateless:
+        for name in ("delta.map", "delta.data"):
+            (directory / name).unlink(missing_ok=True)
+    # Durable before any write of the new boot: a crash must not find the marker again
+    # and take this boot's writes for the last one's.
+    (directory / ENDED).unlink()
+    fsync_dir(directory)
+    return dropped
 
 
 def discard(directory: Path) -> None:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from lamina.home import Home
 
 # Bump when what goes into the image changes: older cached images are then rebuilt.
-RECIPE = 1
+RECIPE = 2
 KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
 MiB = 1 << 20
@@ -81,7 +81,7 @@ def mbr(disk_size: int, boot_code: bytes, signature: int = 0x4C414D49) -> bytes:
     )
 
 
-def _boot_code() -> bytes:
+def boot_code() -> bytes:
     for path in MBR_CODE:
         if path.exists():
             return path.read_bytes()[:440]
@@ -89,7 +89,9 @@ def _boot_code() -> bytes:
 
 
 @contextlib.contextmanager
-def _loop_mount(disk: Path, offset: int, size: int, mountpoint: Path) -> Iterator[Path]:
+def loop_mount(
+    disk: Path, offset: int, size: int, mountpoint: Path, *, read_only: bool = False
+) -> Iterator[Path]:
     """Mount the partition through a loop device; always unmounted and detached."""
     device = tools.run(
         [
@@ -100,13 +102,15 @@ def _loop_mount(disk: Path, offset: int, size: int, mountpoint: Path) -> Iterato
             str(offset),
             "--sizelimit",
             str(size),
+            *(["--read-only"] if read_only else []),
             str(disk),
         ],
         "attaching a loop device",
     ).strip()
     try:
         mountpoint.mkdir(parents=True, exist_ok=True)
-        tools.run(["mount", "-t", "ext4", device, str(mountpoint)], f"mounting {device}")
+        options = ["-o", "ro,noload"] if read_only else []
+        tools.run(["mount", "-t", "ext4", *options, device, str(mountpoint)], f"mounting {device}")
         try:
             yield mountpoint
         finally:
@@ -134,7 +138,7 @@ def _make_disk(disk: Path, root: Path, work: Path) -> None:
     part_size = DISK_SIZE - PART_START
     with open(disk, "wb") as f:
         f.truncate(DISK_SIZE)
-        f.write(mbr(DISK_SIZE, _boot_code()))
+        f.write(mbr(DISK_SIZE, boot_code()))
     # 4 KiB blocks (not the 1 KiB mke2fs picks for small file systems): fewer block
     # reads for extlinux and the kernel.
     tools.run(
@@ -144,7 +148,7 @@ def _make_disk(disk: Path, root: Path, work: Path) -> None:
         ],
         "making the root file system",
     )  # fmt: skip
-    with _loop_mount(disk, PART_START, part_size, work / "mnt") as mnt:
+    with loop_mount(disk, PART_START, part_size, work / "mnt") as mnt:
         tools.run(["extlinux", "--install", str(mnt / "boot" / "extlinux")], "installing extlinux")
 
 

@@ -3,6 +3,10 @@
 The init reads the NoCloud seed like cloud-init would (label ``cidata``), sets the
 hostname, prints one line to the serial console, leaves a marker on the root file system
 (so a reboot shows whether the machine's writes survived) and powers off.
+
+Given a third disk labelled ``lmscript`` (an ISO with ``run.sh``), the init sources that
+script with the root file system mounted at /mnt/root before it powers off: tests drive a
+running machine that way (write, wait on the console for the go-ahead, read back).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ MARKER = "var/lib/lamina-demo/marker"
 # What the init needs from the kernel: virtio disks, the root file system, the seed's.
 MODULES = ("virtio_pci", "virtio_blk", "ext4", "isofs")
 BOOT_PREFIX = "lamina-boot "
+SCRIPT_LABEL = "lmscript"
 _ID_PATH_RE = MACHINE_ID_PATH.replace("/", "\\/")  # inside an awk /regex/
 
 INIT = rf"""#!/bin/sh
@@ -49,6 +54,16 @@ m=/mnt/root/{MARKER}
 if [ -e "$m" ]; then marker=present; else marker=absent; fi
 echo "{BOOT_PREFIX}hostname=$(hostname) machine-id=${{id:-none}} marker=$marker"
 mkdir -p "${{m%/*}}" && echo "$h" > "$m" || fail "cannot-write-marker"
+# A third virtio disk (device id 2: block) is the script disk: wait for it as for the others.
+if [ "$(cat /sys/bus/virtio/devices/*/device | grep -c 0x0002)" -gt 2 ]; then
+    i=0
+    until s=$(findfs LABEL={SCRIPT_LABEL}); do
+        i=$((i + 1)); [ $i -gt 100 ] && fail "script-disk-not-found"; usleep 100000
+    done 2>/dev/null
+    mkdir -p /mnt/script && mount -t iso9660 -o ro "$s" /mnt/script || fail "cannot-mount-script"
+    . /mnt/script/run.sh
+    umount /mnt/script
+fi
 umount /mnt/root
 umount /mnt/seed
 sync

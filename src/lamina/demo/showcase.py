@@ -1,9 +1,9 @@
 """``lamina demo``: the whole shared-image story on embedded defaults.
 
 Builds (or reuses) the demo disk, imports it, adds desk-001 (stateless) and desk-002
-(stateful), serves them, boots both VMs at once from NBD with their identity seeds,
-resets desk-001 and restarts the server (a reboot of the fleet), boots both again, and
-shows that desk-001 came back pristine while desk-002 kept its marker.
+(stateful), serves them, boots both VMs at once from NBD with their identity seeds; both
+power off, the server restarts (which changes no disk), both boot again, and desk-001
+comes back pristine (a new boot of a stateless machine) while desk-002 kept its marker.
 """
 
 from __future__ import annotations
@@ -156,9 +156,9 @@ def run_demo(home: Home, say: Say, *, nbd_port: int = 10809, http_port: int = 84
     result.nbd, result.http = f"nbd://{nbd[0]}:{nbd[1]}", f"http://{http[0]}:{http[1]}"
     say(f"serving {result.nbd} and {result.http}")
     asyncio.run(_round(home, nbd, http, "boot 1", say, result))
-    discard(home.deltas_dir / MACHINES[0][0])
     say(
-        f"reset {MACHINES[0][0]}; restarting the server (stateless deltas are dropped, stateful kept)"
+        "both powered off; restarting the server (no disk changes): the stateless machine's "
+        "next boot starts clean, the stateful one keeps its disk"
     )
     asyncio.run(_round(home, nbd, http, "boot 2", say, result))
     for name, _ in MACHINES:

@@ -48,9 +48,17 @@ class BootReport:
         return f"{BOOT_PREFIX}hostname={self.hostname} machine-id={self.machine_id} marker={marker}"
 
 
-def drive(source: str | Path, drive_id: str, *, readonly: bool, tls: bool = False) -> str:
+def drive(
+    source: str | Path,
+    drive_id: str,
+    *,
+    readonly: bool,
+    tls: bool = False,
+    reconnect_delay: int | None = None,
+) -> str:
     """A qemu ``-drive`` value for a raw local file or an ``nbd://`` URL (over TLS with
-    the ``tls0`` credentials object when ``tls``)."""
+    the ``tls0`` credentials object when ``tls``; requests wait up to ``reconnect_delay``
+    seconds for a server that went away to come back)."""
     text = str(source)
     if "://" in text and not text.startswith(("nbd://", "nbd+unix://")):
         raise ToolError(f"unsupported drive URL {text!r}: use a file or nbd://HOST:PORT/EXPORT")
@@ -59,6 +67,8 @@ def drive(source: str | Path, drive_id: str, *, readonly: bool, tls: bool = Fals
     spec = f"file={text.replace(',', ',,')},format=raw,if=none,id={drive_id}"
     if tls and text.startswith("nbd://"):
         spec += ",file.tls-creds=tls0"
+    if reconnect_delay is not None and text.startswith("nbd"):
+        spec += f",file.reconnect-delay={reconnect_delay}"
     return spec + (",readonly=on" if readonly else "")
 
 
@@ -70,25 +80,35 @@ def qemu_command(
     memory_mib: int = MEMORY_MIB,
     accel: str = "tcg",
     tls: Path | None = None,
+    reconnect_delay: int | None = None,
+    extra: tuple[str | Path, ...] = (),
 ) -> list[str]:
-    """The qemu command line: no default devices, serial console on stdout, exit on
-    power-off and on reboot (a panic reboots: see the kernel's panic=-1)."""
+    """The qemu command line: no default devices, serial console on stdio, exit on
+    power-off and on reboot (a panic reboots: see the kernel's panic=-1). ``extra``:
+    more read-only disks (the init sources ``run.sh`` from one labelled ``lmscript``)."""
     creds = ["-object", f"tls-creds-x509,id=tls0,dir={tls},endpoint=client"] if tls else []
     args = [
         tools.which("qemu-system-x86_64"),
         "-nodefaults", "-display", "none", "-no-reboot",
         "-machine", f"pc,accel={accel}", "-m", str(memory_mib), "-smp", "1",
         "-serial", "stdio", *creds,
-        "-drive", drive(disk, "disk", readonly=False, tls=tls is not None),
+        "-drive", drive(
+            disk, "disk", readonly=False, tls=tls is not None, reconnect_delay=reconnect_delay
+        ),
         "-device", "virtio-blk-pci,drive=disk,bootindex=0",
     ]  # fmt: skip
     if seed is not None:
         args += [
             "-drive",
-            drive(seed, "seed", readonly=True, tls=tls is not None),
+            drive(
+                seed, "seed", readonly=True, tls=tls is not None, reconnect_delay=reconnect_delay
+            ),
             "-device",
             "virtio-blk-pci,drive=seed",
         ]
+    for i, path in enumerate(extra):
+        args += ["-drive", drive(path, f"extra{i}", readonly=True), "-device",
+                 f"virtio-blk-pci,drive=extra{i}"]  # fmt: skip
     if mac is not None:
         # A NIC only to show the identity's MAC to the guest: restricted user networking
         # (no way out), and no option ROM, so the firmware does not try to boot from it.

@@ -71,9 +71,11 @@ def _short_name(name: str, taken: set[str]) -> str:
 
 
 def build_seed_iso(files: Mapping[str, bytes], label: str = SEED_LABEL) -> bytes:
-    """An ISO 9660 + Joliet + Rock Ridge image holding ``files`` (flat, names as given)."""
+    """An ISO 9660 + Joliet + Rock Ridge image holding ``files``, by path: a name, or
+    ``DIR/NAME`` for a file in a directory (one level, as the seed needs)."""
     iso = pycdlib.PyCdlib()
-    taken: set[str] = set()
+    taken: dict[str, set[str]] = {"": set()}
+    dirs: dict[str, str] = {"": ""}  # real directory name -> its ISO 9660 path
     with _fixed_clock():
         iso.new(
             interchange_level=1,
@@ -83,14 +85,21 @@ def build_seed_iso(files: Mapping[str, bytes], label: str = SEED_LABEL) -> bytes
             joliet=3,
             rock_ridge="1.09",
         )
-        for name in sorted(files):
-            data = files[name]
+        for path in sorted(files):
+            data = files[path]
+            parent, _, name = path.rpartition("/")
+            if "/" in parent:
+                raise ValueError(f"seed file {path!r}: only one directory level is supported")
+            if parent not in dirs:
+                short = _short_name(parent, taken[""]).removesuffix(".;1")
+                iso.add_directory(iso_path=short, rr_name=parent, joliet_path=f"/{parent}")
+                dirs[parent], taken[parent] = short, set()
             iso.add_fp(
                 io.BytesIO(data),
                 len(data),
-                iso_path=_short_name(name, taken),
+                iso_path=dirs[parent] + _short_name(name, taken[parent]),
                 rr_name=name,
-                joliet_path=f"/{name}",
+                joliet_path=f"/{path}",
             )
         out = io.BytesIO()
         iso.write_fp(out)
@@ -99,18 +108,24 @@ def build_seed_iso(files: Mapping[str, bytes], label: str = SEED_LABEL) -> bytes
 
 
 def read_seed_iso(image: bytes) -> dict[str, bytes]:
-    """The files of a seed image by their Rock Ridge names (the inverse of the build)."""
+    """The files of a seed image by their Rock Ridge paths (the inverse of the build)."""
     iso = pycdlib.PyCdlib()
     iso.open_fp(io.BytesIO(image))
     try:
         found: dict[str, bytes] = {}
-        for child in iso.list_children(rr_path="/"):
-            if child.is_dot() or child.is_dotdot() or child.is_dir():
-                continue
-            name = child.rock_ridge.name().decode()
-            out = io.BytesIO()
-            iso.get_file_from_iso_fp(out, rr_path=f"/{name}")
-            found[name] = out.getvalue()
+        pending = [""]
+        while pending:
+            directory = pending.pop()
+            for child in iso.list_children(rr_path=directory or "/"):
+                if child.is_dot() or child.is_dotdot():
+                    continue
+                path = f"{directory}/{child.rock_ridge.name().decode()}"
+                if child.is_dir():
+                    pending.append(path)
+                    continue
+                out = io.BytesIO()
+                iso.get_file_from_iso_fp(out, rr_path=path)
+                found[path.lstrip("/")] = out.getvalue()
         return found
     finally:
         iso.close()

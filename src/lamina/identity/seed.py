@@ -3,11 +3,18 @@
 Pure rendering: an ``Identity`` in, three YAML files out, the same bytes every time for
 the same identity. This is the format stock cloud-init (Linux) and cloudbase-init
 (Windows) read from a disk labelled ``cidata``, so images need no lamina agent.
+
+Beside them, a ``lamina/`` directory holds the same identity as plain files (hostname,
+machine-id, SSH host keys) for the guest kit's initramfs hook, which writes them into the
+root before systemd starts, and, when the manager's URL and the machine's agent token are
+known, ``lamina/agent.env`` for the agent (see ``lamina.guest``). cloud-init reads only
+its own three names and ignores the rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -20,6 +27,8 @@ if TYPE_CHECKING:
 SEED_LABEL = "cidata"
 SEED_FILES = ("meta-data", "user-data", "network-config")
 MACHINE_ID_PATH = "/etc/machine-id"
+KIT_DIR = "lamina"  # the guest kit's files on the seed
+AGENT_CA = "/etc/lamina/ca-cert.pem"  # where the kit puts the manager's CA in the machine
 
 # What the identity decides; extra config may not override it (use the identity's fields).
 RESERVED_KEYS = frozenset(
@@ -101,8 +110,10 @@ def user_data(identity: Identity) -> dict[str, Any]:
     for kind, pair in sorted(identity.ssh_host_keys.items()):
         keys[f"{kind}_private"] = pair["private"]
         keys[f"{kind}_public"] = pair["public"]
-    # Only the database's keys: no random extra key type that would change every boot.
-    config |= {"ssh_deletekeys": True, "ssh_genkeytypes": [], "ssh_keys": keys}
+    # Only the database's keys. No ssh_genkeytypes: cloud-init generates keys only when
+    # ssh_keys is absent (cc_ssh in 22.4 and later), and its schema refuses an empty list
+    # (minItems 1: "Invalid cloud-config provided" at every boot on Debian 12).
+    config |= {"ssh_deletekeys": True, "ssh_keys": keys}
     # cloud-init has no machine-id key; writing the file is the standard way (the golden
     # image ships an empty /etc/machine-id, so systemd keeps this one from then on).
     machine_id_file = {
@@ -123,10 +134,53 @@ def network_config(identity: Identity) -> dict[str, Any]:
     return {"version": 2, "ethernets": {"primary": nic}}
 
 
-def seed_files(identity: Identity) -> dict[str, bytes]:
-    """The seed disk's files, by name."""
+@dataclass(frozen=True, slots=True)
+class AgentSeed:
+    """What the machine's agent needs to start by itself: where the manager is, and the
+    machine's token (root-only once in the guest)."""
+
+    manager_url: str
+    token: str = field(repr=False)
+    ca: bytes | None = field(default=None, repr=False)  # PEM, for an https:// manager
+
+
+def _env_value(value: str) -> str:
+    """A value for a systemd EnvironmentFile / POSIX shell assignment, single-quoted."""
+    if "\n" in value or "'" in value:
+        raise UsageError(f"cannot put {value!r} in an environment file")
+    return f"'{value}'"
+
+
+def kit_files(identity: Identity, agent: AgentSeed | None = None) -> dict[str, bytes]:
+    """The ``lamina/`` files: one value per file, so a shell without a YAML parser (the
+    initramfs) copies them as they are."""
+    files = {
+        f"{KIT_DIR}/hostname": f"{identity.hostname}\n".encode(),
+        f"{KIT_DIR}/machine-id": f"{identity.machine_id}\n".encode(),
+    }
+    for kind, pair in sorted(identity.ssh_host_keys.items()):
+        files[f"{KIT_DIR}/ssh_host_{kind}_key"] = pair["private"].encode()
+        files[f"{KIT_DIR}/ssh_host_{kind}_key.pub"] = f"{pair['public']}\n".encode()
+    if identity.domain:
+        files[f"{KIT_DIR}/fqdn"] = f"{identity.fqdn}\n".encode()
+    if agent is not None:
+        env = (
+            f"LAMINA_MANAGER={_env_value(agent.manager_url)}\n"
+            f"LAMINA_TOKEN={_env_value(agent.token)}\n"
+            f"LAMINA_MACHINE={_env_value(identity.name)}\n"
+        )
+        if agent.ca is not None:
+            env += f"LAMINA_CA={_env_value(AGENT_CA)}\n"
+            files[f"{KIT_DIR}/ca-cert.pem"] = agent.ca
+        files[f"{KIT_DIR}/agent.env"] = env.encode()
+    return files
+
+
+def seed_files(identity: Identity, agent: AgentSeed | None = None) -> dict[str, bytes]:
+    """The seed disk's files, by path (``lamina/...`` in a directory)."""
     return {
         "meta-data": _yaml(meta_data(identity)),
         "user-data": _yaml(user_data(identity), header="#cloud-config\n"),
         "network-config": _yaml(network_config(identity)),
+        **kit_files(identity, agent),
     }

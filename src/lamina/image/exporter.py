@@ -1,4 +1,5 @@
-"""Write an image version out as a sparse raw file or a qcow2."""
+"""Write an image version out as a sparse raw file, or in any format import takes (qcow2,
+vmdk, vhdx, vpc) through qemu-img from a raw file beside the output."""
 
 from __future__ import annotations
 
@@ -24,15 +25,15 @@ def export_image(
     fmt: str = "raw",
     progress: Progress | None = None,
 ) -> None:
-    if fmt not in ("raw", "qcow2"):
-        raise UsageError(f"export format must be raw or qcow2, not {fmt!r}")
+    if fmt not in qemu.FORMATS:
+        raise UsageError(f"export format must be one of {', '.join(qemu.FORMATS)}, not {fmt!r}")
     if fmt == "raw":
         _write_raw(store, manifest, out, progress)
         return
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
         raw = Path(tmp, "image.raw")
         _write_raw(store, manifest, raw, progress)
-        qemu.convert(raw, out, src_fmt="raw", dst_fmt="qcow2")
+        qemu.convert(raw, out, src_fmt="raw", dst_fmt=fmt)
 
 
 def _write_raw(store: ChunkStore, manifest: Manifest, out: Path, progress: Progress | None) -> None:

@@ -111,7 +111,8 @@ def convert(src: Path, dst: Path, *, src_fmt: str, dst_fmt: str) -> None:
     A failure to open or read ``src`` is the input's fault (InvalidInput: a format with no
     structural check, such as vpc, is first read here); any other (the output cannot be
     created, the disk is full) is the tool's (ToolError)."""
-    opts = ["-o", "preallocation=off"] if dst_fmt == "qcow2" else []
+    # vpc would round the size up to a disk geometry: force_size keeps it to the byte.
+    opts = {"qcow2": ["-o", "preallocation=off"], "vpc": ["-o", "force_size=on"]}.get(dst_fmt, [])
     args = ["convert", "-q", "-S", "4k", "-f", src_fmt, "-O", dst_fmt, *opts, str(src), str(dst)]
     try:
         _run(args, f"converting {src} from {src_fmt} to {dst_fmt}", ToolError)

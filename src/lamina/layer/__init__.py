@@ -18,6 +18,7 @@ unpack.py       a compressed image archive unpacked to a folder, within bounds
 importer.py     ``layer import``: scan everything, then store files and manifest
 materialize.py  write a tree out as real files (``layer export``, mkfs.erofs input)
 prepare.py      each version made an EROFS image and mounted once per host
+erofs.py        a version's image built once, deterministically, and stored chunked
 conflicts.py    app layers providing one path with different content (fingerprints)
 changes.py      what a writable layer keeps: policies, merges, pruning, diffs (pure)
 records.py      what the layer code needs of the database: values and the LayerRecords Protocol

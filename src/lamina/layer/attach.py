@@ -35,6 +35,7 @@ from pathlib import Path
 from lamina.errors import Conflict, NotFound, UsageError
 from lamina.home import Home
 from lamina.layer import overlay
+from lamina.layer.conflicts import check_order
 from lamina.layer.records import LayerRecords, MountRecord, VersionInfo
 from lamina.layer.roots import (
     HOST,
@@ -63,6 +64,8 @@ def attach(
         if same:
             raise Conflict(f"{same[0]} is already attached to {path}")
         stack = [new, *rec.layers]
+        bases = records.base_refs([v.id for v in stack])
+        check_order([(v.ref, b) for v, b in zip(stack, bases, strict=True)])
         timings: dict[str, float] = {}
         lowers = [prepare_version(home, v, timings, mounts) for v in _with_top(rec, stack)]
         found = conflicts(home, stack, 0)

@@ -73,9 +73,20 @@ class Built:
     refs: dict[str, DataRef]  # path of each FILE entry -> where its data is
 
 
+# What a policy refuses, by flag: (what, the flag that allows it). Members a policy
+# refuses are all collected, so one message names every one (not one per attempt).
+_REFUSALS = {
+    "device": ("device nodes", "--allow-devices"),
+    "setuid": ("setuid/setgid files", "--allow-setuid"),
+    "capability": ("files with capabilities", "--allow-setuid"),
+}
+_NAMED = 3  # paths named per kind of refusal
+
+
 class TreeBuilder:
     def __init__(self, permits: Permits = Permits()) -> None:
         self.permits = permits
+        self.refused: dict[str, list[str]] = {}
         self._entries: dict[str, Entry] = {}
         self._refs: dict[str, DataRef] = {}
         self._links: dict[str, list[str]] = {}  # first name -> other names
@@ -113,21 +124,44 @@ class TreeBuilder:
     def add(self, member: Member) -> None:
         path = paths.normalize(member.name)  # checked at once: refuse before buffering
         self._check(member, path)
+        refused = self._refused_by_policy(member)
+        if refused is not None:
+            self.refused.setdefault(refused, []).append(path or "/")
+            return
         if self._in_layer:
             self._pending.append(member)
         else:
             self._apply(member)
 
-    def _check(self, m: Member, path: str) -> None:
+    def _refused_by_policy(self, m: Member) -> str | None:
         if m.kind in (Kind.CHAR, Kind.BLOCK) and not self.permits.allow_devices:
-            raise UnsafeArchive(f"{m.name!r} is a device node (allow with --allow-devices)")
+            return "device"
         setuid = m.kind is Kind.FILE and m.mode & (stat.S_ISUID | stat.S_ISGID)
         if setuid and not self.permits.allow_setuid:
-            raise UnsafeArchive(f"{m.name!r} is setuid/setgid (allow with --allow-setuid)")
+            return "setuid"
         # File capabilities raise privileges like setuid does (layers are mounted without
         # nosuid), so they need the same flag.
         if any(name == CAPABILITY_XATTR for name, _ in m.xattrs) and not self.permits.allow_setuid:
-            raise UnsafeArchive(f"{m.name!r} has file capabilities (allow with --allow-setuid)")
+            return "capability"
+        return None
+
+    def refusal(self) -> str | None:
+        """One message naming everything the policy refused, and the flags that allow it."""
+        if not self.refused:
+            return None
+        parts, flags = [], []
+        for kind, (what, flag) in _REFUSALS.items():
+            found = self.refused.get(kind, [])
+            if not found:
+                continue
+            named = ", ".join(repr(p) for p in found[:_NAMED])
+            more = f" and {len(found) - _NAMED} more" if len(found) > _NAMED else ""
+            parts.append(f"{len(found)} {what} ({named}{more})")
+            if flag not in flags:
+                flags.append(flag)
+        return f"refused {'; '.join(parts)}: allow with {' '.join(flags)}"
+
+    def _check(self, m: Member, path: str) -> None:
         _check_ranges(m)
         if m.kind is Kind.SYMLINK:
             paths.check_symlink(path, m.target)
@@ -241,6 +275,9 @@ class TreeBuilder:
 
     def finish(self, *, root: bool = True) -> Built:
         """The tree; ``root=False`` for a set of changes, which has no root entry."""
+        refusal = self.refusal()
+        if refusal is not None:
+            raise UnsafeArchive(refusal)
         if self._in_layer:
             self.end_layer()
         if not root:

@@ -18,7 +18,7 @@ from typing import Final
 
 import blake3
 
-from lamina.errors import CorruptObject
+from lamina.errors import CorruptObject, UsageError
 from lamina.layer.tree import Entry, Kind, Tree
 
 # Fingerprint file: magic, version, entry count, padding; then the sorted u64 path hashes
@@ -148,3 +148,19 @@ def name_clashes(
             names[c.first] = {path_hash(e.path): e.path for e in trees(c.first)}
         out.append((names[c.first].get(c.path_hash, f"#{c.path_hash:016x}"), c.first, c.second))
     return sorted(out)
+
+
+def check_order(stack: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Refuse a stack (first wins) in which a layer sits below one it was made on: an app
+    captured on ``debbase`` placed under ``debbase`` would be hidden by the very files it
+    changed. ``stack``: (NAME@V, the NAME@V refs it was made on) per layer."""
+    above: dict[str, str] = {}
+    for ref, bases in stack:
+        for base in bases:
+            over = above.get(base.rpartition("@")[0])
+            if over is not None:
+                raise UsageError(
+                    f"{ref} was made on {base}, but {over} is placed above it: "
+                    f"list {ref} before {over} (the first layer wins, the base goes last)"
+                )
+        above.setdefault(ref.rpartition("@")[0], ref)

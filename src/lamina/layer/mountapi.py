@@ -20,11 +20,14 @@ from typing import Final
 
 from lamina.errors import ToolError
 
+_OPEN_TREE: Final = 428
 _MOVE_MOUNT: Final = 429
 _FSOPEN: Final = 430
 _FSCONFIG: Final = 431
 _FSMOUNT: Final = 432
 
+OPEN_TREE_CLONE: Final = 0x1
+OPEN_TREE_CLOEXEC: Final = os.O_CLOEXEC
 FSOPEN_CLOEXEC: Final = 0x1
 FSCONFIG_SET_FLAG: Final = 0
 FSCONFIG_SET_STRING: Final = 1
@@ -40,6 +43,7 @@ MNT_DETACH: Final = 0x2
 MS_RDONLY: Final = 0x1
 MS_NOSUID: Final = 0x2
 MS_NODEV: Final = 0x4
+MS_NOEXEC: Final = 0x8
 MS_BIND: Final = 0x1000
 MS_REC: Final = 0x4000
 MS_PRIVATE: Final = 1 << 18
@@ -97,6 +101,15 @@ def new_mount(fstype: str, params: Sequence[Param], *, attrs: int = 0) -> int:
         return _check(_libc.syscall(_FSMOUNT, fs, FSMOUNT_CLOEXEC, attrs), f"fsmount {fstype}")
     finally:
         os.close(fs)
+
+
+def clone_tree(path: Path) -> int:
+    """A detached bind mount of ``path`` (not of what is mounted beneath it), as a mount
+    fd to ``move_mount`` elsewhere (caller closes)."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC
+    return _check(
+        _libc.syscall(_OPEN_TREE, AT_FDCWD, os.fsencode(path), flags), f"open_tree {path}"
+    )
 
 
 def move_mount(mount_fd: int, target: Path, *, beneath: bool = False) -> None:

@@ -32,6 +32,9 @@ from lamina.layer.mountapi import Param
 
 OPTIONS = (Param("index", "off"), Param("redirect_dir", "off"), Param("metacopy", "off"))
 _ESCAPE = re.compile(r"\\([0-7]{3})")
+# Set once this kernel has refused "lowerdir+" (Linux < 6.8): every refusal is a line in
+# the kernel's log, which a guest's admin would find at each login.
+_REFUSED: set[str] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +91,37 @@ def compose(lowers: Sequence[Path], upper: Path, work: Path) -> int:
     params = [Param("lowerdir+", str(p)) for p in lowers]
     params += [Param("upperdir", str(upper)), Param("workdir", str(work)), *OPTIONS]
     try:
-        return mountapi.new_mount("overlay", params)
+        if "lowerdir+" in _REFUSED:
+            return _compose_legacy(lowers, upper, work)
+        try:
+            return mountapi.new_mount("overlay", params)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            _REFUSED.add("lowerdir+")
+            return _compose_legacy(lowers, upper, work)
     except OSError as exc:
         raise mountapi.tool_error(exc, "overlay mount") from None
+
+
+def _compose_legacy(lowers: Sequence[Path], upper: Path, work: Path) -> int:
+    """Linux < 6.8 has no "lowerdir+", and fsconfig takes at most 255 bytes a value, so
+    several layers do not fit in one "lowerdir" there: mount(2) takes a page of options.
+    The overlay is mounted on a staging directory beside the work directory, cloned as a
+    detached mount, and the staging mount dropped."""
+    escaped = (str(p).replace("\\", "\\\\").replace(":", "\\:") for p in lowers)
+    options = [f"lowerdir={':'.join(escaped)}", f"upperdir={upper}", f"workdir={work}"]
+    options += [f"{o.key}={o.value}" for o in OPTIONS]
+    stage = work.parent / f"{work.name}.stage"
+    stage.mkdir(exist_ok=True)
+    try:
+        mountapi.mount("overlay", stage, "overlay", 0, ",".join(options))
+        try:
+            return mountapi.clone_tree(stage)
+        finally:
+            mountapi.umount(stage, lazy=True)
+    finally:
+        stage.rmdir()
 
 
 def mount_new(fd: int, root: Path) -> None:

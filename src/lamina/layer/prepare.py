@@ -11,6 +11,10 @@ overlay on the host that uses the version: one page cache for all of them, and a
 costs the same for 1,000 files as for 50,000. On older kernels the image goes through a
 loop device instead.
 
+A version may instead be *provided*: its tree is already on this host as a directory (a
+machine's running system is the base layer it was built as, see ``lamina.guest.session``);
+then that directory is its lower layer, and nothing is built or mounted for it.
+
 mkfs.erofs (erofs-utils 1.5) options: ``--preserve-mtime`` keeps per-file mtimes (without
 it, files whose mtime differs from the build time get the build time when compact inodes
 are chosen); data is left uncompressed, trading cache disk space for reads that cost no
@@ -51,6 +55,18 @@ class Prepared:
     prepared_seconds: float  # 0.0 when the image was already there
 
 
+_provided: dict[bytes, Path] = {}
+
+
+def provide(manifest_id: bytes, directory: Path) -> None:
+    """Use ``directory`` as the tree of version ``manifest_id`` in this process."""
+    _provided[manifest_id] = directory
+
+
+def provided(manifest_id: bytes) -> Path | None:
+    return _provided.get(manifest_id)
+
+
 def cache_dir(home_root: Path) -> Path:
     return home_root / "cache" / "layers"
 
@@ -88,7 +104,7 @@ def _tmpfs_budget() -> int:
 
 
 @contextmanager
-def _scratch(path: Path, tree: Tree) -> Iterator[None]:
+def scratch(path: Path, tree: Tree) -> Iterator[None]:
     """Write the tree out in memory when it fits: creating 50,000 small files took 3.3 s on
     tmpfs and 8.7-29 s on this VM's ext4 (depending on the disk's other load), while
     mkfs.erofs reads either in 1.5-1.8 s. A tree that would take more than a quarter of
@@ -130,7 +146,7 @@ def prepare_image(
         try:
             (work / "root").mkdir(parents=True)
             tree = load()
-            with _scratch(work / "root", tree):
+            with scratch(work / "root", tree):
                 materialize(store, tree, work / "root")
                 mkfs(work / "root", work / "image.erofs")
             (work / "image.fp").write_bytes(Fingerprint.of(tree).to_bytes())
@@ -178,6 +194,9 @@ def _loop_mount(image: Path, target: Path) -> None:
 
 def prepare(home_root: Path, store: ChunkStore, manifest_id: bytes, load: Loader) -> Prepared:
     """Build (first use) and mount (once per host) a layer version's image."""
+    directory = provided(manifest_id)
+    if directory is not None:
+        return Prepared(manifest_id, directory, directory, 0.0)
     image, seconds = prepare_image(home_root, store, manifest_id, load)
     return Prepared(manifest_id, image, mount_image(home_root, manifest_id, image), seconds)
 
@@ -206,5 +225,8 @@ def forget(home_root: Path, manifest_id: bytes) -> None:
     target = mountpoint(home_root, manifest_id)
     if mounted_at(target) is not None:
         mountapi.umount(target, lazy=True)
-    for suffix in (".erofs", ".fp", ".lock"):
+    image = cache_dir(home_root) / f"{manifest_id.hex()}.erofs"
+    if mounted_at(image) is not None:  # a lazily attached image's file (its server ends)
+        mountapi.umount(image, lazy=True)
+    for suffix in (".erofs", ".fp", ".lock", ".lazy"):
         (cache_dir(home_root) / f"{manifest_id.hex()}{suffix}").unlink(missing_ok=True)

@@ -74,6 +74,10 @@ class LayerRecords(Protocol):
         """The ids of the versions ``version_id`` was made on, in order (None: removed)."""
         ...
 
+    def base_refs(self, version_ids: Sequence[int]) -> list[list[str]]:
+        """For each version, the NAME@V it was made on, in order (kept after a removal)."""
+        ...
+
     def add_version(
         self,
         *,

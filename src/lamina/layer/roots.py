@@ -26,7 +26,7 @@ from lamina.errors import Conflict, NotFound, UsageError
 from lamina.home import Home
 from lamina.layer import mountapi, overlay, prepare
 from lamina.layer.changes import WritablePolicy
-from lamina.layer.conflicts import clashes, name_clashes
+from lamina.layer.conflicts import check_order, clashes, name_clashes
 from lamina.layer.records import LayerRecords, MountRecord, VersionInfo
 from lamina.layer.writable import Kept, keep_changes, loader
 from lamina.locks import locked
@@ -197,6 +197,8 @@ def mount(
         stack = records.versions(layers)
         if len({v.layer_id for v in stack}) != len(stack):
             raise UsageError("a layer can appear only once in a mount")
+        bases = records.base_refs([v.id for v in stack])
+        check_order([(v.ref, b) for v, b in zip(stack, bases, strict=True)])
         state = records.writable(writable) if writable is not None else None
         previous = state.latest if state is not None else None
         holder = state.mounted_on if state is not None else None

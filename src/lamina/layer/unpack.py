@@ -30,10 +30,10 @@ import tarfile
 from pathlib import Path
 from typing import IO
 
+from lamina import settings as config
 from lamina.errors import InvalidInput
 from lamina.layer import paths
 from lamina.layer.sources import READ_ERRORS, unwrapped
-from lamina.settings import Settings
 
 LIMIT = 64 << 30
 RATIO = 1000
@@ -54,7 +54,7 @@ class _Budget:
         self.source = source
         self.raw = raw
         free = shutil.disk_usage(dest).free - RESERVE
-        self.limit = max(0, min(Settings().import_unpack_bytes or LIMIT, free))
+        self.limit = max(0, min(config.load().import_unpack_bytes or LIMIT, free))
         self.written = 0
 
     def _refuse(self, bound: int, why: str) -> InvalidInput:

@@ -15,7 +15,8 @@ writable layer) keeps it then.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +41,18 @@ class Kept:
     dropped: list[str]  # changed paths the policy dropped
 
 
-def _base_paths(home: Home, bases: Sequence[VersionInfo]) -> set[int]:
+def _in_bases(home: Home, bases: Sequence[VersionInfo]) -> Callable[[str], bool]:
+    """Whether some base has a path: by fingerprint, or on disk for a provided version."""
     hashes: set[int] = set()
+    dirs: list[Path] = []
     for b in bases:
+        directory = prepare.provided(b.manifest_id)
+        if directory is not None:
+            dirs.append(directory)
+            continue
         prepare.prepare_image(home.root, home.store, b.manifest_id, loader(home, b.manifest_id))
         hashes.update(prepare.fingerprint(home.root, b.manifest_id).keys)
-    return hashes
+    return lambda p: path_hash(p) in hashes or any(os.path.lexists(d / p) for d in dirs)
 
 
 def loader(home: Home, manifest_id: bytes) -> prepare.Loader:
@@ -76,12 +83,12 @@ def keep_changes(
     kept_tree, dropped = filter_policy(changes.tree, policy)
     kept = Built(kept_tree, {p: r for p, r in changes.refs.items() if kept_tree.get(p)})
     before = load_tree(home.store, previous.manifest_id) if previous else None
-    in_bases = _base_paths(home, bases)
+    in_bases = _in_bases(home, bases)
     same_bases = previous is not None and records.base_ids(previous.id) == [b.id for b in bases]
     with home.store.writer() as writer:
         stored_changes, new, stored = store_files(writer, source, kept)
         merged = merge_changes(before, stored_changes)
-        merged = prune(filter_policy(merged, policy)[0], lambda p: path_hash(p) in in_bases)
+        merged = prune(filter_policy(merged, policy)[0], in_bases)
         version = None
         if before is None or merged != before or not same_bases:
             imported = store_manifest(writer, merged, new, stored)

@@ -1,7 +1,8 @@
 """The manager: the database, the services that hold its rules, the HTTP API and console.
 
 db.py               engines, sessions and migrations (SQLite with WAL, PostgreSQL)
-home.py             open_home: a home with the manager's database
+home.py             open_home: a home with the manager's database; init_home makes one
+backup.py           lamina backup and restore: a consistent copy of a home, brought back
 models/             the tables (SQLAlchemy), one module per area
 migrations/         their schema changes (Alembic)
 services/           the operations, one transaction's worth of work each, with their rules
@@ -18,4 +19,5 @@ client.py           a small client of the HTTP API (CLI ``--manager``, the agent
 entitlements.py     which layers a user gets on a machine, in which order (pure)
 layer_records.py    the layer code's LayerRecords over a home's database
 rebase_records.py   the rebase code's RebaseRecords over a home's database
+store_leases.py     a shared bucket's import leases and condemned packs as database rows
 """

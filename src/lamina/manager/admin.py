@@ -42,6 +42,7 @@ class Admin(Protocol):
     def add_user(self, body: s.UserCreate) -> s.UserPublic: ...
     def change_user(self, name: str, body: s.UserUpdate) -> s.UserPublic: ...
     def remove_user(self, name: str) -> None: ...
+    def show_user(self, name: str) -> s.UserPublic: ...
     def list_users(self) -> list[s.UserPublic]: ...
     def add_group(self, body: s.GroupCreate) -> s.GroupPublic: ...
     def remove_group(self, name: str) -> None: ...
@@ -60,6 +61,14 @@ class Admin(Protocol):
         machine: str | None = None,
     ) -> s.Unentitled: ...
     def remove_entitlement(self, id: int, *, layer: str | None = None) -> s.Unentitled: ...
+    def list_entitlements(
+        self,
+        *,
+        layer: str | None = None,
+        user: str | None = None,
+        group: str | None = None,
+        machine: str | None = None,
+    ) -> list[s.EntitlementPublic]: ...
 
 
 class HomeAdmin:
@@ -152,6 +161,12 @@ class HomeAdmin:
         with self.home.session() as session:
             access.remove_user(session, name=name)
 
+    def show_user(self, name: str) -> s.UserPublic:
+        from lamina.manager.services import access
+
+        with self.home.session(read_only=True) as session:
+            return views.user(access.user_row(session, name))
+
     def list_users(self) -> list[s.UserPublic]:
         from lamina.manager.services import access
 
@@ -222,6 +237,33 @@ class HomeAdmin:
 
         with self.home.session() as session:
             return access.unentitle(session, layer=layer, id=id)
+
+    def list_entitlements(
+        self,
+        *,
+        layer: str | None = None,
+        user: str | None = None,
+        group: str | None = None,
+        machine: str | None = None,
+    ) -> list[s.EntitlementPublic]:
+        """Filtered by layer, user, group or machine (each name exactly)."""
+        from lamina.manager.services import access
+
+        rows: list[s.EntitlementPublic] = []
+        with self.home.session(read_only=True) as session:
+            while True:
+                page, total = access.list_entitlements(
+                    session,
+                    layer=layer,
+                    user=user,
+                    group=group,
+                    machine=machine,
+                    offset=len(rows),
+                    limit=1000,
+                )
+                rows += [views.entitlement(r) for r in page]
+                if not page or len(rows) >= total:
+                    return rows
 
 
 class RemoteAdmin:
@@ -297,6 +339,9 @@ class RemoteAdmin:
     def remove_user(self, name: str) -> None:
         self._call("DELETE", f"/users/{name}")
 
+    def show_user(self, name: str) -> s.UserPublic:
+        return s.UserPublic.model_validate(self._call("GET", f"/users/{name}"))
+
     def list_users(self) -> list[s.UserPublic]:
         return [s.UserPublic.model_validate(u) for u in self.client.pages("/users")]
 
@@ -337,3 +382,16 @@ class RemoteAdmin:
         params = {"layer": layer} if layer is not None else {}
         data = self._call("DELETE", f"/entitlements/{id}", params=params)
         return s.Unentitled.model_validate(data)
+
+    def list_entitlements(
+        self,
+        *,
+        layer: str | None = None,
+        user: str | None = None,
+        group: str | None = None,
+        machine: str | None = None,
+    ) -> list[s.EntitlementPublic]:
+        filters = {"layer": layer, "user": user, "group": group, "machine": machine}
+        given = {k: v for k, v in filters.items() if v is not None}
+        found = self.client.pages("/entitlements", **given)
+        return [s.EntitlementPublic.model_validate(e) for e in found]

@@ -13,7 +13,7 @@ from lamina.errors import LaminaError, http_body, http_status
 from lamina.home import Home
 from lamina.manager.console import router as console_router
 from lamina.manager.limits import BodyLimit, invalid_request
-from lamina.manager.routers import admin, agent, data, stream
+from lamina.manager.routers import admin, agent, data, layer_images, stream
 
 
 def create_app(home: Home, *, body_bytes: int | None = None) -> FastAPI:
@@ -23,6 +23,7 @@ def create_app(home: Home, *, body_bytes: int | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, cap=body_bytes or BodyLimit.default_cap())
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.include_router(data.router)
+    app.include_router(layer_images.router)
     app.include_router(agent.router)
     app.include_router(admin.router)
     app.include_router(console_router)

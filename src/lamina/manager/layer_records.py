@@ -57,6 +57,11 @@ class DatabaseRecords:
             version = session.get(LayerVersion, version_id)
             return [b.base_id for b in version.bases] if version is not None else []
 
+    def base_refs(self, version_ids: Sequence[int]) -> list[list[str]]:
+        with self.home.session(read_only=True) as session:
+            found = [session.get(LayerVersion, i) for i in version_ids]
+            return [[b.base_ref for b in v.bases] if v is not None else [] for v in found]
+
     def add_version(
         self, *, name: str, kind: str, new: NewVersion, bases: Sequence[VersionInfo] = ()
     ) -> str:

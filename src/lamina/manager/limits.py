@@ -24,9 +24,9 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from lamina import settings as config
 from lamina.manager.routers.agent import MAX_UPLOAD
 from lamina.manager.routers.stream import MAX_PART
-from lamina.settings import Settings
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -58,7 +58,7 @@ class BodyLimit:
     @staticmethod
     def default_cap() -> int:
         """``LAMINA_HTTP_BODY_BYTES``, else ``BODY_BYTES``."""
-        return Settings().http_body_bytes or BODY_BYTES
+        return config.load().http_body_bytes or BODY_BYTES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -8,13 +8,15 @@ field is refused with the same words everywhere. Results that a person reads hav
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     StringConstraints,
     ValidationError,
     model_validator,
@@ -22,7 +24,7 @@ from pydantic import (
 
 from lamina.errors import UsageError
 from lamina.names import NAME_PATTERN, REF_PATTERN, USER_PATTERN
-from lamina.units import human_bytes
+from lamina.units import human_bytes, timestamp
 
 # User and group names.
 Name = Annotated[str, StringConstraints(pattern=USER_PATTERN)]
@@ -34,6 +36,13 @@ Mode = Literal["stateless", "stateful"]
 HexId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 # Identity fields are checked by lamina.identity (its messages say what is expected).
 Short = Annotated[str, StringConstraints(max_length=253)]
+
+# Every time in one format: UTC ISO 8601 with its zone, to the second (2026-01-31T09:15:00Z).
+Timestamp = Annotated[
+    datetime,
+    AfterValidator(lambda when: when if when.tzinfo else when.replace(tzinfo=UTC)),
+    PlainSerializer(timestamp, return_type=str, when_used="json"),
+]
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -81,7 +90,7 @@ class UserPublic(BaseModel):
     policy: str | None
     writable_version: int | None
     in_use_on: str | None  # machine holding the writable layer
-    created_at: datetime
+    created_at: Timestamp
 
     def summary(self, verb: str = "added") -> str:
         groups = f", groups {', '.join(self.groups)}" if self.groups else ""
@@ -95,7 +104,7 @@ class GroupCreate(BaseModel):
 class GroupPublic(BaseModel):
     name: str
     members: int
-    created_at: datetime
+    created_at: Timestamp
 
 
 class MemberCreate(BaseModel):
@@ -128,7 +137,7 @@ class EntitlementPublic(BaseModel):
     kind: Literal["user", "group", "machine"]
     target: str
     priority: int
-    created_at: datetime
+    created_at: Timestamp
 
     def summary(self) -> str:
         ref = self.layer if self.version is None else f"{self.layer}@{self.version}"
@@ -155,6 +164,7 @@ class MachineCreate(BaseModel):
     hostname: Short | None = None  # defaults to the name
     mac: Short | None = None  # generated when omitted
     domain: Short | None = None
+    extra_config: dict[str, Any] | None = None  # #cloud-config keys, as machine set takes
 
 
 class MachineUpdate(BaseModel):
@@ -181,14 +191,16 @@ class MachinePublic(BaseModel):
     domain: str | None
     mac: str
     identity_rev: int
-    last_boot_at: datetime | None
+    last_boot_at: Timestamp | None
     users: list[str]
-    created_at: datetime
+    created_at: Timestamp
+    server: str | None = None  # the block server assigned to it (in a cluster)
 
     def summary(self) -> str:
+        served = f", served by {self.server}" if self.server else ""
         return (
             f"{self.name}: {self.image}, {self.mode}, hostname {self.fqdn}, "
-            f"identity rev {self.identity_rev}"
+            f"identity rev {self.identity_rev}{served}"
         )
 
 
@@ -201,6 +213,8 @@ class MachineDetail(MachinePublic):
     network: dict[str, Any] | None
     extra_config: dict[str, Any] | None
     exports: list[str]
+    nbd_server: str | None = None  # HOST:PORT of its block server
+    server_live: bool | None = None  # False: its server missed its heartbeats
 
 
 class MachineCreated(MachineDetail):
@@ -261,13 +275,13 @@ class ImageVersionPublic(BaseModel):
     size: int
     stored_bytes: int
     machines: int
-    created_at: datetime
+    created_at: Timestamp
 
 
 class ImagePublic(BaseModel):
     name: str
     versions: list[ImageVersionPublic]
-    created_at: datetime
+    created_at: Timestamp
 
 
 class LayerVersionPublic(BaseModel):
@@ -277,7 +291,7 @@ class LayerVersionPublic(BaseModel):
     size: int
     stored_bytes: int
     policy: str | None
-    created_at: datetime
+    created_at: Timestamp
 
 
 class LayerPublic(BaseModel):
@@ -285,7 +299,7 @@ class LayerPublic(BaseModel):
     kind: str
     versions: list[LayerVersionPublic]
     entitlements: int
-    created_at: datetime
+    created_at: Timestamp
 
 
 class SessionPublic(BaseModel):
@@ -294,7 +308,7 @@ class SessionPublic(BaseModel):
     machine: str
     writable: str | None
     base_version: int | None
-    started_at: datetime
+    started_at: Timestamp
 
 
 # -- agent API --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from lamina.manager.models import Group, Image, Layer, Machine
     from lamina.manager.services.access import EntitlementRow, UserRow
     from lamina.manager.services.fleet import VersionRow
+    from lamina.manager.services.servers import Assigned
 
 
 def user(row: UserRow) -> s.UserPublic:
@@ -34,8 +35,19 @@ def entitlement(row: EntitlementRow) -> s.EntitlementPublic:
     return s.EntitlementPublic.model_validate(row, from_attributes=True)
 
 
+def _server(m: Machine) -> Assigned | None:
+    from sqlalchemy.orm import object_session
+
+    from lamina.manager.services import servers
+
+    session = object_session(m)
+    return servers.assigned(session, m) if session is not None else None
+
+
 def _machine_fields(m: Machine, users: list[str]) -> dict[str, Any]:
+    server = _server(m)
     return {
+        "server": server.name if server else None,
         "name": m.name,
         "image": m.image_version.ref,
         "mode": m.mode,
@@ -60,6 +72,7 @@ def machine_detail(home: Home, m: Machine, users: list[str]) -> s.MachineDetail:
     from lamina.identity import identity_from_machine, instance_id
 
     blocks, stored = delta_usage(home.deltas_dir / m.name)
+    server = _server(m)
     identity = identity_from_machine(m)
     return s.MachineDetail(
         **_machine_fields(m, users),
@@ -71,6 +84,8 @@ def machine_detail(home: Home, m: Machine, users: list[str]) -> s.MachineDetail:
         network=identity.network,
         extra_config=identity.extra_config,
         exports=[f"machine/{m.name}", f"machine/{m.name}/seed"],
+        nbd_server=server.nbd_address if server else None,
+        server_live=server.live if server else None,
     )
 
 

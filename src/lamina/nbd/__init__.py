@@ -11,8 +11,9 @@ device.py      BlockDevice, the one interface between the server and what it ser
 limits.py      what a client may cost a server (Limits) and the server-wide Budget
 lanes.py       threads that run each connection's writes in order, off the event loop
 flow.py        FlowControl: one connection's budgets, timeouts and event pump
-aio.py         NbdServerProtocol, the asyncio server adapter (over FlowControl)
-aio_client.py  NbdClient, a small asyncio client for lamina's tools and tests
+aio.py         NbdServerProtocol, the asyncio server adapter over FlowControl (and its
+               hold, for backups)
+aioclient.py   NbdClient, a small asyncio client for lamina's tools and tests
 """
 
 from lamina.nbd.client import ClientConnection

@@ -21,7 +21,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from lamina.errors import LaminaError
@@ -51,6 +51,7 @@ from lamina.nbd.negotiate import (
     ExportInfo,
     check_request,
     negotiate,
+    opening,
 )
 from lamina.nbd.server import Phase, ServerConnection
 
@@ -65,9 +66,15 @@ BLOCK_STATUS_SPAN = 256 << 20
 
 
 class DeviceProvider(Catalog, Protocol):
-    def open(self, name: str) -> BlockDevice: ...
+    def open(self, name: str, client: str) -> BlockDevice:
+        """The device behind export ``name`` for ``client`` (its address, for the log). Its
+        ``info`` may narrow the export's: read-only for a second writer of one disk."""
+        ...
 
-    def release(self, name: str) -> None: ...
+    def release(self, name: str, device: BlockDevice, *, ended: bool) -> None:
+        """The connection that opened ``device`` is gone; ``ended``: it said NBD_CMD_DISC
+        and its writes were flushed (qemu does so at power-off)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,7 @@ class NbdServerProtocol(FlowControl):
         self._upgrade: asyncio.Task[None] | None = None  # the STARTTLS upgrade under way
         self.device: BlockDevice | None = None
         self.export: ExportInfo | None = None
+        self._ended = False  # NBD_CMD_DISC received and the flush after it done
         self.stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0, "errors": 0}
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -138,14 +146,17 @@ class NbdServerProtocol(FlowControl):
         """Give the device back once the connection is gone and no job uses it."""
         if self.export is None or not self._closing or self._jobs:
             return
-        name = self.export.name
+        name, device = self.export.name, self.device
         self.export = None
         self.device = None
-        self.provider.release(name)
+        if device is not None:
+            self.provider.release(name, device, ended=self._ended)
 
-    def _disconnect(self) -> None:
+    def _disconnect(self, *, said_goodbye: bool = False) -> None:
         """The client is done: make its writes durable, then hang up. The flush runs in
-        the lane, after the writes still queued, like every write: never on the loop."""
+        the lane, after the writes still queued, like every write: never on the loop.
+        Only a client that said NBD_CMD_DISC ended its session cleanly; end of stream
+        alone is a crash or a lost link, after which it may come back."""
         self._disconnecting = True
         device = self.device
         if device is None:
@@ -153,6 +164,7 @@ class NbdServerProtocol(FlowControl):
             return
 
         def done(exc: BaseException | None) -> None:
+            self._ended = said_goodbye and exc is None
             self._hang_up(f"flush at disconnect failed: {exc}" if exc is not None else "")
 
         if self.lanes is not None:
@@ -182,7 +194,7 @@ class NbdServerProtocol(FlowControl):
         if decision.export is None:
             return Opened(decision)
         try:
-            return Opened(decision, self.provider.open(decision.export.name))
+            return Opened(decision, self.provider.open(decision.export.name, self.peer))
         except _DEVICE_ERRORS as exc:
             return Opened(decision, error=exc)
 
@@ -197,7 +209,7 @@ class NbdServerProtocol(FlowControl):
         opened = future.result()
         if self._closing:
             if opened.device is not None and opened.decision.export is not None:
-                self.provider.release(opened.decision.export.name)
+                self.provider.release(opened.decision.export.name, opened.device, ended=False)
             self._release()
             return
         self._decided(event, opened)
@@ -222,7 +234,13 @@ class NbdServerProtocol(FlowControl):
             else:  # NBD_OPT_EXPORT_NAME cannot fail politely: the spec says hang up
                 self._hang_up(reason)
             return
-        if export is not None:
+        if export is not None and opened.device is not None:
+            if opened.device.info.read_only != export.read_only:
+                # the device decides: a second writer's view is read-only (and the lookup
+                # before it may have been answered while another client wrote)
+                assert isinstance(event, OptExportName | OptInfo)
+                export = replace(export, read_only=opened.device.info.read_only)
+                decision = opening(event, export)
             self.device, self.export = opened.device, export
         for reply in decision.replies:
             self._send(reply)
@@ -458,7 +476,9 @@ class NbdServerProtocol(FlowControl):
             device.flush()
             then(None)
             return
-        future.add_done_callback(lambda f: then(None if f.cancelled() else f.exception()))
+        future.add_done_callback(
+            lambda f: then(asyncio.CancelledError() if f.cancelled() else f.exception())
+        )
 
     def _after_job(self) -> None:
         """A pool or lane job ended: send what it produced and go on if it was waited for."""

@@ -1,8 +1,10 @@
 """The one interface between the NBD server and what it serves, and the simplest devices:
-the write side of a read-only one, and a small disk held in memory."""
+the write side of a read-only one, a small disk held in memory, and a read-only view of
+another device (what a second client of a machine's disk gets while the first writes)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Protocol
 
 from lamina.nbd.events import Buffer
@@ -73,3 +75,26 @@ class MemoryDevice(ReadOnly):
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         return [(length, 0)]
+
+
+class ReadOnlyView(ReadOnly):
+    """``device`` as a client that may only read it sees it: its export flagged read-only,
+    writes refused with EPERM, reads of what the writer has written so far."""
+
+    refusal = "another client writes this disk: this connection may only read it"
+
+    def __init__(self, device: BlockDevice) -> None:
+        self.device = device
+        self.info = replace(device.info, read_only=True)
+
+    def read(self, offset: int, length: int) -> list[memoryview]:
+        return self.device.read(offset, length)
+
+    def would_block(self, offset: int, length: int) -> bool:
+        return self.device.would_block(offset, length)
+
+    def prefetch(self, offset: int, length: int) -> None:
+        self.device.prefetch(offset, length)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return self.device.extents(offset, length)

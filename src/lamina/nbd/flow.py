@@ -14,7 +14,9 @@ that limit is on), and one whose client takes none of its replies for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections import deque
 from typing import cast
 
@@ -32,6 +34,20 @@ SMALL_READ = 128 << 10
 # transport, so a 32 MiB reply given whole was held four times over (two such readers
 # took two worker processes to 486 MiB).
 TLS_SLICE = 256 << 10
+# TCP keepalive: probe after 30 s of silence, give up after 3 probes 10 s apart.
+_KEEPALIVE = (30, 10, 3)
+
+
+def _keepalive(sock: socket.socket | None) -> None:
+    """Notice a client whose host died or whose link broke within about a minute: such a
+    connection would otherwise hold its machine's disk (one writer) for hours."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _KEEPALIVE[0])
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _KEEPALIVE[1])
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _KEEPALIVE[2])
 
 
 class FlowControl(asyncio.Protocol):
@@ -52,6 +68,7 @@ class FlowControl(asyncio.Protocol):
         self._close_fed = False  # close once the TLS queue is given
         self._closing = False
         self._disconnecting = False
+        self._holds = 0  # ``hold`` calls not yet undone
         # Replies produced while handling one batch of received bytes go out in one
         # gathered write: one send syscall per batch instead of per reply (a 4 KiB
         # random-write load spent 43% of its time in per-reply sends).
@@ -78,7 +95,7 @@ class FlowControl(asyncio.Protocol):
     def _request(self, req: Request) -> None:
         raise NotImplementedError
 
-    def _disconnect(self) -> None:
+    def _disconnect(self, *, said_goodbye: bool = False) -> None:
         raise NotImplementedError
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -96,6 +113,7 @@ class FlowControl(asyncio.Protocol):
         self._address = address
         self._handshake_timer = call_later(self.limits.handshake_timeout, self._handshake_over)
         self._buffer_limits()
+        _keepalive(transport.get_extra_info("socket"))
         greeting = self.conn.initiate()
         self._transport.write(greeting)
         self._handed += len(greeting)
@@ -114,7 +132,9 @@ class FlowControl(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
         self._pump()
-        return False
+        # Hanging up is ours once a disconnect is under way: its flush (and, after
+        # NBD_CMD_DISC, the end of the machine's boot) comes before the connection is lost.
+        return self._disconnecting and not self._closing
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -124,6 +144,16 @@ class FlowControl(asyncio.Protocol):
         self._write_paused = False
         self._feed_tls()
         self.settle()
+
+    def hold(self) -> None:
+        """Stop reading this client's requests (its writes wait in the socket) until
+        ``unhold``: a backup copies the disk at a flush point meanwhile."""
+        self._holds += 1
+        self._set_reading()
+
+    def unhold(self) -> None:
+        self._holds -= 1
+        self._set_reading()
 
     def abort(self) -> None:
         """Drop the connection at once (server shutdown)."""
@@ -232,7 +262,7 @@ class FlowControl(asyncio.Protocol):
         transport = self._transport
         if transport is None or self.conn.phase is Phase.STARTTLS:
             return
-        want = not (self._closing or self._waiting or self._option_busy)
+        want = not (self._closing or self._waiting or self._option_busy or self._holds)
         if want != self._reading:
             self._reading = want
             if want:
@@ -336,7 +366,7 @@ class FlowControl(asyncio.Protocol):
                         return
                     self._request(event)
                 elif isinstance(event, Disconnect | Closed):
-                    self._disconnect()
+                    self._disconnect(said_goodbye=isinstance(event, Disconnect))
                     return
                 elif not isinstance(event, ClientFlags):
                     self._option(event)  # type: ignore[arg-type]

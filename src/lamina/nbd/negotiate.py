@@ -73,12 +73,12 @@ class ExportInfo:
             | TransmissionFlag.SEND_FUA
             | TransmissionFlag.SEND_DF
             | TransmissionFlag.SEND_CACHE
-            # Every connection to an export shares one device object (one cache, one
-            # delta) in the server, so a FLUSH on one covers writes made on another.
-            | TransmissionFlag.CAN_MULTI_CONN
         )
         if self.read_only:
-            return int(flags | TransmissionFlag.READ_ONLY)
+            # Every connection to an export shares one device object (one cache) in the
+            # server, so a client may read through several. A writable export (a machine's
+            # disk) has one writer, so it is not offered: qemu-nbd's default too.
+            return int(flags | TransmissionFlag.READ_ONLY | TransmissionFlag.CAN_MULTI_CONN)
         return int(
             flags
             | TransmissionFlag.SEND_TRIM
@@ -205,6 +205,17 @@ def _starttls(conn: ServerConnection) -> Decision:
     return Decision([OptionReply(Opt.STARTTLS, Rep.ACK)])
 
 
+def opening(event: OptExportName | OptInfo, info: ExportInfo) -> Decision:
+    """The answer that describes ``info`` to NBD_OPT_INFO, or opens it for NBD_OPT_GO and
+    NBD_OPT_EXPORT_NAME. Also what the adapter answers instead when the device it opened
+    narrows this client's access (a read-only view of a disk another client writes)."""
+    if isinstance(event, OptExportName):
+        return Decision([ExportNameReply(info.size, info.flags)], export=info)
+    option = Opt.GO if event.go else Opt.INFO
+    replies = [*_info_replies(option, info, event.requests), OptionReply(option, Rep.ACK)]
+    return Decision(replies, export=info if event.go else None)
+
+
 def negotiate(event: Event, catalog: Catalog, conn: ServerConnection) -> Decision:
     """The replies to one handshake event."""
     gate = _tls_gate(event, conn)
@@ -215,7 +226,7 @@ def negotiate(event: Event, catalog: Catalog, conn: ServerConnection) -> Decisio
         if not isinstance(found, ExportInfo):  # cannot be refused politely: hang up
             reason = found.reason if found is not None else f"no export {event.name!r}"
             return Decision([], hang_up=True, reason=reason)
-        return Decision([ExportNameReply(found.size, found.flags)], export=found)
+        return opening(event, found)
     if isinstance(event, OptInfo):
         option = Opt.GO if event.go else Opt.INFO
         found = catalog.lookup(event.name)
@@ -223,9 +234,7 @@ def negotiate(event: Event, catalog: Catalog, conn: ServerConnection) -> Decisio
             return Decision([OptionReply(option, Rep.ERR_POLICY, found.reason.encode())])
         if not isinstance(found, ExportInfo):
             return Decision([OptionReply(option, Rep.ERR_UNKNOWN, _unknown(found, event.name))])
-        info = found
-        replies = [*_info_replies(option, info, event.requests), OptionReply(option, Rep.ACK)]
-        return Decision(replies, export=info if event.go else None)
+        return opening(event, found)
     if isinstance(event, OptList):
         servers: list[Event] = [
             OptionReply(Opt.LIST, Rep.SERVER, _u32str(n)) for n in catalog.names()

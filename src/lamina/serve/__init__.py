@@ -15,5 +15,7 @@ filedevices.py  the exports' devices as ranges of files (what the fast path read
 imagefiles.py   an image version as files shared by every process: packs, a hydrated cache
 profile.py      boot recording: the order a booting machine first reads its image's chunks
 access.py       which exports a TLS client may open, by the credential it showed
+control.py      the control socket: deltas copied at flush points for ``lamina backup``
 tls.py          TLS for ``lamina serve``: the server certificate, NBD and HTTPS settings
+cluster.py      a block server among several: its row in the database, its heartbeat
 """

@@ -102,16 +102,16 @@ class ClientCatalog:
         everything = self.catalog.names()
         return everything if names is None else [n for n in everything if n in names]
 
-    def open(self, name: str) -> BlockDevice:
+    def open(self, name: str, client: str) -> BlockDevice:
         refused = self._check(name)
         if refused is not None:
             raise LaminaError(refused.reason)
         # Only the machine itself boots: an admin's backup read is not a boot profile.
         own = self.principal.kind is Kind.MACHINE and name == MACHINE_PREFIX + self.principal.name
-        return self.catalog.open(name, boot=own)
+        return self.catalog.open(name, client, boot=own)
 
-    def release(self, name: str) -> None:
-        self.catalog.release(name)
+    def release(self, name: str, device: BlockDevice, *, ended: bool) -> None:
+        self.catalog.release(name, device, ended=ended)
 
 
 def for_peer(catalog: ExportCatalog, der: bytes | None) -> tuple[ClientCatalog, str]:

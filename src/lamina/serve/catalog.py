@@ -9,27 +9,48 @@ same export (one delta, one chunk cache), then closed with the last one. A machi
 opened as a boot records its boot profile (``serve.profile``): on a server without TLS
 every client counts (the network is trusted), with TLS only the machine's own credential
 (``serve.access``), so no other client rewrites the order a machine boots in.
+
+A machine's disk has one writer: the first connection to open it writes; any other that
+opens it meanwhile gets it read-only (a ``ReadOnlyView``, its export flagged read-only in
+the GO reply) and the server logs ``second-writer``. NBD_OPT_INFO describes it alike: in a
+worker process that does not hold the machine, from what the parent tells of the
+siblings' open machines (``held_elsewhere``); the GO reply, answered where the disk is
+open, is what counts if the two ever differ. When the writer leaves with
+NBD_CMD_DISC (a power-off) the machine's boot has ended (``delta.file.mark_ended``); the
+first connection after that starts a new boot, and a stateless machine's delta goes
+(``delta.file.begin_boot``, logged ``new-boot``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from lamina import logs
 from lamina.delta import uploads
 from lamina.delta.device import machine_device
-from lamina.errors import LaminaError, UsageError
+from lamina.delta.file import begin_boot, exclusive, mark_ended
+from lamina.errors import Conflict, LaminaError, Refused, UsageError
 from lamina.home import Home
-from lamina.identity import MachineRow, identity_from_machine, seed_image
+from lamina.identity import AgentSeed, Identity, seed_image
 from lamina.image import ImageReader, Manifest
 from lamina.image.device import ImageDevice
-from lamina.manager.services import images, machines
+from lamina.manager.models import Machine
+from lamina.manager.services import images, machines, servers
 from lamina.names import MACHINE_PREFIX, SEED_SUFFIX, parse_ref
 from lamina.nbd import ExportInfo
-from lamina.nbd.device import BlockDevice, MemoryDevice
+from lamina.nbd.device import BlockDevice, MemoryDevice, ReadOnlyView
 from lamina.nbd.negotiate import Unknown
 from lamina.serve import profile
 from lamina.store import ChunkCache
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +60,7 @@ class Resolved:
     manifest_id: bytes
     machine: str | None = None
     seed: bytes = b""  # the seed disk, built to learn its size
+    stateless: bool = False
 
 
 class ExportCatalog:
@@ -47,11 +69,18 @@ class ExportCatalog:
         self.cache = cache
         self._manifests: dict[bytes, Manifest] = {}
         self._open: dict[str, tuple[BlockDevice, int]] = {}
-        self._seeds: dict[str, tuple[tuple[str, int], bytes]] = {}
+        self._seeds: dict[str, tuple[object, bytes]] = {}
+        self._writers: dict[str, str] = {}  # machine export -> the client writing it
+        self._copying: set[str] = set()  # machine exports a backup is copying
+        self._elsewhere: set[str] = set()  # machine exports a sibling process has open
         self._lock = threading.Lock()
         # Devices are opened on the handshake threads: one opening per export at a time
         # (a second Delta on one machine would find its lock taken).
         self._opening: dict[str, threading.Lock] = {}
+        # This block server's name in a cluster: a stateful machine assigned to another
+        # server is not served here (its delta is on that server's home).
+        self.server: str | None = None
+        self.log = logging.getLogger(logs.LOGGER)
 
     # -- Catalog protocol (negotiation) ----------------------------------------------
 
@@ -62,7 +91,20 @@ class ExportCatalog:
             return Unknown(str(exc))
         except LaminaError:
             return None
-        return resolved.info if resolved else None
+        if resolved is None:
+            return None
+        if not resolved.info.read_only and (name in self._writers or name in self._elsewhere):
+            return replace(resolved.info, read_only=True)  # what GO would give this client
+        return resolved.info
+
+    def held_elsewhere(self, name: str, held: bool) -> None:
+        """Another serving process has machine export ``name`` open (``held``) or no more:
+        its writer is there, so an NBD_OPT_INFO here describes the disk read-only."""
+        with self._lock:
+            if held:
+                self._elsewhere.add(name)
+            else:
+                self._elsewhere.discard(name)
 
     def names(self) -> list[str]:
         out: list[str] = []
@@ -82,25 +124,38 @@ class ExportCatalog:
                 machine = machines.get(session, rest.removesuffix(SEED_SUFFIX))
                 version = machine.image_version
                 if seed:
-                    data = self._seed(machine)
+                    data = self._seed(*machines.seed_of(session, machine, self.home))
                     info = ExportInfo(name, len(data), read_only=True, description="identity seed")
                     return Resolved(info, "seed", b"", machine.name, data)
+                self._check_served_here(session, machine)
                 info = ExportInfo(
                     name, version.size, read_only=False, description=f"{version.ref} + delta"
                 )
-                return Resolved(info, "machine", bytes.fromhex(version.manifest_id), machine.name)
+                return Resolved(
+                    info,
+                    "machine",
+                    bytes.fromhex(version.manifest_id),
+                    machine.name,
+                    stateless=machine.mode == "stateless",
+                )
             version = images.get_version(session, parse_ref(name, "image name"))
             info = ExportInfo(name, version.size, read_only=True, description=version.ref)
             return Resolved(info, "image", bytes.fromhex(version.manifest_id))
 
-    def _seed(self, machine: MachineRow) -> bytes:
-        identity = identity_from_machine(machine)
+    def _check_served_here(self, session: Session, machine: Machine) -> None:
+        if self.server is None or machine.mode != machines.STATEFUL:
+            return
+        found = servers.assigned(session, machine)
+        if found is not None and found.name != self.server:
+            raise Refused(f"{machine.name} is stateful and served by {found.name}")
+
+    def _seed(self, identity: Identity, agent: AgentSeed | None) -> bytes:
         # The machine-id tells a re-created machine from the removed one of the same name
         # (both start at identity revision 1); one seed is kept per machine name.
-        key = (identity.machine_id, identity.identity_rev)
+        key = (identity.machine_id, identity.identity_rev, agent)
         cached = self._seeds.get(identity.name)
         if cached is None or cached[0] != key:
-            cached = self._seeds[identity.name] = (key, seed_image(identity))
+            cached = self._seeds[identity.name] = (key, seed_image(identity, agent))
         return cached[1]
 
     # -- devices ----------------------------------------------------------------------
@@ -116,9 +171,53 @@ class ExportCatalog:
             info, ImageReader(self.home.store, self._manifest(manifest_id), self.cache)
         )
 
-    def open(self, name: str, *, boot: bool = True) -> BlockDevice:
-        """The shared device behind export ``name`` (opened on first use; from any
+    def open(self, name: str, client: str = "-", *, boot: bool = True) -> BlockDevice:
+        """The device behind export ``name`` for ``client``: the shared device, or a
+        read-only view of it while another client writes that machine's disk (from any
         thread). ``boot``: a machine export opened now records a boot profile."""
+        device = self._open_shared(name, boot)
+        if device.info.read_only:
+            return device
+        with self._lock:
+            writer = self._writers.get(name)
+            copying = writer is None and name in self._copying
+            if writer is None and not copying:
+                self._writers[name] = client
+        if copying:
+            self.release(name, device)
+            raise Conflict(f"{name} is being copied by a backup: connect again in a moment")
+        if writer is None:
+            # The writer of a disk some reader kept open: its new boot starts here.
+            begin_boot(self._delta_dir(name), stateless=False)
+            return device
+        logs.event(
+            self.log, "second-writer", logging.WARNING, export=name, client=client, writer=writer
+        )
+        return ReadOnlyView(device)
+
+    def opened(self, name: str) -> BlockDevice | None:
+        """The shared device of export ``name`` when some connection has it open."""
+        with self._lock:
+            found = self._open.get(name)
+        return found[0] if found is not None else None
+
+    @contextmanager
+    def copying(self, name: str) -> Iterator[None]:
+        """While a backup copies machine export ``name``'s disk, no client may start
+        writing it (one that would is refused; readers and the current writer, whose
+        requests the caller holds, go on)."""
+        with self._lock:
+            self._copying.add(name)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._copying.discard(name)
+
+    def _delta_dir(self, name: str) -> Path:
+        return self.home.deltas_dir / name.removeprefix(MACHINE_PREFIX)
+
+    def _open_shared(self, name: str, boot: bool) -> BlockDevice:
         with self._lock:
             shared = self._acquire(name)
             if shared is not None:
@@ -152,6 +251,7 @@ class ExportCatalog:
         if r.kind == "seed":
             return MemoryDevice(r.info, r.seed)
         uploads.recover(self.home, r.machine)  # finish a synced upload a crash interrupted
+        self._begin_boot(r)
         manifest = self._manifest(r.manifest_id)
         machine = machine_device(self.home, r.machine, r.info, manifest, r.manifest_id, self.cache)
         if not boot:
@@ -159,16 +259,32 @@ class ExportCatalog:
         # A machine export opening is a boot: note the order of its first reads.
         return profile.record_boot(self.home, machine, manifest, r.manifest_id)
 
-    def release(self, name: str) -> None:
+    def _begin_boot(self, r: Resolved) -> None:
+        """The machine's disk opens: a new boot when its last one ended (see the module
+        docstring); a stateless machine's delta is dropped then."""
+        assert r.machine is not None
+        directory = self.home.deltas_dir / r.machine
+        with exclusive(directory):
+            if begin_boot(directory, stateless=r.stateless):
+                logs.event(self.log, "new-boot", machine=r.machine, delta="dropped")
+
+    def release(self, name: str, device: BlockDevice, *, ended: bool = False) -> None:
         with self._lock:
             if name not in self._open:  # already closed by close_all at shutdown
                 return
-            device, refs = self._open[name]
-            if refs > 1:
-                self._open[name] = (device, refs - 1)
-                return
-            del self._open[name]
-        device.close()
+            shared, refs = self._open[name]
+            writer_left = device is shared and name in self._writers
+            if writer_left:
+                del self._writers[name]
+            last = refs == 1
+            if last:
+                del self._open[name]
+            else:
+                self._open[name] = (shared, refs - 1)
+        if writer_left and ended:
+            mark_ended(self._delta_dir(name))  # its writes were flushed at NBD_CMD_DISC
+        if last:
+            shared.close()
 
     def close_all(self) -> None:
         """Close every open device (after their connections are gone)."""

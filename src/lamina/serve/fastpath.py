@@ -74,7 +74,7 @@ class FastConnection(Bounds):
         device: BlockDevice,
         export: ExportInfo,
         peer: str,
-        release: Callable[[], None],
+        release: Callable[[bool], None],
         gone: Callable[[], None] = lambda: None,
     ) -> None:
         """``gone``: called once the connection is closed (its address leaves the count)."""
@@ -86,8 +86,9 @@ class FastConnection(Bounds):
         self.device = device
         self.export = export
         self.peer = peer
-        self._release = release
+        self._release = release  # called with True after NBD_CMD_DISC, False after EOF
         self._gone = gone
+        self._goodbye = False
         self._locate = getattr(device, "locate", None)
         self._writer = shared.writer
         self.reader = RequestReader()
@@ -99,6 +100,8 @@ class FastConnection(Bounds):
         self.inflight = 0
         self.closing = False
         self.reading = False
+        self.held = 0  # ``hold`` calls not yet undone: no requests are taken meanwhile
+        self.ended = False  # NBD_CMD_DISC, and the flush after it succeeded
         self.stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0, "errors": 0}
         self._bound(shared)
         shared.connections.add(self)
@@ -117,11 +120,24 @@ class FastConnection(Bounds):
         self._process()
 
     def _resume_reading(self) -> None:
-        if self.reading or self.closing or self.reader.disconnected:
+        if self.reading or self.closing or self.held or self.reader.disconnected:
             return
         if not self.pending and not self.stash:
             self.reading = True
             self.shared.loop.add_reader(self.fd, self._readable)
+
+    def hold(self) -> None:
+        """Take no more requests (they wait in the socket) until ``unhold``: a backup
+        copies the disk meanwhile, after the writes taken so far."""
+        self.held += 1
+        self._pause_reading()
+
+    def unhold(self) -> None:
+        self.held -= 1
+        if not self.pending:
+            self._resume_reading()
+            if self.end > self.start and self.reading:  # a request that came in whole
+                self._process()
 
     def _pause_reading(self) -> None:
         if self.reading:
@@ -448,11 +464,13 @@ class FastConnection(Bounds):
 
     def _disconnect(self) -> None:
         """NBD_CMD_DISC: make the writes durable, then hang up (after the requests in flight)."""
+        self._goodbye = True
         self._pause_reading()
         self.inflight += 1
 
         def done(error: BaseException | None) -> None:
             self.inflight -= 1
+            self.ended = error is None  # a clean end of the session: see ExportCatalog
             if error is not None:
                 log_event(
                     self.shared.log,
@@ -495,14 +513,15 @@ class FastConnection(Bounds):
         if not self.closing or self.inflight or self._release is _released:
             return
         release, self._release = self._release, _released
-        self._writer.after(release, lambda error: None)
+        ended = self.ended
+        self._writer.after(lambda: release(ended), lambda error: None)
 
 
 def _zeros(n: int) -> list[Buffer]:
     return [_ZEROS[: min(len(_ZEROS), n - i)] for i in range(0, n, len(_ZEROS))]
 
 
-def _released() -> None:
+def _released(_ended: bool) -> None:
     pass
 
 

@@ -154,9 +154,9 @@ class FileCatalog(ExportCatalog):
         with self._files_lock:
             return self._hydrated + sum(f.hydrations for f in self._files.values())
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, device: BlockDevice, *, ended: bool = False) -> None:
         """One user fewer; the last one closes the device (and says so to ``on_close``)."""
-        super().release(name)
+        super().release(name, device, ended=ended)
         if self._on_close is not None and name not in self._open:
             self._on_close(name)
 
@@ -176,6 +176,7 @@ class FileCatalog(ExportCatalog):
             return super()._build(r, boot)
         assert r.machine is not None
         uploads.recover(self.home, r.machine)  # finish a synced upload a crash interrupted
+        self._begin_boot(r)
         base = FileImageDevice(r.info, self.image_files(r.manifest_id))
         delta = Delta(self.home.deltas_dir / r.machine, size=base.files.size, base_id=r.manifest_id)
         try:

@@ -26,8 +26,10 @@ import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from lamina.delta.file import copy_files
 from lamina.errors import Conflict
 from lamina.home import Home
 from lamina.logs import event as log_event
@@ -194,17 +196,17 @@ class WorkerProtocol(NbdServerProtocol):
             asyncio.get_running_loop().call_later(0.001, self._pump)  # the GO reply is queued
             return
         assert self.device is not None and self.export is not None
-        name = self.export.name
+        name, device = self.export.name, self.device
         leftover = self.conn.unconsumed()
         address, self._address = self._address, None
         fast = FastConnection(
             self.service.shared,
             sock,
             self.conn,
-            self.device,
+            device,
             self.export,
             self.peer,
-            release=lambda: self.provider.release(name),
+            release=lambda ended: self.provider.release(name, device, ended=ended),
             gone=lambda: self.service.gone(address),
         )
         if leftover:
@@ -230,6 +232,7 @@ class NbdService:
         self.siblings = siblings  # other processes a connection may be handed to
         self.catalog = FileCatalog(home, on_close=self._device_closed)
         self.budget = Budget(_process_limits(options, siblings))
+        self.catalog.server = options.server_name if options is not None else None
         self.tls: ServerTls | None = None
         if options is not None and options.tls:
             from lamina.serve.tls import tls_setup
@@ -276,6 +279,43 @@ class NbdService:
         if address is not None:
             self.budget.leave(address)
             self.left(address)
+
+    async def copy_delta(self, export: str, src: Path, dest: Path) -> bool:
+        """Copy the delta of machine export ``export`` into ``dest`` at a flush point, if
+        this process has it open (False: it has not). Its connections take no requests
+        meanwhile, and no new one may start writing it; the copy runs on the pool once the
+        writes taken before are done (see ``serve.control``)."""
+        device = self.catalog.opened(export)
+        if device is None:
+            return False
+        with self.catalog.copying(export):
+            held: list[NbdServerProtocol | FastConnection] = [
+                c for c in self.shared.connections if c.export.name == export
+            ]
+            held += [p for p in self.protocols if p.export is not None and p.export.name == export]
+            for conn in held:
+                conn.hold()
+            done: asyncio.Future[None] = self.loop.create_future()
+
+            def copy() -> None:
+                device.flush()
+                copy_files(src, dest)
+
+            def finished(error: BaseException | None) -> None:
+                if not done.done():
+                    done.set_exception(error) if error else done.set_result(None)
+
+            try:
+                self.shared.writer.after(copy, finished)
+                await done
+            except (OSError, ValueError):
+                if self.catalog.opened(export) is device:
+                    raise
+                return False  # closed meanwhile by its last client: copied as a closed one
+            finally:
+                for conn in held:
+                    conn.unhold()
+        return True
 
     def note_open(self, name: str) -> None:
         if self.hub is not None:

@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from lamina import settings as config
 from lamina.nbd.limits import Limits
-from lamina.settings import Settings
 
 
 @dataclass
@@ -23,6 +23,9 @@ class ServeOptions:
     tls_names: tuple[str, ...] = ()  # more names for the server certificate
     https_cert: Path | None = None  # a certificate of one's own for HTTPS (else the CA's)
     https_key: Path | None = None
+    server_name: str | None = None  # joins a cluster of block servers under this name
+    advertise: str | None = None  # HOST:PORT its NBD clients dial (default: from ``nbd``)
+    heartbeat: float = 5.0  # seconds between its heartbeats in the database
     limits: Limits | None = None  # what clients may cost (None: from the environment)
 
     @property
@@ -38,4 +41,4 @@ def serve_limits(options: ServeOptions | None) -> Limits:
     """What NBD clients may cost: the options' limits, else the environment's."""
     if options is not None and options.limits is not None:
         return options.limits
-    return Limits(**Settings().nbd_limits())  # type: ignore[arg-type]
+    return Limits(**config.load().nbd_limits())  # type: ignore[arg-type]

@@ -2,8 +2,10 @@
 
 This process runs the manager and accepts NBD connections on one event loop (uvloop when
 available); the connections are served by worker processes, one per core by default
-(``serve.workers``), or in this process with ``workers=0``. Stateless machines start from
-an empty delta every time the server starts.
+(``serve.workers``), or in this process with ``workers=0``. Starting or stopping the
+server changes no delta: a stateless machine starts clean at its next boot
+(``serve.catalog``), so a client that reconnects across a restart or a crash of the server
+(qemu's ``reconnect-delay``) reads what it wrote.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from lamina import logs
-from lamina.delta.file import discard
-from lamina.errors import Conflict, LaminaError, UsageError
+from lamina.errors import LaminaError, UsageError
 from lamina.home import Home
 from lamina.locks import try_lock
 from lamina.manager.app import create_app
 from lamina.manager.console.auth import print_login_url
-from lamina.manager.services import machines
+from lamina.serve.control import Control, CopyOpen
 from lamina.serve.imagefiles import hydrated_dir
 from lamina.serve.options import ServeOptions
 from lamina.serve.tls import ServeTls, tls_setup, warn_if_exposed
@@ -39,18 +40,6 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise UsageError(f"bad {what} address {text!r}: expected HOST:PORT")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def reset_stateless(home: Home) -> list[str]:
-    """Discard the delta of every stateless machine; returns their names."""
-    with home.session() as session:
-        names = [m.name for m in machines.list_all(session) if m.mode == "stateless"]
-    for name in names:
-        try:
-            discard(home.deltas_dir / name)
-        except Conflict as exc:
-            raise Conflict(f"{exc}; is another `lamina serve` running on this home?") from None
-    return names
 
 
 async def serve(
@@ -79,7 +68,6 @@ async def _serve(
     stop: asyncio.Event | None,
 ) -> None:
     log = logs.setup(options.log_level)
-    reset = reset_stateless(home) if options.nbd is not None else []
     if options.nbd is not None:  # derived data of the last run (see serve.imagefiles)
         shutil.rmtree(hydrated_dir(home.cache_dir), ignore_errors=True)
     loop = asyncio.get_running_loop()
@@ -92,6 +80,16 @@ async def _serve(
     stop = stop or asyncio.Event()
     failed: list[str] = []
     block = await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else None
+    leave = None
+    if options.server_name is not None and options.nbd is not None:
+        from lamina.serve.cluster import advertised, join
+
+        address = advertised(options.nbd, options.advertise)
+        leave = await join(home, options.server_name, address, options.heartbeat, log)
+    # `lamina backup` asks the block server (the deltas' owner) to copy them at flush points
+    control = None
+    if block is not None:
+        control = await Control(home.root, home.deltas_dir, block[1], log).start()
     http = _http_server(home, options.http, tls) if options.http is not None else None
     http_task = asyncio.create_task(http.serve(sockets=[http_sock])) if http is not None else None
     if http_task is not None:
@@ -106,7 +104,6 @@ async def _serve(
         http=f"{options.http[0]}:{options.http[1]}" if options.http else None,
         tls=options.tls,
         workers=options.worker_count if options.nbd else None,
-        reset_stateless=reset,
     )
     if not options.tls:
         warn_if_exposed(log, options.hosts)
@@ -118,8 +115,12 @@ async def _serve(
     try:
         await stop.wait()
     finally:
+        if leave is not None:
+            await leave()
+        if control is not None:
+            control.close()
         if block is not None:
-            await block()
+            await block[0]()
         if http is not None and http_task is not None:
             http.should_exit = True
             with contextlib.suppress(asyncio.CancelledError):
@@ -139,9 +140,10 @@ async def _start_nbd(
     sock: socket.socket,
     stop: asyncio.Event,
     failed: list[str],
-) -> Callable[[], Awaitable[None]]:
-    """Serve NBD on ``sock`` (in workers, or here); returns what stops it. Workers that
-    keep dying at start set ``stop`` and say why in ``failed``."""
+) -> tuple[Callable[[], Awaitable[None]], CopyOpen]:
+    """Serve NBD on ``sock`` (in workers, or here); returns what stops it, and how to copy
+    an open delta for a backup. Workers that keep dying at start set ``stop`` and say why
+    in ``failed``."""
     if options.worker_count == 0:
         from lamina.serve.handshake import NbdService
 
@@ -152,7 +154,7 @@ async def _start_nbd(
             server.close()
             await service.close()
 
-        return stop_here
+        return stop_here, service.copy_delta
     from lamina.serve.workers import WorkerPool
 
     pool = WorkerPool(home, options, log)
@@ -173,7 +175,7 @@ async def _start_nbd(
         watch.cancel()
         await pool.stop()
 
-    return stop_workers
+    return stop_workers, pool.copy_delta
 
 
 def _lock_home(home: Home) -> int:

@@ -45,6 +45,7 @@ from lamina.errors import LaminaError
 from lamina.home import Home
 
 if TYPE_CHECKING:
+    from lamina.serve.handshake import NbdService
     from lamina.serve.options import ServeOptions
 
 _MESSAGE: Final = 64 << 10
@@ -166,12 +167,16 @@ class WorkerPool:
             "https_key": str(options.https_key) if options.https_key else None,
             # what clients may cost, as the parent was told (else from the environment)
             "limits": dataclasses.asdict(options.limits) if options.limits else None,
+            "server_name": options.server_name,
         }
         from lamina.serve.options import serve_limits
 
         self.workers: dict[int, _Worker] = {}
         self.per_address = serve_limits(options).connections_per_address
         self.owners: dict[str, int] = {}  # machine export -> the worker holding its delta
+        # delta copies asked of workers (``copy_delta``): request id -> (worker, answer)
+        self._copies: dict[int, tuple[int, asyncio.Future[bool]]] = {}
+        self._next_copy = 0
         self._stopping = False
         self._deaths: list[float] = []
         self.failed = asyncio.Event()  # workers keep dying at start: stop serving
@@ -249,14 +254,27 @@ class WorkerPool:
             return
         if kind == "ready":
             worker.ready.set()
+            for export in self.owners:  # what its siblings hold (see ``_held``)
+                worker.channel.send(("held", export, True))
         elif kind == "load":
             worker.load, worker.sent = message[1], 0
         elif kind == "opened":
             self.owners[message[1]] = index
+            self._held(index, message[1], True)
         elif kind == "closed" and self.owners.get(message[1]) == index:
             del self.owners[message[1]]
+            self._held(index, message[1], False)
         elif kind == "left":
             _leave(worker.addresses, message[1])
+        elif kind == "copied":
+            self._copied(message[1], message[2], message[3])
+
+    def _held(self, holder: int, export: str, held: bool) -> None:
+        """Tell the other workers that ``holder`` has machine ``export`` open (or no more):
+        their NBD_OPT_INFO then describes it as the holder's GO would, read-only."""
+        for w in self.workers.values():
+            if w.index != holder and not w.channel.closed:
+                w.channel.send(("held", export, held))
 
     def _route(self, sender: int, export: str, state: bytes, fd: int, address: str) -> None:
         """A connection whose machine a sibling holds: to the worker known to hold it, or
@@ -275,6 +293,27 @@ class WorkerPool:
         target.addresses[address] += 1
         target.channel.send(("conn", state), fd)
 
+    async def copy_delta(self, export: str, src: Path, dest: Path) -> bool:
+        """Have the worker holding ``export`` copy its delta at a flush point (see
+        ``NbdService.copy_delta``); False when no worker has it open."""
+        owner = self.owners.get(export)
+        worker = self.workers.get(owner) if owner is not None else None
+        if worker is None or worker.channel.closed:
+            return False
+        self._next_copy += 1
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._copies[self._next_copy] = (worker.index, answer)
+        worker.channel.send(("copy", self._next_copy, export, str(src), str(dest)))
+        return await answer
+
+    def _copied(self, request: int, copied: bool, error: str | None) -> None:
+        _index, answer = self._copies.pop(request, (0, None))
+        if answer is not None and not answer.done():
+            if error is not None:
+                answer.set_exception(LaminaError(error))
+            else:
+                answer.set_result(copied)
+
     def _lost(self, index: int) -> None:
         """A worker's channel ended: it is exiting (or gone); wait for it, replace it."""
         worker = self.workers.get(index)
@@ -284,7 +323,12 @@ class WorkerPool:
         if code is None:
             asyncio.get_running_loop().call_later(0.05, self._lost, index)
             return
-        self.owners = {k: v for k, v in self.owners.items() if v != index}
+        for export in [k for k, v in self.owners.items() if v == index]:
+            del self.owners[export]
+            self._held(index, export, False)
+        for request, (holder, _answer) in list(self._copies.items()):
+            if holder == index:  # its deltas' locks are free now: copied as closed ones
+                self._copied(request, False, None)
         now = time.monotonic()
         self._deaths = [t for t in self._deaths if now - t < 60] + [now]
         logs.event(self.log, "worker-exited", logging.ERROR, worker=index, code=code)
@@ -397,6 +441,14 @@ async def _worker(config: dict[str, Any]) -> None:
     tasks: set[asyncio.Task[None]] = set()
 
     def message(msg: tuple[Any, ...], fds: list[int]) -> None:
+        if msg[0] == "copy":
+            task = asyncio.ensure_future(_copy(service, channel, *msg[1:]))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            return
+        if msg[0] == "held":
+            service.catalog.held_elsewhere(msg[1], msg[2])
+            return
         if msg[0] != "conn" or not fds:
             for fd in fds:
                 os.close(fd)
@@ -423,6 +475,17 @@ async def _worker(config: dict[str, Any]) -> None:
         logs.event(log, "worker-stopped", **service.counters())
 
 
+async def _copy(
+    service: NbdService, channel: Channel, request: int, export: str, src: str, dest: str
+) -> None:
+    """A delta copy the parent asked for: answered ("copied", request, copied, error)."""
+    try:
+        copied, error = await service.copy_delta(export, Path(src), Path(dest)), None
+    except (LaminaError, OSError, ValueError) as exc:
+        copied, error = False, f"{export}: {exc}"
+    channel.send(("copied", request, copied, error))
+
+
 def _options(config: dict[str, Any]) -> ServeOptions:
     from lamina.nbd.limits import Limits
     from lamina.serve.options import ServeOptions
@@ -441,6 +504,7 @@ def _options(config: dict[str, Any]) -> ServeOptions:
         https_cert=Path(config["https_cert"]) if config["https_cert"] else None,
         https_key=Path(config["https_key"]) if config["https_key"] else None,
         limits=Limits(**config["limits"]) if config["limits"] else None,
+        server_name=config.get("server_name"),
     )
 
 

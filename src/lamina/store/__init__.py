@@ -9,6 +9,7 @@ cache.py     a byte-bounded LRU of decompressed chunks, shared in a process
 location.py  where a home's store lives (its folder, or s3://), recorded in the home
 remote.py    the store over a remote backend: checked ranged GETs behind a disk cache
 diskcache.py  a bounded disk cache of chunk envelopes, for remote packs
+leases.py    several homes on one bucket: import leases, condemn-then-delete gc
 backends/    where the packs live: a local directory, or memory for tests
 """
 

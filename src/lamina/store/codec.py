@@ -149,6 +149,20 @@ def parse_header(buf: bytes | memoryview, where: str = "object") -> Header:
     return Header(codec, plain_len, payload_len, bytes(cid))
 
 
+def peek(buf: bytes | memoryview, n: int) -> bytes:
+    """The first ``n`` bytes of an envelope's plaintext, unchecked: a hint (a magic) at the
+    cost of decompressing only that much; ``decode`` checks the whole."""
+    head = parse_header(buf)
+    payload = memoryview(buf)[HEADER_SIZE : HEADER_SIZE + head.payload_len]
+    if head.codec == CODEC_RAW:
+        return bytes(payload[:n])
+    try:
+        with _decompressor().stream_reader(payload) as reader:
+            return bytes(reader.read(n))
+    except zstandard.ZstdError:
+        return b""  # decode names the damage
+
+
 def decode(buf: bytes | memoryview, expected: bytes | None = None, verify: bool = True) -> bytes:
     """Unwrap an envelope and return the plaintext, checking its length and hash."""
     head = parse_header(buf)

@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Final
 from lamina.errors import StoreError, UsageError
 
 if TYPE_CHECKING:
+    from lamina.store.leases import Leases
     from lamina.store.store import ChunkStore
 
 RECORD: Final = "location.json"
@@ -79,12 +80,11 @@ def parse_size(text: str, name: str) -> int:
     return int(m.group(1)) << (10 * " kmgt".index((m.group(2) or " ").lower()))
 
 
-def resolve(store_dir: Path, env: Mapping[str, str]) -> StoreLocation:
-    """The home's recorded location, recording the environment's choice on first use."""
-    wanted = env.get("LAMINA_STORE_URL") or None
-    if wanted is not None:
-        wanted = parse_store_url(wanted)
-    endpoint = env.get("LAMINA_S3_ENDPOINT_URL") or None
+def resolve(store_dir: Path, store_url: str | None, endpoint: str | None) -> StoreLocation:
+    """The home's recorded location, recording the configured choice (``store_url``,
+    ``endpoint``: LAMINA_STORE_URL, LAMINA_S3_ENDPOINT_URL) on first use."""
+    wanted = parse_store_url(store_url) if store_url else None
+    endpoint = endpoint or None
     recorded = _read(store_dir)
     if recorded is None:
         if wanted is not None and any((store_dir / "packs").glob("*/*.pack")):
@@ -146,12 +146,15 @@ def _record(store_dir: Path, location: StoreLocation) -> StoreLocation:
     return found
 
 
-def open_store(store_dir: Path, env: Mapping[str, str] | None = None) -> ChunkStore:
-    """The home's chunk store: local, or a bucket with a bounded disk cache beside it."""
+def open_store(store_dir: Path, *, leases: Callable[[], Leases | None] | None = None) -> ChunkStore:
+    """The home's chunk store: local, or a bucket with a bounded disk cache beside it.
+    ``leases`` gives a bucket's writers and gc their leases when other homes may share it
+    (else the home's file lock keeps them apart)."""
+    from lamina.settings import load
     from lamina.store.store import ChunkStore
 
-    env = os.environ if env is None else env
-    location = resolve(store_dir, env)
+    settings = load()
+    location = resolve(store_dir, settings.store_url, settings.s3_endpoint_url)
     if location.is_local:
         return ChunkStore.open_local(store_dir)
     from lamina.store.backends.local import LocalBackend
@@ -161,13 +164,15 @@ def open_store(store_dir: Path, env: Mapping[str, str] | None = None) -> ChunkSt
     from lamina.store.remote import RemoteChunkStore
 
     capacity = DEFAULT_CACHE_BYTES
-    if env.get("LAMINA_STORE_CACHE_BYTES"):
-        capacity = parse_size(env["LAMINA_STORE_CACHE_BYTES"], "LAMINA_STORE_CACHE_BYTES")
+    if settings.store_cache_bytes:
+        capacity = parse_size(settings.store_cache_bytes, "LAMINA_STORE_CACHE_BYTES")
     backend = S3Backend(
         location.bucket,
         location.prefix,
         endpoint_url=location.endpoint_url,
-        lock=LocalBackend(store_dir).lock,  # one home per bucket prefix: its file lock
+        lock=LocalBackend(store_dir).lock,  # verify and reindex within this home
     )
     cache = DiskChunkCache(store_dir / "cache", capacity)
-    return RemoteChunkStore(backend, Index(store_dir / "index.sqlite"), cache)
+    store = RemoteChunkStore(backend, Index(store_dir / "index.sqlite"), cache)
+    store.leases = leases() if leases is not None else None
+    return store

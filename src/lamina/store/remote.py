@@ -189,14 +189,15 @@ class RemoteChunkStore(ChunkStore):
         lister: Listing = self.backend
         known = self.index.packs()
         present = dict(lister.list_sizes("packs/"))
+        # Gone first: a chunk repacked by another home's gc is then indexed in its new pack.
+        gone = known.keys() - present.keys()
+        for name in gone:
+            self.index.remove_pack(name)
         new = sorted(present.keys() - known.keys())
         with ThreadPoolExecutor(REINDEX_THREADS, thread_name_prefix="reindex") as pool:
             trailers = pool.map(lambda n: self._trailer(n, present[n]), new)
             for name, entries in zip(new, trailers, strict=True):
-                self.index.add_pack(name, present[name], entries)
-        gone = known.keys() - present.keys()
-        for name in gone:
-            self.index.remove_pack(name)
+                self.index_pack(name, present[name], entries)
         return len(new) + len(gone)
 
     def _trailer(self, name: str, size: int) -> list[Entry]:

@@ -11,6 +11,8 @@ hydrate.py    background hydration workers, each with its own connection
 device.py     the BlockDevice the endpoint serves, reading through the cache
 endpoint.py   ``lamina stream``: NBD server, hydration, status, control socket
 sync.py       ``lamina stream sync``: upload the sealed delta, merge, clear
+fuse.py       the FUSE protocol for one read-only file (pure)
+layerfile.py  a layer's EROFS image as a FUSE file whose chunks come on first read
 
 The delta format and blobs it shares with the block server are in ``lamina.delta``; the
 manager's side of a sync is ``lamina.delta.uploads``.

@@ -155,7 +155,7 @@ class StreamCatalog:
     def names(self) -> list[str]:
         return list(self.devices)
 
-    def open(self, name: str) -> BlockDevice:
+    def open(self, name: str, client: str) -> BlockDevice:
         device = self.devices.get(name)
         if device is None:
             raise LaminaError(f"no export {name!r}")
@@ -168,7 +168,7 @@ class StreamCatalog:
             self.on_first()
         return device
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, device: BlockDevice, *, ended: bool) -> None:
         if self.devices.get(name) is not self.device:
             return
         with self._lock:

@@ -3,14 +3,11 @@ check the manager (httpx and http.client both take an ``ssl.SSLContext``)."""
 
 from __future__ import annotations
 
-import os
 import ssl
 from pathlib import Path
 
 from lamina.errors import UsageError
 from lamina.trust.authority import CA_CERT
-
-CA_ENV = "LAMINA_CA"
 
 
 def server_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
@@ -31,8 +28,9 @@ def ca_file(ca: Path | None) -> Path | None:
     """The CA certificate named by ``--ca`` (a file, or a credentials folder holding
     ``ca-cert.pem``), else by ``$LAMINA_CA``; None for the system's trust store."""
     if ca is None:
-        env = os.environ.get(CA_ENV)
-        ca = Path(env) if env else None
+        from lamina.settings import load
+
+        ca = load().ca
     if ca is None:
         return None
     path = ca / CA_CERT if ca.is_dir() else ca

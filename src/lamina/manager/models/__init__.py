@@ -8,6 +8,8 @@ layers.py     layers, their versions and bases, mounted roots
 access.py     users, groups, entitlements, writable layers, user sessions
 stream.py     boot profiles
 credentials.py   TLS client credentials issued by the home's CA, by serial
+roots.py      removed roots: the manifests of removed versions, which gc may collect
+cluster.py    block servers and heartbeats, store leases, condemned packs
 uploads.py    chunks machines uploaded that no saved layer version holds yet
 """
 
@@ -21,6 +23,7 @@ from lamina.manager.models.access import (
     WritableLayer,
 )
 from lamina.manager.models.base import Base, utcnow
+from lamina.manager.models.cluster import BlockServer, CondemnedPack, StoreLease
 from lamina.manager.models.credentials import Credential
 from lamina.manager.models.images import Image, ImageVersion, Setting, VersionCounter
 from lamina.manager.models.layers import (
@@ -31,13 +34,16 @@ from lamina.manager.models.layers import (
     LayerVersionBase,
 )
 from lamina.manager.models.machines import Machine
+from lamina.manager.models.roots import RemovedRoot
 from lamina.manager.models.stream import BootProfile
 from lamina.manager.models.uploads import StagedChunk
 
 __all__ = [
     "Base",
+    "BlockServer",
     "BootProfile",
     "Change",
+    "CondemnedPack",
     "Credential",
     "Entitlement",
     "Group",
@@ -50,8 +56,10 @@ __all__ = [
     "LayerVersionBase",
     "Machine",
     "Membership",
+    "RemovedRoot",
     "Setting",
     "StagedChunk",
+    "StoreLease",
     "User",
     "UserSession",
     "VersionCounter",

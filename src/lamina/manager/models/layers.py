@@ -9,6 +9,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     UniqueConstraint,
 )
@@ -47,6 +48,12 @@ class LayerVersion(Base):
         ForeignKey("layer_versions.id", ondelete="SET NULL"), nullable=True
     )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The version's EROFS image, built once on first demand (``lamina.layer.erofs``), and
+    # its read-ahead profile: image chunk indices in first-read order, u32 little-endian,
+    # merged from the first ``image_profile_runs`` sessions (``lamina.image.profile``).
+    image_manifest_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    image_profile: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    image_profile_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     layer: Mapped[Layer] = relationship(back_populates="versions")
     bases: Mapped[list[LayerVersionBase]] = relationship(

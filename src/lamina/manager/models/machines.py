@@ -31,6 +31,8 @@ class Machine(Base):
     token_hash: Mapped[str] = mapped_column(String(64), index=True)  # SHA-256 of agent token
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_boot_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # the block server that serves it (``services.servers``); None outside a cluster
+    server_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
 
     image_version: Mapped[ImageVersion] = relationship()
 

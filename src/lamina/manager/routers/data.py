@@ -2,6 +2,11 @@
 
     GET /api/v1/images/{name}/versions/{version}/manifest   the serialized manifest
     GET /api/v1/chunks/{id}                                  a chunk's stored envelope
+    POST /api/v1/chunks/batch  {"ids": [...]}                several envelopes, framed as
+        uploads are (32-byte id, 4-byte big-endian length, envelope), for a prefix of the
+        ids asked (at least one, up to BATCH_BYTES): the caller asks again for the rest.
+        A small layer comes in one round trip instead of one per file (under emulation,
+        the per-request cost made fetching a 100-file layer take 0.74 s).
 
 Chunks travel as stored (compressed envelope, see ``lamina.store.codec``): the receiver
 checks the BLAKE3 id of the plaintext, so a corrupt transfer is never used. Both carry a
@@ -13,12 +18,17 @@ anything.
 
 from __future__ import annotations
 
+import struct
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Response, status
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
 from lamina.errors import NotFound, Refused
-from lamina.manager.deps import CallerDep, HomeDep, ReadSessionDep
+from lamina.home import Home
+from lamina.manager.deps import Caller, CallerDep, HomeDep, ReadSessionDep
+from lamina.manager.schemas import HexId
 from lamina.manager.services import agents, images
 from lamina.manager.services.readable import Readable
 from lamina.names import MAX_VERSION, Ref, check_name
@@ -29,6 +39,14 @@ router = APIRouter(prefix="/api/v1", tags=["data"])
 IMMUTABLE = "private, max-age=31536000, immutable"
 CHUNK_TYPE = "application/vnd.lamina.chunk"
 MANIFEST_TYPE = "application/vnd.lamina.manifest"
+BATCH_TYPE = "application/vnd.lamina.chunks"
+BATCH_IDS = 4096
+BATCH_BYTES = 32 << 20
+RECORD = struct.Struct(">32sI")
+
+
+class ChunkBatch(BaseModel):
+    ids: list[HexId] = Field(min_length=1, max_length=BATCH_IDS)
 
 
 def _etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -77,17 +95,7 @@ def get_chunk(
         cid = b""
     if len(cid) != 32:
         raise NotFound("chunk ids are 64 hex digits")
-    if not caller.admin:
-        machine = caller.machine
-        assert machine is not None
-        conn = session.connection()
-        may = Readable(
-            home.store,
-            machine.image_version.manifest_id,
-            lambda: agents.allowed_manifests(conn, machine_id=machine.id),
-        )
-        if not may.allows(cid):
-            raise Refused("chunk not referenced by this machine")
+    _readable(caller, home, session).check(cid)
     etag = f'"{chunk_id.lower()}"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
     if _etag_matches(if_none_match, etag):
@@ -97,3 +105,56 @@ def get_chunk(
     except NotFound:
         raise NotFound("no such chunk") from None
     return Response(body, media_type=CHUNK_TYPE, headers=headers)
+
+
+class _Check:
+    """The one question every chunk answer asks first: may this caller read ``cid``."""
+
+    def __init__(self, may: Readable | None) -> None:
+        self.may = may  # None: the admin, who may read anything
+
+    def check(self, cid: bytes) -> None:
+        if self.may is not None and not self.may.allows(cid):
+            raise Refused("chunk not referenced by this machine")
+
+
+def _readable(caller: Caller, home: Home, session: Session) -> _Check:
+    """What the caller may read: the admin anything, a machine what its image version and
+    the layers it may read reference (asked of the database afresh, once per request)."""
+    if caller.admin:
+        return _Check(None)
+    machine = caller.machine
+    assert machine is not None
+    conn = session.connection()
+    return _Check(
+        Readable(
+            home.store,
+            machine.image_version.manifest_id,
+            lambda: agents.allowed_manifests(conn, machine_id=machine.id),
+        )
+    )
+
+
+@router.post(
+    "/chunks/batch",
+    response_class=Response,
+    responses={200: {"content": {BATCH_TYPE: {}}}, 401: {}, 403: {}, 404: {}, 422: {}},
+)
+def get_chunks(
+    body: ChunkBatch, caller: CallerDep, home: HomeDep, session: ReadSessionDep
+) -> Response:
+    """Several chunks' envelopes in one answer (a prefix of ``ids``; ask for the rest)."""
+    ids = [bytes.fromhex(c) for c in body.ids]
+    may = _readable(caller, home, session)
+    for cid in ids:  # every one checked before anything is read: no existence answers
+        may.check(cid)
+    out = bytearray()
+    for cid in ids:
+        try:
+            envelope = home.store.get_envelope(cid)
+        except NotFound:
+            raise NotFound(f"no chunk {cid.hex()}") from None
+        if out and len(out) + len(envelope) > BATCH_BYTES:
+            break
+        out += RECORD.pack(cid, len(envelope)) + envelope
+    return Response(bytes(out), media_type=BATCH_TYPE, headers={"Cache-Control": "no-store"})

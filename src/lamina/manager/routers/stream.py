@@ -30,7 +30,7 @@ from starlette.background import BackgroundTask
 from lamina.delta import transfer, uploads
 from lamina.errors import Conflict, Refused
 from lamina.home import Home
-from lamina.identity import identity_from_machine, seed_image
+from lamina.identity import seed_image
 from lamina.manager.deps import HomeDep, get_caller
 from lamina.manager.models import ImageVersion
 from lamina.manager.routers.data import CHUNK_TYPE, IMMUTABLE
@@ -205,7 +205,7 @@ def get_seed(name: str, caller: WhoDep, home: HomeDep) -> Response:
     streamed machine finds its identity offline too."""
     _machine(home, name, caller)
     with home.session() as session:
-        data = seed_image(identity_from_machine(machines.get(session, name)))
+        data = seed_image(*machines.seed_of(session, machines.get(session, name), home))
     return Response(data, media_type=SEED_TYPE, headers={"Cache-Control": "no-store"})
 
 

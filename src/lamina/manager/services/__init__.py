@@ -6,6 +6,7 @@ images.py           images and their versions
 machines.py         machines: add, show, change (identity, mode, re-pin), reset, remove
 commit.py           a machine's delta committed as a new image version
 layers.py           layers, their versions and bases, mounted roots; removing them
+layer_images.py     layer versions' EROFS images, built once and recorded; read-ahead profiles
 versions.py         numbering NAME@1, NAME@2, ... (images and layers alike)
 access.py           users, groups, memberships, entitlements
 changes.py          telling agents their desired state changed (the changes table)
@@ -18,6 +19,10 @@ fleet.py            paged, filtered views of the fleet (admin API and console)
 console.py          what the console shows beyond the other services
 console_access.py   the console's views of layers, users and groups
 store.py            what the chunk store must keep (the roots), for gc and verify
+recovery.py         roots in the store the database does not know: kept by gc, listed
+                    by reindex (what the packs can tell)
 settings.py         installation settings kept in the database
 credentials.py      TLS client credentials: issue, rotate, whom a certificate stands for
+hypervisor.py       a machine as a libvirt domain or a qemu command line (NBD disk, seed, MAC)
+servers.py          block servers and their heartbeats; which one serves each machine
 """

@@ -481,6 +481,14 @@ def allowed_manifests(conn: Connection, *, machine_id: int) -> set[str]:
                 .where(W.c.user_id.in_(user_ids))
             )
         )
+    if found:  # and the EROFS images of those versions (lazily attached layers)
+        found |= {
+            i
+            for i in conn.scalars(
+                select(LV.c.image_manifest_id).where(LV.c.manifest_id.in_(sorted(found)))
+            )
+            if i is not None
+        }
     return found
 
 

@@ -30,7 +30,7 @@ from lamina.manager.models import (
     User,
     UserSession,
 )
-from lamina.manager.services import access, fleet
+from lamina.manager.services import access, fleet, servers
 from lamina.store import ChunkStore
 
 # Logins counted for the dashboard's rate (sessions started this long ago or later).
@@ -169,6 +169,7 @@ class MachineDetail:
     network: str | None
     created_at: datetime
     entitlements: list[access.EntitlementRow]
+    server: servers.Assigned | None = None  # its block server, in a cluster
 
 
 def _yaml(text: str | None) -> str | None:
@@ -199,6 +200,7 @@ def machine_detail(session: Session, *, deltas: Path, name: str) -> MachineDetai
         network=_yaml(m.network),
         created_at=m.created_at,
         entitlements=ents,
+        server=servers.assigned(session, m),
     )
 
 

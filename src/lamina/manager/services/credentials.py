@@ -21,6 +21,7 @@ from lamina.trust.principal import (
     Principal,
     serial_text,
 )
+from lamina.units import timestamp
 
 
 def issue(
@@ -82,7 +83,7 @@ def principal_of(session: Session, shown: Presented | None) -> Principal:
     if row is None or row.kind != shown.unit or row.name != shown.name:
         return Principal(Kind.NOBODY, reason="this credential is unknown to this server")
     if row.revoked_at is not None:
-        when = row.revoked_at.strftime("%Y-%m-%d %H:%M:%S")
+        when = timestamp(row.revoked_at)
         return Principal(Kind.NOBODY, reason=f"this credential was revoked ({when}, rotated)")
     if _aware(row.expires_at) <= datetime.now(UTC):
         return Principal(Kind.NOBODY, reason="this credential has expired")

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
+from lamina.errors import UsageError
 from lamina.manager.models import (
     Entitlement,
     Image,
@@ -47,8 +48,11 @@ def list_machines(
     q: str = "",
     image: str | None = None,
     mode: str | None = None,
+    state: str | None = None,
 ) -> tuple[list[Machine], int]:
     query = select(Machine)
+    if state:
+        query = query.where(_in_state(state))
     if q:
         query = query.where(Machine.name.contains(q, autoescape=True))
     if mode:
@@ -67,6 +71,20 @@ def list_machines(
         .limit(limit)
     )
     return list(rows), total
+
+
+# What a machine is doing: never booted, booted at least once, a user logged on.
+STATES = ("new", "booted", "in-use")
+
+
+def _in_state(state: str) -> Any:
+    if state == "new":
+        return Machine.last_boot_at.is_(None)
+    if state == "booted":
+        return Machine.last_boot_at.is_not(None)
+    if state == "in-use":
+        return select(UserSession.machine_id).where(UserSession.machine_id == Machine.id).exists()
+    raise UsageError(f"unknown machine state {state!r} (one of: {', '.join(STATES)})")
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,9 @@ Each operation holds every rule it obeys, whoever calls it (the CLI on a home or
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import secrets
+import hmac
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,12 +28,13 @@ from sqlalchemy.orm import Session, joinedload
 
 from lamina.errors import AlreadyExists, NotFound, Unconfirmed, UsageError
 from lamina.manager.models import ImageVersion, Machine
-from lamina.manager.services import images
+from lamina.manager.services import images, servers
 from lamina.names import check_name, parse_ref
 from lamina.units import human_bytes
 
 if TYPE_CHECKING:
     from lamina.home import Home
+    from lamina.identity import AgentSeed, Identity
     from lamina.manager.schemas import MachineUpdate
 
 MODES = ("stateless", "stateful")
@@ -41,6 +43,25 @@ STATEFUL = "stateful"
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def derive_token(key: str, name: str, machine_id: str) -> str:
+    """A machine's agent token: HMAC-SHA256 of its name and machine-id under the
+    installation's token key, so the seed disk can hand it to the machine while only its
+    hash sits in the machine's row. A new machine-id gives a new token."""
+    mac = hmac.new(key.encode(), f"lamina agent token\0{name}\0{machine_id}".encode(), "sha256")
+    return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
+
+
+def seed_token(session: Session, machine: Machine) -> str | None:
+    """The token a machine's seed carries: the derived one while it is the machine's
+    token (None for a token made otherwise, which cannot be recovered from its hash)."""
+    from lamina.manager.services import settings
+
+    token = derive_token(
+        settings.secret(session, settings.TOKEN_KEY), machine.name, machine.machine_id
+    )
+    return token if hmac.compare_digest(hash_token(token), machine.token_hash) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,17 +100,24 @@ def add(
     hostname: str | None = None,
     mac: str | None = None,
     domain: str | None = None,
+    extra_config: dict[str, Any] | None = None,
 ) -> Added:
-    """Create a machine pinned to ``image`` (NAME for its latest version, or NAME@V)."""
+    """Create a machine pinned to ``image`` (NAME for its latest version, or NAME@V), its
+    first identity revision holding ``extra_config`` (#cloud-config keys) if given."""
     from lamina.identity import identity_columns, new_identity
 
     check_name(name, "machine name")
     version = images.get_version(session, parse_ref(image, "image name"))
-    identity = new_identity(name, hostname=hostname, mac=mac, domain=domain)
+    from lamina.manager.services import settings
+
+    identity = new_identity(
+        name, hostname=hostname, mac=mac, domain=domain, extra_config=extra_config or None
+    )
     if session.scalar(select(Machine.id).where(Machine.name == name)) is not None:
         raise AlreadyExists(f"a machine named {name!r} already exists")
     _check_unique(session, machine_id=None, mac=identity.mac, fqdn=identity.fqdn)
-    token = secrets.token_urlsafe(32)
+    key = settings.secret(session, settings.TOKEN_KEY)
+    token = derive_token(key, name, identity.machine_id)
     machine = Machine(
         name=name,
         image_version=version,
@@ -102,7 +130,28 @@ def add(
         session.flush()
     except IntegrityError:
         raise AlreadyExists(f"a machine named {name!r} already exists") from None
+    servers.assign(session, machine)  # the least loaded block server, in a cluster
     return Added(machine, token)
+
+
+def seed_of(
+    session: Session, machine: Machine, home: Home | None = None
+) -> tuple[Identity, AgentSeed | None]:
+    """What the machine's seed disk is made of: its identity, and the agent's settings
+    once the manager's URL for machines is known (``serve --agent-url``), with the home's
+    CA certificate for an https:// URL."""
+    from lamina.identity import AgentSeed, identity_from_machine
+    from lamina.manager.services import settings
+    from lamina.trust.authority import CA_CERT
+
+    identity = identity_from_machine(machine)
+    url = settings.get(session, settings.AGENT_URL)
+    token = seed_token(session, machine) if url else None
+    if not url or not token:
+        return identity, None
+    ca = home.tls_dir / CA_CERT if home is not None else None
+    pem = ca.read_bytes() if url.startswith("https:") and ca is not None and ca.exists() else None
+    return identity, AgentSeed(url, token, pem)
 
 
 def get(session: Session, name: str) -> Machine:
@@ -135,6 +184,11 @@ def pin(session: Session, *, machine: Machine, version: ImageVersion) -> None:
 
 
 # -- what touches the delta -------------------------------------------------------------------
+
+
+def delta_blocks(home: Home, name: str) -> int:
+    """Blocks a machine's delta holds on this home."""
+    return _held_blocks(home, name)
 
 
 def _held_blocks(home: Home, name: str) -> int:
@@ -236,13 +290,16 @@ def _repin_target(session: Session, machine: Machine, image: str | None) -> Imag
         return None
     version = images.get_version(session, parse_ref(image, "image name"))
     if version.id == machine.image_version_id:
-        raise UsageError(f"{machine.name} already runs {version.ref}")
+        return None  # already pinned there: nothing to re-pin, its delta stays
     return version
 
 
 def _set_identity(session: Session, machine: Machine, update: MachineUpdate) -> None:
+    """Identity fields from ``update``; a new machine-id gives the machine a new agent
+    token (its seed carries it at the next boot)."""
     from lamina.identity import apply_identity, identity_from_machine
     from lamina.identity.model import update_identity
+    from lamina.manager.services import settings
 
     changes: dict[str, Any] = {
         key: value
@@ -264,4 +321,8 @@ def _set_identity(session: Session, machine: Machine, update: MachineUpdate) -> 
     if updated is not current:
         if (updated.mac, updated.fqdn) != (current.mac, current.fqdn):
             _check_unique(session, machine_id=machine.id, mac=updated.mac, fqdn=updated.fqdn)
+        derived = seed_token(session, machine) is not None
         apply_identity(machine, updated)
+        if derived and updated.machine_id != current.machine_id:
+            key = settings.secret(session, settings.TOKEN_KEY)
+            machine.token_hash = hash_token(derive_token(key, machine.name, updated.machine_id))

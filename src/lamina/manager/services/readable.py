@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from lamina.image import Manifest
+from lamina.image.manifest import MAGIC as IMAGE_MAGIC
 from lamina.layer.importer import load_tree
 from lamina.store import ChunkStore
 
@@ -49,6 +50,10 @@ def _image_refs(store: ChunkStore, manifest_id: bytes) -> frozenset[bytes]:
 
 
 def _tree_refs(store: ChunkStore, manifest_id: bytes) -> frozenset[bytes]:
+    """A layer version's references: its tree's, or its EROFS image's (an image manifest)."""
+    data = store.get(manifest_id)
+    if data[:4] == IMAGE_MAGIC:
+        return frozenset(Manifest.from_bytes(data).referenced() | {manifest_id})
     return frozenset(load_tree(store, manifest_id).referenced() | {manifest_id})
 
 

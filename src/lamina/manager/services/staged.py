@@ -17,9 +17,9 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Connection, Table, bindparam, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from lamina import settings as config
 from lamina.errors import LimitExceeded
 from lamina.manager.models import StagedChunk
-from lamina.settings import Settings
 
 QUOTA = 8 << 30
 STALE_AFTER = timedelta(hours=24)
@@ -51,7 +51,7 @@ for _name, _dialect in (("postgresql", postgresql), ("sqlite", sqlite)):
 
 
 def quota() -> int:
-    return Settings().upload_quota_bytes or QUOTA
+    return config.load().upload_quota_bytes or QUOTA
 
 
 def _since() -> datetime:

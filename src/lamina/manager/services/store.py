@@ -37,6 +37,9 @@ def roots(session: Session, *, store: ChunkStore) -> Iterator[Root]:
     for lv in layers.list_all_versions(session):
         mid = bytes.fromhex(lv.manifest_id)
         yield Root(f"layer {lv.layer.name}@{lv.version}", mid, lv.size, layer_refs(mid))
+        if lv.image_manifest_id is not None:  # its EROFS image (lamina.layer.erofs)
+            iid = bytes.fromhex(lv.image_manifest_id)
+            yield Root(f"layer image {lv.layer.name}@{lv.version}", iid, 0, image_refs(iid))
 
 
 def live_chunks(session: Session, *, store: ChunkStore) -> set[bytes]:

@@ -1,4 +1,4 @@
-"""A minimal asyncio NBD client over the sans-I/O client state machine, for lamina's own
+"""A minimal asyncio NBD client over the sans-I/O client state machine: for lamina's own
 tools and tests (qemu and libnbd are the real clients)."""
 
 from __future__ import annotations
