@@ -15,15 +15,19 @@ DEBS_DEMO := qemu-utils qemu-system-x86 extlinux syslinux-common e2fsprogs mount
 # The tests: real NBD clients and peers (nbdinfo, nbdcopy, nbdkit, nbd-server, fio),
 # layer and image tools, PostgreSQL, Chromium for the console's browser tests, the
 # single-node Ceph cluster whose RADOS Gateway the object-store tests use (no ceph-mgr:
-# the gateway runs without one), systemd-analyze for the service units, and libvirt's
-# client with its test driver and schemas (checked with xmllint) for the domain XML.
+# the gateway runs without one), systemd-analyze for the service units, libvirt's client
+# with its test driver and schemas (checked with xmllint) for the domain XML, and network
+# boot: qemu's iPXE ROMs, iPXE's binaries for chainloading, UEFI firmware, dnsmasq (its
+# --test checks the proxy-DHCP configuration), sfdisk (partition tables).
 DEBS_TEST := $(DEBS_BASE) $(DEBS_DEMO) libnbd-bin nbdkit nbd-server fio squashfs-tools \
         xorriso busybox-static dosfstools mtools cpio kmod zstd curl postgresql chromium \
         ceph-mon ceph-osd radosgw ceph-common systemd libvirt-clients libxml2-utils \
-        mmdebstrap openssh-client
+        mmdebstrap openssh-client ipxe ipxe-qemu ovmf dnsmasq-base fdisk iproute2
 # The VM end-to-end runs: the demo's packages, the NBD clients, and what `lamina image
-# build` makes the Debian machines with (mmdebstrap) and reaches them by (ssh).
-DEBS_E2E := $(DEBS_BASE) $(DEBS_DEMO) libnbd-bin mmdebstrap openssh-client
+# build` makes the Debian machines with (mmdebstrap) and reaches them by (ssh), network
+# boot (iPXE, UEFI firmware, dnsmasq for proxy DHCP).
+DEBS_E2E := $(DEBS_BASE) $(DEBS_DEMO) libnbd-bin mmdebstrap openssh-client \
+        ipxe ipxe-qemu ovmf dnsmasq-base fdisk iproute2 nbd-client
 # The benchmarks: their anchors (qemu-nbd, borg, casync, nbdkit, nbd-server) and fio.
 DEBS_BENCH := $(DEBS_BASE) $(DEBS_DEMO) libnbd-bin nbdkit nbd-server fio borgbackup casync \
         ceph-mon ceph-osd radosgw ceph-common

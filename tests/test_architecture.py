@@ -32,7 +32,7 @@ TIERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("chunk store, NBD protocol, TLS trust", frozenset({"store", "nbd", "trust"})),
     ("a home's folders, identities", frozenset({"home", "identity"})),
     ("images", frozenset({"image"})),
-    ("machine deltas, file-tree layers", frozenset({"delta", "layer"})),
+    ("machine deltas, file-tree layers, network boot", frozenset({"delta", "layer", "netboot"})),
     ("rebase, streaming endpoint", frozenset({"rebase", "stream"})),
     ("manager: database, services, API, console", frozenset({"manager"})),
     ("block server, guest agent", frozenset({"serve", "agent"})),

@@ -11,6 +11,7 @@ agent      the guest agent: identity, layers at login, live attach, writable lay
 manager    database, services, HTTP API and console
 rebase     3-way rebase of writable layers onto patched bases
 stream     the streaming endpoint (``lamina stream``)
+netboot    network boot: boot files read from an image's ext4, iPXE scripts, dnsmasq
 delta      machine deltas: the delta files, blobs, staged uploads, the machine's disk
 layer      file-tree layers: import, capture, mount a composed root, live attach
 image      block images: import, export, manifests, reads, boot-profile format

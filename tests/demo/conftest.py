@@ -1,7 +1,7 @@
 """The demo image, built once and kept between runs.
 
 The cache lives in ``$LAMINA_TEST_CACHE`` (default ``/var/tmp/lamina-test-cache``), not in
-a test's home, so only the first run pays for the build (about 4 s and 28 MB of Debian
+a test's home, so only the first run pays for the build (10-30 s and 33 MB of Debian
 packages); later runs reuse it. Delete the folder to force a rebuild.
 """
 

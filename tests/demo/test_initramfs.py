@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lamina.demo import cpio
 from lamina.demo.initramfs import BOOT_PREFIX, INIT, build_initramfs
 from lamina.demo.kmod import load_order, modinfo
 from lamina.errors import NotFound
+from lamina.netboot import cpio
 
 
 def fake_module(path: Path, depends: str) -> Path:
@@ -101,3 +101,29 @@ def test_initramfs_holds_init_busybox_and_modules(modules: Path) -> None:
     assert {"init", "bin/busybox", "bin/sh", "dev/console", "lib/modules/load-order"} <= set(names)
     assert "lib/modules/virtio_blk.ko" in names
     assert f'echo "{BOOT_PREFIX}hostname=' in INIT and "poweroff -f" in INIT
+
+
+def test_userland_closure_matches_ldd(tmp_path: Path) -> None:
+    """The libraries found by following DT_NEEDED are the ones ld.so would load (ldd)."""
+    from lamina.demo.userland import CLIENT_PATH, closure, interpreter
+
+    program = Path("/usr/bin/curl")  # a program with a deep library tree (TLS, HTTP/2, ...)
+    listed = subprocess.run(
+        ["ldd", str(program)], capture_output=True, text=True, check=True
+    ).stdout
+    expected = {line.split()[0] for line in listed.splitlines() if "=>" in line}
+    root = tmp_path / "root"
+    (root / "sbin").mkdir(parents=True)
+    (root / CLIENT_PATH).write_bytes(program.read_bytes())
+    libs = root / "lib" / "x86_64-linux-gnu"
+    libs.mkdir(parents=True)
+    for line in listed.splitlines():
+        if "=>" in line:
+            name, _, path = line.split()[:3]
+            (libs / name).symlink_to(path)
+    loader = interpreter(program.read_bytes())
+    (libs / Path(loader).name).symlink_to(loader)
+    files = closure(root)
+    assert {Path(p).name for p in files if p.startswith("lib/x86_64-linux-gnu/")} == expected
+    assert files[loader.lstrip("/")] == Path(loader).read_bytes()
+    assert files[CLIENT_PATH] == program.read_bytes()

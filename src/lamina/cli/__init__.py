@@ -19,6 +19,7 @@ credentials.py   lamina machine credentials NAME | lamina admin credentials (TLS
 admin.py     lamina admin token
 demo.py      lamina demo
 guest.py     lamina image build, lamina guest install
+netboot.py   lamina netboot dnsmasq
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from lamina.cli import (
     layer,
     machine,
     mount,
+    netboot,
     options,
     rebase,
     serve,
@@ -74,6 +76,7 @@ app.add_typer(admin.app, name="admin")
 app.add_typer(agent.app, name="agent")
 app.add_typer(stream.app, name="stream")
 app.add_typer(rebase.app, name="rebase")
+app.add_typer(netboot.app, name="netboot")
 home.register(app)
 mount.register(app)
 serve.register(app)

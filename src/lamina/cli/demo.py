@@ -18,6 +18,10 @@ def register(root: typer.Typer) -> None:
 def demo(
     nbd_port: Annotated[int, typer.Option("--nbd-port", help="Preferred NBD port.")] = 10809,
     http_port: Annotated[int, typer.Option("--http-port", help="Preferred HTTP port.")] = 8480,
+    pxe: Annotated[
+        bool,
+        typer.Option("--pxe", help="The machines have no disk: they boot from the network."),
+    ] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -25,8 +29,11 @@ def demo(
 
     Example: lamina demo --nbd-port 10809 --http-port 8480
     """
+    from lamina.demo.netboot_demo import run_pxe_demo
     from lamina.demo.showcase import run_demo
     from lamina.manager.home import init_home
+
+    run = run_pxe_demo if pxe else run_demo
 
     h = init_home(home).home  # the demo makes its home (the default one) on first run
     started = time.monotonic()
@@ -36,10 +43,10 @@ def demo(
             out.print(f"[dim]{time.monotonic() - started:6.1f}s[/dim]  {line}", soft_wrap=True)
 
     if as_json:
-        result = run_demo(h, say, nbd_port=nbd_port, http_port=http_port)
+        result = run(h, say, nbd_port=nbd_port, http_port=http_port)
     else:
         with out.status("lamina demo", spinner="dots"):
-            result = run_demo(h, say, nbd_port=nbd_port, http_port=http_port)
+            result = run(h, say, nbd_port=nbd_port, http_port=http_port)
     if as_json:
         emit_json(dataclasses.asdict(result))
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -31,6 +31,9 @@ from lamina.cli.common import (
     table,
 )
 from lamina.units import timestamp
+
+if TYPE_CHECKING:
+    from lamina.home import Home
 
 app = typer.Typer(help="Machines: identity, pinned image version, delta.", no_args_is_help=True)
 delta_app = typer.Typer(help="Machine deltas.", no_args_is_help=True)
@@ -92,6 +95,9 @@ def list_(
             "--state", help="Only machines never booted (new), booted, or with a user (in-use)."
         ),
     ] = None,
+    new: Annotated[
+        bool, typer.Option("--new", help="Devices that asked to boot and are no machine yet.")
+    ] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -103,6 +109,9 @@ def list_(
     from lamina.manager.services import fleet, servers
 
     h = open_home(home)
+    if new:
+        _list_new(h, as_json)
+        return
     rows: list[dict[str, Any]] = []
     with h.session(read_only=True) as session:
         server_names = {s.id: s.name for s in servers.all_servers(session)}
@@ -144,6 +153,44 @@ def list_(
         for cell, r in zip(cells, rows, strict=True):
             cell.append(r["server"] or "-")
     table(columns, cells)
+
+
+def _list_new(h: Home, as_json: bool) -> None:
+    from lamina.manager.services import netboot
+
+    with h.session(read_only=True) as session:
+        rows: list[dict[str, Any]] = [
+            {
+                "mac": d.mac,
+                "first_seen": d.first_seen.isoformat(timespec="seconds"),
+                "last_seen": d.last_seen.isoformat(timespec="seconds"),
+                "requests": d.requests,
+                "address": d.address,
+                "platform": d.platform,
+                "arch": d.arch,
+                "manufacturer": d.manufacturer,
+                "product": d.product,
+                "serial": d.serial,
+                "uuid": d.uuid,
+            }
+            for d in netboot.new_devices(session)
+        ]
+    if as_json:
+        emit_json(rows)
+        return
+    table(
+        ["MAC", "LAST SEEN", "TRIES", "FIRMWARE", "DEVICE"],
+        [
+            [
+                r["mac"],
+                r["last_seen"][:16].replace("T", " "),
+                r["requests"],
+                "/".join(filter(None, (r["platform"], r["arch"]))) or "-",
+                " ".join(filter(None, (r["manufacturer"], r["product"], r["serial"]))) or "-",
+            ]
+            for r in rows
+        ],
+    )
 
 
 @app.command("show")
@@ -255,7 +302,10 @@ def move(
 ) -> None:
     """Serve a machine from another block server from its next boot; a stateful
     machine's delta goes with it through the store (committed as NAME.state@N, the
-    machine re-pinned to it). Run it on the home of the machine's current server."""
+    machine re-pinned to it). Run it on the home of the machine's current server.
+
+    Example: lamina machine move desk-007 --to server-b
+    """
     from lamina.manager.services import servers
 
     moved = servers.move(open_home(home), name=name, to=to, force=force)

@@ -68,7 +68,6 @@ def serve(
         str | None,
         typer.Option(
             "--server-name",
-            envvar="LAMINA_SERVER_NAME",
             help="Join the block servers of this database under this name (machines are"
             " assigned to the least loaded).",
         ),
@@ -77,19 +76,17 @@ def serve(
         str | None,
         typer.Option(
             "--advertise",
-            envvar="LAMINA_ADVERTISE",
             help="HOST:PORT machines dial for this server's NBD [the --nbd address].",
         ),
     ] = None,
     heartbeat: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--heartbeat",
-            envvar="LAMINA_HEARTBEAT",
             min=0.1,
-            help="Seconds between heartbeats; lost after three missed.",
+            help="Seconds between heartbeats; lost after three missed [5].",
         ),
-    ] = 5.0,
+    ] = None,
     agent_url: Annotated[
         str | None,
         typer.Option(
@@ -98,6 +95,40 @@ def serve(
             " default: serve.agent_url of the configuration, LAMINA_SERVE__AGENT_URL.",
         ),
     ] = None,
+    boot_nbd: Annotated[
+        str | None,
+        typer.Option(
+            "--boot-nbd",
+            help="NBD address written into network boot scripts"
+            " [the address served, else the host machines reach HTTP at].",
+        ),
+    ] = None,
+    boot_http: Annotated[
+        str | None,
+        typer.Option(
+            "--boot-http",
+            help="Serve network boot on this plain-HTTP address too (with TLS, the one way"
+            " firmware gets it).",
+        ),
+    ] = None,
+    boot_allow: Annotated[
+        list[str] | None,
+        typer.Option("--boot-allow", help="Serve network boot to this network only (repeatable)."),
+    ] = None,
+    auto_add: Annotated[
+        str | None,
+        typer.Option(
+            "--auto-add",
+            help="A MAC that boots from the network and is no machine becomes one of IMAGE.",
+            metavar="IMAGE",
+        ),
+    ] = None,
+    auto_add_name: Annotated[
+        str, typer.Option("--auto-add-name", help="Names of auto-added machines ('#': number).")
+    ] = "pxe-###",
+    auto_add_mode: Annotated[
+        str, typer.Option("--auto-add-mode", help="Mode of auto-added machines.")
+    ] = "stateless",
     home: HomeOpt = None,
 ) -> None:
     """Serve image versions and machines over NBD, and the manager over HTTP.
@@ -107,6 +138,7 @@ def serve(
 
     Example: lamina serve --nbd 0.0.0.0:10809 --http 0.0.0.0:8480 --tls
     """
+    from lamina.manager.services.netboot import AutoAdd
     from lamina.serve.options import ServeOptions
     from lamina.serve.server import parse_address, run
 
@@ -128,7 +160,9 @@ def serve(
         "https_key": https_key,
         "agent_url": agent_url,
     }
-    s = load(serve={k: v for k, v in flags.items() if v is not None}).serve
+    top = {"server_name": server_name, "advertise": advertise, "heartbeat": heartbeat}
+    settings = load(serve={k: v for k, v in flags.items() if v is not None}, **top)
+    s = settings.serve
     if s.agent_url is not None:
         from lamina.guest.paths import set_agent_url
 
@@ -141,9 +175,13 @@ def serve(
         tls_names=tuple(s.tls_names),
         https_cert=s.https_cert,
         https_key=s.https_key,
-        server_name=server_name,
-        advertise=str_address(advertise) if advertise else None,
-        heartbeat=heartbeat,
+        boot_nbd=parse_address(boot_nbd, "--boot-nbd") if boot_nbd else None,
+        boot_http=parse_address(boot_http, "--boot-http") if boot_http else None,
+        boot_allow=tuple(boot_allow or ()),
+        auto_add=AutoAdd(auto_add, auto_add_name, auto_add_mode) if auto_add else None,
+        server_name=settings.server_name,
+        advertise=str_address(settings.advertise) if settings.advertise else None,
+        heartbeat=settings.heartbeat,
     )
     options.tls = want_tls(
         options.hosts, tls=s.tls, insecure=s.insecure, https_cert=s.https_cert is not None

@@ -3,9 +3,11 @@
 showcase.py    ``lamina demo``: the whole shared-image story on embedded defaults
 image.py       the bootable demo disk, built once per home (home_demo_image, demo_image)
 vm.py          boot the demo image under qemu and read its report (boot, boot_async, Vm)
+pxe.py         diskless VMs that boot from the network (PxeVm)
+netboot_demo.py  ``lamina demo --pxe``
 initramfs.py   the demo machine's userland: a busybox initramfs
 kmod.py        kernel modules for that initramfs
-cpio.py        the cpio "newc" writer the initramfs is packed with
+userland.py    Debian's nbd-client and its libraries, for that initramfs
 tools.py       running the host tools the image is built with
 """
 

@@ -14,7 +14,7 @@ from lamina.errors import InvalidInput, NotFound
 _ELF64_LE = b"\x7fELF\x02\x01"
 
 
-def _sections(data: bytes) -> dict[str, bytes]:
+def sections(data: bytes) -> dict[str, bytes]:
     if not data.startswith(_ELF64_LE):
         raise InvalidInput("not a 64-bit little-endian ELF file")
     shoff = struct.unpack_from("<Q", data, 0x28)[0]
@@ -28,18 +28,18 @@ def _sections(data: bytes) -> dict[str, bytes]:
 
     _, str_off, str_size = header(shstrndx)
     names = data[str_off : str_off + str_size]
-    sections = {}
+    found = {}
     for i in range(shnum):
         name_off, offset, size = header(i)
         name = names[name_off : names.index(b"\0", name_off)].decode()
-        sections[name] = data[offset : offset + size]
-    return sections
+        found[name] = data[offset : offset + size]
+    return found
 
 
 def modinfo(data: bytes) -> dict[str, str]:
     """The key=value pairs of a module's .modinfo section (last value wins)."""
     info = {}
-    for item in _sections(data).get(".modinfo", b"").split(b"\0"):
+    for item in sections(data).get(".modinfo", b"").split(b"\0"):
         key, sep, value = item.decode(errors="replace").partition("=")
         if sep:
             info[key] = value

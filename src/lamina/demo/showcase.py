@@ -9,9 +9,11 @@ comes back pristine (a new boot of a stateless machine) while desk-002 kept its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,17 +43,25 @@ class DemoResult:
     boots: list[dict[str, Any]] = field(default_factory=list)
     deltas: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    pxe: bool = False
+    newcomers: list[str] = field(default_factory=list)  # machines added at their first boot
 
 
-def _port(preferred: int) -> int:
+def free_port(preferred: int, avoid: int | None = None) -> int:
     """``preferred`` when it is free on loopback, else a free port below the kernel's
     ephemeral range: the demo listens on it twice (the server restarts), and a port
     from the ephemeral range may meanwhile become some outgoing connection's source
-    port (seen under a loaded test run), which would refuse the second listen."""
+    port (seen under a loaded test run), which would refuse the second listen. ``avoid``:
+    a port picked before and not listened on yet (the NBD one, when picking HTTP's)."""
     low = _ephemeral_start()
-    candidates = [preferred] if preferred else []
-    candidates += list(range(max(1024, low - 12000), low))
+    below = list(range(max(1024, low - 12000), low))
+    # in random order: demos and test runs started at once on one host each took the
+    # lowest free port, the same one, and all but one failed to listen on it
+    random.shuffle(below)
+    candidates = ([preferred] if preferred else []) + below
     for port in candidates:
+        if port == avoid:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -75,7 +85,9 @@ def _image_ref(home: Home, say: Say) -> str:
     say(f"demo disk {built.path} ({built.size >> 20} MiB, {state})")
     with home.session() as session:
         versions = {i.name: i.versions for i in images.list_images(session)}.get(IMAGE)
-        if versions:
+        # a version imported from an older build of the demo disk is not reused: its
+        # initramfs may lack what this one does (network boot)
+        if versions and versions[-1].source == str(built.path):
             say(f"reusing {versions[-1].ref}")
             return versions[-1].ref
 
@@ -106,6 +118,42 @@ def prepare(home: Home, say: Say) -> str:
     return ref
 
 
+@contextlib.asynccontextmanager
+async def serving(home: Home, options: ServeOptions) -> AsyncIterator[None]:
+    """``lamina serve`` in this process for the body of the ``async with``."""
+    started = asyncio.Event()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(home, options, ready=started.set, stop=stop))
+    await asyncio.wait(
+        [task, asyncio.create_task(started.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
+    if task.done():
+        task.result()  # the server failed to start: raise its error
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+def record(
+    result: DemoResult, label: str, name: str, mode: str, report: BootReport, say: Say
+) -> None:
+    say(f"  {name:9s} {report.line}  ({report.seconds:.1f} s)")
+    result.boots.append(
+        {
+            "round": label,
+            "machine": name,
+            "mode": mode,
+            "hostname": report.hostname,
+            "machine_id": report.machine_id,
+            "marker": report.marker,
+            "seconds": round(report.seconds, 2),
+            "line": report.line,
+        }
+    )
+
+
 async def _round(
     home: Home,
     nbd: tuple[str, int],
@@ -114,54 +162,39 @@ async def _round(
     say: Say,
     result: DemoResult,
 ) -> None:
-    started = asyncio.Event()
-    stop = asyncio.Event()
     options = ServeOptions(nbd=nbd, http=http, log_level="warning")
-    task = asyncio.create_task(serve(home, options, ready=started.set, stop=stop))
-    await asyncio.wait(
-        [task, asyncio.create_task(started.wait())], return_when=asyncio.FIRST_COMPLETED
-    )
-    if task.done():
-        task.result()  # the server failed to start: raise its error
     base = f"nbd://{nbd[0]}:{nbd[1]}/machine"
-    say(f"{label}: booting {', '.join(n for n, _ in MACHINES)} from {base}/...")
-    try:
+    async with serving(home, options):
+        say(f"{label}: booting {', '.join(n for n, _ in MACHINES)} from {base}/...")
         reports: list[BootReport] = await asyncio.gather(
             *(boot_async(f"{base}/{n}", f"{base}/{n}/seed") for n, _ in MACHINES)
         )
-    finally:
-        stop.set()
-        await task
     for (name, mode), report in zip(MACHINES, reports, strict=True):
-        say(f"  {name:9s} {report.line}  ({report.seconds:.1f} s)")
-        result.boots.append(
-            {
-                "round": label,
-                "machine": name,
-                "mode": mode,
-                "hostname": report.hostname,
-                "machine_id": report.machine_id,
-                "marker": report.marker,
-                "seconds": round(report.seconds, 2),
-                "line": report.line,
-            }
-        )
+        record(result, label, name, mode, report, say)
+
+
+def between_rounds(say: Say) -> None:
+    say(
+        "both powered off; restarting the server (no disk changes): the stateless machine's "
+        "next boot starts clean, the stateful one keeps its disk"
+    )
 
 
 def run_demo(home: Home, say: Say, *, nbd_port: int = 10809, http_port: int = 8480) -> DemoResult:
     started = time.monotonic()
     result = DemoResult(image=prepare(home, say))
-    nbd = ("127.0.0.1", _port(nbd_port))
-    http = ("127.0.0.1", _port(http_port))
+    nbd = ("127.0.0.1", free_port(nbd_port))
+    http = ("127.0.0.1", free_port(http_port, avoid=nbd[1]))
     result.nbd, result.http = f"nbd://{nbd[0]}:{nbd[1]}", f"http://{http[0]}:{http[1]}"
     say(f"serving {result.nbd} and {result.http}")
     asyncio.run(_round(home, nbd, http, "boot 1", say, result))
-    say(
-        "both powered off; restarting the server (no disk changes): the stateless machine's "
-        "next boot starts clean, the stateful one keeps its disk"
-    )
+    between_rounds(say)
     asyncio.run(_round(home, nbd, http, "boot 2", say, result))
-    for name, _ in MACHINES:
+    return finish(home, result, started, say)
+
+
+def finish(home: Home, result: DemoResult, started: float, say: Say) -> DemoResult:
+    for name in [n for n, _ in MACHINES] + result.newcomers:
         result.deltas[name] = delta_usage(home.deltas_dir / name)[0] * 4096
     say("deltas: " + ", ".join(f"{n} {b >> 10} KiB" for n, b in result.deltas.items()))
     result.seconds = round(time.monotonic() - started, 1)

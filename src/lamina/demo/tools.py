@@ -95,3 +95,31 @@ def extract(deb: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     run(["dpkg-deb", "-x", str(deb), str(dest)], f"extracting {deb.name}")
     return dest
+
+
+def library_packages(package: str) -> list[str]:
+    """``package`` and the library packages it depends on, recursively (``lib*`` only: a
+    program's run-time libraries, not its maintainer scripts' tools such as debconf).
+    One ``apt-cache`` call lists the whole graph; the walk keeps to libraries."""
+    out = run(
+        ["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+         "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", package],
+        f"looking up what {package} depends on",
+    )  # fmt: skip
+    graph: dict[str, list[str]] = {}
+    current = ""
+    for line in out.splitlines():
+        if not line.startswith(" "):
+            current = line.strip()
+            graph.setdefault(current, [])
+            continue
+        kind, _, dep = line.strip().lstrip("|").partition(": ")
+        if kind in ("Depends", "PreDepends"):
+            graph[current].append(dep.strip("<>"))
+    wanted, todo = [package], [package]
+    while todo:
+        for dep in graph.get(todo.pop(0), []):
+            if dep.startswith("lib") and dep not in wanted:
+                wanted.append(dep)
+                todo.append(dep)
+    return wanted

@@ -83,11 +83,10 @@ def init_home(
 
 
 def _joined_id(database_url: str | None) -> str:
-    import os
-
     from lamina.manager.db import recorded_home
+    from lamina.settings import load
 
-    url = database_url or os.environ.get("LAMINA_DATABASE_URL")
+    url = database_url or load().database_url
     if not url or url.startswith("sqlite"):
         raise UsageError("--join needs the cluster's PostgreSQL in LAMINA_DATABASE_URL")
     found = recorded_home(url)

@@ -3,7 +3,6 @@ the homes that share one bucket and one database."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -11,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from lamina.errors import Conflict, UsageError
+from lamina.errors import Conflict
 from lamina.home import Home
 from lamina.manager.models import CondemnedPack, StoreLease, utcnow
 from lamina.store.leases import GC, IMPORT, LEASE_SECONDS, SETTLE_SECONDS, holder
@@ -22,17 +21,12 @@ def _aware(when: datetime) -> datetime:
 
 
 def lease_seconds() -> float:
-    """``LAMINA_STORE_LEASE`` seconds, else the default; the same on every home."""
-    text = os.environ.get("LAMINA_STORE_LEASE")
-    if not text:
-        return LEASE_SECONDS
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"LAMINA_STORE_LEASE must be seconds, not {text!r}") from None
-    if value <= 0:
-        raise UsageError("LAMINA_STORE_LEASE must be positive")
-    return value
+    """``LAMINA_STORE_LEASE`` (``store_lease``) seconds, else the default; the same on every
+    home."""
+    from lamina.settings import load
+
+    value = load().store_lease
+    return LEASE_SECONDS if value is None else value
 
 
 class DatabaseLeases:

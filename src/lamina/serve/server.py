@@ -24,8 +24,9 @@ from lamina import logs
 from lamina.errors import LaminaError, UsageError
 from lamina.home import Home
 from lamina.locks import try_lock
-from lamina.manager.app import create_app
+from lamina.manager.app import create_app, create_boot_app
 from lamina.manager.console.auth import print_login_url
+from lamina.manager.services.netboot import check_auto_add
 from lamina.serve.control import Control, CopyOpen
 from lamina.serve.imagefiles import hydrated_dir
 from lamina.serve.options import ServeOptions
@@ -68,6 +69,9 @@ async def _serve(
     stop: asyncio.Event | None,
 ) -> None:
     log = logs.setup(options.log_level)
+    if options.auto_add is not None:
+        with home.session(read_only=True) as session:
+            check_auto_add(session, options.auto_add)
     if options.nbd is not None:  # derived data of the last run (see serve.imagefiles)
         shutil.rmtree(hydrated_dir(home.cache_dir), ignore_errors=True)
     loop = asyncio.get_running_loop()
@@ -77,6 +81,7 @@ async def _serve(
     # not a manager that silently never came up beside a working block server.
     nbd_sock = _listen(options.nbd, "--nbd") if options.nbd is not None else None
     http_sock = _listen(options.http, "--http") if options.http is not None else None
+    boot_sock = _listen(options.boot_http, "--boot-http") if options.boot_http else None
     stop = stop or asyncio.Event()
     failed: list[str] = []
     block = await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else None
@@ -90,10 +95,7 @@ async def _serve(
     control = None
     if block is not None:
         control = await Control(home.root, home.deltas_dir, block[1], log).start()
-    http = _http_server(home, options.http, tls) if options.http is not None else None
-    http_task = asyncio.create_task(http.serve(sockets=[http_sock])) if http is not None else None
-    if http_task is not None:
-        http_task.add_done_callback(lambda _task: stop.set())  # the manager died: stop all
+    https = _start_https(home, options, tls, (http_sock, boot_sock), stop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -102,6 +104,7 @@ async def _serve(
         "serving",
         nbd=f"{options.nbd[0]}:{options.nbd[1]}" if options.nbd else None,
         http=f"{options.http[0]}:{options.http[1]}" if options.http else None,
+        boot_http=f"{options.boot_http[0]}:{options.boot_http[1]}" if options.boot_http else None,
         tls=options.tls,
         workers=options.worker_count if options.nbd else None,
     )
@@ -121,10 +124,11 @@ async def _serve(
             control.close()
         if block is not None:
             await block[0]()
-        if http is not None and http_task is not None:
-            http.should_exit = True
-            with contextlib.suppress(asyncio.CancelledError):
-                await http_task
+        # the workers' parent accepts on it: left open, a server started again in this
+        # process (the demo's second round) cannot listen on the port
+        if nbd_sock is not None:
+            nbd_sock.close()
+        await _stop_https(https)
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
@@ -178,6 +182,48 @@ async def _start_nbd(
     return stop_workers, pool.copy_delta
 
 
+HttpServers = list[tuple[Any, "asyncio.Task[None]"]]  # uvicorn servers and their tasks
+
+
+def _start_https(
+    home: Home,
+    options: ServeOptions,
+    tls: ServeTls | None,
+    socks: tuple[socket.socket | None, socket.socket | None],
+    stop: asyncio.Event,
+) -> HttpServers:
+    """The manager on --http and, when asked, network boot alone on --boot-http."""
+    https = []
+    netboot = options.netboot()
+    if options.http is not None:
+        https.append(_start_http(create_app(home, netboot), options.http, tls, socks[0], stop))
+    if options.boot_http is not None:
+        # plain HTTP whatever TLS says: firmware can check no certificate of ours
+        app = create_boot_app(home, netboot)
+        https.append(_start_http(app, options.boot_http, None, socks[1], stop))
+    return https
+
+
+async def _stop_https(https: HttpServers) -> None:
+    for http, task in https:
+        http.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _start_http(
+    app: Any,
+    address: tuple[str, int],
+    tls: ServeTls | None,
+    sock: socket.socket | None,
+    stop: asyncio.Event,
+) -> tuple[Any, asyncio.Task[None]]:
+    http = _http_server(app, address, tls)
+    task = asyncio.create_task(http.serve(sockets=[sock]))
+    task.add_done_callback(lambda _task: stop.set())  # the manager died: stop all
+    return http, task
+
+
 def _lock_home(home: Home) -> int:
     return try_lock(
         home.root / "serve.lock",
@@ -203,7 +249,7 @@ def _listen(address: tuple[str, int], what: str) -> socket.socket:
     return sock
 
 
-def _http_server(home: Home, address: tuple[str, int], tls: ServeTls | None) -> Any:
+def _http_server(app: Any, address: tuple[str, int], tls: ServeTls | None) -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -214,7 +260,7 @@ def _http_server(home: Home, address: tuple[str, int], tls: ServeTls | None) -> 
     # httptools parses requests in C: 623 logins/s in the login storm where h11 (pure
     # Python) gave 516. A deep backlog absorbs a login storm's connection burst.
     config = uvicorn.Config(
-        create_app(home),
+        app,
         host=address[0],
         port=address[1],
         log_level="warning",

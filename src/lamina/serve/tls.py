@@ -50,7 +50,9 @@ def tls_setup(home: Home, options: ServeOptions, catalog: ExportCatalog | None) 
     if (options.https_cert is None) != (options.https_key is None):
         raise UsageError("--https-cert and --https-key go together")
     authority = Authority.open(home.tls_dir)
-    names = server_names(options.hosts, options.tls_names)
+    # machines booted from the network check the certificate against --boot-nbd's host
+    extra = (options.boot_nbd[0],) if options.boot_nbd else ()
+    names = server_names(options.hosts, (*options.tls_names, *extra))
     with locked(home.tls_dir / "lock"):  # managers of one home starting at once
         cert, key = authority.server_certificate(names)
         context = server_context(cert, key, authority.directory / CA_CERT)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     upload_quota_bytes: int | None = None
     # Bytes a compressed image archive may unpack to in HOME/tmp (lamina.layer.unpack).
     import_unpack_bytes: int | None = None
+    # A block server among several on one database: its name, the NBD address machines
+    # dial for it, seconds between its heartbeats (lost after three missed).
+    server_name: str | None = None
+    advertise: str | None = None
+    heartbeat: float = Field(default=5.0, ge=0.1)
+    # Seconds an import's or gc's lease on a shared bucket lasts without renewal.
+    store_lease: float | None = Field(default=None, gt=0)
     serve: ServeSettings = ServeSettings()
     agent: AgentSettings = AgentSettings()
 

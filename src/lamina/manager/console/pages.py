@@ -24,9 +24,11 @@ from lamina.manager.console.params import (
     Text,
     ViewDep,
 )
-from lamina.manager.services import access, fleet, images, layers
+from lamina.manager.services import access, fleet, images, layers, netboot
 from lamina.manager.services import console as svc
 from lamina.manager.services import console_access as people
+
+NEW_DEVICES = 20  # the newest few MACs that asked to boot, under the machines
 
 router = APIRouter()
 
@@ -76,6 +78,7 @@ def machines_page(
         rows, total = page_machines(db, view.home, paging, image=image, mode=mode)
         versions = svc.versions_of(db, images=[r.image_name for r in rows])
         names = svc.image_names(db)
+        new = netboot.new_devices(db, limit=NEW_DEVICES)  # MACs that asked to boot
     p = view.pager(paging, total, q=paging.q, image=image, mode=mode)
     return view.page(
         "machines.html",
@@ -86,6 +89,7 @@ def machines_page(
         image=image,
         mode=mode,
         p=p,
+        new_devices=new,
         live=f"/live/machines?{p.query()}",
     )
 

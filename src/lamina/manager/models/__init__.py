@@ -3,7 +3,7 @@ migrations under ``lamina/manager/migrations/versions``.
 
 base.py       the declarative base
 images.py     images, their versions, installation settings
-machines.py   machines: identity, pinned image version, mode
+machines.py   machines: identity, pinned image version, mode; MACs that asked to boot
 layers.py     layers, their versions and bases, mounted roots
 access.py     users, groups, entitlements, writable layers, user sessions
 stream.py     boot profiles
@@ -33,7 +33,7 @@ from lamina.manager.models.layers import (
     LayerVersion,
     LayerVersionBase,
 )
-from lamina.manager.models.machines import Machine
+from lamina.manager.models.machines import Machine, NewDevice
 from lamina.manager.models.roots import RemovedRoot
 from lamina.manager.models.stream import BootProfile
 from lamina.manager.models.uploads import StagedChunk
@@ -56,6 +56,7 @@ __all__ = [
     "LayerVersionBase",
     "Machine",
     "Membership",
+    "NewDevice",
     "RemovedRoot",
     "Setting",
     "StagedChunk",

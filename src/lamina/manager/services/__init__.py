@@ -19,6 +19,7 @@ fleet.py            paged, filtered views of the fleet (admin API and console)
 console.py          what the console shows beyond the other services
 console_access.py   the console's views of layers, users and groups
 store.py            what the chunk store must keep (the roots), for gc and verify
+netboot.py          network boot: machines by MAC, devices that are no machine, auto-add
 recovery.py         roots in the store the database does not know: kept by gc, listed
                     by reindex (what the packs can tell)
 settings.py         installation settings kept in the database

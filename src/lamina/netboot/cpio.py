@@ -2,7 +2,8 @@
 
 Written here rather than run through cpio(1) so device nodes (/dev/console) need no
 root, and the archive is the same bytes for the same input (inode numbers, owners and
-times are fixed).
+times are fixed). Several archives one after the other (the demo's initramfs, then a
+machine's credential) unpack into one tree, as the kernel reads them.
 """
 
 from __future__ import annotations
