@@ -1,4 +1,4 @@
-"""The one error tree: every kind with its exit code and HTTP status as the README's table
+"""The one error tree: every kind with its exit code and HTTP status as the admin guide's table
 says, every kind back from an HTTP answer as itself (the three HTTP clients of the manager
 use the same table), and the adapters that map external failures at the edge."""
 
@@ -33,7 +33,7 @@ from lamina.errors import (
 from tests.conftest import Cli, write_sparse
 from tests.servers import Server
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "admin.md"
 _ROW = re.compile(r"^\| (\d+) \| ((?:`\w+`(?:, )?)+) \| (\d{3}) \| [^|]+ \|$")
 
 

@@ -220,3 +220,15 @@ def test_image_rm_takes_several(cli: Cli, tmp_path: Path) -> None:
     gone = cli.json("image", "rm", "a", "c")
     assert [g["removed"] for g in gone] == [["a@1"], ["c@1"]]
     assert [i["name"] for i in cli.json("image", "list")] == ["b"]
+
+
+def test_log_lines_carry_the_same_timestamp_format() -> None:
+    import json
+    import logging
+    import re
+
+    from lamina.logs import JsonFormatter
+
+    record = logging.LogRecord("lamina", logging.INFO, __file__, 1, "x", None, None)
+    ts = json.loads(JsonFormatter().format(record))["ts"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ts), ts

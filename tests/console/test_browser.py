@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
+from xml.etree import ElementTree
 
 import httpx
 import pytest
@@ -59,6 +60,7 @@ def test_console_in_chromium(fleet: Fleet, chromium: BrowserContext) -> None:
     sign_in(fleet, chromium, page)
     watch_delta_then_reset(fleet, page)
     entitle_layer(fleet, page)
+    sort_search_machine_page_bulk_audit(fleet, page)
     hostile_text_is_text(fleet, page)
     actions_need_the_csrf_token(fleet, page)
     assert dialogs == []
@@ -99,6 +101,8 @@ def watch_delta_then_reset(fleet: Fleet, page: Page) -> None:
         # the page updates itself: connected, and the delta holds the 64 KiB written
         expect(_cell(page, "m1", "state")).to_have_text("online")
         expect(_cell(page, "m1", "delta")).to_have_text("64.0 KiB")
+        # the NBD client holding its disk: qemu-io's address, from the block server
+        expect(_cell(page, "m1", "client")).to_contain_text("127.0.0.1:")
         assert page.evaluate("window.notReloaded") is True
         page.locator('#machines tr[data-key="m1"] summary').click()  # show the other actions
         _settle(page)
@@ -109,7 +113,11 @@ def watch_delta_then_reset(fleet: Fleet, page: Page) -> None:
         page.goto(f"{base}/")
         expect(page.locator('[data-field="online"]')).to_have_text("2")
         expect(page.locator('[data-field="delta_bytes"]')).to_have_text("64.0 KiB")
-        page.set_viewport_size({"width": 1360, "height": 500})
+        # the last day's charts, drawn on the server: qemu-io's open of m1's disk a boot
+        expect(page.locator("#charts svg.chart")).to_have_count(3)
+        expect(page.locator("#charts figcaption").first).to_have_text("boots: 1")
+        assert page.locator("#charts svg.chart").first.locator("rect").count() == 2  # frame, bar
+        page.set_viewport_size({"width": 1360, "height": 720})
         page.screenshot(path=str(DOCS / "console-dashboard.png"))
         page.set_viewport_size({"width": 1360, "height": 820})
 
@@ -127,6 +135,68 @@ def watch_delta_then_reset(fleet: Fleet, page: Page) -> None:
     expect(page.locator(".flash.ok")).to_have_text("m1: delta discarded (64.0 KiB)")
     expect(_cell(page, "m1", "delta")).to_have_text("0 B")
     assert delta_usage(fleet.cli.home / "deltas" / "m1") == (0, 0)
+
+
+def sort_search_machine_page_bulk_audit(fleet: Fleet, page: Page) -> None:
+    from playwright.sync_api import expect
+
+    base = fleet.base
+    rows = page.locator("#machines tbody tr")
+    # search by a part of a MAC address; sort by a column header, then the other way
+    mac = fleet.cli.json("machine", "show", "m2")["mac"]
+    page.goto(f"{base}/machines?q={mac[-5:]}")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_have_attribute("data-key", "m2")
+    page.goto(f"{base}/machines")
+    expect(rows.first).to_have_attribute("data-key", "m1")
+    page.locator("#machines thead a", has_text="machine").click()
+    expect(rows.first).to_have_attribute("data-key", "m2")
+    assert "sort=name" in page.url and "order=desc" in page.url
+    expect(rows.nth(1).locator("td").nth(3)).to_have_text(
+        fleet.cli.json("machine", "show", "m1")["mac"]
+    )
+
+    # a machine's page: its NBD URLs and a version picker (no free text)
+    page.goto(f"{base}/machines/m1")
+    expect(page.locator("#nbd-url")).to_have_text(fleet.server.url("machine/m1"))
+    expect(page.locator("#seed-url")).to_have_text(fleet.server.url("machine/m1/seed"))
+    # the libvirt devices it shows are XML naming its disk, seed and MAC address
+    devices = ElementTree.fromstring(f"<devices>{page.locator('#libvirt').inner_text()}</devices>")
+    sources = devices.findall("disk/source")
+    assert [s.get("name") for s in sources] == ["machine/m1", "machine/m1/seed"]
+    assert sources[0].find("host").get("port") == str(fleet.server.port)  # type: ignore[union-attr]
+    mac = devices.find("interface/mac")
+    assert mac is not None and mac.get("address") == fleet.cli.json("machine", "show", "m1")["mac"]
+    assert devices.find("disk[2]/readonly") is not None
+    picker = page.locator('form[action="/machines/m1/repin"] select[name="image"]')
+    expect(picker.locator("option")).to_have_text(["base@1"])
+    _settle(page)
+    page.screenshot(path=str(DOCS / "console-machine.png"), full_page=True)
+
+    # both machines reset at once, after a confirmation page that lists them
+    page.goto(f"{base}/machines")
+    page.locator("#select-all").check()
+    page.locator('#bulk button[value="reset"]').click()
+    expect(page.locator("h1")).to_have_text("Confirm: Reset 2 machines")
+    expect(page.locator("#selected li")).to_have_text(["m1", "m2"])
+    page.locator('button[name="confirmed"]').click()
+    expect(page.locator(".flash.ok")).to_have_text("Reset: m1, m2 done")
+
+    # the audit log names the console, the account and what was done
+    page.goto(f"{base}/audit")
+    first = page.locator("#audit tbody tr").first
+    expect(first).to_contain_text("console")
+    expect(first).to_contain_text("machine.reset")
+    page.goto(f"{base}/audit?q=entitle")
+    expect(page.locator("#audit tbody tr").first).to_contain_text("office")
+    page.goto(f"{base}/audit")
+    page.set_viewport_size({"width": 1360, "height": 520})
+    page.screenshot(path=str(DOCS / "console-audit.png"))
+    page.set_viewport_size({"width": 1360, "height": 820})
+
+    # the dashboard's dedup counts data, not the image's 7 MiB of zeros
+    page.goto(f"{base}/")
+    expect(page.locator('[data-field="logical_bytes"]')).not_to_have_text("8.0 MiB")
 
 
 def entitle_layer(fleet: Fleet, page: Page) -> None:

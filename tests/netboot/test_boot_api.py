@@ -230,3 +230,19 @@ def test_the_console_lists_new_devices_as_text(cli: Cli, served: Callable[..., S
     cli("machine", "add", "desk-001", "--image", "demo", "--mac", MAC)
     with signed_in(server.http_url, cli("admin", "token").out.strip()) as (client, _csrf):
         assert 'id="new-devices"' not in client.get("/machines").text
+
+
+def test_in_a_cluster_the_script_and_the_hypervisor_name_the_assigned_server(
+    home: Home, cli: Cli, served: Callable[..., Server]
+) -> None:
+    from lamina.manager.services import servers
+
+    with home.session() as session:
+        servers.register(session, name="bs7", nbd_address="192.0.2.7:10809")
+    cli("machine", "add", "desk-001", "--image", "demo", "--mac", MAC)
+    assert "nbd_server: 192.0.2.7:10809" in cli("machine", "show", "desk-001").out
+    server = served()
+    line = kernel_line(httpx.get(script_url(server, MAC)).text)
+    assert "nbdroot=192.0.2.7:10809/machine/desk-001" in line
+    qemu = cli("machine", "qemu", "desk-001", "--no-tls").out
+    assert "server.host=192.0.2.7,server.port=10809,export=machine/desk-001," in qemu

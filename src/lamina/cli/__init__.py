@@ -16,7 +16,7 @@ stream.py    lamina stream IMAGE | stream status | stream sync
 store.py     lamina store verify|gc|du
 agent.py     lamina agent, lamina agent login|logout|status
 credentials.py   lamina machine credentials NAME | lamina admin credentials (TLS)
-admin.py     lamina admin token
+admin.py     lamina admin token|account, lamina audit
 demo.py      lamina demo
 guest.py     lamina image build, lamina guest install
 netboot.py   lamina netboot dnsmasq
@@ -82,6 +82,7 @@ mount.register(app)
 serve.register(app)
 demo.register(app)
 access.register(app)
+app.command("audit")(admin.audit)
 
 
 def _debug() -> bool:

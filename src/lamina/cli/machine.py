@@ -396,8 +396,9 @@ def _target(
     """The machine as a guest, and the NBD endpoint its hypervisor dials."""
     from lamina.manager.services.hypervisor import Guest, endpoint
 
-    nbd = endpoint(server, tls=tls)
     detail = ops.show_machine(name)
+    # in a cluster, the block server the machine is assigned to (machine show names it)
+    nbd = endpoint(server or detail.nbd_server, tls=tls)
     return Guest(detail.name, detail.mac, memory, vcpus), nbd
 
 

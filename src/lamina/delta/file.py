@@ -12,7 +12,7 @@
                 delta is dropped first). A server restart or crash leaves no marker, so a
                 client that reconnects finds every write it made.
 
-Why this shape (measured against qcow2 overlays, see README): a 4 KiB write is one pwrite
+Why this shape (measured against qcow2 overlays, see docs/design.md): a 4 KiB write is one pwrite
 into the data file and one 4-byte store into the mmap'ed map - no read of the image, where
 a 64 KiB-cluster qcow2 overlay copies 60 KiB of backing data first. The map is written
 in place through the mmap, so a ``kill -9`` loses nothing the kernel has accepted; FLUSH

@@ -12,11 +12,18 @@ So an operation answers alike on every front end: the same result, or the same r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from lamina.manager import schemas as s
 from lamina.manager import views
+from lamina.manager.services import audit
+from lamina.manager.services.audit import Actor
 from lamina.names import parse_ref
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 if TYPE_CHECKING:
     from lamina.home import Home
@@ -71,12 +78,27 @@ class Admin(Protocol):
     ) -> list[s.EntitlementPublic]: ...
 
 
+def _acting(method: Callable[P, R]) -> Callable[P, R]:
+    """Run a changing operation as the admin's actor, whom its service's audit entry names."""
+
+    @functools.wraps(method)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        actor = getattr(args[0], "actor", None)
+        if actor is None:
+            return method(*args, **kwargs)
+        with audit.acting_as(actor):
+            return method(*args, **kwargs)
+
+    return run
+
+
 class HomeAdmin:
     """``Admin`` on a home's database: each method one transaction (a delta commit reads
     the delta outside any, see ``services.commit``)."""
 
-    def __init__(self, home: Home) -> None:
+    def __init__(self, home: Home, actor: Actor | None = None) -> None:
         self.home = home
+        self.actor = actor  # who the audit log names (None: the local user of the CLI)
 
     # -- machines --------------------------------------------------------------------------
 
@@ -88,6 +110,7 @@ class HomeAdmin:
             users = fleet.users_on(session, [m.id]).get(m.id, [])
             return views.machine_detail(self.home, m, users)
 
+    @_acting
     def add_machine(self, body: s.MachineCreate) -> s.MachineCreated:
         from lamina.manager.services import machines
 
@@ -99,6 +122,7 @@ class HomeAdmin:
     def show_machine(self, name: str) -> s.MachineDetail:
         return self._detail(name)
 
+    @_acting
     def change_machine(
         self, name: str, body: s.MachineUpdate, *, force: bool = False
     ) -> s.MachineDetail:
@@ -107,18 +131,21 @@ class HomeAdmin:
         machines.change(self.home, name=name, update=body, force=force)
         return self._detail(name)
 
+    @_acting
     def reset_machine(self, name: str, *, force: bool = False) -> s.MachineReset:
         from lamina.manager.services import machines
 
         freed = machines.reset(self.home, name=name, force=force)
         return s.MachineReset(name=name, freed_bytes=freed)
 
+    @_acting
     def remove_machine(self, name: str, *, force: bool = False) -> s.MachineRemoved:
         from lamina.manager.services import machines
 
         freed = machines.remove(self.home, name=name, force=force)
         return s.MachineRemoved(removed=name, freed_bytes=freed)
 
+    @_acting
     def commit_delta(self, name: str, body: s.DeltaCommit) -> s.DeltaCommitted:
         from lamina.manager.services.commit import commit_delta
 
@@ -126,6 +153,7 @@ class HomeAdmin:
 
     # -- images and layers -----------------------------------------------------------------
 
+    @_acting
     def remove_image(self, ref: str) -> s.VersionsRemoved:
         from lamina.manager.services import images
 
@@ -133,6 +161,7 @@ class HomeAdmin:
         with self.home.session() as session:
             return s.VersionsRemoved(removed=images.remove(session, ref=parsed))
 
+    @_acting
     def remove_layer(self, ref: str, *, force: bool = False) -> s.VersionsRemoved:
         from lamina.manager.services import layers
 
@@ -141,6 +170,7 @@ class HomeAdmin:
 
     # -- users and groups ------------------------------------------------------------------
 
+    @_acting
     def add_user(self, body: s.UserCreate) -> s.UserPublic:
         from lamina.manager.services import access
 
@@ -148,6 +178,7 @@ class HomeAdmin:
             access.add_user(session, name=body.name, groups=body.groups, policy=body.policy)
             return views.user(access.user_row(session, body.name))
 
+    @_acting
     def change_user(self, name: str, body: s.UserUpdate) -> s.UserPublic:
         from lamina.manager.services import access
 
@@ -155,6 +186,7 @@ class HomeAdmin:
             access.update_user(session, name=name, policy=body.policy, groups=body.groups)
             return views.user(access.user_row(session, name))
 
+    @_acting
     def remove_user(self, name: str) -> None:
         from lamina.manager.services import access
 
@@ -178,12 +210,14 @@ class HomeAdmin:
                 if not page or len(rows) >= total:
                     return rows
 
+    @_acting
     def add_group(self, body: s.GroupCreate) -> s.GroupPublic:
         from lamina.manager.services import access
 
         with self.home.session() as session:
             return views.group(access.add_group(session, name=body.name), 0)
 
+    @_acting
     def remove_group(self, name: str) -> None:
         from lamina.manager.services import access
 
@@ -197,12 +231,14 @@ class HomeAdmin:
             found, _total = access.list_groups(session, limit=100_000)
             return [views.group(g, n) for g, n in found]
 
+    @_acting
     def add_member(self, group: str, body: s.MemberCreate) -> None:
         from lamina.manager.services import access
 
         with self.home.session() as session:
             access.add_member(session, group=group, user=body.user)
 
+    @_acting
     def remove_member(self, group: str, user: str) -> None:
         from lamina.manager.services import access
 
@@ -211,6 +247,7 @@ class HomeAdmin:
 
     # -- entitlements ----------------------------------------------------------------------
 
+    @_acting
     def entitle(self, body: s.EntitlementCreate) -> s.EntitlementPublic:
         from lamina.manager.services import access
 
@@ -219,6 +256,7 @@ class HomeAdmin:
             ent = access.entitle(session, layer=body.layer, to=to, priority=body.priority)
             return views.entitlement(access.entitlement_row(session, id=ent.id))
 
+    @_acting
     def unentitle(
         self,
         layer: str,
@@ -232,6 +270,7 @@ class HomeAdmin:
         with self.home.session() as session:
             return access.unentitle(session, layer=layer, user=user, group=group, machine=machine)
 
+    @_acting
     def remove_entitlement(self, id: int, *, layer: str | None = None) -> s.Unentitled:
         from lamina.manager.services import access
 

@@ -11,7 +11,9 @@ from fastapi.responses import JSONResponse
 from lamina import __version__
 from lamina.errors import LaminaError, http_body, http_status
 from lamina.home import Home
+from lamina.manager import metrics
 from lamina.manager.console import router as console_router
+from lamina.manager.history import History
 from lamina.manager.limits import BodyLimit, invalid_request
 from lamina.manager.routers import admin, agent, boot, data, layer_images, stream
 from lamina.manager.services.netboot import NetbootSettings
@@ -29,6 +31,11 @@ def create_app(
     app.state.boot_cache = BootCache(home.root / "cache" / "boot")
     app.add_middleware(BodyLimit, cap=body_bytes or BodyLimit.default_cap())
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.state.http_meter = metrics.HttpMeter()
+    app.state.history = History()  # the dashboard's last day (see manager.history)
+    app.state.nbd_totals = None  # set by `lamina serve` when it serves NBD too
+    app.state.nbd_address = None  # (host, port, tls), likewise
+    app.add_middleware(metrics.HttpMetrics, meter=app.state.http_meter)
     app.include_router(data.router)
     app.include_router(layer_images.router)
     app.include_router(agent.router)
@@ -36,6 +43,7 @@ def create_app(
     app.include_router(console_router)
     app.include_router(stream.router)
     app.include_router(boot.router)
+    app.include_router(metrics.router)
 
     _errors(app)
 

@@ -1,12 +1,13 @@
 """FastAPI dependencies: the home, a database session per request, who is calling.
 
-Tokens travel as ``Authorization: Bearer <token>``: the admin token opens the admin API,
-a machine's token opens only that machine's part of the agent and data APIs.
+Tokens travel as ``Authorization: Bearer <token>``: an admin account's token opens the
+admin API (a helpdesk account's, its reading routes only), a machine's token opens only
+that machine's part of the agent and data APIs.
 """
 
 from __future__ import annotations
 
-import hmac
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -14,9 +15,12 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.orm import Session
 
+from lamina import logs
 from lamina.home import Home
+from lamina.logs import event as log_event
 from lamina.manager.models import Machine
-from lamina.manager.services import machines, settings
+from lamina.manager.services import accounts, machines
+from lamina.manager.services.audit import Actor
 
 
 def get_home(request: Request) -> Home:
@@ -47,8 +51,18 @@ ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    admin: bool
+    admin: bool  # an admin account of any role (what it may change: ``role``)
     machine: Machine | None = None
+    account: str = ""
+    role: str = ""
+    address: str = ""
+
+    def actor(self, via: str = "api") -> Actor:
+        return Actor(self.account, via, self.address, self.role)
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
 
 
 def bearer(request: Request) -> str:
@@ -64,11 +78,20 @@ def bearer(request: Request) -> str:
 
 def get_caller(request: Request, session: ReadSessionDep) -> Caller:
     token = bearer(request)
-    admin = settings.get(session, settings.ADMIN_TOKEN)  # none yet: nobody can hold it
-    if admin is not None and hmac.compare_digest(token, admin):
-        return Caller(admin=True)
+    account = accounts.by_token(session, token)
+    if account is not None:
+        return Caller(True, None, account.name, account.role, client_address(request))
     machine = machines.by_token(session, token)
     if machine is None:
+        log_event(
+            logging.getLogger(logs.LOGGER),
+            "refused",
+            logging.WARNING,
+            address=client_address(request),
+            method=request.method,
+            path=request.url.path,
+            reason="invalid token",
+        )
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "invalid token", {"WWW-Authenticate": "Bearer"}
         )
@@ -78,9 +101,33 @@ def get_caller(request: Request, session: ReadSessionDep) -> Caller:
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-def require_admin(caller: CallerDep) -> Caller:
+READING = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def require_reader(caller: CallerDep) -> Caller:
+    """Any admin account (helpdesk included): for routes that only read."""
     if not caller.admin:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "admin token required")
+    return caller
+
+
+def require_admin(request: Request, caller: CallerDep) -> Caller:
+    """An admin account; a helpdesk account only on a route that reads."""
+    require_reader(caller)
+    if caller.role != "admin" and request.method not in READING:
+        log_event(
+            logging.getLogger(logs.LOGGER),
+            "refused",
+            logging.WARNING,
+            account=caller.account,
+            role=caller.role,
+            address=caller.address,
+            method=request.method,
+            path=request.url.path,
+        )
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, f"account {caller.account!r} ({caller.role}) is read-only"
+        )
     return caller
 
 
@@ -92,3 +139,4 @@ def require_machine(caller: CallerDep) -> Machine:
 
 AdminDep = Annotated[Caller, Depends(require_admin)]
 MachineDep = Annotated[Machine, Depends(require_machine)]
+ReaderDep = Annotated[Caller, Depends(require_reader)]

@@ -63,6 +63,8 @@ _WRITES = (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM)
 
 # The most one NBD_CMD_BLOCK_STATUS reply describes (65,536 delta blocks: about 5 ms).
 BLOCK_STATUS_SPAN = 256 << 20
+# Logged as "refused": a name that is not served, or not to this client.
+_REFUSALS = (Rep.ERR_POLICY, Rep.ERR_UNKNOWN)
 
 
 class DeviceProvider(Catalog, Protocol):
@@ -244,13 +246,14 @@ class NbdServerProtocol(FlowControl):
             self.device, self.export = opened.device, export
         for reply in decision.replies:
             self._send(reply)
-            if isinstance(reply, OptionReply) and reply.reply == Rep.ERR_POLICY:
+            if isinstance(reply, OptionReply) and reply.reply in _REFUSALS:
                 log_event(
                     self.log,
                     "refused",
                     logging.WARNING,
                     client=self.peer,
                     credential=self.client,
+                    export=getattr(event, "name", None),
                     reason=reply.data.decode(errors="replace"),
                 )
         if self.conn.phase is Phase.STARTTLS and self._transport is not None:

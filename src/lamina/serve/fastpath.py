@@ -498,7 +498,7 @@ class FastConnection(Bounds):
         self.pending.clear()
         self._unbound()
         self.sock.close()
-        self.shared.connections.discard(self)
+        self.shared.retire(self)
         self._gone()
         if self.shared.on_close is not None:
             self.shared.on_close()

@@ -33,6 +33,7 @@ from lamina.delta.file import copy_files
 from lamina.errors import Conflict
 from lamina.home import Home
 from lamina.logs import event as log_event
+from lamina.manager.metrics import NbdTotals
 from lamina.names import MACHINE_PREFIX
 from lamina.nbd import Phase, ServerConnection
 from lamina.nbd.aio import NbdServerProtocol, Opened, ServerTls
@@ -257,6 +258,8 @@ class NbdService:
 
     def forget(self, proto: NbdServerProtocol) -> None:
         self.protocols.discard(proto)
+        if proto.export is not None and not getattr(proto, "moved", False):
+            self.shared.meter.record(proto.export.name, proto.stats)
         if self.on_change is not None:
             self.on_change()
 
@@ -279,6 +282,12 @@ class NbdService:
         if address is not None:
             self.budget.leave(address)
             self.left(address)
+
+    def totals(self) -> NbdTotals:
+        """This process's NBD counters, live connections included (see serve.meter)."""
+        live = [(p.export.name, p.stats, p.peer) for p in self.protocols if p.export is not None]
+        live += [(c.export.name, c.stats, c.peer) for c in self.shared.connections]
+        return self.shared.meter.snapshot(live)
 
     async def copy_delta(self, export: str, src: Path, dest: Path) -> bool:
         """Copy the delta of machine export ``export`` into ``dest`` at a flush point, if
@@ -318,6 +327,7 @@ class NbdService:
         return True
 
     def note_open(self, name: str) -> None:
+        self.shared.meter.opened(name)
         if self.hub is not None:
             self.hub.opened(name)
 

@@ -24,8 +24,10 @@ from lamina import logs
 from lamina.errors import LaminaError, UsageError
 from lamina.home import Home
 from lamina.locks import try_lock
+from lamina.manager import history
 from lamina.manager.app import create_app, create_boot_app
 from lamina.manager.console.auth import print_login_url
+from lamina.manager.metrics import NbdTotals
 from lamina.manager.services.netboot import check_auto_add
 from lamina.serve.control import Control, CopyOpen
 from lamina.serve.imagefiles import hydrated_dir
@@ -61,7 +63,7 @@ async def serve(
             os.close(home_lock)
 
 
-async def _serve(
+async def _serve(  # noqa: PLR0915 (one start-up and shutdown sequence, in order)
     home: Home,
     options: ServeOptions,
     *,
@@ -85,6 +87,7 @@ async def _serve(
     stop = stop or asyncio.Event()
     failed: list[str] = []
     block = await _start_nbd(home, options, log, nbd_sock, stop, failed) if nbd_sock else None
+    totals = block[2] if block is not None else None
     leave = None
     if options.server_name is not None and options.nbd is not None:
         from lamina.serve.cluster import advertised, join
@@ -95,7 +98,13 @@ async def _serve(
     control = None
     if block is not None:
         control = await Control(home.root, home.deltas_dir, block[1], log).start()
-    https = _start_https(home, options, tls, (http_sock, boot_sock), stop)
+    https = _start_https(home, options, tls, (http_sock, boot_sock), stop, totals)
+    manager_app = https[0][0].config.app if options.http is not None else None
+    sampler = (
+        asyncio.create_task(_sample_history(home, manager_app, totals))
+        if manager_app is not None and totals is not None
+        else None
+    )
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -118,6 +127,8 @@ async def _serve(
     try:
         await stop.wait()
     finally:
+        if sampler is not None:
+            sampler.cancel()
         if leave is not None:
             await leave()
         if control is not None:
@@ -144,21 +155,24 @@ async def _start_nbd(
     sock: socket.socket,
     stop: asyncio.Event,
     failed: list[str],
-) -> tuple[Callable[[], Awaitable[None]], CopyOpen]:
-    """Serve NBD on ``sock`` (in workers, or here); returns what stops it, and how to copy
-    an open delta for a backup. Workers that keep dying at start set ``stop`` and say why
-    in ``failed``."""
+) -> tuple[Callable[[], Awaitable[None]], CopyOpen, Callable[[], NbdTotals]]:
+    """Serve NBD on ``sock`` (in workers, or here); returns what stops it, how to copy
+    an open delta for a backup, and what gives its counters (for /metrics). Workers that
+    keep dying at start set ``stop`` and say why in ``failed``."""
     if options.worker_count == 0:
         from lamina.serve.handshake import NbdService
 
         service = NbdService(home, log, io_threads=options.io_threads, options=options)
+        counting = service.shared.meter.filter()
+        log.addFilter(counting)
         server = await asyncio.get_running_loop().create_server(service.protocol, sock=sock)
 
         async def stop_here() -> None:
+            log.removeFilter(counting)
             server.close()
             await service.close()
 
-        return stop_here, service.copy_delta
+        return stop_here, service.copy_delta, service.totals
     from lamina.serve.workers import WorkerPool
 
     pool = WorkerPool(home, options, log)
@@ -179,7 +193,16 @@ async def _start_nbd(
         watch.cancel()
         await pool.stop()
 
-    return stop_workers, pool.copy_delta
+    return stop_workers, pool.copy_delta, pool.totals
+
+
+async def _sample_history(home: Home, app: Any, totals: Callable[[], NbdTotals]) -> None:
+    """Feed the dashboard's charts a sample a minute (see manager.history)."""
+    while True:
+        nbd = totals()
+        usage = await asyncio.to_thread(home.store.usage)
+        app.state.history.add(history.now_sample(nbd.boots, nbd.read_bytes(), usage.pack_bytes))
+        await asyncio.sleep(history.EVERY)
 
 
 HttpServers = list[tuple[Any, "asyncio.Task[None]"]]  # uvicorn servers and their tasks
@@ -191,12 +214,17 @@ def _start_https(
     tls: ServeTls | None,
     socks: tuple[socket.socket | None, socket.socket | None],
     stop: asyncio.Event,
+    totals: Callable[[], NbdTotals] | None,
 ) -> HttpServers:
     """The manager on --http and, when asked, network boot alone on --boot-http."""
     https = []
     netboot = options.netboot()
     if options.http is not None:
-        https.append(_start_http(create_app(home, netboot), options.http, tls, socks[0], stop))
+        app = create_app(home, netboot)
+        app.state.nbd_totals = totals  # for /metrics and the console
+        if options.nbd is not None:  # the console shows the NBD URLs of machines
+            app.state.nbd_address = (*options.nbd, options.tls)
+        https.append(_start_http(app, options.http, tls, socks[0], stop))
     if options.boot_http is not None:
         # plain HTTP whatever TLS says: firmware can check no certificate of ours
         app = create_boot_app(home, netboot)

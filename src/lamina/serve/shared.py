@@ -11,6 +11,7 @@ from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
 from lamina.nbd.limits import Budget
+from lamina.serve.meter import Meter
 
 if TYPE_CHECKING:
     from lamina.serve.fastpath import FastConnection
@@ -124,8 +125,15 @@ class Shared:
         self.arena = memoryview(bytearray(ARENA))
         self.connections: set[FastConnection] = set()
         self.on_close: Callable[[], None] | None = None  # a connection ended
+        self.meter = Meter()  # what the connections of this process did (/metrics)
         self.writer = Writer(self)
         self._dirty: set[FastConnection] = set()
+
+    def retire(self, conn: FastConnection) -> None:
+        """A connection ended: its counters go to the meter."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.meter.record(conn.export.name, conn.stats)
 
     def post(self, results: Results) -> None:
         """From a thread: run these completions on the loop, then send their replies."""

@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any, Final
 from lamina import logs
 from lamina.errors import LaminaError
 from lamina.home import Home
+from lamina.manager.metrics import NbdTotals
+from lamina.serve.meter import Meter
 
 if TYPE_CHECKING:
     from lamina.serve.handshake import NbdService
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
 
 _MESSAGE: Final = 64 << 10
 _LOAD_EVERY: Final = 0.05  # seconds between a worker's load reports, at most
+_METRICS_EVERY: Final = 1.0  # seconds between a worker's counters (a scrape is 15 s or more)
 _RESPAWN_AFTER: Final = 0.5
 _CRASH_LOOP: Final = 5  # deaths in a row within _YOUNG seconds of their start: give up
 _YOUNG: Final = 5.0
@@ -142,6 +145,7 @@ class _Worker:
     sent: int = 0  # connections handed to it since that report
     # its connections by client address (the parent admits them: see _accept)
     addresses: Counter[str] = field(default_factory=Counter)
+    totals: NbdTotals = field(default_factory=NbdTotals)  # its counters, as last reported
 
 
 class WorkerPool:
@@ -181,11 +185,24 @@ class WorkerPool:
         self._deaths: list[float] = []
         self.failed = asyncio.Event()  # workers keep dying at start: stop serving
         self._listener: socket.socket | None = None
+        self.retired = NbdTotals()  # the counters of workers that have gone
+        self.meter = Meter()  # this process's errors (a worker that exited, ...)
+        self._counting = self.meter.filter()
+
+    def totals(self) -> NbdTotals:
+        """The NBD counters of every worker, as last reported (at most _METRICS_EVERY
+        old), with those of workers that died."""
+        out = self.meter.snapshot([])
+        out.add(self.retired)
+        for worker in self.workers.values():
+            out.add(worker.totals)
+        return out
 
     async def start(self, listener: socket.socket, timeout: float = 60.0) -> None:
         for i in range(self.count):
             self._spawn(i)
         self._listener = listener
+        self.log.addFilter(self._counting)
         listener.setblocking(False)
         asyncio.get_running_loop().add_reader(listener.fileno(), self._accept)
         await asyncio.wait_for(
@@ -258,6 +275,8 @@ class WorkerPool:
                 worker.channel.send(("held", export, True))
         elif kind == "load":
             worker.load, worker.sent = message[1], 0
+        elif kind == "metrics":
+            worker.totals = NbdTotals.from_wire(message[1])
         elif kind == "opened":
             self.owners[message[1]] = index
             self._held(index, message[1], True)
@@ -329,6 +348,8 @@ class WorkerPool:
         for request, (holder, _answer) in list(self._copies.items()):
             if holder == index:  # its deltas' locks are free now: copied as closed ones
                 self._copied(request, False, None)
+        self.retired.add(worker.totals.ended())
+        worker.totals = NbdTotals()
         now = time.monotonic()
         self._deaths = [t for t in self._deaths if now - t < 60] + [now]
         logs.event(self.log, "worker-exited", logging.ERROR, worker=index, code=code)
@@ -345,6 +366,7 @@ class WorkerPool:
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting; each worker drops its clients and flushes its deltas."""
         self._stopping = True
+        self.log.removeFilter(self._counting)
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._listener.fileno())
@@ -405,6 +427,13 @@ class _ChannelHub:
         if self.channel is not None:
             self.channel.send(("load", self.load()))
 
+    def report_totals(self, totals: Callable[[], NbdTotals]) -> None:
+        """Send this worker's counters now and every _METRICS_EVERY seconds."""
+        if self.channel is None or self.channel.closed:
+            return
+        self.channel.send(("metrics", totals().to_wire()))
+        asyncio.get_running_loop().call_later(_METRICS_EVERY, self.report_totals, totals)
+
 
 class _Tagged(logging.Filter):
     """Every event of a worker names it (which worker served a connection, in the log)."""
@@ -437,6 +466,7 @@ async def _worker(config: dict[str, Any]) -> None:
         siblings=config["workers"] - 1,
     )
     hub.load = lambda: len(service.protocols) + len(service.shared.connections)
+    log.addFilter(service.shared.meter.filter())
     stop = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()
 
@@ -466,6 +496,7 @@ async def _worker(config: dict[str, Any]) -> None:
     service.on_change = hub.load_changed
     service.shared.on_close = hub.load_changed
     channel.send(("ready",))
+    hub.report_totals(service.totals)
     logs.event(log, "worker-started", pid=os.getpid())
     try:
         await stop.wait()

@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 from typing import Final
 
-# Fixed chunk size for block images, measured (README, "Chunk size"): importing the 1 GiB
+# Fixed chunk size for block images, measured (docs/design.md, "Chunk size"): importing the 1 GiB
 # mixed image took 0.81 / 0.74 / 0.67 / 0.63 s at 64 KiB / 128 KiB / 256 KiB / 1 MiB, and a
 # demo VM's boot touched 24.1 / 24.4 / 25.0 / 29.7 % of its image in chunks of those sizes
 # (37.5 % at 4 MiB). 256 KiB is within 7% of the fastest import and fetches 16% less than

@@ -26,7 +26,7 @@ from lamina.store.store import ChunkStore
 REINDEX_THREADS: Final = 8
 # A miss fetches the chunks that follow it in its pack too, up to this much in one ranged
 # GET. Chunks are packed in image order, and boots read close together: a demo VM's boot
-# touched 25.0% of its image in 256 KiB chunks and 29.7% in 1 MiB ones (README, "Chunk
+# touched 25.0% of its image in 256 KiB chunks and 29.7% in 1 MiB ones (docs/design.md, "Chunk
 # size"), so a window of 1 MiB costs a fifth more bytes for a quarter of the requests.
 READAHEAD: Final = 1 << 20
 _FRESH: Final = 16 << 20  # bytes of decoded neighbours kept in memory

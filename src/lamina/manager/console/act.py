@@ -46,7 +46,7 @@ class Act:
 
     @property
     def admin(self) -> HomeAdmin:
-        return HomeAdmin(self.home)
+        return HomeAdmin(self.home, self.console.actor())
 
     def back(self, next_: str, default: str, kind: str, text: str) -> RedirectResponse:
         with self.home.session() as db:

@@ -10,23 +10,27 @@ through ``HomeAdmin``, as the API and the CLI do.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from lamina.errors import LaminaError
 from lamina.manager.admin import HomeAdmin
 from lamina.manager.console import auth
-from lamina.manager.console.act import ActDep, Confirm, Next
+from lamina.manager.console.act import ActDep, Confirm, Next, local
 from lamina.manager.console.params import ObjName
 from lamina.manager.console.render import SECURITY_HEADERS, render
 from lamina.manager.deps import HomeDep
 from lamina.manager.schemas import DeltaCommit, MachineCreate, MachineUpdate, build
+from lamina.names import NAME_PATTERN
 
 router = APIRouter()
 
 Field = Annotated[str, Form(max_length=253)]
 Version = Annotated[str, Form(max_length=12)]
+NAME = re.compile(NAME_PATTERN)
 
 
 # -- sign in and out --------------------------------------------------------------------------
@@ -213,3 +217,51 @@ def remove_layer(
         lambda admin: admin.remove_layer(ref, force=confirm).summary(),
         form={"version": version},
     )
+
+
+# -- several machines at once -----------------------------------------------------------------
+
+
+@router.post("/machines/bulk", response_model=None)
+def bulk(
+    act: ActDep,
+    names: Annotated[list[str], Form(max_length=500)],
+    action: Annotated[str, Form(pattern="^(reset|repin)$")],
+    image: Annotated[str, Form(max_length=120)] = "",
+    next_: Next = "",
+    confirm: Confirm = False,
+) -> Response:
+    """Reset or re-pin the selected machines: a page first lists them and what is lost
+    (their deltas, stateful ones' data included); once confirmed each runs as on its own,
+    and the message says which were done and which refused, with why."""
+    names = list(dict.fromkeys(n for n in names if NAME.fullmatch(n)))
+    label = f"Re-pin to {image}" if action == "repin" else "Reset"
+    if not names:
+        return act.back(next_, "/machines", "error", f"{label}: no machine selected")
+    if not confirm:
+        return render(
+            act.request,
+            "bulk_confirm.html",
+            csrf=act.console.csrf,
+            label=label,
+            action=action,
+            image=image,
+            names=names,
+            back=local(next_, "/machines"),
+        )
+    done: list[str] = []
+    refused: list[str] = []
+    admin = act.admin
+    for name in names:
+        try:
+            if action == "reset":
+                admin.reset_machine(name, force=True)
+            else:
+                admin.change_machine(name, build(MachineUpdate, image=image.strip()), force=True)
+            done.append(name)
+        except LaminaError as exc:
+            refused.append(f"{name} ({exc})")
+    text = f"{label}: {', '.join(done) or 'none'} done"
+    if refused:
+        text += f"; refused: {'; '.join(refused)}"
+    return act.back(next_, "/machines", "error" if refused else "ok", text)

@@ -20,7 +20,7 @@ import json
 import secrets
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -29,9 +29,10 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from lamina.home import Home
-from lamina.manager.deps import HomeDep
+from lamina.manager.deps import HomeDep, client_address
 from lamina.manager.models import Setting
-from lamina.manager.services import settings
+from lamina.manager.services import accounts
+from lamina.manager.services.audit import Actor
 from lamina.manager.services.machines import hash_token
 
 COOKIE = "lamina_console"
@@ -70,9 +71,15 @@ def new_login_token(db: Session) -> str:
     return token
 
 
-def _start(db: Session) -> str:
+def _start(db: Session, account: accounts.Account) -> str:
     sid = secrets.token_urlsafe(32)
-    value = {"csrf": secrets.token_urlsafe(32), "expires": time.time() + SIGN_IN_TTL, "flash": []}
+    value = {
+        "csrf": secrets.token_urlsafe(32),
+        "expires": time.time() + SIGN_IN_TTL,
+        "flash": [],
+        "account": account.name,
+        "role": account.role,
+    }
     db.add(Setting(key=SIGN_IN_PREFIX + hash_token(sid), value=_dump(value)))
     db.flush()
     return sid
@@ -91,13 +98,14 @@ def redeem(db: Session, token: str) -> str | None:
         # The delete decides: a token another manager redeemed a moment ago is gone here.
         gone = db.execute(delete(Setting).where(Setting.key == key)).rowcount  # type: ignore[attr-defined]
         db.expunge(row)
-        if gone == 1 and expires >= now:
+        if gone == 1 and expires >= now:  # printed by `lamina serve`: the built-in admin
             _prune(db, now)
-            return _start(db)
+            return _start(db, accounts.Account(accounts.BUILT_IN, "admin", built_in=True))
         return None
-    if hmac.compare_digest(token.encode(), settings.admin_token(db).encode()):
+    account = accounts.by_token(db, token)  # an account's token signs it in
+    if account is not None:
         _prune(db, now)
-        return _start(db)
+        return _start(db, account)
     return None
 
 
@@ -105,6 +113,12 @@ def redeem(db: Session, token: str) -> str | None:
 class ConsoleSignIn:
     key: str  # settings key of the sign-in
     csrf: str
+    account: str = accounts.BUILT_IN
+    role: str = "admin"
+    address: str = ""
+
+    def actor(self) -> Actor:
+        return Actor(self.account, "console", self.address, self.role)
 
 
 def lookup(db: Session, sid: str) -> ConsoleSignIn | None:
@@ -122,7 +136,12 @@ def lookup(db: Session, sid: str) -> ConsoleSignIn | None:
     if value["expires"] - now < SIGN_IN_TTL / 2:  # sliding expiry, one write per half-life
         value["expires"] = now + SIGN_IN_TTL
         row.value = _dump(value)
-    return ConsoleSignIn(key, str(value["csrf"]))
+    return ConsoleSignIn(
+        key,
+        str(value["csrf"]),
+        str(value.get("account", accounts.BUILT_IN)),
+        str(value.get("role", "admin")),
+    )
 
 
 def end(db: Session, console: ConsoleSignIn) -> None:
@@ -178,7 +197,7 @@ def console_sign_in(request: Request, home: HomeDep) -> ConsoleSignIn:
         if request.url.path.startswith("/live/") or request.method != "GET":
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "not signed in to the console")
         raise HTTPException(status.HTTP_303_SEE_OTHER, headers={"Location": "/login"})
-    return found
+    return replace(found, address=client_address(request))
 
 
 ConsoleDep = Annotated[ConsoleSignIn, Depends(console_sign_in)]
@@ -203,6 +222,10 @@ async def require_csrf(request: Request, console: ConsoleDep) -> ConsoleSignIn:
         sent = value if isinstance(value, str) else ""
     if not _same_origin(request) or not sent or not hmac.compare_digest(sent, console.csrf):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "missing or wrong CSRF token")
+    if console.role != "admin" and request.url.path != "/logout":
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, f"account {console.account!r} ({console.role}) is read-only"
+        )
     return console
 
 

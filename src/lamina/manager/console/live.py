@@ -25,8 +25,11 @@ from lamina.manager.console.params import (
     GroupName,
     ImagePagingDep,
     Mode,
+    Order,
     PagingDep,
+    Sort,
     Text,
+    View,
 )
 from lamina.manager.console.render import ago, human_bytes, number
 from lamina.manager.deps import HomeDep
@@ -78,10 +81,14 @@ def live_machines(
     home: HomeDep,
     _console: auth.ConsoleDep,
     paging: PagingDep,
+    request: Request,
     image: Text = "",
     mode: Mode = "",
+    sort: Sort = "",
+    order: Order = "",
     name: Annotated[str, Query(max_length=100)] = "",
 ) -> JSONResponse:
+    clients = View(request, home, _console).clients()
     with home.session() as db:
         if name:
             try:
@@ -90,7 +97,9 @@ def live_machines(
                 found = []
             rows, total = svc.machine_rows(db, deltas=home.deltas_dir, machines=found), len(found)
         else:
-            rows, total = page_machines(db, home, paging, image=image, mode=mode)
+            rows, total = page_machines(
+                db, home, paging, image=image, mode=mode, sort=sort, order=order
+            )
     out: dict[str, Any] = {
         "rows": {
             r.name: {
@@ -100,6 +109,7 @@ def live_machines(
                 "delta_bytes": r.delta_bytes,
                 "last_boot": ago(r.last_boot_at),
                 "users": ", ".join(r.users) or "—",
+                "client": clients.get(r.name, "—"),
             }
             for r in rows
         }

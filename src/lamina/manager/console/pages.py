@@ -1,4 +1,4 @@
-"""Console pages (GET): dashboard, machines, images, layers, users and groups.
+"""Console pages (GET): dashboard, machines, images, layers, users, groups, the audit log.
 
 Every list is paged and filtered in the database (``page``, ``per``, ``q`` and per-page
 filters), so a page costs the same at 10 machines and at 10,000.
@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from lamina.errors import NotFound
 from lamina.home import Home
+from lamina.manager import history
 from lamina.manager.console import auth
 from lamina.manager.console.params import (
     GroupName,
@@ -19,14 +20,18 @@ from lamina.manager.console.params import (
     Kind,
     Mode,
     ObjName,
+    Order,
     Paging,
     PagingDep,
+    Sort,
     Text,
     ViewDep,
 )
-from lamina.manager.services import access, fleet, images, layers, netboot
+from lamina.manager.services import access, audit, fleet, images, layers, netboot
 from lamina.manager.services import console as svc
 from lamina.manager.services import console_access as people
+from lamina.names import MACHINE_PREFIX
+from lamina.units import human_bytes
 
 NEW_DEVICES = 20  # the newest few MACs that asked to boot, under the machines
 
@@ -34,9 +39,16 @@ router = APIRouter()
 
 
 def page_machines(
-    db: Session, home: Home, paging: Paging, *, image: str, mode: str
+    db: Session,
+    home: Home,
+    paging: Paging,
+    *,
+    image: str,
+    mode: str,
+    sort: str = "",
+    order: str = "",
 ) -> tuple[list[svc.MachineRow], int]:
-    """The machines page's rows: one page, filtered as its form says."""
+    """The machines page's rows: one page, filtered and sorted as its form says."""
     return svc.list_machines(
         db,
         deltas=home.deltas_dir,
@@ -45,6 +57,8 @@ def page_machines(
         q=paging.q,
         image=image or None,
         mode=mode or None,
+        sort=sort or "name",
+        descending=order == "desc",
     )
 
 
@@ -67,27 +81,51 @@ def dashboard(view: ViewDep) -> HTMLResponse:
     home = view.home
     with home.session() as db:
         d = svc.dashboard(db, store=home.store, deltas=home.deltas_dir)
-    return view.page("dashboard.html", d=d, live="/live/dashboard")
+    state = view.request.app.state
+    nbd = state.nbd_totals() if state.nbd_totals is not None else None
+    now = history.now_sample(nbd.boots if nbd else 0, nbd.read_bytes() if nbd else 0, d.store_bytes)
+    charts = history.charts(state.history, now)
+    return view.page(
+        "dashboard.html",
+        d=d,
+        charts=charts,
+        chart_captions=[
+            f"boots: {now.boots}",
+            f"bytes served: {human_bytes(now.read_bytes)}",
+            f"store: {human_bytes(now.store_bytes)}",
+        ],
+        live="/live/dashboard",
+    )
 
 
 @router.get("/machines", response_class=HTMLResponse)
 def machines_page(
-    view: ViewDep, paging: PagingDep, image: Text = "", mode: Mode = ""
+    view: ViewDep,
+    paging: PagingDep,
+    image: Text = "",
+    mode: Mode = "",
+    sort: Sort = "",
+    order: Order = "",
 ) -> HTMLResponse:
     with view.home.session() as db:
-        rows, total = page_machines(db, view.home, paging, image=image, mode=mode)
+        rows, total = page_machines(
+            db, view.home, paging, image=image, mode=mode, sort=sort, order=order
+        )
         versions = svc.versions_of(db, images=[r.image_name for r in rows])
         names = svc.image_names(db)
         new = netboot.new_devices(db, limit=NEW_DEVICES)  # MACs that asked to boot
-    p = view.pager(paging, total, q=paging.q, image=image, mode=mode)
+    p = view.pager(paging, total, q=paging.q, image=image, mode=mode, sort=sort, order=order)
     return view.page(
         "machines.html",
         rows=rows,
         versions=versions,
         image_names=names,
+        clients=view.clients(),
         q=paging.q,
         image=image,
         mode=mode,
+        sort=sort or "name",
+        order=order or "asc",
         p=p,
         new_devices=new,
         live=f"/live/machines?{p.query()}",
@@ -99,9 +137,19 @@ def machine_page(view: ViewDep, name: ObjName) -> HTMLResponse:
     try:
         with view.home.session() as db:
             detail = svc.machine_detail(db, deltas=view.home.deltas_dir, name=name)
+            versions = svc.versions_of(db, images=[detail.row.image_name])
     except NotFound as exc:
         return view.missing(str(exc))
-    return view.page("machine.html", m=detail, live=f"/live/machines?name={name}")
+    return view.page(
+        "machine.html",
+        m=detail,
+        versions=versions.get(detail.row.image_name, []),
+        client=view.clients().get(name),
+        nbd_url=view.nbd_url(f"{MACHINE_PREFIX}{name}"),
+        seed_url=view.nbd_url(f"{MACHINE_PREFIX}{name}/seed"),
+        nbd=view.nbd_endpoint(),
+        live=f"/live/machines?name={name}",
+    )
 
 
 @router.get("/images", response_class=HTMLResponse)
@@ -182,3 +230,12 @@ def groups_page(view: ViewDep, paging: PagingDep) -> HTMLResponse:
         p=p,
         live=f"/live/groups?{p.query()}",
     )
+
+
+@router.get("/audit", response_class=HTMLResponse)
+def audit_page(view: ViewDep, q: Text = "") -> HTMLResponse:
+    """The newest 200 entries of the audit log, those whose actor, action or target hold
+    ``q`` when given."""
+    with view.home.session() as db:
+        rows = [audit.as_dict(e) for e in audit.entries(db, limit=200, q=q or None)]
+    return view.page("audit.html", rows=rows, q=q)

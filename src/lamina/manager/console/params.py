@@ -13,7 +13,7 @@ from lamina.home import Home
 from lamina.manager.console import auth
 from lamina.manager.console.render import DEFAULT_PER, Pager, render
 from lamina.manager.deps import HomeDep
-from lamina.names import NAME_PATTERN
+from lamina.names import MACHINE_PREFIX, NAME_PATTERN
 
 PageNo = Annotated[int, Query(ge=1, le=1_000_000)]
 Per = Annotated[int, Query(ge=1, le=500)]
@@ -21,6 +21,8 @@ Text = Annotated[str, Query(max_length=100)]
 ObjName = Annotated[str, Path(pattern=NAME_PATTERN)]
 Mode = Annotated[str, Query(pattern="^(|stateless|stateful)$")]
 Kind = Annotated[str, Query(pattern="^(|app|writable)$")]
+Sort = Annotated[str, Query(pattern="^(|name|image|mode|hostname|mac|last_boot)$")]
+Order = Annotated[str, Query(pattern="^(|asc|desc)$")]
 GroupName = Annotated[str, Query(max_length=64)]
 # The images page adds up each version's unique bytes: smaller pages.
 IMAGES_PER = 20
@@ -76,6 +78,34 @@ class View:
         return render(
             self.request, "missing.html", status_code=404, csrf=self.console.csrf, flashes=flashes
         )
+
+    def clients(self) -> dict[str, str]:
+        """Machine name -> address of the NBD client holding its disk (when this manager
+        runs beside the block server)."""
+        source = getattr(self.request.app.state, "nbd_totals", None)
+        if source is None:
+            return {}
+        return {e.removeprefix(MACHINE_PREFIX): peer for e, peer in source().machines.items()}
+
+    def nbd_endpoint(self) -> tuple[str, int, bool] | None:
+        """(host, port, TLS) of the block server beside this manager, if any; a wildcard
+        address is named as the browser named this manager."""
+        address = getattr(self.request.app.state, "nbd_address", None)
+        if address is None:
+            return None
+        host, port, tls = address
+        if host in ("0.0.0.0", "::", ""):
+            host = self.request.url.hostname or "127.0.0.1"
+        return host, int(port), bool(tls)
+
+    def nbd_url(self, export: str) -> str | None:
+        """The URL a hypervisor opens ``export`` at (when this manager serves NBD too)."""
+        endpoint = self.nbd_endpoint()
+        if endpoint is None:
+            return None
+        host, port, tls = endpoint
+        host = f"[{host}]" if ":" in host else host
+        return f"{'nbds' if tls else 'nbd'}://{host}:{port}/{export}"
 
     def pager(self, paging: Paging, total: int, **filters: str) -> Pager:
         """The pager of this list; ``filters`` (with ``q``) carry over to its other pages."""

@@ -111,6 +111,13 @@ class Pager:
         """The query string of this very page (for live updates and ``next``)."""
         return self.url(self.page).partition("?")[2]
 
+    def query_with(self, **changed: str) -> str:
+        """The query string of the first page with some filters changed (a sort order)."""
+        params = {k: v for k, v in (self.filters | changed).items() if v}
+        if self.per != DEFAULT_PER:
+            params["per"] = str(self.per)
+        return urlencode(params)
+
 
 DEFAULT_PER = 50
 

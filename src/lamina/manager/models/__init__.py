@@ -11,6 +11,7 @@ credentials.py   TLS client credentials issued by the home's CA, by serial
 roots.py      removed roots: the manifests of removed versions, which gc may collect
 cluster.py    block servers and heartbeats, store leases, condemned packs
 uploads.py    chunks machines uploaded that no saved layer version holds yet
+admins.py     named admin accounts (role, token) and the audit log
 """
 
 from lamina.manager.models.access import (
@@ -22,6 +23,7 @@ from lamina.manager.models.access import (
     UserSession,
     WritableLayer,
 )
+from lamina.manager.models.admins import AdminAccount, AuditEntry
 from lamina.manager.models.base import Base, utcnow
 from lamina.manager.models.cluster import BlockServer, CondemnedPack, StoreLease
 from lamina.manager.models.credentials import Credential
@@ -39,6 +41,8 @@ from lamina.manager.models.stream import BootProfile
 from lamina.manager.models.uploads import StagedChunk
 
 __all__ = [
+    "AdminAccount",
+    "AuditEntry",
     "Base",
     "BlockServer",
     "BootProfile",

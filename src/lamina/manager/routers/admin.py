@@ -35,8 +35,8 @@ Force = Annotated[bool, Query(description="Confirm a change that loses data.")]
 ERRORS: dict[int | str, dict[str, Any]] = {401: {}, 403: {}, 404: {}, 409: {}}
 
 
-def get_admin(_: AdminDep, home: HomeDep) -> HomeAdmin:
-    return HomeAdmin(home)
+def get_admin(caller: AdminDep, home: HomeDep) -> HomeAdmin:
+    return HomeAdmin(home, caller.actor())
 
 
 Ops = Annotated[HomeAdmin, Depends(get_admin)]

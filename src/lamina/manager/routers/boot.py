@@ -35,7 +35,7 @@ from lamina.home import Home
 from lamina.identity.validate import check_mac
 from lamina.image import ImageReader, Manifest
 from lamina.manager.models import Machine
-from lamina.manager.services import credentials, netboot
+from lamina.manager.services import credentials, netboot, servers
 from lamina.manager.services.netboot import DeviceReport, NetbootSettings
 from lamina.netboot import ipxe, tlsfiles
 from lamina.netboot.bootfiles import BootCache, BootInfo
@@ -130,6 +130,20 @@ class Booting:
         return cls(machine.name, v.image.name, v.version, v.ref, v.manifest_id, v.size)
 
 
+def _nbd_target(
+    request: Request, settings: NetbootSettings, machine: str, port: int
+) -> ipxe.NbdTarget:
+    """The block server the machine is assigned to when several serve one database (the
+    least loaded live one; another once its server is lost), else this manager's own."""
+    with _home(request).session() as session:
+        assigned = servers.server_for(session, machine)
+    if assigned is not None:
+        host, _, assigned_port = assigned.nbd_address.rpartition(":")
+        return ipxe.NbdTarget(host.strip("[]"), int(assigned_port), settings.tls)
+    host = settings.nbd_host or request.url.hostname or "127.0.0.1"
+    return ipxe.NbdTarget(host, port, settings.tls)
+
+
 def _machine_for(request: Request, mac: str) -> Booting | list[str]:
     """What the machine with ``mac`` boots, or the lines that tell the machine why not."""
     home, settings = _home(request), _settings(request)
@@ -176,9 +190,7 @@ def machine_script(
             _log, "netboot-no-kernel", level=logging.WARNING, image=found.ref, error=str(exc)
         )
         return _script(ipxe.wait_script(base, reason, settings.retry_seconds))
-    target = ipxe.NbdTarget(
-        settings.nbd_host or request.url.hostname or "127.0.0.1", settings.nbd_port, settings.tls
-    )
+    target = _nbd_target(request, settings, found.machine, settings.nbd_port)
     initrds = (ipxe.INITRD, ipxe.CREDENTIAL) if settings.tls else (ipxe.INITRD,)
     args = ipxe.kernel_args(
         info.args,

@@ -29,7 +29,7 @@ from lamina.manager.models import (
     WritableLayer,
 )
 from lamina.manager.schemas import Unentitled
-from lamina.manager.services import fleet
+from lamina.manager.services import audit, fleet
 from lamina.manager.services import layers as layer_svc
 from lamina.manager.services.changes import machines_of_user, machines_of_users, touch
 from lamina.names import check_user_name, parse_ref
@@ -88,6 +88,7 @@ def add_user(
     for g in found:
         session.add(Membership(user_id=user.id, group_id=g.id))
     session.flush()
+    audit.record(session, "user.add", name, groups=[g.name for g in found], policy=policy)
     return user
 
 
@@ -104,6 +105,7 @@ def update_user(
         session.add_all(Membership(user_id=user.id, group_id=g) for g in sorted(wanted))
     session.flush()
     touch(session, machines_of_user(session, user.id))
+    audit.record(session, "user.change", name, policy=policy, groups=groups)
     return user
 
 
@@ -121,6 +123,7 @@ def remove_user(session: Session, *, name: str) -> None:
         raise Conflict(f"user {name!r} is logged in on {where}")
     session.delete(user)
     session.flush()
+    audit.record(session, "user.remove", name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +203,7 @@ def add_group(session: Session, *, name: str) -> Group:
     check_user_name(name, "group name")
     group = Group(name=name)
     _add_unique(session, group, f"a group named {name!r} already exists")
+    audit.record(session, "group.add", name)
     return group
 
 
@@ -209,6 +213,7 @@ def remove_group(session: Session, *, name: str) -> None:
     touch(session, machines_of_users(session, members))
     session.delete(group)
     session.flush()
+    audit.record(session, "group.remove", name)
 
 
 def list_groups(
@@ -235,6 +240,7 @@ def add_member(session: Session, *, group: str, user: str) -> None:
         session, Membership(user_id=u.id, group_id=g.id), f"{user!r} is already in {group!r}"
     )
     touch(session, machines_of_user(session, u.id))
+    audit.record(session, "group.member.add", group, user=user)
 
 
 def remove_member(session: Session, *, group: str, user: str) -> None:
@@ -245,6 +251,7 @@ def remove_member(session: Session, *, group: str, user: str) -> None:
     if not gone.rowcount:  # type: ignore[attr-defined]
         raise NotFound(f"{user!r} is not in {group!r}")
     touch(session, machines_of_user(session, u.id))
+    audit.record(session, "group.member.remove", group, user=user)
 
 
 # -- entitlements -----------------------------------------------------------------------------
@@ -307,6 +314,7 @@ def entitle(session: Session, *, layer: str, to: Target, priority: int = 100) ->
     )
     _add_unique(session, ent, f"{ref.name} is already entitled to {to.kind} {to.name}")
     touch(session, _affected(session, to))
+    audit.record(session, "entitle", layer, to=f"{to.kind} {to.name}", priority=priority)
     return ent
 
 
@@ -345,6 +353,7 @@ def unentitle(
         if not gone:
             raise NotFound(f"{found.name} is not entitled to {to.kind} {to.name}")
     touch(session, _affected(session, to))
+    audit.record(session, "unentitle", name, to=f"{to.kind} {to.name}", removed=int(gone))
     return Unentitled.model_validate(
         {"layer": name, "kind": to.kind, "target": to.name, "removed": int(gone)}
     )

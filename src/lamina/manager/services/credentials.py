@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from lamina.errors import UsageError
 from lamina.manager.models import Credential, Machine
-from lamina.manager.services import machines
+from lamina.manager.services import audit, machines
 from lamina.trust.authority import CLIENT_DAYS, Authority, Issued
 from lamina.trust.principal import (
     ADMIN_NAME,
@@ -58,6 +58,14 @@ def issue(
         )
     )
     session.flush()
+    audit.record(
+        session,
+        "credential.issue",
+        f"{kind.value} {name}",
+        serial=serial_text(issued.serial),
+        rotate=rotate,
+        days=days,
+    )
     return issued
 
 
@@ -72,7 +80,10 @@ def revoke(session: Session, kind: Kind, name: str) -> int:
         )
         .values(revoked_at=datetime.now(UTC))
     )
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    revoked = int(result.rowcount)  # type: ignore[attr-defined]
+    if revoked:
+        audit.record(session, "credential.revoke", f"{kind.value} {name}", revoked=revoked)
+    return revoked
 
 
 def principal_of(session: Session, shown: Presented | None) -> Principal:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, func, or_, select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from lamina.errors import UsageError
@@ -40,6 +40,16 @@ def users_on(session: Session, machine_ids: list[int]) -> dict[int, list[str]]:
     return out
 
 
+MACHINE_SORTS: dict[str, tuple[Any, ...]] = {
+    "name": (Machine.name,),
+    "image": (Image.name, ImageVersion.version),
+    "mode": (Machine.mode,),
+    "hostname": (Machine.hostname,),
+    "mac": (Machine.mac,),
+    "last_boot": (Machine.last_boot_at.is_not(None), Machine.last_boot_at),  # never: oldest
+}
+
+
 def list_machines(
     session: Session,
     *,
@@ -49,24 +59,38 @@ def list_machines(
     image: str | None = None,
     mode: str | None = None,
     state: str | None = None,
+    sort: str = "name",
+    descending: bool = False,
 ) -> tuple[list[Machine], int]:
+    """A page of machines: ``q`` in the name, hostname, domain or MAC address; sorted by
+    ``sort`` (one of ``MACHINE_SORTS``), then by name."""
     query = select(Machine)
     if state:
         query = query.where(_in_state(state))
     if q:
-        query = query.where(Machine.name.contains(q, autoescape=True))
+        query = query.where(
+            or_(
+                Machine.name.contains(q, autoescape=True),
+                Machine.hostname.contains(q, autoescape=True),
+                Machine.domain.contains(q, autoescape=True),
+                Machine.mac.contains(q.lower(), autoescape=True),
+            )
+        )
     if mode:
         query = query.where(Machine.mode == mode)
-    if image:
-        query = (
-            query.join(ImageVersion, ImageVersion.id == Machine.image_version_id)
-            .join(Image, Image.id == ImageVersion.image_id)
-            .where(Image.name == image)
+    if image or sort == "image":
+        query = query.join(ImageVersion, ImageVersion.id == Machine.image_version_id).join(
+            Image, Image.id == ImageVersion.image_id
         )
+    if image:
+        query = query.where(Image.name == image)
     total = count_of(session, query)
+    if sort not in MACHINE_SORTS:
+        raise UsageError(f"bad sort {sort!r}: expected one of {', '.join(MACHINE_SORTS)}")
+    keys = [c.desc() if descending else c.asc() for c in MACHINE_SORTS[sort]]
     rows = session.scalars(
         query.options(joinedload(Machine.image_version).joinedload(ImageVersion.image))
-        .order_by(Machine.name)
+        .order_by(*keys, Machine.name)
         .offset(offset)
         .limit(limit)
     )

@@ -17,7 +17,7 @@ from lamina.errors import Conflict, NotFound, Refused
 from lamina.image import Imported, Manifest
 from lamina.image.importer import import_and_commit
 from lamina.manager.models import Image, ImageVersion
-from lamina.manager.services import versions
+from lamina.manager.services import audit, versions
 from lamina.names import Ref, check_name
 from lamina.store import ChunkStore
 
@@ -78,6 +78,7 @@ def add_version(session: Session, *, name: str, imported: Imported, source: str)
         )
 
     version = versions.next_version(session, "image", name, create, highest)
+    audit.record(session, "image.version", version.ref, source=source)
     return Recorded(version, version.ref, created=True)
 
 
@@ -148,9 +149,11 @@ def remove(session: Session, *, ref: Ref) -> list[str]:
     if ref.version is None:
         gone = [v.ref for v in image.versions]
         session.delete(image)
+        audit.record(session, "image.remove", ref.name, versions=gone)
         return gone
     version = doomed[0]
     gone = [version.ref]
+    audit.record(session, "image.remove", version.ref, versions=gone)
     session.delete(version)
     session.flush()
     if not session.scalar(

@@ -25,7 +25,7 @@ from lamina.manager.models import (
     UserSession,
     WritableLayer,
 )
-from lamina.manager.services import versions
+from lamina.manager.services import audit, versions
 from lamina.manager.services.changes import touch
 from lamina.names import Ref, check_name
 
@@ -190,6 +190,7 @@ def remove(home: Home, *, ref: Ref, force: bool = False) -> list[str]:
     """
     with home.session() as session:
         gone, manifests = _remove(session, ref=ref, force=force)
+        audit.record(session, "layer.remove", str(ref), versions=gone, force=force)
     for manifest in manifests:
         prepare.forget(home.root, bytes.fromhex(manifest))
     return gone

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, joinedload
 
 from lamina.errors import AlreadyExists, NotFound, Unconfirmed, UsageError
 from lamina.manager.models import ImageVersion, Machine
-from lamina.manager.services import images, servers
+from lamina.manager.services import audit, images, servers
 from lamina.names import check_name, parse_ref
 from lamina.units import human_bytes
 
@@ -131,6 +131,7 @@ def add(
     except IntegrityError:
         raise AlreadyExists(f"a machine named {name!r} already exists") from None
     servers.assign(session, machine)  # the least loaded block server, in a cluster
+    audit.record(session, "machine.add", name, image=version.ref, mode=machine.mode)
     return Added(machine, token)
 
 
@@ -238,7 +239,10 @@ def reset(home: Home, *, name: str, force: bool = False) -> int:
         machine = get(session, name)
         with _delta_locked(home, name):
             _refuse_losing(machine, _held_blocks(home, name), "a reset", force=force)
-            return _drop_delta(home, name)
+            freed = _drop_delta(home, name)
+    with home.session() as session:
+        audit.record(session, "machine.reset", name, freed_bytes=freed, force=force)
+    return freed
 
 
 def remove(home: Home, *, name: str, force: bool = False) -> int:
@@ -251,6 +255,7 @@ def remove(home: Home, *, name: str, force: bool = False) -> int:
             machine = get(session, name)
             _refuse_losing(machine, _held_blocks(home, name), "removing it", force=force)
             session.delete(machine)
+            audit.record(session, "machine.remove", name, force=force)
         freed = _drop_delta(home, name)  # the machine is gone for good: now its data
     shutil.rmtree(home.deltas_dir / name, ignore_errors=True)
     return freed
@@ -267,6 +272,9 @@ def change(home: Home, *, name: str, update: MachineUpdate, force: bool = False)
         mode = _check_mode(update.mode) if update.mode is not None else machine.mode
         target = _repin_target(session, machine, update.image)
         _set_identity(session, machine, update)
+        audit.record(
+            session, "machine.change", name, force=force, **update.model_dump(exclude_none=True)
+        )
         if target is None:
             if mode == "stateless" and machine.mode == STATEFUL:
                 # its delta goes at its next boot; the uploads staged for it go now

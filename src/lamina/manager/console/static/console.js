@@ -91,3 +91,18 @@
 
   setTimeout(poll, PERIOD);
 })();
+
+// The machines list: the header's box selects every machine on the page for a bulk action.
+(function () {
+  "use strict";
+
+  var all = document.getElementById("select-all");
+  if (!all) {
+    return;
+  }
+  all.addEventListener("change", function () {
+    document.querySelectorAll('input[name="names"]').forEach(function (box) {
+      box.checked = all.checked;
+    });
+  });
+})();
