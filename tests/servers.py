@@ -61,11 +61,19 @@ def wait_for(check: Callable[[], bool], timeout: float) -> float:
 
 class Server:
     def __init__(
-        self, home: Path, log: Path, *, nbd: bool = True, args: tuple[str, ...] = ()
+        self,
+        home: Path,
+        log: Path,
+        *,
+        nbd: bool = True,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         """``nbd=False``: a manager only (``--no-nbd``), as extra managers of a home run;
-        ``args``: more options of ``lamina serve`` (``--tls``)."""
+        ``args``: more options of ``lamina serve`` (``--tls``); ``env``: more settings
+        (``LAMINA_...``)."""
         self.home = home
+        self.env = env or {}
         self.log = log
         self.nbd = nbd
         self.args = args
@@ -83,7 +91,7 @@ class Server:
         return f"{scheme}://127.0.0.1:{self.http_port}"
 
     def start(self) -> None:
-        env = {**os.environ, "LAMINA_HOME": str(self.home)}
+        env = {**os.environ, "LAMINA_HOME": str(self.home), **self.env}
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -135,15 +136,16 @@ def member(
     return info, data
 
 
-def oci_layout(out: Path, layers: list[bytes]) -> Path:
-    """An OCI image layout directory with the given layer tars (stored as given)."""
-    blobs = out / "blobs" / "sha256"
+def oci_layout(out: Path, layers: list[bytes], algorithm: str = "sha256") -> Path:
+    """An OCI image layout directory with the given layer tars (stored as given), its
+    blobs named by ``algorithm`` digests."""
+    blobs = out / "blobs" / algorithm
     blobs.mkdir(parents=True)
 
     def blob(data: bytes) -> str:
-        digest = sha256(data).hexdigest()
+        digest = hashlib.new(algorithm, data).hexdigest()
         (blobs / digest).write_bytes(data)
-        return f"sha256:{digest}"
+        return f"{algorithm}:{digest}"
 
     config = blob(b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers"}}')
     manifest = {

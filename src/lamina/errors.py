@@ -16,8 +16,9 @@
     ├── ProtocolError (10)        a peer broke a wire protocol (NBD, HTTP API)
     ├── Unreachable (11)          the manager did not answer, or answered 5xx: retry later
     ├── Refused (12)              the manager refused the token (401), or what it opens (403)
-    └── NotAHome (14)             not a lamina home, or a home whose database is missing,
-                                  empty or another home's
+    ├── NotAHome (14)             not a lamina home, or a home whose database is missing,
+    │                             empty or another home's
+    └── LimitExceeded (15)        over a limit on what a caller may cost: an upload quota
 
 Adapters catch their library's exceptions (OSError, subprocess, sqlite, zstd) at the edge
 and raise one of these, so callers deal with one tree and the CLI prints one line.
@@ -122,6 +123,13 @@ class NotAHome(LaminaError):
     exit_code = 14
 
 
+class LimitExceeded(LaminaError):
+    """Over a limit set on what one caller may cost the server (a machine's upload quota);
+    what it already has stays, and the same request may succeed once some is released."""
+
+    exit_code = 15
+
+
 def kinds() -> dict[str, type[LaminaError]]:
     """Every kind of the tree by its name (what travels in an HTTP error's body).
     Subclasses made elsewhere (``uploads.TooLarge``) travel as the kind they refine."""
@@ -151,7 +159,10 @@ HTTP_STATUS: tuple[tuple[type[LaminaError], int], ...] = (
     (InvalidInput, 422),
     (Refused, 403),
     (Unreachable, 503),
+    (LimitExceeded, 413),
 )
+# An error's message is said, never at any length (it may quote what was asked).
+_DETAIL = 500
 
 
 def http_status(error: LaminaError) -> int:
@@ -159,7 +170,10 @@ def http_status(error: LaminaError) -> int:
 
 
 def http_body(error: LaminaError) -> dict[str, str]:
-    return {"detail": str(error), "kind": kind_of(error).__name__}
+    detail = str(error)
+    if len(detail) > _DETAIL:
+        detail = detail[:_DETAIL] + "..."
+    return {"detail": detail, "kind": kind_of(error).__name__}
 
 
 def _detail(body: Any) -> str:
@@ -198,6 +212,8 @@ def from_http(status: int, body: bytes | str, *, what: str = "manager") -> Lamin
         return NotFound(message)
     if status == 409:
         return Conflict(message)
+    if status == 413:
+        return LimitExceeded(message)
     if status == 422:  # FastAPI's validation: the fields and what is wrong with each
         return UsageError(detail)
     if status == 429 or status >= 500:

@@ -19,6 +19,8 @@ REF_PATTERN = NAME_PATTERN.removesuffix("$") + "(@[1-9][0-9]{0,8})?$"
 # Users and groups: what a POSIX login name may be (portable characters, 64 at most).
 USER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"
 _NAME = re.compile(NAME_PATTERN)
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
+MAX_VERSION = 999_999_999
 _USER = re.compile(USER_PATTERN)
 # A machine's NBD exports: its disk (image version + delta) and its identity seed.
 MACHINE_PREFIX = "machine/"
@@ -63,6 +65,8 @@ def parse_ref(text: str, what: str = "name") -> Ref:
     check_name(name, what)
     if not sep:
         return Ref(name)
-    if not version.isdigit() or int(version) < 1:
-        raise UsageError(f"bad version in {text!r}: expected {name}@N with N >= 1")
+    if not _VERSION.fullmatch(version):
+        raise UsageError(
+            f"bad version in {text[:120]!r}: expected {name}@N with N from 1 to {MAX_VERSION}"
+        )
     return Ref(name, int(version))

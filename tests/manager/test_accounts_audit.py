@@ -158,7 +158,7 @@ def test_a_database_of_the_previous_schema_gains_the_tables(tmp_path: Path) -> N
         command.upgrade(cfg, "0011")
     assert db.current_revision(engine) == "0011"
     db.migrate(engine)
-    assert db.current_revision(engine) == db.SCHEMA_HEAD == "0012"
+    assert db.current_revision(engine) == db.SCHEMA_HEAD == "0013"
     assert {"admin_accounts", "audit_log"} <= set(inspect(engine).get_table_names())
     engine.dispose()
 

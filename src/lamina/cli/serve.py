@@ -139,7 +139,8 @@ def serve(
     Example: lamina serve --nbd 0.0.0.0:10809 --http 0.0.0.0:8480 --tls
     """
     from lamina.manager.services.netboot import AutoAdd
-    from lamina.serve.server import ServeOptions, parse_address, run
+    from lamina.serve.options import ServeOptions
+    from lamina.serve.server import parse_address, run
 
     def str_address(text: str) -> str:
         host, port = parse_address(text, "--advertise")

@@ -1,6 +1,17 @@
-"""A machine's disk as a block device: its pinned image version with its delta on top."""
+"""A machine's disk as a block device: its pinned image version with its delta on top.
+
+The NBD server writes it from its lanes, never from the event loop (a pwrite may wait
+for the disk). A read that touches the delta is answered on the loop only when the page
+cache holds those blocks (``would_block`` tries it with RWF_NOWAIT and keeps what it
+read for the ``read`` that follows on the same thread); otherwise on a pool thread.
+Writes hold the device's lock (a partial block is read, patched and written back, and
+new blocks take the next slots of the delta); reads take none: the slots a read finds
+in the map hold their data already, and overlapping requests in flight have no order.
+"""
 
 from __future__ import annotations
+
+import threading
 
 from lamina.delta.file import BLOCK, Delta
 from lamina.home import Home
@@ -20,12 +31,26 @@ class MachineDevice:
         self.info = info
         self.base = base
         self.delta = delta
+        self._writing = threading.Lock()
+        self._ready = threading.local()  # a read done by would_block, for read
 
     def _blocks(self, offset: int, length: int) -> tuple[int, int]:
         first = offset // BLOCK
         return first, -(-(offset + length) // BLOCK) - first
 
     def read(self, offset: int, length: int) -> list[memoryview]:
+        ready = getattr(self._ready, "read", None)
+        if ready is not None:
+            self._ready.read = None
+            if ready[0] == (offset, length):
+                return ready[1]  # type: ignore[no-any-return]
+        read = self._read(offset, length, wait=True)
+        assert read is not None
+        return read
+
+    def _read(self, offset: int, length: int, *, wait: bool) -> list[memoryview] | None:
+        """The segments of a read; with ``wait=False`` None when the delta's part of it is
+        not in the page cache."""
         first, count = self._blocks(offset, length)
         if self.delta.untouched(first, count):
             return self.base.read(offset, length)
@@ -39,19 +64,35 @@ class MachineDevice:
             elif run.kind == "zero":
                 out.append(memoryview(bytes(stop - start)))
             else:
-                data = memoryview(self.delta.read_slots(run.slot, run.count))
+                slots = (
+                    self.delta.read_slots(run.slot, run.count)
+                    if wait
+                    else self.delta.read_slots_cached(run.slot, run.count)
+                )
+                if slots is None:
+                    return None
+                data = memoryview(slots)
                 out.append(data[start - run.first * BLOCK : stop - run.first * BLOCK])
         return out
 
     def would_block(self, offset: int, length: int) -> bool:
-        # Conservative: blocks covered by the delta never need the image, but asking the
-        # image alone is cheaper than walking the map on every read.
-        return self.base.would_block(offset, length)
+        if self.base.would_block(offset, length):
+            return True
+        first, count = self._blocks(offset, length)
+        if self.delta.untouched(first, count):
+            return False
+        ready = self._read(offset, length, wait=False)
+        self._ready.read = ((offset, length), ready) if ready is not None else None
+        return ready is None
 
     def prefetch(self, offset: int, length: int) -> None:
         self.base.prefetch(offset, length)  # only the image part can block
 
     def write(self, offset: int, data: Buffer, fua: bool) -> None:
+        with self._writing:
+            self._write(offset, data, fua)
+
+    def _write(self, offset: int, data: Buffer, fua: bool) -> None:
         first, count = self._blocks(offset, len(data))
         head = offset - first * BLOCK
         total = count * BLOCK
@@ -66,6 +107,10 @@ class MachineDevice:
             self.delta.flush()
 
     def write_zeroes(self, offset: int, length: int, fua: bool) -> None:
+        with self._writing:
+            self._write_zeroes(offset, length, fua)
+
+    def _write_zeroes(self, offset: int, length: int, fua: bool) -> None:
         first = -(-offset // BLOCK)
         last = (offset + length) // BLOCK  # exclusive, whole blocks only
         if offset + length == self.info.size:
@@ -77,7 +122,7 @@ class MachineDevice:
             (max(last * BLOCK, offset), offset + length),
         ):
             if stop > start:
-                self.write(start, bytes(stop - start), fua=False)
+                self._write(start, bytes(stop - start), fua=False)
         if fua:
             self.delta.flush()
 

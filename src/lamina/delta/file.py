@@ -24,6 +24,7 @@ trimmed block's slot leaks until reset or commit): appends keep crash reasoning 
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import shutil
@@ -65,7 +66,8 @@ class Run:
 
 
 class Delta:
-    """An open delta. Not thread-safe: the server drives it from its event loop."""
+    """An open delta. Writes from one thread at a time (the device's lock); reads from
+    any thread: a slot is filled before the map points at it."""
 
     def __init__(self, directory: Path, *, size: int, base_id: bytes) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -78,7 +80,7 @@ class Delta:
         except BaseException:
             os.close(self._lock_fd)
             raise
-        # Writes bump the generation on the event loop; a flush (on a worker thread) makes
+        # Writes bump the generation; a flush (on another thread) makes
         # durable what was written up to the generation it saw when it started, so a write
         # that lands during an fdatasync is left for the next FLUSH instead of being taken
         # as covered.
@@ -151,6 +153,18 @@ class Delta:
     def read_slots(self, slot: int, count: int) -> bytes:
         data = os.pread(self._data_fd, count * BLOCK, slot * BLOCK)
         return data.ljust(count * BLOCK, b"\0")
+
+    def read_slots_cached(self, slot: int, count: int) -> bytearray | None:
+        """The slots if the page cache holds all of them, else None: a read that never
+        waits for the disk (RWF_NOWAIT), for the event loop."""
+        out = bytearray(count * BLOCK)
+        try:
+            got = os.preadv(self._data_fd, [out], slot * BLOCK, os.RWF_NOWAIT)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP):
+                return None
+            raise
+        return out if got == len(out) else None  # short: not all cached, or past the end
 
     # -- updates --------------------------------------------------------------------
 

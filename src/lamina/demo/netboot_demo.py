@@ -32,7 +32,7 @@ from lamina.demo.vm import BootReport
 from lamina.home import Home
 from lamina.identity.validate import generate_mac
 from lamina.manager.services import machines, netboot
-from lamina.serve.server import ServeOptions
+from lamina.serve.options import ServeOptions
 
 NEWCOMER = "desk-003"
 UNKNOWN = "is not known to the manager"

@@ -26,7 +26,8 @@ from lamina.home import Home
 from lamina.image import Imported
 from lamina.image.importer import import_and_commit
 from lamina.manager.services import images, machines
-from lamina.serve.server import ServeOptions, serve
+from lamina.serve.options import ServeOptions
+from lamina.serve.server import serve
 
 MACHINES = (("desk-001", "stateless"), ("desk-002", "stateful"))
 IMAGE = "demo"

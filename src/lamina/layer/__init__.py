@@ -14,6 +14,7 @@ paths.py        path safety for archive members and links (pure)
 builder.py      a tree from archive members, as tar and OCI apply them; Permits (pure)
 sources.py      where a tree's members come from: directories, tars (LayerSource)
 oci.py          OCI image layouts and ``docker save`` archives as sources
+unpack.py       a compressed image archive unpacked to a folder, within bounds
 importer.py     ``layer import``: scan everything, then store files and manifest
 materialize.py  write a tree out as real files (``layer export``, mkfs.erofs input)
 prepare.py      each version made an EROFS image and mounted once per host

@@ -14,7 +14,11 @@ Rules (tar and the OCI image spec):
 - OCI whiteouts (``.wh.NAME``, ``.wh..wh..opq``) delete from the *lower* layers only: the
   layer's whiteouts are applied first, then its other members (``end_layer``);
 - hard links name an earlier member; removing the first name of a hard-linked file hands
-  its data to the next name.
+  its data to the next name;
+- owners, times, sizes and device numbers must fit the tree's fields (a tar's base-256
+  numbers may claim anything: an mtime before 1677 does not fit 64 bits of nanoseconds);
+- no relative symlink may resolve above the root through other links of the final tree
+  (``paths.check_link_chains``: ``d/b -> ..`` then ``d/x -> b/..``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ DataRef = tuple[int, int]  # (source part, member index), meaningful to the sour
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 _PARENT_MODE = 0o755
+_U32 = 1 << 32
+_I64 = 1 << 63
 
 
 CAPABILITY_XATTR = "security.capability"
@@ -156,6 +162,7 @@ class TreeBuilder:
         return f"refused {'; '.join(parts)}: allow with {' '.join(flags)}"
 
     def _check(self, m: Member, path: str) -> None:
+        _check_ranges(m)
         if m.kind is Kind.SYMLINK:
             paths.check_symlink(path, m.target)
         if m.kind is Kind.HARDLINK:
@@ -277,8 +284,25 @@ class TreeBuilder:
             self._entries.pop("", None)
         elif "" not in self._entries:
             self._entries[""] = Entry("", Kind.DIR, _PARENT_MODE)
+        paths.check_link_chains(
+            {p: e.target for p, e in self._entries.items() if e.kind is Kind.SYMLINK}
+        )
         tree = Tree.of(self._entries.values())
         return Built(tree, dict(self._refs))
+
+
+def _check_ranges(m: Member) -> None:
+    """Refuse values the tree cannot hold (it stores u32 owners, i64 nanoseconds)."""
+    for what, value, low, high in (
+        ("uid", m.uid, 0, _U32),
+        ("gid", m.gid, 0, _U32),
+        ("mtime", m.mtime_ns, -_I64, _I64),
+        ("size", m.size, 0, _I64),
+        ("device number", m.rdev, 0, _I64),
+    ):
+        if not low <= value < high:
+            shown = f"{value / 1e9:.0f} s from 1970" if what == "mtime" else str(value)
+            raise InvalidInput(f"member {m.name!r}: {what} {shown} is out of range")
 
 
 def member_kind(mode: int) -> Kind | None:

@@ -9,20 +9,24 @@ An image is flattened into one layer: its layer tars are applied in order by one
 - a ``docker save`` archive (``manifest.json`` listing ``Layers``), old and new formats;
   with several images in one archive, the first is taken.
 
-Blobs named by a sha256 digest are checked against it while they are scanned. A compressed
-archive (``docker save | gzip``) is unpacked to a temporary file first, since its layers
-are read out of order.
+Every blob is checked against its digest: manifests and indexes before they are parsed
+(at most ``MAX_JSON`` bytes), layers while they are scanned. OCI allows sha256 and sha512
+(``ALGORITHMS``); any other algorithm is refused, as is a blob of an OCI layout folder
+that is a symlink, or lies beneath one (it could name any file of the host). A compressed
+archive (``docker save | gzip``) is unpacked to a temporary folder first, since its
+layers are read out of order, within the bounds of ``lamina.layer.unpack``.
 
 ``open_source`` picks the right source for any SRC path ``layer import`` accepts.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
+import hashlib
 import json
+import os
 import platform
 import re
-import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -30,11 +34,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from lamina.errors import InvalidInput, NotFound
+from lamina.errors import InvalidInput, NotFound, UnsafeArchive
 from lamina.layer import paths
 from lamina.layer.builder import DataRef, TreeBuilder
 from lamina.layer.sources import (
     READ_ERRORS,
+    Digest,
     DirSource,
     LayerSource,
     Opener,
@@ -42,8 +47,13 @@ from lamina.layer.sources import (
     TarSource,
     unwrapped,
 )
+from lamina.layer.unpack import unpack_image
 
-_DIGEST = re.compile(r"^([a-z0-9]+):([a-f0-9]{32,128})$")
+# The OCI image spec's digest grammar, and the algorithms it registers (hex lengths).
+_DIGEST = re.compile(r"^([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
+ALGORITHMS = {"sha256": 64, "sha512": 128}
+# Indexes and manifests are a few KiB; a larger one is not read.
+MAX_JSON = 4 << 20
 _INDEX_TYPES = {
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -58,20 +68,48 @@ class _Archive(Protocol):
 
 
 class _DirArchive:
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    """An image layout folder. Members are opened one component at a time, none
+    followed if it is a symlink."""
 
-    def _path(self, name: str) -> Path:
-        return self.root / paths.normalize(name, what="image archive entry")
+    def __init__(self, root: Path, description: str | None = None) -> None:
+        self.root = root
+        self.description = description or str(root)
+
+    def _open(self, name: str) -> int:
+        parts = paths.normalize(name, what="image archive entry").split("/")
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                try:
+                    child = os.open(part, flags | (0 if last else os.O_DIRECTORY), dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(
+                        self.root.joinpath(*parts[: i + 1])
+                    ):
+                        raise UnsafeArchive(
+                            f"{self.description}: {'/'.join(parts[: i + 1])} is a symlink"
+                        ) from None
+                    raise
+                os.close(fd)
+                fd = child
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
 
     def exists(self, name: str) -> bool:
-        return self._path(name).is_file()
+        try:
+            os.close(self._open(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
 
     def opener(self, name: str) -> Opener:
-        path = self._path(name)
-        if not path.is_file():
-            raise InvalidInput(f"{self.root}: missing {name}")
-        return lambda: open(path, "rb")
+        if not self.exists(name):
+            raise InvalidInput(f"{self.description}: missing {name}")
+        return lambda: os.fdopen(self._open(name), "rb")
 
 
 class _TarArchive:
@@ -97,19 +135,33 @@ class _TarArchive:
         return open_member
 
 
-def _json(archive: _Archive, name: str) -> Any:
+def _json(archive: _Archive, name: str, digest: Digest | None = None) -> Any:
     with archive.opener(name)() as f:
-        try:
-            return json.loads(f.read())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidInput(f"{name}: not JSON ({exc})") from None
+        data = f.read(MAX_JSON + 1)
+    if len(data) > MAX_JSON:
+        raise InvalidInput(f"{name}: larger than {MAX_JSON >> 20} MiB, not an image's JSON")
+    if digest is not None and hashlib.new(digest[0], data).hexdigest() != digest[1]:
+        raise InvalidInput(f"{name}: {digest[0]} digest does not match")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{name}: not JSON ({exc})") from None
 
 
-def _blob(digest: str) -> tuple[str, str | None]:
+def _blob(digest: object) -> tuple[str, Digest]:
+    """The archive path and the digest of a blob named by ``digest``."""
     m = _DIGEST.match(str(digest))
     if not m:
-        raise InvalidInput(f"bad blob digest {digest!r}")
-    return f"blobs/{m[1]}/{m[2]}", m[2] if m[1] == "sha256" else None
+        raise InvalidInput(f"bad blob digest {str(digest)[:100]!r}")
+    algorithm, encoded = m[1], m[2]
+    length = ALGORITHMS.get(algorithm)
+    if length is None:
+        raise InvalidInput(
+            f"digest algorithm {algorithm!r} is not supported: OCI images use sha256 or sha512"
+        )
+    if not re.fullmatch(f"[a-f0-9]{{{length}}}", encoded):
+        raise InvalidInput(f"bad {algorithm} digest {str(digest)[:160]!r}")
+    return f"blobs/{algorithm}/{encoded}", (algorithm, encoded)
 
 
 def _pick(archive: _Archive, index: Mapping[str, Any], depth: int = 0) -> Mapping[str, Any]:
@@ -127,23 +179,23 @@ def _pick(archive: _Archive, index: Mapping[str, Any], depth: int = 0) -> Mappin
         ),
         manifests[0],
     )
-    doc = _json(archive, _blob(chosen.get("digest", ""))[0])
+    doc = _json(archive, *_blob(chosen.get("digest", "")))
     if chosen.get("mediaType") in _INDEX_TYPES or "manifests" in doc:
         return _pick(archive, doc, depth + 1)
     return doc  # type: ignore[no-any-return]
 
 
-def image_layers(archive: _Archive) -> list[tuple[str, str | None]]:
-    """(archive name, sha256 or None) of each layer tar, bottom first."""
+def image_layers(archive: _Archive) -> list[tuple[str, Digest | None]]:
+    """(archive name, digest or None) of each layer tar, bottom first."""
     if archive.exists("manifest.json"):
         doc = _json(archive, "manifest.json")
         if not isinstance(doc, list) or not doc or "Layers" not in doc[0]:
             raise InvalidInput("manifest.json is not a docker image manifest")
-        out = []
+        out: list[tuple[str, Digest | None]] = []
         for name in doc[0]["Layers"]:
             norm = paths.normalize(str(name), what="docker layer")
-            m = re.fullmatch(r"blobs/sha256/([a-f0-9]{64})", norm)
-            out.append((norm, m[1] if m else None))
+            m = re.fullmatch(r"blobs/([a-z0-9]+)/([a-f0-9]+)", norm)
+            out.append(_blob(f"{m[1]}:{m[2]}") if m else (norm, None))
         return out
     if archive.exists("index.json"):
         manifest = _pick(archive, _json(archive, "index.json"))
@@ -160,7 +212,7 @@ class ImageSource:
         if not layers:
             raise InvalidInput(f"{description}: the image has no layers")
         self.parts = [
-            TarSource(archive.opener(name), f"{description}:{name}", part=i, sha256=digest)
+            TarSource(archive.opener(name), f"{description}:{name}", part=i, digest=digest)
             for i, (name, digest) in enumerate(layers)
         ]
 
@@ -224,12 +276,5 @@ def open_source(path: Path, *, tmp_dir: Path) -> Iterator[LayerSource]:
         yield TarSource.from_path(path)
         return
     with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="image-") as tmp:
-        plain = Path(tmp, "image.tar")
-        with (
-            open(path, "rb") as raw,
-            open(plain, "wb") as out,
-            contextlib.closing(unwrapped(raw)) as stream,
-        ):
-            shutil.copyfileobj(stream, out, 1 << 20)
-        with tarfile.open(plain, "r:") as tf:
-            yield ImageSource(_TarArchive(tf, str(path)), str(path))
+        unpack_image(path, Path(tmp))
+        yield ImageSource(_DirArchive(Path(tmp), str(path)), str(path))

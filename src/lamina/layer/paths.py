@@ -8,7 +8,10 @@ written.
 Links:
 - a hard link must name another member of the same archive (normalized the same way);
 - a relative symlink must not climb above the layer's root once resolved against its own
-  directory (``a/b -> ../../etc`` escapes, ``a/b -> ../c`` does not);
+  directory (``a/b -> ../../etc`` escapes, ``a/b -> ../c`` does not), nor once the links
+  it goes through are followed too, as the kernel follows them (``d/b -> ..`` is the
+  root, so ``d/x -> b/..`` is the root's parent: ``check_link_chains``, over the whole
+  tree);
 - an absolute symlink is kept: a layer is a root filesystem, and its absolute links are
   resolved inside whatever root the layer is mounted as (``/etc/localtime ->
   /usr/share/zoneinfo/UTC`` in every distribution image). Lamina itself never follows a
@@ -19,12 +22,16 @@ Links:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 from lamina.errors import UnsafeArchive
 
 NAME_MAX: Final = 255
 PATH_MAX: Final = 4095
+# Links followed while resolving one path before giving up, as Linux does (ELOOP): a loop
+# reaches nothing, so it is left alone.
+MAX_HOPS: Final = 40
 
 
 def normalize(name: str, *, what: str = "member") -> str:
@@ -66,6 +73,41 @@ def check_symlink(path: str, target: str) -> None:
                 raise UnsafeArchive(f"symlink {path!r} -> {target!r} escapes the layer")
         else:
             depth += 1
+
+
+def check_link_chains(links: Mapping[str, str]) -> None:
+    """Refuse a relative symlink of a tree (``links``: tree path -> target) that resolves
+    above the root once the other links on its way are followed."""
+    for path, target in links.items():
+        if not target.startswith("/") and not _resolves_inside(links, path, target):
+            raise UnsafeArchive(
+                f"symlink {path!r} -> {target!r} escapes the layer through other links"
+            )
+
+
+def _resolves_inside(links: Mapping[str, str], path: str, target: str) -> bool:
+    where = path.split("/")[:-1]  # the link's directory, as components
+    todo = target.split("/")
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not where:
+                return False
+            where.pop()
+            continue
+        here = "/".join([*where, part])
+        followed = links.get(here)
+        if followed is None:
+            where.append(part)
+            continue
+        hops += 1
+        if followed.startswith("/") or hops > MAX_HOPS:
+            return True  # resolved inside the root it is mounted as; or a loop
+        todo = followed.split("/") + todo
+    return True
 
 
 def check_hardlink(path: str, target: str) -> str:

@@ -8,7 +8,7 @@ that survived (``wanted``), in source order.
 - ``DirSource``: a directory (with ``changes=True``, an overlayfs upper directory: 0/0
   character devices are whiteouts and ``trusted.overlay.opaque`` marks opaque directories).
 - ``TarSource``: a tar stream, plain or compressed (gzip, zstd, bzip2, xz, told apart by
-  their magic), optionally checked against a sha256 digest (OCI blobs).
+  their magic), optionally checked against a digest (OCI blobs: ``Digest``).
 Image archives (OCI layouts, ``docker save``) are in ``lamina.layer.oci``.
 """
 
@@ -37,6 +37,7 @@ from lamina.layer.tree import OPAQUE_XATTR, OVERLAY_XATTRS, Kind, Xattrs
 
 Sink = Callable[[DataRef, IO[bytes]], None]
 Opener = Callable[[], BinaryIO]
+Digest = tuple[str, str]  # (hashlib algorithm name, lower-case hex)
 
 
 class LayerSource(Protocol):
@@ -176,9 +177,9 @@ def unwrapped(raw: BinaryIO, via: BinaryIO | None = None) -> IO[bytes]:
 class _Hashing:
     """A reader that hashes what passes through (for OCI blob digests)."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, algorithm: str) -> None:
         self.raw = raw
-        self.sha = hashlib.sha256()
+        self.sha = hashlib.new(algorithm)
 
     def read(self, n: int = -1) -> bytes:
         data = self.raw.read(n)
@@ -212,6 +213,15 @@ def _tar_xattrs(ti: tarfile.TarInfo) -> Xattrs:
     return tuple(sorted(x for x in out if not x[0].startswith(OVERLAY_XATTRS)))
 
 
+def _rdev(ti: tarfile.TarInfo) -> int:
+    try:
+        return os.makedev(ti.devmajor, ti.devminor)
+    except (OverflowError, ValueError):
+        raise InvalidInput(
+            f"tar member {ti.name!r}: device numbers {ti.devmajor},{ti.devminor} out of range"
+        ) from None
+
+
 def tar_member(ti: tarfile.TarInfo, ref: DataRef) -> Member:
     if ti.isreg():
         kind = Kind.FILE
@@ -238,7 +248,7 @@ def tar_member(ti: tarfile.TarInfo, ref: DataRef) -> Member:
         _mtime_ns(ti),
         ti.size if kind is Kind.FILE else 0,
         ti.linkname,
-        os.makedev(ti.devmajor, ti.devminor) if kind in (Kind.CHAR, Kind.BLOCK) else 0,
+        _rdev(ti) if kind in (Kind.CHAR, Kind.BLOCK) else 0,
         _tar_xattrs(ti),
         ref if kind is Kind.FILE else None,
     )
@@ -246,12 +256,12 @@ def tar_member(ti: tarfile.TarInfo, ref: DataRef) -> Member:
 
 class TarSource:
     def __init__(
-        self, opener: Opener, description: str, *, part: int = 0, sha256: str | None = None
+        self, opener: Opener, description: str, *, part: int = 0, digest: Digest | None = None
     ) -> None:
         self.opener = opener
         self.description = description
         self.part = part
-        self.sha256 = sha256
+        self.digest = digest
         self._names: list[str] = []
 
     @classmethod
@@ -264,13 +274,13 @@ class TarSource:
         raw = self.opener()
         try:
             # The digest names the blob as stored: hash the bytes before decompression.
-            tap = _Hashing(raw) if hashing else None
+            tap = _Hashing(raw, self.digest[0]) if hashing and self.digest else None
             stream = unwrapped(raw, tap)  # type: ignore[arg-type]
             with tarfile.open(fileobj=stream, mode="r|") as tf:
                 for i, ti in enumerate(tf):
                     yield i, ti, tf
-            if tap is not None and tap.drain() != self.sha256:
-                raise InvalidInput(f"{self.description}: sha256 digest does not match")
+            if tap is not None and self.digest and tap.drain() != self.digest[1]:
+                raise InvalidInput(f"{self.description}: {self.digest[0]} digest does not match")
         except READ_ERRORS as exc:
             raise InvalidInput(f"{self.description}: not a readable tar archive ({exc})") from None
         finally:
@@ -279,7 +289,7 @@ class TarSource:
     def scan(self, builder: TreeBuilder) -> None:
         builder.begin_layer()
         self._names = []
-        for i, ti, _tf in self._members(hashing=self.sha256 is not None):
+        for i, ti, _tf in self._members(hashing=self.digest is not None):
             self._names.append(ti.name)
             builder.add(tar_member(ti, (self.part, i)))
         builder.end_layer()

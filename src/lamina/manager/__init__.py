@@ -13,6 +13,7 @@ deps.py             FastAPI dependencies: home, database session, caller
 routers/            the HTTP API: admin, agent, data (manifests, chunks), stream
 console/            the web console
 app.py              the FastAPI application
+limits.py           request bodies bounded before authentication; 422s that echo nothing
 metrics.py          GET /metrics (Prometheus text): NBD counters, HTTP latency, store, deltas
 history.py          the dashboard's last day: samples a minute, drawn as SVG charts
 agent_db.py         the agent API's database thread and change watcher

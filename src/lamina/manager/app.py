@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from lamina import __version__
@@ -13,17 +14,23 @@ from lamina.home import Home
 from lamina.manager import metrics
 from lamina.manager.console import router as console_router
 from lamina.manager.history import History
+from lamina.manager.limits import BodyLimit, invalid_request
 from lamina.manager.routers import admin, agent, boot, data, layer_images, stream
 from lamina.manager.services.netboot import NetbootSettings
 
 
-def create_app(home: Home, netboot: NetbootSettings | None = None) -> FastAPI:
+def create_app(
+    home: Home, netboot: NetbootSettings | None = None, *, body_bytes: int | None = None
+) -> FastAPI:
+    """``body_bytes``: the cap on request bodies other than uploads (``limits``)."""
     from lamina.netboot.bootfiles import BootCache
 
     app = FastAPI(title="lamina manager", version=__version__, openapi_url="/openapi.json")
     app.state.home = home
     app.state.netboot = netboot or NetbootSettings()
     app.state.boot_cache = BootCache(home.root / "cache" / "boot")
+    app.add_middleware(BodyLimit, cap=body_bytes or BodyLimit.default_cap())
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.state.http_meter = metrics.HttpMeter()
     app.state.history = History()  # the dashboard's last day (see manager.history)
     app.state.nbd_totals = None  # set by `lamina serve` when it serves NBD too

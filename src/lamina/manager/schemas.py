@@ -322,9 +322,9 @@ class WritableSaved(BaseModel):
     """A writable-layer version an agent stored (its chunks uploaded first)."""
 
     manifest: HexId
-    files: int = Field(ge=0)
-    size: int = Field(ge=0)
-    stored_bytes: int = Field(default=0, ge=0)
+    files: int = Field(ge=0, le=(1 << 31) - 1)
+    size: int = Field(ge=0, le=(1 << 63) - 1)
+    stored_bytes: int = Field(default=0, ge=0, le=(1 << 63) - 1)
     bases: list[Annotated[str, StringConstraints(max_length=220)]] = Field(
         default_factory=list, max_length=1000
     )
@@ -378,4 +378,5 @@ class BootResult(BaseModel):
 
 
 class Missing(BaseModel):
-    ids: list[HexId] = Field(max_length=100_000)
+    # 10,000 a request, as agents send them (670 KB: the request body cap is 1 MiB).
+    ids: list[HexId] = Field(max_length=15_000)

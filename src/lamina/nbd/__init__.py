@@ -8,8 +8,12 @@ negotiate.py   negotiate (the replies to a handshake event for an export catalog
                check_request (which requests an export refuses, with which error)
 batch.py       transmission requests parsed in batches as tuples, for a server's hot path
 device.py      BlockDevice, the one interface between the server and what it serves
-aio.py         the asyncio adapter of the server (and its hold, for backups)
-aioclient.py   a small asyncio client, for lamina's tools and tests
+limits.py      what a client may cost a server (Limits) and the server-wide Budget
+lanes.py       threads that run each connection's writes in order, off the event loop
+flow.py        FlowControl: one connection's budgets, timeouts and event pump
+aio.py         NbdServerProtocol, the asyncio server adapter over FlowControl (and its
+               hold, for backups)
+aioclient.py   NbdClient, a small asyncio client for lamina's tools and tests
 """
 
 from lamina.nbd.client import ClientConnection

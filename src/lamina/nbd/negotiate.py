@@ -95,8 +95,16 @@ class Refusal:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """No such export, and why (a malformed name, a version out of range): answered
+    NBD_REP_ERR_UNKNOWN with the reason."""
+
+    reason: str
+
+
 class Catalog(Protocol):
-    def lookup(self, name: str) -> ExportInfo | Refusal | None: ...
+    def lookup(self, name: str) -> ExportInfo | Refusal | Unknown | None: ...
 
     def names(self) -> list[str]:
         """The exports this client may open (NBD_OPT_LIST)."""
@@ -109,6 +117,10 @@ class Decision:
     export: ExportInfo | None = None  # set when transmission starts on this export
     hang_up: bool = False
     reason: str = ""  # why, for the log, when hanging up without a reply
+
+
+def _unknown(found: Unknown | None, name: str) -> bytes:
+    return (found.reason if found is not None else f"no export named {name!r}").encode()
 
 
 def _u32str(text: str) -> bytes:
@@ -137,8 +149,8 @@ def _meta_replies(event: OptMetaContext, catalog: Catalog) -> list[Event]:
     found = catalog.lookup(event.export)
     if isinstance(found, Refusal):
         return [OptionReply(option, Rep.ERR_POLICY, found.reason.encode())]
-    if found is None:
-        return [OptionReply(option, Rep.ERR_UNKNOWN, f"no export {event.export!r}".encode())]
+    if not isinstance(found, ExportInfo):
+        return [OptionReply(option, Rep.ERR_UNKNOWN, _unknown(found, event.export))]
     wanted = event.queries or ((BASE_ALLOCATION,) if event.list_only else ())
     selected = any(q == BASE_ALLOCATION or (event.list_only and q == "base:") for q in wanted)
     out: list[Event] = []
@@ -220,9 +232,8 @@ def negotiate(event: Event, catalog: Catalog, conn: ServerConnection) -> Decisio
         found = catalog.lookup(event.name)
         if isinstance(found, Refusal):
             return Decision([OptionReply(option, Rep.ERR_POLICY, found.reason.encode())])
-        if found is None:
-            msg = f"no export named {event.name!r}".encode()
-            return Decision([OptionReply(option, Rep.ERR_UNKNOWN, msg)])
+        if not isinstance(found, ExportInfo):
+            return Decision([OptionReply(option, Rep.ERR_UNKNOWN, _unknown(found, event.name))])
         return opening(event, found)
     if isinstance(event, OptList):
         servers: list[Event] = [

@@ -2,9 +2,13 @@
 NBD connections in worker processes (one per core).
 
 server.py       ``lamina serve``: startup and shutdown of the manager and the block server
-workers.py      NBD worker processes: fed connections by the parent, replaced if they die
+options.py      what ``lamina serve`` is asked to do, and what NBD clients may cost it
+workers.py      NBD worker processes: fed connections by the parent (connections per client
+                address counted there), replaced if they die
 handshake.py    one serving process: handshakes, opening exports off the loop, hand-overs
-fastpath.py     the transmission phase of a plain connection on its raw socket
+fastpath.py     the transmission phase of a plain connection on its raw socket, bounded as
+                the handshake's path is (nbd.limits)
+fastbounds.py   what a fast connection may hold, and its stall and idle timers
 shared.py       what a process's fast connections share: the writer thread, the pool
 meter.py        what a process counts for /metrics: bytes and requests per export, errors
 catalog.py      the exports (IMAGE@V, machine/NAME, machine/NAME/seed) resolved per handshake

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from lamina.errors import LaminaError, NotFound
 from lamina.names import MACHINE_PREFIX, SEED_SUFFIX
 from lamina.nbd import ExportInfo
-from lamina.nbd.negotiate import Refusal
+from lamina.nbd.negotiate import Refusal, Unknown
 from lamina.trust.principal import Kind, Principal, presented
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class ClientCatalog:
             return None
         return refusal(self.principal, name, pin)
 
-    def lookup(self, name: str) -> ExportInfo | Refusal | None:
+    def lookup(self, name: str) -> ExportInfo | Refusal | Unknown | None:
         return self._check(name) or self.catalog.lookup(name)
 
     def names(self) -> list[str]:
@@ -106,7 +106,9 @@ class ClientCatalog:
         refused = self._check(name)
         if refused is not None:
             raise LaminaError(refused.reason)
-        return self.catalog.open(name, client)
+        # Only the machine itself boots: an admin's backup read is not a boot profile.
+        own = self.principal.kind is Kind.MACHINE and name == MACHINE_PREFIX + self.principal.name
+        return self.catalog.open(name, client, boot=own)
 
     def release(self, name: str, device: BlockDevice, *, ended: bool) -> None:
         self.catalog.release(name, device, ended=ended)

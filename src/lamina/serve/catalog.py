@@ -5,7 +5,10 @@
     machine/NAME/seed         its NoCloud identity seed, read-only
 
 Devices are opened on a client's first connection and shared by every connection to the
-same export (one delta, one chunk cache), then closed with the last one.
+same export (one delta, one chunk cache), then closed with the last one. A machine export
+opened as a boot records its boot profile (``serve.profile``): on a server without TLS
+every client counts (the network is trusted), with TLS only the machine's own credential
+(``serve.access``), so no other client rewrites the order a machine boots in.
 
 A machine's disk has one writer: the first connection to open it writes; any other that
 opens it meanwhile gets it read-only (a ``ReadOnlyView``, its export flagged read-only in
@@ -32,7 +35,7 @@ from lamina import logs
 from lamina.delta import uploads
 from lamina.delta.device import machine_device
 from lamina.delta.file import begin_boot, exclusive, mark_ended
-from lamina.errors import Conflict, LaminaError, Refused
+from lamina.errors import Conflict, LaminaError, Refused, UsageError
 from lamina.home import Home
 from lamina.identity import AgentSeed, Identity, seed_image
 from lamina.image import ImageReader, Manifest
@@ -42,6 +45,7 @@ from lamina.manager.services import images, machines, servers
 from lamina.names import MACHINE_PREFIX, SEED_SUFFIX, parse_ref
 from lamina.nbd import ExportInfo
 from lamina.nbd.device import BlockDevice, MemoryDevice, ReadOnlyView
+from lamina.nbd.negotiate import Unknown
 from lamina.serve import profile
 from lamina.store import ChunkCache
 
@@ -70,6 +74,9 @@ class ExportCatalog:
         self._copying: set[str] = set()  # machine exports a backup is copying
         self._elsewhere: set[str] = set()  # machine exports a sibling process has open
         self._lock = threading.Lock()
+        # Devices are opened on the handshake threads: one opening per export at a time
+        # (a second Delta on one machine would find its lock taken).
+        self._opening: dict[str, threading.Lock] = {}
         # This block server's name in a cluster: a stateful machine assigned to another
         # server is not served here (its delta is on that server's home).
         self.server: str | None = None
@@ -77,9 +84,11 @@ class ExportCatalog:
 
     # -- Catalog protocol (negotiation) ----------------------------------------------
 
-    def lookup(self, name: str) -> ExportInfo | None:
+    def lookup(self, name: str) -> ExportInfo | Unknown | None:
         try:
             resolved = self.resolve(name)
+        except UsageError as exc:  # a malformed name, a version out of range
+            return Unknown(str(exc))
         except LaminaError:
             return None
         if resolved is None:
@@ -162,10 +171,11 @@ class ExportCatalog:
             info, ImageReader(self.home.store, self._manifest(manifest_id), self.cache)
         )
 
-    def open(self, name: str, client: str = "-") -> BlockDevice:
+    def open(self, name: str, client: str = "-", *, boot: bool = True) -> BlockDevice:
         """The device behind export ``name`` for ``client``: the shared device, or a
-        read-only view of it while another client writes that machine's disk."""
-        device = self._open_shared(name)
+        read-only view of it while another client writes that machine's disk (from any
+        thread). ``boot``: a machine export opened now records a boot profile."""
+        device = self._open_shared(name, boot)
         if device.info.read_only:
             return device
         with self._lock:
@@ -207,22 +217,24 @@ class ExportCatalog:
     def _delta_dir(self, name: str) -> Path:
         return self.home.deltas_dir / name.removeprefix(MACHINE_PREFIX)
 
-    def _open_shared(self, name: str) -> BlockDevice:
+    def _open_shared(self, name: str, boot: bool) -> BlockDevice:
         with self._lock:
             shared = self._acquire(name)
-        if shared is not None:
-            return shared
-        resolved = self.resolve(name)
-        if resolved is None:
-            raise LaminaError(f"no export {name!r}")
-        device = self._build(resolved)
-        with self._lock:
-            shared = self._acquire(name)  # another connection won the race
-            if shared is None:
+            if shared is not None:
+                return shared
+            opening = self._opening.setdefault(name, threading.Lock())
+        with opening:
+            with self._lock:
+                shared = self._acquire(name)  # opened while this one waited
+            if shared is not None:
+                return shared
+            resolved = self.resolve(name)
+            if resolved is None:
+                raise LaminaError(f"no export {name!r}")
+            device = self._build(resolved, boot)
+            with self._lock:
                 self._open[name] = (device, 1)
-                return device
-        device.close()
-        return shared
+            return device
 
     def _acquire(self, name: str) -> BlockDevice | None:
         """One more user of the open device ``name``, if it is open (lock held)."""
@@ -232,7 +244,7 @@ class ExportCatalog:
         self._open[name] = (device, refs + 1)
         return device
 
-    def _build(self, r: Resolved) -> BlockDevice:
+    def _build(self, r: Resolved, boot: bool) -> BlockDevice:
         if r.kind == "image":
             return self._image_device(r.info, r.manifest_id)
         assert r.machine is not None
@@ -242,6 +254,8 @@ class ExportCatalog:
         self._begin_boot(r)
         manifest = self._manifest(r.manifest_id)
         machine = machine_device(self.home, r.machine, r.info, manifest, r.manifest_id, self.cache)
+        if not boot:
+            return machine
         # A machine export opening is a boot: note the order of its first reads.
         return profile.record_boot(self.home, machine, manifest, r.manifest_id)
 

@@ -18,9 +18,12 @@ costs about 2 us a request, and the kernel's copies and loopback TCP are most of
 left. ``sendfile`` from the packs measured no better than ``preadv`` + one ``sendmsg``
 for 4-128 KiB replies, and cannot batch replies.
 
-A client that does not read its replies stops being read: while replies are waiting
-for the socket, no more requests are taken, so a connection holds at most one batch of
-replies (and its requests in flight) in memory.
+What a client may cost is bounded as on the handshake's path (``nbd.limits``): a read
+that would take the connection's unsent replies (reads in flight, replies the socket has
+not taken) past ``reply_bytes``, or the process's past its share of
+``total_reply_bytes``, waits with the requests after it, and the socket is not read
+meanwhile; a client that takes none of its replies for ``stall_timeout`` is dropped, one
+that asks nothing for ``idle_timeout`` (when set) too.
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ from typing import Final
 from lamina.errors import LaminaError, ProtocolError
 from lamina.logs import event as log_event
 from lamina.nbd import ExportInfo, ServerConnection, check_request
+from lamina.nbd.aio import BLOCK_STATUS_SPAN
 from lamina.nbd.batch import HEAD, RequestReader, Tuple, as_event, ok_reply, read_head
 from lamina.nbd.constants import Cmd, CmdFlag, Errno
 from lamina.nbd.device import BlockDevice
 from lamina.nbd.events import BlockStatus, Buffer, ErrorReply, Event
 from lamina.nbd.negotiate import BASE_ALLOCATION_ID
+from lamina.serve.fastbounds import Bounds, owned
 from lamina.serve.imagefiles import Segment
 from lamina.serve.shared import ARENA, Shared
 
@@ -58,7 +63,7 @@ _WRITE_FLAGS: Final = int(CmdFlag.FUA)
 What = tuple[int, int, int, int]  # a request as its error log names it: cmd, handle, offset, length
 
 
-class FastConnection:
+class FastConnection(Bounds):
     """One client in transmission, after its handshake."""
 
     def __init__(
@@ -70,7 +75,9 @@ class FastConnection:
         export: ExportInfo,
         peer: str,
         release: Callable[[bool], None],
+        gone: Callable[[], None] = lambda: None,
     ) -> None:
+        """``gone``: called once the connection is closed (its address leaves the count)."""
         self.shared = shared
         self.sock = sock
         self.fd = sock.fileno()
@@ -80,6 +87,7 @@ class FastConnection:
         self.export = export
         self.peer = peer
         self._release = release  # called with True after NBD_CMD_DISC, False after EOF
+        self._gone = gone
         self._goodbye = False
         self._locate = getattr(device, "locate", None)
         self._writer = shared.writer
@@ -95,7 +103,9 @@ class FastConnection:
         self.held = 0  # ``hold`` calls not yet undone: no requests are taken meanwhile
         self.ended = False  # NBD_CMD_DISC, and the flush after it succeeded
         self.stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0, "errors": 0}
+        self._bound(shared)
         shared.connections.add(self)
+        self._idle_check()
         sock.setblocking(False)
         self._resume_reading()
 
@@ -110,7 +120,9 @@ class FastConnection:
         self._process()
 
     def _resume_reading(self) -> None:
-        if not (self.reading or self.closing or self.held or self.reader.disconnected):
+        if self.reading or self.closing or self.held or self.reader.disconnected:
+            return
+        if not self.pending and not self.stash:
             self.reading = True
             self.shared.loop.add_reader(self.fd, self._readable)
 
@@ -173,12 +185,23 @@ class FastConnection:
             return
         if self.start == self.end:
             self.start = self.end = 0
+        if self.limits.idle_timeout:
+            self._last = self.shared.loop.time()
+        self._run(requests)
+
+    def _run(self, requests: list[Tuple]) -> None:
         used = 0
-        for req in requests:
+        for i, req in enumerate(requests):
+            if self._held_back(req):
+                # the rest waits, out of the receive buffer (which may be reused)
+                self.stash = [owned(r) for r in requests[i:]]
+                break
             used = self._request(req, used)
-        del requests
         self.flush()
-        if self.reader.disconnected:
+        if self.stash:
+            self._pause_reading()
+            self.budget.wait(self)
+        elif self.reader.disconnected:
             self._disconnect()
 
     def _request(self, req: Tuple, used: int) -> int:
@@ -215,6 +238,7 @@ class FastConnection:
             if got is not None:
                 self.outbox.append(read_head(self.structured, handle, offset, length))
                 self.outbox += got
+                self._batch_bytes += length
                 return used
         elif self._locate is None and not self.device.would_block(offset, length):
             self._reply_read(handle, offset, self.device.read(offset, length))
@@ -242,12 +266,14 @@ class FastConnection:
 
     def _offload_read(self, handle: int, offset: int, length: int) -> None:
         self.inflight += 1
+        self._reading_bytes += length
         future = self.shared.loop.run_in_executor(
             self.shared.pool, self.device.read, offset, length
         )
 
         def done(f: asyncio.Future[list[memoryview]]) -> None:
             self.inflight -= 1
+            self._reading_bytes -= length
             if not self.closing:
                 error = f.exception()
                 if error is None:
@@ -260,17 +286,26 @@ class FastConnection:
         future.add_done_callback(done)
 
     def _reply_read(self, handle: int, offset: int, data: list[memoryview]) -> None:
-        self.outbox.append(read_head(self.structured, handle, offset, sum(len(d) for d in data)))
+        size = sum(len(d) for d in data)
+        self.outbox.append(read_head(self.structured, handle, offset, size))
         self.outbox += data
+        self._batch_bytes += size
 
     def _write(self, handle: int, offset: int, data: bytes, fua: bool) -> None:
         self.stats["bytes_written"] += len(data)
         device = self.device
         what = (_WRITE, handle, offset, len(data))
-        self._serial(what, lambda: device.write(offset, data, False), fua=fua)
+        self._writing += len(data)
+        self._serial(what, lambda: device.write(offset, data, False), fua=fua, size=len(data))
 
     def _serial(
-        self, what: What, job: Callable[[], object], *, pooled: bool = False, fua: bool = False
+        self,
+        what: What,
+        job: Callable[[], object],
+        *,
+        pooled: bool = False,
+        fua: bool = False,
+        size: int = 0,
     ) -> None:
         """Run ``job`` on the writer thread (``pooled``: on the pool after the writes
         before it); answer OK, or its error, when it is done (``fua``: once it is also
@@ -279,6 +314,7 @@ class FastConnection:
 
         def done(error: BaseException | None) -> None:
             self.inflight -= 1
+            self._writing -= size  # the payload is applied (or failed): no longer held
             if fua and error is None and not self.closing:
                 self._serial(what, self.device.flush, pooled=True)
                 return
@@ -322,7 +358,7 @@ class FastConnection:
             )
             future.add_done_callback(lambda f: self._cached(what, f))
         elif cmd == Cmd.BLOCK_STATUS:
-            extents = device.extents(event.offset, event.length)
+            extents = device.extents(event.offset, min(event.length, BLOCK_STATUS_SPAN))
             if event.flags & CmdFlag.REQ_ONE:
                 extents = extents[:1]
             self._send_event(BlockStatus(event.handle, BASE_ALLOCATION_ID, extents))
@@ -373,7 +409,9 @@ class FastConnection:
         """Send what the outbox holds; what the socket does not take waits in ``pending``
         (copied out of the scratch buffer) and reading stops until it is gone."""
         outbox, self.outbox = self.outbox, []
+        self._batch_bytes = 0
         if not outbox or self.closing:
+            self.settle()
             return
         if not self.pending:
             rest = self._send(outbox)
@@ -384,7 +422,11 @@ class FastConnection:
             if not self.pending:
                 self._pause_reading()
                 self.shared.loop.add_writer(self.fd, self._writable)
-            self.pending += [bytes(p) for p in outbox]  # views of the scratch buffer: copied
+                self._stall_watch()
+            kept = [bytes(p) for p in outbox]  # views of the scratch buffer: copied
+            self.pending += kept
+            self._pending_bytes += sum(map(len, kept))
+        self.settle()
 
     def _send(self, parts: list[Buffer]) -> list[Buffer] | None:
         """Send as much as the socket takes; returns the rest (None: the socket failed)."""
@@ -397,6 +439,7 @@ class FastConnection:
             except OSError:
                 self.close()
                 return None
+            self._sent += sent
             rest = _drop(batch, sent)
             parts = rest + parts[len(batch) :]
             if rest:
@@ -408,6 +451,8 @@ class FastConnection:
         if rest is None:
             return
         self.pending = rest
+        self._pending_bytes = sum(map(len, rest))
+        self.settle()
         if rest:
             return
         self.shared.loop.remove_writer(self.fd)
@@ -451,8 +496,10 @@ class FastConnection:
         self._pause_reading()
         self.shared.loop.remove_writer(self.fd)
         self.pending.clear()
+        self._unbound()
         self.sock.close()
         self.shared.retire(self)
+        self._gone()
         if self.shared.on_close is not None:
             self.shared.on_close()
         log_event(

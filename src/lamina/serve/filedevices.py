@@ -144,16 +144,7 @@ class FileCatalog(ExportCatalog):
         self._files_lock = threading.Lock()
         self._on_close = on_close
         self._hydrated = 0
-        self._opening: dict[str, threading.Lock] = {}
         self.directory: Path = hydrated_dir(home.cache_dir)
-
-    def open(self, name: str, client: str = "-") -> BlockDevice:
-        """As the base class, with one opening of a name at a time in this process: opens
-        run on threads here, and two at once would find each other's delta lock."""
-        with self._files_lock:
-            lock = self._opening.setdefault(name, threading.Lock())
-        with lock:
-            return super().open(name, client)
 
     def open_count(self) -> int:
         return len(self._open)
@@ -178,11 +169,11 @@ class FileCatalog(ExportCatalog):
                 self._files[manifest_id] = files
             return files
 
-    def _build(self, r: Resolved) -> BlockDevice:
+    def _build(self, r: Resolved, boot: bool) -> BlockDevice:
         if r.kind != "machine":
             if r.kind == "image":
                 return FileImageDevice(r.info, self.image_files(r.manifest_id))
-            return super()._build(r)
+            return super()._build(r, boot)
         assert r.machine is not None
         uploads.recover(self.home, r.machine)  # finish a synced upload a crash interrupted
         self._begin_boot(r)
@@ -193,7 +184,8 @@ class FileCatalog(ExportCatalog):
         except BaseException:
             delta.close()
             raise
-        device.notes = _boot_notes(self.home, base.files.manifest, r.manifest_id)
+        if boot:  # (see ExportCatalog.open: whose opening is a boot)
+            device.notes = _boot_notes(self.home, base.files.manifest, r.manifest_id)
         return device
 
     def close_all(self) -> None:

@@ -25,34 +25,39 @@ import pickle
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from lamina.delta.file import copy_files
-from lamina.errors import Conflict, LaminaError
+from lamina.errors import Conflict
 from lamina.home import Home
 from lamina.logs import event as log_event
 from lamina.manager.metrics import NbdTotals
 from lamina.names import MACHINE_PREFIX
-from lamina.nbd import ExportInfo, Phase, ServerConnection
-from lamina.nbd.aio import DeviceProvider, NbdServerProtocol, ServerTls
-from lamina.nbd.device import BlockDevice
-from lamina.nbd.events import Event, OptExportName, OptInfo
-from lamina.nbd.negotiate import Refusal
+from lamina.nbd import Phase, ServerConnection
+from lamina.nbd.aio import NbdServerProtocol, Opened, ServerTls
+from lamina.nbd.events import Event
+from lamina.nbd.flow import FlowControl
+from lamina.nbd.lanes import Lanes
+from lamina.nbd.limits import Budget, Limits
 from lamina.serve.fastpath import FastConnection
 from lamina.serve.filedevices import FileCatalog
 from lamina.serve.shared import Shared
 
 if TYPE_CHECKING:
-    from lamina.serve.server import ServeOptions
+    from lamina.serve.options import ServeOptions
 
 
 class Hub(Protocol):
     """The way to sibling processes (the parent routes)."""
 
-    def hand_over(self, export: str, fd: int, state: bytes) -> None:
+    def hand_over(self, export: str, fd: int, state: bytes, address: str) -> None:
         """Send connection ``fd`` (closed afterwards) to the process holding ``export``."""
+        ...
+
+    def left(self, address: str) -> None:
+        """A connection from ``address`` ended here (the parent counts them)."""
         ...
 
     def opened(self, export: str) -> None: ...
@@ -70,109 +75,66 @@ class Resumed:
     hops: int
 
 
-def _go_export(event: Event) -> str | None:
-    if isinstance(event, OptExportName) or (isinstance(event, OptInfo) and event.go):
-        return event.name
-    return None
-
-
-Looked = ExportInfo | Refusal | None
-
-
-class _Opened:
-    """A connection's catalogue as its GO sees it: the export looked up and opened on a
-    thread (through the catalogue the client may use: all of it, or its TLS share)."""
-
-    def __init__(self, catalog: DeviceProvider, name: str, info: Looked, result: object) -> None:
-        self.catalog, self.name, self.info, self.result = catalog, name, info, result
-
-    def lookup(self, name: str) -> Looked:
-        return self.info if name == self.name else self.catalog.lookup(name)
-
-    def names(self) -> list[str]:
-        return self.catalog.names()
-
-    def open(self, name: str, client: str) -> BlockDevice:
-        if isinstance(self.result, BaseException):
-            raise self.result
-        assert name == self.name and self.result is not None
-        device, self.result = self.result, None  # handed out once: one reference
-        return device  # type: ignore[return-value]
-
-    def release(self, name: str, device: BlockDevice, *, ended: bool) -> None:
-        self.catalog.release(name, device, ended=ended)
-
-
 class WorkerProtocol(NbdServerProtocol):
     def __init__(self, service: NbdService, resumed: Resumed | None = None) -> None:
         super().__init__(
-            service.catalog, service.pool, service.log, on_close=service.forget, tls=service.tls
+            service.catalog,
+            service.pool,
+            service.log,
+            on_close=service.forget,
+            tls=service.tls,
+            budget=service.budget,
+            handshake_executor=service.handshakes,
+            lanes=service.lanes,
         )
         self.service = service
         self.catalog = service.catalog
         self.resumed = resumed
         self.moved = False  # the socket now belongs to the fast path or a sibling
-        self._opening = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.resumed is None:
             super().connection_made(transport)
             return
         tcp: asyncio.Transport = transport  # type: ignore[assignment]
-        tcp.set_write_buffer_limits(high=64 << 20)
         self._transport = tcp
+        self._buffer_limits()
         self.conn, self.peer = self.resumed.conn, self.resumed.peer
+        # admitted by the parent already; counted here so that it leaves here
+        self._address = self.peer.rpartition(":")[0]
+        self.budget.admit(self._address)
         event = self.resumed.event
         asyncio.get_running_loop().call_soon(self._option, event)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        address = self._address
         if not self.moved:
             super().connection_lost(exc)
-        elif self.on_close is not None:
+            if address is not None:
+                self.service.left(address)
+            return
+        # timers and budget; the address too, unless the fast path answers for it now
+        FlowControl.connection_lost(self, exc)
+        if self.on_close is not None:
             self.on_close(self)
 
-    # -- GO: open off the loop -------------------------------------------------------
+    # -- GO: opened off the loop by NbdServerProtocol -------------------------------
 
-    def _option(self, event: Event) -> None:
-        name = _go_export(event)
-        if name is None or self._opening:
-            super()._option(event)
+    def _decided(self, event: Event, opened: Opened) -> None:
+        export = opened.decision.export
+        if (
+            export is not None
+            and opened.device is None
+            and isinstance(opened.error, Conflict)
+            and self._can_move(export.name)
+            and self._hand_over(export.name, event)
+        ):
             return
-        self._opening = True
-        future = asyncio.get_running_loop().run_in_executor(
-            self.service.pool, self._open, self.provider, name
-        )
-        future.add_done_callback(lambda f: self._opened(event, name, f))
-
-    def _open(self, provider: DeviceProvider, name: str) -> tuple[Looked, object]:
-        info = provider.lookup(name)
-        if not isinstance(info, ExportInfo):
-            return info, None
-        try:
-            return info, provider.open(name, self.peer)
-        except (LaminaError, OSError) as exc:
-            return info, exc
-
-    def _opened(
-        self, event: Event, name: str, future: asyncio.Future[tuple[Looked, object]]
-    ) -> None:
-        info, result = future.result()
-        if self._closing:
-            if isinstance(info, ExportInfo) and not isinstance(result, BaseException):
-                self.provider.release(name, result, ended=False)  # type: ignore[arg-type]
-            return
-        if isinstance(result, Conflict) and self._can_move(name):
-            self._hand_over(name, event)
-            return
-        provider, self.provider = self.provider, _Opened(self.provider, name, info, result)
-        try:
-            super()._option(event)
-        finally:
-            self.provider = provider
-            self._opening = False
-        if self.device is not None and name.startswith(MACHINE_PREFIX):
-            self.service.note_open(name)
-        self._pump()
+        super()._decided(event, opened)
+        opened_machine = export is not None and export.name.startswith(MACHINE_PREFIX)
+        if self.device is not None and opened_machine:
+            assert export is not None
+            self.service.note_open(export.name)
 
     # -- leaving this protocol ---------------------------------------------------------
 
@@ -197,33 +159,24 @@ class WorkerProtocol(NbdServerProtocol):
         raw = transport.get_extra_info("socket")
         sock = socket.socket(fileno=os.dup(raw.fileno()))
         self.moved = True
+        self._closing = True  # nothing more is read or answered here
         transport.pause_reading()
         transport.abort()
         return sock
 
-    def _hand_over(self, name: str, event: Event) -> None:
+    def _hand_over(self, name: str, event: Event) -> bool:
+        """Send the connection to the sibling holding ``name`` (False: replies are still
+        queued here, so the GO is answered here)."""
         hub = self.service.hub
         assert hub is not None
         hops = self.resumed.hops if self.resumed is not None else 0
         sock = self._take_socket()
-        if sock is None:  # replies still queued: answer here instead
-            self._opening = False
-            self._opened_error(event, name)
-            return
+        if sock is None:
+            return False
         state = pickle.dumps(Resumed(self.conn, event, self.peer, hops + 1))
         log_event(self.log, "hand-over", client=self.peer, export=name)
-        hub.hand_over(name, sock.detach(), state)
-
-    def _opened_error(self, event: Event, name: str) -> None:
-        provider, self.provider = (
-            self.provider,
-            _Opened(self.provider, name, self.provider.lookup(name), Conflict(f"{name} is busy")),
-        )
-        try:
-            super()._option(event)
-        finally:
-            self.provider = provider
-        self._pump()
+        hub.hand_over(name, sock.detach(), state, self._address or "")
+        return True
 
     def _pump(self) -> None:
         super()._pump()
@@ -246,6 +199,7 @@ class WorkerProtocol(NbdServerProtocol):
         assert self.device is not None and self.export is not None
         name, device = self.export.name, self.device
         leftover = self.conn.unconsumed()
+        address, self._address = self._address, None
         fast = FastConnection(
             self.service.shared,
             sock,
@@ -254,6 +208,7 @@ class WorkerProtocol(NbdServerProtocol):
             self.export,
             self.peer,
             release=lambda ended: self.provider.release(name, device, ended=ended),
+            gone=lambda: self.service.gone(address),
         )
         if leftover:
             fast.feed(leftover)
@@ -277,6 +232,7 @@ class NbdService:
         self.hub = hub
         self.siblings = siblings  # other processes a connection may be handed to
         self.catalog = FileCatalog(home, on_close=self._device_closed)
+        self.budget = Budget(_process_limits(options, siblings))
         self.catalog.server = options.server_name if options is not None else None
         self.tls: ServerTls | None = None
         if options is not None and options.tls:
@@ -284,8 +240,12 @@ class NbdService:
 
             self.tls = tls_setup(home, options, self.catalog).nbd
         self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="io")
+        # Handshake options read the database: two threads of their own, so that a flood
+        # of them waits for these while reads and writes go on elsewhere.
+        self.handshakes = ThreadPoolExecutor(max_workers=2, thread_name_prefix="handshake")
+        self.lanes = Lanes(max(2, io_threads // 2))  # TLS connections' writes, in order
         self.loop = asyncio.get_running_loop()
-        self.shared = Shared(self.loop, self.pool, log)
+        self.shared = Shared(self.loop, self.pool, log, self.budget)
         self.protocols: set[NbdServerProtocol] = set()
         self.on_change: Callable[[], None] | None = None  # connections came or went
         self.connections = 0  # handshakes started here (handed-over ones included)
@@ -311,6 +271,17 @@ class NbdService:
     def counters(self) -> dict[str, int]:
         """What this process did: connections, chunks it made ready (see ImageFiles)."""
         return {"connections": self.connections, "hydrated": self.catalog.hydrations()}
+
+    def left(self, address: str) -> None:
+        """A connection from ``address`` ended in this process."""
+        if self.hub is not None:
+            self.hub.left(address)
+
+    def gone(self, address: str | None) -> None:
+        """A fast connection from ``address`` ended."""
+        if address is not None:
+            self.budget.leave(address)
+            self.left(address)
 
     def totals(self) -> NbdTotals:
         """This process's NBD counters, live connections included (see serve.meter)."""
@@ -376,5 +347,19 @@ class NbdService:
                 break
             await asyncio.sleep(0.01)
         await self.loop.run_in_executor(None, self.shared.writer.stop)
+        await self.loop.run_in_executor(None, self.handshakes.shutdown, True)
+        await self.loop.run_in_executor(None, self.lanes.close)
         await self.loop.run_in_executor(None, self.pool.shutdown, True)
         self.catalog.close_all()
+
+
+def _process_limits(options: ServeOptions | None, siblings: int) -> Limits:
+    """The limits from the options (else the environment); with sibling processes, each
+    has its share of the server's total of unsent replies."""
+    from lamina.serve.options import serve_limits
+
+    limits = serve_limits(options)
+    if not siblings:
+        return limits
+    share = max(limits.reply_bytes, limits.total_reply_bytes // (siblings + 1))
+    return replace(limits, total_reply_bytes=share)

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import shutil
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lamina import logs
@@ -31,9 +28,10 @@ from lamina.manager import history
 from lamina.manager.app import create_app, create_boot_app
 from lamina.manager.console.auth import print_login_url
 from lamina.manager.metrics import NbdTotals
-from lamina.manager.services.netboot import AutoAdd, NetbootSettings, check_auto_add
+from lamina.manager.services.netboot import check_auto_add
 from lamina.serve.control import Control, CopyOpen
 from lamina.serve.imagefiles import hydrated_dir
+from lamina.serve.options import ServeOptions
 from lamina.serve.tls import ServeTls, tls_setup, warn_if_exposed
 
 DEFAULT_NBD = "127.0.0.1:10809"
@@ -45,66 +43,6 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise UsageError(f"bad {what} address {text!r}: expected HOST:PORT")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-@dataclass
-class ServeOptions:
-    nbd: tuple[str, int] | None  # None: manager only (a second manager on one database)
-    http: tuple[str, int] | None
-    workers: int | None = None  # NBD worker processes; None: one per core; 0: in this one
-    io_threads: int = 8  # per serving process, for disk-bound work
-    log_level: str = "info"
-    tls: bool = False  # NBD requires STARTTLS and a client certificate; HTTP is HTTPS
-    tls_names: tuple[str, ...] = ()  # more names for the server certificate
-    https_cert: Path | None = None  # a certificate of one's own for HTTPS (else the CA's)
-    https_key: Path | None = None
-    boot_nbd: tuple[str, int] | None = None  # the NBD address written into boot scripts
-    auto_add: AutoAdd | None = None  # a MAC that boots and is no machine becomes one
-    boot_retry_seconds: int = 10  # how soon a machine that cannot boot yet asks again
-    boot_http: tuple[str, int] | None = None  # network boot on a plain-HTTP port of its own
-    boot_allow: tuple[str, ...] = ()  # networks network boot is served to (all when empty)
-    server_name: str | None = None  # joins a cluster of block servers under this name
-    advertise: str | None = None  # HOST:PORT its NBD clients dial (default: from ``nbd``)
-    heartbeat: float = 5.0  # seconds between its heartbeats in the database
-
-    @property
-    def hosts(self) -> list[str]:
-        return [a[0] for a in (self.nbd, self.http) if a is not None]
-
-    @property
-    def worker_count(self) -> int:
-        return len(os.sched_getaffinity(0)) if self.workers is None else self.workers
-
-    def netboot(self) -> NetbootSettings:
-        """What network-booted machines are told: the NBD address they reach (the one
-        given, the one served unless it is loopback or a wildcard, else the host they
-        reached the HTTP port at, with the NBD port)."""
-        host, port = self.boot_nbd or self.nbd or (None, None)
-        if self.boot_nbd is None and host is not None and _unspecific(host):
-            host = None
-        return NetbootSettings(
-            nbd_host=host,
-            nbd_port=port,
-            tls=self.tls,
-            auto_add=self.auto_add,
-            retry_seconds=self.boot_retry_seconds,
-            allow=tuple(_network(n) for n in self.boot_allow),
-        )
-
-
-def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise UsageError(f"bad --boot-allow {text!r}: expected ADDRESS/PREFIX") from None
-
-
-def _unspecific(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host == "localhost"
-    return address.is_loopback or address.is_unspecified
 
 
 async def serve(

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
+from lamina.nbd.limits import Budget
 from lamina.serve.meter import Meter
 
 if TYPE_CHECKING:
@@ -108,14 +109,19 @@ class Writer:
 
 class Shared:
     """What the fast connections of one process share: the loop, the thread pool, the
-    writer thread, the scratch buffer for read data."""
+    writer thread, the scratch buffer for read data, the budget of unsent replies."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, pool: Executor, log: logging.Logger
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pool: Executor,
+        log: logging.Logger,
+        budget: Budget | None = None,
     ) -> None:
         self.loop = loop
         self.pool = pool
         self.log = log
+        self.budget = budget or Budget()
         self.arena = memoryview(bytearray(ARENA))
         self.connections: set[FastConnection] = set()
         self.on_close: Callable[[], None] | None = None  # a connection ended

@@ -16,7 +16,7 @@ from lamina.trust.addresses import is_loopback
 if TYPE_CHECKING:
     from lamina.home import Home
     from lamina.serve.catalog import ExportCatalog
-    from lamina.serve.server import ServeOptions
+    from lamina.serve.options import ServeOptions
 
 
 def want_tls(hosts: list[str], *, tls: bool, insecure: bool, https_cert: bool = False) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ from lamina.serve.meter import Meter
 
 if TYPE_CHECKING:
     from lamina.serve.handshake import NbdService
-    from lamina.serve.server import ServeOptions
+    from lamina.serve.options import ServeOptions
 
 _MESSAGE: Final = 64 << 10
 _LOAD_EVERY: Final = 0.05  # seconds between a worker's load reports, at most
@@ -142,6 +143,8 @@ class _Worker:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     load: int = 0  # connections, as last reported
     sent: int = 0  # connections handed to it since that report
+    # its connections by client address (the parent admits them: see _accept)
+    addresses: Counter[str] = field(default_factory=Counter)
     totals: NbdTotals = field(default_factory=NbdTotals)  # its counters, as last reported
 
 
@@ -166,9 +169,14 @@ class WorkerPool:
             "tls_names": options.tls_names,
             "https_cert": str(options.https_cert) if options.https_cert else None,
             "https_key": str(options.https_key) if options.https_key else None,
+            # what clients may cost, as the parent was told (else from the environment)
+            "limits": dataclasses.asdict(options.limits) if options.limits else None,
             "server_name": options.server_name,
         }
+        from lamina.serve.options import serve_limits
+
         self.workers: dict[int, _Worker] = {}
+        self.per_address = serve_limits(options).connections_per_address
         self.owners: dict[str, int] = {}  # machine export -> the worker holding its delta
         # delta copies asked of workers (``copy_delta``): request id -> (worker, answer)
         self._copies: dict[int, tuple[int, asyncio.Future[bool]]] = {}
@@ -225,28 +233,37 @@ class WorkerPool:
         assert self._listener is not None
         while True:
             try:
-                sock, _ = self._listener.accept()
+                sock, peer = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # out of descriptors: drop this burst, keep serving
                 logs.event(self.log, "accept-failed", logging.WARNING, error=str(exc))
                 return
-            self._dispatch(sock.detach(), None, exclude=None)
+            address = peer[0] if isinstance(peer, tuple) else str(peer)
+            if sum(w.addresses[address] for w in self.workers.values()) >= self.per_address:
+                client = f"{address}:{peer[1]}" if isinstance(peer, tuple) else address
+                logs.event(self.log, "too-many-connections", logging.WARNING, client=client)
+                sock.close()
+                continue
+            self._dispatch(sock.detach(), address)
 
-    def _dispatch(self, fd: int, state: bytes | None, exclude: int | None) -> None:
-        live = [w for w in self.workers.values() if not w.channel.closed and w.index != exclude]
+    def _dispatch(self, fd: int, address: str) -> None:
+        live = [w for w in self.workers.values() if not w.channel.closed]
         if not live:
             os.close(fd)
             return
         worker = min(live, key=lambda w: (w.load + w.sent, w.index))
         worker.sent += 1
-        worker.channel.send(("conn", state), fd)
+        worker.addresses[address] += 1
+        worker.channel.send(("conn", None), fd)
 
     def _message(self, index: int, message: tuple[Any, ...], fds: list[int]) -> None:
         kind = message[0]
         worker = self.workers.get(index)
         if kind == "hand-over" and fds:
-            self._route(index, message[1], message[2], fds[0])
+            if worker is not None:
+                _leave(worker.addresses, message[3])
+            self._route(index, message[1], message[2], fds[0], message[3])
             return
         for fd in fds:  # no other message carries one
             os.close(fd)
@@ -266,6 +283,8 @@ class WorkerPool:
         elif kind == "closed" and self.owners.get(message[1]) == index:
             del self.owners[message[1]]
             self._held(index, message[1], False)
+        elif kind == "left":
+            _leave(worker.addresses, message[1])
         elif kind == "copied":
             self._copied(message[1], message[2], message[3])
 
@@ -276,7 +295,7 @@ class WorkerPool:
             if w.index != holder and not w.channel.closed:
                 w.channel.send(("held", export, held))
 
-    def _route(self, sender: int, export: str, state: bytes, fd: int) -> None:
+    def _route(self, sender: int, export: str, state: bytes, fd: int, address: str) -> None:
         """A connection whose machine a sibling holds: to the worker known to hold it, or
         (not known yet: its "opened" may still be on the way) to the next one in turn;
         the workers stop handing it on once each has tried."""
@@ -290,6 +309,7 @@ class WorkerPool:
             os.close(fd)
             return
         target.sent += 1
+        target.addresses[address] += 1
         target.channel.send(("conn", state), fd)
 
     async def copy_delta(self, export: str, src: Path, dest: Path) -> bool:
@@ -363,6 +383,12 @@ class WorkerPool:
             w.channel.close()
 
 
+def _leave(addresses: Counter[str], address: str) -> None:
+    addresses[address] -= 1
+    if addresses[address] <= 0:
+        del addresses[address]
+
+
 # -- the worker's side ------------------------------------------------------------------
 
 
@@ -375,9 +401,13 @@ class _ChannelHub:
         self._load_due = False
         self.load: Callable[[], int] = lambda: 0
 
-    def hand_over(self, export: str, fd: int, state: bytes) -> None:
+    def hand_over(self, export: str, fd: int, state: bytes, address: str) -> None:
         assert self.channel is not None
-        self.channel.send(("hand-over", export, state), fd)
+        self.channel.send(("hand-over", export, state, address), fd)
+
+    def left(self, address: str) -> None:
+        if self.channel is not None:
+            self.channel.send(("left", address))
 
     def opened(self, export: str) -> None:
         if self.channel is not None:
@@ -488,7 +518,8 @@ async def _copy(
 
 
 def _options(config: dict[str, Any]) -> ServeOptions:
-    from lamina.serve.server import ServeOptions
+    from lamina.nbd.limits import Limits
+    from lamina.serve.options import ServeOptions
 
     def address(value: list[Any] | None) -> tuple[str, int] | None:
         return (value[0], value[1]) if value else None
@@ -503,6 +534,7 @@ def _options(config: dict[str, Any]) -> ServeOptions:
         tls_names=tuple(config["tls_names"]),
         https_cert=Path(config["https_cert"]) if config["https_cert"] else None,
         https_key=Path(config["https_key"]) if config["https_key"] else None,
+        limits=Limits(**config["limits"]) if config["limits"] else None,
         server_name=config.get("server_name"),
     )
 

@@ -67,6 +67,20 @@ class Settings(BaseSettings):
     debug: bool = False
     # The agent attaches app layers on their metadata, their data read on demand.
     lazy_layers: bool = False
+    # The block server's limits on what any client may cost it (lamina.nbd.limits, and
+    # docs/security.md); unset: the defaults there.
+    nbd_connections_per_address: int | None = None
+    nbd_handshake_timeout: float | None = None
+    nbd_idle_timeout: float | None = None
+    nbd_stall_timeout: float | None = None
+    nbd_reply_bytes: int | None = None
+    nbd_total_reply_bytes: int | None = None
+    # The manager's: the cap on request bodies other than uploads (lamina.manager.limits),
+    # and the bytes of chunks a machine may have uploaded that no saved layer holds yet.
+    http_body_bytes: int | None = None
+    upload_quota_bytes: int | None = None
+    # Bytes a compressed image archive may unpack to in HOME/tmp (lamina.layer.unpack).
+    import_unpack_bytes: int | None = None
     # A block server among several on one database: its name, the NBD address machines
     # dial for it, seconds between its heartbeats (lost after three missed).
     server_name: str | None = None
@@ -76,6 +90,15 @@ class Settings(BaseSettings):
     store_lease: float | None = Field(default=None, gt=0)
     serve: ServeSettings = ServeSettings()
     agent: AgentSettings = AgentSettings()
+
+    def nbd_limits(self) -> dict[str, float | int]:
+        """The NBD limits set, by ``Limits`` field name."""
+        prefix = "nbd_"
+        return {
+            name.removeprefix(prefix): value
+            for name, value in self.model_dump().items()
+            if name.startswith(prefix) and value is not None
+        }
 
     @classmethod
     def settings_customise_sources(

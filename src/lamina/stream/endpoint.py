@@ -389,6 +389,7 @@ class Endpoint:
             on_idle=self.fetcher.boot_ends,
         )
         nbd = await loop.create_server(
+            # No lanes: a sync seals and merges deltas on the loop, the device stays there.
             lambda: NbdServerProtocol(catalog, self.nbd_pool, self.log),
             *self.options.nbd,
             reuse_address=True,

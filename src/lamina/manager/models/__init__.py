@@ -10,6 +10,7 @@ stream.py     boot profiles
 credentials.py   TLS client credentials issued by the home's CA, by serial
 roots.py      removed roots: the manifests of removed versions, which gc may collect
 cluster.py    block servers and heartbeats, store leases, condemned packs
+uploads.py    chunks machines uploaded that no saved layer version holds yet
 admins.py     named admin accounts (role, token) and the audit log
 """
 
@@ -37,6 +38,7 @@ from lamina.manager.models.layers import (
 from lamina.manager.models.machines import Machine, NewDevice
 from lamina.manager.models.roots import RemovedRoot
 from lamina.manager.models.stream import BootProfile
+from lamina.manager.models.uploads import StagedChunk
 
 __all__ = [
     "AdminAccount",
@@ -61,6 +63,7 @@ __all__ = [
     "NewDevice",
     "RemovedRoot",
     "Setting",
+    "StagedChunk",
     "StoreLease",
     "User",
     "UserSession",

@@ -5,7 +5,10 @@
     POST /api/v1/agent/logout  {"user": U, "writable": {...}}   ends the session, saves
     GET  /api/v1/agent/desired?wait=30       long-poll (``rev`` or If-None-Match: the rev
                                              the agent has; returns when it changes)
-    POST /api/v1/chunks/missing {"ids": []}  which of these chunks the manager lacks
+    POST /api/v1/chunks/missing {"ids": []}  which of these chunks to upload: those the
+                                             manager lacks, and for a machine those it
+                                             may not read (it proves it has them by
+                                             sending them)
     POST /api/v1/chunks                      chunk envelopes: (32-byte id, u32 length,
                                              envelope)*, each checked against its id
 
@@ -13,8 +16,10 @@ Uploads come from agents handing over a writable layer's new version: file chunk
 ``CDC_MAX``, 4 MiB, of plaintext) and the version's tree manifest (one object, about
 150 bytes per file). A body is read with a running limit of 256 MiB (413 as soon as it is
 passed, or at once when Content-Length says so); a record may claim at most 4 MiB of
-plaintext, or 256 MiB when it is a tree manifest (a layer of about 1.7 million files), so
-no record makes the manager decompress more than that (413 otherwise).
+plaintext, or 256 MiB when it is a tree manifest (a layer of about 1.7 million files)
+that does not claim more than ``MAX_RATIO`` times its compressed size, so no record makes
+the manager decompress more than that (413 otherwise). A machine's uploads count against
+its quota until a layer version it saves holds them (``services.staged``, 413 past it).
 
 The four agent calls are async and do their database work in one transaction through
 ``AgentDb`` (token lookup included), and answer with orjson-encoded bytes.
@@ -37,7 +42,7 @@ from lamina.errors import CorruptObject, InvalidInput
 from lamina.home import Home
 from lamina.layer import tree
 from lamina.manager.agent_db import AgentDb, Batcher, Watcher
-from lamina.manager.deps import CallerDep, HomeDep, bearer
+from lamina.manager.deps import Caller, CallerDep, HomeDep, ReadSessionDep, bearer
 from lamina.manager.schemas import (
     BootResult,
     Desired,
@@ -47,7 +52,8 @@ from lamina.manager.schemas import (
     Missing,
     SessionState,
 )
-from lamina.manager.services import agents, settings
+from lamina.manager.services import agents, settings, staged
+from lamina.manager.services.readable import Readable
 from lamina.store import chunker, codec
 
 router = APIRouter(prefix="/api/v1", tags=["agent"])
@@ -56,6 +62,10 @@ MAX_UPLOAD = 256 << 20
 # Plaintext a record may claim: the largest chunk of file data, or a tree manifest.
 MAX_CHUNK = chunker.CDC_MAX
 MAX_MANIFEST = 256 << 20
+# Plaintext a manifest record over MAX_CHUNK may claim per byte of payload. Tree manifests
+# are mostly chunk ids and names, which zstd shrinks 3-6x; a record of zeros claiming
+# 256 MiB in 332 KB (800x) cost 4.5 s of a core and 320 MB to unpack, six at once 27 s.
+MAX_RATIO = 32
 
 
 class Hot:
@@ -172,9 +182,24 @@ async def desired(
 
 
 @router.post("/chunks/missing", response_model=Missing, tags=["data"], responses=AUTH)
-def missing(body: Missing, caller: CallerDep, home: HomeDep) -> Missing:
-    """Of these chunk ids, the ones the manager does not have (upload only those)."""
-    return Missing(ids=[c for c in body.ids if not home.store.has(bytes.fromhex(c))])
+def missing(body: Missing, caller: CallerDep, home: HomeDep, session: ReadSessionDep) -> Missing:
+    """Of these chunk ids, the ones to upload: those the manager does not have, and for a
+    machine also those it may not read and did not upload: whether the store holds a
+    chunk is told only to who may read it."""
+    ids = [bytes.fromhex(c) for c in body.ids]
+    have = [c for c in ids if home.store.has(c)]
+    machine = caller.machine
+    if machine is not None and have:
+        conn = session.connection()
+        mine = staged.held(conn, machine.id, have)
+        may = Readable(
+            home.store,
+            machine.image_version.manifest_id,
+            lambda: agents.allowed_manifests(conn, machine_id=machine.id),
+        )
+        have = [c for c in have if c in mine or may.allows(c)]
+    kept = set(have)
+    return Missing(ids=[c.hex() for c in ids if c not in kept])
 
 
 @router.post(
@@ -197,10 +222,30 @@ async def upload(request: Request, caller: CallerDep, home: HomeDep) -> dict[str
         data += piece
         if len(data) > MAX_UPLOAD:
             raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "upload at most 256 MiB")
-    return await run_in_threadpool(_store_records, home, memoryview(data))
+    return await run_in_threadpool(_store_records, home, memoryview(data), caller)
 
 
-def _store_records(home: Home, view: memoryview) -> dict[str, int]:
+def _store_records(home: Home, view: memoryview, caller: Caller) -> dict[str, int]:
+    records = _checked_records(view)
+    machine = caller.machine
+    if machine is not None:  # a machine's uploads count against its quota
+        incoming = sum(len(envelope) for _, envelope in records)
+        with home.session(read_only=True) as session:
+            staged.admit(session.connection(), machine.id, incoming, staged.quota())
+    stored = added = 0
+    with home.store.writer() as writer:
+        for cid, envelope in records:
+            if not writer.has(cid):
+                added += writer.put_envelope(cid, envelope).stored
+                stored += 1
+    if machine is not None:
+        with home.session() as session:
+            staged.record(session.connection(), machine.id, [(c, len(e)) for c, e in records])
+    return {"received": len(records), "stored": stored, "bytes": added}
+
+
+def _checked_records(view: memoryview) -> list[tuple[bytes, memoryview]]:
+    """The records of an upload, each checked against its id (422 at the first bad one)."""
     records: list[tuple[bytes, memoryview]] = []
     pos = 0
     try:
@@ -216,13 +261,7 @@ def _store_records(home: Home, view: memoryview) -> dict[str, int]:
             records.append((cid, envelope))
     except (struct.error, CorruptObject) as exc:
         raise InvalidInput(f"bad upload: {exc}") from None
-    stored = added = 0
-    with home.store.writer() as writer:
-        for cid, envelope in records:
-            if not writer.has(cid):
-                added += writer.put_envelope(cid, envelope).stored
-                stored += 1
-    return {"received": len(records), "stored": stored, "bytes": added}
+    return records
 
 
 def _check_plain_size(cid: bytes, envelope: memoryview) -> None:
@@ -231,13 +270,18 @@ def _check_plain_size(cid: bytes, envelope: memoryview) -> None:
     head = codec.parse_header(envelope)
     if head.plain_len <= MAX_CHUNK:
         return
-    if head.plain_len <= MAX_MANIFEST and _starts_with(envelope, head, tree.MAGIC):
-        return
-    raise HTTPException(
-        status.HTTP_413_CONTENT_TOO_LARGE,
-        f"chunk {cid.hex()[:16]}: {head.plain_len} bytes of plaintext; records hold at most"
-        f" {MAX_CHUNK >> 20} MiB, or {MAX_MANIFEST >> 20} MiB for a layer manifest",
-    )
+    if head.plain_len > MAX_MANIFEST or not _starts_with(envelope, head, tree.MAGIC):
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"chunk {cid.hex()[:16]}: {head.plain_len} bytes of plaintext; records hold at"
+            f" most {MAX_CHUNK >> 20} MiB, or {MAX_MANIFEST >> 20} MiB for a layer manifest",
+        )
+    if head.plain_len > head.payload_len * MAX_RATIO:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"chunk {cid.hex()[:16]}: {head.plain_len} bytes of plaintext in {head.payload_len}:"
+            f" a layer manifest compresses at most {MAX_RATIO}:1",
+        )
 
 
 def _starts_with(envelope: memoryview, head: codec.Header, prefix: bytes) -> bool:

@@ -11,32 +11,27 @@
 Chunks travel as stored (compressed envelope, see ``lamina.store.codec``): the receiver
 checks the BLAKE3 id of the plaintext, so a corrupt transfer is never used. Both carry a
 strong ETag and ``Cache-Control: immutable`` so any HTTP cache can front several managers.
-A machine token may read what its pinned image version references; the admin anything.
+A machine token may read what its pinned image version references, and what the layers
+it may read reference (``services.readable``, asked afresh at every request); the admin
+anything.
 """
 
 from __future__ import annotations
 
 import struct
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response, status
+from fastapi import APIRouter, Header, Path, Response, status
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from lamina.errors import NotFound, Refused
 from lamina.home import Home
-from lamina.image import Manifest
-from lamina.image.manifest import MAGIC as IMAGE_MAGIC
-from lamina.layer.importer import load_tree
 from lamina.manager.deps import Caller, CallerDep, HomeDep, ReadSessionDep
-from lamina.manager.models import Machine
 from lamina.manager.schemas import HexId
 from lamina.manager.services import agents, images
-from lamina.names import Ref, check_name
+from lamina.manager.services.readable import Readable
+from lamina.names import MAX_VERSION, Ref, check_name
 
 router = APIRouter(prefix="/api/v1", tags=["data"])
 # Private: each answer was checked against the caller's token, so a shared cache must not
@@ -54,46 +49,6 @@ class ChunkBatch(BaseModel):
     ids: list[HexId] = Field(min_length=1, max_length=BATCH_IDS)
 
 
-class _Referenced:
-    """Chunk ids referenced by recently used manifests, for access checks (bounded)."""
-
-    def __init__(
-        self, capacity: int = 64, load: Callable[[Home, bytes], frozenset[bytes]] | None = None
-    ) -> None:
-        self._sets: OrderedDict[bytes, frozenset[bytes]] = OrderedDict()
-        self._load = load or _image_refs
-        self._lock = threading.Lock()
-        self.capacity = capacity
-
-    def get(self, home: Home, manifest_id: bytes) -> frozenset[bytes]:
-        with self._lock:
-            found = self._sets.get(manifest_id)
-            if found is not None:
-                self._sets.move_to_end(manifest_id)
-                return found
-        refs = self._load(home, manifest_id)
-        with self._lock:
-            self._sets[manifest_id] = refs
-            while len(self._sets) > self.capacity:
-                self._sets.popitem(last=False)
-        return refs
-
-
-def _image_refs(home: Home, manifest_id: bytes) -> frozenset[bytes]:
-    return frozenset(Manifest.from_bytes(home.store.get(manifest_id)).referenced() | {manifest_id})
-
-
-def _tree_refs(home: Home, manifest_id: bytes) -> frozenset[bytes]:
-    """A layer version's references: its tree's, or its EROFS image's (an image manifest)."""
-    data = home.store.get(manifest_id)
-    if data[:4] == IMAGE_MAGIC:
-        return frozenset(Manifest.from_bytes(data).referenced() | {manifest_id})
-    return frozenset(load_tree(home.store, manifest_id).referenced() | {manifest_id})
-
-
-REFERENCED = _Referenced()
-
-
 def _etag_matches(if_none_match: str | None, etag: str) -> bool:
     return if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}
 
@@ -105,7 +60,7 @@ def _etag_matches(if_none_match: str | None, etag: str) -> bool:
 )
 def get_manifest(
     name: str,
-    version: int,
+    version: Annotated[int, Path(ge=1, le=MAX_VERSION)],
     caller: CallerDep,
     session: ReadSessionDep,
     home: HomeDep,
@@ -140,7 +95,7 @@ def get_chunk(
         cid = b""
     if len(cid) != 32:
         raise NotFound("chunk ids are 64 hex digits")
-    _check_readable(caller, home, session, cid)
+    _readable(caller, home, session).check(cid)
     etag = f'"{chunk_id.lower()}"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
     if _etag_matches(if_none_match, etag):
@@ -152,16 +107,32 @@ def get_chunk(
     return Response(body, media_type=CHUNK_TYPE, headers=headers)
 
 
-def _check_readable(caller: Caller, home: Home, session: Session, cid: bytes) -> None:
-    """Refused (403) unless the caller may read ``cid`` (the admin anything, a machine what its
-    image version and its layers reference)."""
+class _Check:
+    """The one question every chunk answer asks first: may this caller read ``cid``."""
+
+    def __init__(self, may: Readable | None) -> None:
+        self.may = may  # None: the admin, who may read anything
+
+    def check(self, cid: bytes) -> None:
+        if self.may is not None and not self.may.allows(cid):
+            raise Refused("chunk not referenced by this machine")
+
+
+def _readable(caller: Caller, home: Home, session: Session) -> _Check:
+    """What the caller may read: the admin anything, a machine what its image version and
+    the layers it may read reference (asked of the database afresh, once per request)."""
     if caller.admin:
-        return
+        return _Check(None)
     machine = caller.machine
     assert machine is not None
-    allowed = REFERENCED.get(home, bytes.fromhex(machine.image_version.manifest_id))
-    if cid not in allowed and not _layer_allows(session, home, machine, cid):
-        raise Refused("chunk not referenced by this machine")
+    conn = session.connection()
+    return _Check(
+        Readable(
+            home.store,
+            machine.image_version.manifest_id,
+            lambda: agents.allowed_manifests(conn, machine_id=machine.id),
+        )
+    )
 
 
 @router.post(
@@ -174,8 +145,9 @@ def get_chunks(
 ) -> Response:
     """Several chunks' envelopes in one answer (a prefix of ``ids``; ask for the rest)."""
     ids = [bytes.fromhex(c) for c in body.ids]
+    may = _readable(caller, home, session)
     for cid in ids:  # every one checked before anything is read: no existence answers
-        _check_readable(caller, home, session, cid)
+        may.check(cid)
     out = bytearray()
     for cid in ids:
         try:
@@ -186,45 +158,3 @@ def get_chunks(
             break
         out += RECORD.pack(cid, len(envelope)) + envelope
     return Response(bytes(out), media_type=BATCH_TYPE, headers={"Cache-Control": "no-store"})
-
-
-class _Allowed:
-    """Per machine, the layer manifests it may read, remembered for ``TTL`` seconds (a
-    cache of the database: a chunk not allowed by the cached set is checked afresh)."""
-
-    TTL = 2.0
-
-    def __init__(self) -> None:
-        self._sets: dict[int, tuple[float, frozenset[str]]] = {}
-        self._lock = threading.Lock()
-
-    def manifests(self, session: Session, machine_id: int, *, fresh: bool) -> frozenset[str]:
-        now = time.monotonic()
-        with self._lock:
-            found = self._sets.get(machine_id)
-        if found is not None and not fresh and now - found[0] < self.TTL:
-            return found[1]
-        conn = session.connection()
-        manifests = frozenset(agents.allowed_manifests(conn, machine_id=machine_id))
-        with self._lock:
-            if len(self._sets) > 10_000:
-                self._sets.clear()
-            self._sets[machine_id] = (now, manifests)
-        return manifests
-
-
-ALLOWED = _Allowed()
-TREES = _Referenced(capacity=256, load=_tree_refs)
-
-
-def _layer_allows(session: Session, home: Home, machine: Machine, cid: bytes) -> bool:
-    """Whether one of the layers entitled to this machine (or its logged-in users), or one
-    of those users' writable layers, references ``cid``; layers reach agents through this
-    same endpoint."""
-    for fresh in (False, True):
-        manifests = ALLOWED.manifests(session, machine.id, fresh=fresh)
-        if cid.hex() in manifests:
-            return True
-        if any(cid in TREES.get(home, bytes.fromhex(m)) for m in manifests):
-            return True
-    return False

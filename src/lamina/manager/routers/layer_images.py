@@ -24,8 +24,7 @@ from lamina.errors import LaminaError, NotFound
 from lamina.home import Home
 from lamina.manager.deps import Caller, CallerDep, HomeDep, SessionDep
 from lamina.manager.models import LayerVersion
-from lamina.manager.routers.data import ALLOWED
-from lamina.manager.services import layer_images, layers
+from lamina.manager.services import agents, layer_images, layers
 from lamina.names import Ref, check_name
 
 router = APIRouter(prefix="/api/v1", tags=["data"])
@@ -53,7 +52,8 @@ def _version(session: Session, caller: Caller, name: str, version: int) -> Layer
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     if not caller.admin:
         assert caller.machine is not None
-        if lv.manifest_id not in ALLOWED.manifests(session, caller.machine.id, fresh=True):
+        allowed = agents.allowed_manifests(session.connection(), machine_id=caller.machine.id)
+        if lv.manifest_id not in allowed:
             raise HTTPException(status.HTTP_403_FORBIDDEN, "layer not entitled to this machine")
     return lv
 

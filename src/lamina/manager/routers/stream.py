@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
@@ -33,15 +33,17 @@ from lamina.home import Home
 from lamina.identity import seed_image
 from lamina.manager.deps import HomeDep, get_caller
 from lamina.manager.models import ImageVersion
-from lamina.manager.routers.data import CHUNK_TYPE, IMMUTABLE, REFERENCED
+from lamina.manager.routers.data import CHUNK_TYPE, IMMUTABLE
 from lamina.manager.services import images, machines, profiles
-from lamina.names import Ref, check_name
+from lamina.manager.services.readable import IMAGES
+from lamina.names import MAX_VERSION, Ref, check_name
 
 router = APIRouter(prefix="/api/v1", tags=["stream"])
 BLOB_TYPE = "application/vnd.lamina.delta"
 SEED_TYPE = "application/x-iso9660-image"
 MAX_IDS = 64
 MAX_PART = 64 << 20
+Version = Annotated[int, Path(ge=1, le=MAX_VERSION)]
 AUTH: dict[int | str, dict[str, Any]] = {401: {}, 403: {}, 404: {}}
 
 
@@ -72,7 +74,7 @@ class UploadState(BaseModel):
 
 
 class ApplyRequest(BaseModel):
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=1 << 62)
     blake3: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
@@ -127,7 +129,10 @@ def _streamable(v: ImageVersion) -> dict[str, Any]:
 
 @router.get("/stream/images/{name}", response_model=Streamable, responses=AUTH)
 def stream_image(
-    name: str, caller: WhoDep, home: HomeDep, version: int | None = None
+    name: str,
+    caller: WhoDep,
+    home: HomeDep,
+    version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None,
 ) -> dict[str, Any]:
     return _version(home, name, version, caller)
 
@@ -138,7 +143,7 @@ def stream_machine(name: str, caller: WhoDep, home: HomeDep) -> dict[str, Any]:
 
 
 @router.get("/images/{name}/versions/{version}/profile", response_model=Profile, responses=AUTH)
-def get_profile(name: str, version: int, caller: WhoDep, home: HomeDep) -> dict[str, Any]:
+def get_profile(name: str, version: Version, caller: WhoDep, home: HomeDep) -> dict[str, Any]:
     found = _version(home, name, version, caller)
     chunks, boots = profiles.load(home, bytes.fromhex(found["manifest_id"]))
     return {"image": found["image"], "version": found["version"], "boots": boots, "chunks": chunks}
@@ -161,7 +166,7 @@ def get_chunks(
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "ids: 1-64 chunk ids in hex")
     if not caller.admin:
         assert caller.manifest_id is not None
-        allowed = REFERENCED.get(home, bytes.fromhex(caller.manifest_id))
+        allowed = IMAGES.get(home.store, bytes.fromhex(caller.manifest_id))
         if any(c not in allowed for c in wanted):
             raise Refused("chunk not referenced by this machine")
     body = b"".join(home.store.get_envelope(c) for c in wanted)
@@ -223,7 +228,7 @@ async def upload_part(
     request: Request,
     caller: WhoDep,
     home: HomeDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1 << 62)] = 0,
 ) -> dict[str, Any]:
     m = await run_in_threadpool(_machine, home, name, caller)
     if m["mode"] != "stateful":

@@ -11,6 +11,8 @@ versions.py         numbering NAME@1, NAME@2, ... (images and layers alike)
 access.py           users, groups, memberships, entitlements
 changes.py          telling agents their desired state changed (the changes table)
 agents.py           what agents ask for: boot, login, logout, desired state
+readable.py         which chunks a machine may read (asked afresh at every request)
+staged.py           chunks a machine uploaded and has not saved yet: its upload quota
 rebase.py           rebase plans and records, the rule table
 profiles.py         boot profiles, one per image version
 fleet.py            paged, filtered views of the fleet (admin API and console)

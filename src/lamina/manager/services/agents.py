@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from lamina.errors import Conflict, InvalidInput, NotFound
+from lamina.errors import Conflict, InvalidInput, NotFound, Refused
 from lamina.layer.importer import load_tree
 from lamina.layer.records import WRITABLE, NewVersion
 from lamina.manager.entitlements import Grant, layers_for
@@ -55,7 +55,9 @@ from lamina.manager.models import (
     WritableLayer,
 )
 from lamina.manager.services import layers as layer_svc
+from lamina.manager.services import staged
 from lamina.manager.services.machines import hash_token
+from lamina.manager.services.readable import Readable
 from lamina.names import parse_ref
 from lamina.store import ChunkStore
 
@@ -339,9 +341,11 @@ def _save(
     mid = bytes.fromhex(manifest)
     if not store.has(mid):
         raise InvalidInput(f"writable manifest {manifest[:16]} was not uploaded")
-    missing = [c for c in load_tree(store, mid).referenced() if not store.has(c)]
+    named = load_tree(store, mid).referenced() | {mid}
+    missing = [c for c in named if not store.has(c)]
     if missing:
         raise InvalidInput(f"{len(missing)} chunks of the writable layer were not uploaded")
+    _check_named(conn, store, machine, named)
     with Session(bind=conn) as orm:
         layer = layer_svc.get_layer(orm, name)
         parent = None
@@ -374,6 +378,29 @@ def _save(
         )
         orm.flush()
         return version.ref
+
+
+_IMAGE_MANIFEST = select(IV.c.manifest_id).where(IV.c.id == bindparam("ivid"))
+
+
+def _check_named(
+    conn: Connection, store: ChunkStore, machine: AgentMachine, named: set[bytes]
+) -> None:
+    """A machine saves a layer version only with chunks it uploaded or may read already:
+    naming a chunk is not enough to be given it (a forged manifest naming any chunk in
+    the store would make it readable to the machine from then on). The chunks it
+    uploaded are then off its upload account."""
+    unproven = named - staged.held(conn, machine.id, named)
+    if unproven:
+        image = conn.execute(_IMAGE_MANIFEST, {"ivid": machine.image_version_id}).scalar_one()
+        may = Readable(store, image, lambda: allowed_manifests(conn, machine_id=machine.id))
+        unproven = {c for c in unproven if not may.allows(c)}
+    if unproven:
+        raise Refused(
+            f"the writable layer names {len(unproven)} chunks that {machine.name} neither"
+            f" uploaded nor may read (the first: {min(unproven).hex()[:16]})"
+        )
+    staged.claim(conn, machine.id, named)
 
 
 # -- desired state ----------------------------------------------------------------------------
