@@ -247,7 +247,7 @@ def test_on_the_managers_home_no_token_is_needed_elsewhere_it_is(
     cli: Cli, image: Path, server: Server, stream: Callable[..., Endpoint], tmp_path: Path
 ) -> None:
     server.start()
-    # as DESIGN.md's contract writes it: IMAGE --from URL --cache DIR --nbd ADDR
+    # as the CLI contract writes it: IMAGE --from URL --cache DIR --nbd ADDR
     ep = stream("img", "--from", server.http_url, "--no-hydrate")
     assert filecmp.cmp(convert(ep.url, tmp_path / "all.raw"), image, shallow=False)
     elsewhere = cli(
