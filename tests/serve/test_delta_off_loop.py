@@ -62,10 +62,10 @@ class Provider:
     def names(self) -> list[str]:
         return [self.device.info.name]
 
-    def open(self, name: str) -> BlockDevice:
+    def open(self, name: str, client: str) -> BlockDevice:
         return self.device
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, device: BlockDevice, *, ended: bool) -> None:
         pass
 
 
