@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -11,29 +10,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lamina.demo.showcase import free_port as demo_free_port
 from tests.conftest import LAMINA
 
 
-def _ephemeral_start() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
 def free_port() -> int:
-    """A free loopback port below the kernel's ephemeral range: a server restarted on it
-    cannot find it taken meanwhile as some outgoing connection's source port."""
-    high = _ephemeral_start()
-    for _ in range(200):
-        port = random.randrange(max(1024, high - 12000), high)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free loopback port")
+    """A free loopback port below the kernel's ephemeral range, as the demo picks its
+    own: a server restarted on it cannot find it taken meanwhile as some outgoing
+    connection's source port."""
+    return demo_free_port(0)
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
