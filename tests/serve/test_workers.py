@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from lamina.delta.file import exclusive
 from lamina.image import Manifest
 from lamina.manager.home import open_home
 from lamina.store.codec import HEADER_SIZE, parse_header
@@ -64,7 +66,8 @@ def digest(path: Path) -> str:
 
 
 def nbdcopy(url: str, out: Path, *options: str) -> str:
-    subprocess.run(["nbdcopy", *options, url, str(out)], check=True, capture_output=True)
+    done = subprocess.run(["nbdcopy", *options, url, str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
     try:
         return digest(out)
     finally:
@@ -128,6 +131,36 @@ def test_a_second_connection_goes_to_the_worker_holding_the_machine(
     assert len(connects) == 2 and connects[0]["worker"] == connects[1]["worker"]
     assert handed["worker"] != connects[0]["worker"] and handed["export"] == "machine/m1"
     assert not events(workers, "refused")
+
+
+def test_a_disk_held_a_moment_elsewhere_is_waited_for_not_refused(
+    workers: Server, image: Path, cli: Cli
+) -> None:
+    """The race of a holder closing the disk while another process opens it, made long:
+    the delta's lock is held here for 0.3 s; the connection goes back and forth between
+    the workers, waiting more each round, and is served once the lock is free."""
+    workers.start()
+    home = open_home(cli.home)
+    try:
+        deltas = home.deltas_dir / "m1"
+    finally:
+        home.close()
+    held = threading.Event()
+
+    def hold() -> None:
+        with exclusive(deltas):
+            held.set()
+            time.sleep(0.3)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    try:
+        ok(qemu_io(workers.url("machine/m1"), "write -P 0x3c 0 4096"))
+    finally:
+        holder.join()
+    assert len(events(workers, "hand-over")) >= 3
+    ok(qemu_io(workers.url("machine/m1"), "read -P 0x3c 0 4096", read_only=True))
 
 
 def test_a_killed_worker_is_replaced_and_acknowledged_writes_stay(

@@ -45,6 +45,15 @@ from lamina.serve.fastpath import FastConnection
 from lamina.serve.filedevices import FileCatalog
 from lamina.serve.shared import Shared
 
+# A machine's disk changes hands while connections come and go: the holder a connection was
+# sent to may have closed it, and a sibling opened it, meanwhile. Moves past the first
+# round wait a little (10 ms, then 20 ms ... up to 100 ms), so a connection is refused
+# only after about 0.7 s of finding the disk held elsewhere (two workers), not at the
+# first race between one worker closing the disk and another opening it.
+MOVES = 12
+MOVE_WAIT = 0.01
+MOVE_WAIT_MAX = 0.1
+
 if TYPE_CHECKING:
     from lamina.serve.options import ServeOptions
 
@@ -127,9 +136,16 @@ class WorkerProtocol(NbdServerProtocol):
             and opened.device is None
             and isinstance(opened.error, Conflict)
             and self._can_move(export.name)
-            and self._hand_over(export.name, event)
         ):
-            return
+            rounds = self._hops() - self.service.siblings
+            if rounds < 0:
+                if self._hand_over(export.name, event):
+                    return
+            else:
+                wait = min(MOVE_WAIT * (rounds + 1), MOVE_WAIT_MAX)
+                loop = asyncio.get_running_loop()
+                loop.call_later(wait, self._hand_over_or_refuse, event, opened)
+                return
         super()._decided(event, opened)
         opened_machine = export is not None and export.name.startswith(MACHINE_PREFIX)
         if self.device is not None and opened_machine:
@@ -141,14 +157,23 @@ class WorkerProtocol(NbdServerProtocol):
     def _plain(self) -> bool:
         return self._transport is not None and self._transport.get_extra_info("ssl_object") is None
 
+    def _hops(self) -> int:
+        return self.resumed.hops if self.resumed is not None else 0
+
     def _can_move(self, name: str) -> bool:
-        hops = self.resumed.hops if self.resumed is not None else 0
         return (
             self.service.hub is not None
             and name.startswith(MACHINE_PREFIX)
-            and hops < self.service.siblings  # each process tries once, then it is refused
+            and self._hops() < max(MOVES, self.service.siblings)
             and self._plain()
         )
+
+    def _hand_over_or_refuse(self, event: Event, opened: Opened) -> None:
+        export = opened.decision.export
+        assert export is not None
+        if self._closing or self._hand_over(export.name, event):
+            return
+        super()._decided(event, opened)
 
     def _take_socket(self) -> socket.socket | None:
         """A duplicate of the connection's socket; the transport is dropped (closing the
@@ -169,7 +194,7 @@ class WorkerProtocol(NbdServerProtocol):
         queued here, so the GO is answered here)."""
         hub = self.service.hub
         assert hub is not None
-        hops = self.resumed.hops if self.resumed is not None else 0
+        hops = self._hops()
         sock = self._take_socket()
         if sock is None:
             return False
