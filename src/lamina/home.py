@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from lamina.store import ChunkStore
     from lamina.store.leases import Leases
+    from lamina.store.location import StoreSettings
 
     Connect = Callable[["Home"], sessionmaker[Session]]
 
@@ -137,6 +138,7 @@ class Home:
         *,
         connect: Connect | None = None,
         store_leases: Callable[[Home], Leases | None] | None = None,
+        store_settings: StoreSettings | None = None,
     ) -> None:
         self.root = home_path(root)
         ident = read_identity(self.root)
@@ -146,6 +148,7 @@ class Home:
         self._database_url = database_url
         self._connect = connect
         self._store_leases = store_leases
+        self._store_settings = store_settings  # None: read from the settings on first use
         self._db_lock = threading.Lock()
         self._sessionmaker: sessionmaker[Session] | None = None
         self._read_only: SessionFactory[Session] | None = None
@@ -193,7 +196,11 @@ class Home:
         from lamina.store.location import open_store
 
         leases = self._store_leases
-        return open_store(self.store_dir, leases=(lambda: leases(self)) if leases else None)
+        return open_store(
+            self.store_dir,
+            leases=(lambda: leases(self)) if leases else None,
+            settings=self._store_settings,
+        )
 
     @property
     def sessionmaker(self) -> sessionmaker[Session]:

@@ -15,6 +15,7 @@ console/            the web console
 app.py              the FastAPI application
 limits.py           request bodies bounded before authentication; 422s that echo nothing
 metrics.py          GET /metrics (Prometheus text): NBD counters, HTTP latency, store, deltas
+nbdtotals.py        the block server's counters, kept by NBD workers (no HTTP framework)
 history.py          the dashboard's last day: samples a minute, drawn as SVG charts
 agent_db.py         the agent API's database thread and change watcher
 client.py           a small client of the HTTP API (CLI ``--manager``, the agent)

@@ -17,16 +17,26 @@ if TYPE_CHECKING:
 
     from lamina.manager.db import Opening
     from lamina.store.leases import Leases
+    from lamina.store.location import StoreSettings
 
 
 def open_home(
-    root: Path | None = None, database_url: str | None = None, *, opening: Opening = "existing"
+    root: Path | None = None,
+    database_url: str | None = None,
+    *,
+    opening: Opening = "existing",
+    store: StoreSettings | None = None,
 ) -> Home:
     """The home at ``root`` (``LAMINA_HOME``, else the default) with its database;
     ``NotAHome`` when there is none there. ``opening="create"`` accepts a missing or empty
-    database and makes it this home's (restore, rebuild)."""
+    database and makes it this home's (restore, rebuild). ``store``: the chunk store's
+    settings as already read (else read on first use)."""
     return Home(
-        root, database_url, connect=partial(_connect, opening=opening), store_leases=_leases
+        root,
+        database_url,
+        connect=partial(_connect, opening=opening),
+        store_leases=_leases,
+        store_settings=store,
     )
 
 

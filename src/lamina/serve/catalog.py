@@ -37,7 +37,6 @@ from lamina.delta.device import machine_device
 from lamina.delta.file import begin_boot, exclusive, mark_ended
 from lamina.errors import Conflict, LaminaError, Refused, UsageError
 from lamina.home import Home
-from lamina.identity import AgentSeed, Identity, seed_image
 from lamina.image import ImageReader, Manifest
 from lamina.image.device import ImageDevice
 from lamina.manager.models import Machine
@@ -51,6 +50,8 @@ from lamina.store import ChunkCache
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
+
+    from lamina.identity import AgentSeed, Identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +151,10 @@ class ExportCatalog:
             raise Refused(f"{machine.name} is stateful and served by {found.name}")
 
     def _seed(self, identity: Identity, agent: AgentSeed | None) -> bytes:
+        # (imported here: building a seed takes pycdlib, YAML and the SSH key code, about
+        # 10 MiB a worker process that serves no seed need not hold)
+        from lamina.identity import seed_image
+
         # The machine-id tells a re-created machine from the removed one of the same name
         # (both start at identity revision 1); one seed is kept per machine name.
         key = (identity.machine_id, identity.identity_rev, agent)

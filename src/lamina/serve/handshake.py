@@ -33,7 +33,7 @@ from lamina.delta.file import copy_files
 from lamina.errors import Conflict
 from lamina.home import Home
 from lamina.logs import event as log_event
-from lamina.manager.metrics import NbdTotals
+from lamina.manager.nbdtotals import NbdTotals
 from lamina.names import MACHINE_PREFIX
 from lamina.nbd import Phase, ServerConnection
 from lamina.nbd.aio import NbdServerProtocol, Opened, ServerTls

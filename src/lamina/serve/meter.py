@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Iterable, MutableMapping
 
-from lamina.manager.metrics import NbdTotals
+from lamina.manager.nbdtotals import NbdTotals
 from lamina.names import MACHINE_PREFIX
 
 COUNTED = frozenset({"request-error"})  # below warning, counted all the same

@@ -27,7 +27,7 @@ from lamina.locks import try_lock
 from lamina.manager import history
 from lamina.manager.app import create_app, create_boot_app
 from lamina.manager.console.auth import print_login_url
-from lamina.manager.metrics import NbdTotals
+from lamina.manager.nbdtotals import NbdTotals
 from lamina.manager.services.netboot import check_auto_add
 from lamina.serve.control import Control, CopyOpen
 from lamina.serve.imagefiles import hydrated_dir

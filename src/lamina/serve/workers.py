@@ -43,8 +43,9 @@ from typing import TYPE_CHECKING, Any, Final
 from lamina import logs
 from lamina.errors import LaminaError
 from lamina.home import Home
-from lamina.manager.metrics import NbdTotals
+from lamina.manager.nbdtotals import NbdTotals
 from lamina.serve.meter import Meter
+from lamina.store.location import StoreSettings
 
 if TYPE_CHECKING:
     from lamina.serve.handshake import NbdService
@@ -156,10 +157,15 @@ class WorkerPool:
         self.home = home
         self.count = options.worker_count
         self.log = log
+        from lamina.serve.options import serve_limits
+
+        limits = serve_limits(options)
         self._config = {
             "workers": self.count,
             "home": str(home.root),
             "database_url": home.database_url,
+            # the chunk store's settings as the parent read them (see "limits")
+            "store": dataclasses.asdict(StoreSettings.load()),
             "io_threads": options.io_threads,
             "log_level": options.log_level,
             # what a worker needs to set up TLS as its parent did (see serve.tls)
@@ -169,14 +175,13 @@ class WorkerPool:
             "tls_names": options.tls_names,
             "https_cert": str(options.https_cert) if options.https_cert else None,
             "https_key": str(options.https_key) if options.https_key else None,
-            # what clients may cost, as the parent was told (else from the environment)
-            "limits": dataclasses.asdict(options.limits) if options.limits else None,
+            # what clients may cost, as the parent was told or read from the environment
+            # (a worker that read its settings itself would import pydantic for it)
+            "limits": dataclasses.asdict(limits),
             "server_name": options.server_name,
         }
-        from lamina.serve.options import serve_limits
-
         self.workers: dict[int, _Worker] = {}
-        self.per_address = serve_limits(options).connections_per_address
+        self.per_address = limits.connections_per_address
         self.owners: dict[str, int] = {}  # machine export -> the worker holding its delta
         # delta copies asked of workers (``copy_delta``): request id -> (worker, answer)
         self._copies: dict[int, tuple[int, asyncio.Future[bool]]] = {}
@@ -455,7 +460,9 @@ async def _worker(config: dict[str, Any]) -> None:
 
     log = logs.setup(config["log_level"])
     log.addFilter(_Tagged(config["index"]))
-    home = open_home(Path(config["home"]), config["database_url"])
+    home = open_home(
+        Path(config["home"]), config["database_url"], store=StoreSettings(**config["store"])
+    )
     hub = _ChannelHub(config["channel"])
     service = NbdService(
         home,

@@ -146,15 +146,37 @@ def _record(store_dir: Path, location: StoreLocation) -> StoreLocation:
     return found
 
 
-def open_store(store_dir: Path, *, leases: Callable[[], Leases | None] | None = None) -> ChunkStore:
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """Where the chunk store is (LAMINA_STORE_URL, LAMINA_S3_ENDPOINT_URL) and how much
+    disk a bucket's cache may use (LAMINA_STORE_CACHE_BYTES), as the settings give them."""
+
+    url: str | None = None
+    endpoint_url: str | None = None
+    cache_bytes: str | None = None
+
+    @classmethod
+    def load(cls) -> StoreSettings:
+        from lamina.settings import load  # pydantic: read by a command, not by NBD workers
+
+        settings = load()
+        return cls(settings.store_url, settings.s3_endpoint_url, settings.store_cache_bytes)
+
+
+def open_store(
+    store_dir: Path,
+    *,
+    leases: Callable[[], Leases | None] | None = None,
+    settings: StoreSettings | None = None,
+) -> ChunkStore:
     """The home's chunk store: local, or a bucket with a bounded disk cache beside it.
     ``leases`` gives a bucket's writers and gc their leases when other homes may share it
-    (else the home's file lock keeps them apart)."""
-    from lamina.settings import load
+    (else the home's file lock keeps them apart); ``settings``: as already read (else
+    read now)."""
     from lamina.store.store import ChunkStore
 
-    settings = load()
-    location = resolve(store_dir, settings.store_url, settings.s3_endpoint_url)
+    settings = settings or StoreSettings.load()
+    location = resolve(store_dir, settings.url, settings.endpoint_url)
     if location.is_local:
         return ChunkStore.open_local(store_dir)
     from lamina.store.backends.local import LocalBackend
@@ -164,8 +186,8 @@ def open_store(store_dir: Path, *, leases: Callable[[], Leases | None] | None = 
     from lamina.store.remote import RemoteChunkStore
 
     capacity = DEFAULT_CACHE_BYTES
-    if settings.store_cache_bytes:
-        capacity = parse_size(settings.store_cache_bytes, "LAMINA_STORE_CACHE_BYTES")
+    if settings.cache_bytes:
+        capacity = parse_size(settings.cache_bytes, "LAMINA_STORE_CACHE_BYTES")
     backend = S3Backend(
         location.bucket,
         location.prefix,

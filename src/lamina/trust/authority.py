@@ -34,6 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from lamina.errors import InvalidInput
 from lamina.files import write_atomic
+from lamina.trust.principal import ORGANIZATION
 
 CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"
@@ -42,7 +43,6 @@ SERVER_KEY = "server-key.pem"
 CLIENT_CERT = "client-cert.pem"
 CLIENT_KEY = "client-key.pem"
 
-ORGANIZATION = "lamina"
 CA_DAYS = 3650
 SERVER_DAYS = 365
 CLIENT_DAYS = 365

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+if TYPE_CHECKING:
+    from cryptography import x509
 
-from lamina.trust.authority import ORGANIZATION
-
+ORGANIZATION = "lamina"  # the subject's O of every certificate the home's CA issues
 ADMIN_NAME = "admin"
 
 
@@ -58,6 +58,11 @@ def presented(der: bytes | None) -> Presented | None:
     that is not a lamina client certificate)."""
     if not der:
         return None
+    # (imported here: only a TLS server reads certificates; cryptography's X.509 code is
+    # about 7 MiB of an NBD worker process)
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     cert = x509.load_der_x509_certificate(der)
 
     def one(oid: x509.ObjectIdentifier) -> str | None:
