@@ -12,6 +12,7 @@ fastbounds.py   what a fast connection may hold, and its stall and idle timers
 shared.py       what a process's fast connections share: the writer thread, the pool
 meter.py        what a process counts for /metrics: bytes and requests per export, errors
 catalog.py      the exports (IMAGE@V, machine/NAME, machine/NAME/seed) resolved per handshake
+records.py      what serving asks of the database: a worker asks its parent (no SQLAlchemy)
 filedevices.py  the exports' devices as ranges of files (what the fast path reads)
 imagefiles.py   an image version as files shared by every process: packs, a hydrated cache
 profile.py      boot recording: the order a booting machine first reads its image's chunks

@@ -13,27 +13,18 @@ or a machine's removal holds from the next handshake option on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lamina.errors import LaminaError, NotFound
+from lamina.errors import LaminaError
 from lamina.names import MACHINE_PREFIX, SEED_SUFFIX
 from lamina.nbd import ExportInfo
 from lamina.nbd.negotiate import Refusal, Unknown
+from lamina.serve.records import Pin
 from lamina.trust.principal import Kind, Principal, presented
 
 if TYPE_CHECKING:
     from lamina.nbd.device import BlockDevice
     from lamina.serve.catalog import ExportCatalog
-
-
-@dataclass(frozen=True, slots=True)
-class Pin:
-    """The image version a machine boots."""
-
-    image: str
-    version: int
-    latest: bool  # the image's newest version: the bare IMAGE name means it too
 
 
 def allowed(principal: Principal, pin: Pin | None) -> frozenset[str] | None:
@@ -70,22 +61,7 @@ class ClientCatalog:
     def _pin(self) -> Pin | None:
         if self.principal.kind is not Kind.MACHINE:
             return None
-        from sqlalchemy import func, select
-
-        from lamina.manager.models import ImageVersion
-        from lamina.manager.services import machines
-
-        with self.catalog.home.session(read_only=True) as session:
-            try:
-                version = machines.get(session, self.principal.name).image_version
-            except NotFound:
-                return None
-            newest = session.scalar(
-                select(func.max(ImageVersion.version)).where(
-                    ImageVersion.image_id == version.image_id
-                )
-            )
-            return Pin(version.image.name, version.version, version.version == newest)
+        return self.catalog.records.pin(self.principal.name)
 
     def _check(self, name: str) -> Refusal | None:
         pin = self._pin()
@@ -117,8 +93,5 @@ class ClientCatalog:
 def for_peer(catalog: ExportCatalog, der: bytes | None) -> tuple[ClientCatalog, str]:
     """The catalogue a client that showed certificate ``der`` (DER, verified by the TLS
     handshake; None for none) may use, and who it is, for the log."""
-    from lamina.manager.services import credentials
-
-    with catalog.home.session(read_only=True) as session:
-        principal = credentials.principal_of(session, presented(der))
+    principal = catalog.records.principal(presented(der))
     return ClientCatalog(catalog, principal), str(principal)

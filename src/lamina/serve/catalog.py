@@ -35,22 +35,19 @@ from lamina import logs
 from lamina.delta import uploads
 from lamina.delta.device import machine_device
 from lamina.delta.file import begin_boot, exclusive, mark_ended
-from lamina.errors import Conflict, LaminaError, Refused, UsageError
+from lamina.errors import Conflict, LaminaError, UsageError
 from lamina.home import Home
 from lamina.image import ImageReader, Manifest
 from lamina.image.device import ImageDevice
-from lamina.manager.models import Machine
-from lamina.manager.services import images, machines, servers
-from lamina.names import MACHINE_PREFIX, SEED_SUFFIX, parse_ref
+from lamina.names import MACHINE_PREFIX
 from lamina.nbd import ExportInfo
 from lamina.nbd.device import BlockDevice, MemoryDevice, ReadOnlyView
 from lamina.nbd.negotiate import Unknown
 from lamina.serve import profile
+from lamina.serve.records import DatabaseRecords, Records
 from lamina.store import ChunkCache
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
     from lamina.identity import AgentSeed, Identity
 
 
@@ -65,9 +62,11 @@ class Resolved:
 
 
 class ExportCatalog:
-    def __init__(self, home: Home, cache: ChunkCache) -> None:
+    def __init__(self, home: Home, cache: ChunkCache, records: Records | None = None) -> None:
+        """``records``: where the database's answers come from (else the home's)."""
         self.home = home
         self.cache = cache
+        self.records = records or DatabaseRecords(home)
         self._manifests: dict[bytes, Manifest] = {}
         self._open: dict[str, tuple[BlockDevice, int]] = {}
         self._seeds: dict[str, tuple[object, bytes]] = {}
@@ -108,47 +107,15 @@ class ExportCatalog:
                 self._elsewhere.discard(name)
 
     def names(self) -> list[str]:
-        out: list[str] = []
-        with self.home.session() as session:
-            for image in images.list_images(session):
-                out.append(image.name)
-                out += [v.ref for v in image.versions]
-            for machine in machines.list_all(session):
-                out += [MACHINE_PREFIX + machine.name, MACHINE_PREFIX + machine.name + SEED_SUFFIX]
-        return out
+        return self.records.names()
 
     def resolve(self, name: str) -> Resolved | None:
-        with self.home.session() as session:
-            if name.startswith(MACHINE_PREFIX):
-                rest = name[len(MACHINE_PREFIX) :]
-                seed = rest.endswith(SEED_SUFFIX)
-                machine = machines.get(session, rest.removesuffix(SEED_SUFFIX))
-                version = machine.image_version
-                if seed:
-                    data = self._seed(*machines.seed_of(session, machine, self.home))
-                    info = ExportInfo(name, len(data), read_only=True, description="identity seed")
-                    return Resolved(info, "seed", b"", machine.name, data)
-                self._check_served_here(session, machine)
-                info = ExportInfo(
-                    name, version.size, read_only=False, description=f"{version.ref} + delta"
-                )
-                return Resolved(
-                    info,
-                    "machine",
-                    bytes.fromhex(version.manifest_id),
-                    machine.name,
-                    stateless=machine.mode == "stateless",
-                )
-            version = images.get_version(session, parse_ref(name, "image name"))
-            info = ExportInfo(name, version.size, read_only=True, description=version.ref)
-            return Resolved(info, "image", bytes.fromhex(version.manifest_id))
-
-    def _check_served_here(self, session: Session, machine: Machine) -> None:
-        if self.server is None or machine.mode != machines.STATEFUL:
-            return
-        found = servers.assigned(session, machine)
-        if found is not None and found.name != self.server:
-            raise Refused(f"{machine.name} is stateful and served by {found.name}")
+        r = self.records.resolve(name, self.server)
+        if r.seed is not None:
+            data = self._seed(*r.seed)
+            info = replace(r.info, size=len(data))
+            return Resolved(info, "seed", b"", r.machine, data)
+        return Resolved(r.info, r.kind, r.manifest_id, r.machine, stateless=r.stateless)
 
     def _seed(self, identity: Identity, agent: AgentSeed | None) -> bytes:
         # (imported here: building a seed takes pycdlib, YAML and the SSH key code, about
@@ -262,7 +229,7 @@ class ExportCatalog:
         if not boot:
             return machine
         # A machine export opening is a boot: note the order of its first reads.
-        return profile.record_boot(self.home, machine, manifest, r.manifest_id)
+        return profile.record_boot(self.records, machine, manifest, r.manifest_id)
 
     def _begin_boot(self, r: Resolved) -> None:
         """The machine's disk opens: a new boot when its last one ended (see the module

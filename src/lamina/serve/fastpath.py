@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
 import socket
 from collections.abc import Callable
@@ -52,7 +53,9 @@ from lamina.serve.shared import ARENA, Shared
 # once drained, so an idle machine costs 32 KiB here (a fixed 256 KiB was 32 MiB for 128).
 _RBUF: Final = 32 << 10
 _IOV: Final = 512  # buffers per sendmsg (IOV_MAX is 1024)
-_ZEROS = memoryview(bytes(1 << 20))
+# Zeros sent for holes: a private anonymous read-only mapping, whose pages are all the
+# kernel's one zero page (a bytes object of zeros was 1 MiB of each process's RSS).
+_ZEROS = memoryview(mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ))
 _NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0)
 _READ: Final = int(Cmd.READ)
 _WRITE: Final = int(Cmd.WRITE)

@@ -27,12 +27,12 @@ from lamina.home import Home
 from lamina.image import Manifest
 from lamina.image.device import manifest_extents
 from lamina.image.profile import MAX_BOOTS, WINDOW
-from lamina.manager.services.profiles import boots, save
 from lamina.nbd import ExportInfo
 from lamina.nbd.device import BlockDevice, Extent, ReadOnly
 from lamina.serve.catalog import ExportCatalog, Resolved
 from lamina.serve.imagefiles import ImageFiles, Segment, hydrated_dir
 from lamina.serve.profile import BootRecorder
+from lamina.serve.records import Records
 from lamina.store import ChunkCache
 
 
@@ -138,8 +138,13 @@ class FileCatalog(ExportCatalog):
     """The exports of a home with file-backed devices; one ``ImageFiles`` per image
     version in this process, shared by all its machines."""
 
-    def __init__(self, home: Home, on_close: Callable[[str], None] | None = None) -> None:
-        super().__init__(home, ChunkCache(0))  # the base class's cache is never used here
+    def __init__(
+        self,
+        home: Home,
+        on_close: Callable[[str], None] | None = None,
+        records: Records | None = None,
+    ) -> None:
+        super().__init__(home, ChunkCache(0), records)  # (the base's cache is not used here)
         self._files: dict[bytes, ImageFiles] = {}
         self._files_lock = threading.Lock()
         self._on_close = on_close
@@ -185,7 +190,7 @@ class FileCatalog(ExportCatalog):
             delta.close()
             raise
         if boot:  # (see ExportCatalog.open: whose opening is a boot)
-            device.notes = _boot_notes(self.home, base.files.manifest, r.manifest_id)
+            device.notes = _boot_notes(self.records, base.files.manifest, r.manifest_id)
         return device
 
     def close_all(self) -> None:
@@ -197,16 +202,16 @@ class FileCatalog(ExportCatalog):
             f.close()
 
 
-def _boot_notes(home: Home, manifest: Manifest, manifest_id: bytes) -> BootNotes | None:
+def _boot_notes(records: Records, manifest: Manifest, manifest_id: bytes) -> BootNotes | None:
     """A recorder for this boot, unless the version's profile has seen enough boots."""
     try:
-        if boots(home, manifest_id) >= MAX_BOOTS:
+        if records.boots(manifest_id) >= MAX_BOOTS:
             return None
     except Exception:  # a profile is an optimization: never fail an export over it
         return None
 
     def done(order: list[int]) -> None:
         with contextlib.suppress(Exception):  # the next boot records again
-            save(home, manifest_id, order)
+            records.save_profile(manifest_id, order)
 
     return BootNotes(manifest.chunk_size, manifest.count, done)

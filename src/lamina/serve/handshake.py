@@ -56,6 +56,7 @@ MOVE_WAIT_MAX = 0.1
 
 if TYPE_CHECKING:
     from lamina.serve.options import ServeOptions
+    from lamina.serve.records import Records
 
 
 class Hub(Protocol):
@@ -251,12 +252,14 @@ class NbdService:
         hub: Hub | None = None,
         options: ServeOptions | None = None,
         siblings: int = 0,
+        records: Records | None = None,
     ) -> None:
+        """``records``: where the database's answers come from (else the home's)."""
         self.home = home
         self.log = log
         self.hub = hub
         self.siblings = siblings  # other processes a connection may be handed to
-        self.catalog = FileCatalog(home, on_close=self._device_closed)
+        self.catalog = FileCatalog(home, on_close=self._device_closed, records=records)
         self.budget = Budget(_process_limits(options, siblings))
         self.catalog.server = options.server_name if options is not None else None
         self.tls: ServerTls | None = None

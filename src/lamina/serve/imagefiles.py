@@ -263,14 +263,11 @@ class ImageFiles:
         self._pack_fds.clear()
 
 
-_ZEROS = bytes(1 << 20)
-
-
 def read_segment(segment: Segment) -> bytes:
     """A segment's bytes, blocking (past a file's end reads as zeros)."""
     fd, position, n = segment
     if fd is None:
-        return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
+        return bytes(n)
     data = os.pread(fd, n, position)
     return data if len(data) == n else data.ljust(n, b"\0")
 

@@ -21,13 +21,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lamina.image.profile import MAX_BOOTS, WINDOW
-from lamina.manager.services.profiles import boots, save
 from lamina.nbd.device import BlockDevice, Extent
 from lamina.nbd.events import Buffer
 
 if TYPE_CHECKING:
-    from lamina.home import Home
     from lamina.image import Manifest
+    from lamina.serve.records import Records
 
 
 class BootRecorder:
@@ -110,12 +109,12 @@ class RecordingDevice:
 
 
 def record_boot(
-    home: Home, device: BlockDevice, manifest: Manifest, manifest_id: bytes
+    records: Records, device: BlockDevice, manifest: Manifest, manifest_id: bytes
 ) -> BlockDevice:
     """``device`` (a machine's image, just opened) wrapped in a recorder, unless this
     version's profile has seen ``MAX_BOOTS`` boots already."""
     try:
-        seen = boots(home, manifest_id)
+        seen = records.boots(manifest_id)
     except Exception:  # a profile is an optimization: never fail an export over it
         return device
     if seen >= MAX_BOOTS:
@@ -123,6 +122,6 @@ def record_boot(
 
     def done(order: list[int]) -> None:
         with contextlib.suppress(Exception):  # the next boot records again
-            save(home, manifest_id, order)
+            records.save_profile(manifest_id, order)
 
     return RecordingDevice(device, BootRecorder(manifest.chunk_size, manifest.count), done)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -122,7 +123,8 @@ class Shared:
         self.pool = pool
         self.log = log
         self.budget = budget or Budget()
-        self.arena = memoryview(bytearray(ARENA))
+        # (a private anonymous mapping: only the pages reads have used count in the RSS)
+        self.arena = memoryview(mmap.mmap(-1, ARENA, flags=mmap.MAP_PRIVATE))
         self.connections: set[FastConnection] = set()
         self.on_close: Callable[[], None] | None = None  # a connection ended
         self.meter = Meter()  # what the connections of this process did (/metrics)

@@ -45,6 +45,7 @@ from lamina.errors import LaminaError
 from lamina.home import Home
 from lamina.manager.nbdtotals import NbdTotals
 from lamina.serve.meter import Meter
+from lamina.serve.records import RecordsServer
 from lamina.store.location import StoreSettings
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from lamina.serve.options import ServeOptions
 
 _MESSAGE: Final = 64 << 10
+_PIECE: Final = _MESSAGE - 1  # of a message's pickle, in one datagram after its mark
 _LOAD_EVERY: Final = 0.05  # seconds between a worker's load reports, at most
 _METRICS_EVERY: Final = 1.0  # seconds between a worker's counters (a scrape is 15 s or more)
 _RESPAWN_AFTER: Final = 0.5
@@ -63,7 +65,9 @@ Handler = Callable[[tuple[Any, ...], list[int]], None]
 
 class Channel:
     """One end of a parent-worker channel on the event loop: pickled tuples, in order,
-    each with at most one descriptor; sends queue while the peer is slow."""
+    each with at most one descriptor; sends queue while the peer is slow. A tuple larger
+    than one datagram (a fleet's export names, a boot profile) goes in pieces: each
+    datagram starts with ``+`` (more of it follows) or ``=`` (its last piece)."""
 
     def __init__(
         self, sock: socket.socket, on_message: Handler, on_eof: Callable[[], None]
@@ -74,6 +78,7 @@ class Channel:
         self._on_message = on_message
         self._on_eof = on_eof
         self._queue: deque[tuple[bytes, list[int]]] = deque()
+        self._pieces: list[bytes] = []  # of a large message, received so far
         self.closed = False
         self.loop.add_reader(sock.fileno(), self._readable)
 
@@ -83,8 +88,13 @@ class Channel:
             if fd is not None:
                 os.close(fd)
             return
-        self._queue.append((pickle.dumps(message), [] if fd is None else [fd]))
-        if len(self._queue) == 1:
+        data = pickle.dumps(message)
+        was_empty = not self._queue
+        for start in range(0, len(data) - _PIECE, _PIECE):
+            self._queue.append((b"+" + data[start : start + _PIECE], []))
+        last = (len(data) - 1) // _PIECE * _PIECE
+        self._queue.append((b"=" + data[last:], [] if fd is None else [fd]))
+        if was_empty:
             self._writable()
 
     def _writable(self) -> None:
@@ -116,7 +126,12 @@ class Channel:
                 self.close()
                 self._on_eof()
                 return
-            self._on_message(pickle.loads(data), fds)
+            if data[:1] == b"+":
+                self._pieces.append(data[1:])
+                continue
+            if self._pieces:
+                data, self._pieces = b"=" + b"".join(self._pieces) + data[1:], []
+            self._on_message(pickle.loads(data[1:]), fds)
 
     def close(self) -> None:
         if self.closed:
@@ -155,6 +170,7 @@ class WorkerPool:
 
     def __init__(self, home: Home, options: ServeOptions, log: logging.Logger) -> None:
         self.home = home
+        self.records = RecordsServer(home)  # the workers' database lookups
         self.count = options.worker_count
         self.log = log
         from lamina.serve.options import serve_limits
@@ -274,7 +290,9 @@ class WorkerPool:
             os.close(fd)
         if worker is None:
             return
-        if kind == "ready":
+        if kind == "db":
+            self.records.call(worker.channel.send, *message[1:])
+        elif kind == "ready":
             worker.ready.set()
             for export in self.owners:  # what its siblings hold (see ``_held``)
                 worker.channel.send(("held", export, True))
@@ -386,6 +404,7 @@ class WorkerPool:
                 w.proc.kill()
                 w.proc.wait()
             w.channel.close()
+        self.records.close()
 
 
 def _leave(addresses: Counter[str], address: str) -> None:
@@ -455,15 +474,23 @@ class _Tagged(logging.Filter):
 
 
 async def _worker(config: dict[str, Any]) -> None:
-    from lamina.manager.home import open_home
     from lamina.serve.handshake import NbdService
+    from lamina.serve.records import ParentRecords
 
     log = logs.setup(config["log_level"])
     log.addFilter(_Tagged(config["index"]))
-    home = open_home(
-        Path(config["home"]), config["database_url"], store=StoreSettings(**config["store"])
+    # (no database here: what serving needs of it, the parent answers; see serve.records)
+    home = Home(
+        Path(config["home"]),
+        config["database_url"],
+        store_settings=StoreSettings(**config["store"]),
     )
     hub = _ChannelHub(config["channel"])
+
+    def send(msg: tuple[Any, ...]) -> None:
+        channel.send(msg)  # (made below: it hands answers to ``records``)
+
+    records = ParentRecords(send, asyncio.get_running_loop())
     service = NbdService(
         home,
         log,
@@ -471,6 +498,7 @@ async def _worker(config: dict[str, Any]) -> None:
         hub=hub,
         options=_options(config),
         siblings=config["workers"] - 1,
+        records=records,
     )
     hub.load = lambda: len(service.protocols) + len(service.shared.connections)
     log.addFilter(service.shared.meter.filter())
@@ -482,6 +510,9 @@ async def _worker(config: dict[str, Any]) -> None:
             task = asyncio.ensure_future(_copy(service, channel, *msg[1:]))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+            return
+        if msg[0] == "db-answer":
+            records.answer(msg[1], msg[2])
             return
         if msg[0] == "held":
             service.catalog.held_elsewhere(msg[1], msg[2])
@@ -495,7 +526,11 @@ async def _worker(config: dict[str, Any]) -> None:
         task.add_done_callback(tasks.discard)
         hub.load_changed()
 
-    channel = Channel(socket.socket(fileno=config["channel"]), message, stop.set)
+    def lost() -> None:
+        records.lost()
+        stop.set()
+
+    channel = Channel(socket.socket(fileno=config["channel"]), message, lost)
     hub.channel = channel
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
