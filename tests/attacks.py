@@ -49,6 +49,27 @@ def family(pid: int) -> list[int]:
     return found
 
 
+def pss(pid: int) -> int:
+    """A process's proportional set: its private pages, and its share of those it shares
+    (a library's pages mapped by three processes count a third in each)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no Pss for {pid}")
+
+
+def family_pss(pid: int) -> int:
+    """The proportional sets of ``pid`` and its descendants, summed."""
+    total = 0
+    for p in family(pid):
+        try:
+            total += pss(p)
+        except (OSError, AssertionError):
+            continue  # exited meanwhile
+    return total
+
+
 def family_rss(pid: int) -> tuple[int, int]:
     """The resident sets of ``pid`` and of its descendants, summed: (all, descendants)."""
     own = rss(pid)
@@ -66,7 +87,7 @@ class RssWatch:
     the block runs, summed, sampled every 5 ms on a thread of its own; when the sum
     passes ``limit`` they are killed there and then (SIGKILL), so an attack that works
     costs the machine no more than that. ``peak``: the whole family's; ``workers``: the
-    descendants' alone."""
+    descendants' alone; ``pss``: the family's proportional sets at the RSS peak."""
 
     def __init__(self, pid: int, limit: int, *, workers_only: bool = False) -> None:
         self.pid = pid
@@ -74,6 +95,7 @@ class RssWatch:
         self.workers_only = workers_only
         self.peak = 0
         self.workers = 0
+        self.pss = 0
         self.killed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -84,7 +106,9 @@ class RssWatch:
                 total, children = family_rss(self.pid)
             except (OSError, AssertionError):
                 return  # the process is gone
-            self.peak = max(self.peak, total)
+            if total > self.peak:
+                self.peak = total
+                self.pss = family_pss(self.pid)
             self.workers = max(self.workers, children)
             if (children if self.workers_only else total) > self.limit:
                 for p in family(self.pid):

@@ -20,7 +20,7 @@ from lamina.names import MACHINE_PREFIX, SEED_SUFFIX
 from lamina.nbd import ExportInfo
 from lamina.nbd.negotiate import Refusal, Unknown
 from lamina.serve.records import Pin
-from lamina.trust.principal import Kind, Principal, presented
+from lamina.trust.principal import Kind, Principal
 
 if TYPE_CHECKING:
     from lamina.nbd.device import BlockDevice
@@ -93,5 +93,5 @@ class ClientCatalog:
 def for_peer(catalog: ExportCatalog, der: bytes | None) -> tuple[ClientCatalog, str]:
     """The catalogue a client that showed certificate ``der`` (DER, verified by the TLS
     handshake; None for none) may use, and who it is, for the log."""
-    principal = catalog.records.principal(presented(der))
+    principal = catalog.records.principal(der)
     return ClientCatalog(catalog, principal), str(principal)

@@ -266,7 +266,8 @@ class NbdService:
         if options is not None and options.tls:
             from lamina.serve.tls import tls_setup
 
-            self.tls = tls_setup(home, options, self.catalog).nbd
+            # (a worker process loads what its parent issued)
+            self.tls = tls_setup(home, options, self.catalog, issue=hub is None).nbd
         self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="io")
         # Handshake options read the database: two threads of their own, so that a flood
         # of them waits for these while reads and writes go on elsewhere.

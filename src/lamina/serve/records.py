@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from lamina.errors import LaminaError
 from lamina.names import MACHINE_PREFIX, SEED_SUFFIX, parse_ref
 from lamina.nbd import ExportInfo
-from lamina.trust.principal import Presented, Principal
+from lamina.trust.principal import Principal, presented
 
 if TYPE_CHECKING:
     from lamina.home import Home
@@ -66,7 +66,10 @@ class Records(Protocol):
 
     def pin(self, machine: str) -> Pin | None: ...
 
-    def principal(self, presented: Presented | None) -> Principal: ...
+    def principal(self, der: bytes | None) -> Principal:
+        """Who verified client certificate ``der`` (DER; None: none shown) names, if it
+        still holds (parsed where the database is: the X.509 code stays out of workers)."""
+        ...
 
     def boots(self, manifest_id: bytes) -> int: ...
 
@@ -144,11 +147,11 @@ class DatabaseRecords:
             )
             return Pin(version.image.name, version.version, version.version == newest)
 
-    def principal(self, presented: Presented | None) -> Principal:
+    def principal(self, der: bytes | None) -> Principal:
         from lamina.manager.services import credentials
 
         with self.home.session(read_only=True) as session:
-            return credentials.principal_of(session, presented)
+            return credentials.principal_of(session, presented(der))
 
     def boots(self, manifest_id: bytes) -> int:
         from lamina.manager.services import profiles
@@ -217,8 +220,8 @@ class ParentRecords:
         pin: Pin | None = self._call("pin", machine)
         return pin
 
-    def principal(self, presented: Presented | None) -> Principal:
-        principal: Principal = self._call("principal", presented)
+    def principal(self, der: bytes | None) -> Principal:
+        principal: Principal = self._call("principal", der)
         return principal
 
     def boots(self, manifest_id: bytes) -> int:

@@ -37,31 +37,43 @@ class ServeTls:
     http_key: Path
 
 
-def tls_setup(home: Home, options: ServeOptions, catalog: ExportCatalog | None) -> ServeTls:
+def tls_setup(
+    home: Home, options: ServeOptions, catalog: ExportCatalog | None, *, issue: bool = True
+) -> ServeTls:
     """The server certificate for every address served (issued or renewed now, once per
-    server: NBD worker processes call this after their parent did, and find it) and what
-    NBD (over ``catalog``) and HTTPS use."""
-    from lamina.locks import locked
+    server) and what NBD (over ``catalog``) and HTTPS use. ``issue=False``: an NBD worker
+    process, after its parent issued it: the files are loaded as they are, without the
+    X.509 code (about 8 MiB of a worker's resident set)."""
     from lamina.serve import access
-    from lamina.trust.addresses import server_names
-    from lamina.trust.authority import CA_CERT, Authority
     from lamina.trust.contexts import server_context
+    from lamina.trust.files import CA_CERT, SERVER_CERT, SERVER_KEY
 
     if (options.https_cert is None) != (options.https_key is None):
         raise UsageError("--https-cert and --https-key go together")
-    authority = Authority.open(home.tls_dir)
-    # machines booted from the network check the certificate against --boot-nbd's host
-    extra = (options.boot_nbd[0],) if options.boot_nbd else ()
-    names = server_names(options.hosts, (*options.tls_names, *extra))
-    with locked(home.tls_dir / "lock"):  # managers of one home starting at once
-        cert, key = authority.server_certificate(names)
-        context = server_context(cert, key, authority.directory / CA_CERT)
+    if issue:
+        cert, key = _issue(home, options)
+    else:
+        cert, key = home.tls_dir / SERVER_CERT, home.tls_dir / SERVER_KEY
+    context = server_context(cert, key, home.tls_dir / CA_CERT)
     nbd = (
         ServerTls(context, lambda der: access.for_peer(catalog, der))
         if catalog is not None
         else None
     )
     return ServeTls(nbd, options.https_cert or cert, options.https_key or key)
+
+
+def _issue(home: Home, options: ServeOptions) -> tuple[Path, Path]:
+    from lamina.locks import locked
+    from lamina.trust.addresses import server_names
+    from lamina.trust.authority import Authority
+
+    authority = Authority.open(home.tls_dir)
+    # machines booted from the network check the certificate against --boot-nbd's host
+    extra = (options.boot_nbd[0],) if options.boot_nbd else ()
+    names = server_names(options.hosts, (*options.tls_names, *extra))
+    with locked(home.tls_dir / "lock"):  # managers of one home starting at once
+        return authority.server_certificate(names)
 
 
 def warn_if_exposed(log: logging.Logger, hosts: list[str]) -> None:

@@ -34,14 +34,27 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from lamina.errors import InvalidInput
 from lamina.files import write_atomic
+from lamina.trust.files import (
+    CA_CERT,
+    CA_KEY,
+    CLIENT_CERT,
+    CLIENT_KEY,
+    SERVER_CERT,
+    SERVER_KEY,
+)
 from lamina.trust.principal import ORGANIZATION
 
-CA_CERT = "ca-cert.pem"
-CA_KEY = "ca-key.pem"
-SERVER_CERT = "server-cert.pem"
-SERVER_KEY = "server-key.pem"
-CLIENT_CERT = "client-cert.pem"
-CLIENT_KEY = "client-key.pem"
+__all__ = [
+    "CA_CERT",
+    "CA_KEY",
+    "CLIENT_CERT",
+    "CLIENT_KEY",
+    "SERVER_CERT",
+    "SERVER_KEY",
+    "Authority",
+    "Issued",
+]
+
 
 CA_DAYS = 3650
 SERVER_DAYS = 365

@@ -7,7 +7,7 @@ import ssl
 from pathlib import Path
 
 from lamina.errors import UsageError
-from lamina.trust.authority import CA_CERT
+from lamina.trust.files import CA_CERT
 
 
 def server_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
