@@ -1,4 +1,4 @@
-"""lamina admin token | admin account add|list|rm|token | admin credentials | lamina audit"""
+"""lamina admin token [--rotate] | admin account add|list|rm|token | admin credentials | lamina audit"""
 
 from __future__ import annotations
 
@@ -22,21 +22,26 @@ app.add_typer(accounts_app, name="account")
 
 
 @app.command("token")
-def token(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def token(
+    rotate: credentials.TokenRotateOpt = False, home: HomeOpt = None, as_json: JsonOpt = False
+) -> None:
     """Show the admin token of the manager API (created on first use): the token of the
-    built-in account `admin`.
+    built-in account `admin`; --rotate replaces it (the old one is refused from then on).
 
     Example: lamina admin token
 
     With curl: curl -H "Authorization: Bearer $(lamina admin token)" localhost:8480/metrics
     """
-    from lamina.manager.services import settings
+    from lamina.manager.services import accounts, settings
 
     h = open_home(home)
     with h.session() as session:
-        value = settings.admin_token(session)
+        if rotate:
+            value = accounts.new_token(session, name=accounts.BUILT_IN)
+        else:
+            value = settings.admin_token(session)
     if as_json:
-        emit_json({"token": value})
+        emit_json({"token": value, "rotated": rotate})
     else:
         out.print(value)
 

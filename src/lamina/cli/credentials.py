@@ -1,5 +1,6 @@
 """lamina machine credentials NAME | lamina admin credentials: a TLS client credential
-written under qemu's file names, with the qemu, libnbd and libvirt lines that use it."""
+written under qemu's file names, with the qemu, libnbd and libvirt lines that use it.
+lamina machine token NAME [--rotate]: a machine's agent token (HTTP)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from lamina.cli.common import HomeOpt, JsonOpt, emit_json, open_home, out
+from lamina.errors import UsageError
 from lamina.files import write_atomic
 from lamina.trust.authority import CA_CERT, CLIENT_CERT, CLIENT_DAYS, CLIENT_KEY, Issued
 from lamina.trust.principal import Kind
@@ -26,6 +28,9 @@ OutOpt = Annotated[
 ]
 RotateOpt = Annotated[
     bool, typer.Option("--rotate", help="Revoke every earlier credential of this holder.")
+]
+TokenRotateOpt = Annotated[
+    bool, typer.Option("--rotate", help="Replace the token: the old one is refused from now on.")
 ]
 DaysOpt = Annotated[int, typer.Option("--days", help="Days the credential is valid.")]
 ServerOpt = Annotated[
@@ -189,3 +194,30 @@ def admin_credentials(
         home, Kind.ADMIN, "admin", directory, rotate=rotate, days=days, server=server,
         as_json=as_json,
     )  # fmt: skip
+
+
+def machine_token(
+    name: Annotated[str, typer.Argument(help="Machine name.")],
+    rotate: TokenRotateOpt = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show machine NAME's agent token (the one its seed disk carries to its agent);
+    --rotate replaces it: the old one is refused from then on, and the machine's seed
+    carries the new one from its next boot.
+
+    Example: lamina machine token desk-001 --rotate
+    """
+    from lamina.manager.services import machines
+
+    with open_home(home).session() as session:
+        if rotate:
+            value: str | None = machines.rotate_token(session, name=name)
+        else:
+            value = machines.seed_token(session, machines.get(session, name))
+    if value is None:
+        raise UsageError(f"{name}: its token was not derived here and cannot be shown (--rotate)")
+    if as_json:
+        emit_json({"name": name, "token": value, "rotated": rotate})
+    else:
+        out.print(value)

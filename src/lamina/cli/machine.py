@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Machines: identity, pinned image version, delta.", no_args_is_help=True)
 delta_app = typer.Typer(help="Machine deltas.", no_args_is_help=True)
 app.command("credentials")(credentials.machine_credentials)
+app.command("token")(credentials.machine_token)
 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Extra #cloud-config YAML file.")]

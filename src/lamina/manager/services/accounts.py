@@ -74,10 +74,10 @@ def remove(session: Session, *, name: str) -> None:
 def new_token(session: Session, *, name: str) -> str:
     """A new token for ``name``; its previous one stops working at once."""
     if name == BUILT_IN:
-        return settings.admin_token(session)  # the first account's token does not rotate
-    row = _get(session, name)
-    token = secrets.token_urlsafe(32)
-    row.token_hash = hash_token(token)
+        token = settings.rotate_admin_token(session)
+    else:
+        token = secrets.token_urlsafe(32)
+        _get(session, name).token_hash = hash_token(token)
     audit.record(session, "account.token", name)
     return token
 

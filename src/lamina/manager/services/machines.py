@@ -45,12 +45,19 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def derive_token(key: str, name: str, machine_id: str) -> str:
-    """A machine's agent token: HMAC-SHA256 of its name and machine-id under the
-    installation's token key, so the seed disk can hand it to the machine while only its
-    hash sits in the machine's row. A new machine-id gives a new token."""
-    mac = hmac.new(key.encode(), f"lamina agent token\0{name}\0{machine_id}".encode(), "sha256")
+def derive_token(key: str, name: str, machine_id: str, rotation: int = 0) -> str:
+    """A machine's agent token: HMAC-SHA256 of its name, machine-id and rotation count
+    under the installation's token key, so the seed disk can hand it to the machine while
+    only its hash sits in the machine's row. A new machine-id, or a rotation, gives a new
+    token."""
+    text = f"lamina agent token\0{name}\0{machine_id}" + (f"\0{rotation}" if rotation else "")
+    mac = hmac.new(key.encode(), text.encode(), "sha256")
     return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
+
+
+def _rotation_key(machine_id: str) -> str:
+    # (a setting, not a column: the times a machine's token was rotated, by machine-id)
+    return f"agent_token_rotation/{machine_id}"
 
 
 def seed_token(session: Session, machine: Machine) -> str | None:
@@ -58,10 +65,28 @@ def seed_token(session: Session, machine: Machine) -> str | None:
     token (None for a token made otherwise, which cannot be recovered from its hash)."""
     from lamina.manager.services import settings
 
+    rotation = int(settings.get(session, _rotation_key(machine.machine_id)) or 0)
     token = derive_token(
-        settings.secret(session, settings.TOKEN_KEY), machine.name, machine.machine_id
+        settings.secret(session, settings.TOKEN_KEY), machine.name, machine.machine_id, rotation
     )
     return token if hmac.compare_digest(hash_token(token), machine.token_hash) else None
+
+
+def rotate_token(session: Session, *, name: str) -> str:
+    """A new agent token for machine ``name``: its old one is refused from now on, and its
+    seed disk carries the new one from its next boot."""
+    from lamina.manager.services import settings
+
+    machine = get(session, name)
+    key = _rotation_key(machine.machine_id)
+    rotation = int(settings.get(session, key) or 0) + 1
+    settings.put(session, key, str(rotation))
+    token = derive_token(
+        settings.secret(session, settings.TOKEN_KEY), name, machine.machine_id, rotation
+    )
+    machine.token_hash = hash_token(token)
+    audit.record(session, "machine.token", name)
+    return token
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +273,8 @@ def reset(home: Home, *, name: str, force: bool = False) -> int:
 def remove(home: Home, *, name: str, force: bool = False) -> int:
     """Remove a machine with its delta; returns the bytes its delta held. A stateful
     machine's data needs ``force``; refused while its disk is open."""
+    from lamina.manager.services import settings
+
     with home.session(read_only=True) as session:
         get(session, name)  # a name that is not a machine's leaves nothing on disk
     with _delta_locked(home, name):
@@ -255,6 +282,7 @@ def remove(home: Home, *, name: str, force: bool = False) -> int:
             machine = get(session, name)
             _refuse_losing(machine, _held_blocks(home, name), "removing it", force=force)
             session.delete(machine)
+            settings.put(session, _rotation_key(machine.machine_id), None)
             audit.record(session, "machine.remove", name, force=force)
         freed = _drop_delta(home, name)  # the machine is gone for good: now its data
     shutil.rmtree(home.deltas_dir / name, ignore_errors=True)

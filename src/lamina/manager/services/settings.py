@@ -52,3 +52,10 @@ def secret(session: Session, key: str) -> str:
 def admin_token(session: Session) -> str:
     """The admin token, created on first use."""
     return secret(session, ADMIN_TOKEN)
+
+
+def rotate_admin_token(session: Session) -> str:
+    """A new admin token: the old one is refused from now on."""
+    value = secrets.token_urlsafe(32)
+    put(session, ADMIN_TOKEN, value)
+    return value
