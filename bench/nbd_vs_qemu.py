@@ -15,7 +15,9 @@
               raw file, both with the home CA's server certificate, fio (libnbd) showing an
               admin client certificate (nbds:// URIs)
 
-The cold pairs run first; the others run back to back after a warm-up pass. The last
+The cold pairs run first; the others run back to back after a warm-up pass.
+``LAMINA_BENCH_PAIRS`` picks some of them (``cold``, ``plain``, ``tls``: all by default),
+``LAMINA_BENCH_RUNTIME`` the seconds of each timed job (10). The last
 line is ``ratio cold_read=… cold_cached=… seq_read=… rand_read=… rand_write=…
 seq_read_tls=… rand_read_tls=…`` (lamina / qemu-nbd, higher is better).
 """
@@ -32,6 +34,8 @@ from common import LAMINA, MiB, drop_caches, free_port, need, run, scratch, wait
 
 SIZE = 1024 * MiB
 RUNTIME = int(os.environ.get("LAMINA_BENCH_RUNTIME", "10"))
+# Which pairs run (LAMINA_BENCH_PAIRS=tls: the TLS column alone), all by default.
+PAIRS = os.environ.get("LAMINA_BENCH_PAIRS", "cold,plain,tls").split(",")
 
 
 # fio's nbd engine cannot name a TLS credentials folder in its URI (libnbd allows that
@@ -212,9 +216,13 @@ def main() -> None:
     overlay = work / "overlay.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(raw), "-F", "raw", str(overlay))
 
-    results = cold_pairs(env, home, raw)
-    results |= plain_pairs(env, raw, overlay)
-    results |= tls_pairs(env, home, raw, work / "fio-home")
+    results: Results = {}
+    if "cold" in PAIRS:
+        results |= cold_pairs(env, home, raw)
+    if "plain" in PAIRS:
+        results |= plain_pairs(env, raw, overlay)
+    if "tls" in PAIRS:
+        results |= tls_pairs(env, home, raw, work / "fio-home")
     for name, (ours, theirs) in results.items():
         unit = "IOPS" if name.startswith("rand") else "MiB/s"  # 1 MiB blocks: IOPS = MiB/s
         print(f"{name:13s} lamina {ours:10.0f} {unit}   qemu-nbd {theirs:10.0f} {unit}")
