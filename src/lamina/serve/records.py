@@ -259,11 +259,13 @@ class RecordsServer:
                 raise LaminaError(f"no such call: {call}")
             value = getattr(self.records, call)(*args)
             return pickle.dumps((True, value))
-        except Exception as exc:  # the worker raises it in the thread that called
+        except LaminaError as exc:  # the worker raises it in the thread that called
             try:
                 return pickle.dumps((False, exc))
             except Exception:
                 return pickle.dumps((False, LaminaError(str(exc))))
+        except Exception as exc:  # (a database driver's error: ours, not its classes)
+            return pickle.dumps((False, LaminaError(f"database: {exc}")))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
