@@ -326,6 +326,16 @@ class FlowControl(asyncio.Protocol):
             if len(part) > TLS_SLICE:
                 queue.appendleft(part[TLS_SLICE:])
                 part = part[:TLS_SLICE]
+            elif queue and len(part) + len(queue[0]) <= TLS_SLICE:
+                # Small replies (a header, 4 KiB of data) go together: the TLS layer
+                # makes a record, and a send, of each write (4 KiB random reads: 2 of
+                # each per reply).
+                parts = [part]
+                size = len(part)
+                while queue and size + len(queue[0]) <= TLS_SLICE:
+                    parts.append(queue.popleft())
+                    size += len(parts[-1])
+                part = memoryview(b"".join(parts))
             self._tls_queued -= len(part)
             transport.write(part)
         if self._close_fed and not queue:
