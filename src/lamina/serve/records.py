@@ -239,12 +239,12 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
 
 
 class RecordsServer:
-    """The parent's side: answers its workers' calls on threads of its own (two: as
-    many as a worker's handshake threads), from its ``DatabaseRecords``."""
+    """The parent's side: answers its workers' calls on threads of its own, from its
+    ``DatabaseRecords``."""
 
-    def __init__(self, home: Home) -> None:
+    def __init__(self, home: Home, threads: int = 2) -> None:
         self.records = DatabaseRecords(home)
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="records")
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="records")
 
     def call(self, send: Send, request: int, call: str, args: tuple[Any, ...]) -> None:
         """Answer one call (on the event loop): ``send`` gets the answer there."""

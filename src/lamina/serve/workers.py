@@ -170,8 +170,9 @@ class WorkerPool:
 
     def __init__(self, home: Home, options: ServeOptions, log: logging.Logger) -> None:
         self.home = home
-        self.records = RecordsServer(home)  # the workers' database lookups
         self.count = options.worker_count
+        # the workers' database lookups: as many threads as their handshake threads
+        self.records = RecordsServer(home, threads=2 * self.count)
         self.log = log
         from lamina.serve.options import serve_limits
 
