@@ -231,9 +231,13 @@ def delta_usage(directory: Path) -> tuple[int, int]:
 
 def _scan(entries: memoryview) -> tuple[int, int]:
     """(blocks mapped, highest slot in use) of a map, in one pass over a list (a Python
-    loop over the map took 0.25 s for a 20 GiB image, on the loop during a handshake)."""
+    loop over the map took 0.25 s for a 20 GiB image, on the loop during a handshake).
+    Without zeroed blocks the highest entry is the highest slot, found in C: 7 ms instead
+    of 27 ms for a 1 GiB image (a client that reconnects opens its delta again)."""
     values = entries.tolist()
     used = len(values) - values.count(ABSENT)
+    if ZERO not in values:
+        return used, max(values, default=0)
     return used, max((e for e in values if e != ZERO), default=0)
 
 
