@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lamina.delta.device import MachineDevice
-from lamina.delta.file import BLOCK, Delta, delta_usage, discard
+from lamina.delta.file import BLOCK, ZERO, Delta, _scan, delta_usage, discard
 from lamina.errors import Conflict
 from lamina.image import ImageReader, Manifest
 from lamina.image.device import ImageDevice
@@ -162,9 +163,33 @@ def test_a_write_during_a_flush_is_synced_by_the_next_flush(
     delta.write_blocks(1, b"b" * BLOCK)  # lands while the first flush is syncing
     release.set()
     first.join()
-    before = len(calls)
+    data_fd = calls[0]  # the data file is synced first, then the map
+    before = calls.count(data_fd)
     delta.flush()
-    assert len(calls) == before + 1  # the second FLUSH synced again
+    assert calls.count(data_fd) == before + 1  # the second FLUSH synced again
+    assert calls[-2:] == [data_fd, calls[-1]] and calls[-1] != data_fd  # then the map
+    synced = len(calls)
     delta.flush()
-    assert len(calls) == before + 1  # nothing new: no needless sync
+    assert len(calls) == synced  # nothing new: no needless sync
     delta.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    entries=st.dictionaries(
+        st.integers(0, 40_000),
+        st.one_of(st.integers(1, 2**32 - 2), st.just(ZERO)),
+        max_size=40,
+    ),
+    length=st.integers(1, 40_001),
+)
+def test_map_scan_counts_and_finds_the_highest_slot(entries: dict[int, int], length: int) -> None:
+    """The windowed scan of a reopened delta's map against a plain loop: entries on both
+    sides of a window's edge, zeroed blocks (not slots) above every slot."""
+    table = array.array("I", bytes(4 * length))
+    for index, value in entries.items():
+        if index < length:
+            table[index] = value
+    slots = [v for v in table if v not in (0, ZERO)]
+    used = sum(1 for v in table if v)
+    assert _scan(memoryview(table)) == (used, max(slots, default=0))

@@ -132,6 +132,17 @@ class ImageFiles:
         partly filled) when a chunk is not ready in this process: ``hydrate`` first."""
         cs = self.chunk_size
         state = self.state
+        index, within = divmod(offset, cs)
+        if not out and within + length <= cs:  # within one chunk: most reads
+            kind = state[index]
+            if kind == HYDRATED:
+                out.append((self._data_fd, offset, length))
+                return True
+            if kind == RAW:
+                fd = self._pack_fds.get(self._where[index] - 1)
+                if fd is not None:
+                    out.append((fd, self._offset[index] + HEADER_SIZE + within, length))
+                    return True
         end = offset + length
         while offset < end:
             index, within = divmod(offset, cs)
