@@ -42,14 +42,15 @@ def tls_setup(home: Home, options: ServeOptions, catalog: ExportCatalog | None) 
     server: NBD worker processes call this after their parent did, and find it) and what
     NBD (over ``catalog``) and HTTPS use."""
     from lamina.locks import locked
+    from lamina.manager.services import cluster_ca
     from lamina.serve import access
     from lamina.trust.addresses import server_names
-    from lamina.trust.authority import CA_CERT, Authority
+    from lamina.trust.authority import CA_CERT
     from lamina.trust.contexts import server_context
 
     if (options.https_cert is None) != (options.https_key is None):
         raise UsageError("--https-cert and --https-key go together")
-    authority = Authority.open(home.tls_dir)
+    authority = cluster_ca.authority(home)  # the one CA of a cluster's folders
     # machines booted from the network check the certificate against --boot-nbd's host
     extra = (options.boot_nbd[0],) if options.boot_nbd else ()
     names = server_names(options.hosts, (*options.tls_names, *extra))
