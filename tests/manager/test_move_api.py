@@ -1,6 +1,6 @@
 """`machine move` through the HTTP API (POST /api/v1/machines/NAME/move) on a real
-`lamina serve --server-name`, and through the CLI with --manager: the same service as
-the CLI on the home, the same answers and refusals, an audit entry naming the admin."""
+`lamina serve --server-name`, through the CLI with --manager and the console's form: the
+same service as the CLI on the home, the same answers and refusals, audited."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from lamina.manager.home import open_home
 from lamina.manager.services import servers
 from tests.conftest import Cli, write_sparse
+from tests.console.test_http import signed_in
 from tests.nbdtools import ok, qemu_io
 from tests.servers import Server
 
@@ -101,3 +102,15 @@ def test_move_through_the_api_and_the_cli_with_manager(
 
     moves = [e for e in cli.json("audit") if e["action"] == "machine.move"]
     assert sorted((e["target"], e["via"]) for e in moves) == [("sf", "api"), ("sl", "api")]
+
+    # the console: the machine's page offers the live servers it is not on, and moves
+    with signed_in(server_a.http_url, token) as (client, csrf):
+        page = client.get("/machines/sl").text
+        assert '<option value="a">a</option>' in page and "gone" not in page
+        done = client.post("/machines/sl/move", data={"csrf": csrf, "to": "a"})
+        assert done.status_code == 303
+        flash = client.get(done.headers["location"]).text
+        assert f"sl: served by a at 127.0.0.1:{server_a.port}" in flash
+        refused = client.post("/machines/sl/move", data={"csrf": csrf, "to": "gone"})
+        assert "block server gone is not live" in client.get(refused.headers["location"]).text
+    assert cli.json("machine", "show", "sl")["server"] == "a"
