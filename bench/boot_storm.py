@@ -206,6 +206,7 @@ class Peers:
 
     def prepare_lamina(self, n: int) -> None:
         if not (self.home / "lamina.db").exists():
+            run(LAMINA, "init", env=self.env)
             run(LAMINA, "image", "import", "disk", str(self.raw), env=self.env)
             if "LAMINA_STORE_URL" in self.env:
                 self.warm_cache()
