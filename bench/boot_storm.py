@@ -2,6 +2,7 @@
 
     python bench/boot_storm.py [--machines 32,128] [--io-mib 128] [--stagger 1]
                                [--only lamina,nbd-server,qemu-nbd] [--store s3]
+                               [--member] [--mode stateful]
 
 The image: 1 GiB, of which the first 256 MiB is the boot set every machine reads (1 MiB
 pieces alternately compressible about 2:1 and random, as an OS disk's files and its
@@ -22,6 +23,13 @@ it first), beside a home with the local store. Both start with the page cache dr
 with their decompressed image files cleared (the server does that at start), so the S3
 home reads every chunk from its disk cache and the local one from its packs. Prints
 ``ratio s3/local N=...`` (target: within 10%, >= 0.9).
+
+With ``--member`` the comparison is lamina alone against lamina as a member of a cluster
+(``--server-name``: a heartbeat in the database every 5 s, and with ``--mode stateful``
+the check of each machine's assigned server when its export opens): the cost of the
+guarantee the cluster gives stateful machines. Prints ``ratio member/alone N=...``
+(1.0: no cost). ``--mode stateful`` makes the storm's machines stateful (their writes go
+into deltas kept across boots; every phase starts from empty ones).
 
 The machines power on at random moments within ``--stagger`` seconds (1 by default).
 nbd-server loses connections in a storm unless SYN cookies are off (``Peers.nbd_server``);
@@ -49,7 +57,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from common import (
@@ -190,6 +198,7 @@ class Peers:
         self.work, self.raw = work, raw
         self.home = work / "home"
         self.env = {"LAMINA_HOME": str(self.home)}
+        self.mode = "stateless"
         self.s3 = Peers(work / "s3", raw) if store_env is not None else None
         if self.s3 is not None and store_env is not None:
             self.s3.work.mkdir(exist_ok=True)
@@ -209,7 +218,7 @@ class Peers:
             "    have = {m.name for m in machines.list_all(s)}\n"
             f"    for i in range({n}):\n"
             "        if f'm{i}' not in have:\n"
-            "            machines.add(s, name=f'm{i}', image='disk', mac=None)\n"
+            f"            machines.add(s, name=f'm{{i}}', image='disk', mac=None, mode={self.mode!r})\n"
         )
         run(str(Path(LAMINA).with_name("python")), "-c", code, env=self.env)
         shutil.rmtree(self.home / "deltas", ignore_errors=True)  # every machine boots clean
@@ -227,17 +236,20 @@ class Peers:
         cached = sum(p.stat().st_size for p in (self.home / "store" / "cache").glob("*.seg"))
         print(f"  (S3 home: disk cache warm with {cached / MiB:.0f} MiB)", flush=True)
 
-    def lamina(self, n: int) -> Running:
+    def lamina(self, n: int, *more: str) -> Running:
         port = free_port()
         log = open(self.work / "lamina.log", "ab")  # noqa: SIM115 - the child keeps it
         proc = subprocess.Popen(
-            [LAMINA, "serve", "--no-http", "--nbd", f"127.0.0.1:{port}"],
+            [LAMINA, "serve", "--no-http", "--nbd", f"127.0.0.1:{port}", *more],
             env={**os.environ, **self.env},
             stdout=log,
             stderr=log,
         )
         uris = [f"nbd://127.0.0.1:{port}/machine/m{i}" for i in range(n)]
         return Running([proc.pid], uris, [proc])
+
+    def lamina_member(self, n: int) -> Running:
+        return self.lamina(n, "--server-name", "storm")
 
     def lamina_s3(self, n: int) -> Running:
         assert self.s3 is not None
@@ -368,6 +380,12 @@ def main() -> None:
         "--stagger", type=float, default=1.0, help="seconds over which the machines power on"
     )
     parser.add_argument(
+        "--member",
+        action="store_true",
+        help="lamina alone against lamina as a cluster member (--server-name)",
+    )
+    parser.add_argument("--mode", choices=("stateless", "stateful"), default="stateless")
+    parser.add_argument(
         "--store",
         choices=("local", "s3"),
         default="local",
@@ -378,12 +396,16 @@ def main() -> None:
     if os.geteuid() != 0:
         print("warning: not root, the page cache is not dropped between phases (not cold)")
     default = "lamina,lamina-s3" if args.store == "s3" else "lamina,nbd-server,qemu-nbd"
+    if args.member:
+        default = "lamina,lamina-member,lamina,lamina-member"  # alternating: drift shows
     systems = (args.only or default).split(",")
     work = scratch("storm")
     raw = work / "disk.raw"
     build_image(raw)
     with bucket_store(work, "lamina-s3" in systems) as store_env:
-        table = storms(Peers(work, raw, store_env), systems, args, work)
+        peers = Peers(work, raw, store_env)
+        peers.mode = args.mode
+        table = storms(peers, systems, args, work)
     print("ratio " + " ".join(ratios(table)))
     shutil.rmtree(work, ignore_errors=True)
 
@@ -395,13 +417,14 @@ def storms(
     for n in (int(x) for x in args.machines.split(",")):
         row = table[n] = {}
         for name in systems:
-            if name == "lamina":
+            if name in ("lamina", "lamina-member"):
                 peers.prepare_lamina(n)
             if name == "lamina-s3" and peers.s3 is not None:
                 peers.s3.prepare_lamina(n)
             start = {
                 "lamina": peers.lamina,
                 "lamina-s3": peers.lamina_s3,
+                "lamina-member": peers.lamina_member,
                 "nbd-server": peers.nbd_server,
                 "qemu-nbd": peers.qemu_nbd,
             }[name]
@@ -410,19 +433,33 @@ def storms(
             except Hung as exc:
                 print(f"N={n:<4d} {name:10s} hung: {exc}", flush=True)
                 continue
+            show(n, name, r)
+            if name in row:  # a second run of the same system: the mean of both
+                pairs = zip(astuple(row[name]), astuple(r), strict=True)
+                r = Result(*((x + y) / 2 for x, y in pairs))
+                show(n, name + ", mean", r)
             row[name] = r
-            print(
-                f"N={n:<4d} {name:10s} {r.mib_s:8.0f} MiB/s  p99 {r.p99_ms:7.2f} ms  "
-                f"server memory {r.mem_mib:7.1f} MiB",
-                flush=True,
-            )
             time.sleep(1)
     return table
+
+
+def show(n: int, name: str, r: Result) -> None:
+    print(
+        f"N={n:<4d} {name:10s} {r.mib_s:8.0f} MiB/s  p99 {r.p99_ms:7.2f} ms  "
+        f"server memory {r.mem_mib:7.1f} MiB",
+        flush=True,
+    )
 
 
 def ratios(table: dict[int, dict[str, Result]]) -> list[str]:
     parts = []
     for n, row in table.items():
+        if "lamina" in row and "lamina-member" in row:
+            member, alone = row["lamina-member"], row["lamina"]
+            parts.append(
+                f"member/alone N={n}={member.mib_s / alone.mib_s:.2f}x "
+                f"p99={member.p99_ms:.1f}/{alone.p99_ms:.1f}ms"
+            )
         if "lamina" in row and "lamina-s3" in row:
             s3, local = row["lamina-s3"], row["lamina"]
             parts.append(

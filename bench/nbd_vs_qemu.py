@@ -14,20 +14,31 @@
               the two reads over TLS: `lamina serve --tls` vs `qemu-nbd --tls-creds` on the
               raw file, both with the home CA's server certificate, fio (libnbd) showing an
               admin client certificate (nbds:// URIs)
+  member_rand_write
+              the cost of the stateful guarantee of a cluster: the same random writes on
+              machine/NAME (a fresh delta each) from `lamina serve` alone and as a member of
+              a cluster (`--server-name`: a heartbeat in the database every 5 s, the
+              machine's assigned server checked at each open), alternately, twice each;
+              then a planned `lamina machine move` of the delta the writes left, timed
+              beside copying the qcow2 overlay of qemu's random writes (`cp`, then `sync FILE`)
 
 The cold pairs run first; the others run back to back after a warm-up pass.
-``LAMINA_BENCH_PAIRS`` picks some of them (``cold``, ``plain``, ``tls``: all by default),
+``LAMINA_BENCH_PAIRS`` picks some of them (``cold``, ``plain``, ``tls``, ``member``: all by
+default),
 ``LAMINA_BENCH_RUNTIME`` the seconds of each timed job (10). The last
 line is ``ratio cold_read=… cold_cached=… seq_read=… rand_read=… rand_write=…
-seq_read_tls=… rand_read_tls=…`` (lamina / qemu-nbd, higher is better).
+seq_read_tls=… rand_read_tls=… member_rand_write=…`` (lamina / qemu-nbd, higher is
+better; for member_rand_write the member over lamina alone, 1.0 is no cost).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from common import LAMINA, MiB, drop_caches, free_port, need, run, scratch, wait_export
@@ -35,7 +46,7 @@ from common import LAMINA, MiB, drop_caches, free_port, need, run, scratch, wait
 SIZE = 1024 * MiB
 RUNTIME = int(os.environ.get("LAMINA_BENCH_RUNTIME", "10"))
 # Which pairs run (LAMINA_BENCH_PAIRS=tls: the TLS column alone), all by default.
-PAIRS = os.environ.get("LAMINA_BENCH_PAIRS", "cold,plain,tls").split(",")
+PAIRS = os.environ.get("LAMINA_BENCH_PAIRS", "cold,plain,tls,member").split(",")
 
 
 # fio's nbd engine cannot name a TLS credentials folder in its URI (libnbd allows that
@@ -89,6 +100,55 @@ def lamina_serve(port: int, env: dict[str, str], *tls: str) -> subprocess.Popen[
         env={**os.environ, **env},
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+def member_pairs(env: dict[str, str], home: Path, overlay: Path) -> Results:
+    """Random writes on the stateful machine from `lamina serve` alone and as a cluster
+    member (alternating, fresh delta each, the mean of two runs each), then a planned
+    move of the member's delta to another server (registered in the database only)."""
+    port = free_port()
+    uri = f"nbd://127.0.0.1:{port}/machine/bench"
+    member = ("--server-name", "a")
+    runs: dict[bool, list[float]] = {False: [], True: []}
+    for joined in (False, True, False, True):
+        shutil.rmtree(home / "deltas", ignore_errors=True)
+        proc = lamina_serve(port, env, *(member if joined else ()))
+        try:
+            wait_export(uri)
+            runs[joined].append(fio(uri, "randwrite", "4k", 16))
+            if joined and len(runs[True]) == 2:
+                move(env, home, overlay)  # while `a` is live: the machine is off
+        finally:
+            stop([proc])
+    return {"member_rand_write": (sum(runs[True]) / 2, sum(runs[False]) / 2)}
+
+
+def move(env: dict[str, str], home: Path, overlay: Path) -> None:
+    """`lamina machine move` of the delta the writes left (committed into the store as
+    image bench.state) beside copying qemu's overlay of the same writes."""
+    register = (
+        "from lamina.manager.home import open_home\n"
+        "from lamina.manager.services import servers\n"
+        "with open_home().session() as s:\n"
+        "    servers.register(s, name='b', nbd_address='127.0.0.1:9', heartbeat=3600)\n"
+    )
+    run(str(Path(LAMINA).with_name("python")), "-c", register, env=env)
+    delta = sum(p.stat().st_blocks * 512 for p in (home / "deltas").rglob("*") if p.is_file())
+    started = time.perf_counter()
+    run(LAMINA, "machine", "move", "bench", "--to", "b", env=env)
+    moved = time.perf_counter() - started
+    copy = overlay.with_suffix(".copy")
+    started = time.perf_counter()
+    run("cp", "--sparse=always", str(overlay), str(copy))
+    run("sync", str(copy))  # that file only: a system-wide sync would time others' writes
+    copied = time.perf_counter() - started
+    size = overlay.stat().st_blocks * 512
+    copy.unlink()
+    print(
+        f"move          lamina machine move: delta {delta / MiB:.0f} MiB in {moved:.2f} s;"
+        f" cp + fsync of qemu's overlay ({size / MiB:.0f} MiB): {copied:.2f} s",
+        flush=True,
+    )
 
 
 def qemu_nbd(port: int, fmt: str, path: Path, *more: str) -> subprocess.Popen[bytes]:
@@ -223,9 +283,12 @@ def main() -> None:
         results |= plain_pairs(env, raw, overlay)
     if "tls" in PAIRS:
         results |= tls_pairs(env, home, raw, work / "fio-home")
+    if "member" in PAIRS:
+        results |= member_pairs(env, home, overlay)
     for name, (ours, theirs) in results.items():
-        unit = "IOPS" if name.startswith("rand") else "MiB/s"  # 1 MiB blocks: IOPS = MiB/s
-        print(f"{name:13s} lamina {ours:10.0f} {unit}   qemu-nbd {theirs:10.0f} {unit}")
+        unit = "MiB/s" if "seq" in name or "cold" in name else "IOPS"  # 1 MiB: IOPS = MiB/s
+        us, them = ("member", "alone") if name.startswith("member") else ("lamina", "qemu-nbd")
+        print(f"{name:13s} {us} {ours:10.0f} {unit}   {them} {theirs:10.0f} {unit}")
     print("ratio " + " ".join(f"{k}={v[0] / v[1]:.2f}" for k, v in results.items()))
     run("rm", "-rf", str(work))
 

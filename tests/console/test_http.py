@@ -27,6 +27,7 @@ ACTIONS = [
     ("/machines/m1/reset", {}),
     ("/machines/m1/commit", {}),
     ("/machines/m1/repin", {"image": "base@1"}),
+    ("/machines/m1/move", {"to": "b"}),
     ("/layers/office/entitle", {"kind": "user", "target": "bob"}),
     ("/layers/office/unentitle", {"id": "1"}),
     ("/logout", {}),

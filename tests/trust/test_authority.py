@@ -11,9 +11,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from lamina.errors import InvalidInput
 from lamina.home import Home
 from lamina.manager.services import credentials, machines
-from lamina.trust.authority import CA_CERT, CA_KEY, Authority, Issued
+from lamina.trust.authority import CA_CERT, CA_KEY, Authority, Issued, install, load_copy
 from lamina.trust.contexts import client_context, server_context
 from lamina.trust.principal import Kind, presented
 from tests.conftest import Cli
@@ -73,6 +74,33 @@ def test_the_ca_is_made_once_with_a_private_key(ca: Authority, tmp_path: Path) -
     assert again.cert == ca.cert
     constraints = ca.cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     assert constraints.ca
+
+
+def test_a_copied_ca_is_checked_then_installed_whole(ca: Authority, tmp_path: Path) -> None:
+    cert_pem, key_pem = load_copy(ca.directory)
+    target = tmp_path / "joined" / "tls"
+    assert install(target, cert_pem, key_pem) and not install(target, cert_pem, key_pem)
+    assert (target / CA_KEY).stat().st_mode & 0o777 == 0o600
+    assert target.stat().st_mode & 0o777 == 0o700
+    assert Authority.open(target).cert == ca.cert
+    # a server certificate is no CA; another CA's key is not this one's
+    cert, key = ca.server_certificate(["127.0.0.1"])
+    leaf = tmp_path / "leaf"
+    leaf.mkdir()
+    (leaf / CA_CERT).write_bytes(cert.read_bytes())
+    (leaf / CA_KEY).write_bytes(key.read_bytes())
+    (leaf / CA_KEY).chmod(0o600)
+    with pytest.raises(InvalidInput, match="not a certificate authority"):
+        load_copy(leaf)
+    other = Authority.open(tmp_path / "other")
+    (leaf / CA_CERT).write_bytes(ca.cert_pem)
+    (leaf / CA_KEY).write_bytes((other.directory / CA_KEY).read_bytes())
+    with pytest.raises(InvalidInput, match="is not the key of"):
+        load_copy(leaf)
+    # a folder holding another CA is not overwritten
+    with pytest.raises(InvalidInput, match="holds another certificate authority"):
+        install(other.directory, cert_pem, key_pem)
+    assert Authority.open(other.directory).cert == other.cert
 
 
 def test_server_certificate_names_every_address(ca: Authority, tmp_path: Path) -> None:

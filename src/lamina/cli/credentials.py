@@ -121,11 +121,10 @@ def issue_and_write(
     server: str | None,
     as_json: bool,
 ) -> None:
-    from lamina.manager.services import credentials
-    from lamina.trust.authority import Authority
+    from lamina.manager.services import cluster_ca, credentials
 
     h = open_home(home)
-    authority = Authority.open(h.tls_dir)
+    authority = cluster_ca.authority(h)
     directory = directory.expanduser().absolute()
     with h.session() as session:
         issued = credentials.issue(session, authority, kind, name, days=days, rotate=rotate)

@@ -25,20 +25,35 @@ def init(
             " (LAMINA_DATABASE_URL) this is: take its id.",
         ),
     ] = False,
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca",
+            help="A folder with a copy of the certificate authority the cluster's servers"
+            " share (ca-cert.pem, ca-key.pem from the first server's HOME/tls): install it.",
+        ),
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Make a folder a lamina home (its identity and database); on a home, check it.
 
     Example: lamina init --home /var/lib/lamina
+    Example: lamina init --join --ca /root/cluster-ca   (another block server)
     """
     from lamina.manager.home import init_home
 
-    done = init_home(home, join=join)
+    done = init_home(home, join=join, ca=ca)
     h = done.home
     if as_json:
         emit_json(
-            {"home": str(h.root), "id": h.id, "created": done.created, "adopted": done.adopted}
+            {
+                "home": str(h.root),
+                "id": h.id,
+                "created": done.created,
+                "adopted": done.adopted,
+                "ca_taken": done.ca_taken,
+            }
         )
     elif done.adopted:
         out.print(f"adopted {h.root} as a lamina home (id {h.id})", markup=False)
@@ -46,6 +61,8 @@ def init(
         out.print(f"initialized lamina home {h.root} (id {h.id})", markup=False)
     else:
         out.print(f"{h.root} is a lamina home already (id {h.id})", markup=False)
+    if done.ca_taken and not as_json:
+        out.print(f"installed the certificate authority in {h.tls_dir}", markup=False)
 
 
 def backup(

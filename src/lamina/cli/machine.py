@@ -298,29 +298,23 @@ def move(
             "--force", help="A stateful machine of a lost server: move it without its delta."
         ),
     ] = False,
+    manager: ManagerOpt = None,
+    token: TokenOpt = None,
+    ca: CaOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Serve a machine from another block server from its next boot; a stateful
     machine's delta goes with it through the store (committed as NAME.state@N, the
-    machine re-pinned to it). Run it on the home of the machine's current server.
+    machine re-pinned to it). Run it on the home of the machine's current server (or
+    with --manager, on that server's manager).
 
     Example: lamina machine move desk-007 --to server-b
     """
-    from lamina.manager.services import servers
+    from lamina.manager import schemas as s
 
-    moved = servers.move(open_home(home), name=name, to=to, force=force)
-    data = {
-        "name": name,
-        "server": moved.server.name,
-        "nbd_server": moved.server.nbd_address,
-        "committed": moved.committed,
-    }
-    if as_json:
-        emit_json(data)
-    else:
-        via = f" (its delta is {moved.committed})" if moved.committed else ""
-        say(f"{name}: served by {moved.server.name} at {moved.server.nbd_address}{via}")
+    ops = admin(home, manager, token, ca)
+    each([name], lambda n: ops.move_machine(n, s.MachineMove(to=to), force=force), as_json)
 
 
 @app.command("rm")

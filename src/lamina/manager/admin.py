@@ -40,6 +40,9 @@ class Admin(Protocol):
     def reset_machine(self, name: str, *, force: bool = False) -> s.MachineReset: ...
     def remove_machine(self, name: str, *, force: bool = False) -> s.MachineRemoved: ...
     def commit_delta(self, name: str, body: s.DeltaCommit) -> s.DeltaCommitted: ...
+    def move_machine(
+        self, name: str, body: s.MachineMove, *, force: bool = False
+    ) -> s.MachineMoved: ...
 
     # images and layers
     def remove_image(self, ref: str) -> s.VersionsRemoved: ...
@@ -150,6 +153,20 @@ class HomeAdmin:
         from lamina.manager.services.commit import commit_delta
 
         return commit_delta(self.home, machine=name, image=body.image, repin=body.repin)
+
+    @_acting
+    def move_machine(
+        self, name: str, body: s.MachineMove, *, force: bool = False
+    ) -> s.MachineMoved:
+        from lamina.manager.services import servers
+
+        moved = servers.move(self.home, name=name, to=body.to, force=force)
+        return s.MachineMoved(
+            name=name,
+            server=moved.server.name,
+            nbd_server=moved.server.nbd_address,
+            committed=moved.committed,
+        )
 
     # -- images and layers -----------------------------------------------------------------
 
@@ -349,6 +366,14 @@ class RemoteAdmin:
     def commit_delta(self, name: str, body: s.DeltaCommit) -> s.DeltaCommitted:
         data = self._call("POST", f"/machines/{name}/commit", json=body.model_dump())
         return s.DeltaCommitted.model_validate(data)
+
+    def move_machine(
+        self, name: str, body: s.MachineMove, *, force: bool = False
+    ) -> s.MachineMoved:
+        data = self._call(
+            "POST", f"/machines/{name}/move", json=body.model_dump(), **self._force(force)
+        )
+        return s.MachineMoved.model_validate(data)
 
     # -- images and layers -----------------------------------------------------------------
 

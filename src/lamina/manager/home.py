@@ -61,15 +61,27 @@ class Initialized:
     home: Home
     created: bool  # False: it was a home already
     adopted: bool  # a home made by an older lamina, now with an identity
+    ca_taken: bool = False  # --ca: the certificate authority installed in this folder
 
 
 def init_home(
-    root: Path | None = None, database_url: str | None = None, *, join: bool = False
+    root: Path | None = None,
+    database_url: str | None = None,
+    *,
+    join: bool = False,
+    ca: Path | None = None,
 ) -> Initialized:
     """Make ``root`` a home: its identity and its database (created, or an older lamina's
     adopted). On a home already, only checks that its database is its own. ``join``: a
     folder of the home that the database (PostgreSQL) already belongs to, for another
-    block server of a cluster; it takes that home's id."""
+    block server of a cluster; it takes that home's id. ``ca``: a folder holding a copy
+    of the certificate authority the home's folders share (``ca-cert.pem``,
+    ``ca-key.pem``), installed in this one. A new home on PostgreSQL (the first folder
+    of a cluster) makes its CA now, for the others to copy."""
+    from lamina.trust.authority import load_copy
+
+    if ca is not None:
+        load_copy(ca)  # a bad copy is refused before anything is made
     path = home_path(root)
     existed = read_identity(path) is not None
     joined = _joined_id(database_url) if join and not existed else None
@@ -89,7 +101,17 @@ def init_home(
             if made_folder:
                 shutil.rmtree(path, ignore_errors=True)
         raise
-    return Initialized(home, created=not existed, adopted=older)
+    return Initialized(home, created=not existed, adopted=older, ca_taken=_ca(home, ca, join))
+
+
+def _ca(home: Home, ca: Path | None, join: bool) -> bool:
+    from lamina.manager.services import cluster_ca
+
+    if ca is not None:
+        return cluster_ca.take(home, ca)
+    if not join and cluster_ca.shared(home) and cluster_ca.recorded(home) is None:
+        cluster_ca.authority(home)  # the first folder: the CA the others copy
+    return False
 
 
 def _joined_id(database_url: str | None) -> str:

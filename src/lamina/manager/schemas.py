@@ -241,6 +241,21 @@ class MachineRemoved(BaseModel):
         return f"removed {self.removed}{delta}"
 
 
+class MachineMove(BaseModel):
+    to: ObjName  # the block server to serve the machine from its next boot
+
+
+class MachineMoved(BaseModel):
+    name: str
+    server: str
+    nbd_server: str  # HOST:PORT
+    committed: str | None  # NAME.state@N: the stateful machine's delta, through the store
+
+    def summary(self) -> str:
+        via = f" (its delta is {self.committed})" if self.committed else ""
+        return f"{self.name}: served by {self.server} at {self.nbd_server}{via}"
+
+
 class DeltaCommit(BaseModel):
     image: ObjName | None = None  # the image to add the version to (default: the machine's)
     repin: bool = False  # pin the machine to the new version, with an empty delta

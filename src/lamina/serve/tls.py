@@ -65,10 +65,10 @@ def tls_setup(
 
 def _issue(home: Home, options: ServeOptions) -> tuple[Path, Path]:
     from lamina.locks import locked
+    from lamina.manager.services import cluster_ca
     from lamina.trust.addresses import server_names
-    from lamina.trust.authority import Authority
 
-    authority = Authority.open(home.tls_dir)
+    authority = cluster_ca.authority(home)  # the one CA of a cluster's folders
     # machines booted from the network check the certificate against --boot-nbd's host
     extra = (options.boot_nbd[0],) if options.boot_nbd else ()
     names = server_names(options.hosts, (*options.tls_names, *extra))

@@ -233,6 +233,48 @@ _LEAF_USAGE = x509.KeyUsage(
 )
 
 
+def load_copy(source: Path) -> tuple[bytes, bytes]:
+    """The CA certificate and key in ``source`` (a copy of another home's ``tls`` folder,
+    or a folder with just those two files), checked: a CA certificate, the key that is
+    its own, and a key file no one but its owner may read (ssh's rule for private keys)."""
+    cert_path, key_path = source / CA_CERT, source / CA_KEY
+    try:
+        cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+        mode = key_path.stat().st_mode
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, None)
+    except (ValueError, OSError) as exc:
+        raise InvalidInput(f"{source}: no certificate authority to take: {exc}") from None
+    if mode & 0o077:
+        raise InvalidInput(
+            f"{key_path} may be read by other users (mode {mode & 0o777:o}): chmod 600 it"
+        )
+    try:
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        ca = False
+    if not ca:
+        raise InvalidInput(f"{cert_path} is not a certificate authority's certificate")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        raise InvalidInput(f"{key_path} is not the key of {cert_path}")
+    return cert_pem, key_pem
+
+
+def install(directory: Path, cert_pem: bytes, key_pem: bytes) -> bool:
+    """Make ``directory`` hold this CA (from ``load_copy``); False when it held it
+    already. A folder holding another CA is refused: its credentials would stop working."""
+    if (directory / CA_CERT).exists():
+        held = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
+        if held == x509.load_pem_x509_certificate(cert_pem):
+            return False
+        raise InvalidInput(
+            f"{directory} holds another certificate authority: the credentials it issued"
+            " would no longer open anything; move it away first"
+        )
+    _place(directory, cert_pem, key_pem)
+    return True
+
+
 def _create(directory: Path) -> None:
     key = _new_key()
     name = x509.Name(
@@ -267,11 +309,16 @@ def _create(directory: Path) -> None:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
+    _place(directory, cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def _place(directory: Path, cert_pem: bytes, key_pem: bytes) -> None:
+    """The two files appear together by one rename of a private staging folder."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tls-", dir=directory.parent))
     os.chmod(staging, 0o700)
-    write_atomic(staging / CA_KEY, _key_pem(key), mode=0o600)
-    write_atomic(staging / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    write_atomic(staging / CA_KEY, key_pem, mode=0o600)
+    write_atomic(staging / CA_CERT, cert_pem, mode=0o644)
     try:
         os.rename(staging, directory)  # fails when the folder exists (another process won)
     except OSError:

@@ -23,7 +23,7 @@ from lamina.manager.console.act import ActDep, Confirm, Next, local
 from lamina.manager.console.params import ObjName
 from lamina.manager.console.render import SECURITY_HEADERS, render
 from lamina.manager.deps import HomeDep
-from lamina.manager.schemas import DeltaCommit, MachineCreate, MachineUpdate, build
+from lamina.manager.schemas import DeltaCommit, MachineCreate, MachineMove, MachineUpdate, build
 from lamina.names import NAME_PATTERN
 
 router = APIRouter()
@@ -175,6 +175,20 @@ def commit(
         return text
 
     return act.run(f"Commit {name}", next_, "/machines", run)
+
+
+@router.post("/machines/{name}/move", response_model=None)
+def move(
+    act: ActDep,
+    name: ObjName,
+    to: Annotated[str, Form(max_length=100)],
+    next_: Next = "",
+    confirm: Confirm = False,
+) -> Response:
+    def run(admin: HomeAdmin) -> str:
+        return admin.move_machine(name, build(MachineMove, to=to), force=confirm).summary()
+
+    return act.run(f"Move {name}", next_, "/machines", run, form={"to": to})
 
 
 @router.post("/machines/{name}/remove", response_model=None)

@@ -27,7 +27,7 @@ from lamina.manager.console.params import (
     Text,
     ViewDep,
 )
-from lamina.manager.services import access, audit, fleet, images, layers, netboot
+from lamina.manager.services import access, audit, fleet, images, layers, netboot, servers
 from lamina.manager.services import console as svc
 from lamina.manager.services import console_access as people
 from lamina.names import MACHINE_PREFIX
@@ -138,12 +138,17 @@ def machine_page(view: ViewDep, name: ObjName) -> HTMLResponse:
         with view.home.session() as db:
             detail = svc.machine_detail(db, deltas=view.home.deltas_dir, name=name)
             versions = svc.versions_of(db, images=[detail.row.image_name])
+            here = detail.server.name if detail.server is not None else None
+            movable = [
+                s.name for s in servers.all_servers(db) if servers.is_live(s) and s.name != here
+            ]
     except NotFound as exc:
         return view.missing(str(exc))
     return view.page(
         "machine.html",
         m=detail,
         versions=versions.get(detail.row.image_name, []),
+        movable=movable,
         client=view.clients().get(name),
         nbd_url=view.nbd_url(f"{MACHINE_PREFIX}{name}"),
         seed_url=view.nbd_url(f"{MACHINE_PREFIX}{name}/seed"),

@@ -208,6 +208,13 @@ def commit_delta(ops: Ops, name: ObjP, body: s.DeltaCommit) -> s.DeltaCommitted:
     return ops.commit_delta(name, body)
 
 
+@router.post("/machines/{name}/move", response_model=s.MachineMoved, responses=ERRORS)
+def move_machine(ops: Ops, name: ObjP, body: s.MachineMove, force: Force = False) -> s.MachineMoved:
+    """Serve the machine from block server ``to`` from its next boot (a stateful machine:
+    on the manager of its server's home, its delta committed as NAME.state@N)."""
+    return ops.move_machine(name, body, force=force)
+
+
 @router.delete("/machines/{name}", response_model=s.MachineRemoved, responses=ERRORS)
 def delete_machine(ops: Ops, name: ObjP, force: Force = False) -> s.MachineRemoved:
     return ops.remove_machine(name, force=force)

@@ -35,12 +35,11 @@ from lamina.home import Home
 from lamina.identity.validate import check_mac
 from lamina.image import ImageReader, Manifest
 from lamina.manager.models import Machine
-from lamina.manager.services import credentials, netboot, servers
+from lamina.manager.services import cluster_ca, credentials, netboot, servers
 from lamina.manager.services.netboot import DeviceReport, NetbootSettings
 from lamina.netboot import ipxe, tlsfiles
 from lamina.netboot.bootfiles import BootCache, BootInfo
 from lamina.store import ChunkCache
-from lamina.trust.authority import Authority
 from lamina.trust.principal import Kind
 
 
@@ -244,7 +243,7 @@ def credential(
         raise HTTPException(404, "NBD needs no credential: this server runs without TLS")
     booting = _pinned(request, mac, image, version)
     home = _home(request)
-    authority = Authority.open(home.tls_dir)
+    authority = cluster_ca.authority(home)
     with home.session() as session:
         issued = credentials.issue(
             session,

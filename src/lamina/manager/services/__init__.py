@@ -26,6 +26,7 @@ settings.py         installation settings kept in the database
 credentials.py      TLS client credentials: issue, rotate, whom a certificate stands for
 hypervisor.py       a machine as a libvirt domain or a qemu command line (NBD disk, seed, MAC)
 servers.py          block servers and their heartbeats; which one serves each machine
+cluster_ca.py       the one certificate authority of a home's folders (a cluster's servers)
 accounts.py         named admin accounts: roles (admin, helpdesk) and tokens
 audit.py            the audit log: who changed what, when, from where (each service records)
 """

@@ -218,7 +218,7 @@ def move(home: Home, *, name: str, to: str, force: bool = False) -> Moved:
     re-pinned to it with an empty delta (run on its server's home, while the machine is
     off). A stateful machine whose server is lost moves only with ``force``, and then
     without the delta that stayed on that server."""
-    from lamina.manager.services import commit, machines
+    from lamina.manager.services import audit, commit, machines
 
     with home.session(read_only=True) as session:
         machine = machines.get(session, name)
@@ -246,5 +246,6 @@ def move(home: Home, *, name: str, to: str, force: bool = False) -> Moved:
         machine = machines.get(session, name)
         machine.server_id = get(session, to).id
         found = assigned(session, machine)
+        audit.record(session, "machine.move", name, to=to, committed=committed, force=force)
     assert found is not None
     return Moved(found, committed)
