@@ -367,6 +367,7 @@ class Agent:
         """Apply live what differs between the manager's sessions and the mounted ones."""
         from lamina.layer import attach, roots
 
+        plan_clock = logs.Steps()
         with self.lock:
             wants = {
                 s["user"]: Want(
@@ -383,6 +384,7 @@ class Agent:
                 if path.parent == self.root:
                     haves[path.name] = Have(path.name, tuple(m.layers), m.writable)
             done = []
+            planned = plan_clock.step("plan")
             for action in plan(wants, haves):
                 root = self.session_root(action.user)
                 clock = logs.Steps()
@@ -390,7 +392,8 @@ class Agent:
                     if isinstance(action, Attach):
                         self.ensure_app(layers[action.ref])
                         clock.step("fetch")
-                        attach.attach(self.home, self.records, root, action.ref)
+                        attached = attach.attach(self.home, self.records, root, action.ref)
+                        clock.split("image", attached.prepared.get(action.ref, 0.0))
                         clock.step("mount")
                         self.composed(action.user, root)
                         done.append(f"attach {action.user} {action.ref} ({clock.step('show')})")
@@ -406,7 +409,7 @@ class Agent:
                 except LaminaError as exc:
                     logs.event(self.log, "reconcile failed", action=str(action), error=str(exc))
             if done:
-                logs.event(self.log, "reconciled", actions=done)
+                logs.event(self.log, "reconciled", actions=done, planned=planned)
             return done
 
     def poll_forever(self) -> None:
@@ -423,6 +426,8 @@ class Agent:
                 )
                 attempt = 0
                 if desired["rev"] != self.rev:
+                    # when the change arrived: the start of a live change's time here
+                    logs.event(self.log, "desired", rev=desired["rev"])
                     self.reconcile(desired)
                     self.rev = desired["rev"]
             except Unreachable as exc:
