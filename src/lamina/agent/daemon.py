@@ -26,9 +26,7 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import random
-import socketserver
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from lamina import logs
 from lamina.agent import fetch, lazy
+from lamina.agent.host import control_server, failed_dir, pending_dir, socket_path
 from lamina.agent.reconcile import Attach, Detach, Have, Pending, Stale, Want, plan
 from lamina.errors import (
     AlreadyExists,
@@ -65,18 +64,6 @@ HANDOVER = 30.0  # a logout waits this long for the manager, then finishes in th
 # What the manager answers to a logout that no retry can change: 409 (no session of the user
 # here to save into, e.g. ended meanwhile), 404 (no such user), 422 (a request it rejects).
 REFUSED = (Conflict, AlreadyExists, NotFound, UsageError)
-
-
-def pending_dir(home: Home) -> Path:
-    return home.root / "agent" / "pending"
-
-
-def failed_dir(home: Home) -> Path:
-    return pending_dir(home) / "failed"
-
-
-def socket_path(home: Home) -> Path:
-    return home.root / "run" / "agent.sock"
 
 
 def backoff(attempt: int) -> float:
@@ -503,7 +490,7 @@ class Agent:
         from lamina.layer import attach, prepare, roots  # noqa: F401
 
         self.boot()
-        server = _control_server(self)
+        server = control_server(self.handle, socket_path(self.home))
         threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
         try:
             self.poll_forever()
@@ -511,58 +498,3 @@ class Agent:
             server.shutdown()
             server.server_close()
             socket_path(self.home).unlink(missing_ok=True)
-
-
-def _control_server(agent: Agent) -> socketserver.ThreadingUnixStreamServer:
-    class Handler(socketserver.StreamRequestHandler):
-        def handle(self) -> None:
-            try:
-                request = json.loads(self.rfile.readline() or b"{}")
-                reply: dict[str, Any] = {"ok": True, "result": agent.handle(request)}
-            except LaminaError as exc:
-                reply = {"ok": False, "error": str(exc), "code": exc.exit_code}
-            except Exception as exc:
-                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "code": 1}
-            self.wfile.write(json.dumps(reply).encode() + b"\n")
-
-    path = socket_path(agent.home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    old = os.umask(0o077)
-    try:
-        server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
-    finally:
-        os.umask(old)
-    server.daemon_threads = True
-    return server
-
-
-def status(home: Home) -> dict[str, Any]:
-    """What the agent holds on this host, from its files (whether or not it runs):
-    logouts still to hand over, and those the manager refused (``pending/failed/``)."""
-    identity = home.root / "agent" / "identity.json"
-    machine = json.loads(identity.read_text()).get("machine") if identity.exists() else None
-    pending = pending_dir(home)
-    failed = failed_dir(home)
-    return {
-        "machine": machine,
-        "pending_logouts": sorted(p.stem for p in pending.glob("*.json")),
-        "refused_logouts": [
-            json.loads(p.read_text()) | {"file": str(p)} for p in sorted(failed.glob("*.json"))
-        ],
-        "lazy_layers": lazy.status(home),
-    }
-
-
-def request(home: Home, op: str, user: str, *, timeout: float = 600) -> dict[str, Any]:
-    """Ask the running agent to log ``user`` in or out (what ``lamina agent login`` does)."""
-    from lamina import control
-
-    path = socket_path(home)
-    message = {"op": op, "user": user}
-    try:
-        reply = control.ask(str(path), message, timeout=timeout, hung_up="the agent hung up")
-    except control.NotListening as exc:
-        raise LaminaError(f"no agent runs on {home.root} ({path}: {exc})") from None
-    result: dict[str, Any] = reply["result"]
-    return result
