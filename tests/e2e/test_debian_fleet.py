@@ -40,7 +40,7 @@ BOOT_TIMEOUT = 900.0  # two machines under TCG on a shared 2-core host
 # The agent's work between an entitlement and the app in the shell (fetch, an EROFS image,
 # an overlay switch, three binds) is Python that TCG runs 20-50 times slower than a real
 # CPU: 0.1-0.4 s natively, where tests/guest/test_session.py asserts the 2 s target, and
-# 1.9-3.1 s in all here with the host's load average between 5 and 19 (5.4-11 s before the
+# 1.6-3.1 s in all here with the host's load average between 5 and 19 (5.4-11 s before the
 # agent kept its mounts in memory and set up loop devices itself). This run asserts that
 # the open shell gets the app live, within a bound emulation keeps, and reports the time
 # and its steps.
