@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import LAMINA, MiB, free_port, need, run, scratch, wait_port
 
-from lamina.agent.daemon import request
+from lamina.agent.host import request
 from lamina.home import Home
 
 HEAD = 4 * MiB  # what the app reads of its binary first

@@ -55,3 +55,10 @@ class Steps:
         self._done.append(f"{name} {now - self._last:.2f} s")
         self._last = now
         return ", ".join(self._done)
+
+    def split(self, name: str, seconds: float) -> None:
+        """Close ``name``, a part of the running step measured by its own code: the next
+        ``step`` gets the rest."""
+        if seconds > 0:
+            self._done.append(f"{name} {seconds:.2f} s")
+            self._last += seconds

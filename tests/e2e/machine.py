@@ -23,7 +23,7 @@ HOST_FROM_GUEST = "10.0.2.2"  # qemu user networking: the host's loopback
 SSH_OPTIONS = [
     "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
     "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10", "-o", "BatchMode=yes",
-    "-o", "ServerAliveInterval=5",
+    "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=24",
 ]  # fmt: skip
 
 

@@ -112,7 +112,9 @@ def alice_on_m1(a1: AgentProc, sys1: Path, http: httpx.Client) -> None:
         print(f"entitlement to visible: {took:.2f} s")
         # the agent's log says where its part went
         wait_for(lambda: "attach alice app2@1 (fetch " in a1.logs(), 5.0)
-        assert re.search(r"fetch [\d.]+ s, mount [\d.]+ s, show [\d.]+ s", a1.logs())
+        assert re.search(
+            r"fetch [\d.]+ s, image [\d.]+ s, mount [\d.]+ s, show [\d.]+ s", a1.logs()
+        )
         assert shell.run(f"{sys1}/usr/bin/app2") == "app two\n"
         assert (sys1 / "etc/app2.conf").read_text() == "two=2\n"
         assert shell.run(f"{sys1}/usr/bin/app1") == "app one\n"

@@ -26,9 +26,7 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import random
-import socketserver
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from lamina import logs
 from lamina.agent import fetch, lazy
+from lamina.agent.host import control_server, failed_dir, pending_dir, socket_path
 from lamina.agent.reconcile import Attach, Detach, Have, Pending, Stale, Want, plan
 from lamina.errors import (
     AlreadyExists,
@@ -67,18 +66,6 @@ HANDOVER = 30.0  # a logout waits this long for the manager, then finishes in th
 REFUSED = (Conflict, AlreadyExists, NotFound, UsageError)
 
 
-def pending_dir(home: Home) -> Path:
-    return home.root / "agent" / "pending"
-
-
-def failed_dir(home: Home) -> Path:
-    return pending_dir(home) / "failed"
-
-
-def socket_path(home: Home) -> Path:
-    return home.root / "run" / "agent.sock"
-
-
 def backoff(attempt: int) -> float:
     delay: float = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempt)
     return delay * random.uniform(0.75, 1.25)
@@ -106,6 +93,11 @@ class Agent:
         self.lock = threading.RLock()  # one mount operation at a time
         self.stopping = threading.Event()
         self.rev: str | None = None
+        # user -> what is mounted at ROOT/USER: read from the records once, then kept by
+        # this process's own mounts (it makes them all, under the lock). Reading the records
+        # per long-poll answer cost 0.2 s of each live change under emulation, and 2.6 s
+        # (its queries' first compilation) right after a login, beside the user's new shell.
+        self._haves: dict[str, Have] | None = None
         self.pending_dir = pending_dir(home)
 
     @functools.cached_property
@@ -187,13 +179,16 @@ class Agent:
                         )
                 if not self._mounted(root):
                     root.mkdir(parents=True, exist_ok=True)
-                    roots.mount(
-                        self.home,
-                        self.records,
-                        root,
-                        [la["ref"] for la in state["layers"]],
-                        writable=writable["name"] if writable else None,
-                        policy=writable["policy"] if writable else "all",
+                    self._keep(
+                        user,
+                        lambda: roots.mount(
+                            self.home,
+                            self.records,
+                            root,
+                            [la["ref"] for la in state["layers"]],
+                            writable=writable["name"] if writable else None,
+                            policy=writable["policy"] if writable else "all",
+                        ),
                     )
                 self.composed(user, root)
             except BaseException:
@@ -225,9 +220,38 @@ class Agent:
         """``root`` is about to be unmounted and its writable layer kept."""
 
     def _mounted(self, root: Path) -> bool:
+        return root.parent == self.root and root.name in self._sessions()
+
+    def _sessions(self) -> dict[str, Have]:
+        """What is mounted at each user's root (see ``_haves``)."""
         from lamina.layer import roots
 
-        return any(m.root == str(root) for m in roots.mounts(self.home, self.records))
+        if self._haves is None:
+            haves = {}
+            for m in roots.mounts(self.home, self.records):
+                path = Path(m.root)
+                if path.parent == self.root:
+                    haves[path.name] = Have(path.name, tuple(m.layers), m.writable)
+            self._haves = haves
+        return self._haves
+
+    def _keep(self, user: str, operation: Callable[[], T]) -> T:
+        """Run a mount operation on ``user``'s root and keep what it left there (a
+        ``Mounted``: that; anything else: nothing). One that fails may have done part of
+        its work: the records are read again next time."""
+        from lamina.layer.roots import Mounted
+
+        sessions = self._sessions()
+        try:
+            result = operation()
+        except BaseException:
+            self._haves = None
+            raise
+        if isinstance(result, Mounted):
+            sessions[user] = Have(user, tuple(result.layers), result.writable)
+        else:
+            sessions.pop(user, None)
+        return result
 
     def logout(self, user: str) -> dict[str, Any]:
         from lamina.layer import roots
@@ -237,7 +261,7 @@ class Agent:
             saved = None
             if self._mounted(root):
                 self.leaving(user, root)
-                saved = roots.umount(self.home, self.records, root).saved
+                saved = self._keep(user, lambda: roots.umount(self.home, self.records, root)).saved
             self.pending_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(
                 self.pending_dir / f"{user}.json", json.dumps({"saved": saved}), mode=0o600
@@ -365,8 +389,9 @@ class Agent:
 
     def reconcile(self, desired: dict[str, Any]) -> list[str]:
         """Apply live what differs between the manager's sessions and the mounted ones."""
-        from lamina.layer import attach, roots
+        from lamina.layer import attach
 
+        plan_clock = logs.Steps()
         with self.lock:
             wants = {
                 s["user"]: Want(
@@ -377,12 +402,9 @@ class Agent:
                 for s in desired["sessions"]
             }
             layers = {la["ref"]: la for s in desired["sessions"] for la in s["layers"]}
-            haves = {}
-            for m in roots.mounts(self.home, self.records):
-                path = Path(m.root)
-                if path.parent == self.root:
-                    haves[path.name] = Have(path.name, tuple(m.layers), m.writable)
+            haves = dict(self._sessions())
             done = []
+            planned = plan_clock.step("plan")
             for action in plan(wants, haves):
                 root = self.session_root(action.user)
                 clock = logs.Steps()
@@ -390,12 +412,23 @@ class Agent:
                     if isinstance(action, Attach):
                         self.ensure_app(layers[action.ref])
                         clock.step("fetch")
-                        attach.attach(self.home, self.records, root, action.ref)
+                        attached = self._keep(
+                            action.user,
+                            functools.partial(
+                                attach.attach, self.home, self.records, root, action.ref
+                            ),
+                        )
+                        clock.split("image", attached.prepared.get(action.ref, 0.0))
                         clock.step("mount")
                         self.composed(action.user, root)
                         done.append(f"attach {action.user} {action.ref} ({clock.step('show')})")
                     elif isinstance(action, Detach):
-                        attach.detach(self.home, self.records, root, action.name)
+                        self._keep(
+                            action.user,
+                            functools.partial(
+                                attach.detach, self.home, self.records, root, action.name
+                            ),
+                        )
                         clock.step("mount")
                         self.composed(action.user, root)
                         done.append(f"detach {action.user} {action.name} ({clock.step('show')})")
@@ -406,7 +439,7 @@ class Agent:
                 except LaminaError as exc:
                     logs.event(self.log, "reconcile failed", action=str(action), error=str(exc))
             if done:
-                logs.event(self.log, "reconciled", actions=done)
+                logs.event(self.log, "reconciled", actions=done, planned=planned)
             return done
 
     def poll_forever(self) -> None:
@@ -423,6 +456,8 @@ class Agent:
                 )
                 attempt = 0
                 if desired["rev"] != self.rev:
+                    # when the change arrived: the start of a live change's time here
+                    logs.event(self.log, "desired", rev=desired["rev"])
                     self.reconcile(desired)
                     self.rev = desired["rev"]
             except Unreachable as exc:
@@ -455,7 +490,7 @@ class Agent:
         from lamina.layer import attach, prepare, roots  # noqa: F401
 
         self.boot()
-        server = _control_server(self)
+        server = control_server(self.handle, socket_path(self.home))
         threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
         try:
             self.poll_forever()
@@ -463,58 +498,3 @@ class Agent:
             server.shutdown()
             server.server_close()
             socket_path(self.home).unlink(missing_ok=True)
-
-
-def _control_server(agent: Agent) -> socketserver.ThreadingUnixStreamServer:
-    class Handler(socketserver.StreamRequestHandler):
-        def handle(self) -> None:
-            try:
-                request = json.loads(self.rfile.readline() or b"{}")
-                reply: dict[str, Any] = {"ok": True, "result": agent.handle(request)}
-            except LaminaError as exc:
-                reply = {"ok": False, "error": str(exc), "code": exc.exit_code}
-            except Exception as exc:
-                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "code": 1}
-            self.wfile.write(json.dumps(reply).encode() + b"\n")
-
-    path = socket_path(agent.home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    old = os.umask(0o077)
-    try:
-        server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
-    finally:
-        os.umask(old)
-    server.daemon_threads = True
-    return server
-
-
-def status(home: Home) -> dict[str, Any]:
-    """What the agent holds on this host, from its files (whether or not it runs):
-    logouts still to hand over, and those the manager refused (``pending/failed/``)."""
-    identity = home.root / "agent" / "identity.json"
-    machine = json.loads(identity.read_text()).get("machine") if identity.exists() else None
-    pending = pending_dir(home)
-    failed = failed_dir(home)
-    return {
-        "machine": machine,
-        "pending_logouts": sorted(p.stem for p in pending.glob("*.json")),
-        "refused_logouts": [
-            json.loads(p.read_text()) | {"file": str(p)} for p in sorted(failed.glob("*.json"))
-        ],
-        "lazy_layers": lazy.status(home),
-    }
-
-
-def request(home: Home, op: str, user: str, *, timeout: float = 600) -> dict[str, Any]:
-    """Ask the running agent to log ``user`` in or out (what ``lamina agent login`` does)."""
-    from lamina import control
-
-    path = socket_path(home)
-    message = {"op": op, "user": user}
-    try:
-        reply = control.ask(str(path), message, timeout=timeout, hung_up="the agent hung up")
-    except control.NotListening as exc:
-        raise LaminaError(f"no agent runs on {home.root} ({path}: {exc})") from None
-    result: dict[str, Any] = reply["result"]
-    return result

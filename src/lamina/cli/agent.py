@@ -93,7 +93,7 @@ def login(
 
     Example: lamina agent login alice
     """
-    from lamina.agent.daemon import request
+    from lamina.agent.host import request
 
     result = request(open_home(home), "login", user)
     if as_json:
@@ -112,7 +112,7 @@ def logout(
 
     Example: lamina agent logout alice
     """
-    from lamina.agent.daemon import request
+    from lamina.agent.host import request
 
     result = request(open_home(home), "logout", user)
     if as_json:
@@ -128,9 +128,9 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
     Example: lamina agent status --json
     """
-    from lamina.agent import daemon
+    from lamina.agent import host
 
-    result = daemon.status(open_home(home))
+    result = host.status(open_home(home))
     if as_json:
         emit_json(result)
         return

@@ -206,10 +206,13 @@ class SystemAgent(Agent):
                 self.sessions.setdefault(Path(m.root).name, 1)
 
     def reconcile(self, desired: dict[str, Any]) -> list[str]:
-        for s in desired.get("sessions", []):
-            if s["layers"]:
-                self._provide_base(s["layers"][-1])
-        return super().reconcile(desired)
+        # Under the lock: a login's answer from the manager wakes the long-poll while the
+        # login is still fetching, and both would record the base.
+        with self.lock:
+            for s in desired.get("sessions", []):
+                if s["layers"]:
+                    self._provide_base(s["layers"][-1])
+            return super().reconcile(desired)
 
     # -- the hooks ------------------------------------------------------------------------------
 

@@ -186,6 +186,30 @@ def mount_image(home_root: Path, manifest_id: bytes, image: Path) -> Path:
 
 
 def _loop_mount(image: Path, target: Path) -> None:
+    """Through a loop device, set up here (``lamina.layer.loop``), or by mount(8) on a
+    kernel without ``LOOP_CONFIGURE`` (before 5.8)."""
+    from lamina.layer import loop
+
+    try:
+        fd, device = loop.attach_read_only(image)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.ENOENT):
+            raise mountapi.tool_error(exc, f"loop device for {image.name}") from None
+    else:
+        try:
+            attrs = mountapi.MOUNT_ATTR_RDONLY | mountapi.MOUNT_ATTR_NODEV
+            mount = mountapi.new_mount(
+                "erofs", [mountapi.Param("source", str(device)), mountapi.Param("ro")], attrs=attrs
+            )
+            try:
+                mountapi.move_mount(mount, target)
+            finally:
+                os.close(mount)
+        except OSError as exc:
+            raise mountapi.tool_error(exc, f"mount {image.name}") from None
+        finally:
+            os.close(fd)  # the mount holds the device now; it is cleared with the mount
+        return
     cmd = ["mount", "-t", "erofs", "-o", "ro,loop,nodev", str(image), str(target)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
