@@ -10,8 +10,9 @@ What goes where (all relative to ROOT):
     usr/share/pam-configs/lamina      the PAM session hook, set up by pam-auth-update
     etc/initramfs-tools/hooks/lamina, scripts/init-bottom/lamina-identity,
     conf.d/lamina                     the identity before switch_root; FSTYPE for fsck
-    etc/initramfs-tools/scripts/local-top/lamina-nbd   a network boot's seed (and its
-                                      root over TLS) as NBD disks (Debian's nbd-client)
+    etc/initramfs-tools/scripts/local-top/lamina-nbd   a network boot's seed as an NBD
+                                      disk; opt/lamina/libexec/lamina-nbd-client, the
+                                      nbd-client the initramfs runs (netlink, TLS)
     etc/systemd/system/lamina-netroot.service   (enabled) a network root's lost
                                       connection is made again (lamina.guest.netroot)
     etc/udev/rules.d/61-lamina-seed.rules    the seed readable by root only
@@ -50,12 +51,14 @@ FILES = (
     ("initramfs-hook", "etc/initramfs-tools/hooks/lamina", 0o755),
     ("initramfs-identity", "etc/initramfs-tools/scripts/init-bottom/lamina-identity", 0o755),
     ("initramfs-nbd", "etc/initramfs-tools/scripts/local-top/lamina-nbd", 0o755),
+    ("nbd-client-wrapper", f"{paths.PREFIX}/libexec/lamina-nbd-client", 0o755),
     (NETROOT, f"etc/systemd/system/{NETROOT}", 0o644),
     ("61-lamina-seed.rules", "etc/udev/rules.d/61-lamina-seed.rules", 0o644),
 )
 # The root file system's type for the initramfs's fsck, which cannot probe it when the
 # root arrives over the network (an NBD root): initramfs-tools reads FSTYPE from conf.d.
-INITRAMFS_CONF = "# lamina guest kit\nFSTYPE=ext4\n"
+# NBDCLIENT: what Debian's nbd script runs to connect nbdroot= (files/nbd-client-wrapper).
+INITRAMFS_CONF = "# lamina guest kit\nFSTYPE=ext4\nexport NBDCLIENT=/sbin/lamina-nbd-client\n"
 LAUNCHER = """#!{prefix}/bin/python3
 import sys
 
