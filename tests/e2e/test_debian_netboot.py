@@ -32,7 +32,8 @@ from tests.servers import Server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
-NAME = "net1"
+NAME = "net1"  # booted over PXE
+DIRECT = "net2"  # the same image booted the direct way, for the timing
 BOOT_TIMEOUT = 900.0
 OUTAGE = 10.0  # seconds the server stays down under the running machine
 
@@ -53,9 +54,9 @@ def wait_console(path: Path, pattern: str, timeout: float, started: float) -> fl
 def direct_boot(machine: Machine) -> float:
     machine.start()
     try:
-        return wait_console(machine.console, rf"^{NAME} login:", BOOT_TIMEOUT, machine.started)
+        return wait_console(machine.console, rf"^{DIRECT} login:", BOOT_TIMEOUT, machine.started)
     finally:
-        machine.stop()  # no NBD_CMD_DISC: the PXE boot goes on with the same delta
+        machine.stop()
 
 
 def pxe_vm(workdir: Path, mac: str, http_port: int, ssh_port: int) -> PxeVm:
@@ -103,15 +104,21 @@ def test_a_debian_machine_boots_from_the_network(
 ) -> None:
     cli = e2e_cli
     image = str(debian_image["image"]).partition("@")[0]
-    cli("machine", "add", NAME, "--image", image, "--mode", "stateless")
     config = tmp_path / "users.yaml"
     config.write_text(users_config(ssh_key))
-    cli("machine", "set", NAME, "--config", str(config))
+    for name in (NAME, DIRECT):  # both first boots of a fresh machine
+        cli("machine", "add", name, "--image", image, "--mode", "stateless")
+        cli("machine", "set", name, "--config", str(config))
+        cli("entitle", image, "--machine", name)
     mac = cli.json("machine", "show", NAME)["mac"]
     server = Server(cli.home, tmp_path / "serve.log")
+    # the agent answers the PAM session hook at each ssh login (without it a login waits)
+    server.args = ("--agent-url", f"http://{HOST_FROM_GUEST}:{server.http_port}")
     server.start()
     try:
-        direct = Machine(NAME, mac, f"nbd://127.0.0.1:{server.port}", ssh_key, tmp_path)
+        nbd = f"nbd://127.0.0.1:{server.port}"
+        direct_mac = cli.json("machine", "show", DIRECT)["mac"]
+        direct = Machine(DIRECT, direct_mac, nbd, ssh_key, tmp_path)
         timings = {"direct_nbd_to_login": direct_boot(direct)}
 
         vm = Machine(NAME, mac, "-", ssh_key, tmp_path / "pxe")  # for its ssh port
