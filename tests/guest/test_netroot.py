@@ -108,5 +108,7 @@ def test_a_family_is_resolved_by_this_kernels_controller() -> None:
     try:
         assert link.family == genl.GENL_ID_CTRL
         assert "notify" in link.groups
+        assert link.drain(0.05) == []  # nothing came; the socket blocks again afterwards
+        assert link.sock.gettimeout() is None
     finally:
         link.close()

@@ -221,5 +221,17 @@ class NbdNetlink:
                 yield self._pending.pop(0)
             yield from messages(self.sock.recv(65536))
 
+    def drain(self, seconds: float) -> list[Message]:
+        """What arrives within ``seconds`` (events the kernel sends together)."""
+        out, self._pending = self._pending, []
+        self.sock.settimeout(seconds)
+        try:
+            while True:
+                out.extend(messages(self.sock.recv(65536)))
+        except TimeoutError:
+            return out
+        finally:
+            self.sock.settimeout(None)
+
     def close(self) -> None:
         self.sock.close()

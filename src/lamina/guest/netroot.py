@@ -46,6 +46,7 @@ REQUEST_TIMEOUT = 30
 DEAD_CONN_TIMEOUT = 600
 RETRY = 1.0  # seconds between attempts to connect again
 CONNECT_TIMEOUT = 10.0
+BATCH = 0.5  # seconds to gather the dead-link events of one loss
 MCL_CURRENT, MCL_FUTURE = 1, 2
 
 
@@ -169,13 +170,21 @@ class Keeper:
         self.link.subscribe()
         self.arm()
         for msg in self.link.events():
-            index = genl.dead_index(msg, self.link.family)
-            if index is None or index not in self.disks:
+            if self._dead(msg) is None:
                 continue
-            disk = self.disks[index]
-            self.log(f"nbd{index}: the connection to {disk.host}:{disk.port} was lost")
-            took = self.reconnect(disk)
-            self.log(f"nbd{index}: connected again to {disk.export} after {took:.1f} s")
+            # a server that went away takes every disk's connection at once: the root's
+            # comes back first, whatever order the kernel reported them in
+            batch = [msg, *self.link.drain(BATCH)]
+            dead = {i for i in map(self._dead, batch) if i is not None}
+            for index in sorted(dead, key=lambda i: (not self.disks[i].writable, i)):
+                disk = self.disks[index]
+                self.log(f"nbd{index}: the connection to {disk.host}:{disk.port} was lost")
+                took = self.reconnect(disk)
+                self.log(f"nbd{index}: connected again to {disk.export} after {took:.1f} s")
+
+    def _dead(self, msg: genl.Message) -> int | None:
+        index = genl.dead_index(msg, self.link.family)
+        return index if index in self.disks else None
 
 
 def lock_memory() -> None:
