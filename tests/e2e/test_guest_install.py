@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from lamina.guest import chroot, debian
+from lamina.guest import build, chroot, debian
 from tests.conftest import Cli
 from tests.e2e.conftest import image_cache
 
@@ -24,7 +24,8 @@ def mode(path: Path) -> int:
 def test_guest_install_puts_the_kit_into_a_root(
     e2e_cli: Cli, debian_image: dict[str, Any], tmp_path: Path
 ) -> None:
-    tarball = max(image_cache().glob("root-bookworm-*.tar"), key=lambda p: p.stat().st_mtime)
+    # the root the image build bootstrapped (the cache may hold others')
+    tarball = build.root_tarball(build.Spec("debian12"), debian.sources("bookworm"), image_cache())
     root = tmp_path / "root"
     debian.extract(tarball, root)
     assert list((root / "etc/ssh").glob("ssh_host_*_key"))  # what a bootstrap leaves
