@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from lamina.guest import chroot, debian
+from lamina.guest import build, chroot, debian
 from tests.conftest import Cli
 from tests.e2e.conftest import image_cache
 
@@ -24,7 +24,8 @@ def mode(path: Path) -> int:
 def test_guest_install_puts_the_kit_into_a_root(
     e2e_cli: Cli, debian_image: dict[str, Any], tmp_path: Path
 ) -> None:
-    (tarball,) = sorted(image_cache().glob("root-bookworm-*.tar"))[-1:]
+    # the root the image build bootstrapped (the cache may hold others')
+    tarball = build.root_tarball(build.Spec("debian12"), debian.sources("bookworm"), image_cache())
     root = tmp_path / "root"
     debian.extract(tarball, root)
     assert list((root / "etc/ssh").glob("ssh_host_*_key"))  # what a bootstrap leaves
@@ -40,11 +41,21 @@ def test_guest_install_puts_the_kit_into_a_root(
     session = (root / "etc/pam.d/common-session").read_text()
     assert "pam_exec.so stdout /opt/lamina/libexec/lamina-pam-session" in session
     assert mode(root / "opt/lamina/libexec/lamina-pam-session") == 0o755
-    # the initramfs carries the identity script, isofs, blkid and FSTYPE
+    # the initramfs carries the identity script, isofs, blkid and FSTYPE; for a network
+    # boot nbd-client's nbdroot= script and the nbd module, the seed script, the wrapper
     listing = chroot.run(root, ["sh", "-c", "lsinitramfs /boot/initrd.img-*"], "lsinitramfs")
-    for wanted in ("scripts/init-bottom/lamina-identity", "isofs.ko", "sbin/blkid"):
+    for wanted in (
+        "scripts/init-bottom/lamina-identity", "isofs.ko", "sbin/blkid",
+        "scripts/local-top/nbd", "nbd.ko", "scripts/local-top/lamina-nbd",
+        "sbin/lamina-nbd-client", "sbin/nbd-client",
+    ):  # fmt: skip
         assert wanted in listing, wanted
-    assert "FSTYPE=ext4" in (root / "etc/initramfs-tools/conf.d/lamina").read_text()
+    conf = (root / "etc/initramfs-tools/conf.d/lamina").read_text()
+    assert "FSTYPE=ext4" in conf and "export NBDCLIENT=/sbin/lamina-nbd-client" in conf
+    wants = root / "etc/systemd/system/sysinit.target.wants/lamina-netroot.service"
+    assert str(wants.readlink()) == "/etc/systemd/system/lamina-netroot.service"
+    unit = root / "etc/systemd/system/lamina-netroot.service"
+    assert "python3 -m lamina.guest.netroot" in unit.read_text()
     # no identity of its own; the seed readable by root only
     assert (root / "etc/machine-id").read_text() == ""
     assert not list((root / "etc/ssh").glob("ssh_host_*"))

@@ -128,12 +128,16 @@ def _make(spec: Spec, key: str, mirrors: list[str], cache: Path, log: Log) -> di
     return facts
 
 
-def _root_tarball(spec: Spec, mirrors: list[str], cache: Path, log: Log) -> Path:
-    """The bootstrapped root of ``spec`` as a tar file, made once per (release, packages,
-    sources)."""
+def root_tarball(spec: Spec, mirrors: list[str], cache: Path) -> Path:
+    """Where the bootstrapped root of ``spec`` is kept: one per (release, packages, sources)."""
     facts = {"recipe": RECIPE, "suite": spec.suite, "packages": spec.packages, "sources": mirrors}
     key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
-    tarball = cache / f"root-{spec.suite}-{key[:24]}.tar"
+    return cache / f"root-{spec.suite}-{key[:24]}.tar"
+
+
+def _root_tarball(spec: Spec, mirrors: list[str], cache: Path, log: Log) -> Path:
+    """The bootstrapped root of ``spec`` as a tar file, made once."""
+    tarball = root_tarball(spec, mirrors, cache)
     if tarball.exists():
         log(f"using the Debian {spec.suite} root bootstrapped before ({tarball.name})")
         os.utime(tarball)  # the newest stays in the cache

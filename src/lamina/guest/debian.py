@@ -24,7 +24,8 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # boot it from a virtio disk (or NBD), systemd, cloud-init with its network renderer
 # (ifupdown + dhclient), sshd, the locale cloud-init sets, busybox for the initramfs
 # scripts, Python for the agent, erofs-utils for the agent's layer images, sudo for the
-# first user.
+# first user; nbd-client, whose initramfs hook roots a machine booted from the network
+# (``nbdroot=``) and brings the kernel's nbd module along.
 PACKAGES = (
     "linux-image-cloud-amd64",
     "initramfs-tools",
@@ -47,6 +48,7 @@ PACKAGES = (
     "e2fsprogs",
     "kmod",
     "procps",
+    "nbd-client",
 )
 SUITES = ("bookworm", "trixie", "bullseye")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")

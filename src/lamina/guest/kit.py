@@ -10,6 +10,11 @@ What goes where (all relative to ROOT):
     usr/share/pam-configs/lamina      the PAM session hook, set up by pam-auth-update
     etc/initramfs-tools/hooks/lamina, scripts/init-bottom/lamina-identity,
     conf.d/lamina                     the identity before switch_root; FSTYPE for fsck
+    etc/initramfs-tools/scripts/local-top/lamina-nbd   a network boot's seed as an NBD
+                                      disk; opt/lamina/libexec/lamina-nbd-client, the
+                                      nbd-client the initramfs runs (netlink, TLS)
+    etc/systemd/system/lamina-netroot.service   (enabled) a network root's lost
+                                      connection is made again (lamina.guest.netroot)
     etc/udev/rules.d/61-lamina-seed.rules    the seed readable by root only
     etc/lamina/system.json            the layer this root is (``--base``)
     var/lib/lamina/                   the agent's home, its database created
@@ -36,6 +41,7 @@ from lamina.guest import chroot, paths, pyenv
 
 Log = Callable[[str], None]
 LOCALE = "en_US.UTF-8"  # cloud-init's default on Debian
+NETROOT = "lamina-netroot.service"  # a network root's connection comes back (guest.netroot)
 
 # (file in lamina.guest.files, destination under the root, mode)
 FILES = (
@@ -44,11 +50,15 @@ FILES = (
     ("lamina-pam-session", f"{paths.PREFIX}/libexec/lamina-pam-session", 0o755),
     ("initramfs-hook", "etc/initramfs-tools/hooks/lamina", 0o755),
     ("initramfs-identity", "etc/initramfs-tools/scripts/init-bottom/lamina-identity", 0o755),
+    ("initramfs-nbd", "etc/initramfs-tools/scripts/local-top/lamina-nbd", 0o755),
+    ("nbd-client-wrapper", f"{paths.PREFIX}/libexec/lamina-nbd-client", 0o755),
+    (NETROOT, f"etc/systemd/system/{NETROOT}", 0o644),
     ("61-lamina-seed.rules", "etc/udev/rules.d/61-lamina-seed.rules", 0o644),
 )
 # The root file system's type for the initramfs's fsck, which cannot probe it when the
 # root arrives over the network (an NBD root): initramfs-tools reads FSTYPE from conf.d.
-INITRAMFS_CONF = "# lamina guest kit\nFSTYPE=ext4\n"
+# NBDCLIENT: what Debian's nbd script runs to connect nbdroot= (files/nbd-client-wrapper).
+INITRAMFS_CONF = "# lamina guest kit\nFSTYPE=ext4\nexport NBDCLIENT=/sbin/lamina-nbd-client\n"
 LAUNCHER = """#!{prefix}/bin/python3
 import sys
 
@@ -134,10 +144,11 @@ def _files(root: Path, base: str | None) -> None:
     conf = root / "etc" / "initramfs-tools" / "conf.d" / "lamina"
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(INITRAMFS_CONF)
-    wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants" / paths.UNIT
-    wants.parent.mkdir(parents=True, exist_ok=True)
-    wants.unlink(missing_ok=True)
-    wants.symlink_to(f"/etc/systemd/system/{paths.UNIT}")
+    for target, unit in (("multi-user", paths.UNIT), ("sysinit", NETROOT)):
+        wants = root / "etc" / "systemd" / "system" / f"{target}.target.wants" / unit
+        wants.parent.mkdir(parents=True, exist_ok=True)
+        wants.unlink(missing_ok=True)
+        wants.symlink_to(f"/etc/systemd/system/{unit}")
     system = root / paths.SYSTEM
     system.parent.mkdir(parents=True, exist_ok=True)
     system.write_text(json.dumps({"base": base}, indent=2) + "\n")
