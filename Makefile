@@ -23,11 +23,11 @@ DEBS_TEST := $(DEBS_BASE) $(DEBS_DEMO) libnbd-bin nbdkit nbd-server fio squashfs
         xorriso busybox-static dosfstools mtools cpio kmod zstd curl postgresql chromium \
         ceph-mon ceph-osd radosgw ceph-common systemd libvirt-clients libxml2-utils \
         mmdebstrap openssh-client ipxe ipxe-qemu ovmf dnsmasq-base fdisk iproute2
-# The VM end-to-end runs: the demo's packages, the NBD clients, and what `lamina image
-# build` makes the Debian machines with (mmdebstrap) and reaches them by (ssh), network
-# boot (iPXE, UEFI firmware, dnsmasq for proxy DHCP).
-DEBS_E2E := $(DEBS_BASE) $(DEBS_DEMO) libnbd-bin mmdebstrap openssh-client \
-        ipxe ipxe-qemu ovmf dnsmasq-base fdisk iproute2 nbd-client
+# The VM end-to-end runs: the tests' packages (the demo VM runs share their fixtures:
+# PostgreSQL, the NBD clients, iPXE, UEFI firmware, dnsmasq for proxy DHCP), what `lamina
+# image build` makes the Debian machines with (mmdebstrap) and reaches them by (ssh), and
+# nbd-client for the netroot checks.
+DEBS_E2E := $(DEBS_TEST) nbd-client
 # The benchmarks: their anchors (qemu-nbd, borg, casync, nbdkit, nbd-server) and fio.
 DEBS_BENCH := $(DEBS_BASE) $(DEBS_DEMO) libnbd-bin nbdkit nbd-server fio borgbackup casync \
         ceph-mon ceph-osd radosgw ceph-common
@@ -54,8 +54,9 @@ test: $(STAMP)
 
 # The heavy end-to-end runs, left out of `make test`: real Debian machines under qemu
 # (TCG) from an image `lamina image build` makes and caches in $$LAMINA_TEST_CACHE
-# (default /var/tmp/lamina-test-cache), and VMs riding out server kills: 15-27 min on a
-# shared 2-core host, most of it the machines' boots under TCG.
+# (default /var/tmp/lamina-test-cache), and the demo VMs: booted from lamina, over TLS,
+# over the network, riding out server kills, restored from a backup. Most of the time is
+# the machines' boots under TCG.
 e2e: $(STAMP)
 	@tools/ensure-debs $(sort $(DEBS_E2E))
 	$(BIN)/pytest -m e2e

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from lamina.demo.image import DemoImage
 from tests.conftest import Cli
 from tests.demo.scripted import ScriptedVm
@@ -29,6 +31,7 @@ echo "lamina-step check $(md5sum /mnt/root/data | cut -c1-32)"
 """
 
 
+@pytest.mark.e2e  # boots a VM under TCG: in make e2e, beside the other VM runs
 def test_a_backup_taken_while_a_vm_writes_restores_and_boots(
     cli: Cli, server: Server, demo: DemoImage, tmp_path: Path
 ) -> None:

@@ -28,6 +28,7 @@ def boot_both(server: Server) -> dict[str, BootReport]:
     return dict(zip(("desk-001", "desk-002"), asyncio.run(run()), strict=True))
 
 
+@pytest.mark.e2e  # boots a VM under TCG: in make e2e, beside the other VM runs
 def test_two_vms_boot_one_image_version_with_their_own_identity(
     cli: Cli, server: Server, demo: DemoImage
 ) -> None:
@@ -75,6 +76,7 @@ def test_lamina_demo_runs_end_to_end(cli: Cli, demo: DemoImage) -> None:
     assert result["deltas"]["desk-002"] > 0
 
 
+@pytest.mark.e2e  # boots a VM under TCG: in make e2e, beside the other VM runs
 def test_a_vm_boots_over_tls_with_its_machine_credential(
     cli: Cli, demo: DemoImage, tmp_path: Path
 ) -> None:

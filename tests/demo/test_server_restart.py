@@ -31,6 +31,7 @@ echo "lamina-step done $(cat /mnt/root/after)"
 """
 
 
+@pytest.mark.e2e  # boots a VM under TCG: in make e2e, beside the other VM runs
 def test_a_vm_rides_out_a_server_kill_and_its_next_boot_is_clean(
     cli: Cli, server: Server, demo: DemoImage, tmp_path: Path
 ) -> None:

@@ -22,6 +22,7 @@ def write_seed(identity: Identity, directory: Path) -> Path:
     return path
 
 
+@pytest.mark.e2e  # boots a VM under TCG: in make e2e, beside the other VM runs
 def test_boots_from_a_local_disk_and_keeps_its_marker(
     disk_copy: Callable[[str], Path], tmp_path: Path
 ) -> None:
@@ -50,6 +51,7 @@ def test_boots_from_a_local_disk_and_keeps_its_marker(
     )
 
 
+@pytest.mark.e2e  # boots a VM under TCG: in make e2e, beside the other VM runs
 def test_two_machines_at_once_each_report_their_own_identity(
     disk_copy: Callable[[str], Path], tmp_path: Path
 ) -> None:
@@ -94,6 +96,7 @@ def test_a_vm_that_overruns_its_timeout_is_killed(
     assert qemu_processes(disk) == []
 
 
+@pytest.mark.e2e  # boots a VM under TCG: in make e2e, beside the other VM runs
 def test_boots_from_nbd_exports(
     disk_copy: Callable[[str], Path],
     qemu_nbd: Callable[..., str],

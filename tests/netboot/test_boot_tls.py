@@ -107,6 +107,7 @@ def test_without_tls_there_is_no_credential_and_boot_allow_limits_who_boots(
     assert bad.code == 2 and "--boot-allow" in bad.err
 
 
+@pytest.mark.e2e  # boots a VM under TCG: in make e2e, beside the other VM runs
 @pytest.mark.peers
 @pytest.mark.slow
 def test_a_diskless_machine_boots_over_tls(

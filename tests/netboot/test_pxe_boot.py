@@ -50,6 +50,7 @@ def fleet(cli: Cli, demo: DemoImage, server: Server) -> dict[str, str]:
     return {n: cli.json("machine", "show", n)["machine_id"] for n in MACS}
 
 
+@pytest.mark.e2e  # boots a VM under TCG: in make e2e, beside the other VM runs
 def test_two_machines_boot_by_mac_and_a_newcomer_waits_until_added(
     cli: Cli, server: Server, fleet: dict[str, str], tmp_path: Path
 ) -> None:
