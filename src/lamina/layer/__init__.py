@@ -26,6 +26,7 @@ roots.py        mount a composed root, umount it, list and release what is mount
 attach.py       live attach and detach on a mounted root
 overlay.py      the overlay mounts themselves: compose, switch beneath, find users
 mountapi.py     Linux's mount API through ctypes
+loop.py         loop devices set up directly (EROFS images on kernels without file-backed mounts)
 writable.py     keep a root's changes as the writable layer's next version
 capture.py      ``layer capture``: run an installer on some layers, keep what it changed
 sandbox.py      the capture sandbox (``python -m lamina.layer.sandbox``)
