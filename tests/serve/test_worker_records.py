@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from lamina.serve.workers import Channel
+from lamina.serve.channel import Channel
 from tests.attacks import family
 from tests.conftest import Cli, write_sparse
 from tests.nbdtools import ok, qemu_io, tls_image

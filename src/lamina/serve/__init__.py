@@ -5,6 +5,7 @@ server.py       ``lamina serve``: startup and shutdown of the manager and the bl
 options.py      what ``lamina serve`` is asked to do, and what NBD clients may cost it
 workers.py      NBD worker processes: fed connections by the parent (connections per client
                 address counted there), replaced if they die
+channel.py      the parent-worker channel: pickled tuples with a descriptor, in pieces
 handshake.py    one serving process: handshakes, opening exports off the loop, hand-overs
 fastpath.py     the transmission phase of a plain connection on its raw socket, bounded as
                 the handshake's path is (nbd.limits)
