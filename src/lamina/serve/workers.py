@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -58,6 +59,7 @@ _METRICS_EVERY: Final = 1.0  # seconds between a worker's counters (a scrape is 
 _RESPAWN_AFTER: Final = 0.5
 _CRASH_LOOP: Final = 5  # deaths in a row within _YOUNG seconds of their start: give up
 _YOUNG: Final = 5.0
+_STOP_WITHIN: Final = 20.0  # seconds a worker's shutdown may take (see _exit_if_stuck)
 
 
 # -- the parent's side ------------------------------------------------------------------
@@ -461,9 +463,25 @@ async def _worker(config: dict[str, Any]) -> None:
     try:
         await stop.wait()
     finally:
+        _exit_if_stuck(log, _STOP_WITHIN)
         await service.close()
         channel.close()
         logs.event(log, "worker-stopped", **service.counters())
+
+
+def _exit_if_stuck(log: logging.Logger, seconds: float) -> None:
+    """A worker whose shutdown hangs (a thread blocked on a client's socket, a device
+    queue that does not drain) exits anyway after ``seconds``, so that no worker outlives
+    its server: what it acknowledged is already in its deltas' files, which a killed
+    process leaves consistent (the same as ``kill -9``)."""
+
+    def expire() -> None:
+        logs.event(log, "worker-stop-timeout", logging.WARNING, seconds=seconds)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
 
 
 async def _copy(
