@@ -7,7 +7,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lamina.demo.showcase import free_port as demo_free_port
@@ -126,3 +127,24 @@ class Server:
 
     def log_lines(self) -> list[str]:
         return self.log.read_text().splitlines()
+
+
+@contextmanager
+def member_servers(
+    homes: tuple[Path, Path], tmp_path: Path, *args: str
+) -> Iterator[tuple[Server, Server]]:
+    """Block servers ``a`` and ``b`` of one cluster on ``homes`` (not started; stopped at
+    the end), one worker each, heart-beating every 0.3 s."""
+    a, b = (
+        Server(
+            home,
+            tmp_path / f"serve-{name}.log",
+            args=(*args, "--server-name", name, "--heartbeat", "0.3", "--workers", "1"),
+        )
+        for home, name in zip(homes, ("a", "b"), strict=True)
+    )
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()

@@ -17,7 +17,7 @@ from lamina.trust.authority import Authority
 from tests.conftest import Cli, write_sparse
 from tests.nbdtools import ok, qemu_io, tls_image
 from tests.pg import PgCluster, fresh_database
-from tests.servers import Server
+from tests.servers import Server, member_servers
 
 pytestmark = pytest.mark.peers
 
@@ -55,17 +55,8 @@ def cluster(shared: str, tmp_path: Path) -> tuple[Cli, Cli]:
 
 @pytest.fixture
 def tls_servers(cluster: tuple[Cli, Cli], tmp_path: Path) -> Iterator[tuple[Server, Server]]:
-    pair = tuple(
-        Server(
-            cli.home,
-            tmp_path / f"serve-{name}.log",
-            args=("--tls", "--server-name", name, "--heartbeat", "0.3", "--workers", "1"),
-        )
-        for cli, name in zip(cluster, ("a", "b"), strict=True)
-    )
-    yield pair[0], pair[1]
-    for server in pair:
-        server.stop()
+    with member_servers((cluster[0].home, cluster[1].home), tmp_path, "--tls") as pair:
+        yield pair
 
 
 def nbds(server: Server, export: str, creds: Path) -> str:

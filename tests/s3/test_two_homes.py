@@ -29,7 +29,7 @@ from tests.conftest import Cli, write_sparse
 from tests.nbdtools import ok, qemu_io
 from tests.pg import PgCluster, fresh_database
 from tests.s3.test_bucket_store import bucket_keys
-from tests.servers import Server, wait_for
+from tests.servers import Server, member_servers, wait_for
 
 pytestmark = pytest.mark.peers
 
@@ -57,17 +57,8 @@ def homes(shared: str, tmp_path: Path) -> tuple[Cli, Cli]:
 
 @pytest.fixture
 def servers(homes: tuple[Cli, Cli], tmp_path: Path) -> Iterator[tuple[Server, Server]]:
-    pair = tuple(
-        Server(
-            cli.home,
-            tmp_path / f"serve-{name}.log",
-            args=("--server-name", name, "--heartbeat", "0.3", "--workers", "1"),
-        )
-        for cli, name in zip(homes, ("a", "b"), strict=True)
-    )
-    yield pair[0], pair[1]
-    for server in pair:
-        server.stop()
+    with member_servers((homes[0].home, homes[1].home), tmp_path) as pair:
+        yield pair
 
 
 def nbdcopy(url: str, out: Path) -> bytes:
