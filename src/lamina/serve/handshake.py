@@ -139,14 +139,13 @@ class WorkerProtocol(NbdServerProtocol):
             and self._can_move(export.name)
         ):
             rounds = self._hops() - self.service.siblings
-            if rounds < 0:
-                if self._hand_over(export.name, event):
-                    return
+            if rounds < 0:  # the first round: at once
+                self._hand_over_or_refuse(event, opened)
             else:
                 wait = min(MOVE_WAIT * (rounds + 1), MOVE_WAIT_MAX)
                 loop = asyncio.get_running_loop()
                 loop.call_later(wait, self._hand_over_or_refuse, event, opened)
-                return
+            return
         super()._decided(event, opened)
         opened_machine = export is not None and export.name.startswith(MACHINE_PREFIX)
         if self.device is not None and opened_machine:
@@ -170,6 +169,8 @@ class WorkerProtocol(NbdServerProtocol):
         )
 
     def _hand_over_or_refuse(self, event: Event, opened: Opened) -> None:
+        """Move the connection on; if it cannot move now (replies still queued here), the
+        GO is answered here with the refusal."""
         export = opened.decision.export
         assert export is not None
         if self._closing or self._hand_over(export.name, event):
