@@ -53,6 +53,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -76,6 +77,7 @@ SIZE = 1024 * MiB
 BOOT_SET = 256 * MiB
 STORM_TIMEOUT = 600
 ATTEMPTS = 2
+PILOTS = 2  # machines of the pilot boot (each 32 MiB of the storm's requests)
 # Request sizes of a boot (4 KiB metadata reads up to 128 KiB readahead), by share.
 BSSPLIT = "4k/25:8k/15:16k/15:32k/15:64k/15:128k/15"
 # Bytes mapped to 16 letters: 4 bits of entropy per byte, zstd keeps about 55% of it.
@@ -102,6 +104,10 @@ def build_image(path: Path) -> None:
 
 class Hung(Exception):
     """The storm did not finish in time (a client never got an answer)."""
+
+
+class Failed(Exception):
+    """A client got an error from the server (fio's last lines say which)."""
 
 
 def fio_storm(uris: list[str], io_mib: int, stagger: float, work: Path) -> tuple[float, float]:
@@ -145,7 +151,7 @@ def fio_storm(uris: list[str], io_mib: int, stagger: float, work: Path) -> tuple
     except subprocess.TimeoutExpired:
         raise Hung(f"not finished within {STORM_TIMEOUT} s") from None
     if proc.returncode != 0:
-        raise SystemExit(f"fio failed: {proc.stderr.strip()[-2000:]}")
+        raise Failed(proc.stderr.strip().splitlines()[-1][-300:] if proc.stderr.strip() else "")
     wall = time.monotonic() - started
     out = proc.stdout
     stats = json.loads(out[out.index("{") :])["jobs"][0]["mixed"]
@@ -199,13 +205,15 @@ class Peers:
         self.home = work / "home"
         self.env = {"LAMINA_HOME": str(self.home)}
         self.mode = "stateless"
+        self.pilot = True
         self.s3 = Peers(work / "s3", raw) if store_env is not None else None
         if self.s3 is not None and store_env is not None:
             self.s3.work.mkdir(exist_ok=True)
             self.s3.env |= store_env
 
     def prepare_lamina(self, n: int) -> None:
-        if not (self.home / "lamina.db").exists():
+        fresh = not (self.home / "lamina.db").exists()
+        if fresh:
             run(LAMINA, "init", env=self.env)
             run(LAMINA, "image", "import", "disk", str(self.raw), env=self.env)
             if "LAMINA_STORE_URL" in self.env:
@@ -221,7 +229,30 @@ class Peers:
             f"            machines.add(s, name=f'm{{i}}', image='disk', mac=None, mode={self.mode!r})\n"
         )
         run(str(Path(LAMINA).with_name("python")), "-c", code, env=self.env)
+        if fresh and self.pilot:
+            self.pilot_boots()
         shutil.rmtree(self.home / "deltas", ignore_errors=True)  # every machine boots clean
+
+    def pilot_boots(self) -> None:
+        """Before the fleet, a few machines boot the new version (a pilot, as an
+        administrator tries a version before rolling it out): the server records the
+        version's boot profile, which it then warms at the storm's start. The storm
+        still begins cold: the page cache is dropped and the server clears its files."""
+        running = self.lamina(PILOTS)
+        try:
+            for uri in running.uris:
+                wait_export(uri)
+            fio_storm(running.uris, 32, 0, self.work)
+            # the profile is saved as the pilots' disks close: wait for it before stopping
+            deadline = time.monotonic() + 30
+            while not self.profiled() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            running.stop()
+
+    def profiled(self) -> bool:
+        with contextlib.closing(sqlite3.connect(self.home / "lamina.db")) as db:
+            return bool(db.execute("SELECT count(*) FROM boot_profiles").fetchone()[0])
 
     def warm_cache(self) -> None:
         """Read the whole image once through `lamina serve`: every chunk comes from the
@@ -280,6 +311,28 @@ class Peers:
             time.sleep(0.05)
         pid = int(pidfile.read_text())
         return Running([pid], [f"nbd://127.0.0.1:{port}/disk"] * n, [])
+
+    def nbdkit(self, n: int) -> Running:
+        """A reference, not a peer: nbdkit's file plugin under its cow filter, in C with a
+        thread pool, one copy-on-write overlay for every client (so not the workload's
+        isolation). What a lean multi-threaded server gets from this host's cores beside
+        the clients: a ceiling for any server here."""
+        port = free_port()
+        proc = subprocess.Popen(
+            [
+                "nbdkit",
+                "-f",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "--filter=cow",
+                "file",
+                str(self.raw),
+            ],
+            stderr=subprocess.DEVNULL,
+        )
+        return Running([proc.pid], [f"nbd://127.0.0.1:{port}/"] * n, [proc])
 
     def qemu_nbd(self, n: int) -> Running:
         procs, uris = [], []
@@ -341,15 +394,16 @@ def syncookies(value: str) -> Iterator[None]:
 def attempts(
     name: str, start: Callable[[], Running], io_mib: int, stagger: float, work: Path
 ) -> Result:
-    """A phase, once more if it hung (a client never answered: see ``Peers.nbd_server``)."""
+    """A phase, once more if it hung (a client never answered: see ``Peers.nbd_server``)
+    or a client got an error."""
     for attempt in range(ATTEMPTS):
         try:
             with syncookies("0") if name == "nbd-server" else contextlib.nullcontext():
                 return phase(start, io_mib, stagger, work)
-        except Hung:
+        except (Hung, Failed) as exc:
             if attempt == ATTEMPTS - 1:
                 raise
-            print("  (hung: a client was never answered; once more)", flush=True)
+            print(f"  ({name}: {type(exc).__name__.lower()}: {exc}; once more)", flush=True)
     raise AssertionError("unreachable")
 
 
@@ -375,7 +429,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--machines", default="32,128")
     parser.add_argument("--io-mib", type=int, default=128, help="bytes each machine moves")
-    parser.add_argument("--only", default=None, help="[lamina,nbd-server,qemu-nbd]")
+    parser.add_argument(
+        "--only", default=None, help="[lamina,nbd-server,qemu-nbd] (and nbdkit, a reference)"
+    )
     parser.add_argument(
         "--stagger", type=float, default=1.0, help="seconds over which the machines power on"
     )
@@ -385,6 +441,11 @@ def main() -> None:
         help="lamina alone against lamina as a cluster member (--server-name)",
     )
     parser.add_argument("--mode", choices=("stateless", "stateful"), default="stateless")
+    parser.add_argument(
+        "--no-pilot",
+        action="store_true",
+        help="no pilot boot: lamina meets the version's first storm with no boot profile",
+    )
     parser.add_argument(
         "--store",
         choices=("local", "s3"),
@@ -405,6 +466,7 @@ def main() -> None:
     with bucket_store(work, "lamina-s3" in systems) as store_env:
         peers = Peers(work, raw, store_env)
         peers.mode = args.mode
+        peers.pilot = not args.no_pilot
         table = storms(peers, systems, args, work)
     print("ratio " + " ".join(ratios(table)))
     shutil.rmtree(work, ignore_errors=True)
@@ -427,11 +489,12 @@ def storms(
                 "lamina-member": peers.lamina_member,
                 "nbd-server": peers.nbd_server,
                 "qemu-nbd": peers.qemu_nbd,
+                "nbdkit": peers.nbdkit,
             }[name]
             try:
                 r = attempts(name, functools.partial(start, n), args.io_mib, args.stagger, work)
-            except Hung as exc:
-                print(f"N={n:<4d} {name:10s} hung: {exc}", flush=True)
+            except (Hung, Failed) as exc:
+                print(f"N={n:<4d} {name:10s} {type(exc).__name__.lower()}: {exc}", flush=True)
                 continue
             show(n, name, r)
             if name in row:  # a second run of the same system: the mean of both
@@ -466,7 +529,13 @@ def ratios(table: dict[int, dict[str, Result]]) -> list[str]:
                 f"s3/local N={n}={s3.mib_s / local.mib_s:.2f}x "
                 f"p99={s3.p99_ms:.1f}/{local.p99_ms:.1f}ms"
             )
-        peers_only = {k: v for k, v in row.items() if not k.startswith("lamina")}
+        if "lamina" in row and "nbdkit" in row:
+            ceiling = row["nbdkit"]
+            parts.append(
+                f"lamina/nbdkit N={n}={row['lamina'].mib_s / ceiling.mib_s:.2f}x "
+                f"p99={row['lamina'].p99_ms:.1f}/{ceiling.p99_ms:.1f}ms"
+            )
+        peers_only = {k: v for k, v in row.items() if not k.startswith("lamina") and k != "nbdkit"}
         if "lamina" not in row or not peers_only:
             continue
         best_name, best = max(peers_only.items(), key=lambda kv: kv[1].mib_s)

@@ -27,13 +27,14 @@ from lamina.delta.file import BLOCK, Delta
 from lamina.home import Home
 from lamina.image import Manifest
 from lamina.image.device import manifest_extents
-from lamina.image.profile import MAX_BOOTS, WINDOW
+from lamina.image.profile import MAX_BOOTS, WINDOW, decode
 from lamina.nbd import ExportInfo
 from lamina.nbd.device import BlockDevice, Extent, ReadOnly
 from lamina.serve.catalog import ExportCatalog, Resolved
 from lamina.serve.imagefiles import ImageFiles, Segment, hydrated_dir
 from lamina.serve.profile import BootRecorder
 from lamina.serve.records import Records
+from lamina.serve.warmup import Warmer
 from lamina.store import ChunkCache
 
 
@@ -144,8 +145,14 @@ class FileCatalog(ExportCatalog):
         home: Home,
         on_close: Callable[[str], None] | None = None,
         records: Records | None = None,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
+        """``share``: this process's index among the server's processes, and their
+        count (they split the warm-up of a version's boot set: ``serve.warmup``)."""
         super().__init__(home, ChunkCache(0), records)  # (the base's cache is not used here)
+        self.warmer = Warmer(
+            lambda manifest_id: decode(self.records.profile(manifest_id)), *share, log=self.log
+        )
         self._files: dict[bytes, ImageFiles] = {}
         self._files_lock = threading.Lock()
         self._on_close = on_close
@@ -175,6 +182,7 @@ class FileCatalog(ExportCatalog):
                 manifest = self._manifest(manifest_id)
                 files = ImageFiles(self.home.store, manifest, manifest_id, self.directory)
                 self._files[manifest_id] = files
+                self.warmer.start(files)
             return files
 
     def _build(self, r: Resolved, boot: bool) -> BlockDevice:
@@ -218,6 +226,7 @@ class FileCatalog(ExportCatalog):
         return settled
 
     def close_all(self) -> None:
+        self.warmer.stop()
         super().close_all()
         with self._files_lock:
             files, self._files = list(self._files.values()), {}

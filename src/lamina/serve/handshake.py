@@ -254,13 +254,17 @@ class NbdService:
         options: ServeOptions | None = None,
         siblings: int = 0,
         records: Records | None = None,
+        index: int = 0,
     ) -> None:
-        """``records``: where the database's answers come from (else the home's)."""
+        """``records``: where the database's answers come from (else the home's);
+        ``index``: this process's among the server's ``siblings + 1``."""
         self.home = home
         self.log = log
         self.hub = hub
         self.siblings = siblings  # other processes a connection may be handed to
-        self.catalog = FileCatalog(home, on_close=self._device_closed, records=records)
+        self.catalog = FileCatalog(
+            home, on_close=self._device_closed, records=records, share=(index, siblings + 1)
+        )
         self.budget = Budget(_process_limits(options, siblings))
         self.catalog.server = options.server_name if options is not None else None
         self.tls: ServerTls | None = None

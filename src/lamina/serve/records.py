@@ -75,8 +75,14 @@ class Records(Protocol):
 
     def save_profile(self, manifest_id: bytes, order: list[int]) -> None: ...
 
+    def profile(self, manifest_id: bytes) -> bytes:
+        """The version's boot profile, encoded (``lamina.image.profile``); b"" if none."""
+        ...
 
-CALLS: Final = frozenset({"names", "resolve", "pin", "principal", "boots", "save_profile"})
+
+CALLS: Final = frozenset(
+    {"names", "resolve", "pin", "principal", "boots", "save_profile", "profile"}
+)
 
 
 class DatabaseRecords:
@@ -163,6 +169,14 @@ class DatabaseRecords:
 
         profiles.save(self.home, manifest_id, order)
 
+    def profile(self, manifest_id: bytes) -> bytes:
+        from lamina.image.profile import encode
+        from lamina.manager.services import profiles
+        from lamina.serve.warmup import WARM_MAX
+
+        order, _boots = profiles.load(self.home, manifest_id)
+        return encode(order[:WARM_MAX])  # (one channel message: see serve.warmup)
+
 
 # -- a worker process and its parent ------------------------------------------------------
 
@@ -226,6 +240,9 @@ class ParentRecords:
 
     def boots(self, manifest_id: bytes) -> int:
         return int(self._call("boots", manifest_id))
+
+    def profile(self, manifest_id: bytes) -> bytes:
+        return bytes(self._call("profile", manifest_id))
 
     def save_profile(self, manifest_id: bytes, order: list[int]) -> None:
         self._loop.call_soon_threadsafe(self._send, ("db", 0, "save_profile", (manifest_id, order)))

@@ -415,6 +415,7 @@ async def _worker(config: dict[str, Any]) -> None:
         options=_options(config),
         siblings=config["workers"] - 1,
         records=records,
+        index=config["index"],
     )
     hub.load = lambda: len(service.protocols) + len(service.shared.connections)
     log.addFilter(service.shared.meter.filter())
