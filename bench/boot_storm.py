@@ -131,7 +131,7 @@ def fio_storm(uris: list[str], io_mib: int, stagger: float, work: Path) -> tuple
         f"io_size={io_mib}m",
         "iodepth=4",
         "norandommap=1",
-        "unified_rw_reporting=mixed",
+        "unified_rw_reporting=both",  # reads and writes, apart and together
         "group_reporting=1",
         "percentile_list=50:99",
     ]
@@ -154,8 +154,11 @@ def fio_storm(uris: list[str], io_mib: int, stagger: float, work: Path) -> tuple
         raise Failed(proc.stderr.strip().splitlines()[-1][-300:] if proc.stderr.strip() else "")
     wall = time.monotonic() - started
     out = proc.stdout
-    stats = json.loads(out[out.index("{") :])["jobs"][0]["mixed"]
+    job0 = json.loads(out[out.index("{") :])["jobs"][0]
+    stats = job0["mixed"]
     p99 = stats["clat_ns"]["percentile"]["99.000000"] / 1e6
+    apart = [job0[k]["clat_ns"]["percentile"]["99.000000"] / 1e6 for k in ("read", "write")]
+    print(f"  (p99 reads {apart[0]:.2f} ms, writes {apart[1]:.2f} ms)", flush=True)
     return stats["io_bytes"] / MiB / wall, p99
 
 
