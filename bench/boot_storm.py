@@ -15,6 +15,8 @@ into its own copy-on-write state. Side by side, in one run, for each N:
   nbd-server  Debian's nbd-server, one export with `copyonwrite = true` (a COW file per
               client connection: how LTSP served thin clients), default worker threads
   qemu-nbd    one qemu-nbd per machine, each on its own qcow2 overlay of the raw image
+  nbdkit      (``--only``, a reference rather than a peer) nbdkit's file plugin under its
+              cow filter: a C server with a thread pool, one overlay for all clients
 
 With ``--store s3`` the comparison is lamina against itself: the same storm on a home
 whose chunks are in an S3 bucket (the test suite's single-node Ceph RADOS Gateway, on this
@@ -31,6 +33,12 @@ guarantee the cluster gives stateful machines. Prints ``ratio member/alone N=...
 (1.0: no cost). ``--mode stateful`` makes the storm's machines stateful (their writes go
 into deltas kept across boots; every phase starts from empty ones).
 
+Before lamina's first phase, two machines boot the new version as a pilot (32 MiB of
+the same requests each), as an administrator tries a version before the fleet gets it:
+the server records the version's boot profile and warms that boot set when a storm opens
+the version (``lamina.serve.warmup``). ``--no-pilot`` leaves that out, so the N=32 phase
+is the version's very first storm (later phases have the profile its boots recorded).
+
 The machines power on at random moments within ``--stagger`` seconds (1 by default).
 nbd-server loses connections in a storm unless SYN cookies are off (``Peers.nbd_server``);
 they are, for its phase. Cold, as a fleet
@@ -40,7 +48,8 @@ warm-up). Memory is the peak, over the phase, of the proportional set size
 summed over the server's processes (shared pages counted once; RSS would count the
 pages a forked nbd-server shares with its children once per child).
 
-Prints a line per server and N, then ``ratio N=32 …`` (lamina's aggregate MiB/s over the
+Prints a line per server and N (before it, fio's p99 of reads and of writes apart), then
+``ratio N=32 …`` (lamina's aggregate MiB/s over the
 best peer's, and both p99s).
 """
 
