@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from lamina.demo.pxe import clean
 from lamina.demo.vm import drive, parse_console, qemu_command
 from lamina.errors import ToolError, UsageError
 
@@ -47,6 +48,9 @@ def test_parse_console() -> None:
     report = parse_console(console, 3.14159)
     assert (report.hostname, report.machine_id, report.marker) == ("desk-001", "a" * 32, True)
     assert report.seconds == 3.14 and report.line in console
+    # the firmware's last line cut short by the init's reset (seen in a network boot)
+    cut = "initrd.img... o\x1bc\x1b[?7l\x1b[2J" + console.split("\r\n", 2)[2]
+    assert parse_console(clean(cut), 1).hostname == "desk-001"
     with pytest.raises(ToolError, match="cannot-mount-seed"):
         parse_console("lamina-boot error=cannot-mount-seed\n", 1)
     with pytest.raises(ToolError, match="no console output"):

@@ -29,7 +29,9 @@ MEMORY_MIB = 128
 # One boot takes ~3 s under TCG on an idle core (measured); a loaded host, many VMs at
 # once or a slow server stretch it, so the default leaves a wide margin.
 TIMEOUT = 120.0
-_LINE = re.compile(rf"^{re.escape(BOOT_PREFIX)}(?P<fields>.*?)\r?$", re.MULTILINE)
+# Not only at a line's start: the serial console can lose the end of the firmware's last
+# line (iPXE's "ok") to the init's terminal reset, and the boot line then follows it.
+_LINE = re.compile(rf"{re.escape(BOOT_PREFIX)}(?P<fields>.*?)\r?$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
