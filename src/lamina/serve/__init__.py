@@ -17,6 +17,7 @@ records.py      what serving asks of the database: a worker asks its parent (no 
 filedevices.py  the exports' devices as ranges of files (what the fast path reads)
 imagefiles.py   an image version as files shared by every process: packs, a hydrated cache
 profile.py      boot recording: the order a booting machine first reads its image's chunks
+warmup.py       a version's boot set made ready from its profile when a process opens it
 access.py       which exports a TLS client may open, by the credential it showed
 control.py      the control socket: deltas copied at flush points for ``lamina backup``
 tls.py          TLS for ``lamina serve``: the server certificate, NBD and HTTPS settings
