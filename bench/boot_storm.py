@@ -77,6 +77,7 @@ from common import (
     drop_caches,
     free_port,
     need,
+    qemu_nbd_overlays,
     run,
     scratch,
     wait_export,
@@ -347,43 +348,7 @@ class Peers:
         return Running([proc.pid], [f"nbd://127.0.0.1:{port}/"] * n, [proc])
 
     def qemu_nbd(self, n: int) -> Running:
-        procs, uris = [], []
-        for i in range(n):
-            overlay = self.work / f"overlay{i}.qcow2"
-            overlay.unlink(missing_ok=True)
-            run(
-                "qemu-img",
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                str(self.raw),
-                "-F",
-                "raw",
-                str(overlay),
-            )
-            port = free_port()
-            procs.append(
-                subprocess.Popen(
-                    [
-                        "qemu-nbd",
-                        "-f",
-                        "qcow2",
-                        "-x",
-                        "disk",
-                        "-b",
-                        "127.0.0.1",
-                        "-p",
-                        str(port),
-                        "--persistent",
-                        "-t",
-                        str(overlay),
-                    ],
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-            uris.append(f"nbd://127.0.0.1:{port}/disk")
+        procs, uris = qemu_nbd_overlays(self.raw, self.work, n)
         return Running([p.pid for p in procs], uris, procs)
 
 

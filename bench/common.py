@@ -88,6 +88,40 @@ def wait_export(uri: str) -> None:
     raise SystemExit(f"{uri} does not answer")
 
 
+def qemu_nbd_overlays(
+    raw: Path, work: Path, n: int
+) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+    """``n`` new qcow2 overlays of ``raw`` in ``work``, each served by its own qemu-nbd
+    (as a fleet of linked clones would be): the processes and their URLs."""
+    procs, uris = [], []
+    for i in range(n):
+        overlay = work / f"overlay{i}.qcow2"
+        overlay.unlink(missing_ok=True)
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(raw), "-F", "raw", str(overlay))
+        port = free_port()
+        procs.append(
+            subprocess.Popen(
+                [
+                    "qemu-nbd",
+                    "-f",
+                    "qcow2",
+                    "-x",
+                    "disk",
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "--persistent",
+                    "-t",
+                    str(overlay),
+                ],
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        uris.append(f"nbd://127.0.0.1:{port}/disk")
+    return procs, uris
+
+
 def drop_caches() -> bool:
     """Write back and drop the page cache (root only): the next read of any file comes
     from the disk. Returns False when not permitted."""

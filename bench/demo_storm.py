@@ -29,7 +29,16 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import LAMINA, drop_caches, free_port, need, run, scratch, wait_export
+from common import (
+    LAMINA,
+    drop_caches,
+    free_port,
+    need,
+    qemu_nbd_overlays,
+    run,
+    scratch,
+    wait_export,
+)
 from lamina.demo.image import demo_image
 from lamina.demo.vm import boot_async
 from lamina.errors import ToolError
@@ -86,32 +95,7 @@ def lamina_phase(
 
 def qemu_phase(work: Path, raw: Path, seeds: list[Path]) -> tuple[float, int]:
     """Every VM on its own new qcow2 overlay of the raw image, served by its own qemu-nbd."""
-    procs, disks = [], []
-    for i in range(len(seeds)):
-        overlay = work / f"overlay{i}.qcow2"
-        overlay.unlink(missing_ok=True)
-        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(raw), "-F", "raw", str(overlay))
-        p = free_port()
-        procs.append(
-            subprocess.Popen(
-                [
-                    "qemu-nbd",
-                    "-f",
-                    "qcow2",
-                    "-x",
-                    "disk",
-                    "-b",
-                    "127.0.0.1",
-                    "-p",
-                    str(p),
-                    "--persistent",
-                    "-t",
-                    str(overlay),
-                ],
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        disks.append(f"nbd://127.0.0.1:{p}/disk")
+    procs, disks = qemu_nbd_overlays(raw, work, len(seeds))
     try:
         for d in disks:
             wait_export(d)
