@@ -28,9 +28,9 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from lamina import logs
 from lamina.delta import uploads
@@ -45,7 +45,7 @@ from lamina.nbd import ExportInfo
 from lamina.nbd.device import BlockDevice, MemoryDevice, ReadOnlyView
 from lamina.nbd.negotiate import Unknown
 from lamina.serve import profile
-from lamina.serve.records import DatabaseRecords, Records
+from lamina.serve.records import DatabaseRecords, Record, Records
 from lamina.store import ChunkCache
 
 if TYPE_CHECKING:
@@ -58,13 +58,15 @@ _LOOKUP_FRESH: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
-class Resolved:
-    info: ExportInfo
-    kind: str  # image | machine | seed
-    manifest_id: bytes
-    machine: str | None = None
-    seed: bytes = b""  # the seed disk, built to learn its size
-    stateless: bool = False
+class Resolved(Record):
+    """An export as the database describes it, a seed with its disk built (to learn its
+    size)."""
+
+    disk: bytes = b""
+
+    @classmethod
+    def of(cls, record: Record, **changes: Any) -> Resolved:
+        return cls(**({f.name: getattr(record, f.name) for f in fields(record)} | changes))
 
 
 class ExportCatalog:
@@ -125,9 +127,8 @@ class ExportCatalog:
         r = self.records.resolve(name, self.server)
         if r.seed is not None:
             data = self._seed(*r.seed)
-            info = replace(r.info, size=len(data))
-            return Resolved(info, "seed", b"", r.machine, data)
-        return Resolved(r.info, r.kind, r.manifest_id, r.machine, stateless=r.stateless)
+            return Resolved.of(r, info=replace(r.info, size=len(data)), seed=None, disk=data)
+        return Resolved.of(r)
 
     def _seed(self, identity: Identity, agent: AgentSeed | None) -> bytes:
         # (imported here: building a seed takes pycdlib, YAML and the SSH key code, about
@@ -239,7 +240,7 @@ class ExportCatalog:
             return self._image_device(r.info, r.manifest_id)
         assert r.machine is not None
         if r.kind == "seed":
-            return MemoryDevice(r.info, r.seed)
+            return MemoryDevice(r.info, r.disk)
         uploads.recover(self.home, r.machine)  # finish a synced upload a crash interrupted
         self._begin_boot(r)
         manifest = self._manifest(r.manifest_id)
