@@ -139,3 +139,10 @@ def database(
     url = fresh_database(request.getfixturevalue("pg_cluster"))
     monkeypatch.setenv("LAMINA_DATABASE_URL", url)
     return url
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on the one Ceph cluster run in one worker (``pytest -n``): it starts once."""
+    for item in items:
+        if "ceph" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ceph"))
