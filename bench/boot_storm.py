@@ -46,7 +46,10 @@ meets it: before each server's phase the page cache is dropped (as root; everyon
 the same), the server starts, and the storm is its first pass over the data (no
 warm-up). Memory is the peak, over the phase, of the proportional set size
 summed over the server's processes (shared pages counted once; RSS would count the
-pages a forked nbd-server shares with its children once per child).
+pages a forked nbd-server shares with its children once per child). CPU is the seconds
+the server's processes used over the phase, beside the whole host's busy seconds (the
+machines' fio jobs included): on a host whose cores the clients share, what the server
+does not use is what the machines get.
 
 Prints a line per server and N (before it, fio's p99 of reads and of writes apart), then
 ``ratio N=32 …`` (lamina's aggregate MiB/s over the
@@ -99,6 +102,8 @@ class Result:
     mib_s: float
     p99_ms: float
     mem_mib: float
+    cpu_s: float  # the server's processes
+    host_cpu_s: float  # the whole host, clients included
 
 
 def build_image(path: Path) -> None:
@@ -207,7 +212,7 @@ def phase(start: Callable[[], Running], io_mib: int, stagger: float, work: Path)
         subprocess.run(
             ["pkill", "-KILL", "-f", f"fio --output-format=json {work}/storm.fio"], check=False
         )  # the jobs of a hung storm
-    return Result(mib_s, p99, mem.peak / MiB)
+    return Result(mib_s, p99, mem.peak / MiB, mem.cpu_s, mem.host_cpu_s)
 
 
 class Peers:
@@ -486,7 +491,7 @@ def storms(
 def show(n: int, name: str, r: Result) -> None:
     print(
         f"N={n:<4d} {name:10s} {r.mib_s:8.0f} MiB/s  p99 {r.p99_ms:7.2f} ms  "
-        f"server memory {r.mem_mib:7.1f} MiB",
+        f"server memory {r.mem_mib:7.1f} MiB  CPU s server {r.cpu_s:5.1f} host {r.host_cpu_s:5.1f}",
         flush=True,
     )
 

@@ -168,20 +168,48 @@ def pss_bytes(pids: list[int]) -> int:
     return total
 
 
+def cpu_ticks(pid: int) -> int | None:
+    """User and system time of a live process, in clock ticks (None: it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+
+
+def host_busy_ticks() -> int:
+    """Clock ticks all CPUs spent on anything but idle and I/O wait, since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(values) - values[3] - values[4]
+
+
 class MemorySampler:
     """The peak of ``pss_bytes`` over the process trees of ``roots``, sampled on a thread
-    every ``interval`` seconds until ``stop``."""
+    every ``interval`` seconds until ``stop``; and the CPU time those processes used
+    (``cpu_s``: the last figure seen of each, so a process that ended between samples
+    loses at most ``interval``) beside the whole host's busy time (``host_cpu_s``)."""
 
     def __init__(self, roots: list[int], interval: float = 0.5) -> None:
         self.roots, self.interval = roots, interval
         self.peak = 0
+        self.cpu_s = self.host_cpu_s = 0.0
+        self._ticks: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        host = host_busy_ticks()
         while True:
             pids = [p for root in self.roots for p in process_tree(root)]
             self.peak = max(self.peak, pss_bytes(pids))
+            for pid in pids:
+                ticks = cpu_ticks(pid)
+                if ticks is not None:
+                    self._ticks[pid] = ticks
+            hz = os.sysconf("SC_CLK_TCK")
+            self.cpu_s = sum(self._ticks.values()) / hz
+            self.host_cpu_s = (host_busy_ticks() - host) / hz
             if self._stop.wait(self.interval):
                 return
 
