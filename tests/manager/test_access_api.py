@@ -96,6 +96,14 @@ def test_admin_lists_page_and_filter(fleet: Fleet) -> None:
     ]
     machines = fleet.admin.get("/machines", params={"q": "m", "limit": 2}).json()
     assert machines["total"] == 4 and [m["name"] for m in machines["items"]] == ["m0", "m1"]
+    with fleet.agent("m2") as agent:
+        assert agent.post("/agent/login", json={"user": "bob"}).status_code == 200
+    in_use = fleet.admin.get("/machines", params={"state": "in-use"}).json()
+    assert [m["name"] for m in in_use["items"]] == ["m2"]
+    new = fleet.admin.get("/machines", params={"state": "new", "mode": "stateless"}).json()
+    assert new["total"] == 4  # logged in, never booted
+    assert fleet.admin.get("/machines", params={"mode": "stateful"}).json()["total"] == 0
+    assert fleet.admin.get("/machines", params={"state": "gone"}).status_code == 422
     layers = fleet.admin.get("/layers", params={"kind": "app"}).json()
     assert [la["name"] for la in layers["items"]] == ["app1", "app2", "os"]
     assert fleet.admin.get("/images").json()["items"][0]["versions"][0]["machines"] == 4

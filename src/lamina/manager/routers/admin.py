@@ -10,7 +10,7 @@ would lose data answers 409 with kind ``Unconfirmed`` until it is repeated with
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Response, status
 
@@ -175,8 +175,13 @@ def list_machines(
     limit: Limit = 100,
     q: Filter = "",
     image: OptObj = None,
+    mode: s.Mode | None = None,
+    state: Literal["new", "booted", "in-use"] | None = None,
 ) -> dict[str, Any]:
-    rows, total = fleet.list_machines(session, offset=offset, limit=limit, q=q, image=image)
+    """``state``: never booted (new), booted, or with a user logged in (in-use)."""
+    rows, total = fleet.list_machines(
+        session, offset=offset, limit=limit, q=q, image=image, mode=mode, state=state
+    )
     users = fleet.users_on(session, [m.id for m in rows])
     return _page([views.machine(m, users.get(m.id, [])) for m in rows], total, offset, limit)
 
