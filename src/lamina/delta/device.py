@@ -1,7 +1,8 @@
 """A machine's disk as a block device: its pinned image version with its delta on top.
 
-The NBD server writes it from its lanes, never from the event loop (a pwrite may wait
-for the disk). A read that touches the delta is answered on the loop only when the page
+The NBD server writes it from its lanes or its writer thread, or, for a write of whole
+blocks, on its event loop while the kernel is far from throttling writers (the pwrite
+then only copies into the page cache: ``lamina.serve.pagecache``). A read that touches the delta is answered on the loop only when the page
 cache holds those blocks (``would_block`` tries it with RWF_NOWAIT and keeps what it
 read for the ``read`` that follows on the same thread); otherwise on a pool thread.
 Writes hold the device's lock (a partial block is read, patched and written back, and
@@ -91,6 +92,16 @@ class MachineDevice:
     def write(self, offset: int, data: Buffer, fua: bool) -> None:
         with self._writing:
             self._write(offset, data, fua)
+
+    def write_whole(self, offset: int, data: Buffer) -> bool:
+        """Apply a write of whole blocks and return True; return False, with nothing
+        done, for one with a partial block (it reads the blocks it patches first, and
+        that read may wait for the image's chunks)."""
+        if offset % BLOCK or len(data) % BLOCK:
+            return False
+        with self._writing:
+            self.delta.write_blocks(offset // BLOCK, data)
+        return True
 
     def _write(self, offset: int, data: Buffer, fua: bool) -> None:
         first, count = self._blocks(offset, len(data))

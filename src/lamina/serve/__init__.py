@@ -11,6 +11,7 @@ fastpath.py     the transmission phase of a plain connection on its raw socket, 
                 the handshake's path is (nbd.limits)
 fastbounds.py   what a fast connection may hold, and its stall and idle timers
 shared.py       what a process's fast connections share: the writer thread, the pool
+pagecache.py    whether a write would only copy into the page cache (applied on the loop)
 meter.py        what a process counts for /metrics: bytes and requests per export, errors
 catalog.py      the exports (IMAGE@V, machine/NAME, machine/NAME/seed) resolved per handshake
 records.py      what serving asks of the database: a worker asks its parent (no SQLAlchemy)

@@ -3,12 +3,15 @@
 After the handshake (``NbdServerProtocol``), a connection without TLS moves here: requests
 are cut out of each received batch by ``nbd.batch``, a read whose bytes are in the page
 cache is answered on the event loop with ``preadv(RWF_NOWAIT)`` into a scratch buffer the
-process shares, and the replies of a batch leave in one ``sendmsg``. Everything that could
-wait for the disk goes to threads:
+process shares, and the replies of a batch leave in one ``sendmsg``. A write of whole
+blocks into a machine's delta is applied on the loop too while it can only copy into the
+page cache (``pagecache``: the kernel is far from throttling writers, no write waits for
+the writer thread, the last one applied here was quick). Everything that could wait for
+the disk goes to threads:
 
     a read the page cache cannot answer,      the thread pool (hydrate chunks, pread)
     or whose chunks are not ready yet
-    writes, zeroes, trims                     the process's ``Writer`` thread, in order (a
+    other writes, zeroes, trims               the process's ``Writer`` thread, in order (a
                                               delta has one writer); replies once done
     flushes, FUA, closing a device            the pool, after the writes before them
 
@@ -34,6 +37,7 @@ import mmap
 import os
 import socket
 from collections.abc import Callable
+from time import perf_counter
 from typing import Final
 
 from lamina.errors import LaminaError, ProtocolError
@@ -94,6 +98,7 @@ class FastConnection(Bounds):
         self._gone = gone
         self._goodbye = False
         self._locate = getattr(device, "locate", None)
+        self._whole = getattr(device, "write_whole", None)  # a machine's delta
         self._writer = shared.writer
         self.reader = RequestReader()
         self.rbuf = bytearray(_RBUF)
@@ -218,7 +223,7 @@ class FastConnection(Bounds):
                 return self._read(handle, offset, length, used)
         elif cmd == _WRITE and data is not None and not export.read_only:
             if not flags & ~_WRITE_FLAGS and offset + length <= export.size:
-                self._write(handle, offset, bytes(data), bool(flags & _FUA))
+                self._write(handle, offset, data, bool(flags & _FUA))
                 return used
         elif cmd == _FLUSH and not flags and not offset and not length:
             self._serial((cmd, handle, 0, 0), self.device.flush, pooled=True)
@@ -295,12 +300,25 @@ class FastConnection(Bounds):
         self.outbox += data
         self._batch_bytes += size
 
-    def _write(self, handle: int, offset: int, data: bytes, fua: bool) -> None:
+    def _write(self, handle: int, offset: int, data: Buffer, fua: bool) -> None:
+        """``data``: a view of the receive buffer, copied only if the write waits."""
         self.stats["bytes_written"] += len(data)
         device = self.device
         what = (_WRITE, handle, offset, len(data))
-        self._writing += len(data)
-        self._serial(what, lambda: device.write(offset, data, False), fua=fua, size=len(data))
+        if not fua and self._whole is not None and self.shared.may_write_now():
+            started = perf_counter()
+            try:
+                done = self._whole(offset, data)
+            except Exception as exc:
+                self._error(what, exc)
+                return
+            if done:
+                self.shared.wrote_now(perf_counter() - started)
+                self.outbox.append(ok_reply(handle))
+                return
+        payload = bytes(data)
+        self._writing += len(payload)
+        self._serial(what, lambda: device.write(offset, payload, False), fua=fua, size=len(payload))
 
     def _serial(
         self,
@@ -345,9 +363,7 @@ class FastConnection(Bounds):
             self._offload_read(event.handle, event.offset, event.length)
         elif cmd == Cmd.WRITE:
             assert event.data is not None
-            self._write(
-                event.handle, event.offset, bytes(event.data), bool(event.flags & CmdFlag.FUA)
-            )
+            self._write(event.handle, event.offset, event.data, bool(event.flags & CmdFlag.FUA))
         elif cmd in (Cmd.WRITE_ZEROES, Cmd.TRIM):
             fua = bool(event.flags & CmdFlag.FUA)
             self._serial(

@@ -1,5 +1,6 @@
 """What the fast connections of one serving process share: the event loop, the thread
-pool, the one writer thread, the scratch buffer read data goes through."""
+pool, the one writer thread, the scratch buffer read data goes through, and whether a
+write may be applied on the loop (``may_write_now``)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,16 @@ from typing import TYPE_CHECKING
 
 from lamina.nbd.limits import Budget
 from lamina.serve.meter import Meter
+from lamina.serve.pagecache import DirtyGauge
 
 if TYPE_CHECKING:
     from lamina.serve.fastpath import FastConnection
 
 ARENA = 4 << 20  # read data of one batch, reused once the batch is sent
+# A write applied on the loop that took longer than SLOW sends the process's writes back
+# to the writer thread for QUIET seconds (a copy into the page cache takes 10-60 us).
+SLOW = 0.002
+QUIET = 1.0
 
 Done = Callable[[BaseException | None], None]
 Results = list[tuple[Done, BaseException | None]]
@@ -42,10 +48,17 @@ class Writer:
         self._batch: list[Job] = []  # given during this turn of the loop
         self._queue: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self.writes = 0  # given to the thread and not done yet
 
     def write(self, job: Callable[[], object], done: Done) -> None:
         """Run ``job`` on the writer thread, after every job given before it."""
-        self._submit(False, job, done)
+        self.writes += 1
+
+        def written(error: BaseException | None) -> None:
+            self.writes -= 1
+            done(error)
+
+        self._submit(False, job, written)
 
     def after(self, job: Callable[[], object], done: Done) -> None:
         """Run ``job`` on the pool once the writes given before it are done."""
@@ -132,6 +145,21 @@ class Shared:
         self.meter = Meter()  # what the connections of this process did (/metrics)
         self.writer = Writer(self)
         self._dirty: set[FastConnection] = set()
+        self.gauge = DirtyGauge(loop.time)
+        self._quiet_until = 0.0
+
+    def may_write_now(self) -> bool:
+        """Whether a write may be applied on the loop: it would only copy into the page
+        cache (``pagecache``), no write waits for the writer thread (a delta has one
+        writer, and the thread may hold its lock), and no recent one was slow."""
+        return (
+            not self.writer.writes and self.loop.time() >= self._quiet_until and self.gauge.calm()
+        )
+
+    def wrote_now(self, seconds: float) -> None:
+        """A write applied on the loop took ``seconds``."""
+        if seconds > SLOW:
+            self._quiet_until = self.loop.time() + QUIET
 
     def retire(self, conn: FastConnection) -> None:
         """A connection ended: its counters go to the meter."""
