@@ -187,8 +187,9 @@ def host_busy_ticks() -> int:
 class MemorySampler:
     """The peak of ``pss_bytes`` over the process trees of ``roots``, sampled on a thread
     every ``interval`` seconds until ``stop``; and the CPU time those processes used
-    (``cpu_s``: the last figure seen of each, so a process that ended between samples
-    loses at most ``interval``) beside the whole host's busy time (``host_cpu_s``)."""
+    meanwhile (``cpu_s``: from the first sample, or a process's start if later, to the
+    last figure seen of each, so a process that ended between samples loses at most
+    ``interval``) beside the whole host's busy time (``host_cpu_s``)."""
 
     def __init__(self, roots: list[int], interval: float = 0.5) -> None:
         self.roots, self.interval = roots, interval
@@ -200,6 +201,8 @@ class MemorySampler:
 
     def _run(self) -> None:
         host = host_busy_ticks()
+        before: dict[int, int] = {}  # what the processes there at the start had used
+        first = True
         while True:
             pids = [p for root in self.roots for p in process_tree(root)]
             self.peak = max(self.peak, pss_bytes(pids))
@@ -207,8 +210,11 @@ class MemorySampler:
                 ticks = cpu_ticks(pid)
                 if ticks is not None:
                     self._ticks[pid] = ticks
+                    if first:
+                        before[pid] = ticks
+            first = False
             hz = os.sysconf("SC_CLK_TCK")
-            self.cpu_s = sum(self._ticks.values()) / hz
+            self.cpu_s = (sum(self._ticks.values()) - sum(before.values())) / hz
             self.host_cpu_s = (host_busy_ticks() - host) / hz
             if self._stop.wait(self.interval):
                 return

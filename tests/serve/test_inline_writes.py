@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,16 +140,38 @@ def test_writes_wait_for_the_writer_while_the_kernel_has_much_dirty(
     assert threads == ["writer"]
 
 
-def test_a_slow_write_on_the_loop_sends_the_next_ones_to_the_writer(
+def test_a_write_that_waited_on_the_loop_sends_the_next_ones_to_the_writer(
     home: Home, machine: str, threads: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shared, "SLOW", -1.0)  # every write on the loop counts as slow
+    write_blocks = Delta.write_blocks  # (the fixture's, noting threads)
+
+    def waits(self: Delta, first: int, data: bytes) -> None:
+        if first == 0:
+            time.sleep(2 * shared.SLOW)  # as a write held up by writeback would
+        write_blocks(self, first, data)
+
+    monkeypatch.setattr(Delta, "write_blocks", waits)
 
     async def body(service: NbdService, port: int) -> None:
         client = await NbdClient.connect("127.0.0.1", port, machine)
-        await _write(client, 0, b"\x01" * 4096)  # on the loop, found slow
+        await _write(client, 0, b"\x01" * 4096)  # on the loop: it waited
         await _write(client, 4096, b"\x02" * 4096)  # within QUIET: the writer's
         await client.close()
 
     _run(home, body)
     assert threads == ["loop", "writer"]
+
+
+def test_a_write_preempted_but_not_waiting_stays_on_the_loop(
+    home: Home, machine: str, threads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shared, "SLOW", -1.0)  # any time is long; but nothing slept
+
+    async def body(service: NbdService, port: int) -> None:
+        client = await NbdClient.connect("127.0.0.1", port, machine)
+        for block in range(4):
+            await _write(client, block * 4096, bytes([block]) * 4096)
+        await client.close()
+
+    _run(home, body)
+    assert threads.count("loop") >= 3  # (a page fault of the map may sleep once)

@@ -37,7 +37,6 @@ import mmap
 import os
 import socket
 from collections.abc import Callable
-from time import perf_counter
 from typing import Final
 
 from lamina.errors import LaminaError, ProtocolError
@@ -306,14 +305,14 @@ class FastConnection(Bounds):
         device = self.device
         what = (_WRITE, handle, offset, len(data))
         if not fua and self._whole is not None and self.shared.may_write_now():
-            started = perf_counter()
+            started = self.shared.writing_now()
             try:
                 done = self._whole(offset, data)
             except Exception as exc:
                 self._error(what, exc)
                 return
             if done:
-                self.shared.wrote_now(perf_counter() - started)
+                self.shared.wrote_now(started)
                 self.outbox.append(ok_reply(handle))
                 return
         payload = bytes(data)

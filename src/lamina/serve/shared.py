@@ -8,7 +8,9 @@ import asyncio
 import logging
 import mmap
 import queue
+import resource
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
@@ -21,10 +23,19 @@ if TYPE_CHECKING:
     from lamina.serve.fastpath import FastConnection
 
 ARENA = 4 << 20  # read data of one batch, reused once the batch is sent
-# A write applied on the loop that took longer than SLOW sends the process's writes back
-# to the writer thread for QUIET seconds (a copy into the page cache takes 10-60 us).
+# A write applied on the loop that slept (a voluntary context switch: it waited for a
+# page, a lock, writeback) and took longer than SLOW sends the process's writes back to
+# the writer thread for QUIET seconds. A copy into the page cache takes 10-60 us; time
+# alone would not do: on cores the clients share, a worker is often preempted in a write
+# (wall time, not waiting), and counting that sent writes back to the thread needlessly.
 SLOW = 0.002
 QUIET = 1.0
+
+
+def _sleeps() -> int:
+    """Voluntary context switches of this thread so far: each one a wait."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
 
 Done = Callable[[BaseException | None], None]
 Results = list[tuple[Done, BaseException | None]]
@@ -156,9 +167,13 @@ class Shared:
             not self.writer.writes and self.loop.time() >= self._quiet_until and self.gauge.calm()
         )
 
-    def wrote_now(self, seconds: float) -> None:
-        """A write applied on the loop took ``seconds``."""
-        if seconds > SLOW:
+    def writing_now(self) -> tuple[float, int]:
+        """A write starts on the loop: what ``wrote_now`` is given when it ends."""
+        return time.perf_counter(), _sleeps()
+
+    def wrote_now(self, started: tuple[float, int]) -> None:
+        """A write applied on the loop ended."""
+        if time.perf_counter() - started[0] > SLOW and _sleeps() > started[1]:
             self._quiet_until = self.loop.time() + QUIET
 
     def retire(self, conn: FastConnection) -> None:
