@@ -31,12 +31,12 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
-def test_calm_is_below_half_the_background_level() -> None:
-    info = {"MemAvailable": 10 * GiB, "Dirty": 400 * MiB, "Writeback": 99 * MiB}
-    assert calm(info, 0, 10)  # 499 MiB < half of 1 GiB
-    assert not calm(info | {"Writeback": 200 * MiB}, 0, 10)
-    assert not calm(info, 256 * MiB, 10)  # dirty_background_bytes wins when set
-    assert calm(info, 1 * GiB + 2, 0)
+def test_calm_is_below_the_background_level() -> None:
+    info = {"MemAvailable": 10 * GiB, "Dirty": 900 * MiB, "Writeback": 123 * MiB}
+    assert calm(info, 0, 10)  # 1023 MiB < 10% of 10 GiB
+    assert not calm(info | {"Writeback": 124 * MiB}, 0, 10)
+    assert not calm(info, 512 * MiB, 10)  # dirty_background_bytes wins when set
+    assert calm(info, 1 * GiB + 1, 0)
 
 
 def test_the_gauge_reads_meminfo_at_most_every_interval() -> None:
@@ -127,7 +127,7 @@ def test_whole_blocks_are_written_on_the_loop_partial_ones_on_the_writer(
 def test_writes_wait_for_the_writer_while_the_kernel_has_much_dirty(
     home: Home, machine: str, threads: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dirty = {"MemAvailable": 10 * GiB, "Dirty": 600 * MiB, "Writeback": 0}
+    dirty = {"MemAvailable": 10 * GiB, "Dirty": 3 * GiB, "Writeback": 0}
     monkeypatch.setattr(pagecache, "read_meminfo", lambda: dirty)
 
     async def body(service: NbdService, port: int) -> None:
