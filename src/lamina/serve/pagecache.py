@@ -8,9 +8,9 @@ catches up. Below the background level it throttles nobody, with a margin of hal
 distance between the two (5% of memory by default), so the block server may apply such
 writes on its event loop: one turn of the loop for a write rather than three (the
 hand-over to the writer thread and back cost 5-8 ms a write in a 128-machine storm,
-measured). Half the background level was tried first: a 128-machine storm writes 2.4
-GiB in 12 s, and past 1.2 GiB its writes went back to the thread (writes' p99 48-55 ms
-against 38-42 ms with the whole level).
+measured). Half the background level was tried first: a 128-machine storm leaves up to
+1.9 GiB dirty (this host's level is 2.3 GiB), and past 1.2 GiB its writes went back to
+the thread.
 
 The level is read from ``/proc/meminfo`` at most every ``EVERY`` seconds.
 """
