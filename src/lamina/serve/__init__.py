@@ -10,6 +10,7 @@ handshake.py    one serving process: handshakes, opening exports off the loop, h
 fastpath.py     the transmission phase of a plain connection on its raw socket, bounded as
                 the handshake's path is (nbd.limits)
 fastbounds.py   what a fast connection may hold, and its stall and idle timers
+fastsend.py     a fast connection's replies: one sendmsg a batch, the rest kept for later
 shared.py       what a process's fast connections share: the writer thread, the pool
 pagecache.py    whether a write would only copy into the page cache (applied on the loop)
 meter.py        what a process counts for /metrics: bytes and requests per export, errors

@@ -48,14 +48,14 @@ from lamina.nbd.constants import Cmd, CmdFlag, Errno
 from lamina.nbd.device import BlockDevice
 from lamina.nbd.events import BlockStatus, Buffer, ErrorReply, Event
 from lamina.nbd.negotiate import BASE_ALLOCATION_ID
-from lamina.serve.fastbounds import Bounds, owned
+from lamina.serve.fastbounds import owned
+from lamina.serve.fastsend import Replies
 from lamina.serve.imagefiles import Segment
 from lamina.serve.shared import ARENA, Shared
 
 # Receive buffer: requests of a batch; grows for a large write's payload, and shrinks back
 # once drained, so an idle machine costs 32 KiB here (a fixed 256 KiB was 32 MiB for 128).
 _RBUF: Final = 32 << 10
-_IOV: Final = 512  # buffers per sendmsg (IOV_MAX is 1024)
 # Zeros sent for holes: a private anonymous read-only mapping, whose pages are all the
 # kernel's one zero page (a bytes object of zeros was 1 MiB of each process's RSS).
 _ZEROS = memoryview(mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ))
@@ -70,7 +70,7 @@ _WRITE_FLAGS: Final = _FUA
 What = tuple[int, int, int, int]  # a request as its error log names it: cmd, handle, offset, length
 
 
-class FastConnection(Bounds):
+class FastConnection(Replies):
     """One client in transmission, after its handshake."""
 
     def __init__(
@@ -422,65 +422,6 @@ class FastConnection(Bounds):
     def _send_event(self, event: Event) -> None:
         self.outbox += self.conn.send_parts(event)
 
-    # -- replies ---------------------------------------------------------------------
-
-    def flush(self) -> None:
-        """Send what the outbox holds; what the socket does not take waits in ``pending``
-        (copied out of the scratch buffer) and reading stops until it is gone."""
-        outbox, self.outbox = self.outbox, []
-        self._batch_bytes = 0
-        if not outbox or self.closing:
-            self.settle()
-            return
-        if not self.pending:
-            rest = self._send(outbox)
-            if rest is None:
-                return
-            outbox = rest
-        if outbox:
-            if not self.pending:
-                self._pause_reading()
-                self.shared.loop.add_writer(self.fd, self._writable)
-                self._stall_watch()
-            kept = [bytes(p) for p in outbox]  # views of the scratch buffer: copied
-            self.pending += kept
-            self._pending_bytes += sum(map(len, kept))
-        self.settle()
-
-    def _send(self, parts: list[Buffer]) -> list[Buffer] | None:
-        """Send as much as the socket takes; returns the rest (None: the socket failed)."""
-        while parts:
-            batch = parts[:_IOV]
-            try:
-                sent = self.sock.sendmsg(batch)
-            except (BlockingIOError, InterruptedError):
-                return parts
-            except OSError:
-                self.close()
-                return None
-            self._sent += sent
-            if len(batch) == len(parts) and sent == sum(map(len, batch)):
-                return []  # the common case: all of it went
-            rest = _drop(batch, sent)
-            parts = rest + parts[len(batch) :]
-            if rest:
-                return parts
-        return parts
-
-    def _writable(self) -> None:
-        rest = self._send(self.pending)
-        if rest is None:
-            return
-        self.pending = rest
-        self._pending_bytes = sum(map(len, rest))
-        self.settle()
-        if rest:
-            return
-        self.shared.loop.remove_writer(self.fd)
-        self._resume_reading()
-        if self.end > self.start and self.reading:
-            self._process()
-
     # -- the end ---------------------------------------------------------------------
 
     def _disconnect(self) -> None:
@@ -544,14 +485,3 @@ def _zeros(n: int) -> list[Buffer]:
 
 def _released(_ended: bool) -> None:
     pass
-
-
-def _drop(parts: list[Buffer], sent: int) -> list[Buffer]:
-    """What is left of ``parts`` after the first ``sent`` bytes went out."""
-    for i, part in enumerate(parts):
-        if sent < len(part):
-            rest = list(parts[i:])
-            rest[0] = memoryview(part)[sent:]
-            return rest
-        sent -= len(part)
-    return []
