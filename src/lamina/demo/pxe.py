@@ -17,10 +17,9 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 
 from lamina.demo import tools
-from lamina.demo.vm import MEMORY_MIB, BootReport, parse_console
+from lamina.demo.vm import MEMORY_MIB, BootReport, QemuChild, parse_console
 from lamina.errors import ToolError
 from lamina.identity.validate import check_mac
 
@@ -91,7 +90,7 @@ def clean(console: str) -> str:
     return _ANSI.sub("", console).replace("\r", "")
 
 
-class PxeVm:
+class PxeVm(QemuChild[bytes]):
     """One diskless VM; its console goes to ``workdir/NAME.console``.
 
     ``with PxeVm(...) as vm: vm.wait_for("text"); report = vm.wait()``
@@ -135,7 +134,6 @@ class PxeVm:
                 option_rom=option_rom,
             ),
         ]
-        self._proc: subprocess.Popen[bytes] | None = None
         self._started = 0.0
 
     def start(self) -> PxeVm:
@@ -195,19 +193,3 @@ class PxeVm:
 
     def _tail(self) -> str:
         return " | ".join(self.console().strip().splitlines()[-4:]) or "no console output"
-
-    def kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-
-    def __enter__(self) -> PxeVm:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.kill()

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import AnyStr, Generic, Self
 
 from lamina.demo import tools
 from lamina.demo.initramfs import BOOT_PREFIX
@@ -144,7 +145,37 @@ def _failure(code: int | None, stderr: str) -> ToolError:
     return ToolError(f"qemu failed: {detail.removeprefix('qemu-system-x86_64: ')}")
 
 
-class Vm:
+class QemuChild(Generic[AnyStr]):
+    """A qemu process this object starts and owns: killed and reaped when the ``with``
+    block ends, its pipes closed."""
+
+    _proc: subprocess.Popen[AnyStr] | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+        if self._proc is not None:
+            for stream in (self._proc.stdout, self._proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+class Vm(QemuChild[str]):
     """One demo VM (one qemu process); ``with Vm(...) as vm: report = vm.wait()``."""
 
     def __init__(
@@ -157,7 +188,6 @@ class Vm:
         accel: str = "tcg",
     ) -> None:
         self.command = qemu_command(disk, seed, mac=mac, memory_mib=memory_mib, accel=accel)
-        self._proc: subprocess.Popen[str] | None = None
         self._started = 0.0
 
     def start(self) -> Vm:
@@ -190,26 +220,6 @@ class Vm:
         if self._proc.returncode != 0:
             raise _failure(self._proc.returncode, stderr)
         return parse_console(console, seconds)
-
-    def kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-
-    def __enter__(self) -> Vm:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.kill()
-        if self._proc is not None:
-            for stream in (self._proc.stdout, self._proc.stderr):
-                if stream is not None:
-                    stream.close()
 
 
 def boot(
