@@ -6,7 +6,7 @@ cache is answered on the event loop with ``preadv(RWF_NOWAIT)`` into a scratch b
 process shares, and the replies of a batch leave in one ``sendmsg``. A write of whole
 blocks into a machine's delta is applied on the loop too while it can only copy into the
 page cache (``pagecache``: the kernel is far from throttling writers, no write waits for
-the writer thread, the last one applied here was quick). Everything that could wait for
+the writer thread, the last one applied here did not wait). Everything that could wait for
 the disk goes to threads:
 
     a read the page cache cannot answer,      the thread pool (hydrate chunks, pread)
