@@ -3,8 +3,9 @@
 The NBD server writes it from its lanes or its writer thread, or, for a write of whole
 blocks, on its event loop while the kernel is far from throttling writers (the pwrite
 then only copies into the page cache: ``lamina.serve.pagecache``). A read that touches
-the delta is answered on the loop only when the page cache holds those blocks (``would_block`` tries it with RWF_NOWAIT and keeps what it
-read for the ``read`` that follows on the same thread); otherwise on a pool thread.
+the delta is answered on the loop only when the page cache holds those blocks
+(``would_block`` tries it with RWF_NOWAIT and keeps what it read for the ``read`` that
+follows on the same thread); otherwise on a pool thread.
 Writes hold the device's lock (a partial block is read, patched and written back, and
 new blocks take the next slots of the delta); reads take none: the slots a read finds
 in the map hold their data already, and overlapping requests in flight have no order.
