@@ -4,20 +4,22 @@ lines the script prints and answers on the console (the script's ``read``)."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
 
 from lamina.demo.initramfs import SCRIPT_LABEL
-from lamina.demo.vm import qemu_command
+from lamina.demo.vm import QemuChild, qemu_command
 from lamina.identity import build_seed_iso
 
 STEP = "lamina-step "
 
 
-class ScriptedVm:
+class ScriptedVm(QemuChild[bytes]):
+    """Killed, and its console pipe closed, when the ``with`` block ends (``QemuChild``)."""
+
     def __init__(
         self,
         disk: str,
@@ -33,10 +35,9 @@ class ScriptedVm:
         self.command = qemu_command(disk, seed, reconnect_delay=reconnect_delay, extra=(iso,))
         self.lines: list[str] = []
         self._seen = threading.Condition()
-        self._proc: subprocess.Popen[bytes] | None = None
         self._errors = work / "qemu.err"
 
-    def __enter__(self) -> ScriptedVm:
+    def start(self) -> ScriptedVm:
         with open(self._errors, "wb") as errors:
             self._proc = subprocess.Popen(
                 self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors
@@ -46,10 +47,12 @@ class ScriptedVm:
 
     def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
-        for raw in self._proc.stdout:
-            with self._seen:
-                self.lines.append(raw.decode(errors="replace").rstrip("\r\n"))
-                self._seen.notify_all()
+        # (the pipe is closed when the block ends, maybe before this thread saw its end)
+        with contextlib.suppress(ValueError):
+            for raw in self._proc.stdout:
+                with self._seen:
+                    self.lines.append(raw.decode(errors="replace").rstrip("\r\n"))
+                    self._seen.notify_all()
 
     def expect(self, prefix: str, timeout: float = 120) -> str:
         """The rest of the first line starting with ``prefix`` (waits for it)."""
@@ -80,13 +83,3 @@ class ScriptedVm:
         if code != 0:
             raise AssertionError(f"qemu exited {code}: {self._errors.read_text().strip()}")
         return code
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
