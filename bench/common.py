@@ -200,6 +200,7 @@ class MemorySampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        hz = os.sysconf("SC_CLK_TCK")
         host = host_busy_ticks()
         before: dict[int, int] = {}  # what the processes there at the start had used
         first = True
@@ -213,7 +214,6 @@ class MemorySampler:
                     if first:
                         before[pid] = ticks
             first = False
-            hz = os.sysconf("SC_CLK_TCK")
             self.cpu_s = (sum(self._ticks.values()) - sum(before.values())) / hz
             self.host_cpu_s = (host_busy_ticks() - host) / hz
             if self._stop.wait(self.interval):

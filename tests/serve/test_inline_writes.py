@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -83,17 +83,20 @@ def machine(home: Home, tmp_path: Path) -> str:
     return "machine/m"
 
 
-async def _serve(home: Home, body: object) -> None:
+Body = Callable[[NbdService, int], Awaitable[None]]  # the service, and its port
+
+
+async def _serve(home: Home, body: Body) -> None:
     service = NbdService(home, logging.getLogger("test"))
     server = await asyncio.get_running_loop().create_server(service.protocol, "127.0.0.1", 0)
     try:
-        await body(service, server.sockets[0].getsockname()[1])  # type: ignore[operator]
+        await body(service, server.sockets[0].getsockname()[1])
     finally:
         server.close()
         await service.close()
 
 
-def _run(home: Home, body: object) -> None:
+def _run(home: Home, body: Body) -> None:
     main = threading.current_thread().name
     threading.current_thread().name = "loop"
     try:
